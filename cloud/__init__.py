@@ -1,0 +1,1 @@
+"""cloud: the aggregator runtime and the `cloud-aggregator` command line."""

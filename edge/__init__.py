@@ -1,0 +1,1 @@
+"""edge: the camera-site runtime and the `edge-agent` command line."""

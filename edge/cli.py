@@ -1,0 +1,158 @@
+"""`edge-agent`: the camera-site command line (local training baseline and evaluation for now)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from reid.console import metrics_table, progress_bar
+from reid.data import DatasetLayoutError, InputSpec
+from reid.logs import configure_logging, log_context
+from reid.model import Arch, ModelError, ModelSpec, build_model
+from reid.site import SiteData
+from reid.train import TrainConfig, resolve_device, train_local
+from reid.weights import load_checkpoint, save_checkpoint
+
+app = typer.Typer(help="FedReID Edge agent: runs at a camera site.", no_args_is_help=True)
+out = Console()
+log = logging.getLogger("edge")
+
+DataOpt = typer.Option(..., "--data", help="the site's data set folder (any supported layout)")
+
+
+@app.callback()
+def main(log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR")) -> None:
+    """FedReID Edge agent."""
+    configure_logging(log_level)
+
+
+def _site(data: Path, spec: InputSpec, batch_size: int, workers: int = 0, seed: int = 0) -> SiteData:
+    try:
+        return SiteData(data, spec, batch_size, workers, seed)
+    except DatasetLayoutError as err:
+        raise typer.BadParameter(str(err), param_hint="--data") from None
+
+
+def _metric_row(stage: str, metrics, **extra: object) -> dict[str, object]:
+    s = metrics.summary()
+    return {
+        "stage": stage,
+        **extra,
+        "rank-1": s["rank1"],
+        "rank-5": s.get("rank5", float("nan")),
+        "mAP": s["mAP"],
+        "mINP": s["mINP"],
+        "queries": int(s["valid_queries"]),
+    }
+
+
+@app.command()
+def train(
+    data: Path = DataOpt,
+    out_dir: Path = typer.Option(
+        None, "--out", help="where to write model.safetensors (default state/<site>)"
+    ),
+    arch: Arch = typer.Option("resnet50", help="backbone"),
+    pretrained: Path = typer.Option(None, help="local torchvision ImageNet weights (.pth/.safetensors)"),
+    last_stride: int = typer.Option(2, min=1, max=2),
+    height: int = typer.Option(256, min=16),
+    width: int = typer.Option(128, min=16),
+    epochs: int = typer.Option(1, min=1),
+    batch_size: int = typer.Option(32, min=2),
+    lr_head: float = typer.Option(0.05),
+    lr_backbone: float = typer.Option(0.005),
+    eval_every: int = typer.Option(1, min=0, help="evaluate every N epochs (0: only at the end)"),
+    device: str = typer.Option("auto"),
+    workers: int = typer.Option(0, min=0, help="data loader worker processes"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train a model on the site's data alone (the paper's "local training" baseline) and evaluate it."""
+    site = _site(data, InputSpec(height=height, width=width), batch_size, workers, seed)
+    with log_context(site=site.name):
+        config = TrainConfig(
+            epochs=1,
+            batch_size=batch_size,
+            lr_head=lr_head,
+            lr_backbone=lr_backbone,
+            device=device,
+            num_workers=workers,
+            seed=seed,
+        )
+        try:
+            model = build_model(ModelSpec(arch=arch, last_stride=last_stride), site.num_classes, pretrained)
+        except ModelError as err:
+            raise typer.BadParameter(str(err)) from None
+        dev = resolve_device(device)
+        log.info(
+            "%d training images, %d identities, %s on %s", site.num_train_images, site.num_classes, arch, dev
+        )
+        rows = [_metric_row("init", site.evaluate(model.to(dev), dev), epoch=0, loss="-", **{"img/s": "-"})]
+        loader = site.train_loader()
+        with progress_bar() as bar:
+            task = bar.add_task("training", total=epochs * len(loader))
+            for epoch in range(1, epochs + 1):
+                result = train_local(model, loader, config, progress=lambda d, t: bar.update(task, advance=1))
+                log.info(
+                    "epoch %d: loss %.3f, %.1f images/s, %d corrupt images skipped",
+                    epoch,
+                    result.loss,
+                    result.images_per_s,
+                    result.skipped_images,
+                )
+                if (eval_every and epoch % eval_every == 0) or epoch == epochs:
+                    metrics = site.evaluate(model, dev)
+                    rows.append(
+                        _metric_row(
+                            "local",
+                            metrics,
+                            epoch=epoch,
+                            loss=f"{result.loss:.3f}",
+                            **{"img/s": round(result.images_per_s, 1)},
+                        )
+                    )
+        target = out_dir or Path("state") / site.name
+        path = save_checkpoint(
+            target / "model.safetensors",
+            model,
+            site.input_spec,
+            meta={"site": site.name, "epochs": str(epochs)},
+        )
+        out.print(metrics_table(f"Local training on {site.name} ({arch}, {height}x{width})", rows))
+        log.info("model written to %s", path)
+
+
+@app.command()
+def evaluate(
+    data: Path = DataOpt,
+    model_path: Path = typer.Option(None, "--model", help="a checkpoint written by `edge-agent train`"),
+    arch: Arch = typer.Option("resnet50", help="backbone, when no --model is given"),
+    pretrained: Path = typer.Option(
+        None, help="local torchvision ImageNet weights, when no --model is given"
+    ),
+    height: int = typer.Option(256, min=16, help="input height, when no --model is given"),
+    width: int = typer.Option(128, min=16, help="input width, when no --model is given"),
+    batch_size: int = typer.Option(64, min=1),
+    flip: bool = typer.Option(True, help="sum the features of the image and its mirror"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Print rank-1/5, mAP and mINP of a model on the site's query/gallery (Market-1501 protocol)."""
+    try:
+        if model_path is not None:
+            ckpt = load_checkpoint(model_path)
+            model, spec = ckpt.model, ckpt.input_spec
+        else:
+            model = build_model(ModelSpec(arch=arch), 1, pretrained)
+            spec = InputSpec(height=height, width=width)
+            if pretrained is None:
+                log.warning("no --model and no --pretrained: evaluating a randomly initialised network")
+    except ModelError as err:
+        raise typer.BadParameter(str(err)) from None
+    site = _site(data, spec, batch_size)
+    dev = resolve_device(device)
+    with log_context(site=site.name):
+        metrics = site.evaluate(model.to(dev), dev, flip=flip)
+        name = model_path.name if model_path else f"{arch} ({'pretrained' if pretrained else 'random init'})"
+        out.print(metrics_table(f"{site.name}: {name}", [_metric_row("evaluate", metrics)]))

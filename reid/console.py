@@ -1,0 +1,44 @@
+"""Rich progress bars and result tables shared by the edge and cloud command lines."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+def progress_bar(transient: bool = True) -> Progress:
+    """A progress bar on stderr (stdout stays clean for tables and pipes)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=transient,
+    )
+
+
+def metrics_table(title: str, rows: Iterable[Mapping[str, object]]) -> Table:
+    """A table whose columns are the keys of the first row; floats are printed with one decimal."""
+    rows = list(rows)
+    table = Table(title=title)
+    if not rows:
+        return table
+    for key in rows[0]:
+        table.add_column(str(key), justify="left" if key in {"site", "model", "stage"} else "right")
+    for row in rows:
+        table.add_row(*(f"{v:.1f}" if isinstance(v, float) else str(v) for v in row.values()))
+    return table

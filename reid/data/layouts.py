@@ -1,0 +1,190 @@
+"""Readers for the on-disk layouts of person-ReID data sets, with auto-detection.
+
+Supported layouts (see docs/datasets.md):
+
+* ``market1501``: ``bounding_box_train/ query/ bounding_box_test/`` with names ``PPPP_cC...``. This also
+  reads DukeMTMC-reID (``0005_c2_f0046985.jpg``), MSMT17 converted to Market-style names (two-digit
+  cameras such as ``0012_c14_...`` are camera 14) and one CUHK03-NP variant folder.
+* ``cuhk03-np``: a root holding ``detected/`` and/or ``labeled/``, each in Market layout.
+* ``msmt17``: ``train/ test/`` plus ``list_{train,val,query,gallery}.txt``.
+* ``fedreid``: the FedReID preprocessed layout ``pytorch/{train_all|train, query, gallery}/<id>/``,
+  including the small-data-set names ``cam_<v>_<id5>_<idx5>.<ext>``.
+
+pid -1 images are junk and are dropped at load time (equivalent to removing them from every ranking);
+pid 0 images are distractors and stay in the gallery.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+Layout = Literal["market1501", "cuhk03-np", "msmt17", "fedreid"]
+Split = Literal["train", "query", "gallery"]
+
+_MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
+_SMALL_NAME = re.compile(r"^cam_(\d+)_(\d+)_(\d+)$")
+_MSMT_NAME = re.compile(r"^\d+_\d+_(\d+)_")
+
+
+class DatasetLayoutError(ValueError):
+    """The folder is not a readable ReID data set; the message names the path."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRecord:
+    path: Path
+    pid: int
+    camid: int
+
+
+@dataclass(frozen=True)
+class ReIDSplits:
+    """The three splits of one site's data set."""
+
+    root: Path
+    layout: Layout
+    train: list[ImageRecord]
+    query: list[ImageRecord]
+    gallery: list[ImageRecord]
+    junk_dropped: int = 0
+
+    @property
+    def num_train_ids(self) -> int:
+        return len({r.pid for r in self.train})
+
+    def train_labels(self) -> list[int]:
+        """Contiguous class indices 0..C-1 for the training pids (sorted by pid)."""
+        index = {pid: i for i, pid in enumerate(sorted({r.pid for r in self.train}))}
+        return [index[r.pid] for r in self.train]
+
+
+def parse_image_name(name: str) -> tuple[int, int]:
+    """(pid, camera) from a Market-style (``0002_c1s1_...``, ``0012_c14_...``) or small-data-set name
+    (``cam_<v>_<id5>_<idx5>.<ext>``). Raises ValueError for anything else."""
+    stem = Path(name).stem
+    small = _SMALL_NAME.match(stem)
+    if small:
+        return int(small.group(2)), int(small.group(1))
+    market = _MARKET_NAME.match(stem)
+    if market:
+        return int(market.group(1)), int(market.group(2))
+    raise ValueError(f"cannot parse person id and camera from file name {name!r}")
+
+
+def _images_in(folder: Path, recursive: bool) -> list[Path]:
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _read_named_folder(folder: Path, recursive: bool = False) -> tuple[list[ImageRecord], int]:
+    if not folder.is_dir():
+        raise DatasetLayoutError(f"missing split folder: {folder}")
+    paths = _images_in(folder, recursive)
+    if not paths:
+        raise DatasetLayoutError(f"no images in {folder}")
+    records, junk = [], 0
+    for path in paths:
+        try:
+            pid, cam = parse_image_name(path.name)
+        except ValueError as err:
+            raise DatasetLayoutError(f"{path}: {err}") from None
+        if pid == -1:
+            junk += 1
+            continue
+        records.append(ImageRecord(path, pid, cam))
+    if not records:
+        raise DatasetLayoutError(f"{folder} holds only junk images (pid -1)")
+    return records, junk
+
+
+def _read_market(root: Path) -> ReIDSplits:
+    train, j1 = _read_named_folder(root / "bounding_box_train")
+    query, j2 = _read_named_folder(root / "query")
+    gallery, j3 = _read_named_folder(root / "bounding_box_test")
+    return ReIDSplits(root, "market1501", train, query, gallery, j1 + j2 + j3)
+
+
+def _read_fedreid(root: Path) -> ReIDSplits:
+    base = root / "pytorch" if (root / "pytorch").is_dir() else root
+    train_dir = base / "train_all" if (base / "train_all").is_dir() else base / "train"
+    train, j1 = _read_named_folder(train_dir, recursive=True)
+    query, j2 = _read_named_folder(base / "query", recursive=True)
+    gallery, j3 = _read_named_folder(base / "gallery", recursive=True)
+    return ReIDSplits(root, "fedreid", train, query, gallery, j1 + j2 + j3)
+
+
+def _read_msmt_list(root: Path, image_dir: str, list_name: str) -> list[ImageRecord]:
+    list_path = root / list_name
+    records = []
+    for lineno, line in enumerate(list_path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        match = _MSMT_NAME.match(Path(parts[0]).name) if len(parts) == 2 else None
+        if match is None or not parts[1].lstrip("-").isdigit():
+            raise DatasetLayoutError(f"{list_path}:{lineno}: expected '<dir>/<pid>_<idx>_<cam>_... <pid>'")
+        records.append(ImageRecord(root / image_dir / parts[0], int(parts[1]), int(match.group(1))))
+    if not records:
+        raise DatasetLayoutError(f"empty split list: {list_path}")
+    return records
+
+
+def _read_msmt17(root: Path) -> ReIDSplits:
+    train = _read_msmt_list(root, "train", "list_train.txt")
+    if (root / "list_val.txt").is_file():
+        train += _read_msmt_list(root, "train", "list_val.txt")
+    query = _read_msmt_list(root, "test", "list_query.txt")
+    gallery = _read_msmt_list(root, "test", "list_gallery.txt")
+    return ReIDSplits(root, "msmt17", train, query, gallery)
+
+
+def detect_layout(root: Path) -> Layout:
+    """Name the layout of `root`, or raise DatasetLayoutError saying what was expected."""
+    if not root.is_dir():
+        raise DatasetLayoutError(f"data set folder not found: {root}")
+    if (root / "bounding_box_train").is_dir() or (root / "bounding_box_test").is_dir():
+        return "market1501"
+    if (root / "detected").is_dir() or (root / "labeled").is_dir():
+        return "cuhk03-np"
+    if (root / "list_train.txt").is_file() or (root / "list_query.txt").is_file():
+        return "msmt17"
+    base = root / "pytorch" if (root / "pytorch").is_dir() else root
+    if (base / "query").is_dir() and (base / "gallery").is_dir():
+        return "fedreid"
+    raise DatasetLayoutError(
+        f"unknown data set layout in {root}: expected bounding_box_train/query/bounding_box_test "
+        "(Market-1501, Duke, MSMT17 Market-style), detected|labeled/ (CUHK03-NP), list_*.txt (MSMT17), or "
+        "pytorch/{train_all,query,gallery} (FedReID)"
+    )
+
+
+def read_dataset(root: str | Path, cuhk03_variant: Literal["detected", "labeled"] = "detected") -> ReIDSplits:
+    """Read a site's train/query/gallery splits from any supported layout (auto-detected)."""
+    root = Path(root)
+    layout = detect_layout(root)
+    if layout == "market1501":
+        return _read_market(root)
+    if layout == "cuhk03-np":
+        variant = root / cuhk03_variant
+        if not variant.is_dir():
+            raise DatasetLayoutError(f"CUHK03-NP variant folder not found: {variant}")
+        splits = _read_market(variant)
+        return ReIDSplits(root, "cuhk03-np", splits.train, splits.query, splits.gallery, splits.junk_dropped)
+    if layout == "msmt17":
+        return _read_msmt17(root)
+    return _read_fedreid(root)
+
+
+def read_image_folder(folder: str | Path) -> list[Path]:
+    """All images below an unlabeled folder (e.g. the public KD set), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetLayoutError(f"image folder not found: {folder}")
+    paths = _images_in(folder, recursive=True)
+    if not paths:
+        raise DatasetLayoutError(f"no images in {folder}")
+    return paths

@@ -1,0 +1,144 @@
+"""Image datasets, the paper's transforms and DataLoaders that skip corrupt images instead of crashing.
+
+A corrupt or unreadable image is logged once (with its path) and left out of its batch; every batch
+carries how many images were skipped so that training and evaluation can report the count.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class InputSpec(BaseModel):
+    """How images are fed to the network (also the export preprocessing contract)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    height: int = Field(256, ge=16)
+    width: int = Field(128, ge=16)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    pad: int | None = Field(
+        None, ge=0, description="training pad/crop jitter in pixels (None: 10 at 256 high)"
+    )
+
+    @property
+    def pad_pixels(self) -> int:
+        """The paper pads 10 px at 256x128; smaller inputs get proportionally less jitter."""
+        return self.pad if self.pad is not None else max(1, round(10 * self.height / 256))
+
+
+def train_transform(spec: InputSpec) -> T.Compose:
+    """The paper's training augmentation: bicubic resize, pad 10 (scaled), random crop, flip, normalise."""
+    size = (spec.height, spec.width)
+    return T.Compose(
+        [
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.Pad(spec.pad_pixels),
+            T.RandomCrop(size),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(spec.mean, spec.std),
+        ]
+    )
+
+
+def eval_transform(spec: InputSpec) -> T.Compose:
+    size = (spec.height, spec.width)
+    return T.Compose(
+        [
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(spec.mean, spec.std),
+        ]
+    )
+
+
+def open_rgb(path: Path) -> Image.Image | None:
+    """Decode an image as RGB, or None (with one warning line) when it is corrupt or unreadable."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        log.warning("skipping corrupt image %s: %s", path, err)
+        return None
+
+
+class ImageDataset(Dataset):
+    """Paths (+ optional integer labels) -> (image tensor, label, index); None for a corrupt image."""
+
+    def __init__(
+        self, paths: Sequence[Path], transform: T.Compose, labels: Sequence[int] | None = None
+    ) -> None:
+        if labels is not None and len(labels) != len(paths):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        self.paths = list(paths)
+        self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | None:
+        img = open_rgb(self.paths[index])
+        if img is None:
+            return None
+        return self.transform(img), self.labels[index], index
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    skipped: int
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def collate_skipping(items: list[tuple[torch.Tensor, int, int] | None]) -> Batch:
+    good = [item for item in items if item is not None]
+    skipped = len(items) - len(good)
+    if not good:
+        return Batch(
+            torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped
+        )
+    images, labels, indices = zip(*good, strict=True)
+    return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(indices), skipped)
+
+
+def make_loader(
+    dataset: ImageDataset,
+    batch_size: int,
+    train: bool,
+    num_workers: int = 0,
+    seed: int | None = None,
+) -> DataLoader:
+    """Shuffled, drop-last loader for training; ordered, complete loader for evaluation."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train,
+        num_workers=num_workers,
+        collate_fn=collate_skipping,
+        generator=generator,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )

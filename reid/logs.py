@@ -1,0 +1,55 @@
+"""Logging with the site and the round in every line.
+
+`configure_logging()` installs one stderr handler whose records carry ``site`` and ``round`` fields,
+filled from context variables that the runtimes set with `log_context(site=..., round=...)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+from collections.abc import Iterator
+
+_site: contextvars.ContextVar[str] = contextvars.ContextVar("site", default="-")
+_round: contextvars.ContextVar[str] = contextvars.ContextVar("round", default="-")
+
+FORMAT = "%(asctime)s %(levelname)-7s [site=%(site)s round=%(round)s] %(name)s: %(message)s"
+
+
+class ContextFilter(logging.Filter):
+    """Adds the current site and round to every record that passes the handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.site = getattr(record, "site", None) or _site.get()
+        record.round = getattr(record, "round", None) or _round.get()
+        return True
+
+
+def configure_logging(level: str | int = "INFO") -> None:
+    """Idempotent: one handler on the root logger with the site/round format."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_fedreid", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler()
+    handler._fedreid = True  # type: ignore[attr-defined]
+    handler.addFilter(ContextFilter())
+    handler.setFormatter(logging.Formatter(FORMAT))
+    root.addHandler(handler)
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+
+
+@contextlib.contextmanager
+def log_context(site: str | None = None, round: int | str | None = None) -> Iterator[None]:
+    """Set the site and/or round shown in log lines inside the block (thread- and task-local)."""
+    tokens = []
+    if site is not None:
+        tokens.append((_site, _site.set(str(site))))
+    if round is not None:
+        tokens.append((_round, _round.set(str(round))))
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)

@@ -1,0 +1,106 @@
+"""One site's data, ready for training and evaluation: the piece that the edge agent, the simulator and
+the benchmarks share (read the layout, build loaders, pick the fixed CDW batch, evaluate a model)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from reid.data import (
+    ImageDataset,
+    InputSpec,
+    ReIDSplits,
+    eval_transform,
+    make_loader,
+    read_dataset,
+    train_transform,
+)
+from reid.evaluate import Metrics, evaluate_features, extract_features
+from reid.model import ReIDModel
+
+
+class SiteData:
+    """Train/query/gallery of one site, with its loaders."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        input_spec: InputSpec | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int | None = 0,
+    ) -> None:
+        self.input_spec = input_spec or InputSpec()
+        self.splits: ReIDSplits = read_dataset(root)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.labels = self.splits.train_labels()
+
+    @property
+    def name(self) -> str:
+        return self.splits.root.name
+
+    @property
+    def num_classes(self) -> int:
+        return self.splits.num_train_ids
+
+    @property
+    def num_train_images(self) -> int:
+        return len(self.splits.train)
+
+    def train_loader(self) -> DataLoader:
+        if len(self.splits.train) < self.batch_size:
+            raise ValueError(
+                f"{self.splits.root}: {len(self.splits.train)} training images, fewer than one batch of "
+                f"{self.batch_size}"
+            )
+        dataset = ImageDataset(
+            [r.path for r in self.splits.train], train_transform(self.input_spec), self.labels
+        )
+        return make_loader(dataset, self.batch_size, train=True, num_workers=self.num_workers, seed=self.seed)
+
+    def cdw_images(self, n: int = 32) -> torch.Tensor:
+        """A fixed, un-augmented batch of training images (the same every round) for the CDW distance."""
+        rng = np.random.default_rng(0 if self.seed is None else self.seed)
+        order = rng.permutation(len(self.splits.train))
+        dataset = ImageDataset([self.splits.train[i].path for i in order], eval_transform(self.input_spec))
+        images = []
+        for i in range(len(dataset)):
+            item = dataset[i]
+            if item is not None:
+                images.append(item[0])
+            if len(images) == n:
+                break
+        return torch.stack(images)
+
+    def _features(self, model: ReIDModel, split: str, device: torch.device, flip: bool):
+        records = getattr(self.splits, split)
+        dataset = ImageDataset([r.path for r in records], eval_transform(self.input_spec))
+        loader = make_loader(dataset, self.batch_size * 2, train=False, num_workers=self.num_workers)
+        feats, idx = extract_features(model, loader, device, flip=flip)
+        pids = np.array([records[i].pid for i in idx])
+        cams = np.array([records[i].camid for i in idx])
+        return feats, pids, cams
+
+    def evaluate(
+        self,
+        model: ReIDModel,
+        device: torch.device | str = "cpu",
+        flip: bool = True,
+        max_rank: int = 50,
+        on_split: Callable[[str], None] | None = None,
+    ) -> Metrics:
+        """Market-1501 protocol on this site's query/gallery with `model`'s embeddings."""
+        device = torch.device(device)
+        q = self._features(model, "query", device, flip)
+        if on_split is not None:
+            on_split("query")
+        g = self._features(model, "gallery", device, flip)
+        if on_split is not None:
+            on_split("gallery")
+        return evaluate_features(q[0], g[0], q[1], g[1], q[2], g[2], max_rank=max_rank)

@@ -1,0 +1,170 @@
+"""Local training of a site's model (the paper's recipe) and the cosine-distance weight (CDW).
+
+Recipe: SGD (momentum 0.9, nesterov, weight decay 5e-4), lr 0.05 for the head (embedding block +
+classifier) and 0.005 for the backbone, batch 32, incomplete batches dropped, E epochs, plain
+cross-entropy. A new optimizer is built for every call (as the original resets it every round).
+CUDA runs with mixed precision; the CPU path uses channels_last (1.3-1.5x faster here).
+
+CDW: the mean over a *fixed* batch of 1 - cos(logits before local training, logits after), computed in
+eval mode so that it is deterministic. The original used a random augmented batch in train mode.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.utils.data import DataLoader
+
+from reid.model import ReIDModel
+
+Progress = Callable[[int, int], None]  # (batches done, batches total)
+
+
+class TrainConfig(BaseModel):
+    """Local training settings (defaults: the FedReID paper)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr_head: float = Field(0.05, gt=0)
+    lr_backbone: float = Field(0.005, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    nesterov: bool = True
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
+    amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
+    channels_last: bool = True
+    num_workers: int = Field(0, ge=0)
+    seed: int | None = None
+
+
+@dataclass
+class TrainResult:
+    loss: float  # mean loss of the last epoch
+    epoch_losses: list[float]
+    images: int
+    seconds: float
+    skipped_images: int
+    cdw: float | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def prepare_model(model: ReIDModel, config: TrainConfig) -> torch.device:
+    """Move the model to its device and memory format (outside inference mode; see export notes)."""
+    device = resolve_device(config.device)
+    model.to(device)
+    if config.channels_last and device.type == "cpu":
+        model.to(memory_format=torch.channels_last)
+    return device
+
+
+def make_optimizer(model: ReIDModel, config: TrainConfig) -> torch.optim.SGD:
+    head = [*model.embedding.parameters(), *model.classifier.parameters()]
+    return torch.optim.SGD(
+        [
+            {"params": list(model.backbone.parameters()), "lr": config.lr_backbone},
+            {"params": head, "lr": config.lr_head},
+        ],
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=config.nesterov,
+    )
+
+
+def train_local(
+    model: ReIDModel,
+    loader: DataLoader,
+    config: TrainConfig,
+    progress: Progress | None = None,
+    cdw_images: torch.Tensor | None = None,
+) -> TrainResult:
+    """Train `model` in place for `config.epochs` epochs on a loader of `reid.data.Batch` batches.
+
+    With `cdw_images` (a fixed, un-augmented batch) the result also carries the CDW distance between
+    the model's logits before and after training.
+    """
+    if config.seed is not None:
+        torch.manual_seed(config.seed)
+    device = prepare_model(model, config)
+    use_amp = config.amp and device.type == "cuda"
+    memory_format = (
+        torch.channels_last if config.channels_last and device.type == "cpu" else torch.contiguous_format
+    )
+    old_logits = logits_on(model, cdw_images, device) if cdw_images is not None else None
+
+    optimizer = make_optimizer(model, config)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    criterion = nn.CrossEntropyLoss()
+    total = config.epochs * len(loader)
+    done = images = skipped = 0
+    epoch_losses: list[float] = []
+    model.train()
+    start = time.perf_counter()
+    for _ in range(config.epochs):
+        loss_sum = torch.zeros((), device=device)
+        batches = 0
+        for batch in loader:
+            done += 1
+            skipped += batch.skipped
+            if len(batch) >= 2:  # BatchNorm needs two samples; a batch emptied by corrupt images is skipped
+                x = batch.images.to(device, memory_format=memory_format, non_blocking=True)
+                y = batch.labels.to(device, non_blocking=True)
+                with torch.autocast(device.type, enabled=use_amp):
+                    loss = criterion(model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                loss_sum += loss.detach()
+                batches += 1
+                images += len(batch)
+            if progress is not None:
+                progress(done, total)
+        epoch_losses.append(float(loss_sum) / max(batches, 1))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    if images == 0:
+        raise ValueError("no training batch: the site has fewer readable images than one batch")
+    result = TrainResult(epoch_losses[-1], epoch_losses, images, seconds, skipped)
+    if old_logits is not None:
+        result.cdw = cosine_distance(old_logits, logits_on(model, cdw_images, device))
+    return result
+
+
+@torch.no_grad()
+def logits_on(model: ReIDModel, images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Identity logits of `images` in eval mode (deterministic), on CPU."""
+    was_training = model.training
+    model.eval()
+    out = model(images.to(device)).float().cpu()
+    model.train(was_training)
+    return out
+
+
+def cosine_distance(old_logits: torch.Tensor, new_logits: torch.Tensor) -> float:
+    """The CDW distance: mean over the batch of 1 - cos(old, new), in [0, 2]."""
+    if old_logits.shape != new_logits.shape or old_logits.ndim != 2:
+        raise ValueError(
+            f"logit shapes differ or are not 2-D: {tuple(old_logits.shape)} vs {tuple(new_logits.shape)}"
+        )
+    cos = nn.functional.cosine_similarity(old_logits.double(), new_logits.double(), dim=1, eps=1e-8)
+    return float((1.0 - cos).mean().clamp(0.0, 2.0))

@@ -1,0 +1,62 @@
+"""`edge-agent train` and `edge-agent evaluate` end to end on a tiny synthetic site."""
+
+from __future__ import annotations
+
+import re
+
+from typer.testing import CliRunner
+
+from edge.cli import app
+
+runner = CliRunner()
+
+
+def _map_values(output: str) -> list[str]:
+    """The mAP column of the printed tables (rank-1, rank-5, mAP, mINP, queries are the last columns)."""
+    rows = [line for line in output.splitlines() if re.search(r"│\s*\d+\s*│\s*$", line)]
+    return [re.findall(r"[\d.]+", row)[-3] for row in rows]
+
+
+def test_train_then_evaluate_reports_the_same_model(tiny_federation, tmp_path):
+    site = tiny_federation / "sites" / "site01"
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(site),
+            "--arch",
+            "resnet18",
+            "--height",
+            "64",
+            "--width",
+            "32",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--out",
+            str(tmp_path),
+            "--eval-every",
+            "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "rank-1" in result.output and "Local training on site01" in result.output
+    trained = _map_values(result.output)
+    assert len(trained) == 3  # init + 2 epochs
+    ckpt = tmp_path / "model.safetensors"
+    result = runner.invoke(app, ["evaluate", "--data", str(site), "--model", str(ckpt)])
+    assert result.exit_code == 0, result.output
+    assert _map_values(result.output) == trained[-1:]
+
+
+def test_bad_data_folder_is_a_clear_error(tmp_path):
+    result = runner.invoke(app, ["evaluate", "--data", str(tmp_path / "nowhere"), "--arch", "resnet18"])
+    assert result.exit_code != 0
+    assert "not found" in result.output and "nowhere" in result.output
+    result = runner.invoke(
+        app, ["evaluate", "--data", str(tmp_path), "--model", str(tmp_path / "m.safetensors")]
+    )
+    assert result.exit_code != 0
+    assert "checkpoint not found" in result.output

@@ -1,0 +1,195 @@
+"""Data layouts: file-name parsing, auto-detection, errors that name the path, corrupt images."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from reid.data import (
+    DatasetLayoutError,
+    ImageDataset,
+    InputSpec,
+    detect_layout,
+    eval_transform,
+    make_loader,
+    parse_image_name,
+    read_dataset,
+    train_transform,
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "pid", "cam"),
+    [
+        ("0002_c1s1_000451_03.jpg", 2, 1),  # Market-1501
+        ("-1_c3s2_012345_01.jpg", -1, 3),  # Market junk
+        ("0000_c6s4_002345_02.jpg", 0, 6),  # Market distractor
+        ("0005_c2_f0046985.jpg", 5, 2),  # DukeMTMC-reID
+        ("0012_c14_0043.jpg", 12, 14),  # MSMT17 in Market-style names: two-digit camera
+        ("0001_c1_1.png", 1, 1),  # CUHK03-NP
+        ("cam_1_00023_00004.png", 23, 1),  # FedReID small data sets
+        ("cam_0_00107_00000.bmp", 107, 0),
+    ],
+)
+def test_parse_image_name(name, pid, cam):
+    assert parse_image_name(name) == (pid, cam)
+
+
+@pytest.mark.parametrize("name", ["img_001.jpg", "c1_0001.jpg", "abcd_c1.jpg", "cam_1_x_2.jpg"])
+def test_unparseable_names_are_errors(name):
+    with pytest.raises(ValueError, match="cannot parse"):
+        parse_image_name(name)
+
+
+def _img(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 16), (120, 30, 200)).save(path)
+
+
+def _market(root: Path, names: dict[str, list[str]]) -> None:
+    for folder, files in names.items():
+        for f in files:
+            _img(root / folder / f)
+
+
+MARKET = {
+    "bounding_box_train": ["0002_c1s1_000451_03.jpg", "0002_c2s1_000551_01.jpg", "0007_c3s1_000001_01.jpg"],
+    "query": ["0010_c1s1_000100_00.jpg"],
+    "bounding_box_test": ["0010_c2s1_000200_00.jpg", "0000_c1s1_000300_00.jpg", "-1_c1s1_000400_00.jpg"],
+}
+
+
+def test_market_layout(tmp_path):
+    _market(tmp_path, MARKET)
+    splits = read_dataset(tmp_path)
+    assert splits.layout == "market1501"
+    assert [(r.pid, r.camid) for r in splits.train] == [(2, 1), (2, 2), (7, 3)]
+    assert splits.train_labels() == [0, 0, 1]
+    assert sorted(r.pid for r in splits.gallery) == [0, 10]  # junk dropped, distractor kept
+    assert splits.junk_dropped == 1
+
+
+def test_duke_and_msmt_market_style_names(tmp_path):
+    _market(
+        tmp_path / "duke",
+        {
+            "bounding_box_train": ["0005_c2_f0046985.jpg"],
+            "query": ["0011_c8_f0000001.jpg"],
+            "bounding_box_test": ["0011_c1_f0000002.jpg"],
+        },
+    )
+    _market(
+        tmp_path / "msmt",
+        {
+            "bounding_box_train": ["0012_c14_0043.jpg"],
+            "query": ["0100_c10_0001.jpg"],
+            "bounding_box_test": ["0100_c15_0002.jpg"],
+        },
+    )
+    duke = read_dataset(tmp_path / "duke")
+    assert (duke.train[0].pid, duke.train[0].camid, duke.query[0].camid) == (5, 2, 8)
+    msmt = read_dataset(tmp_path / "msmt")
+    assert [msmt.train[0].camid, msmt.query[0].camid, msmt.gallery[0].camid] == [14, 10, 15]
+
+
+def test_cuhk03_np_variants(tmp_path):
+    for variant in ("detected", "labeled"):
+        _market(
+            tmp_path / variant,
+            {
+                "bounding_box_train": ["0001_c1_1.png", "0001_c2_2.png"],
+                "query": ["0700_c1_1.png"],
+                "bounding_box_test": ["0700_c2_1.png"] * (2 if variant == "labeled" else 1),
+            },
+        )
+    _img(tmp_path / "labeled" / "bounding_box_test" / "0700_c2_9.png")
+    assert detect_layout(tmp_path) == "cuhk03-np"
+    assert len(read_dataset(tmp_path).gallery) == 1
+    assert len(read_dataset(tmp_path, cuhk03_variant="labeled").gallery) == 2
+
+
+def test_msmt17_list_files(tmp_path):
+    for split, name in [
+        ("train", "0000/0000_000_01_0303morning_0015_0.jpg"),
+        ("train", "0001/0001_004_14_0303noon_0100_1.jpg"),
+        ("test", "0003/0003_000_03_0113morning_0001_0.jpg"),
+        ("test", "0003/0003_010_12_0113noon_0500_0.jpg"),
+    ]:
+        _img(tmp_path / split / name)
+    (tmp_path / "list_train.txt").write_text("0000/0000_000_01_0303morning_0015_0.jpg 0\n")
+    (tmp_path / "list_val.txt").write_text("0001/0001_004_14_0303noon_0100_1.jpg 1\n")
+    (tmp_path / "list_query.txt").write_text("0003/0003_000_03_0113morning_0001_0.jpg 3\n")
+    (tmp_path / "list_gallery.txt").write_text("0003/0003_010_12_0113noon_0500_0.jpg 3\n\n")
+    splits = read_dataset(tmp_path)
+    assert splits.layout == "msmt17"
+    assert [(r.pid, r.camid) for r in splits.train] == [(0, 1), (1, 14)]
+    assert (splits.query[0].camid, splits.gallery[0].camid) == (3, 12)
+    assert splits.train[1].path.is_file()
+    (tmp_path / "list_query.txt").write_text("garbage\n")
+    with pytest.raises(DatasetLayoutError, match=r"list_query\.txt:1"):
+        read_dataset(tmp_path)
+
+
+def test_fedreid_pytorch_layout_with_small_dataset_names(tmp_path):
+    base = tmp_path / "viper" / "pytorch"
+    _img(base / "train_all" / "0" / "cam_0_00001_00000.jpg")
+    _img(base / "train_all" / "0" / "cam_1_00001_00001.jpg")
+    _img(base / "train_all" / "1" / "cam_0_00002_00000.jpg")
+    _img(base / "train" / "0" / "cam_0_00001_00000.jpg")
+    _img(base / "query" / "5" / "cam_0_00005_00000.jpg")
+    _img(base / "gallery" / "5" / "cam_1_00005_00001.jpg")
+    _img(base / "gallery" / "6" / "0006_c2s1_000001_00.jpg")
+    for root in (tmp_path / "viper", base):
+        splits = read_dataset(root)
+        assert splits.layout == "fedreid"
+        assert len(splits.train) == 3  # train_all preferred over train
+        assert [(r.pid, r.camid) for r in splits.gallery] == [(5, 1), (6, 2)]
+
+
+def test_unknown_layout_and_empty_split_name_the_path(tmp_path):
+    (tmp_path / "random").mkdir()
+    with pytest.raises(DatasetLayoutError, match=re.escape(str(tmp_path / "random"))):
+        read_dataset(tmp_path / "random")
+    with pytest.raises(DatasetLayoutError, match="not found"):
+        read_dataset(tmp_path / "missing")
+    _market(tmp_path / "m", {"bounding_box_train": ["0002_c1s1_000451_03.jpg"], "query": ["0010_c1s1_0.jpg"]})
+    (tmp_path / "m" / "bounding_box_test").mkdir()
+    with pytest.raises(DatasetLayoutError, match=r"no images in .*bounding_box_test"):
+        read_dataset(tmp_path / "m")
+    (tmp_path / "m" / "bounding_box_test" / "notes.txt").write_text("x")
+    with pytest.raises(DatasetLayoutError, match="no images"):
+        read_dataset(tmp_path / "m")
+    _img(tmp_path / "m" / "bounding_box_test" / "photo.jpg")
+    with pytest.raises(DatasetLayoutError, match=r"photo\.jpg"):
+        read_dataset(tmp_path / "m")
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path, caplog):
+    paths = []
+    for i in range(5):
+        p = tmp_path / f"{i}.jpg"
+        _img(p)
+        paths.append(p)
+    paths[2].write_bytes(b"\xff\xd8 not really a jpeg")
+    (tmp_path / "gone.jpg").write_bytes(b"")
+    paths.append(tmp_path / "gone.jpg")
+    ds = ImageDataset(paths, eval_transform(InputSpec(height=32, width=16)), labels=list(range(6)))
+    batches = list(make_loader(ds, batch_size=4, train=False))
+    assert [len(b) for b in batches] == [3, 1]
+    assert sum(b.skipped for b in batches) == 2
+    assert torch.cat([b.labels for b in batches]).tolist() == [0, 1, 3, 4]
+    assert "corrupt image" in caplog.text and "2.jpg" in caplog.text
+
+
+def eval_transforms_produce_the_configured_size():
+    spec = InputSpec(height=48, width=24)
+    img = Image.new("RGB", (64, 128), (10, 200, 30))
+    assert train_transform(spec)(img).shape == (3, 48, 24)
+    x = eval_transform(spec)(img)
+    assert x.shape == (3, 48, 24)
+    # normalised with ImageNet statistics: the green channel of (10,200,30) maps to (200/255-0.456)/0.224
+    assert x[1].mean().item() == pytest.approx((200 / 255 - 0.456) / 0.224, abs=1e-3)

@@ -1,0 +1,90 @@
+"""The synthetic federation: deterministic, non-IID, disjoint identities, readable as Market-1501."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from reid.data import read_dataset, read_image_folder
+from reid.synthetic import SyntheticConfig, generate_federation, site_plan, total_images
+
+from ..conftest import TINY
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*.jpg"))
+    }
+
+
+def test_same_seed_same_bytes_other_seed_other_images(tmp_path, tiny_federation):
+    generate_federation(TINY, tmp_path / "again")
+    assert _digest(tmp_path / "again") == _digest(tiny_federation)
+    generate_federation(TINY.model_copy(update={"seed": 8}), tmp_path / "other")
+    other = _digest(tmp_path / "other")
+    same = set(other.items()) & set(_digest(tiny_federation).items())
+    assert not same
+
+
+def test_sites_are_readable_disjoint_and_unequal(tiny_federation):
+    manifest = json.loads((tiny_federation / "federation.json").read_text())
+    pids_per_site, train_sizes = [], []
+    for entry in manifest["sites"]:
+        splits = read_dataset(tiny_federation / "sites" / entry["name"])
+        assert splits.layout == "market1501"
+        assert len(splits.train) == entry["train_images"]
+        assert splits.junk_dropped > 0 or entry["gallery_images"] < 40
+        ids = {r.pid for r in splits.train} | {r.pid for r in splits.query} | {r.pid for r in splits.gallery}
+        ids.discard(0)
+        pids_per_site.append(ids)
+        train_sizes.append(len(splits.train))
+        assert not {r.pid for r in splits.train} & {r.pid for r in splits.query}  # test ids are unseen
+        for q in splits.query:  # every query has a true match on another camera
+            assert any(g.pid == q.pid and g.camid != q.camid for g in splits.gallery)
+        assert any(g.pid == 0 for g in splits.gallery)
+    for i, a in enumerate(pids_per_site):
+        for b in pids_per_site[i + 1 :]:
+            assert not a & b
+    assert max(train_sizes) / min(train_sizes) >= TINY.size_ratio * 0.7
+    public = read_image_folder(tiny_federation / "public")
+    assert len(public) == TINY.public_images
+    assert Image.open(public[0]).size == (TINY.width, TINY.height)
+    assert total_images(TINY) >= sum(1 for _ in tiny_federation.rglob("*.jpg"))
+
+
+def test_default_plan_spreads_sizes_twenty_fold_and_cameras():
+    plan = site_plan(SyntheticConfig())
+    sizes = [ids * per_id for ids, per_id, _ in plan]
+    assert sizes == sorted(sizes, reverse=True)
+    assert 15 <= sizes[0] / sizes[-1] <= 25
+    assert plan[0][2] > plan[-1][2] >= 2
+
+
+def test_refuses_to_overwrite(tiny_federation):
+    with pytest.raises(FileExistsError):
+        generate_federation(TINY, tiny_federation)
+
+
+def test_identity_appearance_persists_across_cameras(tiny_federation):
+    """Images of one identity are closer in colour than images of different identities (learnable)."""
+    import numpy as np
+
+    splits = read_dataset(tiny_federation / "sites" / "site00")
+    by_pid: dict[int, list[np.ndarray]] = {}
+    for r in splits.train:
+        img = np.asarray(Image.open(r.path).convert("RGB"), dtype=np.float32)
+        h = img.shape[0]
+        centre = img[h // 4 : 3 * h // 4, img.shape[1] // 3 : 2 * img.shape[1] // 3]
+        by_pid.setdefault(r.pid, []).append(centre.reshape(-1, 3).mean(0))
+    means = {pid: np.stack(v) for pid, v in by_pid.items()}
+    within = np.mean([np.linalg.norm(v - v.mean(0), axis=1).mean() for v in means.values()])
+    centres = np.stack([v.mean(0) for v in means.values()])
+    between = np.linalg.norm(centres[:, None] - centres[None], axis=2)[
+        np.triu_indices(len(centres), 1)
+    ].mean()
+    assert between > 1.3 * within

@@ -1,0 +1,80 @@
+"""Local training: the loss falls and retrieval beats chance; CDW distance; corrupt images mid-epoch."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from reid.data import InputSpec
+from reid.model import ModelSpec, build_model
+from reid.site import SiteData
+from reid.train import TrainConfig, cosine_distance, train_local
+
+TINY_INPUT = InputSpec(height=64, width=32)
+
+
+def test_cosine_distance_bounds():
+    a = torch.randn(8, 5)
+    assert cosine_distance(a, a.clone()) == pytest.approx(0.0, abs=1e-9)
+    assert cosine_distance(a, -a) == pytest.approx(2.0)
+    e = torch.eye(4)
+    assert cosine_distance(e[:2], e[2:]) == pytest.approx(1.0)
+    assert cosine_distance(a, 3 * a) == pytest.approx(0.0, abs=1e-9)  # scale does not matter
+    with pytest.raises(ValueError, match="shape"):
+        cosine_distance(a, torch.randn(8, 6))
+
+
+def test_training_lowers_the_loss_and_beats_chance(tiny_federation):
+    torch.manual_seed(0)
+    site = SiteData(tiny_federation / "sites" / "site00", TINY_INPUT, batch_size=32, seed=0)
+    model = build_model(ModelSpec(arch="resnet18"), site.num_classes)
+    before = site.evaluate(model)
+    config = TrainConfig(epochs=8, lr_head=0.02, lr_backbone=0.02, seed=0)
+    result = train_local(model, site.train_loader(), config, cdw_images=site.cdw_images())
+    after = site.evaluate(model)
+    assert len(result.epoch_losses) == 8
+    assert result.epoch_losses[-1] < 0.8 * result.epoch_losses[0]
+    chance = 1 / len({r.pid for r in site.splits.query})
+    assert after.rank1 >= 2 * chance
+    assert after.mAP >= 1.5 * before.mAP
+    assert 0.0 < result.cdw <= 2.0
+    assert result.images == 8 * (site.num_train_images // 32) * 32
+    assert result.images_per_s > 0
+
+
+def test_cdw_is_deterministic_and_zero_without_change(tiny_federation):
+    site = SiteData(tiny_federation / "sites" / "site01", TINY_INPUT, batch_size=16, seed=0)
+    batch = site.cdw_images()
+    assert torch.equal(batch, site.cdw_images())
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(arch="resnet18"), site.num_classes)
+    for module in model.modules():  # freeze BN running statistics: nothing at all changes
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = 0.0
+    frozen = TrainConfig(
+        epochs=1, lr_head=1e-30, lr_backbone=0.0, momentum=0.0, weight_decay=0.0, nesterov=False
+    )
+    assert train_local(model, site.train_loader(), frozen, cdw_images=batch).cdw == pytest.approx(
+        0.0, abs=1e-6
+    )
+    config = TrainConfig(epochs=1, lr_head=0.02, lr_backbone=0.02, seed=3)
+    distances = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = build_model(ModelSpec(arch="resnet18"), site.num_classes)
+        distances.append(train_local(model, site.train_loader(), config, cdw_images=batch).cdw)
+    assert distances[0] == distances[1] > 0
+
+
+def test_corrupt_training_image_is_skipped_not_fatal(tiny_federation, tmp_path, caplog):
+    root = tmp_path / "site"
+    shutil.copytree(tiny_federation / "sites" / "site02", root)
+    victim = sorted((root / "bounding_box_train").glob("*.jpg"))[3]
+    victim.write_bytes(b"garbage")
+    site = SiteData(root, TINY_INPUT, batch_size=8, seed=0)
+    model = build_model(ModelSpec(arch="mobilenet_v3_small"), site.num_classes)
+    result = train_local(model, site.train_loader(), TrainConfig(epochs=1))
+    assert result.skipped_images == 1
+    assert victim.name in caplog.text
