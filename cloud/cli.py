@@ -1,15 +1,26 @@
-"""`cloud-aggregator`: the cloud command line (synthetic federations for now)."""
+"""`cloud-aggregator`: the cloud command line (synthetic federations, the in-process simulator)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from typing import Literal
 
 import typer
 from rich.console import Console
 
+from cloud.plots import plot_rounds, read_metrics
+from cloud.simulate import CHECKPOINT, METRICS, Algorithm, SimulationConfig, Simulator
+from cloud.strategy import KDConfig, StrategyConfig
+from cloud.strategy.aggregate import BNPolicy, Estimator, OutlierRule, Weighting
 from reid.console import metrics_table, progress_bar
+from reid.data import DatasetLayoutError, InputSpec
 from reid.logs import configure_logging
+from reid.model import Arch, ModelError, ModelSpec
 from reid.synthetic import SyntheticConfig, generate_federation, total_images
+from reid.train import TrainConfig
+
+Transport = Literal["none"]
 
 app = typer.Typer(help="FedReID Edge cloud aggregator.", no_args_is_help=True)
 out = Console()
@@ -60,3 +71,118 @@ def synthesize(
         for s in summaries
     ]
     out.print(metrics_table(f"Synthetic federation in {out_dir} (public set: {public_images} images)", rows))
+
+
+def _site_dirs(sites_dir: Path) -> list[Path]:
+    dirs = sorted(p for p in sites_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not dirs:
+        raise typer.BadParameter(f"no site folders in {sites_dir}", param_hint="--sites")
+    return dirs
+
+
+def _final_rows(records: list[dict]) -> list[dict[str, object]]:
+    evals = [r for r in records if "model" in r]
+    if not evals:
+        return []
+    last = max(r["round"] for r in evals)
+    rows: dict[str, dict[str, object]] = {}
+    for r in evals:
+        if r["round"] == last:
+            row = rows.setdefault(r["site"], {"site": r["site"]})
+            row[f"{r['model']} rank-1"] = r["rank1"]
+            row[f"{r['model']} mAP"] = r["mAP"]
+    table = list(rows.values())
+    keys = [k for k in table[0] if k != "site"]
+    table.append({"site": "mean", **{k: sum(float(row[k]) for row in table) / len(table) for k in keys}})
+    return table
+
+
+@app.command()
+def simulate(
+    out_dir: Path = typer.Option(Path("simulation"), "--out", help="run folder: metrics, plot, checkpoint"),
+    transport: Transport = typer.Option("none", help="none: in-process (no broker)"),
+    sites_dir: Path = typer.Option(None, "--sites", help="folder of site data sets (default: synthetic)"),
+    public_dir: Path = typer.Option(None, "--public", help="public unlabeled images for KD"),
+    synthetic_sites: int = typer.Option(6, min=1, help="sites to generate when --sites is not given"),
+    synthetic_images: int = typer.Option(1200, min=32, help="training images of the largest synthetic site"),
+    algorithm: Algorithm = typer.Option("fedpav"),
+    rounds: int = typer.Option(10, min=1),
+    local_epochs: int = typer.Option(1, min=1),
+    eval_every: int = typer.Option(1, min=1),
+    arch: Arch = typer.Option("resnet18"),
+    pretrained: Path = typer.Option(None, help="local torchvision ImageNet weights"),
+    height: int = typer.Option(128, min=16),
+    width: int = typer.Option(64, min=16),
+    batch_size: int = typer.Option(32, min=2),
+    lr_head: float = typer.Option(0.02),
+    lr_backbone: float = typer.Option(0.02),
+    bn: BNPolicy = typer.Option("first", help="BatchNorm policy: first, average or local"),
+    weighting: Weighting = typer.Option("cdw", help="for cdw algorithms: cdw or cdw_x_size"),
+    estimator: Estimator = typer.Option("mean"),
+    clip_norm: float = typer.Option(None, help="clip each delta to this L2 norm"),
+    outlier_rule: OutlierRule = typer.Option("none"),
+    kd_every: int = typer.Option(1, min=1),
+    kd_epochs: int = typer.Option(1, min=1),
+    kd_lr: float = typer.Option(5e-4),
+    kd_max_batches: int = typer.Option(None, min=1),
+    kd_max_seconds: float = typer.Option(None),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+    fresh: bool = typer.Option(False, help="discard a previous run in --out instead of resuming it"),
+) -> None:
+    """Run a whole federation in one process (resumes an interrupted run in --out)."""
+    if fresh and out_dir.exists():
+        for name in (CHECKPOINT, METRICS):
+            (out_dir / name).unlink(missing_ok=True)
+    if sites_dir is None:
+        federation = out_dir / "federation"
+        if not (federation / "federation.json").is_file():
+            cfg = SyntheticConfig(
+                seed=seed,
+                sites=synthetic_sites,
+                train_images_max=synthetic_images,
+                height=max(height, 32),
+                width=max(width, 16),
+            )
+            shutil.rmtree(federation, ignore_errors=True)
+            generate_federation(cfg, federation)
+        sites_dir, public_dir = federation / "sites", public_dir or federation / "public"
+    config = SimulationConfig(
+        algorithm=algorithm,
+        rounds=rounds,
+        local_epochs=local_epochs,
+        eval_every=eval_every,
+        seed=seed,
+        model=ModelSpec(arch=arch),
+        input=InputSpec(height=height, width=width),
+        train=TrainConfig(batch_size=batch_size, lr_head=lr_head, lr_backbone=lr_backbone, device=device),
+        strategy=StrategyConfig(
+            bn=bn, weighting=weighting, estimator=estimator, clip_norm=clip_norm, outlier_rule=outlier_rule
+        ),
+        kd=KDConfig(
+            every=kd_every, epochs=kd_epochs, lr=kd_lr, max_batches=kd_max_batches, max_seconds=kd_max_seconds
+        ),
+        pretrained=str(pretrained) if pretrained else None,
+    )
+    try:
+        with progress_bar(transient=False) as bar:
+            task = bar.add_task(f"{algorithm}: rounds", total=rounds)
+            sim = Simulator(
+                config,
+                _site_dirs(sites_dir),
+                out_dir,
+                public_dir,
+                on_round=lambda r, _: bar.update(task, completed=r + 1),
+            )
+            sim.try_resume()
+            bar.update(task, completed=sim.completed)
+            sim.run()
+    except (ValueError, DatasetLayoutError, ModelError) as err:
+        raise typer.BadParameter(str(err)) from None
+    records = read_metrics(out_dir / METRICS)
+    plot = plot_rounds(records, out_dir / "rounds.png", f"{algorithm}, {len(sim.sites)} sites, {arch}")
+    out.print(
+        metrics_table(
+            f"{algorithm} after {rounds} rounds ({out_dir / METRICS}, plot {plot})", _final_rows(records)
+        )
+    )

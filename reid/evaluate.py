@@ -94,13 +94,28 @@ class _Accumulator:
         return Metrics(cmc, float(aps.sum() / denom), float(inps.mean()), num_valid, num_query)
 
 
-def _check_inputs(n_q: int, n_g: int, q_pids, g_pids, q_camids, g_camids, max_rank: int) -> None:
+def _evaluate_chunks(
+    distances: Callable[[slice], np.ndarray],
+    shape: tuple[int, int],
+    pids_cams: tuple,
+    max_rank: int,
+    ap: str,
+    denominator: str,
+) -> Metrics:
+    q_pids, g_pids, q_camids, g_camids = (np.asarray(a) for a in pids_cams)
+    n_q, n_g = shape
     if n_q == 0 or n_g == 0:
         raise ValueError(f"empty query ({n_q}) or gallery ({n_g})")
     if len(q_pids) != n_q or len(q_camids) != n_q or len(g_pids) != n_g or len(g_camids) != n_g:
         raise ValueError("pid/camera arrays do not match the distance matrix shape")
     if max_rank < 1:
         raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+    acc = _Accumulator(max_rank, ap)
+    step = max(1, ChunkElements // n_g)
+    for s in range(0, n_q, step):
+        rows = slice(s, s + step)
+        acc.add(distances(rows), q_pids[rows], g_pids, q_camids[rows], g_camids)
+    return acc.result(n_q, denominator)
 
 
 def evaluate(
@@ -117,16 +132,10 @@ def evaluate(
     distmat = np.asarray(distmat)
     if distmat.ndim != 2:
         raise ValueError(f"distmat must be 2-D, got shape {distmat.shape}")
-    q_pids, g_pids, q_camids, g_camids = (np.asarray(a) for a in (q_pids, g_pids, q_camids, g_camids))
-    n_q, n_g = distmat.shape
-    _check_inputs(n_q, n_g, q_pids, g_pids, q_camids, g_camids, max_rank)
     if not np.isfinite(distmat).all():
         raise ValueError("distmat contains NaN or Inf")
-    acc = _Accumulator(max_rank, ap)
-    step = max(1, ChunkElements // n_g)
-    for s in range(0, n_q, step):
-        acc.add(distmat[s : s + step], q_pids[s : s + step], g_pids, q_camids[s : s + step], g_camids)
-    return acc.result(n_q, denominator)
+    pids_cams = (q_pids, g_pids, q_camids, g_camids)
+    return _evaluate_chunks(lambda rows: distmat[rows], distmat.shape, pids_cams, max_rank, ap, denominator)
 
 
 def evaluate_features(
@@ -141,16 +150,13 @@ def evaluate_features(
     denominator: Literal["valid", "all"] = "valid",
 ) -> Metrics:
     """Cosine-distance evaluation of L2-normalised features, one chunk of queries at a time."""
-    q_pids, g_pids, q_camids, g_camids = (np.asarray(a) for a in (q_pids, g_pids, q_camids, g_camids))
-    n_q, n_g = q_feats.shape[0], g_feats.shape[0]
-    _check_inputs(n_q, n_g, q_pids, g_pids, q_camids, g_camids, max_rank)
-    acc = _Accumulator(max_rank, ap)
-    step = max(1, ChunkElements // n_g)
     g_t = g_feats.float().t()
-    for s in range(0, n_q, step):
-        dist = (1.0 - q_feats[s : s + step].float() @ g_t).numpy()
-        acc.add(dist, q_pids[s : s + step], g_pids, q_camids[s : s + step], g_camids)
-    return acc.result(n_q, denominator)
+
+    def distances(rows: slice) -> np.ndarray:
+        return (1.0 - q_feats[rows].float() @ g_t).numpy()
+
+    shape = (q_feats.shape[0], g_feats.shape[0])
+    return _evaluate_chunks(distances, shape, (q_pids, g_pids, q_camids, g_camids), max_rank, ap, denominator)
 
 
 @torch.no_grad()

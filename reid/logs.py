@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import sys
 from collections.abc import Iterator
 
 _site: contextvars.ContextVar[str] = contextvars.ContextVar("site", default="-")
@@ -26,14 +27,28 @@ class ContextFilter(logging.Filter):
         return True
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at emit time (survives redirection, e.g. in test runners)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure_logging(level: str | int = "INFO") -> None:
     """Idempotent: one handler on the root logger with the site/round format."""
     root = logging.getLogger()
     for handler in list(root.handlers):
-        if getattr(handler, "_fedreid", False):
+        if isinstance(handler, _StderrHandler):
             root.removeHandler(handler)
-    handler = logging.StreamHandler()
-    handler._fedreid = True  # type: ignore[attr-defined]
+    handler = _StderrHandler()
     handler.addFilter(ContextFilter())
     handler.setFormatter(logging.Formatter(FORMAT))
     root.addHandler(handler)

@@ -12,7 +12,7 @@ split is defined. Pretrained backbone weights come from a local torchvision-form
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -165,18 +165,7 @@ def load_pretrained_backbone(backbone: Backbone, arch: str, path: str | Path) ->
                 trunk_state[dst + key[len(src) :]] = value
                 break
     expected = backbone.trunk.state_dict()
-    missing = sorted(set(expected) - set(trunk_state))
-    unexpected = sorted(set(trunk_state) - set(expected))
-    if missing or unexpected:
-        raise ModelError(
-            f"{path}: not {arch} torchvision weights: {len(missing)} keys missing (e.g. {missing[:2]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
-        )
-    for key, ref in expected.items():
-        if trunk_state[key].shape != ref.shape:
-            raise ModelError(
-                f"{path}: {key} has shape {tuple(trunk_state[key].shape)}, {arch} needs {tuple(ref.shape)}"
-            )
+    _check_state(expected, trunk_state, f"{path}: {arch} torchvision weights")
     backbone.trunk.load_state_dict({k: trunk_state[k] for k in expected}, strict=True)
 
 
@@ -200,6 +189,17 @@ def is_shared_key(key: str) -> bool:
 def is_bn_buffer(key: str) -> bool:
     """True for BatchNorm running statistics (the keys a BN aggregation policy acts on)."""
     return key.endswith(BN_BUFFER_SUFFIXES)
+
+
+def batchnorm_keys(keys: Iterable[str]) -> set[str]:
+    """All keys of BatchNorm layers (affine weight/bias and running statistics) among state keys.
+
+    A layer is BatchNorm when it has a ``running_mean`` buffer; found from the names alone, so this works
+    on any state dict without the model.
+    """
+    keys = list(keys)
+    layers = {k.removesuffix(".running_mean") for k in keys if k.endswith(".running_mean")}
+    return {k for k in keys if k.rsplit(".", 1)[0] in layers}
 
 
 def shared_state(model: ReIDModel) -> dict[str, torch.Tensor]:

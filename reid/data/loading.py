@@ -123,13 +123,16 @@ def collate_skipping(items: list[tuple[torch.Tensor, int, int] | None]) -> Batch
 
 
 def make_loader(
-    dataset: ImageDataset,
+    dataset: Dataset,
     batch_size: int,
     train: bool,
     num_workers: int = 0,
     seed: int | None = None,
 ) -> DataLoader:
-    """Shuffled, drop-last loader for training; ordered, complete loader for evaluation."""
+    """Shuffled, drop-last loader for training; ordered, complete loader for evaluation.
+
+    `dataset` yields what `ImageDataset` yields (also a ConcatDataset of them).
+    """
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return DataLoader(
         dataset,

@@ -1,0 +1,50 @@
+"""Plots and tables of per-round metrics (from a metrics.jsonl written by the simulator or aggregator)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a display
+import matplotlib.pyplot as plt
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def site_curves(records: list[dict], model: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """{metric: {site: [(round, value), ...]}} for rank-1 and mAP of the given model kind."""
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = {
+        "rank1": defaultdict(list),
+        "mAP": defaultdict(list),
+    }
+    for rec in records:
+        if rec.get("model") == model:
+            for metric in curves:
+                curves[metric][rec["site"]].append((rec["round"] + 1, rec[metric]))
+    return curves
+
+
+def plot_rounds(records: list[dict], out: Path, title: str) -> Path:
+    """rank-1 and mAP per site per round, for the global model (the sites' own models for `local`)."""
+    model = "global" if any(r.get("model") == "global" for r in records) else "local"
+    curves = site_curves(records, model)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (metric, per_site) in zip(axes, curves.items(), strict=True):
+        for site, points in sorted(per_site.items()):
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", markersize=3, label=site)
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_title(f"{metric}, {model} model")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,37 @@
+"""cloud.strategy: the federated algorithms shared by the networked aggregator and the simulator.
+
+FedPav with CDW weights and BatchNorm policies as a streaming fold over flat buffers (`aggregate`),
+robust options, and server-side knowledge distillation (`kd`).
+"""
+
+from cloud.strategy.aggregate import (
+    NoUpdatesError,
+    Rejection,
+    RoundAggregate,
+    StrategyConfig,
+    StreamingAggregator,
+    Update,
+    bn_policy_keys,
+    weighted_average,
+)
+from cloud.strategy.flat import FlatLayout, LayoutError
+from cloud.strategy.kd import KDConfig, KDResult, TeacherMean, distill, embed_public, kd_target
+
+__all__ = [
+    "FlatLayout",
+    "KDConfig",
+    "KDResult",
+    "LayoutError",
+    "NoUpdatesError",
+    "Rejection",
+    "RoundAggregate",
+    "StrategyConfig",
+    "StreamingAggregator",
+    "TeacherMean",
+    "Update",
+    "bn_policy_keys",
+    "distill",
+    "embed_public",
+    "kd_target",
+    "weighted_average",
+]

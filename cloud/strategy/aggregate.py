@@ -1,0 +1,281 @@
+"""FedPav aggregation with CDW weights, BatchNorm policies and robust options, as a streaming fold.
+
+Updates arrive one at a time as deltas against the round's base (trained shared state - base). Each is
+flattened into a reused scratch buffer and folded into one running weighted sum with an in-place
+kernel, so memory is O(1 model) whatever the number of sites. At the end
+
+    new = base + (sum_k a_k * delta_k) / (sum_k a_k)
+
+which equals the batch formula sum_k (a_k / sum_j a_j) * state_k exactly up to float rounding, also when
+the weights are only normalised at the end (CDW).
+
+Weights a_k: ``fedpav`` = training images n_k; ``cdw`` = the site's cosine distance d_k (replaces the
+sizes, as the original); ``cdw_x_size`` = n_k * d_k (our extension).
+
+BatchNorm policy: ``first`` (the original code) copies the BN running statistics of the first accepted
+update of the round and averages everything else; ``average`` averages running mean/var too; ``local``
+(FedBN-style) keeps whole BN layers (affine + statistics) at the sites: the global copy is taken from
+the first update, and sites do not overwrite their own BN layers when they load the global model.
+Integer buffers (``num_batches_tracked``) always come from the first accepted update.
+
+Robust options (off by default): clip each delta to an L2 norm; reject updates whose delta norm or CDW
+is an outlier by the median-absolute-deviation rule; coordinate-wise median or trimmed mean instead of
+the weighted mean (unweighted, as usual for these estimators). The options that need to see all updates
+(outlier rejection, median, trimmed mean) hold the round's deltas in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from cloud.strategy.flat import FlatLayout, LayoutError
+from reid.model import batchnorm_keys, is_bn_buffer
+
+log = logging.getLogger(__name__)
+
+Weighting = Literal["fedpav", "cdw", "cdw_x_size"]
+BNPolicy = Literal["first", "average", "local"]
+Estimator = Literal["mean", "median", "trimmed_mean"]
+OutlierRule = Literal["none", "norm", "cdw", "norm_or_cdw"]
+
+
+class StrategyConfig(BaseModel):
+    """How a round's updates become the next global shared state."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weighting: Weighting = "fedpav"
+    bn: BNPolicy = "first"
+    estimator: Estimator = "mean"
+    trim_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="per side, for trimmed_mean")
+    clip_norm: float | None = Field(None, gt=0, description="clip each delta to this L2 norm")
+    outlier_rule: OutlierRule = "none"
+    mad_threshold: float = Field(3.5, gt=0, description="robust z-score above which an update is rejected")
+
+    @property
+    def needs_all_updates(self) -> bool:
+        return self.estimator != "mean" or self.outlier_rule != "none"
+
+
+class NoUpdatesError(RuntimeError):
+    """A round ended without a single accepted update."""
+
+
+@dataclass
+class Update:
+    site: str
+    delta: Mapping[str, torch.Tensor]  # trained shared state - the round's base
+    n_samples: int
+    cdw: float | None = None
+
+
+@dataclass
+class Rejection:
+    site: str
+    reason: str
+
+
+@dataclass
+class RoundAggregate:
+    state: dict[str, torch.Tensor]
+    weights: dict[str, float]  # normalised, of the sites that made it into the average
+    norms: dict[str, float]
+    clipped: list[str] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+def bn_policy_keys(keys: Sequence[str], bn: BNPolicy) -> set[str]:
+    """Float keys copied from the first update instead of averaged, under a BN policy."""
+    if bn == "first":
+        return {k for k in keys if is_bn_buffer(k)}
+    if bn == "local":
+        return batchnorm_keys(keys)
+    return set()
+
+
+def _mad_outliers(values: Mapping[str, float], threshold: float) -> set[str]:
+    """Sites whose value is further than `threshold` robust standard deviations from the median."""
+    if len(values) < 3:
+        return set()
+    x = torch.tensor(list(values.values()), dtype=torch.float64)
+    med = x.median()
+    mad = (x - med).abs().median() * 1.4826
+    if mad == 0:
+        spread = (x - med).abs()
+        return {
+            s for s, d in zip(values, spread.tolist(), strict=True) if d > 1e-12 * max(1.0, abs(float(med)))
+        }
+    z = (x - med).abs() / mad
+    return {s for s, zi in zip(values, z.tolist(), strict=True) if zi > threshold}
+
+
+class StreamingAggregator:
+    """Folds one round's updates into the next global shared state."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], config: StrategyConfig | None = None) -> None:
+        self.config = config or StrategyConfig()
+        self.base = dict(base)
+        self.layout = FlatLayout(self.base)
+        self.base_floats, self.base_ints = self.layout.flatten(self.base)
+        self.copy_index = self.layout.positions(bn_policy_keys(self.layout.keys, self.config.bn))
+        self.scratch = self.layout.empty()
+        self.acc: torch.Tensor | None = None
+        self.total_weight = 0.0
+        self.first: tuple[torch.Tensor, torch.Tensor] | None = None  # BN-copy values and ints of update 1
+        self.held: list[tuple[str, torch.Tensor, torch.Tensor, float]] = []
+        self.raw_weights: dict[str, float] = {}
+        self.norms: dict[str, float] = {}
+        self.cdws: dict[str, float] = {}
+        self.clipped: list[str] = []
+        self.rejected: list[Rejection] = []
+
+    @property
+    def accepted(self) -> list[str]:
+        return list(self.raw_weights)
+
+    def _weight(self, update: Update) -> float:
+        weighting = self.config.weighting
+        if weighting == "fedpav":
+            return float(update.n_samples)
+        if update.cdw is None or not math.isfinite(update.cdw) or not 0.0 <= update.cdw <= 2.0:
+            raise ValueError(f"CDW distance missing or outside [0, 2]: {update.cdw!r}")
+        return update.cdw if weighting == "cdw" else update.cdw * update.n_samples
+
+    def reject(self, site: str, reason: str) -> Rejection:
+        rejection = Rejection(site, reason)
+        self.rejected.append(rejection)
+        log.warning("update from %s rejected: %s", site, reason)
+        return rejection
+
+    def add(self, update: Update, weight: float | None = None) -> Rejection | None:
+        """Validate and fold one update; returns the rejection (also logged and recorded) or None.
+
+        A second update from the same site in the same round is ignored (idempotent).
+        """
+        site = update.site
+        if site in self.raw_weights:
+            log.info("duplicate update from %s ignored", site)
+            return None
+        if update.n_samples <= 0:
+            return self.reject(site, f"n_samples must be positive, got {update.n_samples}")
+        try:
+            w = self._weight(update) if weight is None else float(weight)
+            self.layout.flatten(update.delta, out=self.scratch)
+        except (ValueError, LayoutError) as err:
+            return self.reject(site, str(err))
+        floats, ints = self.scratch
+        norm = float(
+            torch.linalg.vector_norm(floats, dtype=torch.float64)
+        )  # float32 sums drift with alignment
+        if not math.isfinite(norm):
+            return self.reject(site, "delta contains NaN or Inf")
+        if not math.isfinite(w) or w < 0:
+            return self.reject(site, f"invalid weight {w}")
+        clip = self.config.clip_norm
+        if clip is not None and norm > clip:
+            floats.mul_(clip / norm)
+            self.clipped.append(site)
+            log.info("update from %s clipped from norm %.4g to %.4g", site, norm, clip)
+        self.norms[site] = norm
+        if update.cdw is not None:
+            self.cdws[site] = float(update.cdw)
+        self.raw_weights[site] = w
+        if self.config.needs_all_updates:
+            self.held.append((site, floats.clone(), ints.clone(), w))
+        else:
+            self._fold(floats, ints, w)
+        return None
+
+    def _fold(self, floats: torch.Tensor, ints: torch.Tensor, w: float) -> None:
+        if self.first is None:
+            self.first = (floats.index_select(0, self.copy_index), ints.clone())
+        if self.acc is None:
+            self.acc = torch.mul(floats, w)
+        else:
+            self.acc.add_(floats, alpha=w)
+        self.total_weight += w
+
+    def _screen_outliers(self) -> None:
+        rule = self.config.outlier_rule
+        flagged: dict[str, str] = {}
+        if rule in ("norm", "norm_or_cdw"):
+            for site in _mad_outliers(self.norms, self.config.mad_threshold):
+                flagged[site] = f"delta norm {self.norms[site]:.4g} is an outlier (MAD rule)"
+        if rule in ("cdw", "norm_or_cdw"):
+            for site in _mad_outliers(self.cdws, self.config.mad_threshold):
+                flagged.setdefault(site, f"CDW {self.cdws[site]:.4g} is an outlier (MAD rule)")
+        for site, reason in flagged.items():
+            self.reject(site, reason)
+            self.raw_weights.pop(site)
+        self.held = [h for h in self.held if h[0] not in flagged]
+
+    def finish(self) -> RoundAggregate:
+        """The next global shared state (and what happened to each update)."""
+        if self.config.needs_all_updates:
+            self._screen_outliers()
+            if self.config.estimator == "mean":
+                for _, floats, ints, w in self.held:
+                    self._fold(floats, ints, w)
+            elif self.held:
+                self._robust_estimate()
+        if self.acc is None or self.first is None:
+            raise NoUpdatesError("no accepted update in this round")
+        if self.config.estimator == "mean":
+            total = self.total_weight
+            if total <= 0:  # e.g. every CDW is 0: no site's model changed; keep the base
+                log.warning("all update weights are zero: the global model stays unchanged this round")
+                self.acc.zero_()
+                total = 1.0
+            self.acc.div_(total)
+            weights = {s: w / total for s, w in self.raw_weights.items()}
+        else:
+            weights = {s: 1.0 / len(self.held) for s, *_ in self.held}
+        new_floats = self.acc.add_(self.base_floats)
+        first_floats, first_ints = self.first
+        new_floats.index_copy_(
+            0, self.copy_index, self.base_floats.index_select(0, self.copy_index) + first_floats
+        )
+        new_ints = self.base_ints + first_ints
+        state = self.layout.unflatten(new_floats, new_ints, like=self.base)
+        return RoundAggregate(state, weights, dict(self.norms), list(self.clipped), list(self.rejected))
+
+    def _robust_estimate(self) -> None:
+        k = len(self.held)
+        ordered = torch.stack([floats for _, floats, _, _ in self.held]).sort(dim=0).values
+        if self.config.estimator == "median":
+            self.acc = ordered[k // 2] if k % 2 else (ordered[k // 2 - 1] + ordered[k // 2]) / 2
+        else:
+            cut = int(self.config.trim_fraction * k)
+            self.acc = ordered[cut : k - cut].mean(dim=0)
+        self.first = (self.held[0][1].index_select(0, self.copy_index), self.held[0][2].clone())
+        self.total_weight = 1.0
+
+
+def weighted_average(
+    states: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    bn: BNPolicy = "first",
+) -> dict[str, torch.Tensor]:
+    """The weighted average of full shared states (weights are normalised inside).
+
+    The same streaming code as the aggregator, with the first state as the base: exact to float rounding.
+    """
+    if len(states) != len(weights) or not states:
+        raise ValueError(f"{len(states)} states and {len(weights)} weights")
+    base = states[0]
+    agg = StreamingAggregator(base, StrategyConfig(bn=bn))
+    for i, (state, w) in enumerate(zip(states, weights, strict=True)):
+        delta = (
+            {k: state[k] - base[k] for k in base} if i else {k: torch.zeros_like(v) for k, v in base.items()}
+        )
+        rejection = agg.add(Update(f"state{i}", delta, n_samples=1), weight=w)
+        if rejection is not None:
+            raise ValueError(f"state {i}: {rejection.reason}")
+    return agg.finish().state

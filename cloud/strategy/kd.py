@@ -1,0 +1,149 @@
+"""Server-side knowledge distillation (KD) on a public unlabeled image set.
+
+Teachers are the round's received site models; each teacher's 512-d embeddings of the public set are
+computed once, when its update arrives, and folded into a running mean (N_public x 512), so the server
+never holds K models. The target is the mean over teachers of the (optionally L2-normalised, the
+original's ``--regularization``) embeddings. The student is the aggregated global model, trained with
+MSE to the target for `epochs` at `lr` (SGD, momentum 0.9, nesterov, weight decay 5e-4), within an
+optional batch/time budget so that KD can never stall a round.
+
+Differences from the original (docs/algorithms.md): teachers run in eval mode on un-augmented images
+(deterministic targets; the original used train mode with dropout and augmentation), the student sees
+the same un-augmented images that the targets were computed on, and the student's BatchNorm layers use
+and keep their running statistics (the original let the public set overwrite them, shifting the global
+model's statistics towards the public domain). Dropout stays on in the student, as in the original.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch.utils.data import DataLoader
+
+from reid.model import ReIDModel
+
+log = logging.getLogger(__name__)
+
+
+class KDConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    every: int = Field(1, ge=1, description="run KD every N rounds (the original: 10)")
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    normalize: bool = Field(True, description="L2-normalise each teacher's embeddings (--regularization)")
+    batch_size: int = Field(32, ge=2)
+    max_batches: int | None = Field(None, ge=1, description="stop KD after this many batches")
+    max_seconds: float | None = Field(None, gt=0, description="stop KD after this much wall time")
+
+
+def kd_target(teacher_embeddings: Sequence[torch.Tensor], normalize: bool = True) -> torch.Tensor:
+    """The KD target: mean over teachers of their (N x D) embeddings, each L2-normalised per sample."""
+    acc = TeacherMean(normalize)
+    for emb in teacher_embeddings:
+        acc.add(emb)
+    return acc.target()
+
+
+class TeacherMean:
+    """Running mean of teacher embeddings: O(N x D) memory whatever the number of teachers."""
+
+    def __init__(self, normalize: bool = True) -> None:
+        self.normalize = normalize
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, embeddings: torch.Tensor) -> None:
+        if embeddings.ndim != 2:
+            raise ValueError(f"teacher embeddings must be (N, D), got {tuple(embeddings.shape)}")
+        if self.total is not None and embeddings.shape != self.total.shape:
+            raise ValueError(f"teacher embeddings {tuple(embeddings.shape)} != {tuple(self.total.shape)}")
+        if not torch.isfinite(embeddings).all():
+            raise ValueError("teacher embeddings contain NaN or Inf")
+        e = embeddings.double()
+        if self.normalize:
+            e = torch.nn.functional.normalize(e, dim=1)
+        self.total = e if self.total is None else self.total + e
+        self.count += 1
+
+    def target(self) -> torch.Tensor:
+        if self.total is None:
+            raise ValueError("no teacher embeddings")
+        return (self.total / self.count).float()
+
+
+@torch.no_grad()
+def embed_public(
+    model: ReIDModel, loader: DataLoader, size: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Raw 512-d embeddings of the public set in eval mode, rows in dataset order (NaN: corrupt image)."""
+    was_training = model.training
+    model.eval()
+    out = torch.full((size, model.spec.embed_dim), float("nan"))
+    for batch in loader:
+        if len(batch):
+            out[batch.indices] = model.embed(batch.images.to(device)).float().cpu()
+    model.train(was_training)
+    return out
+
+
+@dataclass
+class KDResult:
+    loss_first: float
+    loss_last: float
+    batches: int
+    seconds: float
+    stopped_by_budget: bool
+
+
+def distill(
+    student: ReIDModel,
+    loader: DataLoader,
+    target: torch.Tensor,
+    config: KDConfig,
+    device: torch.device | str = "cpu",
+) -> KDResult:
+    """Train the student's shared part to the target embeddings (MSE). Rows with NaN targets are skipped."""
+    device = torch.device(device)
+    params = [*student.backbone.parameters(), *student.embedding.parameters()]
+    optimizer = torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
+    )
+    valid = torch.isfinite(target).all(dim=1)
+    student.train()
+    for module in student.modules():  # BN uses (and keeps) its running statistics, like the teachers did
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    losses: list[float] = []
+    start = time.perf_counter()
+    stopped = False
+    for _ in range(config.epochs):
+        for batch in loader:
+            keep = valid[batch.indices]
+            if int(keep.sum()) < 2:
+                continue
+            x = batch.images[keep].to(device)
+            y = target[batch.indices[keep]].to(device)
+            loss = torch.nn.functional.mse_loss(student.embed(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            over_batches = config.max_batches is not None and len(losses) >= config.max_batches
+            over_time = config.max_seconds is not None and time.perf_counter() - start >= config.max_seconds
+            if over_batches or over_time:
+                stopped = True
+                break
+        if stopped:
+            log.info("KD stopped by its budget after %d batches", len(losses))
+            break
+    if not losses:
+        raise ValueError("no public image could be used for KD")
+    return KDResult(losses[0], losses[-1], len(losses), time.perf_counter() - start, stopped)

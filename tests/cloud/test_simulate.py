@@ -1,0 +1,145 @@
+"""The in-process simulator: 3 tiny sites x 2 rounds end to end, metrics + plot, identical resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from cloud.cli import app
+from cloud.simulate import CHECKPOINT, METRICS, SimulationConfig, Simulator
+from cloud.strategy import KDConfig, StrategyConfig
+from reid.data import InputSpec
+from reid.model import ModelSpec
+from reid.train import TrainConfig
+
+
+def _config(algorithm: str, rounds: int = 2, **strategy) -> SimulationConfig:
+    return SimulationConfig(
+        algorithm=algorithm,
+        rounds=rounds,
+        model=ModelSpec(arch="resnet18"),
+        input=InputSpec(height=64, width=32),
+        train=TrainConfig(batch_size=16, lr_head=0.02, lr_backbone=0.02),
+        strategy=StrategyConfig(**strategy),
+        kd=KDConfig(batch_size=8, max_batches=2),
+    )
+
+
+def _sites(federation):
+    return sorted((federation / "sites").iterdir())
+
+
+def _global(out):
+    with safe_open(str(out / CHECKPOINT), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k.startswith("global/")}  # noqa: SIM118
+
+
+def test_cdw_kd_runs_end_to_end_and_resumes_identically(tiny_federation, tmp_path):
+    cfg = _config("cdw_kd", rounds=2)
+    straight = tmp_path / "straight"
+    Simulator(cfg, _sites(tiny_federation), straight, tiny_federation / "public").run()
+
+    stopped = tmp_path / "stopped"  # one round, then the process "stops"; a new one extends it to two
+    records = Simulator(
+        _config("cdw_kd", rounds=1), _sites(tiny_federation), stopped, tiny_federation / "public"
+    ).run()
+    assert {r["round"] for r in records} == {0}
+    resumed = Simulator(cfg, _sites(tiny_federation), stopped, tiny_federation / "public")
+    assert resumed.try_resume() and resumed.completed == 1
+    assert {r["round"] for r in resumed.run()} == {1}
+
+    a, b = _global(straight), _global(stopped)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    lines_a = (straight / METRICS).read_text().splitlines()
+    lines_b = (stopped / METRICS).read_text().splitlines()
+
+    def strip(lines):  # wall times differ between runs; everything else must be identical
+        out = []
+        for rec in map(json.loads, lines):
+            if rec.get("kind") == "timing":
+                continue
+            rec.pop("train_seconds", None)
+            if "kd" in rec:
+                rec["kd"].pop("seconds")
+            out.append(rec)
+        return out
+
+    assert strip(lines_a) == strip(lines_b)
+
+    recs = [json.loads(ln) for ln in lines_a]
+    rounds = [r for r in recs if r.get("kind") == "round"]
+    assert len(rounds) == 2
+    assert set(rounds[0]["weights"]) == {p.name for p in _sites(tiny_federation)}
+    assert sum(rounds[0]["weights"].values()) == pytest.approx(1.0)
+    assert rounds[0]["kd"]["batches"] == 2
+    evals = [r for r in recs if "model" in r]
+    assert {(r["site"], r["model"]) for r in evals if r["round"] == 1} == {
+        (p.name, m) for p in _sites(tiny_federation) for m in ("global", "local")
+    }
+
+
+def test_resume_refuses_another_configuration(tiny_federation, tmp_path):
+    Simulator(_config("fedpav", rounds=1), _sites(tiny_federation), tmp_path).run()
+    other = Simulator(_config("fedpav", rounds=1, bn="average"), _sites(tiny_federation), tmp_path)
+    with pytest.raises(ValueError, match="another configuration"):
+        other.try_resume()
+
+
+@pytest.mark.parametrize("algorithm", ["local", "central"])
+def test_baselines_run(tiny_federation, tmp_path, algorithm):
+    records = Simulator(_config(algorithm, rounds=1), _sites(tiny_federation), tmp_path).run()
+    kinds = {r["model"] for r in records if "model" in r}
+    assert kinds == ({"local"} if algorithm == "local" else {"global"})
+    assert len([r for r in records if "model" in r]) == 3
+
+
+def test_cli_simulate_writes_metrics_plot_and_table(tiny_federation, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        "simulate",
+        "--transport",
+        "none",
+        "--sites",
+        str(tiny_federation / "sites"),
+        "--out",
+        str(out),
+        "--algorithm",
+        "fedpav",
+        "--rounds",
+        "1",
+        "--height",
+        "64",
+        "--width",
+        "32",
+        "--batch-size",
+        "16",
+        "--bn",
+        "local",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "mean" in result.output and "global rank-1" in result.output
+    png = (out / "rounds.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    again = CliRunner().invoke(app, args)  # already complete: resumes, runs nothing, prints again
+    assert again.exit_code == 0, again.output
+    assert len([ln for ln in (out / METRICS).read_text().splitlines() if '"kind": "round"' in ln]) == 1
+    missing = CliRunner().invoke(
+        app,
+        [
+            "simulate",
+            "--algorithm",
+            "kd",
+            "--sites",
+            str(tiny_federation / "sites"),
+            "--out",
+            str(tmp_path / "kd"),
+        ],
+    )
+    assert missing.exit_code != 0 and "public" in missing.output

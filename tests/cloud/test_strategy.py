@@ -1,0 +1,167 @@
+"""FedPav / CDW / BN policies against the direct formula; streaming == batch; robust options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cloud.strategy import StrategyConfig, StreamingAggregator, Update, bn_policy_keys, weighted_average
+from reid.model import ModelSpec, build_model, is_bn_buffer, shared_state
+
+
+def _states(k: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """K random shared states of a small real model (so BN keys and num_batches_tracked are present)."""
+    torch.manual_seed(seed)
+    ref = shared_state(build_model(ModelSpec(arch="resnet18"), num_classes=3))
+    states = []
+    for i in range(k):
+        state = {}
+        for key, v in ref.items():
+            if v.dtype.is_floating_point:
+                state[key] = torch.randn_like(v) + (i if "running_var" in key else 0)
+            else:
+                state[key] = v + 10 * (i + 1)
+        states.append(state)
+    return states
+
+
+def _direct(states, weights, bn):
+    total = sum(weights)
+    copy = bn_policy_keys(list(states[0]), bn)
+    out = {}
+    for key in states[0]:
+        if key in copy or not states[0][key].dtype.is_floating_point:
+            out[key] = states[0][key]
+        else:
+            out[key] = sum(w / total * s[key].double() for s, w in zip(states, weights, strict=True)).float()
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+@pytest.mark.parametrize("bn", ["first", "average", "local"])
+def test_weighted_average_matches_the_direct_formula(k, bn):
+    states = _states(k, seed=k)
+    weights = [float(w) for w in torch.randint(1, 1000, (k,))]
+    got = weighted_average(states, weights, bn=bn)
+    want = _direct(states, weights, bn)
+    assert set(got) == set(want)
+    assert not any(key.startswith("classifier") for key in got)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5, msg=key)
+        assert got[key].dtype == states[0][key].dtype
+
+
+def test_bn_policies_pick_the_right_keys():
+    keys = list(_states(1)[0])
+    first, local = bn_policy_keys(keys, "first"), bn_policy_keys(keys, "local")
+    assert first and all(is_bn_buffer(k) for k in first)
+    assert "embedding.bn.running_mean" in first and "embedding.bn.weight" not in first
+    assert "embedding.bn.weight" in local and "embedding.bn.running_var" in local
+    assert "embedding.linear.weight" not in local
+    assert bn_policy_keys(keys, "average") == set()
+
+
+@pytest.mark.parametrize("weighting", ["fedpav", "cdw", "cdw_x_size"])
+def test_streaming_deltas_equal_the_batch_result(weighting):
+    states = _states(4, seed=3)
+    base = _states(1, seed=99)[0]
+    sizes, cdws = [100, 20, 3000, 7], [0.1, 0.9, 0.05, 1.3]
+    agg = StreamingAggregator(base, StrategyConfig(weighting=weighting, bn="average"))
+    for i, s in enumerate(states):
+        delta = {key: s[key] - base[key] for key in base}
+        assert agg.add(Update(f"site{i}", delta, sizes[i], cdws[i])) is None
+    result = agg.finish()
+    raw = {"fedpav": sizes, "cdw": cdws, "cdw_x_size": [n * d for n, d in zip(sizes, cdws, strict=True)]}[
+        weighting
+    ]
+    want = _direct(states, raw, "average")
+    for key in want:
+        if key.endswith("num_batches_tracked"):
+            assert torch.equal(result.state[key], states[0][key])
+        else:
+            torch.testing.assert_close(result.state[key], want[key], rtol=1e-5, atol=1e-5, msg=key)
+    assert sum(result.weights.values()) == pytest.approx(1.0)
+    assert result.weights["site0"] == pytest.approx(raw[0] / sum(raw))
+
+
+def test_duplicate_bad_and_nan_updates_are_rejected_and_the_rest_kept():
+    states = _states(3, seed=5)
+    base = states[0]
+    agg = StreamingAggregator(base, StrategyConfig())
+    zero = {k: torch.zeros_like(v) for k, v in base.items()}
+    good = {k: states[1][k] - base[k] for k in base}
+    assert agg.add(Update("a", zero, 10)) is None
+    assert agg.add(Update("a", good, 10)) is None  # duplicate: ignored, not folded twice
+    nan = dict(
+        good, **{"embedding.linear.weight": torch.full_like(good["embedding.linear.weight"], float("nan"))}
+    )
+    assert "NaN" in agg.add(Update("b", nan, 10)).reason
+    wrong = dict(good, **{"embedding.linear.weight": torch.zeros(2, 2)})
+    assert "shape" in agg.add(Update("c", wrong, 10)).reason
+    missing = {k: v for k, v in good.items() if k != "embedding.bn.bias"}
+    assert "missing" in agg.add(Update("d", missing, 10)).reason
+    assert "positive" in agg.add(Update("e", good, 0)).reason
+    cdw_agg = StreamingAggregator(base, StrategyConfig(weighting="cdw"))
+    assert "CDW" in cdw_agg.add(Update("f", good, 10, cdw=None)).reason
+    assert agg.add(Update("g", good, 30)) is None
+    result = agg.finish()
+    assert set(result.weights) == {"a", "g"}
+    assert [r.site for r in result.rejected] == ["b", "c", "d", "e"]
+    want = _direct([base, states[1]], [10, 30], "first")
+    torch.testing.assert_close(result.state["embedding.linear.weight"], want["embedding.linear.weight"])
+
+
+def _honest_and_attacker(k_honest: int = 5, scale: float = 100.0):
+    torch.manual_seed(11)
+    base = _states(1, seed=12)[0]
+    deltas = []
+    for _ in range(k_honest):
+        deltas.append(
+            {k: 0.01 * torch.randn_like(v) if v.dtype.is_floating_point else v * 0 for k, v in base.items()}
+        )
+    attack = {k: scale * v if v.dtype.is_floating_point else v for k, v in deltas[0].items()}
+    return base, deltas, attack
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        StrategyConfig(clip_norm=40.0),  # honest deltas: norm ~ 0.01 * sqrt(11.2M) = 33
+        StrategyConfig(outlier_rule="norm"),
+        StrategyConfig(estimator="median"),
+        StrategyConfig(estimator="trimmed_mean", trim_fraction=0.2),
+    ],
+)
+def test_a_delta_scaled_x100_is_neutralised(config):
+    base, deltas, attack = _honest_and_attacker()
+    clean = StreamingAggregator(base, StrategyConfig())
+    for i, d in enumerate(deltas):
+        clean.add(Update(f"h{i}", d, 100))
+    reference = clean.finish().state
+    agg = StreamingAggregator(base, config)
+    for i, d in enumerate(deltas):
+        agg.add(Update(f"h{i}", d, 100))
+    agg.add(Update("attacker", attack, 100))
+    result = agg.finish()
+    key = "embedding.linear.weight"
+    err = (result.state[key] - reference[key]).norm() / (reference[key] - base[key]).norm()
+    naive = StreamingAggregator(base, StrategyConfig())
+    for i, d in enumerate([*deltas, attack]):
+        naive.add(Update(f"n{i}", d, 100))
+    naive_err = (naive.finish().state[key] - reference[key]).norm() / (reference[key] - base[key]).norm()
+    assert naive_err > 10
+    assert err < 1.0
+    if config.outlier_rule == "norm":
+        assert [r.site for r in result.rejected] == ["attacker"]
+        assert "outlier" in result.rejected[0].reason
+    if config.clip_norm:
+        assert result.clipped == ["attacker"]
+
+
+def test_all_zero_cdw_keeps_the_base():
+    states = _states(2, seed=1)
+    base = states[0]
+    agg = StreamingAggregator(base, StrategyConfig(weighting="cdw"))
+    agg.add(Update("a", {k: states[1][k] - base[k] for k in base}, 10, cdw=0.0))
+    result = agg.finish()
+    torch.testing.assert_close(result.state["embedding.linear.weight"], base["embedding.linear.weight"])
