@@ -40,6 +40,7 @@ test: setup lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: setup
+	$(BIN)/python bench/aggregate.py
 	$(BIN)/python bench/train_loop.py
 
 lint: $(STAMP)

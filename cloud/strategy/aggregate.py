@@ -77,6 +77,21 @@ class Update:
 
 
 @dataclass
+class _Pending:
+    """An accepted update waiting to be folded: its delta buffers, its weight and its clip scale."""
+
+    site: str
+    floats: torch.Tensor
+    ints: torch.Tensor
+    weight: float
+    scale: float
+
+    @property
+    def alpha(self) -> float:
+        return self.weight * self.scale
+
+
+@dataclass
 class Rejection:
     site: str
     reason: str
@@ -117,19 +132,38 @@ def _mad_outliers(values: Mapping[str, float], threshold: float) -> set[str]:
 
 
 class StreamingAggregator:
-    """Folds one round's updates into the next global shared state."""
+    """Folds one round's updates into the next global shared state.
 
-    def __init__(self, base: Mapping[str, torch.Tensor], config: StrategyConfig | None = None) -> None:
+    `base_flat` lets a caller that already holds the base as flat buffers (the previous round's result)
+    skip flattening it again; `out` is a float32 buffer of the model's size to reuse for the running sum
+    and the result (fresh large allocations page-fault heavily: reuse them across rounds).
+    """
+
+    BLOCK = 1 << 20  # floats summed and checked together while they are in cache (4 MB)
+    GROUP = 4  # updates folded in one pass over the running sum (1 read + 1 write of it per group)
+
+    def __init__(
+        self,
+        base: Mapping[str, torch.Tensor],
+        config: StrategyConfig | None = None,
+        base_flat: tuple[torch.Tensor, torch.Tensor] | None = None,
+        out: torch.Tensor | None = None,
+    ) -> None:
         self.config = config or StrategyConfig()
         self.base = dict(base)
         self.layout = FlatLayout(self.base)
-        self.base_floats, self.base_ints = self.layout.flatten(self.base)
+        self.base_floats, self.base_ints = (
+            base_flat if base_flat is not None else self.layout.flatten(self.base)
+        )
         self.copy_index = self.layout.positions(bn_policy_keys(self.layout.keys, self.config.bn))
-        self.scratch = self.layout.empty()
+        self.pool: list[tuple[torch.Tensor, torch.Tensor]] = []  # flat buffers for add() of state dicts
+        self.pending: list[_Pending] = []
+        self.block_sum = torch.empty(0)
         self.acc: torch.Tensor | None = None
+        self.out = out
         self.total_weight = 0.0
         self.first: tuple[torch.Tensor, torch.Tensor] | None = None  # BN-copy values and ints of update 1
-        self.held: list[tuple[str, torch.Tensor, torch.Tensor, float]] = []
+        self.held: list[_Pending] = []
         self.raw_weights: dict[str, float] = {}
         self.norms: dict[str, float] = {}
         self.cdws: dict[str, float] = {}
@@ -140,13 +174,13 @@ class StreamingAggregator:
     def accepted(self) -> list[str]:
         return list(self.raw_weights)
 
-    def _weight(self, update: Update) -> float:
+    def _weight(self, n_samples: int, cdw: float | None) -> float:
         weighting = self.config.weighting
         if weighting == "fedpav":
-            return float(update.n_samples)
-        if update.cdw is None or not math.isfinite(update.cdw) or not 0.0 <= update.cdw <= 2.0:
-            raise ValueError(f"CDW distance missing or outside [0, 2]: {update.cdw!r}")
-        return update.cdw if weighting == "cdw" else update.cdw * update.n_samples
+            return float(n_samples)
+        if cdw is None or not math.isfinite(cdw) or not 0.0 <= cdw <= 2.0:
+            raise ValueError(f"CDW distance missing or outside [0, 2]: {cdw!r}")
+        return cdw if weighting == "cdw" else cdw * n_samples
 
     def reject(self, site: str, reason: str) -> Rejection:
         rejection = Rejection(site, reason)
@@ -155,52 +189,134 @@ class StreamingAggregator:
         return rejection
 
     def add(self, update: Update, weight: float | None = None) -> Rejection | None:
-        """Validate and fold one update; returns the rejection (also logged and recorded) or None.
+        """Validate and fold one update given as a state dict (see `add_flat`)."""
+        if update.site in self.raw_weights:
+            log.info("duplicate update from %s ignored", update.site)
+            return None
+        slot = len(self.pending)
+        while len(self.pool) <= slot:
+            self.pool.append(self.layout.empty())
+        try:
+            floats, ints = self.layout.flatten(update.delta, out=self.pool[slot])
+        except LayoutError as err:
+            return self.reject(update.site, str(err))
+        return self.add_flat(update.site, floats, ints, update.n_samples, update.cdw, weight)
 
-        A second update from the same site in the same round is ignored (idempotent).
+    def add_flat(
+        self,
+        site: str,
+        floats: torch.Tensor,
+        ints: torch.Tensor,
+        n_samples: int,
+        cdw: float | None = None,
+        weight: float | None = None,
+    ) -> Rejection | None:
+        """Validate and fold one update given as flat delta buffers (as the wire codec decodes them).
+
+        Returns the rejection (also logged and recorded) or None. A second update from the same site in
+        the same round is ignored (idempotent). The buffers are only read.
         """
-        site = update.site
         if site in self.raw_weights:
             log.info("duplicate update from %s ignored", site)
             return None
-        if update.n_samples <= 0:
-            return self.reject(site, f"n_samples must be positive, got {update.n_samples}")
+        if floats.shape != (self.layout.float_numel,) or floats.dtype != torch.float32:
+            return self.reject(
+                site, f"float buffer {tuple(floats.shape)} {floats.dtype} does not fit the model"
+            )
+        if ints.shape != (self.layout.int_numel,) or ints.dtype != torch.int64:
+            return self.reject(
+                site, f"integer buffer {tuple(ints.shape)} {ints.dtype} does not fit the model"
+            )
+        if n_samples <= 0:
+            return self.reject(site, f"n_samples must be positive, got {n_samples}")
         try:
-            w = self._weight(update) if weight is None else float(weight)
-            self.layout.flatten(update.delta, out=self.scratch)
-        except (ValueError, LayoutError) as err:
+            w = self._weight(n_samples, cdw) if weight is None else float(weight)
+        except ValueError as err:
             return self.reject(site, str(err))
-        floats, ints = self.scratch
-        norm = float(
-            torch.linalg.vector_norm(floats, dtype=torch.float64)
-        )  # float32 sums drift with alignment
-        if not math.isfinite(norm):
-            return self.reject(site, "delta contains NaN or Inf")
         if not math.isfinite(w) or w < 0:
             return self.reject(site, f"invalid weight {w}")
         clip = self.config.clip_norm
-        if clip is not None and norm > clip:
-            floats.mul_(clip / norm)
-            self.clipped.append(site)
-            log.info("update from %s clipped from norm %.4g to %.4g", site, norm, clip)
-        self.norms[site] = norm
-        if update.cdw is not None:
-            self.cdws[site] = float(update.cdw)
+        scale = 1.0
+        if self.config.needs_all_updates or clip is not None:
+            norm = float(torch.linalg.vector_norm(floats))
+            if not math.isfinite(norm):
+                return self.reject(site, "delta contains NaN or Inf")
+            self.norms[site] = norm
+            if clip is not None and norm > clip:
+                scale = clip / norm
+                self.clipped.append(site)
+                log.info("update from %s clipped from norm %.4g to %.4g", site, norm, clip)
+        if cdw is not None:
+            self.cdws[site] = float(cdw)
         self.raw_weights[site] = w
         if self.config.needs_all_updates:
-            self.held.append((site, floats.clone(), ints.clone(), w))
+            self.held.append(_Pending(site, floats * scale, ints.clone(), w, 1.0))
         else:
-            self._fold(floats, ints, w)
+            self.pending.append(_Pending(site, floats, ints, w, scale))
+            if len(self.pending) == self.GROUP:
+                self._fold_pending()
         return None
 
-    def _fold(self, floats: torch.Tensor, ints: torch.Tensor, w: float) -> None:
-        if self.first is None:
-            self.first = (floats.index_select(0, self.copy_index), ints.clone())
+    def _sum_block(self, group: list[_Pending], start: int, end: int) -> torch.Tensor:
+        out = self.block_sum[: end - start]
+        if not group:
+            return out.zero_()
+        torch.mul(group[0].floats[start:end], group[0].alpha, out=out)
+        for p in group[1:]:
+            out.add_(p.floats[start:end], alpha=p.alpha)
+        return out
+
+    def _fold_pending(self, final: bool = False) -> bool:
+        """acc += sum_j alpha_j * delta_j over the pending group, block by block, in one pass over acc.
+
+        Each block's group sum is checked for NaN/Inf while it is in cache; an update found non-finite is
+        rejected and its blocks already folded are subtracted again (exact up to one rounding step).
+        With `final`, each block is also finished (base + sum / total weight) in the same pass; returns
+        whether that happened (not when the total is 0 or an update of this group was rejected).
+        """
+        group, self.pending = self.pending, []
+        if not group:
+            return False
+        n = self.layout.float_numel
+        if self.block_sum.numel() < min(self.BLOCK, n):
+            self.block_sum = torch.empty(min(self.BLOCK, n))
+        fresh = self.acc is None
         if self.acc is None:
-            self.acc = torch.mul(floats, w)
-        else:
-            self.acc.add_(floats, alpha=w)
-        self.total_weight += w
+            self.acc = self.out if self.out is not None and self.out.shape == (n,) else torch.empty(n)
+        acc, base = self.acc, self.base_floats
+        live = list(group)
+        total = self.total_weight + sum(p.weight for p in live)
+        final = final and total > 0
+        for start in range(0, n, self.BLOCK):
+            end = min(n, start + self.BLOCK)
+            block = self._sum_block(live, start, end)
+            if not math.isfinite(float(torch.dot(block, block))):
+                bad = [
+                    p
+                    for p in live
+                    if not math.isfinite(float(torch.dot(p.floats[start:end], p.floats[start:end])))
+                ]
+                if final:  # turn the finished prefix back into a plain sum; finish() divides later
+                    acc[:start].sub_(base[:start]).mul_(total)
+                    final = False
+                for p in bad:
+                    acc[:start].sub_(p.floats[:start], alpha=p.alpha)
+                    self.reject(p.site, "delta contains NaN or Inf")
+                    self.raw_weights.pop(p.site, None)
+                live = [p for p in live if p not in bad]
+                block = self._sum_block(live, start, end)
+            target = acc[start:end]
+            if not fresh:
+                block.add_(target)
+            if final:
+                torch.add(base[start:end], block, alpha=1.0 / total, out=target)
+            else:
+                target.copy_(block)
+        for p in live:
+            self.total_weight += p.weight
+            if self.first is None:
+                self.first = (p.floats.index_select(0, self.copy_index) * p.scale, p.ints.clone())
+        return final
 
     def _screen_outliers(self) -> None:
         rule = self.config.outlier_rule
@@ -214,17 +330,20 @@ class StreamingAggregator:
         for site, reason in flagged.items():
             self.reject(site, reason)
             self.raw_weights.pop(site)
-        self.held = [h for h in self.held if h[0] not in flagged]
+        self.held = [p for p in self.held if p.site not in flagged]
 
     def finish(self) -> RoundAggregate:
         """The next global shared state (and what happened to each update)."""
         if self.config.needs_all_updates:
             self._screen_outliers()
             if self.config.estimator == "mean":
-                for _, floats, ints, w in self.held:
-                    self._fold(floats, ints, w)
+                for p in self.held:
+                    self.pending.append(p)
+                    if len(self.pending) == self.GROUP:
+                        self._fold_pending()
             elif self.held:
                 self._robust_estimate()
+        finished = self._fold_pending(final=self.config.estimator == "mean")
         if self.acc is None or self.first is None:
             raise NoUpdatesError("no accepted update in this round")
         if self.config.estimator == "mean":
@@ -233,11 +352,13 @@ class StreamingAggregator:
                 log.warning("all update weights are zero: the global model stays unchanged this round")
                 self.acc.zero_()
                 total = 1.0
-            self.acc.div_(total)
             weights = {s: w / total for s, w in self.raw_weights.items()}
         else:
-            weights = {s: 1.0 / len(self.held) for s, *_ in self.held}
-        new_floats = self.acc.add_(self.base_floats)
+            total = 1.0
+            weights = {p.site: 1.0 / len(self.held) for p in self.held}
+        new_floats = (
+            self.acc if finished else torch.add(self.base_floats, self.acc, alpha=1.0 / total, out=self.acc)
+        )
         first_floats, first_ints = self.first
         new_floats.index_copy_(
             0, self.copy_index, self.base_floats.index_select(0, self.copy_index) + first_floats
@@ -248,14 +369,13 @@ class StreamingAggregator:
 
     def _robust_estimate(self) -> None:
         k = len(self.held)
-        ordered = torch.stack([floats for _, floats, _, _ in self.held]).sort(dim=0).values
+        ordered = torch.stack([p.floats for p in self.held]).sort(dim=0).values
         if self.config.estimator == "median":
             self.acc = ordered[k // 2] if k % 2 else (ordered[k // 2 - 1] + ordered[k // 2]) / 2
         else:
             cut = int(self.config.trim_fraction * k)
             self.acc = ordered[cut : k - cut].mean(dim=0)
-        self.first = (self.held[0][1].index_select(0, self.copy_index), self.held[0][2].clone())
-        self.total_weight = 1.0
+        self.first = (self.held[0].floats.index_select(0, self.copy_index), self.held[0].ints.clone())
 
 
 def weighted_average(

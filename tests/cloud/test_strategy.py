@@ -95,7 +95,7 @@ def test_duplicate_bad_and_nan_updates_are_rejected_and_the_rest_kept():
     nan = dict(
         good, **{"embedding.linear.weight": torch.full_like(good["embedding.linear.weight"], float("nan"))}
     )
-    assert "NaN" in agg.add(Update("b", nan, 10)).reason
+    assert agg.add(Update("b", nan, 10)) is None  # found non-finite when its group is folded
     wrong = dict(good, **{"embedding.linear.weight": torch.zeros(2, 2)})
     assert "shape" in agg.add(Update("c", wrong, 10)).reason
     missing = {k: v for k, v in good.items() if k != "embedding.bn.bias"}
@@ -106,7 +106,8 @@ def test_duplicate_bad_and_nan_updates_are_rejected_and_the_rest_kept():
     assert agg.add(Update("g", good, 30)) is None
     result = agg.finish()
     assert set(result.weights) == {"a", "g"}
-    assert [r.site for r in result.rejected] == ["b", "c", "d", "e"]
+    assert sorted(r.site for r in result.rejected) == ["b", "c", "d", "e"]
+    assert "NaN" in next(r.reason for r in result.rejected if r.site == "b")
     want = _direct([base, states[1]], [10, 30], "first")
     torch.testing.assert_close(result.state["embedding.linear.weight"], want["embedding.linear.weight"])
 
@@ -165,3 +166,43 @@ def test_all_zero_cdw_keeps_the_base():
     agg.add(Update("a", {k: states[1][k] - base[k] for k in base}, 10, cdw=0.0))
     result = agg.finish()
     torch.testing.assert_close(result.state["embedding.linear.weight"], base["embedding.linear.weight"])
+
+
+def test_flat_updates_with_a_late_nan_block_are_rolled_back():
+    states = _states(4, seed=21)
+    base = states[0]
+    agg = StreamingAggregator(base, StrategyConfig(weighting="fedpav", bn="average"))
+    agg.BLOCK = 1000  # many blocks, so the Inf sits in a late one
+    flat = [agg.layout.flatten({k: s[k] - base[k] for k in base}) for s in states[1:]]
+    assert agg.add_flat("a", *flat[0], 10) is None
+    poisoned = flat[1][0].clone()
+    poisoned[-5] = float("inf")
+    assert agg.add_flat("b", poisoned, flat[1][1], 10) is None
+    assert "does not fit" in agg.add_flat("c", flat[1][0][:-1], flat[1][1], 10).reason
+    assert "does not fit" in agg.add_flat("d", flat[1][0].double(), flat[1][1], 10).reason
+    assert agg.add_flat("e", *flat[1], 30) is None
+    assert agg.add_flat("f", *flat[2], 20) is None  # the group of four is folded here
+    assert [r.site for r in agg.rejected] == ["c", "d", "b"]
+    result = agg.finish()
+    want = _direct([states[1], states[2], states[3]], [10, 30, 20], "average")
+    for key in ("embedding.linear.weight", "backbone.trunk.0.weight", "embedding.bn.running_var"):
+        torch.testing.assert_close(result.state[key], want[key], msg=key)
+    assert set(result.weights) == {"a", "e", "f"}
+
+
+@pytest.mark.parametrize("bn", ["first", "average"])
+def test_nan_found_while_finishing_the_round_is_rolled_back(bn):
+    states = _states(3, seed=22)
+    base = states[0]
+    agg = StreamingAggregator(base, StrategyConfig(bn=bn))
+    agg.BLOCK = 777
+    flat = [agg.layout.flatten({k: s[k] - base[k] for k in base}) for s in states[1:]]
+    poisoned = flat[1][0].clone()
+    poisoned[agg.layout.float_numel // 2] = float("nan")
+    agg.add_flat("a", *flat[0], 10)
+    agg.add_flat("b", poisoned, flat[1][1], 50)  # two pending updates: folded and finished in finish()
+    result = agg.finish()
+    assert [r.site for r in result.rejected] == ["b"]
+    want = _direct([states[1]], [10], bn)
+    for key in want:
+        torch.testing.assert_close(result.state[key], want[key], msg=key)
