@@ -1,0 +1,110 @@
+"""A private local MQTT broker for single-machine use, tests and the demo (``broker = "auto"``).
+
+`LocalBroker` starts the ``mosquitto`` binary on a free loopback port with its own configuration file
+(anonymous, no persistence, no size limits: our chunks are 1 MB) and its own PID, and stops it on exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+
+
+class BrokerError(RuntimeError):
+    """No broker could be started or reached."""
+
+
+def find_mosquitto() -> str | None:
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return next((p for p in MOSQUITTO_PATHS if Path(p).is_file()), None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_url(url: str) -> tuple[str, int, bool]:
+    """(host, port, tls) from mqtt://host[:1883] or mqtts://host[:8883]."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+        raise ValueError(f"broker URL must be mqtt://host[:port] or mqtts://host[:port], got {url!r}")
+    tls = parsed.scheme == "mqtts"
+    return parsed.hostname, parsed.port or (8883 if tls else 1883), tls
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise BrokerError(f"nothing accepts connections on {host}:{port} after {timeout:.0f} s")
+
+
+class LocalBroker:
+    """mosquitto on 127.0.0.1:<free port>; use as a context manager."""
+
+    def __init__(self, port: int | None = None, workdir: Path | None = None) -> None:
+        self.binary = find_mosquitto()
+        if self.binary is None:
+            raise BrokerError("the mosquitto binary was not found (Debian: apt-get install mosquitto)")
+        self.port = port or free_port()
+        self._tmp = tempfile.TemporaryDirectory(prefix="fedreid-broker-") if workdir is None else None
+        self.workdir = Path(self._tmp.name) if self._tmp else workdir
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> LocalBroker:
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            "log_dest stdout\nlog_type error\nlog_type warning\nmax_queued_messages 10000\n"
+        )
+        self.log_path = self.workdir / "mosquitto.log"
+        with open(self.log_path, "wb") as out:
+            self.process = subprocess.Popen(
+                [self.binary, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT
+            )
+        try:
+            wait_for_port("127.0.0.1", self.port)
+        except BrokerError:
+            self.stop()
+            raise BrokerError(f"mosquitto did not start: {self.log_path.read_text()[-500:]}") from None
+        log.info("mosquitto (pid %d) listening on %s", self.process.pid, self.url)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> LocalBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()

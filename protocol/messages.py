@@ -1,0 +1,140 @@
+"""Control messages: small JSON documents validated by pydantic models with a schema version.
+
+Every message carries ``schema_version`` (1) and ``kind``. `parse_message` turns untrusted bytes into a
+model or raises `MessageError` with one clear line; it never evaluates or unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+SCHEMA_VERSION = 1
+MAX_MESSAGE_BYTES = 256 * 1024
+NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+SHA256 = r"^[0-9a-f]{64}$"
+
+Name = Annotated[str, Field(pattern=NAME)]
+Sha256 = Annotated[str, Field(pattern=SHA256)]
+Encoding = Literal["fp32", "fp16", "int8"]
+
+
+class MessageError(ValueError):
+    """An incoming message is not valid; the text says why in one line."""
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class BlobRef(BaseModel):
+    """What a receiver needs to fetch and verify a blob sent as chunks."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    blob_id: str = Field(pattern=r"^[0-9a-f]{8,64}$")
+    size: int = Field(ge=0)
+    sha256: Sha256
+    chunks: int = Field(ge=1)
+    encoding: Encoding = "fp32"
+    compressed: bool = False
+
+
+class NodeStatus(_Message):
+    """Retained liveness document of a node (also its last will, with state "offline")."""
+
+    kind: Literal["status"] = "status"
+    node: Name
+    role: Literal["aggregator", "site"]
+    state: Literal["online", "offline", "training", "idle"]
+    round: int | None = None
+    time: float
+
+
+class RoundStart(_Message):
+    """Retained by the aggregator: the round in progress and how to take part in it."""
+
+    kind: Literal["round_start"] = "round_start"
+    federation: Name
+    round: int = Field(ge=0)
+    base_hash: Sha256
+    model: BlobRef
+    deadline: float
+    selected: list[Name]
+    local_epochs: int = Field(ge=1)
+    evaluate: bool = False
+    upload_encoding: Encoding = "fp16"
+
+
+class UpdateManifest(_Message):
+    """A site's update for a round; the delta follows as chunks on the site's chunk topic."""
+
+    kind: Literal["update"] = "update"
+    site: Name
+    round: int = Field(ge=0)
+    base_hash: Sha256
+    blob: BlobRef
+    n_samples: int = Field(ge=1)
+    cdw: float = Field(ge=0.0, le=2.0)
+    loss: float
+    train_seconds: float = Field(ge=0)
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class UpdateAck(_Message):
+    """The aggregator's answer to an update: journaled (accepted) or rejected with the reason."""
+
+    kind: Literal["ack"] = "ack"
+    site: Name
+    round: int
+    blob_id: str
+    accepted: bool
+    reason: str = ""
+
+
+class ChunkRequest(_Message):
+    """Ask the sender of a blob to publish some of its chunks again."""
+
+    kind: Literal["resend"] = "resend"
+    requester: Name
+    blob_id: str = Field(pattern=r"^[0-9a-f]{8,64}$")
+    indices: list[int] = Field(max_length=100_000)
+
+
+Message = Annotated[
+    NodeStatus | RoundStart | UpdateManifest | UpdateAck | ChunkRequest, Field(discriminator="kind")
+]
+_ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
+
+
+def parse_message(payload: bytes, expected: type[_Message] | None = None) -> _Message:
+    """Validate untrusted bytes as a message (of the `expected` type when given)."""
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message of {len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        data = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise MessageError(f"not JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise MessageError("not a JSON object")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise MessageError(
+            f"unsupported schema_version {data.get('schema_version')!r} (expected {SCHEMA_VERSION})"
+        )
+    try:
+        message = _ADAPTER.validate_python(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "message"
+        raise MessageError(f"invalid {data.get('kind', 'message')}: {where}: {first['msg']}") from None
+    if expected is not None and not isinstance(message, expected):
+        raise MessageError(f"expected a {expected.__name__}, got kind {message.kind!r}")
+    return message
+
+
+def encode_message(message: _Message) -> bytes:
+    return message.model_dump_json().encode()

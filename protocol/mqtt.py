@@ -1,0 +1,155 @@
+"""An MQTT endpoint done right for this protocol (paho-mqtt 2, MQTT 3.1.1 features only).
+
+* a retained status document and a last will (``offline``) on ``status/<node>``;
+* subscriptions made in ``on_connect`` (they survive reconnects), automatic reconnect with back-off;
+* the network thread only queues incoming messages; handlers run on one worker thread, and an
+  exception in a handler is logged in one line and never stops the endpoint;
+* blobs go out as 1 MB chunks with a bounded in-flight window, never as one huge message.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from protocol.broker import parse_url
+from protocol.chunks import DEFAULT_CHUNK_BYTES, split_blob
+from protocol.messages import NodeStatus, encode_message
+from protocol.topics import Topics
+
+log = logging.getLogger(__name__)
+Handler = Callable[[str, bytes], None]
+
+
+class Endpoint:
+    """One node's connection to the broker."""
+
+    def __init__(
+        self,
+        url: str,
+        topics: Topics,
+        node: str,
+        role: str,
+        handlers: dict[str, Handler] | None = None,
+        keepalive: int = 60,
+    ) -> None:
+        self.topics = topics
+        self.node = node
+        self.role = role
+        self.handlers = dict(handlers or {})
+        self.host, self.port, tls = parse_url(url)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"{role}-{node}-{uuid.uuid4().hex[:8]}",
+            protocol=paho.MQTTv311,
+            clean_session=True,
+        )
+        if tls:
+            self.client.tls_set()
+        self.client.max_inflight_messages_set(20)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.will_set(topics.status(node), self._status("offline"), qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_disconnect = self._on_disconnect
+        self.keepalive = keepalive
+        self.connected = threading.Event()
+        self.inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self.worker = threading.Thread(target=self._work, name=f"mqtt-{node}", daemon=True)
+        self.state = "online"
+
+    def _status(self, state: str, round_: int | None = None) -> bytes:
+        return encode_message(
+            NodeStatus(node=self.node, role=self.role, state=state, round=round_, time=time.time())
+        )
+
+    # -- paho callbacks (network thread: no heavy work here) --------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("broker refused the connection: %s", reason_code)
+            return
+        for topic_filter in self.handlers:
+            client.subscribe(topic_filter, qos=1)
+        client.publish(self.topics.status(self.node), self._status(self.state), qos=1, retain=True)
+        self.connected.set()
+        log.info("connected to %s:%d as %s", self.host, self.port, self.node)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if reason_code.value != 0:
+            log.warning("disconnected from the broker (%s); reconnecting", reason_code)
+
+    def _on_message(self, client, userdata, message) -> None:
+        self.inbox.put((message.topic, message.payload))
+
+    # -- worker ---------------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            item = self.inbox.get()
+            if item is None:
+                return
+            topic, payload = item
+            for topic_filter, handler in self.handlers.items():
+                if paho.topic_matches_sub(topic_filter, topic):
+                    try:
+                        handler(topic, payload)
+                    except Exception as err:  # a bad message must never stop the node
+                        log.warning("handler for %s failed: %s: %s", topic, type(err).__name__, err)
+
+    # -- public ---------------------------------------------------------------------------------------
+    def start(self, timeout: float = 10.0) -> Endpoint:
+        self.worker.start()
+        self.client.connect_async(self.host, self.port, keepalive=self.keepalive)
+        self.client.loop_start()
+        if not self.connected.wait(timeout):
+            log.warning("no broker at %s:%d yet; still trying", self.host, self.port)
+        return self
+
+    def stop(self) -> None:
+        """Publish the offline status (a clean disconnect suppresses the will), then disconnect."""
+        if self.connected.is_set():
+            self.client.publish(
+                self.topics.status(self.node), self._status("offline"), qos=1, retain=True
+            ).wait_for_publish(5)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.inbox.put(None)
+        self.worker.join(timeout=10)
+
+    def set_state(self, state: str, round_: int | None = None) -> None:
+        self.state = state
+        self.publish(self.topics.status(self.node), self._status(state, round_), retain=True)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int = 1) -> paho.MQTTMessageInfo:
+        return self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def publish_blob(
+        self,
+        topic: str,
+        blob: bytes,
+        blob_id: str,
+        chunk_size: int = DEFAULT_CHUNK_BYTES,
+        indices: set[int] | None = None,
+        timeout: float = 600.0,
+    ) -> int:
+        """Publish a blob's chunks (all, or only `indices`) and wait until the broker has them all."""
+        pending: list[paho.MQTTMessageInfo] = []
+        sent = 0
+        deadline = time.monotonic() + timeout
+        for i, chunk in enumerate(split_blob(blob, blob_id, chunk_size)):
+            if indices is not None and i not in indices:
+                continue
+            pending.append(self.client.publish(topic, chunk, qos=1))
+            sent += 1
+            if len(pending) >= 40:  # bound what sits in paho's queue
+                pending.pop(0).wait_for_publish(max(0.1, deadline - time.monotonic()))
+        for info in pending:
+            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+        return sent

@@ -1,0 +1,74 @@
+"""The versioned topic tree of one federation: ``fedreid/v1/<federation>/...``.
+
+| Topic | Publisher | Payload | Retained |
+| --- | --- | --- | --- |
+| ``status/<node>`` | every node (and its last will) | NodeStatus | yes |
+| ``round`` | aggregator | RoundStart of the round in progress | yes |
+| ``global/chunks`` | aggregator | chunks of the global model blobs | no |
+| ``global/resend`` | sites | ChunkRequest for global-model chunks | no |
+| ``sites/<site>/update`` | that site | UpdateManifest | no |
+| ``sites/<site>/chunks`` | that site | chunks of its update blob | no |
+| ``sites/<site>/ack`` | aggregator | UpdateAck | no |
+| ``sites/<site>/resend`` | aggregator | ChunkRequest for that site's chunks | no |
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from protocol.messages import NAME
+
+PREFIX = "fedreid/v1"
+_NAME = re.compile(NAME)
+
+
+def check_name(value: str, what: str = "name") -> str:
+    if not _NAME.match(value):
+        raise ValueError(f"invalid {what} {value!r}: 1-64 characters of A-Z a-z 0-9 _ . -")
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    federation: str
+
+    def __post_init__(self) -> None:
+        check_name(self.federation, "federation")
+
+    @property
+    def root(self) -> str:
+        return f"{PREFIX}/{self.federation}"
+
+    def status(self, node: str) -> str:
+        return f"{self.root}/status/{check_name(node, 'node')}"
+
+    @property
+    def status_all(self) -> str:
+        return f"{self.root}/status/+"
+
+    @property
+    def round(self) -> str:
+        return f"{self.root}/round"
+
+    @property
+    def global_chunks(self) -> str:
+        return f"{self.root}/global/chunks"
+
+    @property
+    def global_resend(self) -> str:
+        return f"{self.root}/global/resend"
+
+    def site(self, site: str, leaf: str) -> str:
+        return f"{self.root}/sites/{check_name(site, 'site')}/{leaf}"
+
+    def any_site(self, leaf: str) -> str:
+        return f"{self.root}/sites/+/{leaf}"
+
+    def site_of(self, topic: str) -> str | None:
+        """The site named in a ``sites/<site>/...`` topic of this federation, else None."""
+        parts = topic.split("/")
+        root = self.root.split("/")
+        if len(parts) == len(root) + 3 and parts[: len(root)] == root and parts[len(root)] == "sites":
+            return parts[len(root) + 1]
+        return None

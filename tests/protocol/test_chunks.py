@@ -1,0 +1,100 @@
+"""Chunking: split/parse, reassembly with missing, duplicate, reordered, corrupt and foreign chunks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.chunks import ChunkError, Reassembler, parse_chunk, split_blob
+
+
+def _blob(n: int = 10_000) -> bytes:
+    return os.urandom(n)
+
+
+def test_reordered_and_duplicate_chunks_reassemble_exactly():
+    blob = _blob()
+    messages = list(split_blob(blob, "ab" * 16, chunk_size=999))
+    assert len(messages) == 11
+    random.Random(0).shuffle(messages)
+    header, _data = parse_chunk(messages[0])
+    r = Reassembler(header)
+    for m in messages + messages[:3]:
+        r.add(*parse_chunk(m))
+    assert r.complete and r.result() == blob
+
+
+def test_missing_chunks_are_listed_and_can_be_resent():
+    blob = _blob()
+    messages = list(split_blob(blob, "cd" * 16, chunk_size=1000))
+    r = Reassembler(parse_chunk(messages[0])[0])
+    for i, m in enumerate(messages):
+        if i not in (3, 7):
+            r.add(*parse_chunk(m))
+    assert not r.complete and r.missing() == [3, 7]
+    with pytest.raises(ChunkError, match="missing"):
+        r.result()
+    for i in r.missing():
+        r.add(*parse_chunk(messages[i]))
+    assert r.result() == blob
+
+
+def test_corrupt_foreign_and_malformed_chunks_are_rejected():
+    blob = _blob()
+    messages = list(split_blob(blob, "ef" * 16, chunk_size=1000))
+    corrupt = bytearray(messages[2])
+    corrupt[-1] ^= 0xFF
+    with pytest.raises(ChunkError, match="sha256"):
+        parse_chunk(bytes(corrupt))
+    with pytest.raises(ChunkError, match="magic"):
+        parse_chunk(b"hello world")
+    with pytest.raises(ChunkError, match="header length"):
+        parse_chunk(b"FRC1\xff\xff\xff\xff")
+    with pytest.raises(ChunkError, match="bad chunk header"):
+        parse_chunk(b"FRC1\x00\x00\x00\x02{}")
+    truncated = messages[1][:-10]
+    with pytest.raises(ChunkError, match="bytes, expected"):
+        parse_chunk(truncated)
+    r = Reassembler(parse_chunk(messages[0])[0])
+    other = next(iter(split_blob(_blob(), "12" * 16, chunk_size=1000)))
+    with pytest.raises(ChunkError, match="disagrees"):
+        r.add(*parse_chunk(other))
+
+
+def test_oversize_blob_is_refused_and_large_blobs_spool_to_disk(tmp_path):
+    blob = _blob(50_000)
+    messages = list(split_blob(blob, "aa" * 16, chunk_size=4096))
+    with pytest.raises(ChunkError, match="exceeds"):
+        Reassembler(parse_chunk(messages[0])[0], max_bytes=10_000)
+    r = Reassembler(parse_chunk(messages[0])[0], spool_bytes=1000, spool_dir=tmp_path)
+    for m in reversed(messages):
+        r.add(*parse_chunk(m))
+    assert r.result() == blob
+    r.close()
+
+
+def test_a_tampered_whole_blob_fails_its_hash():
+    blob = _blob(3000)
+    messages = list(split_blob(blob, "bb" * 16, chunk_size=1000))
+    forged = list(split_blob(blob[:1000] + b"x" * 1000 + blob[2000:], "bb" * 16, chunk_size=1000))
+    header = parse_chunk(messages[0])[0]
+    r = Reassembler(header)
+    r.add(*parse_chunk(messages[0]))
+    r.add(*parse_chunk(messages[2]))
+    forged_header, data = parse_chunk(forged[1])
+    r.add(forged_header.model_copy(update={"blob_sha256": header.blob_sha256}), data)
+    with pytest.raises(ChunkError, match="fails its sha256"):
+        r.result()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_fuzz_chunk_parser_raises_only_chunk_errors(data):
+    for payload in (data, b"FRC1" + data):
+        with contextlib.suppress(ChunkError):
+            parse_chunk(payload)

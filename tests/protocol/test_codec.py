@@ -1,0 +1,87 @@
+"""Blob codec: round trips for every encoding, zstd, and malformed input."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.codec import CodecError, decode_state, encode_state
+
+
+def _state(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "backbone.w": rng.standard_normal((64, 3, 3, 3)).astype(np.float32),
+        "embedding.bn.running_var": rng.uniform(0.5, 2, 512).astype(np.float32),
+        "embedding.bn.num_batches_tracked": np.array(17, dtype=np.int64),
+        "zeros": np.zeros(10, dtype=np.float32),
+        "big": np.array([1e6, -3e5], dtype=np.float32),  # would overflow fp16: stays fp32
+    }
+
+
+@pytest.mark.parametrize("encoding", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("compress", [False, True])
+def test_round_trip(encoding, compress):
+    state = _state()
+    blob = encode_state(state, encoding, compress=compress)
+    out = decode_state(blob)
+    assert set(out) == set(state)
+    assert out["embedding.bn.num_batches_tracked"].dtype == np.int64
+    assert int(out["embedding.bn.num_batches_tracked"]) == 17
+    for key in ("backbone.w", "embedding.bn.running_var", "zeros", "big"):
+        ref, got = state[key], out[key]
+        assert got.dtype == np.float32 and got.shape == ref.shape
+        peak = float(np.abs(ref).max()) or 1.0
+        tol = {"fp32": 0.0, "fp16": 1e-3 * peak, "int8": 0.5 / 127 * peak}[encoding]
+        assert float(np.abs(got - ref).max()) <= tol + 1e-12, key
+    if encoding != "int8":
+        np.testing.assert_array_equal(out["big"], state["big"])  # fp16 never silently overflows
+
+
+def test_sizes_shrink_with_the_encoding():
+    state = {"w": np.random.default_rng(0).standard_normal(100_000).astype(np.float32)}
+    sizes = {e: len(encode_state(state, e)) for e in ("fp32", "fp16", "int8")}
+    assert sizes["fp16"] < 0.55 * sizes["fp32"] and sizes["int8"] < 0.3 * sizes["fp32"]
+
+
+@pytest.mark.parametrize(
+    ("blob", "match"),
+    [
+        (b"", "not a safetensors"),
+        (b"\x00" * 16, "not a safetensors"),
+        (b"\x28\xb5\x2f\xfd garbage", "zstd"),
+        (b"{" * 100, "not a safetensors"),
+    ],
+)
+def test_malformed_blobs_are_codec_errors(blob, match):
+    with pytest.raises(CodecError, match=match):
+        decode_state(blob)
+
+
+def test_nan_size_limit_and_bad_scales_are_rejected():
+    with pytest.raises(CodecError, match="NaN"):
+        decode_state(encode_state({"w": np.array([1.0, np.nan], dtype=np.float32)}))
+    blob = encode_state(_state())
+    with pytest.raises(CodecError, match="exceeds"):
+        decode_state(blob, max_bytes=100)
+    from safetensors.numpy import save
+
+    orphan = save({"w": np.ones(3, dtype=np.int8)})
+    with pytest.raises(CodecError, match="scale"):
+        decode_state(orphan)
+    negative = save({"w": np.ones(3, dtype=np.int8), "w::scale": np.array([-1.0], dtype=np.float32)})
+    with pytest.raises(CodecError, match="invalid scale"):
+        decode_state(negative)
+    with pytest.raises(CodecError, match="dtype"):
+        decode_state(save({"w": np.ones(3, dtype=np.uint8)}))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=2048))
+def test_fuzz_decoder_raises_only_codec_errors(data):
+    with contextlib.suppress(CodecError):
+        decode_state(data)

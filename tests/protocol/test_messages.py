@@ -1,0 +1,97 @@
+"""Control messages: valid documents parse, anything else is one clear MessageError."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.messages import (
+    BlobRef,
+    MessageError,
+    RoundStart,
+    UpdateManifest,
+    encode_message,
+    parse_message,
+)
+from protocol.topics import Topics
+
+SHA = "a" * 64
+BLOB = BlobRef(blob_id="ab" * 16, size=10, sha256=SHA, chunks=1)
+
+
+def _update(**changes) -> dict:
+    doc = json.loads(
+        encode_message(
+            UpdateManifest(
+                site="s1",
+                round=3,
+                base_hash=SHA,
+                blob=BLOB,
+                n_samples=10,
+                cdw=0.2,
+                loss=1.5,
+                train_seconds=2.0,
+            )
+        )
+    )
+    doc.update(changes)
+    return doc
+
+
+def test_round_trip_and_expected_kind():
+    msg = parse_message(json.dumps(_update()).encode(), UpdateManifest)
+    assert msg.site == "s1" and msg.blob.chunks == 1
+    with pytest.raises(MessageError, match="expected a RoundStart"):
+        parse_message(json.dumps(_update()).encode(), RoundStart)
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        (b"\xff\xfe", "not JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (json.dumps(_update(schema_version=2)).encode(), "schema_version"),
+        (
+            json.dumps({k: v for k, v in _update().items() if k != "schema_version"}).encode(),
+            "schema_version",
+        ),
+        (json.dumps(_update(kind="nope")).encode(), "invalid nope"),
+        (json.dumps(_update(cdw=float("nan"))).encode(), "cdw"),
+        (json.dumps(_update(cdw=7)).encode(), "cdw"),
+        (json.dumps(_update(n_samples=0)).encode(), "n_samples"),
+        (json.dumps(_update(site="../etc")).encode(), "site"),
+        (json.dumps(_update(extra=1)).encode(), "extra"),
+        (json.dumps(_update(base_hash="xyz")).encode(), "base_hash"),
+        (b"{" + b" " * 300_000 + b"}", "exceeds"),
+    ],
+)
+def test_bad_messages(payload, match):
+    with pytest.raises(MessageError, match=match):
+        parse_message(payload)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=300), st.dictionaries(st.text(max_size=10), st.integers() | st.text(max_size=10))
+    )
+)
+def test_fuzz_parser_raises_only_message_errors(data):
+    payload = data if isinstance(data, bytes) else json.dumps({"schema_version": 1, **data}).encode()
+    with contextlib.suppress(MessageError):
+        parse_message(payload)
+
+
+def test_topics_are_versioned_and_names_checked():
+    t = Topics("fed-1")
+    assert t.round == "fedreid/v1/fed-1/round"
+    assert t.site("s1", "update") == "fedreid/v1/fed-1/sites/s1/update"
+    assert t.site_of("fedreid/v1/fed-1/sites/s1/update") == "s1"
+    assert t.site_of("fedreid/v1/other/sites/s1/update") is None
+    for bad in ("a/b", "+", "#", "", "x" * 65):
+        with pytest.raises(ValueError):
+            t.site(bad, "update")

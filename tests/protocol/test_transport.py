@@ -1,0 +1,82 @@
+"""Blobs and messages through a real mosquitto: chunked transfer, re-request, retained status + will."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from protocol.chunks import Reassembler, parse_chunk
+from protocol.messages import NodeStatus, parse_message
+from protocol.mqtt import Endpoint
+from protocol.topics import Topics
+
+
+def _wait(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_chunked_blob_crosses_the_broker_and_missing_chunks_are_resent(mosquitto_url):
+    topics = Topics("t1")
+    blob = os.urandom(3_500_000)
+    state: dict = {}
+    lock = threading.Lock()
+    dropped = {1}  # the receiver "loses" chunk 1 the first time it sees it
+
+    def on_chunk(topic, payload):
+        header, data = parse_chunk(payload)
+        with lock:
+            if header.index in dropped:
+                dropped.discard(header.index)
+                return
+            if "r" not in state:
+                state["r"] = Reassembler(header)
+            state["r"].add(header, data)
+
+    receiver = Endpoint(mosquitto_url, topics, "site-a", "site", {topics.global_chunks: on_chunk}).start()
+    sender = Endpoint(mosquitto_url, topics, "cloud", "aggregator").start()
+    try:
+        assert receiver.connected.wait(10) and sender.connected.wait(10)
+        time.sleep(0.2)  # let the subscription settle
+        assert sender.publish_blob(topics.global_chunks, blob, "ab" * 16, chunk_size=1 << 20) == 4
+        assert _wait(lambda: "r" in state and state["r"].missing() == [1])
+        sender.publish_blob(topics.global_chunks, blob, "ab" * 16, chunk_size=1 << 20, indices={1})
+        assert _wait(lambda: state["r"].complete)
+        assert state["r"].result() == blob
+    finally:
+        receiver.stop()
+        sender.stop()
+
+
+def test_retained_status_and_last_will(mosquitto_url):
+    topics = Topics("t2")
+    seen: dict[str, str] = {}
+
+    def on_status(topic, payload):
+        msg = parse_message(payload, NodeStatus)
+        seen[msg.node] = msg.state
+
+    watcher = Endpoint(mosquitto_url, topics, "watcher", "aggregator", {topics.status_all: on_status}).start()
+    site = Endpoint(mosquitto_url, topics, "site-b", "site").start()
+    try:
+        assert _wait(lambda: seen.get("site-b") == "online")
+        site.client.loop_stop()
+        site.client.socket().close()  # a dead peer: no clean disconnect, the broker sends the will
+        assert _wait(lambda: seen.get("site-b") == "offline", timeout=90)
+        late = {}
+        latecomer = Endpoint(
+            mosquitto_url,
+            topics,
+            "late",
+            "aggregator",
+            {topics.status_all: lambda t, p: late.update({t: parse_message(p).state})},
+        ).start()
+        assert _wait(lambda: late.get(topics.status("site-b")) == "offline")  # retained
+        latecomer.stop()
+    finally:
+        watcher.stop()
