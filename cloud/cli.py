@@ -9,10 +9,14 @@ from typing import Literal
 import typer
 from rich.console import Console
 
+from cloud.local_federation import run_local_federation
 from cloud.plots import plot_rounds, read_metrics
+from cloud.server import Aggregator, ServeConfig
 from cloud.simulate import CHECKPOINT, METRICS, Algorithm, SimulationConfig, Simulator
 from cloud.strategy import KDConfig, StrategyConfig
 from cloud.strategy.aggregate import BNPolicy, Estimator, OutlierRule, Weighting
+from protocol.broker import BrokerError, LocalBroker
+from reid.config import ConfigError, load_config
 from reid.console import metrics_table, progress_bar
 from reid.data import DatasetLayoutError, InputSpec
 from reid.logs import configure_logging
@@ -20,7 +24,7 @@ from reid.model import Arch, ModelError, ModelSpec
 from reid.synthetic import SyntheticConfig, generate_federation, total_images
 from reid.train import TrainConfig
 
-Transport = Literal["none"]
+Transport = Literal["none", "mqtt"]
 
 app = typer.Typer(help="FedReID Edge cloud aggregator.", no_args_is_help=True)
 out = Console()
@@ -100,10 +104,12 @@ def _final_rows(records: list[dict]) -> list[dict[str, object]]:
 @app.command()
 def simulate(
     out_dir: Path = typer.Option(Path("simulation"), "--out", help="run folder: metrics, plot, checkpoint"),
-    transport: Transport = typer.Option("none", help="none: in-process (no broker)"),
-    sites_dir: Path = typer.Option(None, "--sites", help="folder of site data sets (default: synthetic)"),
+    transport: Transport = typer.Option("none", help="none: in-process; mqtt: broker + agent processes"),
+    sites_dir: Path = typer.Option(None, "--data", help="folder of site data sets (default: synthetic)"),
     public_dir: Path = typer.Option(None, "--public", help="public unlabeled images for KD"),
-    synthetic_sites: int = typer.Option(6, min=1, help="sites to generate when --sites is not given"),
+    synthetic_sites: int = typer.Option(
+        6, "--sites", min=1, help="sites to generate when --data is not given"
+    ),
     synthetic_images: int = typer.Option(1200, min=32, help="training images of the largest synthetic site"),
     algorithm: Algorithm = typer.Option("fedpav"),
     rounds: int = typer.Option(10, min=1),
@@ -164,25 +170,118 @@ def simulate(
         ),
         pretrained=str(pretrained) if pretrained else None,
     )
+    sites = _site_dirs(sites_dir)
     try:
-        with progress_bar(transient=False) as bar:
-            task = bar.add_task(f"{algorithm}: rounds", total=rounds)
-            sim = Simulator(
-                config,
-                _site_dirs(sites_dir),
-                out_dir,
-                public_dir,
-                on_round=lambda r, _: bar.update(task, completed=r + 1),
-            )
-            sim.try_resume()
-            bar.update(task, completed=sim.completed)
-            sim.run()
-    except (ValueError, DatasetLayoutError, ModelError) as err:
+        if transport == "mqtt":
+            metrics_path = _simulate_mqtt(config, sites, public_dir, out_dir, fresh)
+        else:
+            with progress_bar(transient=False) as bar:
+                task = bar.add_task(f"{algorithm}: rounds", total=rounds)
+                sim = Simulator(
+                    config,
+                    sites,
+                    out_dir,
+                    public_dir,
+                    on_round=lambda r, _: bar.update(task, completed=r + 1),
+                )
+                sim.try_resume()
+                bar.update(task, completed=sim.completed)
+                sim.run()
+            metrics_path = out_dir / METRICS
+    except (ValueError, DatasetLayoutError, ModelError, BrokerError) as err:
         raise typer.BadParameter(str(err)) from None
-    records = read_metrics(out_dir / METRICS)
-    plot = plot_rounds(records, out_dir / "rounds.png", f"{algorithm}, {len(sim.sites)} sites, {arch}")
+    records = read_metrics(metrics_path)
+    plot = plot_rounds(
+        records, out_dir / "rounds.png", f"{algorithm} ({transport}), {len(sites)} sites, {arch}"
+    )
     out.print(
         metrics_table(
-            f"{algorithm} after {rounds} rounds ({out_dir / METRICS}, plot {plot})", _final_rows(records)
+            f"{algorithm} after {rounds} rounds ({metrics_path}, plot {plot})", _final_rows(records)
         )
     )
+
+
+def _simulate_mqtt(
+    config: SimulationConfig, sites: list[Path], public: Path | None, out_dir: Path, fresh: bool
+) -> Path:
+    """The same study as a real federation: broker, aggregator and one agent process per site."""
+    if config.algorithm in ("local", "central"):
+        raise ValueError(f"--transport mqtt runs federated algorithms, not {config.algorithm}")
+    if fresh:
+        shutil.rmtree(out_dir / "cloud", ignore_errors=True)
+        shutil.rmtree(out_dir / "edge", ignore_errors=True)
+    t = config.train
+    serve = ServeConfig(
+        federation="simulation",
+        state_dir=out_dir / "cloud",
+        rounds=config.rounds,
+        min_sites=len(sites),
+        deadline_s=3600,
+        seed=config.seed,
+        model=config.model,
+        input=config.input,
+        pretrained=config.pretrained,
+        local_epochs=config.local_epochs,
+        batch_size=t.batch_size,
+        lr_head=t.lr_head,
+        lr_backbone=t.lr_backbone,
+        strategy=config.effective_strategy(),
+        kd=config.kd,
+        kd_enabled=config.uses_kd,
+        public=public,
+        eval_every=config.eval_every,
+    )
+    return run_local_federation(serve, sites, out_dir, device=config.train.device)
+
+
+@app.command()
+def serve(
+    config: Path = typer.Option(None, "--config", help="cloud.toml; flags override its keys"),
+    federation: str = typer.Option(None),
+    broker: str = typer.Option(None, help="auto (a private local mosquitto) or mqtt(s)://host:port"),
+    state_dir: Path = typer.Option(None, help="checkpoints, journal and metrics"),
+    rounds: int = typer.Option(None, min=1),
+    min_sites: int = typer.Option(None, min=1),
+    fraction: float = typer.Option(None),
+    deadline: float = typer.Option(None, help="seconds of collection per round"),
+    quorum: int = typer.Option(None, min=1),
+    arch: str = typer.Option(None, help="model.arch"),
+    height: int = typer.Option(None, help="input.height"),
+    width: int = typer.Option(None, help="input.width"),
+    local_epochs: int = typer.Option(None, min=1),
+    bn: str = typer.Option(None, help="strategy.bn: first, average or local"),
+    weighting: str = typer.Option(None, help="strategy.weighting: fedpav, cdw or cdw_x_size"),
+    kd: bool = typer.Option(None, "--kd/--no-kd"),
+    public: Path = typer.Option(None, help="public unlabeled images for KD"),
+    upload_encoding: str = typer.Option(None, help="fp32, fp16 or int8"),
+) -> None:
+    """Run the federation's rounds (resumes from --state-dir after a stop or a crash)."""
+    overrides = {
+        "federation": federation,
+        "broker": broker,
+        "state_dir": state_dir,
+        "rounds": rounds,
+        "min_sites": min_sites,
+        "fraction": fraction,
+        "deadline_s": deadline,
+        "quorum": quorum,
+        "model.arch": arch,
+        "input.height": height,
+        "input.width": width,
+        "local_epochs": local_epochs,
+        "strategy.bn": bn,
+        "strategy.weighting": weighting,
+        "kd_enabled": kd,
+        "public": public,
+        "upload_encoding": upload_encoding,
+    }
+    try:
+        cfg = load_config(ServeConfig, config, overrides)
+        if cfg.broker == "auto":
+            with LocalBroker() as local:
+                out.print(f"broker: {local.url} (agents: edge-agent start --broker {local.url} ...)")
+                Aggregator(cfg, local.url).run()
+        else:
+            Aggregator(cfg, cfg.broker).run()
+    except (ConfigError, ValueError, BrokerError) as err:
+        raise typer.BadParameter(str(err)) from None

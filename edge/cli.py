@@ -1,4 +1,4 @@
-"""`edge-agent`: the camera-site command line (local training baseline and evaluation for now)."""
+"""`edge-agent`: the camera-site command line (federation agent, local training baseline, evaluation)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from edge.agent import Agent, AgentConfig
+from reid.config import ConfigError, load_config
 from reid.console import metrics_table, progress_bar
 from reid.data import DatasetLayoutError, InputSpec
 from reid.logs import configure_logging, log_context
@@ -156,3 +158,38 @@ def evaluate(
         metrics = site.evaluate(model.to(dev), dev, flip=flip)
         name = model_path.name if model_path else f"{arch} ({'pretrained' if pretrained else 'random init'})"
         out.print(metrics_table(f"{site.name}: {name}", [_metric_row("evaluate", metrics)]))
+
+
+@app.command()
+def start(
+    config: Path = typer.Option(None, "--config", help="edge.toml; flags override its keys"),
+    site: str = typer.Option(None, help="this site's id (A-Z a-z 0-9 _ . -)"),
+    data: Path = typer.Option(None, help="the site's data set folder"),
+    federation: str = typer.Option(None),
+    broker: str = typer.Option(None, help="mqtt://host:port or mqtts://host:port"),
+    state_dir: Path = typer.Option(None, help="classifier, progress and models of this site"),
+    device: str = typer.Option(None, help="auto (CUDA when present), cpu, cuda"),
+    workers: int = typer.Option(None, min=0),
+    exit_when_done: bool = typer.Option(None, "--exit-when-done/--keep-running"),
+) -> None:
+    """Join the federation: train on local data when a round selects this site, upload deltas."""
+    overrides = {
+        "site": site,
+        "data": data,
+        "federation": federation,
+        "broker": broker,
+        "state_dir": state_dir,
+        "device": device,
+        "workers": workers,
+        "exit_when_done": exit_when_done,
+    }
+    try:
+        cfg = load_config(AgentConfig, config, overrides)
+    except ConfigError as err:
+        raise typer.BadParameter(str(err)) from None
+    with log_context(site=cfg.site):
+        Agent(cfg).run()
+
+
+if __name__ == "__main__":
+    app()

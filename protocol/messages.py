@@ -44,6 +44,31 @@ class BlobRef(BaseModel):
     compressed: bool = False
 
 
+class ModelInfo(BaseModel):
+    """The architecture and preprocessing of the federation's model, so a site can build it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    arch: str = Field(pattern=r"^[a-z0-9_]{1,40}$")
+    embed_dim: int = Field(512, ge=1, le=65536)
+    last_stride: Literal[1, 2] = 2
+    dropout: float = Field(0.5, ge=0, lt=1)
+    height: int = Field(256, ge=16, le=4096)
+    width: int = Field(128, ge=16, le=4096)
+
+
+class TrainingInfo(BaseModel):
+    """Local-training settings of a round."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    local_epochs: int = Field(1, ge=1, le=1000)
+    batch_size: int = Field(32, ge=2, le=4096)
+    lr_head: float = Field(0.05, gt=0, le=10)
+    lr_backbone: float = Field(0.005, ge=0, le=10)
+    keep_local_bn: bool = False
+
+
 class NodeStatus(_Message):
     """Retained liveness document of a node (also its last will, with state "offline")."""
 
@@ -62,12 +87,22 @@ class RoundStart(_Message):
     federation: Name
     round: int = Field(ge=0)
     base_hash: Sha256
-    model: BlobRef
+    blob: BlobRef
+    model: ModelInfo
+    training: TrainingInfo
     deadline: float
-    selected: list[Name]
-    local_epochs: int = Field(ge=1)
+    selected: list[Name] = Field(max_length=10_000)
     evaluate: bool = False
     upload_encoding: Encoding = "fp16"
+    upload_compressed: bool = False
+
+
+class RunEnd(_Message):
+    """Retained by the aggregator on the round topic when the run has completed all its rounds."""
+
+    kind: Literal["run_end"] = "run_end"
+    federation: Name
+    rounds: int = Field(ge=0)
 
 
 class UpdateManifest(_Message):
@@ -106,7 +141,7 @@ class ChunkRequest(_Message):
 
 
 Message = Annotated[
-    NodeStatus | RoundStart | UpdateManifest | UpdateAck | ChunkRequest, Field(discriminator="kind")
+    NodeStatus | RoundStart | RunEnd | UpdateManifest | UpdateAck | ChunkRequest, Field(discriminator="kind")
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
 

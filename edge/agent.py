@@ -1,0 +1,365 @@
+"""`edge-agent start`: a camera site's participation in the federation.
+
+On a round that selects the site: fetch the global blob (missing chunks re-requested after
+`transfer_idle_s` without progress), verify its hash against the round's base hash, load it next to the
+site's own classifier (persisted in the state dir), evaluate it on the local query/gallery when the
+round asks, train, compute the CDW distance, encode the delta of the shared state and upload it as a
+manifest + chunks, and keep it until the aggregator acknowledges it (resending chunks on request).
+
+What leaves the site: the delta of the shared state (backbone + embedding), n_samples, CDW, loss,
+timings and evaluation metrics. Never images, features, labels or classifier weights.
+Training runs on its own thread; MQTT handlers only parse and hand over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+
+from protocol.chunks import DEFAULT_CHUNK_BYTES, ChunkError, Reassembler, parse_chunk
+from protocol.codec import CodecError, decode_state, encode_state
+from protocol.messages import (
+    BlobRef,
+    ChunkRequest,
+    MessageError,
+    RoundStart,
+    RunEnd,
+    UpdateAck,
+    UpdateManifest,
+    encode_message,
+    parse_message,
+)
+from protocol.mqtt import Endpoint
+from protocol.topics import Topics, check_name
+from reid.data import InputSpec
+from reid.logs import log_context
+from reid.model import (
+    ModelSpec,
+    batchnorm_keys,
+    build_model,
+    load_local_state,
+    load_shared_state,
+    local_state,
+    shared_state,
+)
+from reid.site import SiteData
+from reid.train import TrainConfig, resolve_device, train_local
+
+log = logging.getLogger(__name__)
+
+
+class AgentConfig(BaseModel):
+    """Settings of `edge-agent start` (TOML file + flags)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    site: str
+    data: Path
+    federation: str = "default"
+    broker: str = "mqtt://127.0.0.1:1883"
+    state_dir: Path = Path("state/edge")
+    device: str = "auto"
+    workers: int = Field(0, ge=0)
+    transfer_idle_s: float = Field(5.0, gt=0)
+    chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20)
+    exit_when_done: bool = Field(False, description="stop when the aggregator announces the end of the run")
+    seed: int = 0
+
+
+@dataclass
+class Fetch:
+    start: RoundStart
+    transfer: Reassembler | None = None
+    requested: float = 0.0
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        check_name(cfg.site, "site")
+        self.cfg = cfg
+        self.topics = Topics(cfg.federation)
+        self.dir = cfg.state_dir / cfg.site
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(cfg.device)
+        self.lock = threading.Lock()
+        self.fetch: Fetch | None = None
+        self.jobs: queue.Queue[tuple[RoundStart, bytes] | None] = queue.Queue()
+        self.upload: tuple[UpdateManifest, bytes] | None = None
+        self.acked: set[int] = set()
+        self.done = threading.Event()
+        self.site_data: SiteData | None = None
+        state = self._load_progress()
+        self.last_round = state.get("last_round", -1)
+        t = self.topics
+        self.endpoint = Endpoint(
+            cfg.broker,
+            t,
+            cfg.site,
+            "site",
+            {
+                t.round: self._on_round,
+                t.global_chunks: self._on_global_chunk,
+                t.site(cfg.site, "ack"): self._on_ack,
+                t.site(cfg.site, "resend"): self._on_resend,
+            },
+        )
+
+    # -- persistent site state -------------------------------------------------------------------------
+    def _load_progress(self) -> dict:
+        path = self.dir / "progress.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _save_progress(self, r: int) -> None:
+        tmp = self.dir / "progress.json.tmp"
+        tmp.write_text(json.dumps({"last_round": r}))
+        tmp.replace(self.dir / "progress.json")
+
+    # -- handlers (endpoint worker thread) -------------------------------------------------------------
+    def _on_round(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return
+        try:
+            msg = parse_message(payload)
+        except MessageError as err:
+            log.warning("dropped round message: %s", err)
+            return
+        if isinstance(msg, RunEnd):
+            log.info("the aggregator finished the run (%d rounds)", msg.rounds)
+            if self.cfg.exit_when_done:
+                self.done.set()
+            return
+        if not isinstance(msg, RoundStart) or msg.federation != self.cfg.federation:
+            return
+        with self.lock:
+            if self.cfg.site not in msg.selected or msg.round <= self.last_round:
+                return
+            if (
+                self.fetch
+                and self.fetch.start.round == msg.round
+                and self.fetch.start.base_hash == msg.base_hash
+            ):
+                self.fetch.start = msg  # a deadline extension
+                return
+            if self.fetch and self.fetch.transfer:
+                self.fetch.transfer.close()
+            self.fetch = Fetch(msg, requested=time.monotonic())
+        with log_context(site=self.cfg.site, round=msg.round):
+            log.info(
+                "selected for round %d: fetching the global model (%d chunks)", msg.round, msg.blob.chunks
+            )
+
+    def _on_global_chunk(self, topic: str, payload: bytes) -> None:
+        try:
+            header, data = parse_chunk(payload)
+        except ChunkError as err:
+            log.warning("dropped global-model chunk: %s", err)
+            return
+        with self.lock:
+            f = self.fetch
+            if f is None or header.blob_id != f.start.blob.blob_id:
+                return
+            ref = f.start.blob
+            if (header.blob_size, header.blob_sha256, header.count) != (ref.size, ref.sha256, ref.chunks):
+                log.warning("dropped global-model chunk: it disagrees with the round announcement")
+                return
+            try:
+                if f.transfer is None:
+                    f.transfer = Reassembler(header)
+                f.transfer.add(header, data)
+                if not f.transfer.complete:
+                    return
+                blob = f.transfer.result()
+            except ChunkError as err:
+                log.warning("global model transfer failed (%s); fetching it again", err)
+                f.transfer = None
+                return
+            f.transfer.close()
+            self.fetch = None
+        if hashlib.sha256(blob).hexdigest() != f.start.base_hash:
+            log.warning("global model does not match the round's base hash; ignored")
+            return
+        self.jobs.put((f.start, blob))
+
+    def _on_ack(self, topic: str, payload: bytes) -> None:
+        try:
+            ack = parse_message(payload, UpdateAck)
+        except MessageError as err:
+            log.warning("dropped ack: %s", err)
+            return
+        with log_context(site=self.cfg.site, round=ack.round):
+            if ack.accepted:
+                log.info("update for round %d acknowledged by the aggregator", ack.round)
+                with self.lock:
+                    self.acked.add(ack.round)
+                    if self.upload and self.upload[0].round == ack.round:
+                        self.upload = None
+            else:
+                log.warning("update for round %d rejected by the aggregator: %s", ack.round, ack.reason)
+
+    def _on_resend(self, topic: str, payload: bytes) -> None:
+        try:
+            req = parse_message(payload, ChunkRequest)
+        except MessageError as err:
+            log.warning("dropped resend request: %s", err)
+            return
+        with self.lock:
+            upload = self.upload
+        if upload is None or upload[0].blob.blob_id != req.blob_id:
+            return
+        manifest, blob = upload
+        self.endpoint.publish(self.topics.site(self.cfg.site, "update"), encode_message(manifest))
+        self.endpoint.publish_blob(
+            self.topics.site(self.cfg.site, "chunks"),
+            blob,
+            req.blob_id,
+            self.cfg.chunk_bytes,
+            indices=set(req.indices),
+        )
+
+    # -- training (trainer thread) ---------------------------------------------------------------------
+    def _site(self, start: RoundStart) -> SiteData:
+        spec = InputSpec(height=start.model.height, width=start.model.width)
+        if self.site_data is None or self.site_data.input_spec != spec:
+            self.site_data = SiteData(
+                self.cfg.data, spec, start.training.batch_size, self.cfg.workers, self.cfg.seed
+            )
+        self.site_data.batch_size = start.training.batch_size
+        return self.site_data
+
+    def _train_round(self, start: RoundStart, blob: bytes) -> None:
+        r = start.round
+        try:
+            received = {k: torch.from_numpy(v) for k, v in decode_state(blob).items()}
+        except CodecError as err:
+            log.warning("global model undecodable: %s", err)
+            return
+        site = self._site(start)
+        info = start.model
+        spec = ModelSpec(
+            arch=info.arch, embed_dim=info.embed_dim, last_stride=info.last_stride, dropout=info.dropout
+        )
+        model = build_model(spec, site.num_classes)
+        classifier = self.dir / "classifier.safetensors"
+        if classifier.is_file():
+            load_local_state(model, load_file(str(classifier)))
+        private = self.dir / "private_bn.safetensors"
+        overrides = load_file(str(private)) if start.training.keep_local_bn and private.is_file() else {}
+        load_shared_state(model, {**received, **overrides})
+        metrics: dict[str, float] = {}
+        if start.evaluate:
+            metrics = {
+                k: round(v, 4) for k, v in site.evaluate(model.to(self.device), self.device).summary().items()
+            }
+            log.info("global model on local data: rank-1 %.1f, mAP %.1f", metrics["rank1"], metrics["mAP"])
+        t = start.training
+        config = TrainConfig(
+            epochs=t.local_epochs,
+            batch_size=t.batch_size,
+            lr_head=t.lr_head,
+            lr_backbone=t.lr_backbone,
+            device=self.cfg.device,
+            num_workers=self.cfg.workers,
+            seed=self.cfg.seed * 100_003 + r,
+        )
+        site.seed = config.seed
+        result = train_local(model, site.train_loader(), config, cdw_images=site.cdw_images())
+        trained = shared_state(model)
+        delta = {k: (trained[k] - received[k]).numpy() for k in received}
+        upload = encode_state(delta, start.upload_encoding, compress=start.upload_compressed)
+        digest = hashlib.sha256(upload).hexdigest()
+        ref = BlobRef(
+            blob_id=digest[:32],
+            size=len(upload),
+            sha256=digest,
+            chunks=max(1, -(-len(upload) // self.cfg.chunk_bytes)),
+            encoding=start.upload_encoding,
+            compressed=start.upload_compressed,
+        )
+        manifest = UpdateManifest(
+            site=self.cfg.site,
+            round=r,
+            base_hash=start.base_hash,
+            blob=ref,
+            n_samples=site.num_train_images,
+            cdw=min(2.0, max(0.0, result.cdw or 0.0)),
+            loss=result.loss,
+            train_seconds=result.seconds,
+            metrics=metrics,
+        )
+        save_file(local_state(model), str(classifier))
+        if start.training.keep_local_bn:
+            save_file({k: trained[k] for k in batchnorm_keys(trained)}, str(private))
+        with self.lock:
+            self.upload = (manifest, upload)
+        if time.time() > start.deadline:
+            log.warning("training finished after the round's deadline; uploading anyway")
+        self.endpoint.publish(
+            self.topics.site(self.cfg.site, "update"), encode_message(manifest)
+        ).wait_for_publish(30)
+        self.endpoint.publish_blob(
+            self.topics.site(self.cfg.site, "chunks"), upload, ref.blob_id, self.cfg.chunk_bytes
+        )
+        self.last_round = r
+        self._save_progress(r)
+        log.info(
+            "round %d: trained %.1f s (%.1f img/s, loss %.3f, CDW %.4f), uploaded %.2f MB (%s)",
+            r,
+            result.seconds,
+            result.images_per_s,
+            result.loss,
+            manifest.cdw,
+            len(upload) / 1e6,
+            start.upload_encoding,
+        )
+
+    def _trainer(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            start, blob = job
+            with log_context(site=self.cfg.site, round=start.round):
+                try:
+                    self._train_round(start, blob)
+                except Exception as err:  # the agent keeps running for the next round
+                    log.exception("round %d failed at this site: %s", start.round, err)
+
+    def _request_missing(self) -> None:
+        with self.lock:
+            f = self.fetch
+            if f is None:
+                return
+            idle = f.transfer.idle_seconds() if f.transfer else time.monotonic() - f.requested
+            if idle < self.cfg.transfer_idle_s or time.monotonic() - f.requested < self.cfg.transfer_idle_s:
+                return
+            missing = f.transfer.missing() if f.transfer else list(range(f.start.blob.chunks))
+            f.requested = time.monotonic()
+            req = ChunkRequest(requester=self.cfg.site, blob_id=f.start.blob.blob_id, indices=missing)
+        log.info("asking the aggregator to resend %d chunks of the global model", len(missing))
+        self.endpoint.publish(self.topics.global_resend, encode_message(req))
+
+    def run(self) -> None:
+        trainer = threading.Thread(target=self._trainer, name="trainer", daemon=True)
+        trainer.start()
+        self.endpoint.start()
+        with log_context(site=self.cfg.site):
+            log.info("site %s up: %s, state in %s", self.cfg.site, self.cfg.data, self.dir)
+            try:
+                while not self.done.wait(0.5):
+                    self._request_missing()
+            except KeyboardInterrupt:
+                log.info("stopping")
+            finally:
+                self.jobs.put(None)
+                trainer.join(timeout=1 if not self.done.is_set() else 600)
+                self.endpoint.stop()

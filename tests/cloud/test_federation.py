@@ -1,0 +1,195 @@
+"""The networked federation over a real mosquitto: agents as subprocesses, bad input, resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+
+import numpy as np
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from safetensors.torch import load_file
+
+from cloud.local_federation import run_local_federation
+from cloud.server import Aggregator, ServeConfig
+from protocol.broker import parse_url
+from protocol.chunks import split_blob
+from protocol.codec import encode_state
+from protocol.messages import BlobRef, RoundStart, UpdateManifest, encode_message, parse_message
+from protocol.topics import Topics
+from reid.data import InputSpec
+from reid.model import ModelSpec
+
+TINY = {
+    "model": ModelSpec(arch="resnet18"),
+    "input": InputSpec(height=64, width=32),
+    "batch_size": 16,
+    "lr_head": 0.02,
+    "lr_backbone": 0.02,
+}
+
+
+def test_three_agent_processes_two_rounds(tiny_federation, tmp_path, mosquitto_url):
+    cfg = ServeConfig(
+        federation="e2e",
+        state_dir=tmp_path / "cloud",
+        rounds=2,
+        min_sites=3,
+        deadline_s=600,
+        upload_encoding="fp16",
+        **TINY,
+    )
+    sites = sorted((tiny_federation / "sites").iterdir())
+    metrics = run_local_federation(cfg, sites, tmp_path)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rounds = [r for r in records if r.get("kind") == "round"]
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert all(r["accepted"] == [s.name for s in sites] and not r["rejected"] for r in rounds)
+    assert sum(rounds[0]["weights"].values()) == pytest.approx(1.0)
+    evaluated = {(r["round"], r["site"]) for r in records if r.get("model") == "global"}
+    assert evaluated == {(r, s.name) for r in (-1, 0) for s in sites}
+    root = tmp_path / "cloud" / "e2e" / "rounds"
+    init, last = (
+        load_file(str(root / "-0001" / "global.safetensors")),
+        load_file(str(root / "00001" / "global.safetensors")),
+    )
+    assert any(not np.array_equal(init[k].numpy(), last[k].numpy()) for k in init)
+    for s in sites:
+        assert (tmp_path / "edge" / s.name / "classifier.safetensors").is_file()
+        assert json.loads((tmp_path / "edge" / s.name / "progress.json").read_text())["last_round"] == 1
+
+
+class RawSite:
+    """A hand-driven MQTT client that publishes whatever a test wants on a site's topics."""
+
+    def __init__(self, url: str, topics: Topics) -> None:
+        host, port, _ = parse_url(url)
+        self.topics = topics
+        self.acks: list[dict] = []
+        self.round: RoundStart | None = None
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{time.time_ns()}")
+        self.client.on_message = self._on_message
+        self.client.connect(host, port)
+        self.client.subscribe(topics.round, qos=1)
+        self.client.subscribe(topics.any_site("ack"), qos=1)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        if msg.topic == self.topics.round:
+            msg_ = parse_message(msg.payload)
+            if isinstance(msg_, RoundStart):
+                self.round = msg_
+        else:
+            self.acks.append(json.loads(msg.payload))
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
+
+    def status(self, site: str) -> None:
+        doc = {
+            "schema_version": 1,
+            "kind": "status",
+            "node": site,
+            "role": "site",
+            "state": "online",
+            "time": 0,
+        }
+        self.publish(self.topics.status(site), json.dumps(doc).encode(), retain=True)
+
+    def update(self, site: str, delta: dict, *, as_site: str | None = None, **changes) -> str:
+        blob = encode_state(delta, "fp16")
+        digest = hashlib.sha256(blob).hexdigest()
+        ref = BlobRef(
+            blob_id=digest[:32], size=len(blob), sha256=digest, chunks=max(1, -(-len(blob) // 65536))
+        )
+        fields = {
+            "site": site,
+            "round": self.round.round,
+            "base_hash": self.round.base_hash,
+            "blob": ref,
+            "n_samples": 10,
+            "cdw": 0.5,
+            "loss": 1.0,
+            "train_seconds": 1.0,
+            **changes,
+        }
+        self.publish(self.topics.site(as_site or site, "update"), encode_message(UpdateManifest(**fields)))
+        for chunk in split_blob(blob, ref.blob_id, 65536):
+            self.publish(self.topics.site(as_site or site, "chunks"), chunk)
+        return ref.blob_id
+
+    def stop(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _wait(predicate, timeout=60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_bad_input_is_rejected_and_valid_updates_are_kept(tmp_path, mosquitto_url, caplog):
+    topics = Topics("hostile")
+    cfg = ServeConfig(
+        federation="hostile",
+        state_dir=tmp_path,
+        rounds=1,
+        min_sites=3,
+        deadline_s=60,
+        transfer_idle_s=0.5,
+        **TINY,
+    )
+    agg = Aggregator(cfg, mosquitto_url)
+    raw = RawSite(mosquitto_url, topics)
+    for s in ("a", "b", "c"):
+        raw.status(s)
+    thread = threading.Thread(target=agg.run, daemon=True)
+    thread.start()
+    try:
+        assert _wait(lambda: raw.round is not None)
+        zeros = {k: np.zeros_like(v.numpy()) for k, v in agg.global_state.items()}
+        good = {k: (v + 0.001).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in zeros.items()}
+        raw.publish(topics.site("a", "update"), b"not json")
+        raw.publish(topics.site("a", "update"), b'{"schema_version": 9, "kind": "update"}')
+        raw.publish(topics.site("a", "chunks"), b"FRC1garbage")
+        raw.update("a", good, as_site="b")  # impersonation: manifest says a, topic says b
+        raw.update("zz", good)  # unknown (not selected) site
+        raw.update("a", good, round=7)  # stale/future round
+        raw.update("a", good, base_hash="f" * 64)  # wrong base
+        wrong_shape = dict(good, **{"embedding.linear.weight": np.zeros((3, 3), np.float32)})
+        raw.update("a", wrong_shape)
+        assert _wait(lambda: any(not a["accepted"] and "shape" in a["reason"] for a in raw.acks))
+        nan = dict(good, **{"embedding.linear.weight": np.full_like(good["embedding.linear.weight"], np.nan)})
+        raw.update("b", nan)
+        assert _wait(lambda: any(not a["accepted"] and a["site"] == "b" for a in raw.acks))
+        for s in ("a", "b", "c"):
+            raw.update(s, good)
+        thread.join(timeout=120)
+        assert not thread.is_alive()
+    finally:
+        raw.stop()
+    reasons = [a["reason"] for a in raw.acks if not a["accepted"]]
+    assert any("not selected" in r for r in reasons)
+    assert any("stale round" in r for r in reasons)
+    assert any("base hash" in r for r in reasons)
+    assert any("NaN" in r for r in reasons)
+    assert {a["site"] for a in raw.acks if a["accepted"]} == {"a", "b", "c"}
+    log = caplog.text
+    for expected in ("not JSON", "schema_version", "dropped chunk from a", "claims to be from site a"):
+        assert expected in log, expected
+    summary = [
+        json.loads(line) for line in (tmp_path / "hostile" / "metrics.jsonl").read_text().splitlines()
+    ][-1]
+    assert summary["accepted"] == ["a", "b", "c"]
+    rounds = tmp_path / "hostile" / "rounds"
+    before = load_file(str(rounds / "-0001" / "global.safetensors"))
+    after = load_file(str(rounds / "00000" / "global.safetensors"))
+    for key in ("embedding.linear.weight", "backbone.trunk.0.weight"):  # the mean of three +0.001 deltas
+        assert np.allclose(after[key].numpy() - before[key].numpy(), 0.001, atol=2e-4), key
