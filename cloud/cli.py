@@ -122,7 +122,7 @@ def simulate(
     batch_size: int = typer.Option(32, min=2),
     lr_head: float = typer.Option(0.02),
     lr_backbone: float = typer.Option(0.02),
-    bn: BNPolicy = typer.Option("first", help="BatchNorm policy: first, average or local"),
+    bn: BNPolicy = typer.Option("average", help="BatchNorm policy: first, average or local"),
     weighting: Weighting = typer.Option("cdw", help="for cdw algorithms: cdw or cdw_x_size"),
     estimator: Estimator = typer.Option("mean"),
     clip_norm: float = typer.Option(None, help="clip each delta to this L2 norm"),

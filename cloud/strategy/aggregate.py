@@ -52,7 +52,7 @@ class StrategyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     weighting: Weighting = "fedpav"
-    bn: BNPolicy = "first"
+    bn: BNPolicy = "average"
     estimator: Estimator = "mean"
     trim_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="per side, for trimmed_mean")
     clip_norm: float | None = Field(None, gt=0, description="clip each delta to this L2 norm")
@@ -381,7 +381,7 @@ class StreamingAggregator:
 def weighted_average(
     states: Sequence[Mapping[str, torch.Tensor]],
     weights: Sequence[float],
-    bn: BNPolicy = "first",
+    bn: BNPolicy = "average",
 ) -> dict[str, torch.Tensor]:
     """The weighted average of full shared states (weights are normalised inside).
 
