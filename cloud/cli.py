@@ -285,3 +285,7 @@ def serve(
             Aggregator(cfg, cfg.broker).run()
     except (ConfigError, ValueError, BrokerError) as err:
         raise typer.BadParameter(str(err)) from None
+
+
+if __name__ == "__main__":
+    app()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as paho
@@ -193,3 +196,128 @@ def test_bad_input_is_rejected_and_valid_updates_are_kept(tmp_path, mosquitto_ur
     after = load_file(str(rounds / "00000" / "global.safetensors"))
     for key in ("embedding.linear.weight", "backbone.trunk.0.weight"):  # the mean of three +0.001 deltas
         assert np.allclose(after[key].numpy() - before[key].numpy(), 0.001, atol=2e-4), key
+
+
+def _serve(config: Path, log_path: Path) -> subprocess.Popen:
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cloud.cli", "serve", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def test_aggregator_killed_mid_collection_resumes_with_every_acknowledged_update(tmp_path, mosquitto_url):
+    topics = Topics("resume")
+    config = tmp_path / "cloud.toml"
+    config.write_text(
+        f'federation = "resume"\nbroker = "{mosquitto_url}"\nstate_dir = "{tmp_path / "state"}"\n'
+        "rounds = 1\nmin_sites = 3\ndeadline_s = 600\nbatch_size = 16\n"
+        '[model]\narch = "resnet18"\n[input]\nheight = 64\nwidth = 32\n'
+    )
+    raw = RawSite(mosquitto_url, topics)
+    for s in ("a", "b", "c"):
+        raw.status(s)
+    log_path = tmp_path / "aggregator.log"
+    proc = _serve(config, log_path)
+    try:
+        assert _wait(lambda: raw.round is not None, timeout=120), log_path.read_text()
+        first = raw.round
+        state = load_file(str(tmp_path / "state" / "resume" / "rounds" / "-0001" / "global.safetensors"))
+        deltas = {
+            s: {
+                k: np.full_like(v.numpy(), i + 1.0) if v.dtype.is_floating_point else np.zeros_like(v.numpy())
+                for k, v in state.items()
+            }
+            for i, s in enumerate(("a", "b", "c"))
+        }
+        for s in ("a", "b"):
+            raw.update(s, deltas[s])
+        assert _wait(lambda: {a["site"] for a in raw.acks if a["accepted"]} == {"a", "b"})
+        proc.kill()  # SIGKILL: no chance to clean up
+        proc.wait()
+        raw.round = None
+        proc = _serve(config, log_path)
+        assert _wait(lambda: raw.round is not None, timeout=120), log_path.read_text()
+        assert (raw.round.round, raw.round.base_hash) == (first.round, first.base_hash)
+        assert "2 journaled updates restored" in log_path.read_text()
+        raw.update("c", deltas["c"])
+        assert proc.wait(timeout=120) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        raw.stop()
+    summary = json.loads((tmp_path / "state" / "resume" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["accepted"] == ["a", "b", "c"]
+    after = load_file(str(tmp_path / "state" / "resume" / "rounds" / "00000" / "global.safetensors"))
+    key = "embedding.linear.weight"  # all sites have 10 images: the mean of the deltas 1, 2, 3 is 2
+    assert np.allclose(after[key].numpy() - state[key].numpy(), 2.0, atol=1e-2)
+
+
+def _agent(site: Path, url: str, federation: str, state: Path, log_path: Path) -> subprocess.Popen:
+    with open(log_path, "ab") as out:
+        cmd = [
+            sys.executable,
+            "-m",
+            "edge.cli",
+            "start",
+            "--site",
+            site.name,
+            "--data",
+            str(site),
+            "--federation",
+            federation,
+            "--broker",
+            url,
+            "--state-dir",
+            str(state),
+            "--exit-when-done",
+        ]
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+
+
+def test_agent_killed_mid_round_closes_at_deadline_and_rejoins_next_round(
+    tiny_federation, tmp_path, mosquitto_url
+):
+    sites = sorted((tiny_federation / "sites").iterdir())[1:]  # the two small sites
+    cfg = ServeConfig(
+        federation="faults",
+        state_dir=tmp_path / "cloud",
+        rounds=2,
+        min_sites=2,
+        deadline_s=25,
+        quorum=1,
+        **TINY,
+    )
+    agg = Aggregator(cfg, mosquitto_url)
+    thread = threading.Thread(target=agg.run, daemon=True)
+    thread.start()
+    procs = {
+        s.name: _agent(s, mosquitto_url, "faults", tmp_path / "edge", tmp_path / f"{s.name}.log")
+        for s in sites
+    }
+    victim = sites[1].name
+    try:
+        assert _wait(lambda: agg.current is not None and agg.current.round == 0, timeout=120)
+        procs[victim].kill()
+        procs[victim].wait()
+        assert victim not in agg.current.accepted
+        assert _wait(lambda: agg.completed == 0, timeout=120)
+        procs[victim] = _agent(
+            sites[1], mosquitto_url, "faults", tmp_path / "edge", tmp_path / f"{victim}.log"
+        )
+        thread.join(timeout=240)
+        assert not thread.is_alive()
+        for proc in procs.values():
+            assert proc.wait(timeout=60) == 0
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    rounds = [
+        json.loads(line)
+        for line in (tmp_path / "cloud" / "faults" / "metrics.jsonl").read_text().splitlines()
+    ]
+    rounds = [r for r in rounds if r.get("kind") == "round"]
+    assert rounds[0]["accepted"] == [sites[0].name]
+    assert rounds[1]["accepted"] == sorted(s.name for s in sites)
