@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Literal
 
 import typer
 from rich.console import Console
 
+from cloud.journal import Journal
 from cloud.local_federation import run_local_federation
-from cloud.plots import plot_rounds, read_metrics
+from cloud.plots import markdown_report, plot_rounds, read_metrics
 from cloud.server import Aggregator, ServeConfig
 from cloud.simulate import CHECKPOINT, METRICS, Algorithm, SimulationConfig, Simulator
 from cloud.strategy import KDConfig, StrategyConfig
 from cloud.strategy.aggregate import BNPolicy, Estimator, OutlierRule, Weighting
 from protocol.broker import BrokerError, LocalBroker
+from protocol.messages import NodeStatus, parse_message
+from protocol.mqtt import Endpoint
+from protocol.topics import Topics
 from reid.config import ConfigError, load_config
 from reid.console import metrics_table, progress_bar
 from reid.data import DatasetLayoutError, InputSpec
@@ -285,6 +291,93 @@ def serve(
             Aggregator(cfg, cfg.broker).run()
     except (ConfigError, ValueError, BrokerError) as err:
         raise typer.BadParameter(str(err)) from None
+
+
+def _run_dir(state_dir: Path, federation: str) -> Path:
+    root = state_dir / federation
+    if not (root / "run.json").is_file():
+        raise typer.BadParameter(f"no run in {root} (expected run.json)", param_hint="--state-dir")
+    return root
+
+
+@app.command()
+def status(
+    state_dir: Path = typer.Option(Path("state/cloud"), help="the aggregator's --state-dir"),
+    federation: str = typer.Option("default"),
+    broker: str = typer.Option(None, help="also show live site status from this broker (mqtt://...)"),
+) -> None:
+    """Show the run: rounds done, the open round, who reported, and (with --broker) who is online."""
+    root = _run_dir(state_dir, federation)
+    journal = Journal(root)
+    last = journal.last_global()
+    done = last[0] if last else -1
+    open_round = journal.open_round()
+    rows: list[dict[str, object]] = []
+    if open_round and open_round["round"] > done:
+        reported = {site for site, _, _ in journal.journaled_updates(open_round["round"])}
+        rows = [
+            {"site": s, "selected": "yes", "reported": "yes" if s in reported else "no"}
+            for s in open_round["selected"]
+        ]
+    if broker:
+        live = _live_status(broker, federation)
+        names = {str(r["site"]) for r in rows} | {n for n, (role, _) in live.items() if role == "site"}
+        by_site = {str(r["site"]): r for r in rows}
+        rows = [
+            {
+                **by_site.get(n, {"site": n, "selected": "no", "reported": "-"}),
+                "status": live.get(n, ("", "?"))[1],
+            }
+            for n in sorted(names)
+        ]
+        phase = live.get("aggregator", ("", "not connected"))[1]
+    else:
+        phase = "collecting" if open_round and open_round["round"] > done else "between rounds"
+    title = f"{federation}: {done + 1} rounds done; " + (
+        f"round {open_round['round']} open ({phase})" if open_round and open_round["round"] > done else phase
+    )
+    out.print(title)
+    if rows:
+        out.print(metrics_table("sites", rows))
+
+
+def _live_status(url: str, federation: str, seconds: float = 1.5) -> dict[str, tuple[str, str]]:
+    """{node: (role, state)} from the retained status documents on the broker."""
+    seen: dict[str, tuple[str, str]] = {}
+
+    def on_status(topic: str, payload: bytes) -> None:
+        if payload:
+            msg = parse_message(payload, NodeStatus)
+            seen[msg.node] = (msg.role, msg.state)
+
+    topics = Topics(federation)
+    endpoint = Endpoint(
+        url, topics, f"status-{os.getpid()}", "observer", {topics.status_all: on_status}, announce=False
+    )
+    endpoint.start()
+    time.sleep(seconds)
+    endpoint.stop()
+    return seen
+
+
+@app.command()
+def report(
+    state_dir: Path = typer.Option(Path("state/cloud"), help="the aggregator's --state-dir"),
+    federation: str = typer.Option("default"),
+    out_dir: Path = typer.Option(Path("report"), "--out", help="where to write report.md and rounds.png"),
+) -> None:
+    """Per-site rank-1/mAP per round and round timings, as a markdown table and a PNG plot."""
+    root = _run_dir(state_dir, federation)
+    metrics = root / "metrics.jsonl"
+    if not metrics.is_file():
+        raise typer.BadParameter(f"no metrics yet in {root}")
+    records = read_metrics(metrics)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown_report(records)
+    (out_dir / "report.md").write_text(f"# {federation}\n\n![rounds](rounds.png)\n\n{table}")
+    plot_rounds(records, out_dir / "rounds.png", federation)
+    typer.echo(table)
+    typer.echo(f"written: {out_dir / 'report.md'}, {out_dir / 'rounds.png'}")
 
 
 if __name__ == "__main__":

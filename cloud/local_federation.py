@@ -6,6 +6,7 @@ site, talking MQTT exactly as they would across a network. Agent logs go to `<ou
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import sys
@@ -17,11 +18,17 @@ from protocol.broker import LocalBroker
 log = logging.getLogger(__name__)
 
 
-def run_local_federation(cfg: ServeConfig, site_dirs: list[Path], out: Path, device: str = "auto") -> Path:
-    """Run every round; returns the aggregator's metrics file. Agents are stopped whatever happens."""
+def run_local_federation(
+    cfg: ServeConfig, site_dirs: list[Path], out: Path, device: str = "auto", broker_url: str | None = None
+) -> Path:
+    """Run every round; returns the aggregator's metrics file. Agents are stopped whatever happens.
+
+    Without `broker_url`, a private mosquitto is started for the run.
+    """
     out.mkdir(parents=True, exist_ok=True)
     (out / "agents").mkdir(exist_ok=True)
-    with LocalBroker() as broker:
+    with contextlib.ExitStack() as stack:
+        url = broker_url or stack.enter_context(LocalBroker()).url
         procs: list[tuple[str, subprocess.Popen]] = []
         try:
             for site_dir in site_dirs:
@@ -38,7 +45,7 @@ def run_local_federation(cfg: ServeConfig, site_dirs: list[Path], out: Path, dev
                     "--federation",
                     cfg.federation,
                     "--broker",
-                    broker.url,
+                    url,
                     "--state-dir",
                     str(out / "edge"),
                     "--device",
@@ -46,8 +53,8 @@ def run_local_federation(cfg: ServeConfig, site_dirs: list[Path], out: Path, dev
                     "--exit-when-done",
                 ]
                 procs.append((site_dir.name, subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT)))
-            log.info("broker %s, %d edge agents started", broker.url, len(procs))
-            Aggregator(cfg.model_copy(update={"broker": broker.url}), broker.url).run()
+            log.info("broker %s, %d edge agents started", url, len(procs))
+            Aggregator(cfg.model_copy(update={"broker": url}), url).run()
             for name, proc in procs:
                 try:
                     proc.wait(timeout=60)

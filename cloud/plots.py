@@ -48,3 +48,31 @@ def plot_rounds(records: list[dict], out: Path, title: str) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def markdown_report(records: list[dict]) -> str:
+    """Per-round table of every site's rank-1 / mAP (global model) plus the round timings."""
+    evals = [r for r in records if r.get("model") in ("global", "local") and "rank1" in r]
+    sites = sorted({r["site"] for r in evals})
+    by_round: dict[int, dict[str, dict]] = defaultdict(dict)
+    for r in evals:
+        by_round[r["round"]][r["site"]] = r
+    lines = [
+        "| round | " + " | ".join(f"{s} rank-1 / mAP" for s in sites) + " | mean rank-1 |",
+        "| --- | " + " | ".join("---" for _ in sites) + " | --- |",
+    ]
+    for rnd in sorted(by_round):
+        row = by_round[rnd]
+        cells = [f"{row[s]['rank1']:.1f} / {row[s]['mAP']:.1f}" if s in row else "-" for s in sites]
+        mean = sum(v["rank1"] for v in row.values()) / len(row)
+        lines.append(f"| {rnd} | " + " | ".join(cells) + f" | {mean:.1f} |")
+    rounds = [r for r in records if r.get("kind") == "round"]
+    if rounds:
+        lines += ["", "| round | accepted | rejected | collect s |", "| --- | --- | --- | --- |"]
+        for r in rounds:
+            rejected = ", ".join(f"{x['site']} ({x['reason']})" for x in r.get("rejected", [])) or "-"
+            lines.append(
+                f"| {r['round']} | {len(r.get('accepted', r.get('weights', {})))} | {rejected} | "
+                f"{r.get('collect_seconds', '-')} |"
+            )
+    return "\n".join(lines) + "\n"

@@ -39,7 +39,9 @@ class Endpoint:
         role: str,
         handlers: dict[str, Handler] | None = None,
         keepalive: int = 60,
+        announce: bool = True,
     ) -> None:
+        """`announce=False`: an observer (tools) that publishes no status and registers no will."""
         self.topics = topics
         self.node = node
         self.role = role
@@ -55,7 +57,9 @@ class Endpoint:
             self.client.tls_set()
         self.client.max_inflight_messages_set(20)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
-        self.client.will_set(topics.status(node), self._status("offline"), qos=1, retain=True)
+        self.announce = announce
+        if announce:
+            self.client.will_set(topics.status(node), self._status("offline"), qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_disconnect = self._on_disconnect
@@ -77,7 +81,8 @@ class Endpoint:
             return
         for topic_filter in self.handlers:
             client.subscribe(topic_filter, qos=1)
-        client.publish(self.topics.status(self.node), self._status(self.state), qos=1, retain=True)
+        if self.announce:
+            client.publish(self.topics.status(self.node), self._status(self.state), qos=1, retain=True)
         self.connected.set()
         log.info("connected to %s:%d as %s", self.host, self.port, self.node)
 
@@ -114,7 +119,7 @@ class Endpoint:
 
     def stop(self) -> None:
         """Publish the offline status (a clean disconnect suppresses the will), then disconnect."""
-        if self.connected.is_set():
+        if self.announce and self.connected.is_set():
             self.client.publish(
                 self.topics.status(self.node), self._status("offline"), qos=1, retain=True
             ).wait_for_publish(5)

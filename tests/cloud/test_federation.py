@@ -15,12 +15,14 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from cloud.cli import app
 from cloud.local_federation import run_local_federation
 from cloud.server import Aggregator, ServeConfig
 from protocol.broker import parse_url
-from protocol.chunks import split_blob
-from protocol.codec import encode_state
+from protocol.chunks import parse_chunk, split_blob
+from protocol.codec import decode_state, encode_state
 from protocol.messages import BlobRef, RoundStart, UpdateManifest, encode_message, parse_message
 from protocol.topics import Topics
 from reid.data import InputSpec
@@ -46,7 +48,9 @@ def test_three_agent_processes_two_rounds(tiny_federation, tmp_path, mosquitto_u
         **TINY,
     )
     sites = sorted((tiny_federation / "sites").iterdir())
-    metrics = run_local_federation(cfg, sites, tmp_path)
+    recorder = Recorder(mosquitto_url, "fedreid/v1/e2e/#")
+    metrics = run_local_federation(cfg, sites, tmp_path, broker_url=mosquitto_url)
+    recorder.stop()
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     rounds = [r for r in records if r.get("kind") == "round"]
     assert [r["round"] for r in rounds] == [0, 1]
@@ -63,6 +67,90 @@ def test_three_agent_processes_two_rounds(tiny_federation, tmp_path, mosquitto_u
     for s in sites:
         assert (tmp_path / "edge" / s.name / "classifier.safetensors").is_file()
         assert json.loads((tmp_path / "edge" / s.name / "progress.json").read_text())["last_round"] == 1
+
+    _check_nothing_private_left_the_sites(recorder.messages, sites, tmp_path / "edge", last)
+
+    runner = CliRunner()
+    status = runner.invoke(
+        app,
+        ["status", "--state-dir", str(tmp_path / "cloud"), "--federation", "e2e", "--broker", mosquitto_url],
+    )
+    assert status.exit_code == 0, status.output
+    assert "2 rounds done; offline" in status.output  # the aggregator has stopped: its retained status
+    assert all(s.name in status.output and "offline" in status.output for s in sites)
+    report = runner.invoke(
+        app,
+        [
+            "report",
+            "--state-dir",
+            str(tmp_path / "cloud"),
+            "--federation",
+            "e2e",
+            "--out",
+            str(tmp_path / "report"),
+        ],
+    )
+    assert report.exit_code == 0, report.output
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert all(s.name in table for s in sites) and "| 0 | 3 | - |" in table
+    assert (tmp_path / "report" / "rounds.png").read_bytes()[:4] == b"\x89PNG"
+
+
+class Recorder:
+    """Keeps every message published under a topic filter."""
+
+    def __init__(self, url: str, topic_filter: str) -> None:
+        host, port, _ = parse_url(url)
+        self.messages: list[tuple[str, bytes]] = []
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"rec-{time.time_ns()}")
+        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, bytes(m.payload)))
+        self.client.connect(host, port)
+        self.client.subscribe(topic_filter, qos=1)
+        self.client.loop_start()
+        time.sleep(0.3)
+
+    def stop(self) -> None:
+        time.sleep(0.5)
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _check_nothing_private_left_the_sites(messages, sites, edge_dir, shared) -> None:
+    """Every byte a site published: only its status, manifests and delta chunks of the shared state."""
+    topics = Topics("e2e")
+    allowed = {"update", "chunks"}
+    manifest_fields = set(UpdateManifest.model_fields)
+    blobs: dict[str, dict[int, bytes]] = {}
+    site_payloads = []
+    for topic, payload in messages:
+        site = topics.site_of(topic)
+        if topic.startswith(topics.root + "/status/") or topic == topics.global_resend:
+            site_payloads.append(payload)
+            continue
+        if site is None or topic.endswith(("/ack", "/resend")):
+            continue  # published by the aggregator
+        leaf = topic.rsplit("/", 1)[1]
+        assert leaf in allowed, topic
+        site_payloads.append(payload)
+        if leaf == "update":
+            doc = json.loads(payload)
+            assert set(doc) <= manifest_fields, set(doc) - manifest_fields
+            assert set(doc["metrics"]) <= {"rank1", "rank5", "rank10", "mAP", "mINP", "valid_queries"}
+        else:
+            header, data = parse_chunk(payload)
+            blobs.setdefault(header.blob_id, {})[header.index] = bytes(data)
+    assert len(blobs) == 2 * len(sites)  # one delta per site per round, nothing else
+    for chunks in blobs.values():
+        delta = decode_state(b"".join(chunks[i] for i in sorted(chunks)))
+        assert set(delta) == set(shared)  # backbone + embedding only: no classifier, no features
+        assert all(tuple(delta[k].shape) == tuple(shared[k].shape) for k in shared)
+    everything = b"".join(site_payloads)
+    for s in sites:
+        classifier = load_file(str(edge_dir / s.name / "classifier.safetensors"))["classifier.weight"].numpy()
+        for form in (classifier.astype(np.float32), classifier.astype(np.float16)):
+            assert form.tobytes()[:64] not in everything
+        image = sorted((s / "bounding_box_train").glob("*.jpg"))[0].read_bytes()
+        assert image[200:264] not in everything
 
 
 class RawSite:

@@ -86,7 +86,7 @@ def test_cdw_kd_runs_end_to_end_and_resumes_identically(tiny_federation, tmp_pat
 
 def test_resume_refuses_another_configuration(tiny_federation, tmp_path):
     Simulator(_config("fedpav", rounds=1), _sites(tiny_federation), tmp_path).run()
-    other = Simulator(_config("fedpav", rounds=1, bn="average"), _sites(tiny_federation), tmp_path)
+    other = Simulator(_config("fedpav", rounds=1, bn="first"), _sites(tiny_federation), tmp_path)
     with pytest.raises(ValueError, match="another configuration"):
         other.try_resume()
 
