@@ -18,7 +18,7 @@ from cloud.server import Aggregator, ServeConfig
 from cloud.simulate import CHECKPOINT, METRICS, Algorithm, SimulationConfig, Simulator
 from cloud.strategy import KDConfig, StrategyConfig
 from cloud.strategy.aggregate import BNPolicy, Estimator, OutlierRule, Weighting
-from protocol.broker import BrokerError, LocalBroker
+from protocol.broker import BrokerError, auto_broker
 from protocol.messages import NodeStatus, parse_message
 from protocol.mqtt import Endpoint
 from protocol.topics import Topics
@@ -284,7 +284,7 @@ def serve(
     try:
         cfg = load_config(ServeConfig, config, overrides)
         if cfg.broker == "auto":
-            with LocalBroker() as local:
+            with auto_broker() as local:
                 out.print(f"broker: {local.url} (agents: edge-agent start --broker {local.url} ...)")
                 Aggregator(cfg, local.url).run()
         else:

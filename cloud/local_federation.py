@@ -13,9 +13,34 @@ import sys
 from pathlib import Path
 
 from cloud.server import Aggregator, ServeConfig
-from protocol.broker import LocalBroker
+from protocol.broker import auto_broker
 
 log = logging.getLogger(__name__)
+
+
+def agent_command(
+    site_dir: Path, broker_url: str, federation: str, state_dir: Path, device: str = "auto"
+) -> list[str]:
+    """The `edge-agent start` command line of one site, exiting when the run ends."""
+    return [
+        sys.executable,
+        "-m",
+        "edge.cli",
+        "start",
+        "--site",
+        site_dir.name,
+        "--data",
+        str(site_dir),
+        "--federation",
+        federation,
+        "--broker",
+        broker_url,
+        "--state-dir",
+        str(state_dir),
+        "--device",
+        device,
+        "--exit-when-done",
+    ]
 
 
 def run_local_federation(
@@ -23,35 +48,17 @@ def run_local_federation(
 ) -> Path:
     """Run every round; returns the aggregator's metrics file. Agents are stopped whatever happens.
 
-    Without `broker_url`, a private mosquitto is started for the run.
+    Without `broker_url`, a private broker is started for the run (mosquitto, else embedded amqtt).
     """
     out.mkdir(parents=True, exist_ok=True)
     (out / "agents").mkdir(exist_ok=True)
     with contextlib.ExitStack() as stack:
-        url = broker_url or stack.enter_context(LocalBroker()).url
+        url = broker_url or stack.enter_context(auto_broker()).url
         procs: list[tuple[str, subprocess.Popen]] = []
         try:
             for site_dir in site_dirs:
                 logfile = open(out / "agents" / f"{site_dir.name}.log", "wb")  # noqa: SIM115 (owned by the child)
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "edge.cli",
-                    "start",
-                    "--site",
-                    site_dir.name,
-                    "--data",
-                    str(site_dir),
-                    "--federation",
-                    cfg.federation,
-                    "--broker",
-                    url,
-                    "--state-dir",
-                    str(out / "edge"),
-                    "--device",
-                    device,
-                    "--exit-when-done",
-                ]
+                cmd = agent_command(site_dir, url, cfg.federation, out / "edge", device)
                 procs.append((site_dir.name, subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT)))
             log.info("broker %s, %d edge agents started", url, len(procs))
             Aggregator(cfg.model_copy(update={"broker": url}), url).run()

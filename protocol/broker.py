@@ -2,15 +2,19 @@
 
 `LocalBroker` starts the ``mosquitto`` binary on a free loopback port with its own configuration file
 (anonymous, no persistence, no size limits: our chunks are 1 MB) and its own PID, and stops it on exit.
+`EmbeddedBroker` runs the pure-Python amqtt broker in this process (MQTT 3.1.1 only, slower, more
+memory: a fallback for machines without mosquitto). `auto_broker()` picks mosquitto, else amqtt.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -108,3 +112,54 @@ class LocalBroker:
         self.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
+
+
+class EmbeddedBroker:
+    """The amqtt broker on 127.0.0.1:<free port>, on its own event loop in a daemon thread."""
+
+    def __init__(self, port: int | None = None) -> None:
+        try:
+            from amqtt.broker import Broker
+        except ImportError:
+            raise BrokerError(
+                "neither mosquitto nor amqtt is available: apt-get install mosquitto, or pip install amqtt"
+            ) from None
+        self.port = port or free_port()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="amqtt", daemon=True)
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+        self._broker = Broker(config, loop=self._loop)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> EmbeddedBroker:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._broker.start(), self._loop).result(timeout=10)
+        wait_for_port("127.0.0.1", self.port)
+        log.info("embedded amqtt broker listening on %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop).result(timeout=10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def auto_broker() -> LocalBroker | EmbeddedBroker:
+    """mosquitto when its binary is installed, else the embedded amqtt broker (not started yet)."""
+    if find_mosquitto() is not None:
+        return LocalBroker()
+    log.warning("mosquitto not found: using the embedded amqtt broker (slower; install mosquitto)")
+    return EmbeddedBroker()

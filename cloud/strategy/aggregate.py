@@ -1,8 +1,9 @@
 """FedPav aggregation with CDW weights, BatchNorm policies and robust options, as a streaming fold.
 
-Updates arrive one at a time as deltas against the round's base (trained shared state - base). Each is
-flattened into a reused scratch buffer and folded into one running weighted sum with an in-place
-kernel, so memory is O(1 model) whatever the number of sites. At the end
+Updates arrive one at a time as deltas against the round's base (trained shared state - base), as flat
+buffers (`add_flat`, what the wire codec decodes) or state dicts (`add`). Up to `GROUP` pending updates
+are folded together into one running weighted sum, block by block while the blocks are in cache, so the
+sum is read and written once per group and memory is O(1 model) whatever the number of sites. At the end
 
     new = base + (sum_k a_k * delta_k) / (sum_k a_k)
 

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cloud.cli import app
-from cloud.local_federation import run_local_federation
+from cloud.local_federation import agent_command, run_local_federation
 from cloud.server import Aggregator, ServeConfig
-from protocol.broker import parse_url
+from protocol.broker import EmbeddedBroker, parse_url
 from protocol.chunks import parse_chunk, split_blob
 from protocol.codec import decode_state, encode_state
 from protocol.messages import BlobRef, RoundStart, UpdateManifest, encode_message, parse_message
@@ -344,24 +344,9 @@ def test_aggregator_killed_mid_collection_resumes_with_every_acknowledged_update
 
 def _agent(site: Path, url: str, federation: str, state: Path, log_path: Path) -> subprocess.Popen:
     with open(log_path, "ab") as out:
-        cmd = [
-            sys.executable,
-            "-m",
-            "edge.cli",
-            "start",
-            "--site",
-            site.name,
-            "--data",
-            str(site),
-            "--federation",
-            federation,
-            "--broker",
-            url,
-            "--state-dir",
-            str(state),
-            "--exit-when-done",
-        ]
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            agent_command(site, url, federation, state), stdout=out, stderr=subprocess.STDOUT
+        )
 
 
 def test_agent_killed_mid_round_closes_at_deadline_and_rejoins_next_round(
@@ -409,3 +394,28 @@ def test_agent_killed_mid_round_closes_at_deadline_and_rejoins_next_round(
     rounds = [r for r in rounds if r.get("kind") == "round"]
     assert rounds[0]["accepted"] == [sites[0].name]
     assert rounds[1]["accepted"] == sorted(s.name for s in sites)
+
+
+def test_a_round_on_the_embedded_amqtt_broker(tmp_path):
+    with EmbeddedBroker() as broker:
+        cfg = ServeConfig(
+            federation="amqtt", state_dir=tmp_path, rounds=1, min_sites=2, deadline_s=120, **TINY
+        )
+        agg = Aggregator(cfg, broker.url)
+        raw = RawSite(broker.url, Topics("amqtt"))
+        for s in ("a", "b"):
+            raw.status(s)
+        thread = threading.Thread(target=agg.run, daemon=True)
+        thread.start()
+        try:
+            assert _wait(lambda: raw.round is not None)
+            zeros = {k: np.zeros_like(v.numpy()) for k, v in agg.global_state.items()}
+            for s in ("a", "b"):
+                raw.update(s, zeros)
+            thread.join(timeout=120)
+            assert not thread.is_alive()
+        finally:
+            raw.stop()
+    assert {a["site"] for a in raw.acks if a["accepted"]} == {"a", "b"}
+    summary = json.loads((tmp_path / "amqtt" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["accepted"] == ["a", "b"]
