@@ -41,6 +41,8 @@ test: setup lint
 bench: setup
 	$(BIN)/python bench/aggregate.py
 	$(BIN)/python bench/train_loop.py
+	$(BIN)/python bench/transfer.py
+	$(BIN)/python bench/round.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -462,10 +462,12 @@ class Aggregator:
             self._publish_round(cur)
 
     def _close(self, cur: OpenRound) -> None:
+        clock = time.perf_counter()
         with self.lock:
             self.current = None
             result = cur.agg.finish()
         new_state = {k: v.clone() for k, v in result.state.items()}
+        aggregate_seconds = time.perf_counter() - clock
         summary: dict = {
             "round": cur.round,
             "kind": "round",
@@ -474,6 +476,9 @@ class Aggregator:
             "selected": cur.selected,
             "accepted": sorted(cur.accepted),
             "collect_seconds": round(time.time() - cur.started, 3),
+            "aggregate_seconds": round(aggregate_seconds, 4),
+            "upload_bytes": {s: m.blob.size for s, m in sorted(cur.accepted.items())},
+            "site_timings": {s: m.timings for s, m in sorted(cur.accepted.items())},
         }
         if cur.teachers is not None and cur.teachers.count and self.public is not None:
             load_shared_state(self.model, new_state)
@@ -482,9 +487,15 @@ class Aggregator:
             )
             kd = distill(self.model, loader, cur.teachers.target(), self.cfg.kd)
             new_state = shared_state(self.model)
-            summary["kd"] = {"batches": kd.batches, "mse_first": kd.loss_first, "mse_last": kd.loss_last}
+            summary["kd"] = {
+                "batches": kd.batches,
+                "mse_first": kd.loss_first,
+                "mse_last": kd.loss_last,
+                "seconds": round(kd.seconds, 3),
+            }
         self.global_state = new_state
         self.journal.save_global(cur.round, new_state, {"round": str(cur.round)})
+        summary["round_seconds"] = round(time.time() - cur.started, 3)
         records = [
             {"round": cur.round - 1, "site": s, "model": "global", **m.metrics}
             for s, m in sorted(cur.accepted.items())

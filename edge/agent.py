@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -81,6 +81,7 @@ class Fetch:
     start: RoundStart
     transfer: Reassembler | None = None
     requested: float = 0.0
+    began: float = field(default_factory=time.monotonic)
 
 
 class Agent:
@@ -93,7 +94,7 @@ class Agent:
         self.device = resolve_device(cfg.device)
         self.lock = threading.Lock()
         self.fetch: Fetch | None = None
-        self.jobs: queue.Queue[tuple[RoundStart, bytes] | None] = queue.Queue()
+        self.jobs: queue.Queue[tuple[RoundStart, bytes, float] | None] = queue.Queue()
         self.upload: tuple[UpdateManifest, bytes] | None = None
         self.acked: set[int] = set()
         self.done = threading.Event()
@@ -188,7 +189,7 @@ class Agent:
         if hashlib.sha256(blob).hexdigest() != f.start.base_hash:
             log.warning("global model does not match the round's base hash; ignored")
             return
-        self.jobs.put((f.start, blob))
+        self.jobs.put((f.start, blob, time.monotonic() - f.began))
 
     def _on_ack(self, topic: str, payload: bytes) -> None:
         try:
@@ -236,8 +237,10 @@ class Agent:
         self.site_data.batch_size = start.training.batch_size
         return self.site_data
 
-    def _train_round(self, start: RoundStart, blob: bytes) -> None:
+    def _train_round(self, start: RoundStart, blob: bytes, fetch_seconds: float) -> None:
         r = start.round
+        timings = {"fetch": round(fetch_seconds, 3)}
+        clock = time.perf_counter()
         try:
             received = {k: torch.from_numpy(v) for k, v in decode_state(blob).items()}
         except CodecError as err:
@@ -256,6 +259,8 @@ class Agent:
         overrides = load_file(str(private)) if start.training.keep_local_bn and private.is_file() else {}
         load_shared_state(model, {**received, **overrides})
         metrics: dict[str, float] = {}
+        timings["load"] = round(time.perf_counter() - clock, 3)
+        clock = time.perf_counter()
         if start.evaluate:
             metrics = {
                 k: round(v, 4) for k, v in site.evaluate(model.to(self.device), self.device).summary().items()
@@ -272,7 +277,11 @@ class Agent:
             seed=self.cfg.seed * 100_003 + r,
         )
         site.seed = config.seed
+        timings["evaluate"] = round(time.perf_counter() - clock, 3)
+        clock = time.perf_counter()
         result = train_local(model, site.train_loader(), config, cdw_images=site.cdw_images())
+        timings["train"] = round(time.perf_counter() - clock, 3)
+        clock = time.perf_counter()
         trained = shared_state(model)
         delta = {k: (trained[k] - received[k]).numpy() for k in received}
         upload = encode_state(delta, start.upload_encoding, compress=start.upload_compressed)
@@ -285,6 +294,7 @@ class Agent:
             encoding=start.upload_encoding,
             compressed=start.upload_compressed,
         )
+        timings["encode"] = round(time.perf_counter() - clock, 3)
         manifest = UpdateManifest(
             site=self.cfg.site,
             round=r,
@@ -294,6 +304,7 @@ class Agent:
             cdw=min(2.0, max(0.0, result.cdw or 0.0)),
             loss=result.loss,
             train_seconds=result.seconds,
+            timings=timings,
             metrics=metrics,
         )
         save_file(local_state(model), str(classifier))
@@ -327,10 +338,10 @@ class Agent:
             job = self.jobs.get()
             if job is None:
                 return
-            start, blob = job
+            start, blob, fetch_seconds = job
             with log_context(site=self.cfg.site, round=start.round):
                 try:
-                    self._train_round(start, blob)
+                    self._train_round(start, blob, fetch_seconds)
                 except Exception as err:  # the agent keeps running for the next round
                     log.exception("round %d failed at this site: %s", start.round, err)
 

@@ -117,7 +117,8 @@ class UpdateManifest(_Message):
     cdw: float = Field(ge=0.0, le=2.0)
     loss: float
     train_seconds: float = Field(ge=0)
-    metrics: dict[str, float] = Field(default_factory=dict)
+    timings: dict[str, float] = Field(default_factory=dict, max_length=32)
+    metrics: dict[str, float] = Field(default_factory=dict, max_length=32)
 
 
 class UpdateAck(_Message):

@@ -1,0 +1,132 @@
+"""Benchmark: bytes on the wire per site per round for each delta encoding, and the round wall time of a
+real 3-agent federation on loopback split into compute, aggregation, KD and the rest (transfer + idle).
+
+    .venv/bin/python bench/round.py [--rounds 3] [--skip-federation]
+
+Bytes: a real delta (one local epoch of training on a synthetic site) of the ResNet-18 and ResNet-50
+shared states, encoded as fp32 / fp16 / int8 / int8+zstd and framed as 1 MB chunk messages plus the
+manifest, i.e. exactly what a site publishes. Round split: `cloud-aggregator simulate --transport mqtt`
+settings of `make demo` (3 agent processes, ResNet-18, 128x64, fp16 uploads); round 0 is excluded
+(agent start-up). Overhead = round wall time - (slowest site's load + evaluate + train + encode) -
+aggregation - KD. Writes bench/results/round.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from cloud.local_federation import run_local_federation
+from cloud.server import ServeConfig
+from protocol.chunks import split_blob
+from protocol.codec import encode_state
+from reid.data import InputSpec
+from reid.model import ModelSpec, build_model, shared_state
+from reid.site import SiteData
+from reid.synthetic import SyntheticConfig, generate_federation
+from reid.train import TrainConfig, train_local
+
+ENCODINGS = [("fp32", False), ("fp16", False), ("int8", False), ("int8", True)]
+MANIFEST_BYTES = 700  # an UpdateManifest is about this size
+
+
+def wire_bytes(blob: bytes) -> int:
+    return sum(len(m) for m in split_blob(blob, "ab" * 16)) + MANIFEST_BYTES
+
+
+def delta_sizes(arch: str, site_dir: Path, spec: InputSpec) -> dict[str, float]:
+    torch.manual_seed(0)
+    site = SiteData(site_dir, spec, batch_size=32)
+    model = build_model(ModelSpec(arch=arch), site.num_classes)
+    base = shared_state(model)
+    train_local(model, site.train_loader(), TrainConfig(epochs=1, lr_head=0.02, lr_backbone=0.02))
+    trained = shared_state(model)
+    delta = {k: (trained[k] - base[k]).numpy() for k in base}
+    return {
+        f"{enc}{'+zstd' if z else ''}": wire_bytes(encode_state(delta, enc, compress=z)) / 1e6
+        for enc, z in ENCODINGS
+    }
+
+
+def federation_split(rounds: int, workdir: Path) -> list[dict]:
+    fed = workdir / "federation"
+    generate_federation(SyntheticConfig(sites=3, train_images_max=800, height=128, width=64), fed)
+    cfg = ServeConfig(
+        federation="bench",
+        state_dir=workdir / "cloud",
+        rounds=rounds,
+        min_sites=3,
+        deadline_s=3600,
+        model=ModelSpec(arch="resnet18"),
+        input=InputSpec(height=128, width=64),
+        lr_head=0.02,
+        lr_backbone=0.02,
+        upload_encoding="fp16",
+    )
+    metrics = run_local_federation(cfg, sorted((fed / "sites").iterdir()), workdir)
+    rows = []
+    for rec in map(json.loads, metrics.read_text().splitlines()):
+        if rec.get("kind") != "round" or rec["round"] == 0:
+            continue
+        compute = max(sum(v for k, v in t.items() if k != "fetch") for t in rec["site_timings"].values())
+        kd = rec.get("kd", {}).get("seconds", 0.0)
+        overhead = rec["round_seconds"] - compute - rec["aggregate_seconds"] - kd
+        rows.append(
+            {
+                "round": rec["round"],
+                "wall_s": rec["round_seconds"],
+                "slowest_compute_s": compute,
+                "aggregate_s": rec["aggregate_seconds"],
+                "kd_s": kd,
+                "overhead_s": overhead,
+                "overhead_pct": 100 * overhead / rec["round_seconds"],
+                "fetch_s": {s: t["fetch"] for s, t in rec["site_timings"].items()},
+                "upload_mb": {s: b / 1e6 for s, b in rec["upload_bytes"].items()},
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-federation", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "round.json")
+    args = parser.parse_args()
+    result: dict = {"benchmark": "round"}
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_federation(
+            SyntheticConfig(sites=1, train_images_max=128, public_images=0, height=64, width=32),
+            Path(tmp) / "one",
+        )
+        site = Path(tmp) / "one" / "sites" / "site00"
+        result["wire_mb"] = {
+            arch: delta_sizes(arch, site, InputSpec(height=64, width=32)) for arch in ("resnet18", "resnet50")
+        }
+        for arch, sizes in result["wire_mb"].items():
+            print(
+                f"{arch}: "
+                + ", ".join(f"{k} {v:.2f} MB ({sizes['fp32'] / v:.1f}x)" for k, v in sizes.items())
+            )
+        if not args.skip_federation:
+            rows = federation_split(args.rounds, Path(tmp) / "fed")
+            result["rounds"] = rows
+            for row in rows:
+                print(
+                    f"round {row['round']}: wall {row['wall_s']:.1f} s = slowest compute {row['slowest_compute_s']:.1f}"
+                    f" + aggregation {row['aggregate_s']:.2f} + KD {row['kd_s']:.1f} + rest {row['overhead_s']:.2f} s "
+                    f"({row['overhead_pct']:.1f} %)"
+                )
+            result["median_overhead_pct"] = statistics.median(r["overhead_pct"] for r in rows)
+            print(f"median overhead beyond compute: {result['median_overhead_pct']:.1f} %")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
