@@ -118,9 +118,9 @@ def main() -> None:
             result["rounds"] = rows
             for row in rows:
                 print(
-                    f"round {row['round']}: wall {row['wall_s']:.1f} s = slowest compute {row['slowest_compute_s']:.1f}"
-                    f" + aggregation {row['aggregate_s']:.2f} + KD {row['kd_s']:.1f} + rest {row['overhead_s']:.2f} s "
-                    f"({row['overhead_pct']:.1f} %)"
+                    f"round {row['round']}: wall {row['wall_s']:.1f} s = slowest compute "
+                    f"{row['slowest_compute_s']:.1f} + aggregation {row['aggregate_s']:.2f} "
+                    f"+ KD {row['kd_s']:.1f} + rest {row['overhead_s']:.2f} s ({row['overhead_pct']:.1f} %)"
                 )
             result["median_overhead_pct"] = statistics.median(r["overhead_pct"] for r in rows)
             print(f"median overhead beyond compute: {result['median_overhead_pct']:.1f} %")
