@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Literal
@@ -283,12 +285,14 @@ def serve(
     }
     try:
         cfg = load_config(ServeConfig, config, overrides)
-        if cfg.broker == "auto":
-            with auto_broker() as local:
-                out.print(f"broker: {local.url} (agents: edge-agent start --broker {local.url} ...)")
-                Aggregator(cfg, local.url).run()
-        else:
-            Aggregator(cfg, cfg.broker).run()
+        with contextlib.ExitStack() as stack:
+            url = cfg.broker
+            if url == "auto":
+                url = stack.enter_context(auto_broker()).url
+                out.print(f"broker: {url} (agents: edge-agent start --broker {url} ...)")
+            aggregator = Aggregator(cfg, url)
+            signal.signal(signal.SIGTERM, lambda *_: aggregator.stop())
+            aggregator.run()
     except (ConfigError, ValueError, BrokerError) as err:
         raise typer.BadParameter(str(err)) from None
 

@@ -114,6 +114,10 @@ def model_info(cfg: ServeConfig) -> ModelInfo:
     )
 
 
+class Stopped(Exception):
+    """The aggregator was asked to stop; its state on disk lets it resume."""
+
+
 @dataclass
 class OpenRound:
     round: int
@@ -155,6 +159,8 @@ class Aggregator:
             if cfg.public is None:
                 raise ValueError("kd_enabled needs a public image folder (public = ...)")
             self.public = ImageDataset(read_image_folder(cfg.public), eval_transform(cfg.input))
+        self.round_payload: bytes | None = None  # the retained round document, re-published on reconnect
+        self.stopping = threading.Event()
         t = self.topics
         self.endpoint = Endpoint(
             broker_url,
@@ -168,8 +174,14 @@ class Aggregator:
                 t.global_resend: self._on_global_resend,
             },
         )
+        self.endpoint.on_connected = self._republish_round
 
     # -- handlers (endpoint worker thread) -------------------------------------------------------------
+    def _republish_round(self) -> None:
+        """After a reconnect (e.g. the broker restarted and lost its retained messages)."""
+        if self.round_payload is not None:
+            self.endpoint.publish(self.topics.round, self.round_payload, retain=True)
+
     def _on_status(self, topic: str, payload: bytes) -> None:
         if not payload:
             return
@@ -328,7 +340,8 @@ class Aggregator:
                 raise TimeoutError(
                     f"fewer than {self.cfg.min_sites} sites online after {self.cfg.wait_for_sites_s} s"
                 )
-            time.sleep(0.2)
+            if self.stopping.wait(0.2):
+                raise Stopped
         k = min(len(online), max(self.cfg.min_sites, math.ceil(self.cfg.fraction * len(online))))
         return sorted(random.Random(self.cfg.seed * 100_003 + r).sample(online, k))
 
@@ -353,16 +366,24 @@ class Aggregator:
             upload_encoding=cfg.upload_encoding,
             upload_compressed=cfg.upload_compressed,
         )
-        self.endpoint.publish(self.topics.round, encode_message(msg), retain=True).wait_for_publish(10)
+        self.round_payload = encode_message(msg)
+        self.endpoint.publish(self.topics.round, self.round_payload, retain=True).wait_for_publish(10)
         self.endpoint.publish_blob(self.topics.global_chunks, cur.blob, cur.blob_ref.blob_id, cfg.chunk_bytes)
 
     def _open_round(self, r: int, reselect: bool = False) -> OpenRound:
         blob = encode_state({k: v.numpy() for k, v in self.global_state.items()}, "fp32")
-        base_hash = hashlib.sha256(blob).hexdigest()
+        base_hash = hashlib.sha256(blob).hexdigest()  # deterministic: see protocol.codec
         saved = self.journal.open_round()
         resumed = (
             saved is not None and saved["round"] == r and saved["base_hash"] == base_hash and not reselect
         )
+        if saved is not None and saved["round"] == r and saved["base_hash"] != base_hash:
+            log.warning(
+                "journal of round %d was written for base %s, the checkpoint gives %s: not resuming it",
+                r,
+                saved["base_hash"][:12],
+                base_hash[:12],
+            )
         selected = saved["selected"] if resumed else self._select(r)
         now = time.time()
         ref = BlobRef(
@@ -395,8 +416,9 @@ class Aggregator:
                     continue
                 self._accept(cur, site, m, site_blob, journaled=True)
         log.info(
-            "round %d open: %d sites selected (%s)%s",
+            "round %d open (base %s): %d sites selected (%s)%s",
             r,
+            base_hash[:12],
             len(selected),
             ", ".join(selected),
             f", {len(cur.accepted)} journaled updates restored" if resumed else "",
@@ -409,7 +431,8 @@ class Aggregator:
         """Wait for the round's updates; False when it must be restarted (no quorum after extensions)."""
         extensions = 0
         while True:
-            time.sleep(0.1)
+            if self.stopping.wait(0.1):
+                raise Stopped
             now = time.time()
             with self.lock:
                 if set(cur.accepted) >= set(cur.selected):
@@ -505,6 +528,10 @@ class Aggregator:
         self.completed = cur.round
         log.info("round %d closed: %d updates aggregated", cur.round, len(result.weights))
 
+    def stop(self) -> None:
+        """Ask `run()` to return (from another thread or a signal handler); the state on disk is kept."""
+        self.stopping.set()
+
     def run(self) -> None:
         self.endpoint.start()
         try:
@@ -515,8 +542,11 @@ class Aggregator:
                         cur = self._open_round(r, reselect=True)
                     self._close(cur)
             end = RunEnd(federation=self.cfg.federation, rounds=self.cfg.rounds)
-            self.endpoint.publish(self.topics.round, encode_message(end), retain=True).wait_for_publish(10)
+            self.round_payload = encode_message(end)
+            self.endpoint.publish(self.topics.round, self.round_payload, retain=True).wait_for_publish(10)
             self.endpoint.set_state("idle", self.completed)
             log.info("run complete: %d rounds", self.cfg.rounds)
+        except Stopped:
+            log.info("stopped after round %d; start again on the same state dir to resume", self.completed)
         finally:
             self.endpoint.stop()

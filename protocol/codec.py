@@ -3,8 +3,10 @@
 Encodings of floating-point tensors: ``fp32``; ``fp16`` (a tensor that would overflow float16 stays
 fp32); ``int8`` (symmetric per-tensor: q = round(x / s), s = max|x| / 127, stored as the int8 tensor
 ``<name>`` plus a float32 scalar ``<name>::scale``). Integer tensors travel unchanged. Optional zstd
-compression of the whole safetensors payload. The safetensors header carries
-``{"format": "fedreid-blob/1", "encoding": ...}``.
+compression of the whole safetensors payload. The safetensors header carries one metadata entry,
+``{"format": "fedreid-blob/1;encoding=<encoding>"}``: exactly one, because safetensors writes metadata
+maps in a random order, and a blob's sha256 (the base hash of a round) must be the same for the same
+state in every process.
 
 Decoding never trusts the input: size limits before and after decompression, the safetensors parser,
 then names, dtypes and finiteness are checked. Every failure is a `CodecError`.
@@ -62,7 +64,7 @@ def encode_state(
             tensors[name + SCALE_SUFFIX] = np.array([scale], dtype=np.float32)
         else:
             tensors[name] = arr
-    payload = save(tensors, metadata={"format": FORMAT, "encoding": encoding})
+    payload = save(tensors, metadata={"format": f"{FORMAT};encoding={encoding}"})
     return zstandard.ZstdCompressor(level=level).compress(payload) if compress else payload
 
 

@@ -65,6 +65,7 @@ class Endpoint:
         self.client.on_disconnect = self._on_disconnect
         self.keepalive = keepalive
         self.connected = threading.Event()
+        self.on_connected: Callable[[], None] | None = None  # after every (re)connect; must not block
         self.inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self.worker = threading.Thread(target=self._work, name=f"mqtt-{node}", daemon=True)
         self.state = "online"
@@ -85,6 +86,8 @@ class Endpoint:
             client.publish(self.topics.status(self.node), self._status(self.state), qos=1, retain=True)
         self.connected.set()
         log.info("connected to %s:%d as %s", self.host, self.port, self.node)
+        if self.on_connected is not None:
+            self.on_connected()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
@@ -144,17 +147,37 @@ class Endpoint:
         indices: set[int] | None = None,
         timeout: float = 600.0,
     ) -> int:
-        """Publish a blob's chunks (all, or only `indices`) and wait until the broker has them all."""
+        """Publish a blob's chunks (all, or only `indices`) and wait until the broker has them all.
+
+        Survives a lost connection: a chunk that paho could not queue while disconnected is published
+        again after the reconnect (a duplicate chunk is harmless); queued ones are resent by paho.
+        """
+        deadline = time.monotonic() + timeout
         pending: list[paho.MQTTMessageInfo] = []
         sent = 0
-        deadline = time.monotonic() + timeout
         for i, chunk in enumerate(split_blob(blob, blob_id, chunk_size)):
             if indices is not None and i not in indices:
                 continue
-            pending.append(self.client.publish(topic, chunk, qos=1))
+            pending.append(self._publish_when_connected(topic, chunk, deadline))
             sent += 1
             if len(pending) >= 40:  # bound what sits in paho's queue
-                pending.pop(0).wait_for_publish(max(0.1, deadline - time.monotonic()))
+                self._wait_published(pending.pop(0), deadline)
         for info in pending:
-            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+            self._wait_published(info, deadline)
         return sent
+
+    def _publish_when_connected(self, topic: str, payload: bytes, deadline: float) -> paho.MQTTMessageInfo:
+        while True:
+            self.connected.wait(max(0.1, deadline - time.monotonic()))
+            info = self.client.publish(topic, payload, qos=1)
+            if info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_AGAIN):
+                return info
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not publish on {topic}: {paho.error_string(info.rc)}")
+            time.sleep(0.2)
+
+    @staticmethod
+    def _wait_published(info: paho.MQTTMessageInfo, deadline: float) -> None:
+        info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+        if not info.is_published():
+            raise TimeoutError("the broker did not acknowledge a chunk in time")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 from cloud.cli import app
 from cloud.local_federation import agent_command, run_local_federation
 from cloud.server import Aggregator, ServeConfig
-from protocol.broker import EmbeddedBroker, parse_url
+from protocol.broker import EmbeddedBroker, LocalBroker, find_mosquitto, free_port, parse_url
 from protocol.chunks import parse_chunk, split_blob
 from protocol.codec import decode_state, encode_state
 from protocol.messages import BlobRef, RoundStart, UpdateManifest, encode_message, parse_message
@@ -419,3 +420,74 @@ def test_a_round_on_the_embedded_amqtt_broker(tmp_path):
     assert {a["site"] for a in raw.acks if a["accepted"]} == {"a", "b"}
     summary = json.loads((tmp_path / "amqtt" / "metrics.jsonl").read_text().splitlines()[-1])
     assert summary["accepted"] == ["a", "b"]
+
+
+def test_broker_restart_mid_transfer_completes_after_reconnect(tmp_path):
+    if find_mosquitto() is None:
+        pytest.skip("needs mosquitto") if os.environ.get("CI", "") != "true" else pytest.fail(
+            "needs mosquitto"
+        )
+    port = free_port()
+    topics = Topics("restart")
+    broker = LocalBroker(port=port, workdir=tmp_path).start()
+    cfg = ServeConfig(
+        federation="restart", state_dir=tmp_path / "state", rounds=1, min_sites=1, deadline_s=300, **TINY
+    )
+    agg = Aggregator(cfg, broker.url)
+    got: dict[int, bytes] = {}
+    seen_rounds: list[RoundStart] = []
+    lost = {"on": True}
+
+    def on_connect(client, userdata, flags, reason_code, properties) -> None:
+        client.subscribe(topics.global_chunks, qos=1)
+        client.subscribe(topics.round, qos=1)
+
+    def on_message(client, userdata, msg) -> None:
+        if msg.topic == topics.round:
+            m = parse_message(msg.payload)
+            if isinstance(m, RoundStart):
+                seen_rounds.append(m)
+            return
+        header, data = parse_chunk(msg.payload)
+        if not (lost["on"] and header.index >= 3):  # chunks 3.. are "lost" in the broker restart
+            got[header.index] = bytes(data)
+
+    site = paho.Client(CallbackAPIVersion.VERSION2, client_id="restart-site")
+    site.on_connect, site.on_message = on_connect, on_message
+    site.reconnect_delay_set(min_delay=1, max_delay=2)
+    site.will_set(topics.status("a"), b"", retain=True)
+    site.connect("127.0.0.1", port)
+    site.loop_start()
+    doc = {"schema_version": 1, "kind": "status", "node": "a", "role": "site", "state": "online", "time": 0}
+    site.publish(topics.status("a"), json.dumps(doc).encode(), qos=1, retain=True).wait_for_publish(10)
+    thread = threading.Thread(target=agg.run, daemon=True)
+    thread.start()
+    try:
+        assert _wait(lambda: seen_rounds and len(got) >= 3, timeout=60)
+        first = seen_rounds[-1]
+        broker.stop()  # the broker dies mid-transfer, losing its retained messages
+        time.sleep(1.0)
+        broker = LocalBroker(port=port, workdir=tmp_path).start()
+        seen_rounds.clear()
+        lost["on"] = False
+        assert _wait(lambda: bool(seen_rounds), timeout=60)  # the aggregator re-published the round
+        assert seen_rounds[-1].base_hash == first.base_hash
+        missing = [i for i in range(first.blob.chunks) if i not in got]
+        req = {
+            "schema_version": 1,
+            "kind": "resend",
+            "requester": "a",
+            "blob_id": first.blob.blob_id,
+            "indices": missing,
+        }
+        site.publish(topics.global_resend, json.dumps(req).encode(), qos=1).wait_for_publish(10)
+        assert _wait(lambda: len(got) == first.blob.chunks, timeout=60)
+        blob = b"".join(got[i] for i in range(first.blob.chunks))
+        assert hashlib.sha256(blob).hexdigest() == first.base_hash
+    finally:
+        site.loop_stop()
+        site.disconnect()
+        agg.stop()
+        thread.join(timeout=20)
+        assert not thread.is_alive()
+        broker.stop()

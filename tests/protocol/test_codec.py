@@ -85,3 +85,23 @@ def test_nan_size_limit_and_bad_scales_are_rejected():
 def test_fuzz_decoder_raises_only_codec_errors(data):
     with contextlib.suppress(CodecError):
         decode_state(data)
+
+
+def test_encoding_is_deterministic_across_calls_and_processes():
+    """The base hash of a round is the blob's sha256: the same state must always give the same bytes."""
+    import hashlib
+    import subprocess
+    import sys
+
+    state = _state()
+    digests = {hashlib.sha256(encode_state(state, e)).hexdigest() for e in ["fp16"] * 20}
+    assert len(digests) == 1
+    code = (
+        "import hashlib, numpy as np; from protocol.codec import encode_state; "
+        "print(hashlib.sha256(encode_state({'w': np.arange(6, dtype=np.float32)})).hexdigest())"
+    )
+    runs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        for _ in range(4)
+    }
+    assert len(runs) == 1
