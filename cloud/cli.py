@@ -21,7 +21,7 @@ from cloud.simulate import CHECKPOINT, METRICS, Algorithm, SimulationConfig, Sim
 from cloud.strategy import KDConfig, StrategyConfig
 from cloud.strategy.aggregate import BNPolicy, Estimator, OutlierRule, Weighting
 from protocol.broker import BrokerError, auto_broker
-from protocol.messages import NodeStatus, parse_message
+from protocol.messages import NodeStatus, RoundStart, parse_message
 from protocol.mqtt import Endpoint
 from protocol.topics import Topics
 from reid.config import ConfigError, load_config
@@ -335,6 +335,8 @@ def status(
             for n in sorted(names)
         ]
         phase = live.get("aggregator", ("", "not connected"))[1]
+        if "round" in live:
+            phase += f"; {live['round'][1]}"
     else:
         phase = "collecting" if open_round and open_round["round"] > done else "between rounds"
     title = f"{federation}: {done + 1} rounds done; " + (
@@ -346,18 +348,27 @@ def status(
 
 
 def _live_status(url: str, federation: str, seconds: float = 1.5) -> dict[str, tuple[str, str]]:
-    """{node: (role, state)} from the retained status documents on the broker."""
+    """{node: (role, state)} from the retained status documents; "round": ("deadline", text) if open."""
     seen: dict[str, tuple[str, str]] = {}
-
-    def on_status(topic: str, payload: bytes) -> None:
-        if payload:
-            msg = parse_message(payload, NodeStatus)
-            seen[msg.node] = (msg.role, msg.state)
-
     topics = Topics(federation)
-    endpoint = Endpoint(
-        url, topics, f"status-{os.getpid()}", "observer", {topics.status_all: on_status}, announce=False
-    )
+
+    def on_message(topic: str, payload: bytes) -> None:
+        if not payload:
+            return
+        msg = parse_message(payload)
+        if isinstance(msg, NodeStatus):
+            seen[msg.node] = (msg.role, msg.state)
+        elif isinstance(msg, RoundStart):
+            left = msg.deadline - time.time()
+            seen["round"] = (
+                "deadline",
+                f"round {msg.round}, deadline in {left:.0f} s"
+                if left > 0
+                else f"round {msg.round}, deadline passed {-left:.0f} s ago",
+            )
+
+    handlers = {topics.status_all: on_message, topics.round: on_message}
+    endpoint = Endpoint(url, topics, f"status-{os.getpid()}", "observer", handlers, announce=False)
     endpoint.start()
     time.sleep(seconds)
     endpoint.stop()

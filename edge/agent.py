@@ -21,13 +21,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from protocol.chunks import DEFAULT_CHUNK_BYTES, ChunkError, Reassembler, parse_chunk
-from protocol.codec import CodecError, decode_state, encode_state
+from protocol.codec import CodecError, Encoding, decode_state, encode_state
 from protocol.messages import (
     BlobRef,
     ChunkRequest,
@@ -73,6 +74,12 @@ class AgentConfig(BaseModel):
     transfer_idle_s: float = Field(5.0, gt=0)
     chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20)
     exit_when_done: bool = Field(False, description="stop when the aggregator announces the end of the run")
+    local_epochs: int | None = Field(None, ge=1, description="override the round's local epochs")
+    evaluate: Literal["round", "always", "never"] = Field(
+        "round", description="when to evaluate the global model"
+    )
+    upload_encoding: Encoding | None = Field(None, description="override the round's delta encoding")
+    upload_compressed: bool | None = None
     seed: int = 0
 
 
@@ -261,14 +268,14 @@ class Agent:
         metrics: dict[str, float] = {}
         timings["load"] = round(time.perf_counter() - clock, 3)
         clock = time.perf_counter()
-        if start.evaluate:
+        if self.cfg.evaluate == "always" or (self.cfg.evaluate == "round" and start.evaluate):
             metrics = {
                 k: round(v, 4) for k, v in site.evaluate(model.to(self.device), self.device).summary().items()
             }
             log.info("global model on local data: rank-1 %.1f, mAP %.1f", metrics["rank1"], metrics["mAP"])
         t = start.training
         config = TrainConfig(
-            epochs=t.local_epochs,
+            epochs=self.cfg.local_epochs or t.local_epochs,
             batch_size=t.batch_size,
             lr_head=t.lr_head,
             lr_backbone=t.lr_backbone,
@@ -284,15 +291,19 @@ class Agent:
         clock = time.perf_counter()
         trained = shared_state(model)
         delta = {k: (trained[k] - received[k]).numpy() for k in received}
-        upload = encode_state(delta, start.upload_encoding, compress=start.upload_compressed)
+        encoding = self.cfg.upload_encoding or start.upload_encoding
+        compressed = (
+            start.upload_compressed if self.cfg.upload_compressed is None else self.cfg.upload_compressed
+        )
+        upload = encode_state(delta, encoding, compress=compressed)
         digest = hashlib.sha256(upload).hexdigest()
         ref = BlobRef(
             blob_id=digest[:32],
             size=len(upload),
             sha256=digest,
             chunks=max(1, -(-len(upload) // self.cfg.chunk_bytes)),
-            encoding=start.upload_encoding,
-            compressed=start.upload_compressed,
+            encoding=encoding,
+            compressed=compressed,
         )
         timings["encode"] = round(time.perf_counter() - clock, 3)
         manifest = UpdateManifest(
@@ -330,7 +341,7 @@ class Agent:
             result.loss,
             manifest.cdw,
             len(upload) / 1e6,
-            start.upload_encoding,
+            encoding,
         )
 
     def _trainer(self) -> None:

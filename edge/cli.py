@@ -171,6 +171,10 @@ def start(
     device: str = typer.Option(None, help="auto (CUDA when present), cpu, cuda"),
     workers: int = typer.Option(None, min=0),
     exit_when_done: bool = typer.Option(None, "--exit-when-done/--keep-running"),
+    local_epochs: int = typer.Option(None, min=1, help="override the aggregator's local epochs"),
+    evaluate: str = typer.Option(None, help="round (when the aggregator asks), always or never"),
+    upload_encoding: str = typer.Option(None, help="override the delta encoding: fp32, fp16 or int8"),
+    compress: bool = typer.Option(None, "--compress/--no-compress", help="zstd on the delta blob"),
 ) -> None:
     """Join the federation: train on local data when a round selects this site, upload deltas."""
     overrides = {
@@ -182,6 +186,10 @@ def start(
         "device": device,
         "workers": workers,
         "exit_when_done": exit_when_done,
+        "local_epochs": local_epochs,
+        "evaluate": evaluate,
+        "upload_encoding": upload_encoding,
+        "upload_compressed": compress,
     }
     try:
         cfg = load_config(AgentConfig, config, overrides)

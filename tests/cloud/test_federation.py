@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,18 @@ TINY = {
 }
 
 
-def test_three_agent_processes_two_rounds(tiny_federation, tmp_path, mosquitto_url):
+@pytest.fixture(params=["mosquitto", "amqtt"])
+def any_broker(request) -> Iterator[str]:
+    """The same end-to-end run on the real mosquitto and on the embedded amqtt fallback."""
+    if request.param == "mosquitto":
+        yield request.getfixturevalue("mosquitto_url")
+    else:
+        with EmbeddedBroker() as broker:
+            yield broker.url
+
+
+def test_three_agent_processes_two_rounds(tiny_federation, tmp_path, any_broker):
+    mosquitto_url = any_broker
     cfg = ServeConfig(
         federation="e2e",
         state_dir=tmp_path / "cloud",
@@ -395,31 +407,6 @@ def test_agent_killed_mid_round_closes_at_deadline_and_rejoins_next_round(
     rounds = [r for r in rounds if r.get("kind") == "round"]
     assert rounds[0]["accepted"] == [sites[0].name]
     assert rounds[1]["accepted"] == sorted(s.name for s in sites)
-
-
-def test_a_round_on_the_embedded_amqtt_broker(tmp_path):
-    with EmbeddedBroker() as broker:
-        cfg = ServeConfig(
-            federation="amqtt", state_dir=tmp_path, rounds=1, min_sites=2, deadline_s=120, **TINY
-        )
-        agg = Aggregator(cfg, broker.url)
-        raw = RawSite(broker.url, Topics("amqtt"))
-        for s in ("a", "b"):
-            raw.status(s)
-        thread = threading.Thread(target=agg.run, daemon=True)
-        thread.start()
-        try:
-            assert _wait(lambda: raw.round is not None)
-            zeros = {k: np.zeros_like(v.numpy()) for k, v in agg.global_state.items()}
-            for s in ("a", "b"):
-                raw.update(s, zeros)
-            thread.join(timeout=120)
-            assert not thread.is_alive()
-        finally:
-            raw.stop()
-    assert {a["site"] for a in raw.acks if a["accepted"]} == {"a", "b"}
-    summary = json.loads((tmp_path / "amqtt" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert summary["accepted"] == ["a", "b"]
 
 
 def test_broker_restart_mid_transfer_completes_after_reconnect(tmp_path):
