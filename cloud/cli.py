@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -10,8 +11,10 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import torch
 import typer
 from rich.console import Console
+from safetensors.torch import load_file
 
 from cloud.journal import Journal
 from cloud.local_federation import run_local_federation
@@ -20,15 +23,16 @@ from cloud.server import Aggregator, ServeConfig
 from cloud.simulate import CHECKPOINT, METRICS, Algorithm, SimulationConfig, Simulator
 from cloud.strategy import KDConfig, StrategyConfig
 from cloud.strategy.aggregate import BNPolicy, Estimator, OutlierRule, Weighting
+from export.onnx_export import ExportError, contract_path, export_onnx
 from protocol.broker import BrokerError, auto_broker
 from protocol.messages import NodeStatus, RoundStart, parse_message
 from protocol.mqtt import Endpoint
 from protocol.topics import Topics
 from reid.config import ConfigError, load_config
 from reid.console import metrics_table, progress_bar
-from reid.data import DatasetLayoutError, InputSpec
+from reid.data import DatasetLayoutError, ImageDataset, InputSpec, eval_transform, read_image_folder
 from reid.logs import configure_logging
-from reid.model import Arch, ModelError, ModelSpec
+from reid.model import Arch, ModelError, ModelSpec, build_model, load_shared_state
 from reid.synthetic import SyntheticConfig, generate_federation, total_images
 from reid.train import TrainConfig
 
@@ -393,6 +397,48 @@ def report(
     plot_rounds(records, out_dir / "rounds.png", federation)
     typer.echo(table)
     typer.echo(f"written: {out_dir / 'report.md'}, {out_dir / 'rounds.png'}")
+
+
+@app.command("export")
+def export_model(
+    state_dir: Path = typer.Option(Path("state/cloud"), help="the aggregator's --state-dir"),
+    federation: str = typer.Option("default"),
+    round_: str = typer.Option("latest", "--round", help="a round number or latest"),
+    images: Path = typer.Option(..., help="a folder of real images for the parity gate (32 are used)"),
+    out_path: Path = typer.Option(Path("model.onnx"), "--out"),
+) -> None:
+    """Export a global model to ONNX with its contract sidecar; fails unless ONNX Runtime matches PyTorch."""
+    root = _run_dir(state_dir, federation)
+    identity = json.loads((root / "run.json").read_text())
+    spec, input_spec = (
+        ModelSpec.model_validate(identity["model"]),
+        InputSpec.model_validate(identity["input"]),
+    )
+    rounds = sorted((root / "rounds").glob("*/global.safetensors"), key=lambda p: int(p.parent.name))
+    chosen = [p for p in rounds if round_ == "latest" or p.parent.name == f"{int(round_):05d}"]
+    if not chosen:
+        raise typer.BadParameter(
+            f"no global model for round {round_} in {root / 'rounds'}", param_hint="--round"
+        )
+    checkpoint = chosen[-1]
+    model = build_model(spec, 1)
+    load_shared_state(model, load_file(str(checkpoint)))
+    try:
+        paths = read_image_folder(images)[:32]
+    except DatasetLayoutError as err:
+        raise typer.BadParameter(str(err), param_hint="--images") from None
+    dataset = ImageDataset(paths, eval_transform(input_spec))
+    batch = torch.stack([item[0] for item in (dataset[i] for i in range(len(dataset))) if item is not None])
+    version = f"{federation}/round-{int(checkpoint.parent.name)}"
+    try:
+        contract, parity = export_onnx(model, input_spec, out_path, batch, version=version)
+    except ExportError as err:
+        raise typer.BadParameter(str(err)) from None
+    out.print(
+        f"{out_path} ({contract.exporter} exporter, opset {contract.opset}, {version}): parity on "
+        f"{parity.images} images min cosine {parity.min_cosine:.6f}, max abs diff {parity.max_abs_diff:.2e}; "
+        f"contract {contract_path(out_path)}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,101 @@
+"""ONNX export with the parity gate and the contract; FeatureExtractor matches PyTorch and enforces it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from export.onnx_export import contract_path, export_onnx
+from export.runtime import ContractError, FeatureExtractor
+from reid.data import ImageDataset, InputSpec, eval_transform, make_loader, read_dataset
+from reid.evaluate import extract_features
+from reid.model import ModelSpec, build_model
+
+SPEC = InputSpec(height=64, width=32)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_federation, tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(arch="resnet18"), 5)
+    paths = [r.path for r in read_dataset(tiny_federation / "sites" / "site01").gallery][:24]
+    images = torch.stack([ImageDataset(paths, eval_transform(SPEC))[i][0] for i in range(len(paths))])
+    model.train()
+    with torch.no_grad():  # realistic BatchNorm statistics instead of the init values
+        model(images)
+    model.eval()
+    out = tmp_path_factory.mktemp("export") / "model.onnx"
+    contract, parity = export_onnx(model, SPEC, out, images, version="round-3")
+    return model, out, contract, parity, paths
+
+
+def test_export_passes_the_gate_and_writes_the_contract(exported):
+    _model, out, contract, parity, _ = exported
+    assert parity.min_cosine >= 0.9999 and parity.max_abs_diff < 1e-3
+    sidecar = json.loads(contract_path(out).read_text())
+    assert sidecar["height"] == 64 and sidecar["width"] == 32 and sidecar["output_dim"] == 512
+    assert sidecar["normalization_in_graph"] is False and sidecar["l2_normalized"] is True
+    assert sidecar["version"] == "round-3" and sidecar["model"]["arch"] == "resnet18"
+    assert contract.opset in (17, 18)
+
+
+def test_feature_extractor_matches_pytorch_with_dynamic_batch(exported):
+    model, out, _, _, paths = exported
+    fx = FeatureExtractor(out, batch_size=5)
+    assert fx.providers[-1] == "CPUExecutionProvider"
+    loader = make_loader(ImageDataset(paths, eval_transform(SPEC)), 8, train=False)
+    ref, _ = extract_features(model, loader, flip=False)
+    got = fx(paths)
+    assert got.shape == (len(paths), 512)
+    assert np.sum(ref.numpy() * got, axis=1).min() >= 0.9999
+    # flip: the sum of the normalised features of the image and its mirror (the graph outputs normalised ones)
+    x = torch.cat([b.images for b in loader])
+    with torch.no_grad():
+        norm = torch.nn.functional.normalize
+        flipped = norm(norm(model.embed(x), dim=1) + norm(model.embed(torch.flip(x, dims=[3])), dim=1), dim=1)
+    assert np.sum(flipped.numpy() * fx(paths, flip=True), axis=1).min() >= 0.9999
+    assert fx(paths[:1]).shape == (1, 512)
+    np.testing.assert_allclose(np.linalg.norm(fx(paths[:7]), axis=1), 1.0, atol=1e-5)
+
+
+def test_contract_is_enforced(exported, tmp_path):
+    _, out, _, _, _ = exported
+    copy = tmp_path / "model.onnx"
+    copy.write_bytes(out.read_bytes())
+    with pytest.raises(ContractError, match="no contract"):
+        FeatureExtractor(copy)
+    contract_path(copy).write_text(contract_path(out).read_text())
+    FeatureExtractor(copy)  # an exact copy with its contract is fine
+    data = bytearray(copy.read_bytes())
+    data[-10] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    with pytest.raises(ContractError, match="sha256"):
+        FeatureExtractor(copy)
+    with pytest.raises(ContractError, match="TensorRT"):
+        FeatureExtractor(tmp_path / "model.engine")
+
+
+def test_cloud_aggregator_export_from_a_run(tiny_federation, tmp_path):
+    from typer.testing import CliRunner
+
+    from cloud.cli import app
+    from cloud.journal import Journal
+    from cloud.server import ServeConfig
+    from reid.model import shared_state
+
+    cfg = ServeConfig(federation="fx", state_dir=tmp_path, model=ModelSpec(arch="resnet18"), input=SPEC)
+    journal = Journal(tmp_path / "fx")
+    journal.check_identity(cfg.identity())
+    torch.manual_seed(1)
+    journal.save_global(-1, shared_state(build_model(cfg.model, 1)), {"round": "-1"})
+    images = tiny_federation / "sites" / "site00" / "query"
+    args = ["export", "--state-dir", str(tmp_path), "--federation", "fx", "--images", str(images)]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    assert "min cosine" in result.output and "fx/round--1" in result.output
+    assert FeatureExtractor(tmp_path / "m.onnx")(sorted(images.glob("*.jpg"))[:3]).shape == (3, 512)
+    missing = CliRunner().invoke(app, [*args, "--round", "7", "--out", str(tmp_path / "x.onnx")])
+    assert missing.exit_code != 0 and "no global model for round 7" in missing.output
