@@ -139,14 +139,14 @@ class EmbeddedBroker:
 
     def start(self) -> EmbeddedBroker:
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._broker.start(), self._loop).result(timeout=10)
-        wait_for_port("127.0.0.1", self.port)
+        asyncio.run_coroutine_threadsafe(self._broker.start(), self._loop).result(timeout=10)  # listening now
         log.info("embedded amqtt broker listening on %s", self.url)
         return self
 
     def stop(self) -> None:
         if self._thread.is_alive():
             asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop).result(timeout=10)
+            asyncio.run_coroutine_threadsafe(_cancel_pending(), self._loop).result(timeout=10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
 
@@ -155,6 +155,14 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def _cancel_pending() -> None:
+    """Cancel what amqtt leaves running after shutdown (else asyncio logs "Task was destroyed")."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def auto_broker() -> LocalBroker | EmbeddedBroker:
