@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -38,7 +39,8 @@ def plot_rounds(records: list[dict], out: Path, title: str) -> Path:
         for site, points in sorted(per_site.items()):
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, marker="o", markersize=3, label=site)
-        ax.set_xlabel("round")
+        ax.set_xlabel("rounds completed")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(f"{metric} (%)")
         ax.set_title(f"{metric}, {model} model")
         ax.grid(alpha=0.3)
