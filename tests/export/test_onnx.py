@@ -99,3 +99,32 @@ def test_cloud_aggregator_export_from_a_run(tiny_federation, tmp_path):
     assert FeatureExtractor(tmp_path / "m.onnx")(sorted(images.glob("*.jpg"))[:3]).shape == (3, 512)
     missing = CliRunner().invoke(app, [*args, "--round", "7", "--out", str(tmp_path / "x.onnx")])
     assert missing.exit_code != 0 and "no global model for round 7" in missing.output
+
+
+def test_edge_agent_extract_and_search(exported, tiny_federation, tmp_path):
+    from typer.testing import CliRunner
+
+    from edge.cli import app
+    from export.gallery import Gallery
+
+    _, out, contract, _, _ = exported
+    site = tiny_federation / "sites" / "site01"
+    runner = CliRunner()
+    npz = tmp_path / "gallery.npz"
+    result = runner.invoke(
+        app, ["extract", "--model", str(out), "--images", str(site / "bounding_box_test"), "--out", str(npz)]
+    )
+    assert result.exit_code == 0, result.output
+    gallery = Gallery.load(npz)
+    files = sorted((site / "bounding_box_test").glob("*.jpg"))
+    assert gallery.names == [f.name for f in files] and gallery.features.shape == (len(files), 512)
+    assert gallery.version == "round-3" and gallery.model_sha256 == contract.sha256
+    query = files[5]  # a gallery image as its own query: it must rank first
+    result = runner.invoke(
+        app, ["search", "--model", str(out), "--gallery", str(npz), "--query", str(query), "--top-k", "3"]
+    )
+    assert result.exit_code == 0, result.output
+    first = next(line for line in result.output.splitlines() if "│ 1 " in line or "│    1 " in line)
+    assert query.name in first and "1.0000" in first
+    bad = runner.invoke(app, ["extract", "--model", str(tmp_path / "nope.onnx"), "--images", str(site)])
+    assert bad.exit_code != 0 and "Invalid value for --model" in bad.output
