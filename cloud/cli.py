@@ -406,6 +406,7 @@ def export_model(
     round_: str = typer.Option("latest", "--round", help="a round number or latest"),
     images: Path = typer.Option(..., help="a folder of real images for the parity gate (32 are used)"),
     out_path: Path = typer.Option(Path("model.onnx"), "--out"),
+    fp16: bool = typer.Option(False, "--fp16", help="fp16 weights/activations, fp32 inputs and outputs"),
 ) -> None:
     """Export a global model to ONNX with its contract sidecar; fails unless ONNX Runtime matches PyTorch."""
     root = _run_dir(state_dir, federation)
@@ -431,13 +432,17 @@ def export_model(
     batch = torch.stack([item[0] for item in (dataset[i] for i in range(len(dataset))) if item is not None])
     version = f"{federation}/round-{int(checkpoint.parent.name)}"
     try:
-        contract, parity = export_onnx(model, input_spec, out_path, batch, version=version)
+        precision = "fp16" if fp16 else "fp32"
+        contract, parity = export_onnx(
+            model, input_spec, out_path, batch, version=version, precision=precision
+        )
     except ExportError as err:
         raise typer.BadParameter(str(err)) from None
     out.print(
-        f"{out_path} ({contract.exporter} exporter, opset {contract.opset}, {version}): parity on "
-        f"{parity.images} images min cosine {parity.min_cosine:.6f}, max abs diff {parity.max_abs_diff:.2e}; "
-        f"contract {contract_path(out_path)}"
+        f"{out_path} ({contract.precision}, {contract.exporter} exporter, opset {contract.opset}, "
+        f"{version}): "
+        f"parity on {parity.images} images min cosine {parity.min_cosine:.6f}, "
+        f"max abs diff {parity.max_abs_diff:.2e}; contract {contract_path(out_path)}"
     )
 
 

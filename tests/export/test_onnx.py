@@ -97,6 +97,13 @@ def test_cloud_aggregator_export_from_a_run(tiny_federation, tmp_path):
     assert result.exit_code == 0, result.output
     assert "min cosine" in result.output and "fx/round--1" in result.output
     assert FeatureExtractor(tmp_path / "m.onnx")(sorted(images.glob("*.jpg"))[:3]).shape == (3, 512)
+    half = CliRunner().invoke(app, [*args, "--fp16", "--out", str(tmp_path / "h.onnx")])
+    assert half.exit_code == 0, half.output
+    assert json.loads(contract_path(tmp_path / "h.onnx").read_text())["precision"] == "fp16"
+    assert (tmp_path / "h.onnx").stat().st_size < 0.6 * (tmp_path / "m.onnx").stat().st_size
+    crops = sorted(images.glob("*.jpg"))[:6]
+    full, fp16 = FeatureExtractor(tmp_path / "m.onnx")(crops), FeatureExtractor(tmp_path / "h.onnx")(crops)
+    assert np.sum(full * fp16, axis=1).min() >= 0.999
     missing = CliRunner().invoke(app, [*args, "--round", "7", "--out", str(tmp_path / "x.onnx")])
     assert missing.exit_code != 0 and "no global model for round 7" in missing.output
 
