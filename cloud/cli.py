@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Literal
 
-import torch
 import typer
 from rich.console import Console
-from safetensors.torch import load_file
 
+from cloud.deploy import DeployError, DeploymentSource, deploy_round, load_round, parity_images
 from cloud.journal import Journal
 from cloud.local_federation import run_local_federation
 from cloud.plots import markdown_report, plot_rounds, read_metrics
@@ -23,16 +22,23 @@ from cloud.server import Aggregator, ServeConfig
 from cloud.simulate import CHECKPOINT, METRICS, Algorithm, SimulationConfig, Simulator
 from cloud.strategy import KDConfig, StrategyConfig
 from cloud.strategy.aggregate import BNPolicy, Estimator, OutlierRule, Weighting
-from export.onnx_export import ExportError, contract_path, export_onnx
+from export.contract import contract_path
+from export.onnx_export import ExportError, export_onnx
+from export.quantize import RetrievalBudget, quantize_int8
 from protocol.broker import BrokerError, auto_broker
 from protocol.messages import NodeStatus, RoundStart, parse_message
 from protocol.mqtt import Endpoint
 from protocol.topics import Topics
 from reid.config import ConfigError, load_config
-from reid.console import metrics_table, progress_bar
-from reid.data import DatasetLayoutError, ImageDataset, InputSpec, eval_transform, read_image_folder
+from reid.console import fail, metrics_table, progress_bar
+from reid.data import (
+    DatasetLayoutError,
+    InputSpec,
+    read_dataset,
+    read_image_folder,
+)
 from reid.logs import configure_logging
-from reid.model import Arch, ModelError, ModelSpec, build_model, load_shared_state
+from reid.model import Arch, ModelError, ModelSpec
 from reid.synthetic import SyntheticConfig, generate_federation, total_images
 from reid.train import TrainConfig
 
@@ -407,43 +413,91 @@ def export_model(
     images: Path = typer.Option(..., help="a folder of real images for the parity gate (32 are used)"),
     out_path: Path = typer.Option(Path("model.onnx"), "--out"),
     fp16: bool = typer.Option(False, "--fp16", help="fp16 weights/activations, fp32 inputs and outputs"),
+    int8_calibration: Path = typer.Option(
+        None,
+        "--int8-calibration",
+        help="a site data set: int8 calibrated on its train crops, gated on its query/gallery retrieval",
+    ),
+    int8_max_drop: float = typer.Option(1.0, min=0, help="points of rank-1 and of mAP int8 may lose"),
 ) -> None:
-    """Export a global model to ONNX with its contract sidecar; fails unless ONNX Runtime matches PyTorch."""
+    """Export a global model to ONNX with its contract sidecar; fails unless ONNX Runtime matches PyTorch.
+
+    With --int8-calibration the result is the int8 model (the fp32 one is kept as <out>.fp32.onnx).
+    Calibration images should be a site's own: run this at the site, or use `edge-agent quantize`."""
+    if fp16 and int8_calibration:
+        raise typer.BadParameter("choose one of --fp16 and --int8-calibration")
     root = _run_dir(state_dir, federation)
-    identity = json.loads((root / "run.json").read_text())
-    spec, input_spec = (
-        ModelSpec.model_validate(identity["model"]),
-        InputSpec.model_validate(identity["input"]),
-    )
-    rounds = sorted((root / "rounds").glob("*/global.safetensors"), key=lambda p: int(p.parent.name))
-    chosen = [p for p in rounds if round_ == "latest" or p.parent.name == f"{int(round_):05d}"]
-    if not chosen:
-        raise typer.BadParameter(
-            f"no global model for round {round_} in {root / 'rounds'}", param_hint="--round"
-        )
-    checkpoint = chosen[-1]
-    model = build_model(spec, 1)
-    load_shared_state(model, load_file(str(checkpoint)))
     try:
-        paths = read_image_folder(images)[:32]
-    except DatasetLayoutError as err:
-        raise typer.BadParameter(str(err), param_hint="--images") from None
-    dataset = ImageDataset(paths, eval_transform(input_spec))
-    batch = torch.stack([item[0] for item in (dataset[i] for i in range(len(dataset))) if item is not None])
-    version = f"{federation}/round-{int(checkpoint.parent.name)}"
+        r, model, input_spec = load_round(root, "latest" if round_ == "latest" else int(round_))
+        batch = parity_images(read_image_folder(images), input_spec)
+    except (DeployError, DatasetLayoutError) as err:
+        raise typer.BadParameter(str(err)) from None
+    version = f"{federation}/round-{r}"
+    fp32_path = out_path.with_name(out_path.stem + ".fp32.onnx") if int8_calibration else out_path
     try:
         precision = "fp16" if fp16 else "fp32"
         contract, parity = export_onnx(
-            model, input_spec, out_path, batch, version=version, precision=precision
+            model, input_spec, fp32_path, batch, version=version, precision=precision
         )
     except ExportError as err:
         raise typer.BadParameter(str(err)) from None
     out.print(
-        f"{out_path} ({contract.precision}, {contract.exporter} exporter, opset {contract.opset}, "
+        f"{fp32_path} ({contract.precision}, {contract.exporter} exporter, opset {contract.opset}, "
         f"{version}): "
         f"parity on {parity.images} images min cosine {parity.min_cosine:.6f}, "
-        f"max abs diff {parity.max_abs_diff:.2e}; contract {contract_path(out_path)}"
+        f"max abs diff {parity.max_abs_diff:.2e}; contract {contract_path(fp32_path)}"
     )
+    if int8_calibration:
+        try:
+            splits = read_dataset(int8_calibration)
+            budget = RetrievalBudget(max_rank1_drop=int8_max_drop, max_map_drop=int8_max_drop)
+            report = quantize_int8(fp32_path, splits, out_path, budget)
+        except (DatasetLayoutError, ExportError) as err:
+            fail(out, err)
+        out.print(f"{out_path} (int8): accepted on {splits.root.name}: {report.describe()}")
+
+
+@app.command()
+def deploy(
+    state_dir: Path = typer.Option(Path("state/cloud"), help="the aggregator's --state-dir"),
+    federation: str = typer.Option("default"),
+    round_: str = typer.Option("latest", "--round", help="a round number or latest"),
+    broker: str = typer.Option(..., help="the federation's broker (mqtt://host:port or mqtts://...)"),
+    images: Path = typer.Option(..., help="a folder of real images for the parity gate (32 are used)"),
+    fp16: bool = typer.Option(False, "--fp16", help="deploy the fp16 model (half the bytes)"),
+    linger: float = typer.Option(
+        0.0, min=0, help="then answer sites' requests for the model this long (a running serve always does)"
+    ),
+) -> None:
+    """Export a round's global model and publish it for the sites to serve inference with."""
+    root = _run_dir(state_dir, federation)
+    endpoint = Endpoint(broker, Topics(federation), "deployer", "aggregator", announce=False)
+    DeploymentSource(endpoint, root)
+    endpoint.start()
+    try:
+        if not endpoint.connected.wait(15):
+            fail(out, f"no broker at {broker}")
+        manifest = deploy_round(
+            endpoint,
+            root,
+            read_image_folder(images),
+            "latest" if round_ == "latest" else int(round_),
+            "fp16" if fp16 else "fp32",
+        )
+        out.print(
+            f"deployed {manifest.version} ({manifest.blob.encoding}, {manifest.blob.size / 1e6:.1f} MB, "
+            f"sha256 {manifest.blob.sha256[:12]}) on {broker}"
+        )
+        if linger:
+            out.print(f"answering the sites' requests for the model for {linger:.0f} s (Ctrl-C stops)")
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            with contextlib.suppress(KeyboardInterrupt):
+                stop.wait(linger)
+    except (DeployError, DatasetLayoutError) as err:
+        fail(out, err)
+    finally:
+        endpoint.stop()
 
 
 if __name__ == "__main__":

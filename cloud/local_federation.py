@@ -64,7 +64,7 @@ def run_local_federation(
             Aggregator(cfg.model_copy(update={"broker": url}), url).run()
             for name, proc in procs:
                 try:
-                    proc.wait(timeout=60)
+                    proc.wait(timeout=120)
                 except subprocess.TimeoutExpired:
                     log.warning("agent %s did not exit after the run; stopping it", name)
         finally:

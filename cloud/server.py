@@ -21,10 +21,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from cloud.deploy import DeploymentSource, deploy_round
 from cloud.journal import Journal
 from cloud.strategy import (
     KDConfig,
@@ -94,6 +96,11 @@ class ServeConfig(BaseModel):
     upload_compressed: bool = False
     chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20)
     max_update_bytes: int = Field(1 << 30, ge=1024)
+    deploy_every: int = Field(
+        0, ge=0, description="export and deploy the global model every N rounds; 0: off"
+    )
+    deploy_precision: Literal["fp32", "fp16"] = "fp32"
+    deploy_images: Path | None = Field(None, description="parity-gate images to deploy (default: public)")
 
     def identity(self) -> dict:
         """What must not change when a run is resumed."""
@@ -159,6 +166,12 @@ class Aggregator:
             if cfg.public is None:
                 raise ValueError("kd_enabled needs a public image folder (public = ...)")
             self.public = ImageDataset(read_image_folder(cfg.public), eval_transform(cfg.input))
+        self.deploy_images: list[Path] = []
+        if cfg.deploy_every:
+            folder = cfg.deploy_images or cfg.public
+            if folder is None:
+                raise ValueError("deploy_every needs parity images (deploy_images = ... or public = ...)")
+            self.deploy_images = read_image_folder(folder)[:32]
         self.round_payload: bytes | None = None  # the retained round document, re-published on reconnect
         self.stopping = threading.Event()
         t = self.topics
@@ -174,6 +187,7 @@ class Aggregator:
                 t.global_resend: self._on_global_resend,
             },
         )
+        self.deployments = DeploymentSource(self.endpoint, self.journal.root)
         self.endpoint.on_connected = self._republish_round
 
     # -- handlers (endpoint worker thread) -------------------------------------------------------------
@@ -181,6 +195,7 @@ class Aggregator:
         """After a reconnect (e.g. the broker restarted and lost its retained messages)."""
         if self.round_payload is not None:
             self.endpoint.publish(self.topics.round, self.round_payload, retain=True)
+        self.deployments.republish()
 
     def _on_status(self, topic: str, payload: bytes) -> None:
         if not payload:
@@ -528,6 +543,15 @@ class Aggregator:
         self.completed = cur.round
         log.info("round %d closed: %d updates aggregated", cur.round, len(result.weights))
 
+    def _maybe_deploy(self, r: int) -> None:
+        every = self.cfg.deploy_every
+        if not every or ((r + 1) % every and r != self.cfg.rounds - 1):
+            return
+        try:
+            deploy_round(self.endpoint, self.journal.root, self.deploy_images, r, self.cfg.deploy_precision)
+        except Exception as err:  # the run goes on; the sites keep their current model
+            log.warning("round %d not deployed: %s", r, err)
+
     def stop(self) -> None:
         """Ask `run()` to return (from another thread or a signal handler); the state on disk is kept."""
         self.stopping.set()
@@ -541,6 +565,7 @@ class Aggregator:
                     while not self._collect(cur):
                         cur = self._open_round(r, reselect=True)
                     self._close(cur)
+                    self._maybe_deploy(r)
             end = RunEnd(federation=self.cfg.federation, rounds=self.cfg.rounds)
             self.round_payload = encode_message(end)
             self.endpoint.publish(self.topics.round, self.round_payload, retain=True).wait_for_publish(10)

@@ -6,6 +6,9 @@ site's own classifier (persisted in the state dir), evaluate it on the local que
 round asks, train, compute the CDW distance, encode the delta of the shared state and upload it as a
 manifest + chunks, and keep it until the aggregator acknowledges it (resending chunks on request).
 
+Deployed models (the retained ``deploy`` manifest) are fetched, verified and swapped in by
+`edge.deployment.Deployments`, alongside training.
+
 What leaves the site: the delta of the shared state (backbone + embedding), n_samples, CDW, loss,
 timings and evaluation metrics. Never images, features, labels or classifier weights.
 Training runs on its own thread; MQTT handlers only parse and hand over.
@@ -27,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
+from edge.deployment import Deployments
 from protocol.chunks import DEFAULT_CHUNK_BYTES, ChunkError, Reassembler, parse_chunk
 from protocol.codec import CodecError, Encoding, decode_state, encode_state
 from protocol.messages import (
@@ -81,6 +85,10 @@ class AgentConfig(BaseModel):
     upload_encoding: Encoding | None = Field(None, description="override the round's delta encoding")
     upload_compressed: bool | None = None
     seed: int = 0
+    deploy_int8: bool = Field(False, description="quantise deployed models to int8 on this site's images")
+    int8_max_drop: float = Field(1.0, ge=0, description="rank-1/mAP points int8 may lose, else fp32 serves")
+    deploy_engine: bool = Field(False, description="build a TensorRT engine for deployed models (GPU sites)")
+    deploy_drain_s: float = Field(60.0, ge=0, description="on exit, let a deployment in progress finish")
 
 
 @dataclass
@@ -120,6 +128,13 @@ class Agent:
                 t.site(cfg.site, "ack"): self._on_ack,
                 t.site(cfg.site, "resend"): self._on_resend,
             },
+        )
+        self.deployments = Deployments(
+            self.dir,
+            self.endpoint,
+            int8_data=cfg.data if cfg.deploy_int8 else None,
+            int8_max_drop=cfg.int8_max_drop,
+            engine=cfg.deploy_engine,
         )
 
     # -- persistent site state -------------------------------------------------------------------------
@@ -379,9 +394,12 @@ class Agent:
             try:
                 while not self.done.wait(0.5):
                     self._request_missing()
+                    self.deployments.poll(self.cfg.transfer_idle_s)
             except KeyboardInterrupt:
                 log.info("stopping")
             finally:
                 self.jobs.put(None)
                 trainer.join(timeout=1 if not self.done.is_set() else 600)
+                drain = self.cfg.deploy_drain_s if self.done.is_set() else 0.0
+                self.deployments.stop(drain, self.cfg.transfer_idle_s)
                 self.endpoint.stop()

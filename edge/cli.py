@@ -1,4 +1,5 @@
-"""`edge-agent`: the camera-site command line (federation agent, local training baseline, evaluation)."""
+"""`edge-agent`: the camera-site command line (federation agent, local training baseline, evaluation;
+the inference commands live in `edge.inference_commands`)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from edge import inference_commands
 from edge.agent import Agent, AgentConfig
-from export.gallery import Gallery, extract_folder, image_files
-from export.gallery import search as rank_gallery
-from export.runtime import ContractError, FeatureExtractor
 from reid.config import ConfigError, load_config
 from reid.console import metrics_table, progress_bar
 from reid.data import DatasetLayoutError, InputSpec
@@ -202,61 +201,10 @@ def start(
         Agent(cfg).run()
 
 
-def _extractor(model_path: Path) -> FeatureExtractor:
-    try:
-        return FeatureExtractor(model_path)
-    except ContractError as err:
-        raise typer.BadParameter(str(err), param_hint="--model") from None
-
-
-@app.command()
-def extract(
-    model_path: Path = typer.Option(..., "--model", help="an exported model (.onnx with its contract)"),
-    images: Path = typer.Option(..., help="a folder of person crops"),
-    out_path: Path = typer.Option(Path("features.npz"), "--out"),
-    flip: bool = typer.Option(False, help="add the features of the mirrored crops"),
-) -> None:
-    """Extract L2-normalised features of every crop in a folder into an .npz (with names, model version)."""
-    fx = _extractor(model_path)
-    try:
-        gallery = extract_folder(fx, images, flip=flip)
-    except ValueError as err:
-        raise typer.BadParameter(str(err), param_hint="--images") from None
-    gallery.save(out_path)
-    out.print(
-        f"{len(gallery.names)} features ({gallery.features.shape[1]}-d, model {gallery.version or '-'}) "
-        f"written to {out_path}"
-    )
-
-
-@app.command()
-def search(
-    model_path: Path = typer.Option(..., "--model"),
-    gallery_path: Path = typer.Option(..., "--gallery", help="a folder of crops or a features .npz"),
-    query: Path = typer.Option(..., help="a query crop or a folder of them"),
-    top_k: int = typer.Option(10, min=1),
-) -> None:
-    """Rank the gallery for each query crop by cosine similarity."""
-    fx = _extractor(model_path)
-    if gallery_path.suffix == ".npz":
-        gallery = Gallery.load(gallery_path)
-        if gallery.model_sha256 != fx.contract.sha256:
-            raise typer.BadParameter(
-                f"{gallery_path} was extracted with another model; extract it again", param_hint="--gallery"
-            )
-    else:
-        gallery = extract_folder(fx, gallery_path)
-    queries = [query] if query.is_file() else image_files(query)
-    order, sims = rank_gallery(gallery, fx(queries), top_k)
-    for q, idx, sim in zip(queries, order, sims, strict=True):
-        table = metrics_table(
-            f"query {q.name}",
-            [
-                {"rank": r + 1, "gallery": gallery.names[i], "similarity": f"{s:.4f}"}
-                for r, (i, s) in enumerate(zip(idx, sim, strict=True))
-            ],
-        )
-        out.print(table)
+app.command()(inference_commands.extract)
+app.command()(inference_commands.search)
+app.command()(inference_commands.quantize)
+app.command("build-engine")(inference_commands.build_engine)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """Gallery features on disk and search: what a camera site does with an exported model.
 
-`extract_folder` writes ``features.npz`` (features float32 N x D, file names, model version and sha256);
-`search` ranks gallery entries by cosine similarity (features are L2-normalised, so a dot product).
+`extract_folder` writes ``features.npz`` (features float32 N x D, file names relative to the folder, the
+folder itself, model version and sha256; loaded without pickle); `search` ranks gallery entries by
+cosine similarity (features are L2-normalised, so a dot product). A gallery belongs to the model that
+extracted it: `check_model` refuses another one, and `reindex` extracts it again from its folder.
 """
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +17,10 @@ import numpy as np
 from export.runtime import FeatureExtractor
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class GalleryError(ValueError):
+    """A gallery file is unreadable or belongs to another model."""
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -29,6 +36,8 @@ class Gallery:
     names: list[str]
     version: str
     model_sha256: str
+    root: str = ""  # the folder the names are relative to
+    flip: bool = False
 
     def save(self, path: Path) -> None:
         np.savez(
@@ -37,27 +46,60 @@ class Gallery:
             names=np.array(self.names),
             version=self.version,
             model_sha256=self.model_sha256,
+            root=self.root,
+            flip=self.flip,
         )
 
     @classmethod
     def load(cls, path: Path) -> Gallery:
-        with np.load(path, allow_pickle=False) as data:
-            return cls(
-                data["features"].astype(np.float32),
-                [str(n) for n in data["names"]],
-                str(data["version"]),
-                str(data["model_sha256"]),
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                gallery = cls(
+                    data["features"].astype(np.float32),
+                    [str(n) for n in data["names"]],
+                    str(data["version"]),
+                    str(data["model_sha256"]),
+                    str(data["root"]) if "root" in data else "",
+                    bool(data["flip"]) if "flip" in data else False,
+                )
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+            raise GalleryError(f"{path}: not a features file ({err})") from None
+        if gallery.features.ndim != 2 or len(gallery.features) != len(gallery.names):
+            raise GalleryError(f"{path}: {gallery.features.shape} features for {len(gallery.names)} names")
+        return gallery
+
+    def path_of(self, index: int) -> Path:
+        return Path(self.root) / self.names[index]
+
+    def check_model(self, fx: FeatureExtractor, source: Path) -> None:
+        if self.model_sha256 != fx.contract.sha256:
+            raise GalleryError(
+                f"{source} was extracted with model {self.version or '?'} ({self.model_sha256[:12]}), "
+                f"not with {fx.contract.version or '?'} ({fx.contract.sha256[:12]}): features of different "
+                "models cannot be compared; extract it again or pass --reindex"
             )
+        if self.features.shape[1] != fx.contract.output_dim:
+            raise GalleryError(
+                f"{source}: {self.features.shape[1]}-d features, the model gives {fx.contract.output_dim}"
+            )
+
+    def reindex(self, fx: FeatureExtractor) -> Gallery:
+        """The same gallery folder extracted again with `fx`."""
+        if not self.root or not Path(self.root).is_dir():
+            raise GalleryError(f"cannot re-index: the gallery folder {self.root or '(unknown)'} is gone")
+        return extract_folder(fx, Path(self.root), flip=self.flip)
 
 
 def extract_folder(fx: FeatureExtractor, folder: Path, flip: bool = False) -> Gallery:
     files = image_files(folder)
-    feats = fx(files, flip=flip)
+    feats, kept = fx.extract(files, flip=flip)
     return Gallery(
         feats.astype(np.float32),
-        [str(p.relative_to(folder)) for p in files],
+        [str(files[i].relative_to(folder)) for i in kept],
         fx.contract.version,
         fx.contract.sha256,
+        str(folder.resolve()),
+        flip,
     )
 
 

@@ -14,8 +14,6 @@ or the export fails loudly and leaves no file.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,47 +22,18 @@ from typing import Literal
 import numpy as np
 import onnx
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from export.contract import Contract, file_sha256, write_contract
 from reid.data import InputSpec
-from reid.model import ModelSpec, ReIDModel
+from reid.model import ReIDModel
 
 log = logging.getLogger(__name__)
-CONTRACT_FORMAT = "fedreid-onnx/1"
 MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999}
 
 
 class ExportError(RuntimeError):
     """The export or its parity gate failed."""
-
-
-class Contract(BaseModel):
-    """The preprocessing and output contract of an exported model (the JSON sidecar)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    format: Literal["fedreid-onnx/1"] = CONTRACT_FORMAT
-    input_name: str = "images"
-    output_name: str = "features"
-    layout: Literal["NCHW"] = "NCHW"
-    color: Literal["RGB"] = "RGB"
-    dtype: Literal["float32"] = "float32"
-    scale: float = 1 / 255
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    height: int
-    width: int
-    resize: Literal["bicubic"] = "bicubic"
-    normalization_in_graph: bool = False
-    output_dim: int
-    l2_normalized: bool = True
-    precision: Literal["fp32", "fp16", "int8"] = "fp32"
-    exporter: str
-    opset: int
-    model: ModelSpec
-    version: str = ""
-    sha256: str
 
 
 class FeatureNet(nn.Module):
@@ -76,18 +45,6 @@ class FeatureNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(self.model.embed(images), dim=1)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def contract_path(model_path: Path) -> Path:
-    return model_path.with_name(model_path.name + ".json")
 
 
 def _export(net: FeatureNet, example: torch.Tensor, out: Path) -> tuple[str, int]:
@@ -203,6 +160,7 @@ def export_onnx(
         version=version,
         sha256=file_sha256(out),
         precision=precision,
+        quality={"min_cosine": report.min_cosine, "max_abs_diff": report.max_abs_diff},
     )
-    contract_path(out).write_text(json.dumps(contract.model_dump(mode="json"), indent=2))
+    write_contract(out, contract)
     return contract, report

@@ -1,41 +1,129 @@
-"""`FeatureExtractor`: feature extraction at the camera from an exported model, without PyTorch.
+"""`FeatureExtractor`: feature extraction at the camera from an exported model, through ONNX Runtime or
+TensorRT (never PyTorch eager).
 
 The backend is picked by the file suffix: ``.onnx`` runs on ONNX Runtime with the best available
-provider (TensorRT EP, CUDA EP, CPU EP). The model's contract sidecar is loaded and enforced: the
-file's sha256 must match, and the session's input must be what the contract says. Preprocessing is
-the contract's (RGB, bicubic resize, /255, mean/std, NCHW float32); batching and optional flip
-averaging are done here; the output is L2-normalised.
+provider (TensorRT EP, CUDA EP, CPU EP; `choose_providers`), ``.engine``/``.plan`` on the TensorRT
+runtime (`export.tensorrt`). The model's contract sidecar is loaded and enforced: the file's sha256
+must match, and the graph input must be what the contract says. Preprocessing is the contract's (RGB,
+bicubic resize, /255, mean/std, NCHW float32); batching and optional flip averaging are done here; the
+output is L2-normalised. Unreadable images are skipped with one warning by `extract` and are an error
+for `__call__`.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
 
-from export.onnx_export import Contract, contract_path, file_sha256
+from export.contract import Contract, ContractError, load_contract
+from reid.data.loading import open_rgb
 
+log = logging.getLogger(__name__)
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+ProviderSpec = str | tuple[str, dict[str, Any]]
+
+__all__ = ["ContractError", "FeatureExtractor", "choose_providers"]
 
 
-class ContractError(ValueError):
-    """A model file does not match its contract (missing sidecar, wrong hash, wrong input)."""
+class Backend(Protocol):
+    providers: list[str]
+
+    def run(self, batch: np.ndarray) -> np.ndarray: ...
 
 
-def load_contract(model_path: Path) -> Contract:
-    sidecar = contract_path(model_path)
-    if not sidecar.is_file():
-        raise ContractError(f"{model_path}: no contract sidecar {sidecar.name} next to the model")
-    try:
-        contract = Contract.model_validate(json.loads(sidecar.read_text()))
-    except ValueError as err:
-        raise ContractError(f"{sidecar}: invalid contract: {str(err).splitlines()[0]}") from None
-    if file_sha256(model_path) != contract.sha256:
-        raise ContractError(f"{model_path}: sha256 does not match its contract (modified or wrong file)")
-    return contract
+def choose_providers(
+    available: Sequence[str],
+    contract: Contract,
+    preferred: Sequence[str] | None = None,
+    cache_dir: Path | None = None,
+    max_batch: int = 32,
+) -> list[ProviderSpec]:
+    """The ONNX Runtime providers to ask for, best first, each only if this onnxruntime build has it.
+
+    The TensorRT EP gets an engine and timing cache (under `cache_dir`, so a session start does not
+    rebuild the engine), an optimisation profile 1..max_batch for the dynamic batch axis, and fp16/int8
+    flags from the contract's precision. The CPU EP always closes the list as the fallback.
+    """
+    chosen: list[ProviderSpec] = []
+    for name in preferred or PREFERRED_PROVIDERS:
+        if name not in available or name == "CPUExecutionProvider":
+            continue
+        if name == "TensorrtExecutionProvider":
+            shape = f"{contract.input_name}:{{}}x3x{contract.height}x{contract.width}"
+            options: dict[str, Any] = {
+                "trt_fp16_enable": contract.precision != "fp32",
+                "trt_int8_enable": contract.precision == "int8",
+                "trt_profile_min_shapes": shape.format(1),
+                "trt_profile_opt_shapes": shape.format(max(1, max_batch // 2)),
+                "trt_profile_max_shapes": shape.format(max_batch),
+            }
+            if cache_dir is not None:
+                options.update(
+                    trt_engine_cache_enable=True,
+                    trt_engine_cache_path=str(cache_dir),
+                    trt_timing_cache_enable=True,
+                    trt_timing_cache_path=str(cache_dir),
+                )
+            chosen.append((name, options))
+        else:
+            chosen.append(name)
+    chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+class OrtBackend:
+    """An ONNX Runtime session on the best available provider."""
+
+    def __init__(
+        self,
+        path: Path,
+        contract: Contract,
+        providers: Sequence[str] | None,
+        threads: int | None,
+        cache_dir: Path | None,
+        max_batch: int,
+    ) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        chosen = choose_providers(ort.get_available_providers(), contract, providers, cache_dir, max_batch)
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        self.session = ort.InferenceSession(str(path), options, providers=chosen)
+        self.providers = self.session.get_providers()
+        inputs = self.session.get_inputs()
+        if (
+            len(inputs) != 1
+            or inputs[0].name != contract.input_name
+            or list(inputs[0].shape[1:]) != [3, contract.height, contract.width]
+        ):
+            raise ContractError(
+                f"{path}: graph input {[(i.name, i.shape) for i in inputs]} does not match "
+                f"the contract ({contract.input_name}, [N, 3, {contract.height}, {contract.width}])"
+            )
+        self.input_name = contract.input_name
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
+
+
+def preprocess(contract: Contract, images: Sequence[Image.Image]) -> np.ndarray:
+    """Decoded RGB images -> (N, 3, H, W) float32 as the contract requires."""
+    c = contract
+    size = (c.width, c.height)
+    arrays = [np.asarray(img.resize(size, Image.BICUBIC), dtype=np.float32) for img in images]
+    batch = np.stack(arrays).transpose(0, 3, 1, 2) * np.float32(c.scale)
+    mean = np.array(c.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.array(c.std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return (batch - mean) / std
 
 
 class FeatureExtractor:
@@ -45,73 +133,67 @@ class FeatureExtractor:
         providers: Sequence[str] | None = None,
         batch_size: int = 32,
         threads: int | None = None,
+        cache_dir: Path | None = None,
     ) -> None:
+        """`cache_dir`: where the TensorRT EP keeps engines (default: `<model>.trt-cache/` next to it)."""
         self.path = Path(path)
-        if self.path.suffix in (".engine", ".plan"):
-            raise ContractError(
-                f"{self.path}: TensorRT engines need the TensorRT runtime (pip install "
-                "'fedreid-edge[gpu]') and a GPU; use the .onnx model on this machine"
-            )
-        if self.path.suffix != ".onnx":
-            raise ContractError(f"{self.path}: unknown model type (expected .onnx, .engine or .plan)")
-        self.contract = load_contract(self.path)
-        import onnxruntime as ort
-
-        available = set(ort.get_available_providers())
-        chosen = [p for p in (providers or PREFERRED_PROVIDERS) if p in available] or ["CPUExecutionProvider"]
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(self.path), options, providers=chosen)
-        inputs = self.session.get_inputs()
-        c = self.contract
-        if (
-            len(inputs) != 1
-            or inputs[0].name != c.input_name
-            or list(inputs[0].shape[1:]) != [3, c.height, c.width]
-        ):
-            raise ContractError(
-                f"{self.path}: graph input {[(i.name, i.shape) for i in inputs]} does not match "
-                f"the contract ({c.input_name}, [N, 3, {c.height}, {c.width}])"
-            )
         self.batch_size = batch_size
-        self.mean = np.array(c.mean, dtype=np.float32).reshape(1, 3, 1, 1)
-        self.std = np.array(c.std, dtype=np.float32).reshape(1, 3, 1, 1)
+        if self.path.suffix in (".engine", ".plan"):
+            from export.tensorrt import TensorRTBackend, require_tensorrt
+
+            require_tensorrt()  # say what is missing before anything else
+            self.contract = load_contract(self.path)
+            self.backend: Backend = TensorRTBackend(self.path, self.contract)
+            self.batch_size = min(batch_size, self.backend.max_batch)
+        elif self.path.suffix == ".onnx":
+            self.contract = load_contract(self.path)
+            cache = cache_dir or self.path.with_name(self.path.name + ".trt-cache")
+            self.backend = OrtBackend(self.path, self.contract, providers, threads, cache, batch_size)
+        else:
+            raise ContractError(f"{self.path}: unknown model type (expected .onnx, .engine or .plan)")
 
     @property
     def providers(self) -> list[str]:
-        return self.session.get_providers()
+        return self.backend.providers
 
-    def preprocess(self, images: Iterable[Image.Image | str | Path]) -> np.ndarray:
-        """Images (PIL or paths) -> (N, 3, H, W) float32 as the contract requires."""
-        c = self.contract
-        arrays = []
-        for img in images:
-            if not isinstance(img, Image.Image):
-                with Image.open(img) as opened:
-                    img = opened.convert("RGB")
-            resized = img.convert("RGB").resize((c.width, c.height), Image.BICUBIC)
-            arrays.append(np.asarray(resized, dtype=np.float32))
-        batch = np.stack(arrays).transpose(0, 3, 1, 2) * np.float32(c.scale)
-        return (batch - self.mean) / self.std
+    def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return preprocess(self.contract, images)
 
     def run(self, batch: np.ndarray, flip: bool = False) -> np.ndarray:
         """Features of preprocessed images, L2-normalised; with `flip`, of the image + its mirror."""
         out = []
         for start in range(0, len(batch), self.batch_size):
             x = np.ascontiguousarray(batch[start : start + self.batch_size], dtype=np.float32)
-            f = self.session.run(None, {self.contract.input_name: x})[0]
+            f = self.backend.run(x)
             if flip:
-                f = (
-                    f
-                    + self.session.run(None, {self.contract.input_name: np.ascontiguousarray(x[..., ::-1])})[
-                        0
-                    ]
-                )
+                f = f + self.backend.run(np.ascontiguousarray(x[..., ::-1]))
             out.append(f)
-        feats = np.concatenate(out)
+        feats = np.concatenate(out).astype(np.float32, copy=False)
         return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
 
-    def __call__(self, images: Iterable[Image.Image | str | Path], flip: bool = False) -> np.ndarray:
-        return self.run(self.preprocess(images), flip=flip)
+    def extract(
+        self, paths: Sequence[str | Path], flip: bool = False, chunk: int = 256
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(features, indices of the readable paths); unreadable images are skipped with one warning."""
+        feats, kept = [], []
+        for start in range(0, len(paths), chunk):
+            decoded = [(i, open_rgb(Path(paths[i]))) for i in range(start, min(start + chunk, len(paths)))]
+            good = [(i, img) for i, img in decoded if img is not None]
+            if good:
+                kept.extend(i for i, _ in good)
+                feats.append(self.run(self.preprocess([img for _, img in good]), flip=flip))
+        if not feats:
+            raise ValueError("no readable image among the given files")
+        return np.concatenate(feats), np.asarray(kept, dtype=np.int64)
+
+    def __call__(self, images: Sequence[Image.Image | str | Path], flip: bool = False) -> np.ndarray:
+        """Features of every image, in order; an unreadable file is a ValueError naming it."""
+        decoded = []
+        for img in images:
+            if not isinstance(img, Image.Image):
+                opened = open_rgb(Path(img))
+                if opened is None:
+                    raise ValueError(f"{img}: not a readable image")
+                img = opened
+            decoded.append(img.convert("RGB"))
+        return self.run(self.preprocess(decoded), flip=flip)

@@ -7,7 +7,7 @@ model or raises `MessageError` with one clear line; it never evaluates or unpick
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -78,6 +78,7 @@ class NodeStatus(_Message):
     state: Literal["online", "offline", "training", "idle"]
     round: int | None = None
     time: float
+    deployed: str | None = Field(None, max_length=160)  # sites: the model version serving inference
 
 
 class RoundStart(_Message):
@@ -132,6 +133,22 @@ class UpdateAck(_Message):
     reason: str = ""
 
 
+class Deployment(_Message):
+    """Retained by the aggregator on ``deploy``: the model the sites should serve inference with.
+
+    The exported ONNX file follows as retained chunks on ``deploy/chunks/<index>``; `contract` is its
+    JSON sidecar (export.contract.Contract), whose ``sha256`` must equal ``blob.sha256``.
+    """
+
+    kind: Literal["deployment"] = "deployment"
+    federation: Name
+    version: str = Field(pattern=r"^[A-Za-z0-9_.:/+-]{1,128}$")
+    round: int = Field(ge=-1)
+    blob: BlobRef
+    contract: dict[str, Any]
+    created: float
+
+
 class ChunkRequest(_Message):
     """Ask the sender of a blob to publish some of its chunks again."""
 
@@ -142,7 +159,8 @@ class ChunkRequest(_Message):
 
 
 Message = Annotated[
-    NodeStatus | RoundStart | RunEnd | UpdateManifest | UpdateAck | ChunkRequest, Field(discriminator="kind")
+    NodeStatus | RoundStart | RunEnd | UpdateManifest | UpdateAck | ChunkRequest | Deployment,
+    Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
 

@@ -58,6 +58,7 @@ class Endpoint:
         self.client.max_inflight_messages_set(20)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.announce = announce
+        self.deployed: str | None = None  # reported in the status document
         if announce:
             self.client.will_set(topics.status(node), self._status("offline"), qos=1, retain=True)
         self.client.on_connect = self._on_connect
@@ -71,9 +72,15 @@ class Endpoint:
         self.state = "online"
 
     def _status(self, state: str, round_: int | None = None) -> bytes:
-        return encode_message(
-            NodeStatus(node=self.node, role=self.role, state=state, round=round_, time=time.time())
+        status = NodeStatus(
+            node=self.node,
+            role=self.role,
+            state=state,
+            round=round_,
+            time=time.time(),
+            deployed=self.deployed,
         )
+        return encode_message(status)
 
     # -- paho callbacks (network thread: no heavy work here) --------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -104,7 +111,7 @@ class Endpoint:
             if item is None:
                 return
             topic, payload = item
-            for topic_filter, handler in self.handlers.items():
+            for topic_filter, handler in list(self.handlers.items()):
                 if paho.topic_matches_sub(topic_filter, topic):
                     try:
                         handler(topic, payload)

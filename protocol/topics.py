@@ -10,6 +10,9 @@
 | ``sites/<site>/chunks`` | that site | chunks of its update blob | no |
 | ``sites/<site>/ack`` | aggregator | UpdateAck | no |
 | ``sites/<site>/resend`` | aggregator | ChunkRequest for that site's chunks | no |
+| ``deploy`` | aggregator | Deployment: the model sites serve inference with | yes |
+| ``deploy/chunks`` | aggregator | chunks of the deployed model file | no |
+| ``deploy/resend`` | sites | ChunkRequest for chunks of the deployed model | no |
 """
 
 from __future__ import annotations
@@ -58,6 +61,18 @@ class Topics:
     @property
     def global_resend(self) -> str:
         return f"{self.root}/global/resend"
+
+    @property
+    def deploy(self) -> str:
+        return f"{self.root}/deploy"
+
+    @property
+    def deploy_chunks(self) -> str:
+        return f"{self.root}/deploy/chunks"
+
+    @property
+    def deploy_resend(self) -> str:
+        return f"{self.root}/deploy/resend"
 
     def site(self, site: str, leaf: str) -> str:
         return f"{self.root}/sites/{check_name(site, 'site')}/{leaf}"

@@ -42,3 +42,11 @@ def metrics_table(title: str, rows: Iterable[Mapping[str, object]]) -> Table:
     for row in rows:
         table.add_row(*(f"{v:.1f}" if isinstance(v, float) else str(v) for v in row.values()))
     return table
+
+
+def fail(out: Console, error: Exception | str) -> None:
+    """Print one error line (literally: no markup, no wrapping) and exit the command with status 1."""
+    import typer
+
+    out.print(f"error: {error}", style="red", markup=False, soft_wrap=True, highlight=False)
+    raise typer.Exit(1)

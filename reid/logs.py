@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import faulthandler
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 
 _site: contextvars.ContextVar[str] = contextvars.ContextVar("site", default="-")
@@ -53,6 +56,10 @@ def configure_logging(level: str | int = "INFO") -> None:
     handler.setFormatter(logging.Formatter(FORMAT))
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+        # `kill -USR1 <pid>` prints every thread's stack (for a stuck process); needs a real stderr
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
 
 
 @contextlib.contextmanager

@@ -22,6 +22,8 @@ from typer.testing import CliRunner
 from cloud.cli import app
 from cloud.local_federation import agent_command, run_local_federation
 from cloud.server import Aggregator, ServeConfig
+from edge.deployment import current_model
+from export.contract import load_contract
 from protocol.broker import EmbeddedBroker, LocalBroker, find_mosquitto, free_port, parse_url
 from protocol.chunks import parse_chunk, split_blob
 from protocol.codec import decode_state, encode_state
@@ -51,6 +53,7 @@ def any_broker(request) -> Iterator[str]:
 
 def test_three_agent_processes_two_rounds(tiny_federation, tmp_path, any_broker):
     mosquitto_url = any_broker
+    sites = sorted((tiny_federation / "sites").iterdir())
     cfg = ServeConfig(
         federation="e2e",
         state_dir=tmp_path / "cloud",
@@ -58,9 +61,10 @@ def test_three_agent_processes_two_rounds(tiny_federation, tmp_path, any_broker)
         min_sites=3,
         deadline_s=600,
         upload_encoding="fp16",
+        deploy_every=2,  # the final round is deployed to the sites before the run ends
+        deploy_images=sites[0] / "query",
         **TINY,
     )
-    sites = sorted((tiny_federation / "sites").iterdir())
     recorder = Recorder(mosquitto_url, "fedreid/v1/e2e/#")
     metrics = run_local_federation(cfg, sites, tmp_path, broker_url=mosquitto_url)
     recorder.stop()
@@ -77,9 +81,16 @@ def test_three_agent_processes_two_rounds(tiny_federation, tmp_path, any_broker)
         load_file(str(root / "00001" / "global.safetensors")),
     )
     assert any(not np.array_equal(init[k].numpy(), last[k].numpy()) for k in init)
+    deployed = load_contract(tmp_path / "cloud" / "e2e" / "deployments" / "00001" / "model.fp32.onnx")
     for s in sites:
         assert (tmp_path / "edge" / s.name / "classifier.safetensors").is_file()
         assert json.loads((tmp_path / "edge" / s.name / "progress.json").read_text())["last_round"] == 1
+        serving = current_model(tmp_path / "edge" / s.name)
+        assert serving is not None and load_contract(serving).sha256 == deployed.sha256
+    assert (
+        deployed.version == "e2e/round-1"
+        and not (tmp_path / "cloud" / "e2e" / "deployments" / "00000").exists()
+    )
 
     _check_nothing_private_left_the_sites(recorder.messages, sites, tmp_path / "edge", last)
 

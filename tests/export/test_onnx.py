@@ -8,28 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from export.onnx_export import contract_path, export_onnx
+from export.contract import contract_path
+from export.onnx_export import export_onnx
 from export.runtime import ContractError, FeatureExtractor
-from reid.data import ImageDataset, InputSpec, eval_transform, make_loader, read_dataset
+from export.tensorrt import TensorRTError
+from reid.data import ImageDataset, InputSpec, eval_transform, make_loader
 from reid.evaluate import extract_features
 from reid.model import ModelSpec, build_model
 
 SPEC = InputSpec(height=64, width=32)
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_federation, tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model(ModelSpec(arch="resnet18"), 5)
-    paths = [r.path for r in read_dataset(tiny_federation / "sites" / "site01").gallery][:24]
-    images = torch.stack([ImageDataset(paths, eval_transform(SPEC))[i][0] for i in range(len(paths))])
-    model.train()
-    with torch.no_grad():  # realistic BatchNorm statistics instead of the init values
-        model(images)
-    model.eval()
-    out = tmp_path_factory.mktemp("export") / "model.onnx"
-    contract, parity = export_onnx(model, SPEC, out, images, version="round-3")
-    return model, out, contract, parity, paths
 
 
 def test_export_passes_the_gate_and_writes_the_contract(exported):
@@ -74,7 +61,7 @@ def test_contract_is_enforced(exported, tmp_path):
     copy.write_bytes(bytes(data))
     with pytest.raises(ContractError, match="sha256"):
         FeatureExtractor(copy)
-    with pytest.raises(ContractError, match="TensorRT"):
+    with pytest.raises(TensorRTError, match="TensorRT engines need"):
         FeatureExtractor(tmp_path / "model.engine")
 
 
@@ -135,3 +122,51 @@ def test_edge_agent_extract_and_search(exported, tiny_federation, tmp_path):
     assert query.name in first and "1.0000" in first
     bad = runner.invoke(app, ["extract", "--model", str(tmp_path / "nope.onnx"), "--images", str(site)])
     assert bad.exit_code != 0 and "Invalid value for --model" in bad.output
+
+
+def test_search_renders_refuses_other_models_and_reindexes(exported, tiny_federation, tmp_path):
+    import shutil
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from edge.cli import app
+    from export.gallery import Gallery
+
+    _, out, _, _, paths = exported
+    folder = tmp_path / "gallery"
+    shutil.copytree(tiny_federation / "sites" / "site01" / "bounding_box_test", folder)
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    runner = CliRunner()
+    npz = tmp_path / "g.npz"
+    result = runner.invoke(app, ["extract", "--model", str(out), "--images", str(folder), "--out", str(npz)])
+    assert result.exit_code == 0, result.output
+    gallery = Gallery.load(npz)
+    assert "corrupt.jpg" not in gallery.names and len(gallery.names) == len(list(folder.glob("*.jpg"))) - 1
+    query = folder / gallery.names[2]
+    png, html = tmp_path / "r.png", tmp_path / "r.html"
+    args = ["search", "--model", str(out), "--gallery", str(npz), "--query", str(query), "--top-k", "4"]
+    result = runner.invoke(app, [*args, "--png", str(png), "--html", str(html)])
+    assert result.exit_code == 0, result.output
+    with Image.open(png) as sheet:  # one row: the query + 4 matches, 64x128 cells, a 12 px gap
+        assert sheet.size == (5 * 64 + 12, 128 + 14)
+    page = html.read_text()
+    assert page.count("<img") == 5 and f"<b>{query.name}</b>" in page and "1.0000" in page
+
+    # another model (other weights): the .npz is refused, then --reindex re-extracts and rewrites it
+    torch.manual_seed(5)
+    other = build_model(ModelSpec(arch="resnet18"), 5).eval()
+    images = torch.stack([ImageDataset(paths, eval_transform(SPEC))[i][0] for i in range(8)])
+    other_path = tmp_path / "other.onnx"
+    export_onnx(other, SPEC, other_path, images, version="round-9")
+    again = ["search", "--model", str(other_path), "--gallery", str(npz), "--query", str(query)]
+    refused = runner.invoke(app, again)
+    assert refused.exit_code != 0 and "extracted with model round-3" in refused.output
+    assert "--reindex" in refused.output
+    redone = runner.invoke(app, [*again, "--reindex"])
+    assert redone.exit_code == 0, redone.output
+    assert "re-indexed" in redone.output and Gallery.load(npz).version == "round-9"
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 truncated")
+    broken_args = [*again[:3], "--gallery", str(tmp_path / "broken.npz"), "--query", str(query)]
+    broken = runner.invoke(app, broken_args, env={"COLUMNS": "300"})
+    assert broken.exit_code != 0 and "not a features file" in broken.output, broken.output

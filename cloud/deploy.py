@@ -1,0 +1,206 @@
+"""Deploying a global model to the sites: export it with the parity gate, then publish it on the broker.
+
+The `Deployment` manifest (version, blob reference, contract) is published **retained** on ``deploy``,
+so a site that connects days later still learns which model to serve; the model file itself is a blob
+like any other (DESIGN: blobs are never retained): its chunks go out once on ``deploy/chunks`` and a
+site that missed them asks on ``deploy/resend``. `DeploymentSource` answers those requests from the
+run's state dir (``deployments/latest.json`` + the exported file), in `cloud-aggregator serve` for as
+long as it runs, and in `cloud-aggregator deploy` for its ``--linger`` time. Both `cloud-aggregator
+deploy` and the aggregator's ``deploy_every`` schedule go through `deploy_round`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file
+
+from export.contract import Contract
+from export.onnx_export import export_onnx
+from protocol.chunks import DEFAULT_CHUNK_BYTES
+from protocol.messages import BlobRef, ChunkRequest, Deployment, MessageError, encode_message, parse_message
+from protocol.mqtt import Endpoint
+from protocol.topics import Topics
+from reid.data import ImageDataset, InputSpec, eval_transform
+from reid.model import ModelSpec, ReIDModel, build_model, load_shared_state
+
+log = logging.getLogger(__name__)
+
+
+class DeployError(RuntimeError):
+    """No such round, no usable parity images, or the export failed its gate."""
+
+
+def load_round(run_dir: Path, round_: int | Literal["latest"] = "latest") -> tuple[int, ReIDModel, InputSpec]:
+    """The global model of a round (or the newest) of the run in `run_dir`, in eval mode."""
+    identity = json.loads((run_dir / "run.json").read_text())
+    spec, input_spec = (
+        ModelSpec.model_validate(identity["model"]),
+        InputSpec.model_validate(identity["input"]),
+    )
+    rounds = sorted((run_dir / "rounds").glob("*/global.safetensors"), key=lambda p: int(p.parent.name))
+    chosen = [p for p in rounds if round_ == "latest" or int(p.parent.name) == int(round_)]
+    if not chosen:
+        raise DeployError(f"no global model for round {round_} in {run_dir / 'rounds'}")
+    model = build_model(spec, 1)
+    load_shared_state(model, load_file(str(chosen[-1])))
+    return int(chosen[-1].parent.name), model.eval(), input_spec
+
+
+def parity_images(paths: Sequence[Path], input_spec: InputSpec, n: int = 32) -> torch.Tensor:
+    """Up to `n` readable images, preprocessed for the model (corrupt ones skipped)."""
+    dataset = ImageDataset(list(paths), eval_transform(input_spec))
+    images = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if item is not None:
+            images.append(item[0])
+        if len(images) == n:
+            break
+    if not images:
+        raise DeployError("no readable image for the parity gate")
+    return torch.stack(images)
+
+
+def _latest_path(run_dir: Path) -> Path:
+    return run_dir / "deployments" / "latest.json"
+
+
+def latest_deployment(run_dir: Path) -> Deployment | None:
+    path = _latest_path(run_dir)
+    if not path.is_file():
+        return None
+    try:
+        message = parse_message(path.read_bytes(), Deployment)
+    except MessageError as err:
+        log.warning("ignoring %s: %s", path, err)
+        return None
+    assert isinstance(message, Deployment)
+    return message
+
+
+def model_file(run_dir: Path, manifest: Deployment) -> Path:
+    return run_dir / "deployments" / f"{manifest.round:05d}" / f"model.{manifest.blob.encoding}.onnx"
+
+
+def publish_model(
+    endpoint: Endpoint,
+    run_dir: Path,
+    model_path: Path,
+    contract: Contract,
+    round_: int,
+) -> Deployment:
+    """Record and publish an exported model (the retained manifest, then the chunks)."""
+    topics: Topics = endpoint.topics
+    blob = model_path.read_bytes()
+    ref = BlobRef(
+        blob_id=contract.sha256[:32],
+        size=len(blob),
+        sha256=contract.sha256,
+        chunks=max(1, math.ceil(len(blob) / DEFAULT_CHUNK_BYTES)),
+        encoding=contract.precision,
+    )
+    manifest = Deployment(
+        federation=topics.federation,
+        version=contract.version,
+        round=round_,
+        blob=ref,
+        contract=contract.model_dump(mode="json"),
+        created=time.time(),
+    )
+    if model_file(run_dir, manifest) != model_path:
+        raise DeployError(f"{model_path}: deployed models live in {model_file(run_dir, manifest)}")
+    payload = encode_message(manifest)
+    latest = _latest_path(run_dir)
+    latest.parent.mkdir(parents=True, exist_ok=True)
+    latest.with_suffix(".tmp").write_bytes(payload)
+    latest.with_suffix(".tmp").replace(latest)  # recorded first: resend requests are answered from it
+    info = endpoint.publish(topics.deploy, payload, retain=True)  # first: receivers then expect the chunks
+    info.wait_for_publish(60)
+    if not info.is_published():
+        raise DeployError("the broker did not acknowledge the deployment manifest")
+    endpoint.publish_blob(topics.deploy_chunks, blob, ref.blob_id, DEFAULT_CHUNK_BYTES)
+    log.info(
+        "deployed %s (%s, %.1f MB, %d chunks)",
+        manifest.version,
+        contract.precision,
+        len(blob) / 1e6,
+        ref.chunks,
+    )
+    return manifest
+
+
+class DeploymentSource:
+    """Answers the sites' ``deploy/resend`` requests with chunks of the run's latest deployed model, and
+    re-publishes the retained manifest after a reconnect (a restarted broker may have lost it)."""
+
+    def __init__(self, endpoint: Endpoint, run_dir: Path) -> None:
+        self.endpoint, self.run_dir = endpoint, run_dir
+        self._cache: tuple[Deployment, bytes] | None = None
+        endpoint.handlers[endpoint.topics.deploy_resend] = self.on_resend
+
+    def _latest(self) -> tuple[Deployment, bytes] | None:
+        manifest = latest_deployment(self.run_dir)
+        if manifest is None:
+            return None
+        if self._cache is None or self._cache[0].blob.sha256 != manifest.blob.sha256:
+            path = model_file(self.run_dir, manifest)
+            blob = path.read_bytes() if path.is_file() else b""
+            if hashlib.sha256(blob).hexdigest() != manifest.blob.sha256:
+                log.warning("the deployed model file %s is missing or modified; not serving it", path)
+                return None
+            self._cache = (manifest, blob)
+        return self._cache
+
+    def republish(self) -> None:
+        manifest = latest_deployment(self.run_dir)
+        if manifest is not None:
+            self.endpoint.publish(self.endpoint.topics.deploy, encode_message(manifest), retain=True)
+
+    def on_resend(self, topic: str, payload: bytes) -> None:
+        try:
+            req = parse_message(payload, ChunkRequest)
+        except MessageError as err:
+            log.warning("dropped deployment chunk request: %s", err)
+            return
+        assert isinstance(req, ChunkRequest)
+        latest = self._latest()
+        if latest is None or req.blob_id != latest[0].blob.blob_id:
+            return  # not ours, or an older deployment: the retained manifest tells the site what is current
+        manifest, blob = latest
+        indices = {i for i in req.indices if 0 <= i < manifest.blob.chunks}
+        log.info("sending %d chunks of deployment %s to %s", len(indices), manifest.version, req.requester)
+        self.endpoint.publish_blob(
+            self.endpoint.topics.deploy_chunks, blob, manifest.blob.blob_id, DEFAULT_CHUNK_BYTES, indices
+        )
+
+
+def deploy_round(
+    endpoint: Endpoint,
+    run_dir: Path,
+    images: Sequence[Path],
+    round_: int | Literal["latest"] = "latest",
+    precision: Literal["fp32", "fp16"] = "fp32",
+) -> Deployment:
+    """Export a round's global model (parity gate on `images`) and publish it to the sites."""
+    r, model, input_spec = load_round(run_dir, round_)
+    version = f"{endpoint.topics.federation}/round-{r}"
+    out = run_dir / "deployments" / f"{r:05d}" / f"model.{precision}.onnx"
+    from export.onnx_export import ExportError
+
+    try:
+        contract, parity = export_onnx(
+            model, input_spec, out, parity_images(images, input_spec), version=version, precision=precision
+        )
+    except ExportError as err:
+        raise DeployError(f"round {r} not deployed: {err}") from None
+    log.info("exported %s: parity min cosine %.6f", version, parity.min_cosine)
+    return publish_model(endpoint, run_dir, out, contract, r)

@@ -1,0 +1,313 @@
+"""Receiving deployed models at a site and swapping the inference model atomically.
+
+`Deployments` follows the retained ``deploy`` manifest. For a new version it collects the file's chunks
+from ``deploy/chunks`` (broadcast once when the model is deployed); when none arrive, or the transfer
+stalls, for `idle_s` it asks for the missing ones on ``deploy/resend`` (a site that was offline at
+deployment time gets the model this way). The complete file goes to one installer thread, which:
+
+1. checks the whole-file sha256 against the manifest *and* the contract inside it (the contract's
+   sha256 must equal the blob's), writes ``models/<version>-<sha12>/model.onnx`` + its contract,
+2. optionally quantises it to int8 on this site's own images with the retrieval gate (``deploy_int8``)
+   and builds a TensorRT engine (``deploy_engine``, when TensorRT and a GPU are present),
+3. opens it with `FeatureExtractor` (which enforces the contract), and only then
+4. swaps: ``models/current.json`` is replaced atomically and `current()` returns the new extractor.
+
+Until the swap the previous model keeps serving; a failed check, gate or build never replaces it (one
+log line says why). int8 rejected or TensorRT missing fall back to the verified ONNX model. The
+previous model folder is kept as a fallback; older ones are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from export.contract import Contract, ContractError, load_contract, write_contract
+from export.runtime import FeatureExtractor
+from protocol.chunks import ChunkError, Reassembler, parse_chunk, sha256_hex
+from protocol.messages import ChunkRequest, Deployment, MessageError, encode_message, parse_message
+from protocol.mqtt import Endpoint
+from reid.logs import log_context
+
+log = logging.getLogger(__name__)
+POINTER = "current.json"
+
+
+def current_model(state_dir: Path) -> Path | None:
+    """The model file an agent's state folder serves inference with (None before any deployment)."""
+    pointer = state_dir / "models" / POINTER
+    if not pointer.is_file():
+        return None
+    try:
+        path = state_dir / "models" / json.loads(pointer.read_text())["path"]
+    except (ValueError, KeyError, TypeError):
+        log.warning("%s is unreadable; no deployed model", pointer)
+        return None
+    return path if path.is_file() else None
+
+
+class DeploymentRejected(RuntimeError):
+    pass
+
+
+class Deployments:
+    def __init__(
+        self,
+        state_dir: Path,
+        endpoint: Endpoint,
+        int8_data: Path | None = None,
+        int8_max_drop: float = 1.0,
+        engine: bool = False,
+        max_bytes: int = 1 << 30,
+    ) -> None:
+        self.dir = state_dir / "models"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.endpoint = endpoint
+        self.topics = endpoint.topics
+        self.int8_data = int8_data
+        self.int8_max_drop = int8_max_drop
+        self.engine = engine
+        self.max_bytes = max_bytes
+        self.lock = threading.Lock()
+        self.pending: tuple[Deployment, Reassembler | None] | None = None
+        self.pending_since = 0.0  # when the pending transfer last made progress (or was announced)
+        self.queued_sha: str | None = None  # fetched, waiting for or in the installer
+        self.jobs: queue.Queue[tuple[Deployment, bytes] | None] = queue.Queue()
+        self.installed_sha: str | None = None
+        self._current: FeatureExtractor | None = None
+        self.version: str | None = None
+        self._load_current()
+        endpoint.handlers[self.topics.deploy] = self._with_site(self._on_manifest)
+        endpoint.handlers[self.topics.deploy_chunks] = self._with_site(self._on_chunk)
+        self.installer = threading.Thread(target=self._install_loop, name="deploy-installer", daemon=True)
+        self.installer.start()
+
+    # -- serving --------------------------------------------------------------------------------------
+    def current(self) -> FeatureExtractor | None:
+        """The extractor inference should use now (swapped atomically when a new model is ready)."""
+        with self.lock:
+            return self._current
+
+    def _load_current(self) -> None:
+        path = current_model(self.dir.parent)
+        if path is None:
+            return
+        try:
+            fx = FeatureExtractor(path)
+        except (ContractError, RuntimeError) as err:
+            log.warning("the deployed model %s does not load (%s); waiting for a new deployment", path, err)
+            return
+        pointer = json.loads((self.dir / POINTER).read_text())
+        self._current, self.version, self.installed_sha = (
+            fx,
+            fx.contract.version,
+            pointer.get("source_sha256"),
+        )
+        self.endpoint.deployed = self.version
+        log.info("serving deployed model %s (%s)", self.version, fx.path.name)
+
+    # -- receiving (endpoint worker thread) -----------------------------------------------------------
+    def _with_site(self, handler: Callable[[str, bytes], None]) -> Callable[[str, bytes], None]:
+        def wrapped(topic: str, payload: bytes) -> None:
+            with log_context(site=self.endpoint.node):
+                handler(topic, payload)
+
+        return wrapped
+
+    def _on_manifest(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return
+        try:
+            msg = parse_message(payload, Deployment)
+            assert isinstance(msg, Deployment)
+            contract = Contract.model_validate(msg.contract)
+        except (MessageError, ValueError) as err:
+            log.warning("dropped deployment manifest: %s", str(err).splitlines()[0])
+            return
+        if msg.federation != self.topics.federation:
+            log.warning("dropped deployment manifest for federation %s", msg.federation)
+            return
+        if contract.sha256 != msg.blob.sha256 or msg.blob.size > self.max_bytes:
+            log.warning(
+                "dropped deployment %s: its contract and blob disagree or it is too large", msg.version
+            )
+            return
+        with self.lock:
+            if msg.blob.sha256 in (self.installed_sha, self.queued_sha):
+                return  # already serving or installing it (the retained manifest comes at every reconnect)
+            if self.pending and self.pending[0].blob.sha256 == msg.blob.sha256:
+                return
+            if self.pending and self.pending[1] is not None:
+                self.pending[1].close()
+            self.pending = (msg, None)
+            self.pending_since = time.monotonic()
+        log.info("deployment %s announced: fetching %d chunks", msg.version, msg.blob.chunks)
+
+    def _on_chunk(self, topic: str, payload: bytes) -> None:
+        try:
+            header, data = parse_chunk(payload)
+        except ChunkError as err:
+            log.warning("dropped deployment chunk: %s", err)
+            return
+        with self.lock:
+            if self.pending is None:
+                return
+            manifest, transfer = self.pending
+            ref = manifest.blob
+            if header.blob_id != ref.blob_id:
+                return  # a chunk of another (older or newer) deployment
+            if (header.blob_size, header.blob_sha256, header.count) != (ref.size, ref.sha256, ref.chunks):
+                log.warning(
+                    "dropped deployment chunk: it disagrees with the manifest of %s", manifest.version
+                )
+                return
+            try:
+                if transfer is None:
+                    transfer = Reassembler(header, max_bytes=self.max_bytes)
+                    self.pending = (manifest, transfer)
+                if transfer.add(header, data):
+                    self.pending_since = time.monotonic()
+                if not transfer.complete:
+                    return
+                blob = transfer.result()
+            except ChunkError as err:
+                log.warning("deployment %s transfer failed: %s", manifest.version, err)
+                return
+            finally:
+                if transfer is not None and transfer.complete:
+                    transfer.close()
+            self.pending = None
+            self.queued_sha = manifest.blob.sha256
+            self.jobs.put((manifest, blob))
+
+    def poll(self, idle_s: float) -> None:
+        """Called periodically: a transfer without progress for `idle_s` asks for its missing chunks."""
+        with self.lock:
+            if self.pending is None or time.monotonic() - self.pending_since < idle_s:
+                return
+            self.pending_since = time.monotonic()
+            manifest, transfer = self.pending
+            missing = transfer.missing() if transfer else list(range(manifest.blob.chunks))
+        request = ChunkRequest(requester=self.endpoint.node, blob_id=manifest.blob.blob_id, indices=missing)
+        with log_context(site=self.endpoint.node):
+            log.info("deployment %s: asking for %d missing chunks", manifest.version, len(missing))
+        self.endpoint.publish(self.topics.deploy_resend, encode_message(request))
+
+    # -- installing (installer thread) ----------------------------------------------------------------
+    def _install_loop(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            manifest, blob = job
+            with log_context(site=self.endpoint.node):
+                try:
+                    self._install(manifest, blob)
+                except Exception as err:  # never replace a working model with a broken one
+                    log.warning(
+                        "deployment %s rejected: %s; still serving %s",
+                        manifest.version,
+                        err,
+                        self.version or "nothing",
+                    )
+                finally:
+                    with self.lock:
+                        self.queued_sha = None
+                    self.jobs.task_done()
+
+    def _install(self, manifest: Deployment, blob: bytes) -> None:
+        if sha256_hex(blob) != manifest.blob.sha256:
+            raise DeploymentRejected("the model file fails its sha256")
+        contract = Contract.model_validate(manifest.contract)
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", manifest.version)
+        folder = self.dir / f"{slug}-{manifest.blob.sha256[:12]}"
+        tmp = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            model = tmp / "model.onnx"
+            model.write_bytes(blob)
+            write_contract(model, contract)
+            serving = self._prepare(model)
+            fx = FeatureExtractor(serving)  # loads and enforces the contract: the last check before the swap
+        except Exception:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.replace(folder)
+        relative = serving.relative_to(tmp)
+        fx = FeatureExtractor(folder / relative)  # reopened at its final path
+        pointer = {
+            "path": f"{folder.name}/{relative.as_posix()}",
+            "version": manifest.version,
+            "source_sha256": manifest.blob.sha256,
+            "precision": fx.contract.precision,
+            "installed": time.time(),
+        }
+        staged = self.dir / (POINTER + ".tmp")
+        staged.write_text(json.dumps(pointer, indent=2))
+        with self.lock:
+            previous = self._current
+            staged.replace(self.dir / POINTER)
+            self._current, self.version, self.installed_sha = fx, manifest.version, manifest.blob.sha256
+        self.endpoint.deployed = manifest.version
+        self.endpoint.set_state(self.endpoint.state)
+        log.info("now serving %s (%s, %s)", manifest.version, fx.contract.precision, ", ".join(fx.providers))
+        kept = previous.path.relative_to(self.dir).parts[0] if previous else ""
+        self._prune(keep={folder.name, kept})
+
+    def _prepare(self, model: Path) -> Path:
+        """The file to serve: the verified ONNX, or its int8 / TensorRT form when configured and good."""
+        serving = model
+        if self.int8_data is not None:
+            from export.onnx_export import ExportError
+            from export.quantize import RetrievalBudget, quantize_int8
+            from reid.data import read_dataset
+
+            budget = RetrievalBudget(max_rank1_drop=self.int8_max_drop, max_map_drop=self.int8_max_drop)
+            try:
+                report = quantize_int8(
+                    model, read_dataset(self.int8_data), model.with_name("model.int8.onnx"), budget
+                )
+                serving = model.with_name("model.int8.onnx")
+                log.info("int8 accepted on this site: %s", report.describe())
+            except ExportError as err:
+                log.warning("int8 not used (%s); serving the %s model", err, load_contract(model).precision)
+        if self.engine:
+            from export.tensorrt import TensorRTError, build_engine_cached
+
+            try:
+                precision = load_contract(serving).precision
+                built = build_engine_cached(
+                    serving, fp16=True, int8=precision == "int8", cache_dir=model.parent
+                )
+                serving = built.path
+            except TensorRTError as err:
+                log.warning("no TensorRT engine (%s); serving %s with ONNX Runtime", err, serving.name)
+        return serving
+
+    def _prune(self, keep: set[str]) -> None:
+        for folder in self.dir.iterdir():
+            if folder.is_dir() and folder.name not in keep:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def busy(self) -> bool:
+        """A deployment is being fetched or installed."""
+        with self.lock:
+            return self.pending is not None or self.jobs.unfinished_tasks > 0
+
+    def stop(self, drain_s: float = 0.0, idle_s: float = 5.0) -> None:
+        """Stop the installer, first letting a deployment in progress finish for up to `drain_s`."""
+        deadline = time.monotonic() + drain_s
+        while self.busy() and time.monotonic() < deadline:
+            self.poll(idle_s)
+            time.sleep(0.2)
+        self.jobs.put(None)
+        self.installer.join(timeout=60)

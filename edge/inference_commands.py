@@ -1,0 +1,167 @@
+"""The camera-side inference commands of `edge-agent`: extract, search, quantize and build-engine.
+
+They run exported models only (ONNX Runtime or TensorRT through `export.runtime.FeatureExtractor`),
+never PyTorch eager. `--model` takes a model file, or an agent's state folder, meaning the model the
+federation last deployed there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from export.contract import ContractError, load_contract
+from export.gallery import Gallery, GalleryError, extract_folder, image_files
+from export.gallery import search as rank_gallery
+from export.onnx_export import ExportError
+from export.quantize import RetrievalBudget, quantize_int8
+from export.render import render_html, render_png
+from export.runtime import FeatureExtractor
+from reid.console import fail, metrics_table
+from reid.data import DatasetLayoutError, read_dataset
+
+out = Console()
+ModelOpt = typer.Option(
+    ..., "--model", help="a model (.onnx/.engine with its contract) or an agent state folder"
+)
+
+
+def resolve_model(path: Path) -> Path:
+    """A model file as given, or the deployed model of an agent's state folder."""
+    if path.is_dir():
+        from edge.deployment import current_model
+
+        found = current_model(path)
+        if found is None:
+            raise typer.BadParameter(f"{path}: no deployed model in this state folder", param_hint="--model")
+        return found
+    return path
+
+
+def _extractor(model_path: Path) -> FeatureExtractor:
+    try:
+        return FeatureExtractor(resolve_model(model_path))
+    except ContractError as err:
+        raise typer.BadParameter(str(err), param_hint="--model") from None
+
+
+def extract(
+    model_path: Path = ModelOpt,
+    images: Path = typer.Option(..., help="a folder of person crops"),
+    out_path: Path = typer.Option(Path("features.npz"), "--out"),
+    flip: bool = typer.Option(False, help="add the features of the mirrored crops"),
+) -> None:
+    """Extract L2-normalised features of every crop in a folder into an .npz (with names, model version)."""
+    fx = _extractor(model_path)
+    try:
+        gallery = extract_folder(fx, images, flip=flip)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--images") from None
+    gallery.save(out_path)
+    out.print(
+        f"{len(gallery.names)} features ({gallery.features.shape[1]}-d, model {gallery.version or '-'}) "
+        f"written to {out_path}"
+    )
+
+
+def _load_gallery(fx: FeatureExtractor, path: Path, reindex: bool) -> Gallery:
+    if path.suffix != ".npz":
+        return extract_folder(fx, path)
+    try:
+        gallery = Gallery.load(path)
+        try:
+            gallery.check_model(fx, path)
+        except GalleryError:
+            if not reindex:
+                raise
+            gallery = gallery.reindex(fx)
+            gallery.save(path)
+            out.print(f"{path}: re-indexed {len(gallery.names)} crops with model {gallery.version or '-'}")
+        return gallery
+    except GalleryError as err:
+        raise typer.BadParameter(str(err), param_hint="--gallery") from None
+
+
+def search(
+    model_path: Path = ModelOpt,
+    gallery_path: Path = typer.Option(..., "--gallery", help="a folder of crops or a features .npz"),
+    query: Path = typer.Option(..., help="a query crop or a folder of them"),
+    top_k: int = typer.Option(10, min=1),
+    reindex: bool = typer.Option(False, help="re-extract a .npz gallery made by another model (and save it)"),
+    html: Path = typer.Option(None, "--html", help="write the query and its top-k crops to this HTML page"),
+    png: Path = typer.Option(None, "--png", help="write the query and its top-k crops to this PNG"),
+) -> None:
+    """Rank the gallery for each query crop by cosine similarity."""
+    fx = _extractor(model_path)
+    gallery = _load_gallery(fx, gallery_path, reindex)
+    try:
+        queries = [query] if query.is_file() else image_files(query)
+        order, sims = rank_gallery(gallery, fx(queries), top_k)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--query") from None
+    ranked = []
+    for q, idx, sim in zip(queries, order, sims, strict=True):
+        ranked.append([(gallery.path_of(i), float(s)) for i, s in zip(idx, sim, strict=True)])
+        rows = [
+            {"rank": r + 1, "gallery": gallery.names[i], "similarity": f"{s:.4f}"}
+            for r, (i, s) in enumerate(zip(idx, sim, strict=True))
+        ]
+        out.print(metrics_table(f"query {q.name}", rows))
+    title = f"top-{top_k} with model {fx.contract.version or fx.path.name}"
+    if png:
+        render_png(queries, ranked, png)
+        out.print(f"written: {png}")
+    if html:
+        render_html(queries, ranked, html, title)
+        out.print(f"written: {html}")
+
+
+def quantize(
+    model_path: Path = typer.Option(..., "--model", help="the fp32 .onnx model (with its contract)"),
+    data: Path = typer.Option(
+        ..., "--data", help="this site's data set: train crops calibrate, query/gallery gate"
+    ),
+    out_path: Path = typer.Option(None, "--out", help="default: <model>.int8.onnx"),
+    max_rank1_drop: float = typer.Option(1.0, min=0, help="points of rank-1 the int8 model may lose"),
+    max_map_drop: float = typer.Option(1.0, min=0, help="points of mAP the int8 model may lose"),
+    calibration_images: int = typer.Option(256, min=1),
+) -> None:
+    """int8 (static QDQ, per-channel) calibrated on this site's images, kept only if retrieval holds."""
+    target = out_path or model_path.with_name(model_path.stem + ".int8.onnx")
+    try:
+        load_contract(model_path)
+        splits = read_dataset(data)
+        report = quantize_int8(
+            model_path,
+            splits,
+            target,
+            RetrievalBudget(max_rank1_drop=max_rank1_drop, max_map_drop=max_map_drop),
+            calibration_images=calibration_images,
+        )
+    except (ContractError, DatasetLayoutError, ExportError) as err:
+        fail(out, err)
+    out.print(f"{target}: int8 accepted: {report.describe()}")
+
+
+def build_engine(
+    model_path: Path = typer.Option(..., "--model", help="the .onnx model (with its contract)"),
+    fp16: bool = typer.Option(False, "--fp16", help="allow fp16 kernels"),
+    int8: bool = typer.Option(False, "--int8", help="int8 from the model's Q/DQ nodes (an int8 .onnx)"),
+    max_batch: int = typer.Option(32, min=1, help="the largest batch the engine accepts"),
+    cache_dir: Path = typer.Option(None, help="engine cache (default: <model>.engines/ next to the model)"),
+    images: Path = typer.Option(None, help="a folder of crops for the parity check (default: random inputs)"),
+) -> None:
+    """Build (or reuse from the cache) a TensorRT engine for this GPU, checked against ONNX Runtime."""
+    from export.tensorrt import TensorRTError, build_engine_cached
+
+    try:
+        parity_images = image_files(images)[:16] if images else None
+        result = build_engine_cached(model_path, fp16, int8, max_batch, cache_dir, parity_images)
+    except (ContractError, TensorRTError, ValueError) as err:
+        fail(out, err)
+    out.print(
+        f"{result.path} ({'cached' if result.cached else f'built in {result.seconds:.0f} s'}; "
+        f"parity vs ONNX Runtime min cosine {result.min_cosine:.5f})"
+    )

@@ -1,0 +1,177 @@
+"""Deployment to sites over a real mosquitto: `cloud-aggregator deploy` publishes, `edge-agent start`
+processes verify and swap atomically, hostile manifests never replace a working model, and a site that
+connects later learns the deployment from the retained manifest and fetches the file on request."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+import torch
+from paho.mqtt.enums import CallbackAPIVersion
+from typer.testing import CliRunner
+
+from cloud.cli import app as cloud_app
+from cloud.journal import Journal
+from cloud.local_federation import agent_command
+from cloud.server import ServeConfig
+from edge.cli import app as edge_app
+from edge.deployment import current_model
+from export.contract import load_contract
+from protocol.broker import parse_url
+from protocol.chunks import split_blob
+from protocol.messages import BlobRef, Deployment, NodeStatus, encode_message, parse_message
+from protocol.mqtt import Endpoint
+from protocol.topics import Topics
+from reid.data import InputSpec
+from reid.model import ModelSpec, build_model, shared_state
+
+FED = "deploytest"
+
+
+def _wait(predicate, timeout: float = 90.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _statuses(url: str, topics: Topics) -> dict[str, NodeStatus]:
+    """The retained status documents of the federation, read by a fresh client."""
+    host, port, _ = parse_url(url)
+    seen: dict[str, NodeStatus] = {}
+    client = paho.Client(CallbackAPIVersion.VERSION2)
+    client.on_message = lambda c, u, m: seen.__setitem__(m.topic.rsplit("/", 1)[1], parse_message(m.payload))
+    client.connect(host, port)
+    client.subscribe(topics.status_all, qos=1)
+    client.loop_start()
+    time.sleep(1.0)
+    client.loop_stop()
+    client.disconnect()
+    return seen
+
+
+def _deployed_version(state: Path) -> str | None:
+    model = current_model(state)
+    return load_contract(model).version if model else None
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    """An aggregator state dir with global models for rounds 0 and 1 (different weights)."""
+    cfg = ServeConfig(
+        federation=FED,
+        state_dir=tmp_path / "cloud",
+        model=ModelSpec(arch="resnet18"),
+        input=InputSpec(height=64, width=32),
+    )
+    journal = Journal(tmp_path / "cloud" / FED)
+    journal.check_identity(cfg.identity())
+    for r in (0, 1):
+        torch.manual_seed(r)
+        journal.save_global(r, shared_state(build_model(cfg.model, 1)), {"round": str(r)})
+    return tmp_path / "cloud"
+
+
+def test_deploy_verify_swap_reject_and_late_join(tiny_federation, tmp_path, mosquitto_url, run_dir):
+    topics = Topics(FED)
+    sites = sorted((tiny_federation / "sites").iterdir())
+    images = sites[0] / "query"
+    edge = tmp_path / "edge"
+    logs = {s.name: tmp_path / f"{s.name}.log" for s in sites}
+    procs = []
+
+    def start_agent(site: Path) -> None:
+        cmd = agent_command(site, mosquitto_url, FED, edge)[:-1]  # without --exit-when-done
+        with open(logs[site.name], "ab") as out:
+            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT))
+
+    def deploy(round_: int) -> None:
+        args = ["deploy", "--state-dir", str(run_dir), "--federation", FED, "--round", str(round_)]
+        result = CliRunner().invoke(cloud_app, [*args, "--broker", mosquitto_url, "--images", str(images)])
+        assert result.exit_code == 0, result.output
+        assert f"deployed {FED}/round-{round_}" in result.output
+
+    try:
+        start_agent(sites[1])
+        assert _wait(lambda: "site01" in _statuses(mosquitto_url, topics), 60), logs["site01"].read_text()
+        deploy(0)
+        site01 = edge / "site01"
+        assert _wait(lambda: _deployed_version(site01) == f"{FED}/round-0"), logs["site01"].read_text()
+        exported = run_dir / FED / "deployments" / "00000" / "model.fp32.onnx"
+        assert load_contract(current_model(site01)).sha256 == load_contract(exported).sha256
+        assert _wait(lambda: _statuses(mosquitto_url, topics)["site01"].deployed == f"{FED}/round-0", 30)
+
+        # hostile deployments: contract and blob disagree; a file with a valid hash that is not a model
+        evil = Endpoint(mosquitto_url, topics, "evil", "aggregator", announce=False).start()
+        contract = load_contract(exported).model_dump(mode="json")
+        junk = b"definitely not an onnx model" * 100
+        sha = hashlib.sha256(junk).hexdigest()
+        ref = BlobRef(blob_id=sha[:32], size=len(junk), sha256=sha, chunks=1, encoding="fp32")
+        mismatched = Deployment(
+            federation=FED, version="evil/1", round=5, blob=ref, contract=contract, created=0
+        )
+        evil.publish(topics.deploy, encode_message(mismatched), retain=True).wait_for_publish(5)
+        assert _wait(lambda: "contract and blob disagree" in logs["site01"].read_text(), 30)
+        broken = mismatched.model_copy(update={"version": "evil/2", "contract": {**contract, "sha256": sha}})
+        evil.publish(topics.deploy, encode_message(broken), retain=True).wait_for_publish(5)
+        assert _wait(lambda: "deployment evil/2 announced" in logs["site01"].read_text(), 30)
+        for chunk in split_blob(junk, ref.blob_id, 1 << 20):
+            evil.publish(topics.deploy_chunks, chunk).wait_for_publish(5)
+        evil.publish(topics.deploy, b"{not json", retain=False).wait_for_publish(5)
+        assert _wait(lambda: "deployment evil/2 rejected" in logs["site01"].read_text(), 60)
+        assert f"still serving {FED}/round-0" in logs["site01"].read_text()
+        assert "dropped deployment manifest: not JSON" in logs["site01"].read_text()
+        assert _deployed_version(site01) == f"{FED}/round-0"  # the working model was never replaced
+        evil.stop()
+
+        # a real new deployment replaces it (the deployer lingers to answer requests for the file); the
+        # previous model stays as the fallback folder
+        args = ["deploy", "--state-dir", str(run_dir), "--federation", FED, "--round", "1", "--linger", "300"]
+        deployer = subprocess.Popen(
+            [sys.executable, "-m", "cloud.cli", *args, "--broker", mosquitto_url, "--images", str(images)],
+            stdout=open(tmp_path / "deployer.log", "wb"),  # noqa: SIM115 (closed with the process)
+            stderr=subprocess.STDOUT,
+        )
+        procs.append(deployer)
+        assert _wait(lambda: _deployed_version(site01) == f"{FED}/round-1"), logs["site01"].read_text()
+        folders = sorted(p.name for p in (site01 / "models").iterdir() if p.is_dir())
+        assert (
+            len(folders) == 2
+            and any("round-0" in f for f in folders)
+            and any("round-1" in f for f in folders)
+        )
+
+        # a site that connects later gets the retained deployment from the broker alone
+        start_agent(sites[2])
+        assert _wait(lambda: _deployed_version(edge / "site02") == f"{FED}/round-1"), logs[
+            "site02"
+        ].read_text()
+
+        # the camera commands use the deployed model through the state folder
+        query = sorted((sites[1] / "query").glob("*.jpg"))[0]
+        search = ["search", "--model", str(site01), "--gallery", str(sites[1] / "bounding_box_test")]
+        result = CliRunner().invoke(edge_app, [*search, "--query", str(query), "--top-k", "2"])
+        assert result.exit_code == 0, result.output
+        assert query.name in result.output
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=20)
+        # leave no retained deployment behind for other tests on the shared broker
+        host, port, _ = parse_url(mosquitto_url)
+        cleaner = paho.Client(CallbackAPIVersion.VERSION2)
+        cleaner.connect(host, port)
+        cleaner.loop_start()
+        cleaner.publish(topics.deploy, b"", qos=1, retain=True).wait_for_publish(5)
+        cleaner.loop_stop()
+        cleaner.disconnect()
+    assert json.loads((site01 / "models" / "current.json").read_text())["precision"] == "fp32"

@@ -1,0 +1,100 @@
+"""int8 static QDQ calibrated on the site's images, accepted or rejected on retrieval, via the CLIs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from export.contract import contract_path, load_contract
+from export.onnx_export import export_onnx
+from export.quantize import QuantizationRejected, RetrievalBudget, quantize_int8, retrieval_gate
+from export.runtime import FeatureExtractor
+from reid.data import InputSpec
+from reid.model import ModelSpec, build_model
+from reid.site import SiteData
+from reid.train import TrainConfig, train_local
+
+SPEC = InputSpec(height=64, width=32)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_federation, tmp_path_factory):
+    """A tiny ResNet-18 trained for a few epochs on site01 (retrieval well above chance), exported fp32."""
+    site = SiteData(tiny_federation / "sites" / "site01", SPEC, batch_size=16)
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(arch="resnet18"), site.num_classes)
+    config = TrainConfig(epochs=6, batch_size=16, lr_head=0.02, lr_backbone=0.02, seed=0)
+    train_local(model, site.train_loader(), config)
+    out = tmp_path_factory.mktemp("int8") / "model.onnx"
+    export_onnx(model, SPEC, out, site.cdw_images(32), version="fed/round-6")
+    return out, site
+
+
+def test_gate_compares_rank1_and_map_with_the_budget():
+    fp32 = {"rank1": 80.0, "mAP": 60.0}
+    budget = RetrievalBudget()
+    assert retrieval_gate(fp32, {"rank1": 79.5, "mAP": 59.1}, budget) == []
+    assert retrieval_gate(fp32, {"rank1": 81.0, "mAP": 62.0}, budget) == []
+    reasons = retrieval_gate(fp32, {"rank1": 78.5, "mAP": 58.0}, budget)
+    assert len(reasons) == 2 and "rank-1 drops 1.50" in reasons[0] and "mAP drops 2.00" in reasons[1]
+    assert (
+        retrieval_gate(fp32, {"rank1": 78.5, "mAP": 58.0}, RetrievalBudget(max_rank1_drop=2, max_map_drop=2))
+        == []
+    )
+
+
+def test_edge_agent_quantize_accepts_a_calibrated_int8_model(trained, tiny_federation):
+    from edge.cli import app
+
+    fp32, site = trained
+    # with 20 queries one query moves rank-1 by 5 points: the budget allows one query, and 2 points of mAP
+    one_query = 100 / len(site.splits.query) + 0.01
+    out = fp32.with_name("site.int8.onnx")
+    args = ["quantize", "--model", str(fp32), "--data", str(site.splits.root), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--max-rank1-drop", str(one_query), "--max-map-drop", "2"])
+    assert result.exit_code == 0, result.output
+    assert "int8 accepted" in result.output and "rank-1" in result.output and "mAP" in result.output
+    contract = load_contract(out)
+    assert contract.precision == "int8" and contract.version == "fed/round-6"
+    assert contract.quality["calibration_images"] == len(site.splits.train)
+    assert contract.quality["fp32_rank1"] - contract.quality["int8_rank1"] <= one_query
+    assert out.stat().st_size < 0.4 * fp32.stat().st_size  # int8 weights
+    crops = [r.path for r in site.splits.gallery[:12]]
+    reference, quantized = FeatureExtractor(fp32)(crops), FeatureExtractor(out)(crops)
+    assert np.sum(reference * quantized, axis=1).mean() > 0.99
+
+
+def test_a_badly_calibrated_model_is_rejected_and_leaves_no_file(trained, tmp_path):
+    fp32, site = trained
+    blank = []
+    for i in range(4):  # calibrating on black frames clips every bright pixel: the features degrade
+        blank.append(tmp_path / f"black{i}.png")
+        Image.new("RGB", (32, 64)).save(blank[-1])
+    out = tmp_path / "bad.int8.onnx"
+    budget = RetrievalBudget(max_rank1_drop=0, max_map_drop=0)
+    with pytest.raises(QuantizationRejected, match=r"int8 rejected: .*drops") as err:
+        quantize_int8(fp32, site.splits, out, budget, calibration_paths=blank)
+    assert err.value.report.calibration_images == 4
+    assert err.value.report.fp32["mAP"] > err.value.report.int8["mAP"]
+    assert not out.exists() and not contract_path(out).exists()
+
+
+def test_int8_needs_an_fp32_source_and_a_query_gallery(trained, tmp_path):
+    from export.onnx_export import ExportError
+
+    fp32, site = trained
+    int8_contract = json.loads(contract_path(fp32).read_text()) | {"precision": "fp16"}
+    fake = tmp_path / "half.onnx"
+    fake.write_bytes(fp32.read_bytes())
+    contract_path(fake).write_text(json.dumps(int8_contract))
+    with pytest.raises(ExportError, match="starts from an fp32 model"):
+        quantize_int8(fake, site.splits, tmp_path / "x.onnx")
+    no_eval = dataclasses.replace(site.splits, query=[])
+    with pytest.raises(ExportError, match="query and gallery"):
+        quantize_int8(fp32, no_eval, tmp_path / "x.onnx")
