@@ -43,6 +43,7 @@ bench: setup
 	$(BIN)/python bench/train_loop.py
 	$(BIN)/python bench/transfer.py
 	$(BIN)/python bench/round.py
+	$(BIN)/python bench/inference.py --quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -18,6 +18,7 @@ from cloud.deploy import DeployError, DeploymentSource, deploy_round, load_round
 from cloud.journal import Journal
 from cloud.local_federation import run_local_federation
 from cloud.plots import markdown_report, plot_rounds, read_metrics
+from cloud.provision import ProvisionError, Provisioning
 from cloud.server import Aggregator, ServeConfig
 from cloud.simulate import CHECKPOINT, METRICS, Algorithm, SimulationConfig, Simulator
 from cloud.strategy import KDConfig, StrategyConfig
@@ -257,6 +258,7 @@ def serve(
     config: Path = typer.Option(None, "--config", help="cloud.toml; flags override its keys"),
     federation: str = typer.Option(None),
     broker: str = typer.Option(None, help="auto (a private local mosquitto) or mqtt(s)://host:port"),
+    identity_dir: Path = typer.Option(None, help="the provisioned aggregator folder (mutual TLS)"),
     state_dir: Path = typer.Option(None, help="checkpoints, journal and metrics"),
     rounds: int = typer.Option(None, min=1),
     min_sites: int = typer.Option(None, min=1),
@@ -277,6 +279,7 @@ def serve(
     overrides = {
         "federation": federation,
         "broker": broker,
+        "identity_dir": identity_dir,
         "state_dir": state_dir,
         "rounds": rounds,
         "min_sites": min_sites,
@@ -319,8 +322,10 @@ def status(
     state_dir: Path = typer.Option(Path("state/cloud"), help="the aggregator's --state-dir"),
     federation: str = typer.Option("default"),
     broker: str = typer.Option(None, help="also show live site status from this broker (mqtt://...)"),
+    identity_dir: Path = typer.Option(None, help="a provisioned identity folder (mqtts:// with signing)"),
 ) -> None:
-    """Show the run: rounds done, the open round, who reported, and (with --broker) who is online."""
+    """Show the run: rounds done, the open round, who reported, and (with --broker) who is online and
+    which deployed model each site serves."""
     root = _run_dir(state_dir, federation)
     journal = Journal(root)
     last = journal.last_global()
@@ -334,13 +339,14 @@ def status(
             for s in open_round["selected"]
         ]
     if broker:
-        live = _live_status(broker, federation)
-        names = {str(r["site"]) for r in rows} | {n for n, (role, _) in live.items() if role == "site"}
+        live = _live_status(broker, federation, identity_dir)
+        names = {str(r["site"]) for r in rows} | {n for n, (role, *_) in live.items() if role == "site"}
         by_site = {str(r["site"]): r for r in rows}
         rows = [
             {
                 **by_site.get(n, {"site": n, "selected": "no", "reported": "-"}),
-                "status": live.get(n, ("", "?"))[1],
+                "status": live.get(n, ("", "?", ""))[1],
+                "serving": live.get(n, ("", "?", ""))[2] or "-",
             }
             for n in sorted(names)
         ]
@@ -357,9 +363,11 @@ def status(
         out.print(metrics_table("sites", rows))
 
 
-def _live_status(url: str, federation: str, seconds: float = 1.5) -> dict[str, tuple[str, str]]:
-    """{node: (role, state)} from the retained status documents; "round": ("deadline", text) if open."""
-    seen: dict[str, tuple[str, str]] = {}
+def _live_status(
+    url: str, federation: str, identity_dir: Path | None = None, seconds: float = 1.5
+) -> dict[str, tuple[str, str, str]]:
+    """{node: (role, state, deployed)} from the retained status documents; "round": ("deadline", text, "")."""
+    seen: dict[str, tuple[str, str, str]] = {}
     topics = Topics(federation)
 
     def on_message(topic: str, payload: bytes) -> None:
@@ -367,7 +375,7 @@ def _live_status(url: str, federation: str, seconds: float = 1.5) -> dict[str, t
             return
         msg = parse_message(payload)
         if isinstance(msg, NodeStatus):
-            seen[msg.node] = (msg.role, msg.state)
+            seen[msg.node] = (msg.role, msg.state, msg.deployed or "")
         elif isinstance(msg, RoundStart):
             left = msg.deadline - time.time()
             seen["round"] = (
@@ -375,10 +383,13 @@ def _live_status(url: str, federation: str, seconds: float = 1.5) -> dict[str, t
                 f"round {msg.round}, deadline in {left:.0f} s"
                 if left > 0
                 else f"round {msg.round}, deadline passed {-left:.0f} s ago",
+                "",
             )
 
     handlers = {topics.status_all: on_message, topics.round: on_message}
-    endpoint = Endpoint(url, topics, f"status-{os.getpid()}", "observer", handlers, announce=False)
+    endpoint = Endpoint(
+        url, topics, f"status-{os.getpid()}", "observer", handlers, announce=False, identity_dir=identity_dir
+    )
     endpoint.start()
     time.sleep(seconds)
     endpoint.stop()
@@ -468,10 +479,13 @@ def deploy(
     linger: float = typer.Option(
         0.0, min=0, help="then answer sites' requests for the model this long (a running serve always does)"
     ),
+    identity_dir: Path = typer.Option(None, help="the provisioned aggregator folder (mqtts:// with signing)"),
 ) -> None:
     """Export a round's global model and publish it for the sites to serve inference with."""
     root = _run_dir(state_dir, federation)
-    endpoint = Endpoint(broker, Topics(federation), "deployer", "aggregator", announce=False)
+    endpoint = Endpoint(
+        broker, Topics(federation), "deployer", "aggregator", announce=False, identity_dir=identity_dir
+    )
     DeploymentSource(endpoint, root)
     endpoint.start()
     try:
@@ -498,6 +512,61 @@ def deploy(
         fail(out, err)
     finally:
         endpoint.stop()
+
+
+provision_app = typer.Typer(help="Trust material: CA, TLS certificates, ACL, signing keys.")
+app.add_typer(provision_app, name="provision")
+
+
+@provision_app.callback(invoke_without_command=True)
+def provision(
+    ctx: typer.Context,
+    federation: str = typer.Option(None, help="the federation name"),
+    sites: str = typer.Option(None, help="comma-separated site identities"),
+    out_dir: Path = typer.Option(None, "--out", help="the folder to create"),
+    broker_host: str = typer.Option("127.0.0.1", help="the broker's host name (in its certificate)"),
+    port: int = typer.Option(8883, help="the broker's TLS port"),
+) -> None:
+    """Create a federation's CA, broker and per-identity certificates, signing keys, mosquitto config, ACL."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if not (federation and sites and out_dir):
+        raise typer.BadParameter("--federation, --sites and --out are required")
+    try:
+        prov = Provisioning.create(out_dir, federation, [s for s in sites.split(",") if s], broker_host, port)
+    except (ProvisionError, ValueError) as err:
+        fail(out, err)
+    out.print(
+        f"provisioned {federation} in {out_dir}: CA, broker ({broker_host}:{port}), "
+        f"aggregator and {len(prov.sites)} sites; give each node only its own folder"
+    )
+    out.print(f"broker: mosquitto -c {out_dir / 'broker' / 'mosquitto.conf'}")
+
+
+@provision_app.command("add-site")
+def provision_add_site(
+    out_dir: Path = typer.Option(..., "--out", help="the provisioned folder"),
+    site: str = typer.Option(..., help="the new site identity"),
+) -> None:
+    """Issue a certificate and signing key for a new site and add it to the ACL and every keyring."""
+    try:
+        Provisioning(out_dir).add_site(site)
+    except (ProvisionError, ValueError) as err:
+        fail(out, err)
+    out.print(f"added {site}: give it {out_dir / site}; send SIGHUP to mosquitto and redistribute keys.json")
+
+
+@provision_app.command("revoke-site")
+def provision_revoke_site(
+    out_dir: Path = typer.Option(..., "--out", help="the provisioned folder"),
+    site: str = typer.Option(..., help="the site identity to revoke"),
+) -> None:
+    """Revoke a site: its certificate goes on the CRL, it leaves the ACL and every keyring."""
+    try:
+        Provisioning(out_dir).revoke_site(site)
+    except (ProvisionError, ValueError) as err:
+        fail(out, err)
+    out.print(f"revoked {site}: send SIGHUP to mosquitto (re-reads ACL and CRL) and redistribute keys.json")
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ class ServeConfig(BaseModel):
 
     federation: str = "default"
     broker: str = "auto"
+    identity_dir: Path | None = Field(None, description="provisioned identity (mutual TLS with mqtts://)")
     state_dir: Path = Path("state/cloud")
     rounds: int = Field(10, ge=1)
     min_sites: int = Field(1, ge=1, description="sites needed online to start a round")
@@ -186,6 +187,7 @@ class Aggregator:
                 t.any_site("chunks"): self._on_chunk,
                 t.global_resend: self._on_global_resend,
             },
+            identity_dir=cfg.identity_dir,
         )
         self.deployments = DeploymentSource(self.endpoint, self.journal.root)
         self.endpoint.on_connected = self._republish_round

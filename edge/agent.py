@@ -72,6 +72,7 @@ class AgentConfig(BaseModel):
     data: Path
     federation: str = "default"
     broker: str = "mqtt://127.0.0.1:1883"
+    identity_dir: Path | None = Field(None, description="provisioned identity (mutual TLS with mqtts://)")
     state_dir: Path = Path("state/edge")
     device: str = "auto"
     workers: int = Field(0, ge=0)
@@ -128,6 +129,7 @@ class Agent:
                 t.site(cfg.site, "ack"): self._on_ack,
                 t.site(cfg.site, "resend"): self._on_resend,
             },
+            identity_dir=cfg.identity_dir,
         )
         self.deployments = Deployments(
             self.dir,

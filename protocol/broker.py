@@ -9,8 +9,10 @@ memory: a fallback for machines without mosquitto). `auto_broker()` picks mosqui
 from __future__ import annotations
 
 import asyncio
+import getpass
 import logging
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -63,7 +65,11 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
 class LocalBroker:
     """mosquitto on 127.0.0.1:<free port>; use as a context manager."""
 
-    def __init__(self, port: int | None = None, workdir: Path | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, workdir: Path | None = None, config: str | None = None
+    ) -> None:
+        """`config`: a complete mosquitto configuration (e.g. the provisioned mutual-TLS one) whose
+        listener uses `port`; default: an anonymous loopback listener."""
         self.binary = find_mosquitto()
         if self.binary is None:
             raise BrokerError("the mosquitto binary was not found (Debian: apt-get install mosquitto)")
@@ -71,17 +77,22 @@ class LocalBroker:
         self._tmp = tempfile.TemporaryDirectory(prefix="fedreid-broker-") if workdir is None else None
         self.workdir = Path(self._tmp.name) if self._tmp else workdir
         self.process: subprocess.Popen | None = None
+        self.config = config
+        self.tls = config is not None and "certfile" in config
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
 
     def start(self) -> LocalBroker:
         conf = self.workdir / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        text = (
+            self.config
+            or f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
             "log_dest stdout\nlog_type error\nlog_type warning\nmax_queued_messages 10000\n"
         )
+        # started as root, mosquitto would switch to user `mosquitto`, which cannot read our private files
+        conf.write_text(text + f"user {getpass.getuser()}\n")
         self.log_path = self.workdir / "mosquitto.log"
         with open(self.log_path, "wb") as out:
             self.process = subprocess.Popen(
@@ -94,6 +105,11 @@ class LocalBroker:
             raise BrokerError(f"mosquitto did not start: {self.log_path.read_text()[-500:]}") from None
         log.info("mosquitto (pid %d) listening on %s", self.process.pid, self.url)
         return self
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto re-reads its ACL and CRL (after add-site / revoke-site)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

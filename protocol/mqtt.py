@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -22,6 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from protocol.broker import parse_url
 from protocol.chunks import DEFAULT_CHUNK_BYTES, split_blob
 from protocol.messages import NodeStatus, encode_message
+from protocol.signing import Keyring, SignatureError, Signer, is_chunk_topic
 from protocol.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,16 @@ class Endpoint:
         handlers: dict[str, Handler] | None = None,
         keepalive: int = 60,
         announce: bool = True,
+        identity_dir: Path | None = None,
     ) -> None:
-        """`announce=False`: an observer (tools) that publishes no status and registers no will."""
+        """`announce=False`: an observer (tools) that publishes no status and registers no will.
+
+        `identity_dir`: a provisioned identity (``ca.crt``, ``client.crt``, ``client.key``) for mutual TLS
+        with an ``mqtts://`` broker; without it, ``mqtts://`` checks the server against the system CAs.
+        With an identity that has ``signing.key`` and ``keys.json``, every JSON message this endpoint
+        publishes is signed, and every one it receives must carry a valid signature of an identity
+        allowed on that topic (protocol.signing); anything else is dropped with one log line.
+        """
         self.topics = topics
         self.node = node
         self.role = role
@@ -53,12 +63,23 @@ class Endpoint:
             protocol=paho.MQTTv311,
             clean_session=True,
         )
-        if tls:
+        if tls and identity_dir is not None:
+            self.client.tls_set(
+                ca_certs=str(identity_dir / "ca.crt"),
+                certfile=str(identity_dir / "client.crt"),
+                keyfile=str(identity_dir / "client.key"),
+            )
+        elif tls:
             self.client.tls_set()
         self.client.max_inflight_messages_set(20)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.announce = announce
         self.deployed: str | None = None  # reported in the status document
+        self.signer: Signer | None = None
+        self.keyring: Keyring | None = None
+        if identity_dir is not None and (identity_dir / "signing.key").is_file():
+            self.keyring = Keyring.load(identity_dir / "keys.json", topics)
+            self.signer = Signer.load(identity_dir / "signing.key", self.keyring)
         if announce:
             self.client.will_set(topics.status(node), self._status("offline"), qos=1, retain=True)
         self.client.on_connect = self._on_connect
@@ -71,6 +92,11 @@ class Endpoint:
         self.worker = threading.Thread(target=self._work, name=f"mqtt-{node}", daemon=True)
         self.state = "online"
 
+    def _sealed(self, topic: str, payload: bytes) -> bytes:
+        if self.signer is None or not payload or is_chunk_topic(topic):
+            return payload
+        return self.signer.wrap(payload)
+
     def _status(self, state: str, round_: int | None = None) -> bytes:
         status = NodeStatus(
             node=self.node,
@@ -80,7 +106,7 @@ class Endpoint:
             time=time.time(),
             deployed=self.deployed,
         )
-        return encode_message(status)
+        return self._sealed(self.topics.status(self.node), encode_message(status))
 
     # -- paho callbacks (network thread: no heavy work here) --------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -111,6 +137,12 @@ class Endpoint:
             if item is None:
                 return
             topic, payload = item
+            if self.keyring is not None and payload and not is_chunk_topic(topic):
+                try:
+                    _, payload = self.keyring.open(payload, topic)
+                except SignatureError as err:
+                    log.warning("dropped message on %s: %s", topic, err)
+                    continue
             for topic_filter, handler in list(self.handlers.items()):
                 if paho.topic_matches_sub(topic_filter, topic):
                     try:
@@ -140,10 +172,10 @@ class Endpoint:
 
     def set_state(self, state: str, round_: int | None = None) -> None:
         self.state = state
-        self.publish(self.topics.status(self.node), self._status(state, round_), retain=True)
+        self.client.publish(self.topics.status(self.node), self._status(state, round_), qos=1, retain=True)
 
     def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int = 1) -> paho.MQTTMessageInfo:
-        return self.client.publish(topic, payload, qos=qos, retain=retain)
+        return self.client.publish(topic, self._sealed(topic, payload), qos=qos, retain=retain)
 
     def publish_blob(
         self,

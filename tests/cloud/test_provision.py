@@ -1,0 +1,200 @@
+"""Provisioning + mutual TLS + per-site ACL on a real mosquitto: a site certificate cannot publish as
+another site nor read other sites' updates; a client without a certificate and a revoked site are
+refused by the broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+from cryptography import x509
+from typer.testing import CliRunner
+
+from cloud.cli import app
+from cloud.provision import AGGREGATOR, Provisioning, mosquitto_conf
+from protocol.broker import LocalBroker, find_mosquitto, free_port
+from protocol.mqtt import Endpoint
+from protocol.topics import Topics
+
+FED = "tls"
+
+
+@pytest.fixture
+def provisioned(tmp_path):
+    if find_mosquitto() is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("mosquitto is not installed")
+        pytest.skip("mosquitto is not installed")
+    out = tmp_path / "pki"
+    result = CliRunner().invoke(
+        app, ["provision", "--federation", FED, "--sites", "site-a,site-b,site-c", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    port = free_port()
+    config = mosquitto_conf(out / "broker", port, "127.0.0.1")
+    with LocalBroker(port=port, workdir=tmp_path, config=config) as broker:
+        yield out, broker
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, topic: str, payload: bytes) -> None:
+        with self.lock:
+            self.messages.append((topic, payload))
+
+    def topics(self) -> set[str]:
+        with self.lock:
+            return {t for t, _ in self.messages}
+
+
+def _node(broker, out, name, handlers=None) -> Endpoint:
+    role = "aggregator" if name == AGGREGATOR else "site"
+    return Endpoint(broker.url, Topics(FED), name, role, handlers, identity_dir=out / name).start()
+
+
+def test_provisioned_files_and_keyring(provisioned):
+    out, _ = provisioned
+    meta = json.loads((out / "federation.json").read_text())
+    assert set(meta["identities"]) == {AGGREGATOR, "site-a", "site-b", "site-c"}
+    cert = x509.load_pem_x509_certificate((out / "site-a" / "client.crt").read_bytes())
+    assert cert.subject.rfc4514_string() == "CN=site-a"
+    keys = json.loads((out / "site-b" / "keys.json").read_text())["identities"]
+    assert keys["site-a"]["role"] == "site" and len(keys[AGGREGATOR]["signing_key"]) == 44
+    assert (
+        not (out / "site-a" / "ca.key").exists()
+        and oct((out / "site-a" / "client.key").stat().st_mode)[-3:] == "600"
+    )
+    acl = (out / "broker" / "acl").read_text()
+    assert "user site-a\ntopic readwrite fedreid/v1/tls/status/site-a" in acl
+    assert "topic write fedreid/v1/tls/sites/site-a/update" in acl and "sites/+/" not in acl
+
+
+def test_tls_acl_confine_each_site_to_its_own_topics(provisioned):
+    out, broker = provisioned
+    t = Topics(FED)
+    cloud_inbox, b_inbox = Inbox(), Inbox()
+    cloud = _node(broker, out, AGGREGATOR, {t.any_site("update"): cloud_inbox})
+    site_a = _node(broker, out, "site-a")
+    # site-b tries to read every site's updates and acks; the ACL lets it read only its own
+    site_b = _node(broker, out, "site-b", {t.any_site("update"): b_inbox, t.any_site("ack"): b_inbox})
+    for node in (cloud, site_a, site_b):
+        assert node.connected.wait(10), "mutual TLS connection failed"
+    site_a.publish(t.site("site-a", "update"), b"from a").wait_for_publish(5)
+    site_a.publish(t.site("site-b", "update"), b"a pretending to be b").wait_for_publish(5)
+    cloud.publish(t.site("site-a", "ack"), b"ack for a").wait_for_publish(5)
+    cloud.publish(t.site("site-b", "ack"), b"ack for b").wait_for_publish(5)
+    time.sleep(1.5)
+    assert cloud_inbox.messages == [(t.site("site-a", "update"), b"from a")]  # the impersonation was dropped
+    assert b_inbox.topics() == {t.site("site-b", "ack")}  # no update of site-a, no ack of site-a
+    for node in (cloud, site_a, site_b):
+        node.stop()
+
+
+def test_no_certificate_and_revoked_site_are_refused(provisioned, tmp_path):
+    out, broker = provisioned
+    anonymous = Endpoint(broker.url.replace("mqtts", "mqtt"), Topics(FED), "anon", "site", announce=False)
+    anonymous.start(timeout=2)
+    assert not anonymous.connected.is_set()  # plain MQTT on the TLS listener: no session
+    anonymous.stop()
+    site_c_files = tmp_path / "site-c-copy"
+    site_c_files.mkdir()
+    for name in ("ca.crt", "client.crt", "client.key"):
+        (site_c_files / name).write_bytes((out / "site-c" / name).read_bytes())
+    result = CliRunner().invoke(app, ["provision", "revoke-site", "--out", str(out), "--site", "site-c"])
+    assert result.exit_code == 0, result.output
+    assert "user site-c" not in (out / "broker" / "acl").read_text()
+    broker.reload()
+    time.sleep(0.5)
+    revoked = Endpoint(broker.url, Topics(FED), "site-c", "site", identity_dir=site_c_files).start(timeout=3)
+    assert not revoked.connected.is_set()  # its certificate is on the CRL
+    revoked.stop()
+    added = CliRunner().invoke(app, ["provision", "add-site", "--out", str(out), "--site", "site-d"])
+    assert added.exit_code == 0, added.output
+    broker.reload()
+    time.sleep(0.5)
+    site_d = _node(broker, out, "site-d")
+    assert site_d.connected.wait(10) and "site-d" in Provisioning(out).sites
+    site_d.stop()
+
+
+def test_a_round_over_mutual_tls_with_signing(provisioned, tiny_federation, tmp_path, caplog):
+    import subprocess
+
+    from cloud.local_federation import agent_command
+    from cloud.server import Aggregator, ServeConfig
+    from reid.data import InputSpec
+    from reid.model import ModelSpec
+
+    out, broker = provisioned
+    sites = sorted((tiny_federation / "sites").iterdir())[1:]  # site01, site02
+    prov = Provisioning(out)
+    for site in sites:  # identities named like the data set folders
+        prov.add_site(site.name)
+    broker.reload()
+    time.sleep(0.5)
+    cfg = ServeConfig(
+        federation=FED,
+        state_dir=tmp_path / "cloud",
+        identity_dir=out / AGGREGATOR,
+        rounds=1,
+        min_sites=2,
+        deadline_s=300,
+        model=ModelSpec(arch="resnet18"),
+        input=InputSpec(height=64, width=32),
+        batch_size=16,
+        lr_head=0.02,
+        lr_backbone=0.02,
+    )
+    # site01's TLS credentials without its signing key: the broker lets it in, the aggregator must not
+    unsigned = tmp_path / "site01-tls-only"
+    unsigned.mkdir()
+    for name in ("ca.crt", "client.crt", "client.key"):
+        (unsigned / name).write_bytes((out / sites[0].name / name).read_bytes())
+    aggregator = Aggregator(cfg, broker.url)
+    sent: list[bool] = []
+
+    def forge() -> None:
+        aggregator.endpoint.connected.wait(30)
+        rogue = Endpoint(
+            broker.url, Topics(FED), sites[0].name, "site", announce=False, identity_dir=unsigned
+        )
+        rogue.start()
+        info = rogue.publish(
+            Topics(FED).site(sites[0].name, "update"), b'{"schema_version": 1, "kind": "update"}'
+        )
+        info.wait_for_publish(10)
+        sent.append(info.is_published())
+        rogue.stop()
+
+    procs = []
+    forger = threading.Thread(target=forge)
+    try:
+        for site in sites:
+            identity = ["--identity-dir", str(out / site.name)]
+            cmd = [*agent_command(site, broker.url, FED, tmp_path / "edge"), *identity]
+            log = open(tmp_path / f"{site.name}.log", "wb")  # noqa: SIM115 (closed with the process)
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+        forger.start()
+        aggregator.run()
+        forger.join()
+        assert sent == [True]
+        for proc in procs:
+            assert proc.wait(timeout=120) == 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    records = [
+        json.loads(line) for line in (tmp_path / "cloud" / FED / "metrics.jsonl").read_text().splitlines()
+    ]
+    rounds = [r for r in records if r.get("kind") == "round"]
+    assert rounds[0]["accepted"] == [s.name for s in sites]
+    assert (
+        f"dropped message on fedreid/v1/{FED}/sites/{sites[0].name}/update: unsigned message" in caplog.text
+    )

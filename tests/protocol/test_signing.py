@@ -1,0 +1,118 @@
+"""Ed25519 envelopes: valid ones open; tampered, unsigned, unknown-signer and off-topic ones do not."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from protocol.messages import RunEnd, encode_message, parse_message
+from protocol.signing import Keyring, SignatureError, Signer
+from protocol.topics import Topics
+
+T = Topics("fed")
+
+
+@pytest.fixture
+def identities(tmp_path):
+    keys = {name: ed25519.Ed25519PrivateKey.generate() for name in ("aggregator", "site-a", "site-b")}
+    raw = {
+        n: base64.b64encode(
+            k.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        )
+        for n, k in keys.items()
+    }
+    ring = {
+        "federation": "fed",
+        "identities": {
+            n: {"role": "aggregator" if n == "aggregator" else "site", "signing_key": raw[n].decode()}
+            for n in keys
+        },
+    }
+    (tmp_path / "keys.json").write_text(json.dumps(ring))
+    for n, k in keys.items():
+        pem = k.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        (tmp_path / f"{n}.key").write_bytes(pem)
+    keyring = Keyring.load(tmp_path / "keys.json", T)
+    return keyring, {n: Signer.load(tmp_path / f"{n}.key", keyring) for n in keys}, tmp_path
+
+
+def test_valid_envelopes_open_to_the_exact_inner_bytes(identities):
+    keyring, signers, _ = identities
+    inner = encode_message(RunEnd(federation="fed", rounds=3))
+    signer, opened = keyring.open(signers["aggregator"].wrap(inner), T.round)
+    assert signer == "aggregator" and opened == inner and parse_message(opened) == parse_message(inner)
+    assert keyring.open(signers["site-a"].wrap(b"{}"), T.site("site-a", "update"))[0] == "site-a"
+    assert keyring.open(signers["site-a"].wrap(b"{}"), T.status("site-a"))[0] == "site-a"
+    assert keyring.open(signers["site-b"].wrap(b"{}"), T.deploy_resend)[0] == "site-b"
+    assert signers["site-b"].identity == "site-b"  # found in the keyring by its public key
+
+
+@pytest.mark.parametrize(
+    "case, reason",
+    [
+        ("unsigned", "unsigned message"),
+        ("not_json", "not JSON"),
+        ("tampered_payload", "invalid signature"),
+        ("tampered_signature", "invalid signature"),
+        ("bad_base64", "invalid signature"),
+        ("unknown_signer", "unknown identity"),
+        ("forged_signer_name", "invalid signature"),
+        ("site_as_other_site", "may not publish"),
+        ("site_announcing_a_round", "may not publish"),
+        ("site_deploying_a_model", "may not publish"),
+    ],
+)
+def test_bad_envelopes_are_refused(identities, case, reason):
+    keyring, signers, _ = identities
+    inner = encode_message(RunEnd(federation="fed", rounds=3))
+    good = json.loads(signers["site-a"].wrap(inner))
+    topic = T.site("site-a", "update")
+    payload: bytes
+    if case == "unsigned":
+        payload = inner
+    elif case == "not_json":
+        payload = b"\xff\x00garbage"
+    elif case == "tampered_payload":
+        payload = json.dumps(
+            {**good, "payload": base64.b64encode(inner.replace(b"3", b"4")).decode()}
+        ).encode()
+    elif case == "tampered_signature":
+        sig = bytearray(base64.b64decode(good["signature"]))
+        sig[0] ^= 1
+        payload = json.dumps({**good, "signature": base64.b64encode(bytes(sig)).decode()}).encode()
+    elif case == "bad_base64":
+        payload = json.dumps({**good, "signature": "***"}).encode()
+    elif case == "unknown_signer":
+        payload = json.dumps({**good, "signer": "mallory"}).encode()
+    elif case == "forged_signer_name":  # site-a's signature, claiming to be the aggregator
+        payload = json.dumps({**good, "signer": "aggregator"}).encode()
+        topic = T.round
+    elif case == "site_as_other_site":
+        payload, topic = signers["site-a"].wrap(inner), T.site("site-b", "update")
+    elif case == "site_announcing_a_round":
+        payload, topic = signers["site-a"].wrap(inner), T.round
+    else:
+        payload, topic = signers["site-a"].wrap(inner), T.deploy
+    with pytest.raises(SignatureError, match=reason):
+        keyring.open(payload, topic)
+
+
+def test_a_key_outside_the_keyring_and_another_federation_are_refused(identities, tmp_path_factory):
+    keyring, _, folder = identities
+    stranger = ed25519.Ed25519PrivateKey.generate()
+    path = tmp_path_factory.mktemp("k") / "stranger.key"
+    path.write_bytes(
+        stranger.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    with pytest.raises(SignatureError, match="not in the keyring"):
+        Signer.load(path, keyring)
+    with pytest.raises(SignatureError, match="keyring of federation"):
+        Keyring.load(folder / "keys.json", Topics("other"))
