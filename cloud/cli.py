@@ -40,6 +40,7 @@ from reid.data import (
 )
 from reid.logs import configure_logging
 from reid.model import Arch, ModelError, ModelSpec
+from reid.privacy import DPConfig
 from reid.synthetic import SyntheticConfig, generate_federation, total_images
 from reid.train import TrainConfig
 
@@ -151,6 +152,10 @@ def simulate(
     kd_lr: float = typer.Option(5e-4),
     kd_max_batches: int = typer.Option(None, min=1),
     kd_max_seconds: float = typer.Option(None),
+    dp_noise: float = typer.Option(
+        None, min=0, help="differential privacy at the sites: noise multiplier sigma"
+    ),
+    dp_clip: float = typer.Option(1.0, help="with --dp-noise: clip each site's delta to this L2 norm"),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
     fresh: bool = typer.Option(False, help="discard a previous run in --out instead of resuming it"),
@@ -187,6 +192,7 @@ def simulate(
         kd=KDConfig(
             every=kd_every, epochs=kd_epochs, lr=kd_lr, max_batches=kd_max_batches, max_seconds=kd_max_seconds
         ),
+        dp=DPConfig(enabled=bool(dp_noise), noise_multiplier=dp_noise or 1.0, clip_norm=dp_clip),
         pretrained=str(pretrained) if pretrained else None,
     )
     sites = _site_dirs(sites_dir)

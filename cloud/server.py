@@ -519,6 +519,9 @@ class Aggregator:
             "aggregate_seconds": round(aggregate_seconds, 4),
             "upload_bytes": {s: m.blob.size for s, m in sorted(cur.accepted.items())},
             "site_timings": {s: m.timings for s, m in sorted(cur.accepted.items())},
+            "dp_epsilon": {
+                s: m.dp_epsilon for s, m in sorted(cur.accepted.items()) if m.dp_epsilon is not None
+            },
         }
         if cur.teachers is not None and cur.teachers.count and self.public is not None:
             load_shared_state(self.model, new_state)

@@ -41,6 +41,7 @@ from reid.data import ImageDataset, InputSpec, eval_transform, make_loader, read
 from reid.evaluate import Metrics
 from reid.logs import log_context
 from reid.model import ModelSpec, ReIDModel, build_model, load_shared_state, new_classifier, shared_state
+from reid.privacy import DPConfig, PrivacyLedger, privatize
 from reid.site import SiteData
 from reid.train import TrainConfig, resolve_device, train_local
 
@@ -65,6 +66,7 @@ class SimulationConfig(BaseModel):
     train: TrainConfig = TrainConfig(lr_head=0.02, lr_backbone=0.02)
     strategy: StrategyConfig = StrategyConfig()
     kd: KDConfig = KDConfig()
+    dp: DPConfig = DPConfig()
     pretrained: str | None = None
 
     def effective_strategy(self) -> StrategyConfig:
@@ -249,6 +251,8 @@ class Simulator:
         teachers = TeacherMean(cfg.kd.normalize) if kd_due else None
         records: list[dict] = []
         summary: dict[str, dict] = {"loss": {}, "cdw": {}, "n_samples": {}, "train_seconds": {}}
+        if cfg.dp.enabled and federated:
+            summary["dp_epsilon"] = {}
         for i, site in enumerate(self.sites):
             with log_context(site=site.name):
                 torch.manual_seed(_seed(cfg, r, i))
@@ -270,6 +274,10 @@ class Simulator:
                     records.append(_metric_record(r, site.name, "local", self._evaluate(site)))
                 if agg is not None:
                     delta = {k: trained[k] - self.global_state[k] for k in trained}
+                    if cfg.dp.enabled:  # every site takes part in every round: r + 1 mechanisms so far
+                        generator = torch.Generator().manual_seed(_seed(cfg, r, i))
+                        delta, _ = privatize(delta, cfg.dp, generator)
+                        summary["dp_epsilon"][site.name] = round(PrivacyLedger(cfg.dp, r + 1).epsilon(), 4)
                     agg.add(Update(site.name, delta, site.data.num_train_images, result.cdw))
                 if teachers is not None and self.public is not None:
                     loader = make_loader(self.public, cfg.kd.batch_size * 2, train=False)

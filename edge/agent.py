@@ -47,7 +47,7 @@ from protocol.messages import (
 from protocol.mqtt import Endpoint
 from protocol.topics import Topics, check_name
 from reid.data import InputSpec
-from reid.logs import log_context
+from reid.logs import bound, log_context
 from reid.model import (
     ModelSpec,
     batchnorm_keys,
@@ -57,6 +57,7 @@ from reid.model import (
     local_state,
     shared_state,
 )
+from reid.privacy import DPConfig, PrivacyLedger, privatize
 from reid.site import SiteData
 from reid.train import TrainConfig, resolve_device, train_local
 
@@ -89,6 +90,9 @@ class AgentConfig(BaseModel):
     deploy_int8: bool = Field(False, description="quantise deployed models to int8 on this site's images")
     int8_max_drop: float = Field(1.0, ge=0, description="rank-1/mAP points int8 may lose, else fp32 serves")
     deploy_engine: bool = Field(False, description="build a TensorRT engine for deployed models (GPU sites)")
+    dp: DPConfig = Field(
+        DPConfig(), description="differential privacy on the uploaded delta (off by default)"
+    )
     deploy_drain_s: float = Field(60.0, ge=0, description="on exit, let a deployment in progress finish")
 
 
@@ -124,10 +128,10 @@ class Agent:
             cfg.site,
             "site",
             {
-                t.round: self._on_round,
-                t.global_chunks: self._on_global_chunk,
-                t.site(cfg.site, "ack"): self._on_ack,
-                t.site(cfg.site, "resend"): self._on_resend,
+                t.round: bound(self._on_round, cfg.site),
+                t.global_chunks: bound(self._on_global_chunk, cfg.site),
+                t.site(cfg.site, "ack"): bound(self._on_ack, cfg.site),
+                t.site(cfg.site, "resend"): bound(self._on_resend, cfg.site),
             },
             identity_dir=cfg.identity_dir,
         )
@@ -149,6 +153,17 @@ class Agent:
         tmp.write_text(json.dumps({"last_round": r}))
         tmp.replace(self.dir / "progress.json")
 
+    def _spend_privacy(self) -> float:
+        """One more Gaussian mechanism on this site's data: the ledger is persisted across restarts."""
+        path = self.dir / "privacy.json"
+        spent = json.loads(path.read_text())["rounds"] if path.is_file() else 0
+        ledger = PrivacyLedger(self.cfg.dp, spent)
+        epsilon = ledger.spend()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rounds": ledger.rounds, "epsilon": epsilon, "delta": self.cfg.dp.delta}))
+        tmp.replace(path)
+        return epsilon
+
     # -- handlers (endpoint worker thread) -------------------------------------------------------------
     def _on_round(self, topic: str, payload: bytes) -> None:
         if not payload:
@@ -158,7 +173,7 @@ class Agent:
         except MessageError as err:
             log.warning("dropped round message: %s", err)
             return
-        if isinstance(msg, RunEnd):
+        if isinstance(msg, RunEnd) and msg.federation == self.cfg.federation:
             log.info("the aggregator finished the run (%d rounds)", msg.rounds)
             if self.cfg.exit_when_done:
                 self.done.set()
@@ -307,7 +322,21 @@ class Agent:
         timings["train"] = round(time.perf_counter() - clock, 3)
         clock = time.perf_counter()
         trained = shared_state(model)
-        delta = {k: (trained[k] - received[k]).numpy() for k in received}
+        delta_t = {k: trained[k] - received[k] for k in received}
+        dp_epsilon = None
+        if self.cfg.dp.enabled:
+            generator = torch.Generator().manual_seed(config.seed)
+            delta_t, norm = privatize(delta_t, self.cfg.dp, generator)
+            dp_epsilon = self._spend_privacy()
+            log.info(
+                "DP: delta norm %.4f clipped to %.4f, noise sigma %.2f; epsilon so far %.2f (delta %g)",
+                norm,
+                self.cfg.dp.clip_norm,
+                self.cfg.dp.noise_multiplier,
+                dp_epsilon,
+                self.cfg.dp.delta,
+            )
+        delta = {k: v.numpy() for k, v in delta_t.items()}
         encoding = self.cfg.upload_encoding or start.upload_encoding
         compressed = (
             start.upload_compressed if self.cfg.upload_compressed is None else self.cfg.upload_compressed
@@ -334,6 +363,7 @@ class Agent:
             train_seconds=result.seconds,
             timings=timings,
             metrics=metrics,
+            dp_epsilon=dp_epsilon,
         )
         save_file(local_state(model), str(classifier))
         if start.training.keep_local_bn:

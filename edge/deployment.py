@@ -26,7 +26,6 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from export.contract import Contract, ContractError, load_contract, write_contract
@@ -34,7 +33,7 @@ from export.runtime import FeatureExtractor
 from protocol.chunks import ChunkError, Reassembler, parse_chunk, sha256_hex
 from protocol.messages import ChunkRequest, Deployment, MessageError, encode_message, parse_message
 from protocol.mqtt import Endpoint
-from reid.logs import log_context
+from reid.logs import bound, log_context
 
 log = logging.getLogger(__name__)
 POINTER = "current.json"
@@ -84,8 +83,8 @@ class Deployments:
         self._current: FeatureExtractor | None = None
         self.version: str | None = None
         self._load_current()
-        endpoint.handlers[self.topics.deploy] = self._with_site(self._on_manifest)
-        endpoint.handlers[self.topics.deploy_chunks] = self._with_site(self._on_chunk)
+        endpoint.handlers[self.topics.deploy] = bound(self._on_manifest, endpoint.node)
+        endpoint.handlers[self.topics.deploy_chunks] = bound(self._on_chunk, endpoint.node)
         self.installer = threading.Thread(target=self._install_loop, name="deploy-installer", daemon=True)
         self.installer.start()
 
@@ -114,13 +113,6 @@ class Deployments:
         log.info("serving deployed model %s (%s)", self.version, fx.path.name)
 
     # -- receiving (endpoint worker thread) -----------------------------------------------------------
-    def _with_site(self, handler: Callable[[str, bytes], None]) -> Callable[[str, bytes], None]:
-        def wrapped(topic: str, payload: bytes) -> None:
-            with log_context(site=self.endpoint.node):
-                handler(topic, payload)
-
-        return wrapped
-
     def _on_manifest(self, topic: str, payload: bytes) -> None:
         if not payload:
             return

@@ -120,6 +120,7 @@ class UpdateManifest(_Message):
     train_seconds: float = Field(ge=0)
     timings: dict[str, float] = Field(default_factory=dict, max_length=32)
     metrics: dict[str, float] = Field(default_factory=dict, max_length=32)
+    dp_epsilon: float | None = Field(None, ge=0)  # privacy spent so far by this site, when it uses DP
 
 
 class UpdateAck(_Message):

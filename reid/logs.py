@@ -13,8 +13,10 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
+T = TypeVar("T")
 _site: contextvars.ContextVar[str] = contextvars.ContextVar("site", default="-")
 _round: contextvars.ContextVar[str] = contextvars.ContextVar("round", default="-")
 
@@ -75,3 +77,13 @@ def log_context(site: str | None = None, round: int | str | None = None) -> Iter
     finally:
         for var, token in reversed(tokens):
             var.reset(token)
+
+
+def bound(fn: Callable[..., T], site: str | None = None) -> Callable[..., T]:
+    """`fn` running inside `log_context(site=site)`, e.g. an MQTT handler on a worker thread."""
+
+    def wrapped(*args: object, **kwargs: object) -> T:
+        with log_context(site=site):
+            return fn(*args, **kwargs)
+
+    return wrapped

@@ -236,6 +236,32 @@ class RawSite:
             self.publish(self.topics.site(as_site or site, "chunks"), chunk)
         return ref.blob_id
 
+    def manifest_only(self, site: str, blob: bytes) -> str:
+        """Announce a blob (a valid manifest) without sending its chunks; returns its blob id."""
+        digest = hashlib.sha256(blob).hexdigest()
+        ref = BlobRef(
+            blob_id=digest[:32], size=len(blob), sha256=digest, chunks=max(1, -(-len(blob) // 65536))
+        )
+        manifest = UpdateManifest(
+            site=site,
+            round=self.round.round,
+            base_hash=self.round.base_hash,
+            blob=ref,
+            n_samples=10,
+            cdw=0.5,
+            loss=1.0,
+            train_seconds=1.0,
+        )
+        self.publish(self.topics.site(site, "update"), encode_message(manifest))
+        return ref.blob_id
+
+    def blob_update(self, site: str, blob: bytes) -> str:
+        """A manifest and correct chunks for arbitrary blob bytes."""
+        blob_id = self.manifest_only(site, blob)
+        for chunk in split_blob(blob, blob_id, 65536):
+            self.publish(self.topics.site(site, "chunks"), chunk)
+        return blob_id
+
     def stop(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
@@ -284,6 +310,28 @@ def test_bad_input_is_rejected_and_valid_updates_are_kept(tmp_path, mosquitto_ur
         nan = dict(good, **{"embedding.linear.weight": np.full_like(good["embedding.linear.weight"], np.nan)})
         raw.update("b", nan)
         assert _wait(lambda: any(not a["accepted"] and a["site"] == "b" for a in raw.acks))
+        # more hostile inputs on every topic the aggregator reads (issue: hostile-input suite)
+        raw.publish(topics.site("a", "update"), b"")  # empty
+        raw.publish(topics.site("a", "update"), b"[1, 2, 3]")  # JSON, not an object
+        raw.publish(topics.site("a", "update"), b'{"schema_version": 1, "pad": "' + b"x" * 300_000 + b'"}')
+        raw.publish(topics.status("a"), b'{"schema_version": 1, "kind": "status", "node": 5}')
+        raw.publish(topics.global_resend, b'{"schema_version": 1, "kind": "resend", "indices": "all"}')
+        ints = {k: v.astype(np.int32) if v.dtype == np.float32 else v for k, v in good.items()}
+        raw.update("c", ints)  # integer tensors where the model has floats
+        assert _wait(lambda: any(not a["accepted"] and "dtype" in a["reason"] for a in raw.acks))
+        garbage = raw.blob_update("c", b"\x00" * 5000)  # chunked correctly, not a safetensors payload
+        assert _wait(lambda: any(not a["accepted"] and "safetensors" in a["reason"] for a in raw.acks))
+        blob = encode_state(good, "fp16")
+        blob_id = raw.manifest_only("c", blob)
+        chunks = list(split_blob(blob, blob_id, 65536))
+        flipped = bytearray(chunks[0])
+        flipped[-1] ^= 0xFF
+        raw.publish(topics.site("c", "chunks"), bytes(flipped))  # data does not match its chunk hash
+        raw.publish(topics.site("c", "chunks"), chunks[1][:-10])  # truncated chunk
+        raw.publish(topics.site("c", "chunks"), next(split_blob(blob + b"x", blob_id, 65536)))  # other blob
+        for i in range(50):  # a flood of chunks of blobs nobody announced: ignored without state
+            raw.publish(topics.site("c", "chunks"), next(split_blob(bytes([i]) * 100, f"{i:032x}", 65536)))
+        assert garbage != blob_id
         for s in ("a", "b", "c"):
             raw.update(s, good)
         thread.join(timeout=120)
@@ -296,8 +344,21 @@ def test_bad_input_is_rejected_and_valid_updates_are_kept(tmp_path, mosquitto_ur
     assert any("base hash" in r for r in reasons)
     assert any("NaN" in r for r in reasons)
     assert {a["site"] for a in raw.acks if a["accepted"]} == {"a", "b", "c"}
+    assert any("dtype" in r for r in reasons) and any("safetensors" in r for r in reasons)
     log = caplog.text
-    for expected in ("not JSON", "schema_version", "dropped chunk from a", "claims to be from site a"):
+    for expected in (
+        "not JSON",
+        "schema_version",
+        "dropped chunk from a",
+        "claims to be from site a",
+        "not a JSON object",
+        "exceeds 262144",
+        "dropped status",
+        "dropped chunk request",
+        "fails its sha256",
+        "expected 65536",
+        "disagrees with the manifest",
+    ):
         assert expected in log, expected
     summary = [
         json.loads(line) for line in (tmp_path / "hostile" / "metrics.jsonl").read_text().splitlines()

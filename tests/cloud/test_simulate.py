@@ -143,3 +143,21 @@ def test_cli_simulate_writes_metrics_plot_and_table(tiny_federation, tmp_path):
         ],
     )
     assert missing.exit_code != 0 and "public" in missing.output
+
+
+def test_differential_privacy_reports_epsilon_per_site_and_round(tiny_federation, tmp_path):
+    from reid.privacy import DPConfig, PrivacyLedger
+
+    dp = DPConfig(enabled=True, clip_norm=0.5, noise_multiplier=1.2)
+    cfg = _config("fedpav", rounds=2).model_copy(update={"dp": dp, "eval_local": False})
+    records = Simulator(cfg, _sites(tiny_federation), tmp_path).run()
+    rounds = [r for r in records if r.get("kind") == "round"]
+    assert [sorted(r["dp_epsilon"]) for r in rounds] == [[s.name for s in _sites(tiny_federation)]] * 2
+    first, second = (next(iter(r["dp_epsilon"].values())) for r in rounds)
+    assert first == pytest.approx(PrivacyLedger(dp, 1).epsilon(), rel=1e-3) and second > first
+    # each received delta = clipped (norm <= 0.5) + noise of std 0.6 per float value: its norm is the noise's
+    floats = sum(v.numel() for k, v in _global(tmp_path).items() if v.is_floating_point())
+    expected = 1.2 * 0.5 * floats**0.5
+    assert all(abs(n - expected) < 0.01 * expected for r in rounds for n in r["norms"].values()), rounds[0][
+        "norms"
+    ]
