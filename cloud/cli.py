@@ -18,7 +18,7 @@ from cloud.deploy import DeployError, DeploymentSource, deploy_round, load_round
 from cloud.journal import Journal
 from cloud.local_federation import run_local_federation
 from cloud.plots import markdown_report, plot_rounds, read_metrics
-from cloud.provision import ProvisionError, Provisioning
+from cloud.provision import ProvisionError, Provisioning, mosquitto_conf
 from cloud.server import Aggregator, ServeConfig
 from cloud.simulate import CHECKPOINT, METRICS, Algorithm, SimulationConfig, Simulator
 from cloud.strategy import KDConfig, StrategyConfig
@@ -26,7 +26,7 @@ from cloud.strategy.aggregate import BNPolicy, Estimator, OutlierRule, Weighting
 from export.contract import contract_path
 from export.onnx_export import ExportError, export_onnx
 from export.quantize import RetrievalBudget, quantize_int8
-from protocol.broker import BrokerError, auto_broker
+from protocol.broker import BrokerError, LocalBroker, auto_broker, free_port
 from protocol.messages import NodeStatus, RoundStart, parse_message
 from protocol.mqtt import Endpoint
 from protocol.topics import Topics
@@ -306,7 +306,13 @@ def serve(
         cfg = load_config(ServeConfig, config, overrides)
         with contextlib.ExitStack() as stack:
             url = cfg.broker
-            if url == "auto":
+            provisioned = cfg.identity_dir.parent / "broker" if cfg.identity_dir else None
+            if url == "auto" and provisioned is not None and (provisioned / "mosquitto.conf").is_file():
+                port = free_port()  # the provisioned mutual-TLS configuration, on loopback
+                broker = LocalBroker(port=port, config=mosquitto_conf(provisioned, port, "127.0.0.1"))
+                url = stack.enter_context(broker).url
+                out.print(f"broker: {url}, mutual TLS + ACL from {provisioned}")
+            elif url == "auto":
                 url = stack.enter_context(auto_broker()).url
                 out.print(f"broker: {url} (agents: edge-agent start --broker {url} ...)")
             aggregator = Aggregator(cfg, url)

@@ -29,7 +29,7 @@ from protocol.chunks import DEFAULT_CHUNK_BYTES
 from protocol.messages import BlobRef, ChunkRequest, Deployment, MessageError, encode_message, parse_message
 from protocol.mqtt import Endpoint
 from protocol.topics import Topics
-from reid.data import ImageDataset, InputSpec, eval_transform
+from reid.data import ImageDataset, InputSpec, eval_transform, first_readable
 from reid.model import ModelSpec, ReIDModel, build_model, load_shared_state
 
 log = logging.getLogger(__name__)
@@ -57,17 +57,10 @@ def load_round(run_dir: Path, round_: int | Literal["latest"] = "latest") -> tup
 
 def parity_images(paths: Sequence[Path], input_spec: InputSpec, n: int = 32) -> torch.Tensor:
     """Up to `n` readable images, preprocessed for the model (corrupt ones skipped)."""
-    dataset = ImageDataset(list(paths), eval_transform(input_spec))
-    images = []
-    for i in range(len(dataset)):
-        item = dataset[i]
-        if item is not None:
-            images.append(item[0])
-        if len(images) == n:
-            break
-    if not images:
-        raise DeployError("no readable image for the parity gate")
-    return torch.stack(images)
+    try:
+        return first_readable(ImageDataset(list(paths), eval_transform(input_spec)), n)
+    except ValueError:
+        raise DeployError("no readable image for the parity gate") from None
 
 
 def _latest_path(run_dir: Path) -> Path:

@@ -15,6 +15,7 @@ from reid.data import (
     InputSpec,
     ReIDSplits,
     eval_transform,
+    first_readable,
     make_loader,
     read_dataset,
     train_transform,
@@ -69,14 +70,7 @@ class SiteData:
         rng = np.random.default_rng(0 if self.seed is None else self.seed)
         order = rng.permutation(len(self.splits.train))
         dataset = ImageDataset([self.splits.train[i].path for i in order], eval_transform(self.input_spec))
-        images = []
-        for i in range(len(dataset)):
-            item = dataset[i]
-            if item is not None:
-                images.append(item[0])
-            if len(images) == n:
-                break
-        return torch.stack(images)
+        return first_readable(dataset, n)
 
     def _features(self, model: ReIDModel, split: str, device: torch.device, flip: bool):
         records = getattr(self.splits, split)

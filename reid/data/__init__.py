@@ -14,6 +14,7 @@ from reid.data.loading import (
     ImageDataset,
     InputSpec,
     eval_transform,
+    first_readable,
     make_loader,
     train_transform,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "ReIDSplits",
     "detect_layout",
     "eval_transform",
+    "first_readable",
     "make_loader",
     "parse_image_name",
     "read_dataset",

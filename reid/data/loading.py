@@ -100,6 +100,20 @@ class ImageDataset(Dataset):
         return self.transform(img), self.labels[index], index
 
 
+def first_readable(dataset: ImageDataset, n: int) -> torch.Tensor:
+    """The first `n` readable images of a dataset, stacked (corrupt ones skipped); ValueError if none."""
+    images = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if item is not None:
+            images.append(item[0])
+        if len(images) == n:
+            break
+    if not images:
+        raise ValueError("no readable image")
+    return torch.stack(images)
+
+
 @dataclass
 class Batch:
     images: torch.Tensor

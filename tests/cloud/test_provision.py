@@ -198,3 +198,33 @@ def test_a_round_over_mutual_tls_with_signing(provisioned, tiny_federation, tmp_
     assert (
         f"dropped message on fedreid/v1/{FED}/sites/{sites[0].name}/update: unsigned message" in caplog.text
     )
+
+
+def test_serve_with_broker_auto_starts_the_provisioned_tls_broker(provisioned, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    out, _ = provisioned
+    cmd = [sys.executable, "-m", "cloud.cli", "serve", "--federation", FED, "--broker", "auto"]
+    cmd += [
+        "--identity-dir",
+        str(out / AGGREGATOR),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--arch",
+        "resnet18",
+    ]
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "connected to 127.0.0.1" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        text = log.read_text()
+        assert "mutual TLS + ACL from" in text and "broker: mqtts://127.0.0.1:" in text, text
+        assert "connected to 127.0.0.1" in text  # the aggregator got in with its certificate
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
