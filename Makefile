@@ -44,6 +44,7 @@ bench: setup
 	$(BIN)/python bench/transfer.py
 	$(BIN)/python bench/round.py
 	$(BIN)/python bench/inference.py --quick
+	$(BIN)/python bench/encodings.py --quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

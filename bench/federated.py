@@ -171,18 +171,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--sites", type=int, default=6)
     parser.add_argument(
-        "--train-images-max", type=int, default=600, help="training images at the largest site"
+        "--train-images-max", type=int, default=400, help="training images at the largest site"
     )
     parser.add_argument("--size-ratio", type=float, default=20.0)
     parser.add_argument("--public-images", type=int, default=200)
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16, help="16: the smallest site has 20 images")
     parser.add_argument("--lr", type=float, default=0.02, help="head and backbone (from scratch, see docs)")
     parser.add_argument("--bn", default="average", choices=["first", "average", "local"])
     parser.add_argument("--kd-every", type=int, default=1)

@@ -37,6 +37,7 @@ from cloud.strategy import (
     embed_public,
 )
 from cloud.strategy.aggregate import bn_policy_keys
+from protocol.codec import decode_state, encode_state
 from reid.data import ImageDataset, InputSpec, eval_transform, make_loader, read_image_folder, train_transform
 from reid.evaluate import Metrics
 from reid.logs import log_context
@@ -67,6 +68,9 @@ class SimulationConfig(BaseModel):
     strategy: StrategyConfig = StrategyConfig()
     kd: KDConfig = KDConfig()
     dp: DPConfig = DPConfig()
+    wire: Literal["none", "fp32", "fp16", "int8", "int8+zstd"] = Field(
+        "none", description="pass every delta through the wire codec (bytes per site and round are recorded)"
+    )
     pretrained: str | None = None
 
     def effective_strategy(self) -> StrategyConfig:
@@ -278,6 +282,14 @@ class Simulator:
                         generator = torch.Generator().manual_seed(_seed(cfg, r, i))
                         delta, _ = privatize(delta, cfg.dp, generator)
                         summary["dp_epsilon"][site.name] = round(PrivacyLedger(cfg.dp, r + 1).epsilon(), 4)
+                    if cfg.wire != "none":  # exactly what the networked aggregator would decode
+                        blob = encode_state(
+                            {k: v.numpy() for k, v in delta.items()},
+                            cfg.wire.split("+")[0],  # type: ignore[arg-type]
+                            compress=cfg.wire.endswith("+zstd"),
+                        )
+                        summary.setdefault("wire_bytes", {})[site.name] = len(blob)
+                        delta = {k: torch.from_numpy(v) for k, v in decode_state(blob).items()}
                     agg.add(Update(site.name, delta, site.data.num_train_images, result.cdw))
                 if teachers is not None and self.public is not None:
                     loader = make_loader(self.public, cfg.kd.batch_size * 2, train=False)
