@@ -91,6 +91,7 @@ def run_study(args: argparse.Namespace, sites: list[Path], public: Path | None, 
 def summarise(result: dict, site_names: list[str], sizes: dict[str, int]) -> dict:
     table: dict[str, dict[str, dict[str, tuple[float, float]]]] = {}
     fluctuation: dict[str, float] = {}
+    jumps: dict[str, float] = {}
     for method, by_seed in result["finals"].items():
         table[method] = {}
         for site in [*site_names, "mean"]:
@@ -109,6 +110,13 @@ def summarise(result: dict, site_names: list[str], sizes: dict[str, int]) -> dic
             if len(curve) >= 2
         ]
         fluctuation[method] = statistics.fmean(stds) if stds else float("nan")
+        steps = [
+            abs(b - a)
+            for per_site in result["curves"][method].values()
+            for curve in per_site.values()
+            for a, b in zip(curve[-6:], curve[-5:], strict=False)
+        ]
+        jumps[method] = statistics.fmean(steps) if steps else float("nan")
     beats_local = {
         method: [
             site for site in site_names if table[method][site]["rank1"][0] > table["local"][site]["rank1"][0]
@@ -116,15 +124,21 @@ def summarise(result: dict, site_names: list[str], sizes: dict[str, int]) -> dic
         for method in table
         if "local" in table and method != "local"
     }
-    return {"table": table, "fluctuation": fluctuation, "beats_local": beats_local, "sizes": sizes}
+    return {
+        "table": table,
+        "fluctuation": fluctuation,
+        "jumps": jumps,
+        "beats_local": beats_local,
+        "sizes": sizes,
+    }
 
 
 def markdown(summary: dict, site_names: list[str], header: str) -> str:
     sizes = summary["sizes"]
     cols = [f"{n} ({sizes[n]})" for n in site_names] + ["mean"]
     lines = [header, "", "rank-1 / mAP (%), mean +- std over seeds; columns: site (training images)", ""]
-    lines.append("| method | " + " | ".join(cols) + " | fluctuation |")
-    lines.append("| --- | " + " | ".join("---" for _ in cols) + " | --- |")
+    lines.append("| method | " + " | ".join(cols) + " | fluctuation | jumps |")
+    lines.append("| --- | " + " | ".join("---" for _ in cols) + " | --- | --- |")
     for method, row in summary["table"].items():
         cells = [
             "{:.1f}+-{:.1f} / {:.1f}+-{:.1f}".format(*row[n]["rank1"], *row[n]["mAP"])
