@@ -38,11 +38,13 @@ demo: setup
 test: setup lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# Quick versions of the six system benchmarks (docs/benchmarks.md has the full commands and numbers);
+# the learning study is its own command: .venv/bin/python bench/federated.py
 bench: setup
-	$(BIN)/python bench/aggregate.py
-	$(BIN)/python bench/train_loop.py
-	$(BIN)/python bench/transfer.py
-	$(BIN)/python bench/round.py
+	$(BIN)/python bench/aggregate.py --repeats 3
+	$(BIN)/python bench/train_loop.py --images 160 --repeats 3
+	$(BIN)/python bench/transfer.py --mb 50 --repeats 2
+	$(BIN)/python bench/round.py --rounds 2
 	$(BIN)/python bench/inference.py --quick
 	$(BIN)/python bench/encodings.py --quick
 
