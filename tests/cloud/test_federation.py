@@ -102,6 +102,7 @@ def test_three_agent_processes_two_rounds(tiny_federation, tmp_path, any_broker)
     assert status.exit_code == 0, status.output
     assert "2 rounds done; offline" in status.output  # the aggregator has stopped: its retained status
     assert all(s.name in status.output and "offline" in status.output for s in sites)
+    assert status.output.count("e2e/round-1") == len(sites)  # each site's status names the model it serves
     report = runner.invoke(
         app,
         [
