@@ -31,7 +31,7 @@ import torch
 
 from cloud.simulate import SimulationConfig, Simulator
 from cloud.strategy import KDConfig, StrategyConfig
-from reid.data import InputSpec
+from reid.data import InputSpec, read_dataset
 from reid.model import ModelSpec
 from reid.synthetic import SyntheticConfig, generate_federation
 from reid.train import TrainConfig
@@ -247,8 +247,6 @@ def main() -> None:
             sites = sorted((Path(tmp) / "sites").iterdir())
             public = Path(tmp) / "public"
             data_desc = f"synthetic federation {synth.model_dump()}"
-        from reid.data import read_dataset
-
         sizes = {s.name: len(read_dataset(s).train) for s in sites}
         result = run_study(args, sites, public, args.out)
     wall = time.perf_counter() - start

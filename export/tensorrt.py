@@ -14,7 +14,6 @@ entry point raises `TensorRTError` saying which is missing.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -149,10 +148,9 @@ def build_engine_cached(
     cache_dir = cache_dir or onnx_path.with_name(onnx_path.stem + ".engines")
     target = engine_path(cache_dir, gpu, trt.__version__, precision, max_batch, contract.sha256)
     try:
-        load_contract(target)
+        cached = load_contract(target)  # the entry's own hash check
         log.info("engine cache hit: %s", target)
-        cached = json.loads(target.with_name(target.name + ".json").read_text())
-        return EngineResult(target, True, 0.0, float(cached.get("quality", {}).get("min_cosine", 1.0)))
+        return EngineResult(target, True, 0.0, cached.quality.get("min_cosine", 1.0))
     except ContractError:
         pass  # not cached (or a stale/corrupt entry): build it
     start = time.perf_counter()
