@@ -12,8 +12,14 @@ central (pooled training: the upper bound). Every method gets the same compute: 
 `rounds` epochs per site. The synthetic federation is generated once, with settings fixed before any
 run (seed 0: sizes spread `size_ratio`x, per-site camera styles, a public KD set); the seeds vary
 training. Federated methods are scored with the global model, `local` with each site's own model,
-`central` with the pooled model. Writes `<out>/study.json`, `<out>/study.md` (the tables) and
+`central` with the pooled model. Federated methods are also scored with each site's *own* model after
+the last round's local training from the global model (the model the paper's CDW claim is about;
+`--no-site-models` skips this). Writes `<out>/study.json`, `<out>/study.md` (the tables) and
 `<out>/study.png` (rank-1 per round, for the largest and the smallest site).
+
+With `--data DIR`, every sub-folder of DIR is one site, in any layout `reid.data.read_dataset` reads
+(Market-1501/Duke, CUHK03-NP, MSMT17 lists, the FedReID `pytorch/` layout); `--public` is the unlabeled
+KD set (required by the kd methods).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch
 
 from cloud.simulate import SimulationConfig, Simulator
 from cloud.strategy import KDConfig, StrategyConfig
-from reid.data import InputSpec, read_dataset
+from reid.data import DatasetLayoutError, InputSpec, read_dataset
 from reid.model import ModelSpec
 from reid.synthetic import SyntheticConfig, generate_federation
 from reid.train import TrainConfig
@@ -52,7 +58,7 @@ def run_study(args: argparse.Namespace, sites: list[Path], public: Path | None, 
     base = SimulationConfig(
         rounds=args.rounds,
         local_epochs=args.local_epochs,
-        eval_local=False,
+        eval_local=args.site_models,
         model=ModelSpec(arch=args.arch),
         input=InputSpec(height=args.height, width=args.width),
         train=TrainConfig(lr_head=args.lr, lr_backbone=args.lr, batch_size=args.batch_size),
@@ -62,6 +68,7 @@ def run_study(args: argparse.Namespace, sites: list[Path], public: Path | None, 
     )
     curves: dict[str, dict[int, dict[str, list[float]]]] = {}  # method -> seed -> site -> rank-1 per round
     finals: dict[str, dict[int, dict[str, dict[str, float]]]] = {}  # method -> seed -> site -> metrics
+    site_models: dict[str, dict[int, dict[str, dict[str, float]]]] = {}  # federated: the sites' own models
     seconds: dict[str, float] = {}
     for method in args.methods:
         start = time.perf_counter()
@@ -78,14 +85,43 @@ def run_study(args: argparse.Namespace, sites: list[Path], public: Path | None, 
                 per_site.setdefault(r["site"], []).append(r["rank1"])
             curves.setdefault(method, {})[seed] = per_site
             last = max(r["round"] for r in evals)
-            finals.setdefault(method, {})[seed] = {
-                r["site"]: {"rank1": r["rank1"], "mAP": r["mAP"]} for r in evals if r["round"] == last
-            }
+            finals.setdefault(method, {})[seed] = last_metrics(evals, last)
+            own = [r for r in records if r.get("model") == "local"]
+            if method not in SCORED_AS and own:
+                site_models.setdefault(method, {})[seed] = last_metrics(own, last)
             print(
                 f"{method} seed {seed}: mean rank-1 {statistics.fmean(v[-1] for v in per_site.values()):.1f}"
             )
         seconds[method] = time.perf_counter() - start
-    return {"curves": curves, "finals": finals, "seconds": seconds}
+    return {"curves": curves, "finals": finals, "site_models": site_models, "seconds": seconds}
+
+
+def last_metrics(evals: list[dict], last: int) -> dict[str, dict[str, float]]:
+    return {r["site"]: {"rank1": r["rank1"], "mAP": r["mAP"]} for r in evals if r["round"] == last}
+
+
+def metric_table(by_seed: dict[int, dict[str, dict[str, float]]], site_names: list[str]) -> dict:
+    """site (and "mean") -> metric -> (mean, std) over seeds."""
+    table = {}
+    for site in [*site_names, "mean"]:
+        cell = {}
+        for metric in ("rank1", "mAP"):
+            if site == "mean":
+                values = [statistics.fmean(s[n][metric] for n in site_names) for s in by_seed.values()]
+            else:
+                values = [s[site][metric] for s in by_seed.values()]
+            cell[metric] = mean_std(values)
+        table[site] = cell
+    return table
+
+
+def beating(table: dict, local: dict, site_names: list[str]) -> dict[str, list[str]]:
+    """For each method of `table`: the sites where its rank-1 beats local training's."""
+    return {
+        method: [site for site in site_names if row[site]["rank1"][0] > local[site]["rank1"][0]]
+        for method, row in table.items()
+        if method != "local"
+    }
 
 
 def summarise(result: dict, site_names: list[str], sizes: dict[str, int]) -> dict:
@@ -93,16 +129,7 @@ def summarise(result: dict, site_names: list[str], sizes: dict[str, int]) -> dic
     fluctuation: dict[str, float] = {}
     jumps: dict[str, float] = {}
     for method, by_seed in result["finals"].items():
-        table[method] = {}
-        for site in [*site_names, "mean"]:
-            cell = {}
-            for metric in ("rank1", "mAP"):
-                if site == "mean":
-                    values = [statistics.fmean(s[n][metric] for n in site_names) for s in by_seed.values()]
-                else:
-                    values = [s[site][metric] for s in by_seed.values()]
-                cell[metric] = mean_std(values)
-            table[method][site] = cell
+        table[method] = metric_table(by_seed, site_names)
         stds = [
             statistics.pstdev(curve[-10:])
             for per_site in result["curves"][method].values()
@@ -117,20 +144,28 @@ def summarise(result: dict, site_names: list[str], sizes: dict[str, int]) -> dic
             for a, b in zip(curve[-6:], curve[-5:], strict=False)
         ]
         jumps[method] = statistics.fmean(steps) if steps else float("nan")
-    beats_local = {
-        method: [
-            site for site in site_names if table[method][site]["rank1"][0] > table["local"][site]["rank1"][0]
-        ]
-        for method in table
-        if "local" in table and method != "local"
-    }
+    site_table = {m: metric_table(by_seed, site_names) for m, by_seed in result["site_models"].items()}
+    local = table.get("local")
     return {
         "table": table,
+        "site_model_table": site_table,
         "fluctuation": fluctuation,
         "jumps": jumps,
-        "beats_local": beats_local,
+        "beats_local": beating(table, local, site_names) if local else {},
+        "site_models_beat_local": beating(site_table, local, site_names) if local else {},
         "sizes": sizes,
     }
+
+
+def table_lines(table: dict, site_names: list[str], extra: dict[str, list[str]] | None = None) -> list[str]:
+    lines = []
+    for method, row in table.items():
+        cells = [
+            "{:.1f}+-{:.1f} / {:.1f}+-{:.1f}".format(*row[n]["rank1"], *row[n]["mAP"])
+            for n in [*site_names, "mean"]
+        ]
+        lines.append(f"| {method} | " + " | ".join(cells + (extra or {}).get(method, [])) + " |")
+    return lines
 
 
 def markdown(summary: dict, site_names: list[str], header: str) -> str:
@@ -139,21 +174,35 @@ def markdown(summary: dict, site_names: list[str], header: str) -> str:
     lines = [header, "", "rank-1 / mAP (%), mean +- std over seeds; columns: site (training images)", ""]
     lines.append("| method | " + " | ".join(cols) + " | fluctuation | jumps |")
     lines.append("| --- | " + " | ".join("---" for _ in cols) + " | --- | --- |")
-    for method, row in summary["table"].items():
-        cells = [
-            "{:.1f}+-{:.1f} / {:.1f}+-{:.1f}".format(*row[n]["rank1"], *row[n]["mAP"])
-            for n in [*site_names, "mean"]
-        ]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {summary['fluctuation'][method]:.2f} |")
+    smoothness = {
+        m: [f"{summary['fluctuation'][m]:.2f}", f"{summary['jumps'][m]:.2f}"] for m in summary["table"]
+    }
+    lines += table_lines(summary["table"], site_names, smoothness)
     lines += [
         "",
-        "fluctuation: std of rank-1 over the last 10 evaluations, averaged over sites and seeds.",
+        "fluctuation: std of rank-1 over the last 10 evaluations; jumps: mean |change of rank-1| between",
+        "consecutive evaluations over the last 5 steps; both averaged over sites and seeds.",
         "",
     ]
     for method, sites in summary["beats_local"].items():
         lines.append(
             f"- {method} beats local training (rank-1) at {len(sites)}/{len(site_names)} sites: {sites}"
         )
+    if summary["site_model_table"]:
+        lines += [
+            "",
+            "Federated methods scored with each site's own model after the last round's local training:",
+            "",
+            "| method | " + " | ".join(cols) + " |",
+            "| --- | " + " | ".join("---" for _ in cols) + " |",
+            *table_lines(summary["site_model_table"], site_names),
+            "",
+        ]
+        for method, sites in summary["site_models_beat_local"].items():
+            lines.append(
+                f"- {method}, sites' own models, beat local training (rank-1) at "
+                f"{len(sites)}/{len(site_names)} sites: {sites}"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -204,6 +253,12 @@ def main() -> None:
     parser.add_argument("--pretrained", help="local torchvision weights for the backbone")
     parser.add_argument("--data", type=Path, help="real data: a folder with one data set folder per site")
     parser.add_argument("--public", type=Path, help="with --data: the public unlabeled images for KD")
+    parser.add_argument(
+        "--no-site-models",
+        dest="site_models",
+        action="store_false",
+        help="do not score federated methods with each site's own model (saves one evaluation per round)",
+    )
     parser.add_argument("--quick", action="store_true", help="2 seeds, 4 rounds, 4 small sites")
     parser.add_argument("--full", action="store_true", help="GPU preset: ResNet-50, 256x128, more data")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "federated")
@@ -225,12 +280,20 @@ def main() -> None:
     unknown = set(args.methods) - set(METHODS)
     if unknown or len(args.seeds) < 1:
         parser.error(f"unknown methods {sorted(unknown)}")
+    if args.data:
+        if not args.data.is_dir():
+            parser.error(f"--data: not a folder: {args.data}")
+        if {"kd", "cdw_kd"} & set(args.methods) and not (args.public and args.public.is_dir()):
+            parser.error("the kd methods need --public DIR (unlabeled images for distillation) with --data")
 
+    args.public_resolved = args.public.resolve() if args.public else None  # a public folder inside --data
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         if args.data:
-            sites = sorted(p for p in args.data.iterdir() if p.is_dir())
+            sites = sorted(
+                p for p in args.data.iterdir() if p.is_dir() and p.resolve() != args.public_resolved
+            )
             public = args.public
             data_desc = f"data sets in {args.data}"
         else:
@@ -247,7 +310,12 @@ def main() -> None:
             sites = sorted((Path(tmp) / "sites").iterdir())
             public = Path(tmp) / "public"
             data_desc = f"synthetic federation {synth.model_dump()}"
-        sizes = {s.name: len(read_dataset(s).train) for s in sites}
+        try:
+            sizes = {s.name: len(read_dataset(s).train) for s in sites}
+        except DatasetLayoutError as err:
+            parser.error(f"--data: {err}")
+        if len(sites) < 2:
+            parser.error(f"a federation needs at least 2 sites; found {len(sites)}")
         result = run_study(args, sites, public, args.out)
     wall = time.perf_counter() - start
     names = [s.name for s in sites]

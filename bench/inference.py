@@ -10,6 +10,12 @@ network, not of a random one); its query/gallery give the retrieval of every bac
 training crops calibrate int8. What matters is the *difference* between backends. Timings exclude
 decoding and preprocessing (the same preprocessed array feeds every backend) and are medians over
 interleaved repeats; ratios are given against the better eager layout and against eager NCHW.
+
+The compute floor: the run counts the network's FLOPs and gives every fp32 variant's achieved GFLOP/s
+next to the best dense fp32 rate measured here on the same threads (a large matrix multiply through
+torch/MKL and through ONNX Runtime/MLAS), and the GFLOP/s a given speed-up over eager would need.
+The CPU's model and vector ISA are recorded, because eager's oneDNN kernels and ONNX Runtime's MLAS
+kernels gain very differently from AVX-512 (a VM can move between hosts).
 Prints a table and writes bench/results/inference.json.
 """
 
@@ -26,9 +32,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime
 import torch
 from safetensors.torch import load_file
+from torch.utils.flop_counter import FlopCounterMode
 
 from export.onnx_export import export_onnx
 from export.quantize import RetrievalBudget, quantize_int8, site_retrieval
@@ -39,12 +47,63 @@ from reid.site import SiteData
 from reid.synthetic import SyntheticConfig, generate_federation
 from reid.train import TrainConfig, train_local
 
+TARGET_FP32_SPEEDUP = 2.5  # the fp32 target of the export issue, for the "would need" line
+
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
     return (time.perf_counter() - start) / repeats
+
+
+def sgemm_gflops(threads: int, n: int = 4096, repeats: int = 3) -> dict[str, float]:
+    """The best dense fp32 rate of each library here: an n x n matrix multiply (median of repeats)."""
+    torch.set_num_threads(threads)
+    a = torch.randn(n, n)
+    rates = {"torch": 2 * n**3 / statistics.median(timed(lambda: a @ a, 1) for _ in range(repeats + 1)) / 1e9}
+    tensor = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["a", "b"], ["c"])],
+        "sgemm",
+        [tensor(x, onnx.TensorProto.FLOAT, [n, n]) for x in "ab"],
+        [tensor("c", onnx.TensorProto.FLOAT, [n, n])],
+    )
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(
+        onnx.helper.make_model(graph).SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    feed = {"a": a.numpy(), "b": a.numpy()}
+    seconds = statistics.median(timed(lambda: session.run(None, feed), 1) for _ in range(repeats + 1))
+    rates["onnxruntime"] = 2 * n**3 / seconds / 1e9
+    return rates
+
+
+def model_gflops(model: torch.nn.Module, height: int, width: int) -> float:
+    """FLOPs of one image through the feature extractor (multiply-add = 2 FLOPs)."""
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model.embed(torch.zeros(1, 3, height, width))
+    return counter.get_total_flops() / 1e9
+
+
+def cpu_description() -> dict[str, str]:
+    """CPU model and vector ISA as the kernels see them (a VM can move between hosts)."""
+    model, flags = platform.processor(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")
+    return {
+        "model": model,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_flags": " ".join(f for f in wanted if f in flags),
+    }
 
 
 def main() -> None:
@@ -132,11 +191,15 @@ def main() -> None:
                     seconds[b][name].append(timed(variants[name](x), calls))
             print(f"batch {b}: timed {args.repeats} x {calls} calls per variant", flush=True)
 
+    gflop_per_image = model_gflops(model, args.height, args.width)
+    sgemm = sgemm_gflops(args.threads)
     throughput = {b: {v: b / statistics.median(s) for v, s in per.items()} for b, per in seconds.items()}
-    rows = []
+    rows, needed = [], {}
     for b, per in throughput.items():
         eager_best = max(per["eager_nchw"], per["eager_channels_last"])
+        needed[b] = TARGET_FP32_SPEEDUP * eager_best * gflop_per_image
         for v, ips in per.items():
+            fp32 = v.startswith("eager") or v == "ort_fp32"
             rows.append(
                 {
                     "batch": b,
@@ -144,6 +207,7 @@ def main() -> None:
                     "images_per_s": ips,
                     "vs_eager": ips / eager_best,
                     "vs_eager_nchw": ips / per["eager_nchw"],
+                    "gflops": ips * gflop_per_image if fp32 else None,
                 }
             )
     summary = {
@@ -153,6 +217,10 @@ def main() -> None:
         "threads": args.threads,
         "trained_weights": bool(args.checkpoint),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "cpu": cpu_description(),
+        "gflop_per_image": gflop_per_image,
+        "sgemm_gflops": sgemm,
+        f"gflops_needed_for_{TARGET_FP32_SPEEDUP}x_best_eager": needed,
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
         "file_mb": file_mb,
@@ -164,18 +232,28 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))
+    cpu = summary["cpu"]
     print(f"\n{args.arch} {args.height}x{args.width}, {args.threads} threads ({summary['machine']})")
+    print(f"CPU {cpu['model']}, torch ISA {cpu['torch_cpu_capability']}, flags: {cpu['isa_flags']}")
     print(
-        f"{'batch':>5} {'variant':<22} {'img/s':>8} {'x best eager':>12} {'x NCHW':>7}   rank-1 / mAP (delta)"
+        f"{gflop_per_image:.2f} GFLOP per image; 4096^2 fp32 matmul here: torch {sgemm['torch']:.0f}, "
+        f"onnxruntime {sgemm['onnxruntime']:.0f} GFLOP/s"
+    )
+    print(
+        f"{'batch':>5} {'variant':<22} {'img/s':>8} {'x best eager':>12} {'x NCHW':>7} {'GFLOP/s':>8}"
+        "   rank-1 / mAP (delta)"
     )
     for row in rows:
         key = row["variant"] if row["variant"].startswith("ort") else "eager"
         ret, delta = retrieval[key], summary["retrieval_delta_vs_eager"][key]
+        gflops = "" if row["gflops"] is None else f"{row['gflops']:.0f}"
         print(
             f"{row['batch']:>5} {row['variant']:<22} {row['images_per_s']:>8.1f} {row['vs_eager']:>12.2f} "
-            f"{row['vs_eager_nchw']:>7.2f}   "
+            f"{row['vs_eager_nchw']:>7.2f} {gflops:>8}   "
             f"{ret['rank1']:.1f} / {ret['mAP']:.1f} ({delta['rank1']:+.1f} / {delta['mAP']:+.1f})"
         )
+    for b, gflops in needed.items():
+        print(f"batch {b}: {TARGET_FP32_SPEEDUP}x the best eager in fp32 would need {gflops:.0f} GFLOP/s")
 
 
 if __name__ == "__main__":

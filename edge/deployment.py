@@ -13,8 +13,10 @@ deployment time gets the model this way). The complete file goes to one installe
 4. swaps: ``models/current.json`` is replaced atomically and `current()` returns the new extractor.
 
 Until the swap the previous model keeps serving; a failed check, gate or build never replaces it (one
-log line says why). int8 rejected or TensorRT missing fall back to the verified ONNX model. The
-previous model folder is kept as a fallback; older ones are removed.
+log line says why). A manifest created before the one of the model now served is refused: a replayed
+old (validly signed) manifest cannot roll a site back; a deliberate rollback is a new `deploy` of the
+old round, which carries a new creation time. int8 rejected or TensorRT missing fall back to the
+verified ONNX model. The previous model folder is kept as a fallback; older ones are removed.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class Deployments:
         self.queued_sha: str | None = None  # fetched, waiting for or in the installer
         self.jobs: queue.Queue[tuple[Deployment, bytes] | None] = queue.Queue()
         self.installed_sha: str | None = None
+        self.installed_created = 0.0  # the served manifest's creation time: older manifests are replays
         self._current: FeatureExtractor | None = None
         self.version: str | None = None
         self._load_current()
@@ -104,11 +107,8 @@ class Deployments:
             log.warning("the deployed model %s does not load (%s); waiting for a new deployment", path, err)
             return
         pointer = json.loads((self.dir / POINTER).read_text())
-        self._current, self.version, self.installed_sha = (
-            fx,
-            fx.contract.version,
-            pointer.get("source_sha256"),
-        )
+        self._current, self.version = fx, fx.contract.version
+        self.installed_sha, self.installed_created = pointer.get("source_sha256"), pointer.get("created", 0.0)
         self.endpoint.deployed = self.version
         log.info("serving deployed model %s (%s)", self.version, fx.path.name)
 
@@ -135,6 +135,14 @@ class Deployments:
             if msg.blob.sha256 in (self.installed_sha, self.queued_sha):
                 return  # already serving or installing it (the retained manifest comes at every reconnect)
             if self.pending and self.pending[0].blob.sha256 == msg.blob.sha256:
+                return
+            newest = max(self.installed_created, self.pending[0].created if self.pending else 0.0)
+            if msg.created <= newest:
+                log.warning(
+                    "dropped deployment %s: created before the model now served or being fetched "
+                    "(a replayed manifest cannot roll back; deploy the round again to roll back)",
+                    msg.version,
+                )
                 return
             if self.pending and self.pending[1] is not None:
                 self.pending[1].close()
@@ -240,6 +248,7 @@ class Deployments:
             "path": f"{folder.name}/{relative.as_posix()}",
             "version": manifest.version,
             "source_sha256": manifest.blob.sha256,
+            "created": manifest.created,
             "precision": fx.contract.precision,
             "installed": time.time(),
         }
@@ -249,6 +258,7 @@ class Deployments:
             previous = self._current
             staged.replace(self.dir / POINTER)
             self._current, self.version, self.installed_sha = fx, manifest.version, manifest.blob.sha256
+            self.installed_created = manifest.created
         self.endpoint.deployed = manifest.version
         self.endpoint.set_state(self.endpoint.state)
         log.info("now serving %s (%s, %s)", manifest.version, fx.contract.precision, ", ".join(fx.providers))

@@ -145,14 +145,15 @@ def make_loader(
 ) -> DataLoader:
     """Shuffled, drop-last loader for training; ordered, complete loader for evaluation.
 
-    `dataset` yields what `ImageDataset` yields (also a ConcatDataset of them).
+    A training set no larger than one batch is one (smaller) batch instead of none, so a tiny site or
+    public set still trains. `dataset` yields what `ImageDataset` yields (also a ConcatDataset of them).
     """
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=train,
-        drop_last=train,
+        drop_last=train and len(dataset) > batch_size,
         num_workers=num_workers,
         collate_fn=collate_skipping,
         generator=generator,

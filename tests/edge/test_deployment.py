@@ -44,19 +44,24 @@ def _wait(predicate, timeout: float = 90.0) -> bool:
     return False
 
 
-def _statuses(url: str, topics: Topics) -> dict[str, NodeStatus]:
-    """The retained status documents of the federation, read by a fresh client."""
+def _retained(url: str, topic_filter: str) -> dict[str, bytes]:
+    """The retained messages under `topic_filter`, read by a fresh client."""
     host, port, _ = parse_url(url)
-    seen: dict[str, NodeStatus] = {}
+    seen: dict[str, bytes] = {}
     client = paho.Client(CallbackAPIVersion.VERSION2)
-    client.on_message = lambda c, u, m: seen.__setitem__(m.topic.rsplit("/", 1)[1], parse_message(m.payload))
+    client.on_message = lambda c, u, m: seen.__setitem__(m.topic, m.payload)
     client.connect(host, port)
-    client.subscribe(topics.status_all, qos=1)
+    client.subscribe(topic_filter, qos=1)
     client.loop_start()
     time.sleep(1.0)
     client.loop_stop()
     client.disconnect()
     return seen
+
+
+def _statuses(url: str, topics: Topics) -> dict[str, NodeStatus]:
+    """The retained status documents of the federation."""
+    return {t.rsplit("/", 1)[1]: parse_message(p) for t, p in _retained(url, topics.status_all).items()}
 
 
 def _deployed_version(state: Path) -> str | None:
@@ -109,6 +114,7 @@ def test_deploy_verify_swap_reject_and_late_join(tiny_federation, tmp_path, mosq
         exported = run_dir / FED / "deployments" / "00000" / "model.fp32.onnx"
         assert load_contract(current_model(site01)).sha256 == load_contract(exported).sha256
         assert _wait(lambda: _statuses(mosquitto_url, topics)["site01"].deployed == f"{FED}/round-0", 30)
+        manifest0 = _retained(mosquitto_url, topics.deploy)[topics.deploy]
 
         # hostile deployments: contract and blob disagree; a file with a valid hash that is not a model
         evil = Endpoint(mosquitto_url, topics, "evil", "aggregator", announce=False).start()
@@ -121,7 +127,9 @@ def test_deploy_verify_swap_reject_and_late_join(tiny_federation, tmp_path, mosq
         )
         evil.publish(topics.deploy, encode_message(mismatched), retain=True).wait_for_publish(5)
         assert _wait(lambda: "contract and blob disagree" in logs["site01"].read_text(), 30)
-        broken = mismatched.model_copy(update={"version": "evil/2", "contract": {**contract, "sha256": sha}})
+        broken = mismatched.model_copy(
+            update={"version": "evil/2", "contract": {**contract, "sha256": sha}, "created": time.time()}
+        )
         evil.publish(topics.deploy, encode_message(broken), retain=True).wait_for_publish(5)
         assert _wait(lambda: "deployment evil/2 announced" in logs["site01"].read_text(), 30)
         for chunk in split_blob(junk, ref.blob_id, 1 << 20):
@@ -131,7 +139,6 @@ def test_deploy_verify_swap_reject_and_late_join(tiny_federation, tmp_path, mosq
         assert f"still serving {FED}/round-0" in logs["site01"].read_text()
         assert "dropped deployment manifest: not JSON" in logs["site01"].read_text()
         assert _deployed_version(site01) == f"{FED}/round-0"  # the working model was never replaced
-        evil.stop()
 
         # a real new deployment replaces it (the deployer lingers to answer requests for the file); the
         # previous model stays as the fallback folder
@@ -149,6 +156,14 @@ def test_deploy_verify_swap_reject_and_late_join(tiny_federation, tmp_path, mosq
             and any("round-0" in f for f in folders)
             and any("round-1" in f for f in folders)
         )
+
+        # replaying round 0's genuine (older) manifest does not roll the site back
+        evil.publish(topics.deploy, manifest0, retain=False).wait_for_publish(5)
+        assert _wait(
+            lambda: f"dropped deployment {FED}/round-0: created before" in logs["site01"].read_text(), 30
+        )
+        evil.stop()
+        assert _deployed_version(site01) == f"{FED}/round-1"
 
         # a site that connects later gets the retained deployment from the broker alone
         start_agent(sites[2])

@@ -185,7 +185,7 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, caplog):
     assert "corrupt image" in caplog.text and "2.jpg" in caplog.text
 
 
-def eval_transforms_produce_the_configured_size():
+def test_eval_transforms_produce_the_configured_size():
     spec = InputSpec(height=48, width=24)
     img = Image.new("RGB", (64, 128), (10, 200, 30))
     assert train_transform(spec)(img).shape == (3, 48, 24)
@@ -193,3 +193,13 @@ def eval_transforms_produce_the_configured_size():
     assert x.shape == (3, 48, 24)
     # normalised with ImageNet statistics: the green channel of (10,200,30) maps to (200/255-0.456)/0.224
     assert x[1].mean().item() == pytest.approx((200 / 255 - 0.456) / 0.224, abs=1e-3)
+
+
+@pytest.mark.parametrize(("n", "sizes"), [(5, [5]), (8, [8]), (9, [8]), (17, [8, 8])])
+def test_training_loader_drops_the_last_partial_batch_unless_the_set_is_one_batch(tmp_path, n, sizes):
+    paths = []
+    for i in range(n):
+        paths.append(tmp_path / f"{i}.jpg")
+        _img(paths[-1])
+    ds = ImageDataset(paths, eval_transform(InputSpec(height=32, width=16)), labels=[0] * n)
+    assert [len(b) for b in make_loader(ds, batch_size=8, train=True, seed=0)] == sizes

@@ -1,0 +1,123 @@
+"""The learning study (bench/federated.py) on real data-set layouts: `--data DIR --public DIR` with one
+site per layout the foundation reads (Market-1501, FedReID `pytorch/`, MSMT17 lists), run end to end on
+a tiny model, and its argument errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from reid.data import parse_image_name, read_dataset
+from reid.synthetic import SyntheticConfig, generate_federation
+
+ROOT = Path(__file__).resolve().parents[2]
+STUDY = ROOT / "bench" / "federated.py"
+MARKET_SPLITS = {"bounding_box_train": "train", "query": "query", "bounding_box_test": "gallery"}
+
+
+def to_fedreid(market: Path, out: Path) -> None:
+    """Market layout -> the FedReID preprocessed layout pytorch/{train_all,query,gallery}/<pid>/."""
+    target = {"train": "train_all", "query": "query", "gallery": "gallery"}
+    for folder, split in MARKET_SPLITS.items():
+        for image in (market / folder).iterdir():
+            pid, _ = parse_image_name(image.name)
+            dest = out / "pytorch" / target[split] / f"{pid:04d}" / image.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(image, dest)
+
+
+def to_msmt17(market: Path, out: Path) -> None:
+    """Market layout -> MSMT17: train/ test/ image folders plus list_{train,query,gallery}.txt."""
+    lists = {"train": [], "query": [], "gallery": []}
+    for folder, split in MARKET_SPLITS.items():
+        image_dir = "train" if split == "train" else "test"
+        for idx, image in enumerate(sorted((market / folder).iterdir())):
+            pid, cam = parse_image_name(image.name)
+            if pid < 0:  # MSMT17 lists hold no junk images
+                continue
+            rel = f"{pid:04d}/{pid:04d}_{idx:03d}_{cam:02d}_0113morning_{idx:04d}_0.jpg"
+            (out / image_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(image, out / image_dir / rel)
+            lists[split].append(f"{rel} {pid}")
+    for split, lines in lists.items():
+        (out / f"list_{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def real_layouts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("study")
+    cfg = SyntheticConfig(
+        seed=3,
+        sites=3,
+        train_images_max=48,
+        size_ratio=2,
+        images_per_id_max=6,
+        public_images=16,
+        height=64,
+        width=32,
+    )
+    generate_federation(cfg, root / "synthetic")
+    data = root / "data"
+    shutil.copytree(root / "synthetic" / "sites" / "site00", data / "market")
+    to_fedreid(root / "synthetic" / "sites" / "site01", data / "viper")
+    to_msmt17(root / "synthetic" / "sites" / "site02", data / "msmt")
+    return data, root / "synthetic" / "public"
+
+
+def run_study(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(STUDY), *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_study_runs_on_real_layouts(real_layouts, tmp_path):
+    data, public = real_layouts
+    layouts = {site.name: read_dataset(site) for site in data.iterdir()}
+    assert {s.layout for s in layouts.values()} == {"market1501", "fedreid", "msmt17"}
+    out = tmp_path / "out"
+    proc = run_study(
+        "--data", data, "--public", public, "--methods", "local,fedpav,kd", "--seeds", "0,1", "--rounds", "2",
+        "--arch", "mobilenet_v3_small", "--batch-size", "8", "--kd-seconds", "5", "--out", out,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = json.loads((out / "study.json").read_text())
+    names = sorted(layouts)
+    assert study["sizes"] == {name: len(s.train) for name, s in layouts.items()}
+    assert set(study["table"]) == {"local", "fedpav", "kd"}
+    for method, row in study["table"].items():
+        assert set(row) == {*names, "mean"}
+        for site in names:
+            (rank1, _), (mAP, _) = row[site]["rank1"], row[site]["mAP"]
+            assert 0 <= rank1 <= 100 and 0 < mAP <= 100, (method, site, row[site])
+        means = [study["table"][method][n]["rank1"][0] for n in names]
+        assert row["mean"]["rank1"][0] == pytest.approx(sum(means) / len(means))
+    # every run logged one global (or local) evaluation per round and site, for both seeds
+    for method in ("fedpav", "kd"):
+        assert all(len(curve) == 2 for seed in study["curves"][method].values() for curve in seed.values())
+        assert set(study["site_model_table"][method]) == {*names, "mean"}
+    assert "local" not in study["site_model_table"]
+    assert set(study["beats_local"]) == {"fedpav", "kd"}
+    md = (out / "study.md").read_text()
+    assert all(name in md for name in names) and "sites' own model" in md
+    with Image.open(out / "study.png") as png:
+        assert png.format == "PNG" and png.size[0] > 500
+
+
+def test_study_argument_errors_name_the_problem(real_layouts, tmp_path):
+    data, _ = real_layouts
+    proc = run_study("--data", data, "--methods", "fedpav,kd", "--out", tmp_path)
+    assert proc.returncode == 2 and "--public" in proc.stderr
+    bad = tmp_path / "bad"
+    shutil.copytree(data / "market", bad / "market")
+    (bad / "notes").mkdir()
+    (bad / "notes" / "readme.txt").write_text("not a data set")
+    proc = run_study("--data", bad, "--methods", "local", "--out", tmp_path)
+    assert proc.returncode == 2 and "unknown data set layout" in proc.stderr and "notes" in proc.stderr
+    proc = run_study("--data", tmp_path / "missing", "--methods", "local", "--out", tmp_path)
+    assert proc.returncode == 2 and "not a folder" in proc.stderr
