@@ -286,14 +286,12 @@ def main() -> None:
         if {"kd", "cdw_kd"} & set(args.methods) and not (args.public and args.public.is_dir()):
             parser.error("the kd methods need --public DIR (unlabeled images for distillation) with --data")
 
-    args.public_resolved = args.public.resolve() if args.public else None  # a public folder inside --data
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         if args.data:
-            sites = sorted(
-                p for p in args.data.iterdir() if p.is_dir() and p.resolve() != args.public_resolved
-            )
+            public_dir = args.public.resolve() if args.public else None  # may sit inside --data
+            sites = sorted(p for p in args.data.iterdir() if p.is_dir() and p.resolve() != public_dir)
             public = args.public
             data_desc = f"data sets in {args.data}"
         else:

@@ -136,10 +136,9 @@ class Deployments:
                 return  # already serving or installing it (the retained manifest comes at every reconnect)
             if self.pending and self.pending[0].blob.sha256 == msg.blob.sha256:
                 return
-            newest = max(self.installed_created, self.pending[0].created if self.pending else 0.0)
-            if msg.created <= newest:
+            if msg.created <= self.installed_created:  # only the verified, served model counts here
                 log.warning(
-                    "dropped deployment %s: created before the model now served or being fetched "
+                    "dropped deployment %s: created before the model now served "
                     "(a replayed manifest cannot roll back; deploy the round again to roll back)",
                     msg.version,
                 )

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from reid.data import parse_image_name, read_dataset
-from reid.synthetic import SyntheticConfig, generate_federation
+from reid.synthetic import generate_federation
+from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDY = ROOT / "bench" / "federated.py"
@@ -52,16 +53,7 @@ def to_msmt17(market: Path, out: Path) -> None:
 @pytest.fixture(scope="module")
 def real_layouts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("study")
-    cfg = SyntheticConfig(
-        seed=3,
-        sites=3,
-        train_images_max=48,
-        size_ratio=2,
-        images_per_id_max=6,
-        public_images=16,
-        height=64,
-        width=32,
-    )
+    cfg = TINY.model_copy(update={"seed": 3, "train_images_max": 48, "size_ratio": 2, "images_per_id_max": 6})
     generate_federation(cfg, root / "synthetic")
     data = root / "data"
     shutil.copytree(root / "synthetic" / "sites" / "site00", data / "market")
