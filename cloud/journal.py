@@ -10,33 +10,36 @@ open.json                        the round being collected (number, selection, b
 ```
 
 Resume: the last ``global.safetensors`` is the base; the journaled updates of the open round are folded
-again, so no acknowledged update is lost.
+again, so no acknowledged update is lost. When round r closes its updates are deleted and only the
+newest `keep` global checkpoints stay (`prune`): disk use is bounded whatever the number of rounds.
+A state dir that cannot be written is a `StateDirError` (the aggregator stops; it never acks an update
+it could not journal).
 """
 
 from __future__ import annotations
 
 import json
-import os
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from reid.files import atomic_write
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+
+class StateDirError(OSError):
+    """The state dir cannot be written (read-only, full, gone): the aggregator must stop."""
 
 
 class Journal:
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            atomic_write(root / ".writable", b"ok")  # fail now, not at the first acknowledged update
+        except OSError as err:
+            raise StateDirError(f"state dir {root} is not writable: {err}") from None
 
     def check_identity(self, identity: dict) -> None:
         """Refuse to resume a run that was started with another model or federation settings."""
@@ -46,17 +49,20 @@ class Journal:
             if stored != identity:
                 raise ValueError(f"{path} belongs to another run configuration: use another --state-dir")
         else:
-            _atomic_write(path, json.dumps(identity, indent=2).encode())
+            atomic_write(path, json.dumps(identity, indent=2).encode())
 
     def round_dir(self, r: int) -> Path:
         return self.root / "rounds" / f"{r:05d}"
 
     def save_global(self, r: int, state: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
         path = self.round_dir(r) / "global.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+            tmp.replace(path)
+        except OSError as err:
+            raise StateDirError(f"cannot write the global checkpoint {path}: {err}") from None
         return path
 
     def last_global(self) -> tuple[int, dict[str, torch.Tensor]] | None:
@@ -74,8 +80,27 @@ class Journal:
 
     def journal_update(self, r: int, site: str, blob: bytes, manifest: bytes) -> None:
         updates = self.round_dir(r) / "updates"
-        _atomic_write(updates / f"{site}.blob", blob)
-        _atomic_write(updates / f"{site}.json", manifest)
+        try:
+            atomic_write(updates / f"{site}.blob", blob)
+            atomic_write(updates / f"{site}.json", manifest)
+        except OSError as err:
+            raise StateDirError(f"cannot journal the update of {site} in {updates}: {err}") from None
+
+    def read_update(self, r: int, site: str) -> bytes:
+        return (self.round_dir(r) / "updates" / f"{site}.blob").read_bytes()
+
+    def prune(self, closed: int, keep: int) -> None:
+        """After round `closed` is checkpointed: drop its updates and all but the `keep` newest globals."""
+        shutil.rmtree(self.round_dir(closed) / "updates", ignore_errors=True)
+        folder = self.root / "rounds"
+        rounds = sorted((int(p.name) for p in folder.iterdir() if p.name.lstrip("-").isdigit()), reverse=True)
+        for r in rounds[keep:]:
+            if r < closed:
+                shutil.rmtree(self.round_dir(r), ignore_errors=True)
+
+    def disk_bytes(self) -> int:
+        """Bytes under the run's folder (tests and the chaos check bound it)."""
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
 
     def drop_update(self, r: int, site: str) -> None:
         for suffix in (".blob", ".json"):
@@ -93,7 +118,10 @@ class Journal:
         return out
 
     def save_open_round(self, info: dict) -> None:
-        _atomic_write(self.root / "open.json", json.dumps(info).encode())
+        try:
+            atomic_write(self.root / "open.json", json.dumps(info).encode())
+        except OSError as err:
+            raise StateDirError(f"cannot record the open round in {self.root}: {err}") from None
 
     def open_round(self) -> dict | None:
         path = self.root / "open.json"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import getpass
 import ipaddress
 import json
 import shutil
@@ -123,7 +124,12 @@ def acl_text(federation: str, sites: list[str]) -> str:
 
 
 def mosquitto_conf(broker_dir: Path, port: int, bind: str) -> str:
+    """The broker's config: absolute paths, bound to `bind`, identity (client id and user name) = the
+    certificate's CN, and `user` = the owner of the key files (mosquitto started as root otherwise drops
+    to the user "mosquitto", who cannot read them)."""
+    broker_dir = broker_dir.resolve()
     return (
+        f"user {getpass.getuser()}\n"
         f"listener {port} {bind}\n"
         f"cafile {broker_dir / 'ca.crt'}\n"
         f"certfile {broker_dir / 'server.crt'}\n"
@@ -131,6 +137,7 @@ def mosquitto_conf(broker_dir: Path, port: int, bind: str) -> str:
         f"crlfile {broker_dir / 'crl.pem'}\n"
         "require_certificate true\n"
         "use_identity_as_username true\n"
+        "use_username_as_clientid true\n"
         "tls_version tlsv1.2\n"
         f"acl_file {broker_dir / 'acl'}\n"
         "allow_anonymous false\n"
@@ -234,7 +241,9 @@ class Provisioning:
         broker = self.out / "broker"
         shutil.copy(self.out / "ca" / "ca.crt", broker / "ca.crt")
         (broker / "acl").write_text(acl_text(self.meta["federation"], self.sites))
-        (broker / "mosquitto.conf").write_text(mosquitto_conf(broker, self.meta["port"], "0.0.0.0"))
+        (broker / "mosquitto.conf").write_text(
+            mosquitto_conf(broker, self.meta["port"], self.meta["broker_host"])
+        )
         now = dt.datetime.now(dt.timezone.utc)
         crl = x509.CertificateRevocationListBuilder().issuer_name(self.ca_cert.subject)
         crl = crl.last_update(now - dt.timedelta(minutes=5)).next_update(

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import math
 import random
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,18 +28,24 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from cloud.deploy import DeploymentSource, deploy_round
-from cloud.journal import Journal
+from cloud.journal import Journal, StateDirError
 from cloud.strategy import (
+    AdmissionConfig,
+    FlatLayout,
     KDConfig,
     LayoutError,
+    RoundAggregate,
     StrategyConfig,
     StreamingAggregator,
     TeacherMean,
     Update,
     distill,
     embed_public,
+    raw_weight,
 )
-from protocol.chunks import DEFAULT_CHUNK_BYTES, ChunkError, Reassembler, parse_chunk
+from cloud.strategy.caps import capped_samples, clip_scales, max_share, norm_bound, share_capped
+from cloud.strategy.flat import l2_norm
+from protocol.chunks import DEFAULT_CHUNK_BYTES, ChunkError, Reassembler, blob_ref, check_ref, parse_chunk
 from protocol.codec import CodecError, Encoding, decode_state, encode_state
 from protocol.messages import (
     BlobRef,
@@ -96,7 +103,12 @@ class ServeConfig(BaseModel):
     upload_encoding: Encoding = "fp16"
     upload_compressed: bool = False
     chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20)
-    max_update_bytes: int = Field(1 << 30, ge=1024)
+    max_update_bytes: int = Field(1 << 30, ge=1024, description="also capped by the model's own size")
+    admission: AdmissionConfig = AdmissionConfig()
+    keep_checkpoints: int = Field(5, ge=1, description="newest global checkpoints kept in the state dir")
+    min_resend_interval_s: float = Field(
+        2.0, ge=0, description="per site: global-model resend requests closer together are dropped"
+    )
     deploy_every: int = Field(
         0, ge=0, description="export and deploy the global model every N rounds; 0: off"
     )
@@ -128,7 +140,13 @@ class Stopped(Exception):
 
 @dataclass
 class OpenRound:
-    round: int
+    """One round being collected: who is selected, what arrived, what was accepted, failed or rejected.
+
+    Accepted updates are journaled and validated (decoded, shapes, finite, norm); they are folded only
+    at close, when the aggregator knows every claim of the round and can decide the weights.
+    """
+
+    number: int
     selected: list[str]
     base_hash: str
     blob: bytes
@@ -136,15 +154,36 @@ class OpenRound:
     deadline: float
     started: float
     kd_due: bool
-    agg: StreamingAggregator
     teachers: TeacherMean | None
+    limit: int  # the largest update blob (and decoded payload) this round accepts, in bytes
+    restarts: int = 0
+    extensions: int = 0
     manifests: dict[str, UpdateManifest] = field(default_factory=dict)
     transfers: dict[str, Reassembler] = field(default_factory=dict)
     accepted: dict[str, UpdateManifest] = field(default_factory=dict)
+    norms: dict[str, float] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    rejections: list[dict[str, str]] = field(default_factory=list)
     last_resend: dict[str, float] = field(default_factory=dict)
+
+    def waiting(self) -> set[str]:
+        """Selected sites that have neither an accepted update nor reported a failure."""
+        return set(self.selected) - set(self.accepted) - set(self.failed)
+
+
+def update_limit(global_blob_bytes: int, tensors: int, max_update_bytes: int) -> int:
+    """The largest update this model can honestly produce in any encoding (fp32 + int8 scales + zstd
+    framing), capped by the configured `max_update_bytes`: a manifest announcing more is refused."""
+    return min(max_update_bytes, int(global_blob_bytes * 1.01) + 256 * tensors + 65536)
 
 
 class Aggregator:
+    """The networked aggregator: owns the open round, the journal and the global state.
+
+    `run()` drives the rounds on the caller's thread; MQTT handlers run on the endpoint's worker thread
+    and share state under `lock`; global-model resends go out on their own thread, coalesced.
+    """
+
     def __init__(self, cfg: ServeConfig, broker_url: str) -> None:
         self.cfg = cfg
         self.topics = Topics(cfg.federation)
@@ -162,6 +201,9 @@ class Aggregator:
             self.journal.save_global(-1, self.global_state, {"round": "-1"})
         else:
             self.completed, self.global_state = last
+        self.layout = FlatLayout(self.global_state)
+        self.scratch = self.layout.empty()  # validation buffer: one update at a time
+        self.reference_norm: float | None = None  # the previous round's median delta norm
         self.public: ImageDataset | None = None
         if cfg.kd_enabled:
             if cfg.public is None:
@@ -175,6 +217,10 @@ class Aggregator:
             self.deploy_images = read_image_folder(folder)[:32]
         self.round_payload: bytes | None = None  # the retained round document, re-published on reconnect
         self.stopping = threading.Event()
+        self.fatal: StateDirError | None = None
+        self.resend_wanted: set[int] = set()
+        self.resend_ready = threading.Event()
+        self.last_request: dict[str, float] = {}
         t = self.topics
         self.endpoint = Endpoint(
             broker_url,
@@ -207,46 +253,67 @@ class Aggregator:
         except MessageError as err:
             log.warning("dropped status on %s: %s", topic, err)
             return
-        if status.role == "site" and topic == self.topics.status(status.node):
-            with self.lock:
-                self.online[status.node] = status.state
+        if status.role != "site" or topic != self.topics.status(status.node):
+            return
+        with self.lock:
+            self.online[status.node] = status.state
+            cur = self.current
+            if (
+                status.state == "failed"
+                and cur is not None
+                and status.round == cur.number
+                and status.node in cur.waiting()
+            ):
+                cur.failed[status.node] = status.reason or "no reason given"
+                with log_context(site=status.node, round=cur.number):
+                    log.warning("site cannot take part in this round: %s", cur.failed[status.node])
 
     def _ack(self, site: str, round_: int, blob_id: str, accepted: bool, reason: str = "") -> None:
         ack = UpdateAck(site=site, round=round_, blob_id=blob_id, accepted=accepted, reason=reason)
         self.endpoint.publish(self.topics.site(site, "ack"), encode_message(ack))
 
+    def _admit(self, cur: OpenRound | None, site: str, m: UpdateManifest) -> str | None:
+        """Why a manifest that came on `site`'s topic cannot be collected ("duplicate": already accepted)."""
+        if m.site != site:
+            return f"the manifest names site {m.site} but came on the topic of site {site}"
+        if cur is None:
+            return "no round is open"
+        if m.round != cur.number:
+            return f"stale round {m.round} (current round {cur.number})"
+        if m.base_hash != cur.base_hash:
+            return "update computed against another base model (wrong base hash)"
+        if site not in cur.selected:
+            return f"site {site} is not selected for round {cur.number}"
+        if site in cur.accepted:
+            if cur.accepted[site].blob.blob_id == m.blob.blob_id:
+                return "duplicate"
+            return "a different update of this site was already accepted this round"
+        return check_ref(m.blob, cur.limit)
+
     def _on_manifest(self, topic: str, payload: bytes) -> None:
-        site = self.topics.site_of(topic) or "?"
+        site = self.topics.site_of(topic)
+        if site is None:
+            return
         try:
             m = parse_message(payload, UpdateManifest)
         except MessageError as err:
             log.warning("dropped update manifest from %s: %s", site, err)
             return
-        if m.site != site:
-            log.warning("dropped update manifest on %s: it claims to be from site %s", topic, m.site)
-            return
         with self.lock:
             cur = self.current
-            reason = ""
-            if cur is None:
-                reason = "no round is open"
-            elif m.round != cur.round:
-                reason = f"stale round {m.round} (current round {cur.round})"
-            elif m.base_hash != cur.base_hash:
-                reason = "update computed against another base model (wrong base hash)"
-            elif site not in cur.selected:
-                reason = f"site {site} is not selected for round {cur.round}"
-            elif site in cur.accepted:
-                if cur.accepted[site].blob.blob_id == m.blob.blob_id:
-                    self._ack(site, m.round, m.blob.blob_id, True, "duplicate")
-                    return
-                reason = "a different update of this site was already accepted this round"
-            if reason:
-                with log_context(site=site):
-                    log.warning("update rejected: %s", reason)
-                self._ack(site, m.round, m.blob.blob_id, False, reason)
+            reason = self._admit(cur, site, m)
+            if reason == "duplicate":
+                self._ack(site, m.round, m.blob.blob_id, True, "duplicate")
                 return
+            if reason:
+                self._reject(cur, site, m, reason)
+                return
+            assert cur is not None
+            pending = cur.manifests.get(site)
+            if pending is not None and pending.blob.blob_id == m.blob.blob_id:
+                return  # announced again (a site answering a request): keep the chunks received so far
             cur.manifests[site] = m
+            cur.last_resend.pop(site, None)
             old = cur.transfers.pop(site, None)
             if old is not None:
                 old.close()
@@ -274,7 +341,7 @@ class Aggregator:
             try:
                 transfer = cur.transfers.get(site)
                 if transfer is None:
-                    transfer = cur.transfers[site] = Reassembler(header, max_bytes=self.cfg.max_update_bytes)
+                    transfer = cur.transfers[site] = Reassembler(header, max_bytes=cur.limit)
                 transfer.add(header, data)
                 if not transfer.complete:
                     return
@@ -288,69 +355,125 @@ class Aggregator:
             self._accept(cur, site, m, blob, journaled=False)
 
     def _on_global_resend(self, topic: str, payload: bytes) -> None:
+        """Queue the requested chunks for the resend thread: per site at most one request per
+        `min_resend_interval_s`, only from sites of the round, and coalesced (one publish serves all)."""
         try:
             req = parse_message(payload, ChunkRequest)
         except MessageError as err:
             log.warning("dropped chunk request: %s", err)
             return
+        signer = self.endpoint.signer_of_message
+        if signer is not None and signer != req.requester:
+            log.warning("dropped chunk request: signed by %s for requester %s", signer, req.requester)
+            return
+        now = time.monotonic()
         with self.lock:
             cur = self.current
-        if cur is None or req.blob_id != cur.blob_ref.blob_id:
-            return
-        indices = {i for i in req.indices if 0 <= i < cur.blob_ref.chunks}
-        log.info("resending %d chunks of the global model to %s", len(indices), req.requester)
-        self.endpoint.publish_blob(
-            self.topics.global_chunks, cur.blob, cur.blob_ref.blob_id, self.cfg.chunk_bytes, indices=indices
-        )
+            if cur is None or req.blob_id != cur.blob_ref.blob_id or req.requester not in cur.selected:
+                return
+            if now - self.last_request.get(req.requester, -math.inf) < self.cfg.min_resend_interval_s:
+                log.debug("chunk request of %s dropped (rate limit)", req.requester)
+                return
+            self.last_request[req.requester] = now
+            self.resend_wanted.update(i for i in req.indices if 0 <= i < cur.blob_ref.chunks)
+        self.resend_ready.set()
 
-    # -- accepting updates -----------------------------------------------------------------------------
-    def _reject(self, cur: OpenRound, site: str, m: UpdateManifest, reason: str) -> None:
-        with log_context(site=site):
+    def _resender(self) -> None:
+        """Publishes the queued global-model chunks (off the message thread, so floods never block it)."""
+        while not self.stopping.is_set():
+            if not self.resend_ready.wait(0.5):
+                continue
+            self.resend_ready.clear()
+            with self.lock:
+                cur, wanted, self.resend_wanted = self.current, self.resend_wanted, set()
+            if cur is None or not wanted:
+                continue
+            with log_context(round=cur.number):
+                log.info("resending %d chunks of the global model", len(wanted))
+                try:
+                    self.endpoint.publish_blob(
+                        self.topics.global_chunks,
+                        cur.blob,
+                        cur.blob_ref.blob_id,
+                        self.cfg.chunk_bytes,
+                        wanted,
+                    )
+                except TimeoutError as err:
+                    log.warning("resend of the global model interrupted: %s", err)
+
+    # -- accepting updates (worker thread, under the lock) ----------------------------------------------
+    def _reject(self, cur: OpenRound | None, site: str, m: UpdateManifest, reason: str) -> None:
+        with log_context(site=site, round=m.round):
             log.warning("update rejected: %s", reason)
-        cur.manifests.pop(site, None)
-        self._ack(site, cur.round, m.blob.blob_id, False, reason)
+        if cur is not None:
+            if cur.manifests.get(site) is m:
+                cur.manifests.pop(site, None)
+            if m.round == cur.number:
+                cur.rejections.append({"site": site, "reason": reason})
+        self._ack(site, m.round, m.blob.blob_id, False, reason)
+
+    def _validate(self, cur: OpenRound, blob: bytes) -> tuple[dict[str, torch.Tensor], float]:
+        """The decoded delta and its L2 norm; CodecError / LayoutError for anything the fold cannot take."""
+        delta = {k: torch.from_numpy(v) for k, v in decode_state(blob, cur.limit).items()}
+        floats, _ = self.layout.flatten(delta, out=self.scratch)
+        return delta, l2_norm(floats)
 
     def _accept(self, cur: OpenRound, site: str, m: UpdateManifest, blob: bytes, journaled: bool) -> None:
-        with log_context(site=site, round=cur.round):
+        """Validate fully, journal, then ack: an acknowledged update is always aggregated at close."""
+        with log_context(site=site, round=cur.number):
             try:
-                delta = {
-                    k: torch.from_numpy(v) for k, v in decode_state(blob, self.cfg.max_update_bytes).items()
-                }
-                cur.agg.layout.check(delta, "update")
+                delta, norm = self._validate(cur, blob)
             except (CodecError, LayoutError) as err:
                 self._reject(cur, site, m, str(err))
                 if journaled:
-                    self.journal.drop_update(cur.round, site)
+                    self.journal.drop_update(cur.number, site)
                 return
             if not journaled:
-                self.journal.journal_update(cur.round, site, blob, encode_message(m))
-            rejection = cur.agg.add(Update(site, delta, m.n_samples, m.cdw))
-            if rejection is not None:
-                self.journal.drop_update(cur.round, site)
-                self._reject(cur, site, m, rejection.reason)
-                return
+                try:
+                    self.journal.journal_update(cur.number, site, blob, encode_message(m))
+                except StateDirError as err:
+                    self._fail(err)
+                    return
+            cur.norms[site] = norm
+            cur.accepted[site] = m
+            cur.failed.pop(site, None)
+            cur.manifests.pop(site, None)
             if cur.teachers is not None and self.public is not None:
                 load_shared_state(self.model, {k: self.global_state[k] + delta[k] for k in self.global_state})
                 loader = make_loader(self.public, 64, train=False)
                 cur.teachers.add(embed_public(self.model, loader, len(self.public)))
-            cur.accepted[site] = m
-            cur.manifests.pop(site, None)
             log.info(
-                "update accepted (%d/%d): %d images, CDW %.4f, loss %.3f",
+                "update accepted (%d/%d): %d images, CDW %.4f, loss %.3f, delta norm %.4g",
                 len(cur.accepted),
                 len(cur.selected),
                 m.n_samples,
                 m.cdw,
                 m.loss,
+                norm,
             )
-            self._ack(site, cur.round, m.blob.blob_id, True)
+            self._ack(site, cur.number, m.blob.blob_id, True)
+
+    def _fail(self, err: StateDirError) -> None:
+        """The state dir cannot be written: say so once and stop (nothing unjournaled is acknowledged)."""
+        if self.fatal is None:
+            self.fatal = err
+            log.error("%s: stopping (fix the state dir and start again to resume)", err)
+        self.stopping.set()
 
     # -- the round loop (caller thread) ----------------------------------------------------------------
-    def _select(self, r: int) -> list[str]:
+    def _eligible(self) -> list[str]:
+        """Sites that may be selected: online (not offline or failed) and, with signing, not revoked."""
+        with self.lock:
+            return sorted(
+                s
+                for s, state in self.online.items()
+                if state not in ("offline", "failed") and self.endpoint.knows(s)
+            )
+
+    def _select(self, r: int, draw: int = 0, keep: set[str] | None = None) -> list[str]:
         waited = time.monotonic()
         while True:
-            with self.lock:
-                online = sorted(s for s, state in self.online.items() if state != "offline")
+            online = self._eligible()
             if len(online) >= self.cfg.min_sites:
                 break
             if time.monotonic() - waited > self.cfg.wait_for_sites_s:
@@ -359,14 +482,17 @@ class Aggregator:
                 )
             if self.stopping.wait(0.2):
                 raise Stopped
+        keep = keep or set()
         k = min(len(online), max(self.cfg.min_sites, math.ceil(self.cfg.fraction * len(online))))
-        return sorted(random.Random(self.cfg.seed * 100_003 + r).sample(online, k))
+        others = [s for s in online if s not in keep]
+        rng = random.Random(self.cfg.seed * 100_003 + r + 7919 * draw)
+        return sorted(keep | set(rng.sample(others, max(0, min(len(others), k - len(keep))))))
 
-    def _publish_round(self, cur: OpenRound) -> None:
+    def _publish_round(self, cur: OpenRound, with_blob: bool = True) -> None:
         cfg = self.cfg
         msg = RoundStart(
             federation=cfg.federation,
-            round=cur.round,
+            round=cur.number,
             base_hash=cur.base_hash,
             blob=cur.blob_ref,
             model=model_info(cfg),
@@ -379,21 +505,22 @@ class Aggregator:
                 lr_backbone=cfg.lr_backbone,
                 keep_local_bn=cfg.strategy.bn == "local",
             ),
-            evaluate=(cur.round % cfg.eval_every == 0),
+            evaluate=(cur.number % cfg.eval_every == 0),
             upload_encoding=cfg.upload_encoding,
             upload_compressed=cfg.upload_compressed,
         )
         self.round_payload = encode_message(msg)
         self.endpoint.publish(self.topics.round, self.round_payload, retain=True).wait_for_publish(10)
-        self.endpoint.publish_blob(self.topics.global_chunks, cur.blob, cur.blob_ref.blob_id, cfg.chunk_bytes)
+        if with_blob:
+            self.endpoint.publish_blob(
+                self.topics.global_chunks, cur.blob, cur.blob_ref.blob_id, cfg.chunk_bytes
+            )
 
-    def _open_round(self, r: int, reselect: bool = False) -> OpenRound:
+    def _open_round(self, r: int) -> OpenRound:
         blob = encode_state({k: v.numpy() for k, v in self.global_state.items()}, "fp32")
         base_hash = hashlib.sha256(blob).hexdigest()  # deterministic: see protocol.codec
         saved = self.journal.open_round()
-        resumed = (
-            saved is not None and saved["round"] == r and saved["base_hash"] == base_hash and not reselect
-        )
+        resumed = saved is not None and saved["round"] == r and saved["base_hash"] == base_hash
         if saved is not None and saved["round"] == r and saved["base_hash"] != base_hash:
             log.warning(
                 "journal of round %d was written for base %s, the checkpoint gives %s: not resuming it",
@@ -403,26 +530,23 @@ class Aggregator:
             )
         selected = saved["selected"] if resumed else self._select(r)
         now = time.time()
-        ref = BlobRef(
-            blob_id=base_hash[:32],
-            size=len(blob),
-            sha256=base_hash,
-            chunks=max(1, -(-len(blob) // self.cfg.chunk_bytes)),
-        )
         kd_due = self.public is not None and (r + 1) % self.cfg.kd.every == 0
         cur = OpenRound(
             r,
             selected,
             base_hash,
             blob,
-            ref,
+            blob_ref(blob, self.cfg.chunk_bytes),
             now + self.cfg.deadline_s,
             now,
             kd_due,
-            StreamingAggregator(self.global_state, self.cfg.strategy),
             TeacherMean(self.cfg.kd.normalize) if kd_due else None,
+            update_limit(len(blob), len(self.global_state), self.cfg.max_update_bytes),
+            restarts=saved.get("restarts", 0) if resumed else 0,
         )
-        self.journal.save_open_round({"round": r, "selected": selected, "base_hash": base_hash})
+        self.journal.save_open_round(
+            {"round": r, "selected": selected, "base_hash": base_hash, "restarts": cur.restarts}
+        )
         with self.lock:
             self.current = cur
             for site, site_blob, manifest in self.journal.journaled_updates(r) if resumed else []:
@@ -444,77 +568,145 @@ class Aggregator:
         self._publish_round(cur)
         return cur
 
+    def _restart(self, cur: OpenRound) -> None:
+        """No quorum: select again, keeping every accepted update and every upload in progress."""
+        cur.restarts += 1
+        with self.lock:
+            keep = set(cur.accepted) | set(cur.manifests)
+        selected = self._select(cur.number, draw=cur.restarts, keep=keep)
+        with self.lock:
+            cur.selected = selected
+            cur.failed = {s: why for s, why in cur.failed.items() if s not in selected}
+            cur.deadline = time.time() + self.cfg.deadline_s
+            cur.extensions = 0
+        self.journal.save_open_round(
+            {"round": cur.number, "selected": selected, "base_hash": cur.base_hash, "restarts": cur.restarts}
+        )
+        log.info(
+            "round %d restarted: %d sites selected (%s), %d accepted updates kept",
+            cur.number,
+            len(selected),
+            ", ".join(selected),
+            len(cur.accepted),
+        )
+        self._publish_round(cur)
+
+    def _drop_revoked(self, cur: OpenRound) -> None:
+        for site in cur.waiting():
+            if not self.endpoint.knows(site):
+                cur.failed[site] = "identity revoked"
+                self.online.pop(site, None)
+                with log_context(site=site, round=cur.number):
+                    log.warning("site dropped from the round: its identity was revoked")
+
+    def _request_missing(self, cur: OpenRound, now: float) -> None:
+        """Ask each site with an incomplete upload for its missing chunks after `transfer_idle_s`."""
+        for site, m in cur.manifests.items():
+            t = cur.transfers.get(site)
+            idle = t.idle_seconds() if t else now - cur.last_resend.get(site, now)
+            if site not in cur.last_resend:
+                cur.last_resend[site] = now
+                continue
+            if idle <= self.cfg.transfer_idle_s or now - cur.last_resend[site] <= self.cfg.transfer_idle_s:
+                continue
+            missing = t.missing() if t else list(range(m.blob.chunks))
+            req = ChunkRequest.first_of("aggregator", m.blob.blob_id, missing)
+            self.endpoint.publish(self.topics.site(site, "resend"), encode_message(req))
+            cur.last_resend[site] = now
+            with log_context(site=site, round=cur.number):
+                log.info("asked for %d of %d missing chunks again", len(req.indices), len(missing))
+
     def _collect(self, cur: OpenRound) -> bool:
         """Wait for the round's updates; False when it must be restarted (no quorum after extensions)."""
-        extensions = 0
         while True:
             if self.stopping.wait(0.1):
                 raise Stopped
             now = time.time()
             with self.lock:
-                if set(cur.accepted) >= set(cur.selected):
-                    return True
-                for site, m in cur.manifests.items():
-                    t = cur.transfers.get(site)
-                    idle = t.idle_seconds() if t else now - cur.last_resend.get(site, now)
-                    if site not in cur.last_resend:
-                        cur.last_resend[site] = now
-                    elif (
-                        idle > self.cfg.transfer_idle_s
-                        and now - cur.last_resend[site] > self.cfg.transfer_idle_s
-                    ):
-                        missing = t.missing() if t else list(range(m.blob.chunks))
-                        req = ChunkRequest(requester="aggregator", blob_id=m.blob.blob_id, indices=missing)
-                        self.endpoint.publish(self.topics.site(site, "resend"), encode_message(req))
-                        cur.last_resend[site] = now
-                        log.info("asked %s to resend %d chunks", site, len(missing))
+                self._drop_revoked(cur)
+                waiting = cur.waiting()
                 accepted = len(cur.accepted)
-            if now < cur.deadline:
+                if not waiting and accepted >= min(self.cfg.quorum, len(cur.selected)):
+                    return True
+                self._request_missing(cur, now)
+            if waiting and now < cur.deadline:
                 continue
             if accepted >= self.cfg.quorum:
-                missing_sites = sorted(set(cur.selected) - set(cur.accepted))
                 log.warning(
                     "deadline passed: closing round %d with %d/%d updates (missing: %s)",
-                    cur.round,
+                    cur.number,
                     accepted,
                     len(cur.selected),
-                    ", ".join(missing_sites),
+                    ", ".join(sorted(waiting)),
                 )
                 return True
-            if extensions >= self.cfg.max_extensions:
+            if not waiting or cur.extensions >= self.cfg.max_extensions:
                 log.warning(
-                    "round %d has no quorum (%d/%d) after %d extensions: restarting it",
-                    cur.round,
+                    "round %d has no quorum (%d/%d) after %d extensions%s: restarting it",
+                    cur.number,
                     accepted,
                     self.cfg.quorum,
-                    extensions,
+                    cur.extensions,
+                    " (every other selected site failed)" if not waiting else "",
                 )
                 return False
-            extensions += 1
+            cur.extensions += 1
             cur.deadline = now + self.cfg.deadline_s
             log.warning(
                 "no quorum at the deadline (%d/%d): extending round %d by %.0f s",
                 accepted,
                 self.cfg.quorum,
-                cur.round,
+                cur.number,
                 self.cfg.deadline_s,
             )
-            self._publish_round(cur)
+            self._publish_round(cur, with_blob=False)
+
+    def _fold(self, cur: OpenRound) -> tuple[RoundAggregate, dict]:
+        """The round's average with the weights and clips the aggregator decides (cloud.strategy.caps),
+        folding the journaled updates one at a time (memory: the base, the sum and one update)."""
+        adm = self.cfg.admission
+        sites = sorted(cur.accepted)
+        bound = norm_bound({s: cur.norms[s] for s in sites}, adm, self.reference_norm)
+        scales = clip_scales({s: cur.norms[s] for s in sites}, bound)
+        samples = {s: capped_samples(s, cur.accepted[s].n_samples, adm) for s in sites}
+        raw = {s: raw_weight(self.cfg.strategy.weighting, samples[s], cur.accepted[s].cdw) for s in sites}
+        shares = share_capped(raw, max_share(adm, len(sites)))
+        agg = StreamingAggregator(self.global_state, self.cfg.strategy, group=1)
+        for site in sites:
+            m = cur.accepted[site]
+            delta = decode_state(self.journal.read_update(cur.number, site), cur.limit)
+            update = Update(site, {k: torch.from_numpy(v) for k, v in delta.items()}, samples[site], m.cdw)
+            del delta
+            agg.add(update, weight=shares[site], scale=scales[site])
+        self.reference_norm = statistics.median(cur.norms[s] for s in sites) if sites else None
+        caps = {
+            "norm_bound": bound,
+            "norms": {s: round(cur.norms[s], 6) for s in sites},
+            "clipped": sorted(s for s in sites if scales[s] < 1.0),
+            "n_samples_capped": sorted(s for s in sites if samples[s] < cur.accepted[s].n_samples),
+            "share_capped": sorted(
+                s for s in sites if raw[s] > 0 and shares[s] < raw[s] / sum(raw.values()) - 1e-12
+            ),
+        }
+        return agg.finish(), caps
 
     def _close(self, cur: OpenRound) -> None:
         clock = time.perf_counter()
         with self.lock:
             self.current = None
-            result = cur.agg.finish()
+        result, caps = self._fold(cur)
         new_state = {k: v.clone() for k, v in result.state.items()}
         aggregate_seconds = time.perf_counter() - clock
         summary: dict = {
-            "round": cur.round,
+            "round": cur.number,
             "kind": "round",
             "weights": result.weights,
-            "rejected": [r.__dict__ for r in result.rejected],
+            "rejected": [*cur.rejections, *(r.__dict__ for r in result.rejected)],
+            "failed": dict(sorted(cur.failed.items())),
             "selected": cur.selected,
             "accepted": sorted(cur.accepted),
+            "restarts": cur.restarts,
+            **caps,
             "collect_seconds": round(time.time() - cur.started, 3),
             "aggregate_seconds": round(aggregate_seconds, 4),
             "upload_bytes": {s: m.blob.size for s, m in sorted(cur.accepted.items())},
@@ -526,7 +718,7 @@ class Aggregator:
         if cur.teachers is not None and cur.teachers.count and self.public is not None:
             load_shared_state(self.model, new_state)
             loader = make_loader(
-                self.public, self.cfg.kd.batch_size, train=True, seed=self.cfg.seed + cur.round
+                self.public, self.cfg.kd.batch_size, train=True, seed=self.cfg.seed + cur.number
             )
             kd = distill(self.model, loader, cur.teachers.target(), self.cfg.kd)
             new_state = shared_state(self.model)
@@ -537,16 +729,17 @@ class Aggregator:
                 "seconds": round(kd.seconds, 3),
             }
         self.global_state = new_state
-        self.journal.save_global(cur.round, new_state, {"round": str(cur.round)})
+        self.journal.save_global(cur.number, new_state, {"round": str(cur.number)})
         summary["round_seconds"] = round(time.time() - cur.started, 3)
         records = [
-            {"round": cur.round - 1, "site": s, "model": "global", **m.metrics}
+            {"round": cur.number - 1, "site": s, "model": "global", **m.metrics}
             for s, m in sorted(cur.accepted.items())
             if m.metrics
         ]
         self.journal.append_metrics([*records, summary])
-        self.completed = cur.round
-        log.info("round %d closed: %d updates aggregated", cur.round, len(result.weights))
+        self.journal.prune(cur.number, self.cfg.keep_checkpoints)
+        self.completed = cur.number
+        log.info("round %d closed: %d updates aggregated", cur.number, len(result.weights))
 
     def _maybe_deploy(self, r: int) -> None:
         every = self.cfg.deploy_every
@@ -562,13 +755,16 @@ class Aggregator:
         self.stopping.set()
 
     def run(self) -> None:
+        """Run the remaining rounds; returns when done or stopped. StateDirError when the state dir failed."""
         self.endpoint.start()
+        resender = threading.Thread(target=self._resender, name="resender", daemon=True)
+        resender.start()
         try:
             for r in range(self.completed + 1, self.cfg.rounds):
                 with log_context(round=r):
                     cur = self._open_round(r)
                     while not self._collect(cur):
-                        cur = self._open_round(r, reselect=True)
+                        self._restart(cur)
                     self._close(cur)
                     self._maybe_deploy(r)
             end = RunEnd(federation=self.cfg.federation, rounds=self.cfg.rounds)
@@ -578,5 +774,11 @@ class Aggregator:
             log.info("run complete: %d rounds", self.cfg.rounds)
         except Stopped:
             log.info("stopped after round %d; start again on the same state dir to resume", self.completed)
+        except StateDirError as err:
+            self._fail(err)
         finally:
+            self.stopping.set()
             self.endpoint.stop()
+            resender.join(timeout=5)
+        if self.fatal is not None:
+            raise self.fatal

@@ -4,7 +4,14 @@ On a round that selects the site: fetch the global blob (missing chunks re-reque
 `transfer_idle_s` without progress), verify its hash against the round's base hash, load it next to the
 site's own classifier (persisted in the state dir), evaluate it on the local query/gallery when the
 round asks, train, compute the CDW distance, encode the delta of the shared state and upload it as a
-manifest + chunks, and keep it until the aggregator acknowledges it (resending chunks on request).
+manifest + chunks, and keep it (on disk, across restarts) until the aggregator acknowledges it.
+
+Rounds are keyed by (round, base hash), not by the round number alone: an announcement of the round the
+site is fetching or training only updates the deadline (extensions, reconnects); one for which the site
+holds an unacknowledged update makes it publish the manifest and chunks again (the aggregator was
+restarted and lost them); one it has already been acknowledged for is ignored; anything else is trained.
+A round the site cannot take part in (training error, divergence, disk) is reported on its status topic
+(state "failed", with the reason) so the aggregator stops waiting for it.
 
 Deployed models (the retained ``deploy`` manifest) are fetched, verified and swapped in by
 `edge.deployment.Deployments`, alongside training.
@@ -19,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -31,10 +39,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from edge.deployment import Deployments
-from protocol.chunks import DEFAULT_CHUNK_BYTES, ChunkError, Reassembler, parse_chunk
+from protocol.chunks import DEFAULT_CHUNK_BYTES, ChunkError, Reassembler, blob_ref, parse_chunk
 from protocol.codec import CodecError, Encoding, decode_state, encode_state
 from protocol.messages import (
-    BlobRef,
     ChunkRequest,
     MessageError,
     RoundStart,
@@ -47,6 +54,7 @@ from protocol.messages import (
 from protocol.mqtt import Endpoint
 from protocol.topics import Topics, check_name
 from reid.data import InputSpec
+from reid.files import atomic_write
 from reid.logs import bound, log_context
 from reid.model import (
     ModelSpec,
@@ -62,6 +70,10 @@ from reid.site import SiteData
 from reid.train import TrainConfig, resolve_device, train_local
 
 log = logging.getLogger(__name__)
+
+
+class RoundFailed(RuntimeError):
+    """This site cannot take part in the round (the reason goes on its status topic)."""
 
 
 class AgentConfig(BaseModel):
@@ -96,6 +108,18 @@ class AgentConfig(BaseModel):
     deploy_drain_s: float = Field(60.0, ge=0, description="on exit, let a deployment in progress finish")
 
 
+@dataclass(frozen=True)
+class Progress:
+    """The last round this site trained, persisted in ``progress.json`` (atomic writes)."""
+
+    last_round: int = -1
+    base_hash: str = ""
+    acked: bool = False
+
+    def same(self, start: RoundStart) -> bool:
+        return (self.last_round, self.base_hash) == (start.round, start.base_hash)
+
+
 @dataclass
 class Fetch:
     start: RoundStart
@@ -115,12 +139,12 @@ class Agent:
         self.lock = threading.Lock()
         self.fetch: Fetch | None = None
         self.jobs: queue.Queue[tuple[RoundStart, bytes, float] | None] = queue.Queue()
-        self.upload: tuple[UpdateManifest, bytes] | None = None
-        self.acked: set[int] = set()
         self.done = threading.Event()
         self.site_data: SiteData | None = None
-        state = self._load_progress()
-        self.last_round = state.get("last_round", -1)
+        self.progress = self._load_progress()
+        self.upload = self._load_pending()
+        self.working: tuple[int, str] | None = None  # (round, base hash) being fetched or trained
+        self.republished = 0.0  # when the pending update was last announced again
         t = self.topics
         self.endpoint = Endpoint(
             cfg.broker,
@@ -144,14 +168,48 @@ class Agent:
         )
 
     # -- persistent site state -------------------------------------------------------------------------
-    def _load_progress(self) -> dict:
+    def _load_progress(self) -> Progress:
         path = self.dir / "progress.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        try:
+            doc = json.loads(path.read_text()) if path.is_file() else {}
+            return Progress(
+                int(doc.get("last_round", -1)), str(doc.get("base_hash", "")), bool(doc.get("acked"))
+            )
+        except (ValueError, TypeError, AttributeError) as err:
+            log.warning("%s unreadable (%s): starting from no progress", path, err)
+            return Progress()
 
-    def _save_progress(self, r: int) -> None:
-        tmp = self.dir / "progress.json.tmp"
-        tmp.write_text(json.dumps({"last_round": r}))
-        tmp.replace(self.dir / "progress.json")
+    def _save_progress(self, progress: Progress) -> None:
+        self.progress = progress
+        atomic_write(self.dir / "progress.json", json.dumps(progress.__dict__).encode())
+
+    def _load_pending(self) -> tuple[UpdateManifest, bytes] | None:
+        """The update waiting for its acknowledgement (``pending.json`` + ``pending.blob``), if any."""
+        manifest, blob = self.dir / "pending.json", self.dir / "pending.blob"
+        if not (manifest.is_file() and blob.is_file()):
+            return None
+        try:
+            m = parse_message(manifest.read_bytes(), UpdateManifest)
+            data = blob.read_bytes()
+        except (MessageError, OSError) as err:
+            log.warning("pending update unreadable (%s): dropped", err)
+            return None
+        if hashlib.sha256(data).hexdigest() != m.blob.sha256:
+            log.warning("pending update does not match its manifest: dropped")
+            return None
+        return m, data
+
+    def _keep_pending(self, manifest: UpdateManifest, blob: bytes) -> None:
+        atomic_write(self.dir / "pending.blob", blob)
+        atomic_write(self.dir / "pending.json", encode_message(manifest))
+        with self.lock:
+            self.upload = (manifest, blob)
+
+    def _drop_pending(self) -> None:
+        with self.lock:
+            self.upload = None
+        for name in ("pending.json", "pending.blob"):
+            (self.dir / name).unlink(missing_ok=True)
 
     def _spend_privacy(self) -> float:
         """One more Gaussian mechanism on this site's data: the ledger is persisted across restarts."""
@@ -159,9 +217,8 @@ class Agent:
         spent = json.loads(path.read_text())["rounds"] if path.is_file() else 0
         ledger = PrivacyLedger(self.cfg.dp, spent)
         epsilon = ledger.spend()
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rounds": ledger.rounds, "epsilon": epsilon, "delta": self.cfg.dp.delta}))
-        tmp.replace(path)
+        doc = {"rounds": ledger.rounds, "epsilon": epsilon, "delta": self.cfg.dp.delta}
+        atomic_write(path, json.dumps(doc).encode())
         return epsilon
 
     # -- handlers (endpoint worker thread) -------------------------------------------------------------
@@ -180,23 +237,43 @@ class Agent:
             return
         if not isinstance(msg, RoundStart) or msg.federation != self.cfg.federation:
             return
+        if self.endpoint.state == "failed" and not self.progress.same(msg):
+            self.endpoint.set_state("online", msg.round)  # a new round: this site may be selected again
+        if self.cfg.site not in msg.selected or msg.round < self.progress.last_round:
+            return
         with self.lock:
-            if self.cfg.site not in msg.selected or msg.round <= self.last_round:
+            if self.working == (msg.round, msg.base_hash):
+                if self.fetch is not None:
+                    self.fetch.start = msg  # an extension or a reconnect: keep fetching
                 return
-            if (
-                self.fetch
-                and self.fetch.start.round == msg.round
-                and self.fetch.start.base_hash == msg.base_hash
-            ):
-                self.fetch.start = msg  # a deadline extension
-                return
+            upload = self.upload
+        if upload is not None and (upload[0].round, upload[0].base_hash) == (msg.round, msg.base_hash):
+            self._republish(upload)
+            return
+        if self.progress.same(msg) and upload is None:
+            return  # trained and settled (acknowledged or rejected): nothing to do for this round
+        with self.lock:
             if self.fetch and self.fetch.transfer:
                 self.fetch.transfer.close()
             self.fetch = Fetch(msg, requested=time.monotonic())
+            self.working = (msg.round, msg.base_hash)
         with log_context(site=self.cfg.site, round=msg.round):
             log.info(
                 "selected for round %d: fetching the global model (%d chunks)", msg.round, msg.blob.chunks
             )
+
+    def _republish(self, upload: tuple[UpdateManifest, bytes]) -> None:
+        """The round of the pending update was announced again: publish it again (at most once per
+        `transfer_idle_s`); the aggregator keeps what it already has and acks a duplicate."""
+        if time.monotonic() - self.republished < self.cfg.transfer_idle_s:
+            return
+        self.republished = time.monotonic()
+        manifest, blob = upload
+        log.info("round %d announced again: publishing the unacknowledged update again", manifest.round)
+        self.endpoint.publish(self.topics.site(self.cfg.site, "update"), encode_message(manifest))
+        self.endpoint.publish_blob(
+            self.topics.site(self.cfg.site, "chunks"), blob, manifest.blob.blob_id, self.cfg.chunk_bytes
+        )
 
     def _on_global_chunk(self, topic: str, payload: bytes) -> None:
         try:
@@ -236,15 +313,18 @@ class Agent:
         except MessageError as err:
             log.warning("dropped ack: %s", err)
             return
+        with self.lock:
+            upload = self.upload
+        ours = upload is not None and upload[0].blob.blob_id == ack.blob_id
         with log_context(site=self.cfg.site, round=ack.round):
             if ack.accepted:
                 log.info("update for round %d acknowledged by the aggregator", ack.round)
-                with self.lock:
-                    self.acked.add(ack.round)
-                    if self.upload and self.upload[0].round == ack.round:
-                        self.upload = None
             else:
                 log.warning("update for round %d rejected by the aggregator: %s", ack.round, ack.reason)
+            if ours:  # settled either way: a rejected update is never accepted later
+                self._drop_pending()
+                if self.progress.last_round == ack.round:
+                    self._save_progress(Progress(ack.round, self.progress.base_hash, ack.accepted))
 
     def _on_resend(self, topic: str, payload: bytes) -> None:
         try:
@@ -319,6 +399,8 @@ class Agent:
         timings["evaluate"] = round(time.perf_counter() - clock, 3)
         clock = time.perf_counter()
         result = train_local(model, site.train_loader(), config, cdw_images=site.cdw_images())
+        if not math.isfinite(result.loss):
+            raise RoundFailed(f"training diverged (loss {result.loss}): the global model is not usable here")
         timings["train"] = round(time.perf_counter() - clock, 3)
         clock = time.perf_counter()
         trained = shared_state(model)
@@ -342,15 +424,7 @@ class Agent:
             start.upload_compressed if self.cfg.upload_compressed is None else self.cfg.upload_compressed
         )
         upload = encode_state(delta, encoding, compress=compressed)
-        digest = hashlib.sha256(upload).hexdigest()
-        ref = BlobRef(
-            blob_id=digest[:32],
-            size=len(upload),
-            sha256=digest,
-            chunks=max(1, -(-len(upload) // self.cfg.chunk_bytes)),
-            encoding=encoding,
-            compressed=compressed,
-        )
+        ref = blob_ref(upload, self.cfg.chunk_bytes, encoding, compressed)
         timings["encode"] = round(time.perf_counter() - clock, 3)
         manifest = UpdateManifest(
             site=self.cfg.site,
@@ -368,18 +442,17 @@ class Agent:
         save_file(local_state(model), str(classifier))
         if start.training.keep_local_bn:
             save_file({k: trained[k] for k in batchnorm_keys(trained)}, str(private))
-        with self.lock:
-            self.upload = (manifest, upload)
+        self._keep_pending(manifest, upload)
+        self._save_progress(Progress(r, start.base_hash, False))
         if time.time() > start.deadline:
             log.warning("training finished after the round's deadline; uploading anyway")
         self.endpoint.publish(
             self.topics.site(self.cfg.site, "update"), encode_message(manifest)
         ).wait_for_publish(30)
+        self.republished = time.monotonic()
         self.endpoint.publish_blob(
             self.topics.site(self.cfg.site, "chunks"), upload, ref.blob_id, self.cfg.chunk_bytes
         )
-        self.last_round = r
-        self._save_progress(r)
         log.info(
             "round %d: trained %.1f s (%.1f img/s, loss %.3f, CDW %.4f), uploaded %.2f MB (%s)",
             r,
@@ -401,7 +474,16 @@ class Agent:
                 try:
                     self._train_round(start, blob, fetch_seconds)
                 except Exception as err:  # the agent keeps running for the next round
-                    log.exception("round %d failed at this site: %s", start.round, err)
+                    reason = f"{type(err).__name__}: {err}"
+                    if isinstance(err, RoundFailed):
+                        log.warning("cannot take part in round %d: %s", start.round, err)
+                    else:
+                        log.exception("round %d failed at this site: %s", start.round, err)
+                    self.endpoint.set_state("failed", start.round, reason)
+                finally:
+                    with self.lock:
+                        if self.working == (start.round, start.base_hash):
+                            self.working = None
 
     def _request_missing(self) -> None:
         with self.lock:

@@ -92,7 +92,9 @@ class LocalBroker:
             "log_dest stdout\nlog_type error\nlog_type warning\nmax_queued_messages 10000\n"
         )
         # started as root, mosquitto would switch to user `mosquitto`, which cannot read our private files
-        conf.write_text(text + f"user {getpass.getuser()}\n")
+        if not any(line.startswith("user ") for line in text.splitlines()):
+            text += f"user {getpass.getuser()}\n"
+        conf.write_text(text)
         self.log_path = self.workdir / "mosquitto.log"
         with open(self.log_path, "wb") as out:
             self.process = subprocess.Popen(

@@ -26,8 +26,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from protocol.messages import BlobRef, Encoding
+
 MAGIC = b"FRC1"
 DEFAULT_CHUNK_BYTES = 1 << 20
+MIN_CHUNK_BYTES = 1024  # the smallest chunk (but the last) a sender may use: bounds a blob's chunk count
 MAX_HEADER_BYTES = 4096
 _LEN = struct.Struct(">I")
 _HEX64 = r"^[0-9a-f]{64}$"
@@ -78,6 +81,29 @@ def split_blob(blob: bytes, blob_id: str, chunk_size: int = DEFAULT_CHUNK_BYTES)
         )
         head = header.model_dump_json().encode()
         yield MAGIC + _LEN.pack(len(head)) + head + bytes(data)
+
+
+def blob_ref(blob: bytes, chunk_size: int, encoding: Encoding = "fp32", compressed: bool = False) -> BlobRef:
+    """The reference (id = first 32 hex digits of the sha256) of a blob sent in `chunk_size` chunks."""
+    digest = sha256_hex(blob)
+    return BlobRef(
+        blob_id=digest[:32],
+        size=len(blob),
+        sha256=digest,
+        chunks=max(1, -(-len(blob) // chunk_size)),
+        encoding=encoding,
+        compressed=compressed,
+    )
+
+
+def check_ref(ref: BlobRef, max_bytes: int) -> str | None:
+    """Why a receiver must refuse to collect the announced blob (before keeping any state), or None."""
+    if ref.size > max_bytes:
+        return f"blob of {ref.size} bytes exceeds the limit of {max_bytes} for this transfer"
+    most = max(1, -(-ref.size // MIN_CHUNK_BYTES))
+    if ref.chunks > most:
+        return f"{ref.chunks} chunks for {ref.size} bytes (chunks must hold >= {MIN_CHUNK_BYTES} bytes)"
+    return None
 
 
 def parse_chunk(payload: bytes) -> tuple[ChunkHeader, memoryview]:

@@ -8,8 +8,9 @@ compression of the whole safetensors payload. The safetensors header carries one
 maps in a random order, and a blob's sha256 (the base hash of a round) must be the same for the same
 state in every process.
 
-Decoding never trusts the input: size limits before and after decompression, the safetensors parser,
-then names, dtypes and finiteness are checked. Every failure is a `CodecError`.
+Decoding never trusts the input: size limits before and during decompression (streamed, cut off at the
+limit: a zstd bomb costs at most the limit), the safetensors parser, then names, dtypes and finiteness
+are checked. Every failure is a `CodecError`.
 """
 
 from __future__ import annotations
@@ -68,17 +69,37 @@ def encode_state(
     return zstandard.ZstdCompressor(level=level).compress(payload) if compress else payload
 
 
+def _decompress(blob: bytes, max_bytes: int) -> bytes:
+    """zstd-decompress, streaming, stopping as soon as the output would pass `max_bytes`.
+
+    The frame's declared content size is checked first, and is not trusted: a frame that declares
+    less than it holds (or nothing) is still cut off at the limit, so a small "bomb" never costs
+    more than `max_bytes` of memory.
+    """
+    try:
+        declared = zstandard.frame_content_size(blob)
+    except zstandard.ZstdError as err:
+        raise CodecError(f"bad zstd payload: {err}") from None
+    if declared > max_bytes:
+        raise CodecError(f"compressed blob declares {declared} bytes, over the limit of {max_bytes}")
+    out = bytearray()
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(blob, read_across_frames=True) as reader:
+            while piece := reader.read(min(1 << 20, max_bytes + 1 - len(out))):
+                out += piece
+                if len(out) > max_bytes:
+                    raise CodecError(f"decompressed blob exceeds the limit of {max_bytes} bytes")
+    except zstandard.ZstdError as err:
+        raise CodecError(f"bad zstd payload: {err}") from None
+    return bytes(out)
+
+
 def decode_state(blob: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, np.ndarray]:
     """Decode a blob into float32 / integer arrays. Raises CodecError for anything malformed."""
     if len(blob) > max_bytes:
         raise CodecError(f"blob of {len(blob)} bytes exceeds the limit of {max_bytes}")
     if blob[:4] == ZSTD_MAGIC:
-        try:
-            blob = zstandard.ZstdDecompressor().decompress(blob, max_output_size=max_bytes)
-        except zstandard.ZstdError as err:
-            raise CodecError(f"bad zstd payload: {err}") from None
-        if len(blob) > max_bytes:
-            raise CodecError(f"decompressed blob exceeds the limit of {max_bytes} bytes")
+        blob = _decompress(blob, max_bytes)
     try:
         raw = load(bytes(blob))
     except (SafetensorError, ValueError, TypeError, OverflowError) as err:

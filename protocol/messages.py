@@ -75,10 +75,11 @@ class NodeStatus(_Message):
     kind: Literal["status"] = "status"
     node: Name
     role: Literal["aggregator", "site"]
-    state: Literal["online", "offline", "training", "idle"]
+    state: Literal["online", "offline", "training", "idle", "failed"]
     round: int | None = None
     time: float
     deployed: str | None = Field(None, max_length=160)  # sites: the model version serving inference
+    reason: str = Field("", max_length=300)  # "failed": why this node cannot take part in `round`
 
 
 class RoundStart(_Message):
@@ -137,7 +138,7 @@ class UpdateAck(_Message):
 class Deployment(_Message):
     """Retained by the aggregator on ``deploy``: the model the sites should serve inference with.
 
-    The exported ONNX file follows as retained chunks on ``deploy/chunks/<index>``; `contract` is its
+    The exported ONNX file follows as chunks (never retained) on ``deploy/chunks``; `contract` is its
     JSON sidecar (export.contract.Contract), whose ``sha256`` must equal ``blob.sha256``.
     """
 
@@ -150,13 +151,21 @@ class Deployment(_Message):
     created: float
 
 
+MAX_REQUEST_INDICES = 100_000
+
+
 class ChunkRequest(_Message):
     """Ask the sender of a blob to publish some of its chunks again."""
 
     kind: Literal["resend"] = "resend"
     requester: Name
     blob_id: str = Field(pattern=r"^[0-9a-f]{8,64}$")
-    indices: list[int] = Field(max_length=100_000)
+    indices: list[int] = Field(max_length=MAX_REQUEST_INDICES)
+
+    @classmethod
+    def first_of(cls, requester: str, blob_id: str, missing: list[int]) -> ChunkRequest:
+        """A request for (at most the first `MAX_REQUEST_INDICES` of) the missing chunks."""
+        return cls(requester=requester, blob_id=blob_id, indices=missing[:MAX_REQUEST_INDICES])
 
 
 Message = Annotated[

@@ -4,6 +4,10 @@
 * subscriptions made in ``on_connect`` (they survive reconnects), automatic reconnect with back-off;
 * the network thread only queues incoming messages; handlers run on one worker thread, and an
   exception in a handler is logged in one line and never stops the endpoint;
+* a retained message on a topic that is never retained (anything but status, round and deploy) is
+  dropped; the aggregator also clears it, so a restarted node never receives it again;
+* with signing, the keyring file is re-read when it changes (a revoked identity is refused at once),
+  and `signer` tells a handler who signed the message it is handling;
 * blobs go out as 1 MB chunks with a bounded in-flight window, never as one huge message.
 """
 
@@ -88,7 +92,10 @@ class Endpoint:
         self.keepalive = keepalive
         self.connected = threading.Event()
         self.on_connected: Callable[[], None] | None = None  # after every (re)connect; must not block
-        self.inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self.inbox: queue.Queue[tuple[str, bytes, bool] | None] = queue.Queue()
+        self.signer_of_message: str | None = None  # who signed the message being handled (worker thread)
+        self._keyring_mtime = self._keyring_stamp(identity_dir)
+        self._identity_dir = identity_dir
         self.worker = threading.Thread(target=self._work, name=f"mqtt-{node}", daemon=True)
         self.state = "online"
 
@@ -97,7 +104,7 @@ class Endpoint:
             return payload
         return self.signer.wrap(payload)
 
-    def _status(self, state: str, round_: int | None = None) -> bytes:
+    def _status(self, state: str, round_: int | None = None, reason: str = "") -> bytes:
         status = NodeStatus(
             node=self.node,
             role=self.role,
@@ -105,6 +112,7 @@ class Endpoint:
             round=round_,
             time=time.time(),
             deployed=self.deployed,
+            reason=reason[:300],
         )
         return self._sealed(self.topics.status(self.node), encode_message(status))
 
@@ -128,7 +136,7 @@ class Endpoint:
             log.warning("disconnected from the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, message) -> None:
-        self.inbox.put((message.topic, message.payload))
+        self.inbox.put((message.topic, message.payload, bool(message.retain)))
 
     # -- worker ---------------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -136,10 +144,17 @@ class Endpoint:
             item = self.inbox.get()
             if item is None:
                 return
-            topic, payload = item
+            topic, payload, retained = item
+            if retained and payload and not self.topics.may_be_retained(topic):
+                log.warning("dropped a retained message on %s (this topic is never retained)", topic)
+                if self.role == "aggregator":  # clear it on the broker, so it is not delivered again
+                    self.client.publish(topic, b"", qos=1, retain=True)
+                continue
+            self.signer_of_message = None
             if self.keyring is not None and payload and not is_chunk_topic(topic):
+                self._reload_keyring()
                 try:
-                    _, payload = self.keyring.open(payload, topic)
+                    self.signer_of_message, payload = self.keyring.open(payload, topic)
                 except SignatureError as err:
                     log.warning("dropped message on %s: %s", topic, err)
                     continue
@@ -149,6 +164,30 @@ class Endpoint:
                         handler(topic, payload)
                     except Exception as err:  # a bad message must never stop the node
                         log.warning("handler for %s failed: %s: %s", topic, type(err).__name__, err)
+
+    @staticmethod
+    def _keyring_stamp(identity_dir: Path | None) -> float:
+        path = identity_dir / "keys.json" if identity_dir is not None else None
+        return path.stat().st_mtime if path is not None and path.is_file() else 0.0
+
+    def _reload_keyring(self) -> None:
+        """Re-read keys.json when it changed (provision add-site / revoke-site), without a restart."""
+        stamp = self._keyring_stamp(self._identity_dir)
+        if stamp == self._keyring_mtime or self._identity_dir is None:
+            return
+        self._keyring_mtime = stamp
+        try:
+            self.keyring = Keyring.load(self._identity_dir / "keys.json", self.topics)
+            log.info("keyring reloaded: %d identities", len(self.keyring.identities))
+        except (OSError, ValueError, KeyError) as err:
+            log.warning("keyring %s unreadable (%s); keeping the previous one", self._identity_dir, err)
+
+    def knows(self, identity: str) -> bool:
+        """Whether `identity` is (still) in the keyring; True when messages are not signed."""
+        if self.keyring is None:
+            return True
+        self._reload_keyring()
+        return identity in self.keyring.identities
 
     # -- public ---------------------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> Endpoint:
@@ -170,9 +209,11 @@ class Endpoint:
         self.inbox.put(None)
         self.worker.join(timeout=10)
 
-    def set_state(self, state: str, round_: int | None = None) -> None:
+    def set_state(self, state: str, round_: int | None = None, reason: str = "") -> None:
         self.state = state
-        self.client.publish(self.topics.status(self.node), self._status(state, round_), qos=1, retain=True)
+        self.client.publish(
+            self.topics.status(self.node), self._status(state, round_, reason), qos=1, retain=True
+        )
 
     def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int = 1) -> paho.MQTTMessageInfo:
         return self.client.publish(topic, self._sealed(topic, payload), qos=qos, retain=retain)

@@ -74,6 +74,12 @@ class Topics:
     def deploy_resend(self) -> str:
         return f"{self.root}/deploy/resend"
 
+    def may_be_retained(self, topic: str) -> bool:
+        """Only status documents, the round document and the deployment manifest are ever retained."""
+        return topic in (self.round, self.deploy) or (
+            topic.startswith(self.root + "/status/") and topic.count("/") == self.root.count("/") + 2
+        )
+
     def site(self, site: str, leaf: str) -> str:
         return f"{self.root}/sites/{check_name(site, 'site')}/{leaf}"
 

@@ -1,7 +1,8 @@
 """cloud.strategy: the federated algorithms shared by the networked aggregator and the simulator.
 
 FedPav with CDW weights and BatchNorm policies as a streaming fold over flat buffers (`aggregate`),
-robust options, and server-side knowledge distillation (`kd`).
+robust options, the admission caps on what one site can weigh (`caps`), and server-side knowledge
+distillation (`kd`).
 """
 
 from cloud.strategy.aggregate import (
@@ -12,12 +13,15 @@ from cloud.strategy.aggregate import (
     StreamingAggregator,
     Update,
     bn_policy_keys,
+    raw_weight,
     weighted_average,
 )
+from cloud.strategy.caps import AdmissionConfig
 from cloud.strategy.flat import FlatLayout, LayoutError
 from cloud.strategy.kd import KDConfig, KDResult, TeacherMean, distill, embed_public, kd_target
 
 __all__ = [
+    "AdmissionConfig",
     "FlatLayout",
     "KDConfig",
     "KDResult",
@@ -33,5 +37,6 @@ __all__ = [
     "distill",
     "embed_public",
     "kd_target",
+    "raw_weight",
     "weighted_average",
 ]

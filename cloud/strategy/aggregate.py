@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from cloud.strategy.flat import FlatLayout, LayoutError
+from cloud.strategy.flat import FlatLayout, LayoutError, l2_norm
 from reid.model import batchnorm_keys, is_bn_buffer
 
 log = logging.getLogger(__name__)
@@ -149,8 +149,10 @@ class StreamingAggregator:
         config: StrategyConfig | None = None,
         base_flat: tuple[torch.Tensor, torch.Tensor] | None = None,
         out: torch.Tensor | None = None,
+        group: int = GROUP,
     ) -> None:
         self.config = config or StrategyConfig()
+        self.group = group  # 1: fold each update as it comes (holds no update after add returns)
         self.base = dict(base)
         self.layout = FlatLayout(self.base)
         self.base_floats, self.base_ints = (
@@ -175,21 +177,13 @@ class StreamingAggregator:
     def accepted(self) -> list[str]:
         return list(self.raw_weights)
 
-    def _weight(self, n_samples: int, cdw: float | None) -> float:
-        weighting = self.config.weighting
-        if weighting == "fedpav":
-            return float(n_samples)
-        if cdw is None or not math.isfinite(cdw) or not 0.0 <= cdw <= 2.0:
-            raise ValueError(f"CDW distance missing or outside [0, 2]: {cdw!r}")
-        return cdw if weighting == "cdw" else cdw * n_samples
-
     def reject(self, site: str, reason: str) -> Rejection:
         rejection = Rejection(site, reason)
         self.rejected.append(rejection)
         log.warning("update from %s rejected: %s", site, reason)
         return rejection
 
-    def add(self, update: Update, weight: float | None = None) -> Rejection | None:
+    def add(self, update: Update, weight: float | None = None, scale: float = 1.0) -> Rejection | None:
         """Validate and fold one update given as a state dict (see `add_flat`)."""
         if update.site in self.raw_weights:
             log.info("duplicate update from %s ignored", update.site)
@@ -201,7 +195,7 @@ class StreamingAggregator:
             floats, ints = self.layout.flatten(update.delta, out=self.pool[slot])
         except LayoutError as err:
             return self.reject(update.site, str(err))
-        return self.add_flat(update.site, floats, ints, update.n_samples, update.cdw, weight)
+        return self.add_flat(update.site, floats, ints, update.n_samples, update.cdw, weight, scale)
 
     def add_flat(
         self,
@@ -211,11 +205,13 @@ class StreamingAggregator:
         n_samples: int,
         cdw: float | None = None,
         weight: float | None = None,
+        scale: float = 1.0,
     ) -> Rejection | None:
         """Validate and fold one update given as flat delta buffers (as the wire codec decodes them).
 
-        Returns the rejection (also logged and recorded) or None. A second update from the same site in
-        the same round is ignored (idempotent). The buffers are only read.
+        `weight` replaces the weight of the strategy's weighting, `scale` multiplies the delta (a clip
+        decided by the caller). Returns the rejection (also logged and recorded) or None. A second update
+        from the same site in the same round is ignored (idempotent). The buffers are only read.
         """
         if site in self.raw_weights:
             log.info("duplicate update from %s ignored", site)
@@ -231,20 +227,21 @@ class StreamingAggregator:
         if n_samples <= 0:
             return self.reject(site, f"n_samples must be positive, got {n_samples}")
         try:
-            w = self._weight(n_samples, cdw) if weight is None else float(weight)
+            w = raw_weight(self.config.weighting, n_samples, cdw) if weight is None else float(weight)
         except ValueError as err:
             return self.reject(site, str(err))
         if not math.isfinite(w) or w < 0:
             return self.reject(site, f"invalid weight {w}")
         clip = self.config.clip_norm
-        scale = 1.0
+        if not (math.isfinite(scale) and 0 < scale <= 1):
+            return self.reject(site, f"invalid scale {scale}")
         if self.config.needs_all_updates or clip is not None:
-            norm = float(torch.linalg.vector_norm(floats))
+            norm = l2_norm(floats) * scale
             if not math.isfinite(norm):
                 return self.reject(site, "delta contains NaN or Inf")
             self.norms[site] = norm
             if clip is not None and norm > clip:
-                scale = clip / norm
+                scale *= clip / norm
                 self.clipped.append(site)
                 log.info("update from %s clipped from norm %.4g to %.4g", site, norm, clip)
         if cdw is not None:
@@ -254,7 +251,7 @@ class StreamingAggregator:
             self.held.append(_Pending(site, floats * scale, ints.clone(), w, 1.0))
         else:
             self.pending.append(_Pending(site, floats, ints, w, scale))
-            if len(self.pending) == self.GROUP:
+            if len(self.pending) >= self.group:
                 self._fold_pending()
         return None
 
@@ -340,7 +337,7 @@ class StreamingAggregator:
             if self.config.estimator == "mean":
                 for p in self.held:
                     self.pending.append(p)
-                    if len(self.pending) == self.GROUP:
+                    if len(self.pending) >= self.group:
                         self._fold_pending()
             elif self.held:
                 self._robust_estimate()
@@ -377,6 +374,15 @@ class StreamingAggregator:
             cut = int(self.config.trim_fraction * k)
             self.acc = ordered[cut : k - cut].mean(dim=0)
         self.first = (self.held[0].floats.index_select(0, self.copy_index), self.held[0].ints.clone())
+
+
+def raw_weight(weighting: Weighting, n_samples: int, cdw: float | None) -> float:
+    """An update's weight before normalisation: n_k (fedpav), d_k (cdw) or n_k * d_k (cdw_x_size)."""
+    if weighting == "fedpav":
+        return float(n_samples)
+    if cdw is None or not math.isfinite(cdw) or not 0.0 <= cdw <= 2.0:
+        raise ValueError(f"CDW distance missing or outside [0, 2]: {cdw!r}")
+    return cdw if weighting == "cdw" else cdw * n_samples
 
 
 def weighted_average(

@@ -6,6 +6,7 @@ Aggregation works on these buffers with in-place kernels (no per-key Python loop
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -99,3 +100,13 @@ class FlatLayout:
                 t = t.to(like[e.key].dtype)
             state[e.key] = t
         return state
+
+
+def l2_norm(buffer: torch.Tensor, block: int = 1 << 20) -> float:
+    """The L2 norm of a flat buffer, summed in float64 block by block: finite for any finite input
+    (a float32 norm overflows to inf from |x| ~ 1e19 on), inf for NaN/Inf, no full-size temporary."""
+    total = 0.0
+    for start in range(0, buffer.numel(), block):
+        part = buffer[start : start + block].to(torch.float64)
+        total += float(torch.dot(part, part))
+    return math.sqrt(total) if math.isfinite(total) else math.inf

@@ -351,7 +351,7 @@ def test_bad_input_is_rejected_and_valid_updates_are_kept(tmp_path, mosquitto_ur
         "not JSON",
         "schema_version",
         "dropped chunk from a",
-        "claims to be from site a",
+        "names site a but came on the topic of site b",
         "not a JSON object",
         "exceeds 262144",
         "dropped status",
@@ -365,6 +365,8 @@ def test_bad_input_is_rejected_and_valid_updates_are_kept(tmp_path, mosquitto_ur
         json.loads(line) for line in (tmp_path / "hostile" / "metrics.jsonl").read_text().splitlines()
     ][-1]
     assert summary["accepted"] == ["a", "b", "c"]
+    assert any(a["site"] == "b" and "topic of site b" in a["reason"] for a in raw.acks)  # acked to the sender
+    assert any(r["site"] == "b" and "NaN" in r["reason"] for r in summary["rejected"])  # rejections listed
     rounds = tmp_path / "hostile" / "rounds"
     before = load_file(str(rounds / "-0001" / "global.safetensors"))
     after = load_file(str(rounds / "00000" / "global.safetensors"))
