@@ -1,0 +1,301 @@
+"""The federation survives its sites (real mosquitto): an insider's manifests, weights and floods, a
+restart at any moment, failures that must be visible, and a state dir that cannot be written."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import paho.mqtt.client as paho
+import zstandard
+from paho.mqtt.enums import CallbackAPIVersion
+from safetensors.torch import load_file
+
+from cloud.journal import StateDirError
+from cloud.server import Aggregator, ServeConfig
+from protocol.broker import parse_url
+from protocol.chunks import blob_ref, check_ref, parse_chunk, split_blob
+from protocol.codec import encode_state
+from protocol.messages import UpdateManifest, encode_message
+from protocol.topics import Topics
+from tests.cloud.test_federation import TINY, RawSite, _wait
+
+
+def _start(cfg: ServeConfig, url: str, sites: list[str]) -> tuple[Aggregator, RawSite, threading.Thread]:
+    agg = Aggregator(cfg, url)
+    raw = RawSite(url, Topics(cfg.federation))
+    for s in sites:
+        raw.status(s)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            agg.run()
+        except BaseException as err:
+            errors.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.errors = errors  # type: ignore[attr-defined]
+    thread.start()
+    assert _wait(lambda: raw.round is not None and agg.current is not None)
+    return agg, raw, thread
+
+
+def _deltas(agg: Aggregator, seed: int, scale: float = 0.01) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        k: (rng.standard_normal(v.shape) * scale).astype(np.float32)
+        if v.dtype.is_floating_point
+        else np.zeros(v.shape, np.int64)
+        for k, v in agg.global_state.items()
+    }
+
+
+def _summaries(cfg: ServeConfig) -> list[dict]:
+    lines = (cfg.state_dir / cfg.federation / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("kind") == "round"]
+
+
+def _change(cfg: ServeConfig, r: int) -> float:
+    """L2 norm of the global model's change in round r (float keys)."""
+    root = cfg.state_dir / cfg.federation / "rounds"
+    before = load_file(str(root / f"{r - 1:05d}" / "global.safetensors"))
+    after = load_file(str(root / f"{r:05d}" / "global.safetensors"))
+    return float(
+        np.sqrt(
+            sum(
+                np.sum((after[k].double().numpy() - before[k].double().numpy()) ** 2)
+                for k in after
+                if after[k].dtype.is_floating_point
+            )
+        )
+    )
+
+
+def test_no_site_controls_the_model(tmp_path, mosquitto_url):
+    """Weight hijack (10^12 images), a 1e13 constant and a 1e30 constant, from 2 colluding sites of 5:
+    every update is acknowledged and aggregated, and the global model moves about as far as in an
+    honest round (the defaults: share cap 2/K, clip at 3x the median norm)."""
+    cfg = ServeConfig(federation="caps", state_dir=tmp_path, rounds=2, min_sites=5, deadline_s=60, **TINY)
+    sites = ["a", "b", "c", "x", "y"]
+    agg, raw, thread = _start(cfg, mosquitto_url, sites)
+    honest_means = []
+    try:
+        for r, attack in enumerate(((1e12, 1e13), (1, 1e30))):
+            assert _wait(lambda r=r: raw.round is not None and raw.round.round == r, timeout=120)
+            honest = {s: _deltas(agg, 10 * r + i) for i, s in enumerate("abc")}
+            honest_means.append(
+                float(
+                    np.sqrt(
+                        sum(np.sum(np.mean([d[k] for d in honest.values()], 0) ** 2) for k in honest["a"])
+                    )
+                )
+            )
+            for s, d in honest.items():
+                raw.update(s, d, n_samples=100)
+            hijack = _deltas(agg, 99 + r)
+            raw.update("x", hijack, n_samples=int(attack[0]))
+            constant = {
+                k: np.full_like(v, attack[1]) if v.dtype.kind == "f" else v for k, v in hijack.items()
+            }
+            blob = encode_state(constant, "fp32")  # fp16 cannot hold 1e13 or 1e30: it stays fp32
+            raw.blob_update("y", blob)
+            assert _wait(lambda r=r: agg.completed == r, timeout=120)
+        thread.join(timeout=60)
+        assert not thread.is_alive() and not thread.errors
+    finally:
+        raw.stop()
+    acked = [(a["site"], a["round"]) for a in raw.acks if a["accepted"]]
+    assert sorted(acked) == sorted((s, r) for s in sites for r in (0, 1))  # acknowledged = aggregated
+    for r, summary in enumerate(_summaries(cfg)):
+        assert summary["accepted"] == sorted(sites) and summary["rejected"] == []
+        assert sorted(summary["weights"]) == sorted(sites)
+        assert max(summary["weights"].values()) <= 2 / 5 + 1e-9  # nobody above 2 x the fair share
+        assert "y" in summary["clipped"]
+        change = _change(cfg, r)
+        median_norm = summary["norm_bound"] / 3
+        assert np.isfinite(change) and change <= median_norm  # no more than one honest site's step
+        assert change < 2 * honest_means[r]  # the order of the honest sites' mean step
+    assert "x" in _summaries(cfg)[0]["share_capped"]
+
+
+def test_hostile_manifests_cannot_stop_or_bloat_the_aggregator(tmp_path, mosquitto_url, caplog):
+    cfg = ServeConfig(
+        federation="bounds",
+        state_dir=tmp_path,
+        rounds=1,
+        min_sites=3,
+        deadline_s=120,
+        transfer_idle_s=0.5,
+        min_resend_interval_s=1.0,
+        **TINY,
+    )
+    topics = Topics("bounds")
+    host, port, _ = parse_url(mosquitto_url)
+    # retained junk left (while the aggregator was down) on topics that are never retained
+    junk = paho.Client(CallbackAPIVersion.VERSION2, client_id="junk")
+    junk.connect(host, port)
+    junk.loop_start()
+    for topic in (topics.site("c", "update"), topics.global_resend):
+        junk.publish(topic, b'{"junk": 1}', qos=1, retain=True).wait_for_publish(10)
+    junk.loop_stop()
+    junk.disconnect()
+    agg, raw, thread = _start(cfg, mosquitto_url, ["a", "b", "c"])
+    global_chunks: list[int] = []
+    spy = paho.Client(CallbackAPIVersion.VERSION2, client_id="spy")
+    spy.on_message = lambda c, u, m: global_chunks.append(parse_chunk(m.payload)[0].index)
+    spy.connect(host, port)
+    spy.subscribe(topics.global_chunks, qos=1)
+    spy.loop_start()
+    try:
+        time.sleep(0.5)
+        limit = agg.current.limit
+        zeros = {k: np.zeros(v.shape, v.numpy().dtype) for k, v in agg.global_state.items()}
+        honest = {k: (v + 0.001).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in zeros.items()}
+
+        def manifest(site: str, **blob_fields) -> bytes:
+            ref = blob_ref(b"x" * 4096, 1024).model_copy(update=blob_fields)
+            m = UpdateManifest(
+                site=site,
+                round=0,
+                base_hash=raw.round.base_hash,
+                blob=ref,
+                n_samples=10,
+                cdw=0.5,
+                loss=1.0,
+                train_seconds=1.0,
+            )
+            return encode_message(m)
+
+        raw.publish(topics.site("a", "update"), manifest("a", chunks=150_000))  # the crash of the issue
+        raw.publish(topics.site("a", "update"), manifest("a", size=50 << 30, chunks=51_200))  # 50 GB
+        assert _wait(lambda: sum("chunks must hold" in a["reason"] for a in raw.acks) == 1)
+        assert _wait(lambda: any("exceeds the limit" in a["reason"] for a in raw.acks))
+        bomb = zstandard.ZstdCompressor().compress(b"\0" * (limit * 4))  # a few KB, 4x the model
+        raw.blob_update("b", bomb)
+        assert _wait(lambda: any(a["site"] == "b" and "over the limit" in a["reason"] for a in raw.acks))
+        # a resend flood from one selected site: coalesced and rate-limited, off the message thread
+        request = {
+            "schema_version": 1,
+            "kind": "resend",
+            "requester": "a",
+            "blob_id": raw.round.blob.blob_id,
+            "indices": list(range(raw.round.blob.chunks)),
+        }
+        before = len(global_chunks)
+        flood_start = time.monotonic()
+        for _ in range(200):
+            raw.client.publish(topics.global_resend, json.dumps(request).encode(), qos=0)
+        raw.update("a", honest)
+        assert _wait(lambda: any(a["site"] == "a" and a["accepted"] for a in raw.acks), timeout=30)
+        honest_latency = time.monotonic() - flood_start
+        time.sleep(1.5)
+        resent = len(global_chunks) - before
+        assert resent <= 3 * raw.round.blob.chunks, resent  # 200 requests: at most a few resends
+        assert honest_latency < 10
+        for s in ("b", "c"):
+            raw.update(s, honest)
+        thread.join(timeout=60)
+        assert not thread.is_alive() and not thread.errors
+    finally:
+        spy.loop_stop()
+        spy.disconnect()
+        raw.stop()
+    assert _summaries(cfg)[0]["accepted"] == ["a", "b", "c"]
+    assert "never retained" in caplog.text
+    # the aggregator cleared the retained junk: a new subscriber gets nothing on that topic
+    got: list[bytes] = []
+    late = paho.Client(CallbackAPIVersion.VERSION2, client_id="late")
+    late.on_message = lambda c, u, m: got.append(m.payload)
+    late.connect(host, port)
+    late.subscribe(topics.site("c", "update"), qos=1)
+    late.subscribe(topics.global_resend, qos=1)
+    late.loop_start()
+    time.sleep(1.0)
+    late.loop_stop()
+    late.disconnect()
+    assert got == []
+    # disk: the closed round's journaled updates are gone
+    assert not (tmp_path / "bounds" / "rounds" / "00000" / "updates").exists()
+
+
+def test_round_restart_keeps_accepted_work_and_failed_sites_are_dropped(tmp_path, mosquitto_url):
+    cfg = ServeConfig(
+        federation="restart",
+        state_dir=tmp_path,
+        rounds=3,
+        min_sites=3,
+        quorum=2,
+        deadline_s=3,
+        max_extensions=0,
+        keep_checkpoints=2,
+        **TINY,
+    )
+    topics = Topics("restart")
+    agg, raw, thread = _start(cfg, mosquitto_url, ["a", "b", "c"])
+    try:
+        d = _deltas(agg, 1)
+        raw.update("a", d)  # round 0: a only; b and c silent -> no quorum at the deadline -> restart
+        assert _wait(lambda: agg.current is not None and agg.current.restarts >= 1, timeout=30)
+        assert "a" in agg.current.accepted  # kept across the restart
+        raw.update("b", d)
+        assert _wait(lambda: agg.completed == 0, timeout=30)
+        # round 1: c says it cannot take part -> dropped at once, the round closes without waiting for it
+        assert _wait(lambda: raw.round.round == 1, timeout=30)
+        failed = {
+            "schema_version": 1,
+            "kind": "status",
+            "node": "c",
+            "role": "site",
+            "state": "failed",
+            "round": 1,
+            "time": 0,
+            "reason": "ValueError: disk full",
+        }
+        raw.publish(topics.status("c"), json.dumps(failed).encode(), retain=True)
+        raw.update("a", d)
+        raw.update("b", d)
+        assert _wait(lambda: agg.completed == 1, timeout=2.5)  # before the 3 s deadline
+        raw.status("c")
+        assert _wait(lambda: raw.round.round == 2, timeout=30)
+        for s in raw.round.selected:
+            raw.update(s, d)
+        thread.join(timeout=60)
+        assert not thread.is_alive() and not thread.errors
+    finally:
+        raw.stop()
+    summaries = _summaries(cfg)
+    assert summaries[0]["accepted"] == ["a", "b"] and summaries[0]["restarts"] == 1
+    assert sum(1 for a in raw.acks if a["accepted"] and a["round"] == 0 and a["site"] == "a") == 1
+    assert summaries[1]["failed"] == {"c": "ValueError: disk full"}
+    rounds = sorted(p.name for p in (tmp_path / "restart" / "rounds").iterdir())
+    assert rounds == ["00001", "00002"]  # keep_checkpoints = 2, no journaled updates left
+    assert not list((tmp_path / "restart" / "rounds").glob("*/updates"))
+
+
+def test_unwritable_state_dir_stops_cleanly_without_acking(tmp_path, mosquitto_url, caplog):
+    cfg = ServeConfig(federation="ro", state_dir=tmp_path, rounds=1, min_sites=1, deadline_s=60, **TINY)
+    agg, raw, thread = _start(cfg, mosquitto_url, ["a"])
+    try:
+        (tmp_path / "ro" / "rounds" / "00000").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "ro" / "rounds" / "00000" / "updates").write_text("not a folder")  # root ignores chmod
+        raw.update("a", _deltas(agg, 1))
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    finally:
+        raw.stop()
+    assert len(thread.errors) == 1 and isinstance(thread.errors[0], StateDirError)
+    assert not any(a["accepted"] for a in raw.acks)  # never acknowledged what it could not journal
+    assert caplog.text.count("cannot journal the update of a") == 1
+
+
+def test_a_chunk_count_or_size_attack_is_a_clear_reason_not_a_crash():
+    """The exact manifests of the issue, checked by the admission rule alone (no broker)."""
+    ref = blob_ref(b"x" * 4096, 1024).model_copy(update={"chunks": 150_000})
+    assert "chunks must hold" in (check_ref(ref, 1 << 30) or "")
+    big = ref.model_copy(update={"size": 50 << 30, "chunks": 51_200})
+    assert "exceeds the limit" in (check_ref(big, 100 << 20) or "")
+    chunks = list(split_blob(b"y" * 5000, "ab" * 16, 1024))
+    assert len(chunks) == 5
