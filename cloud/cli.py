@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from cloud.deploy import DeployError, DeploymentSource, deploy_round, load_round, parity_images
-from cloud.journal import Journal
+from cloud.journal import Journal, StateDirError
 from cloud.local_federation import run_local_federation
 from cloud.plots import markdown_report, plot_rounds, read_metrics
 from cloud.provision import ProvisionError, Provisioning, mosquitto_conf
@@ -320,6 +320,9 @@ def serve(
             aggregator.run()
     except (ConfigError, ValueError, BrokerError) as err:
         raise typer.BadParameter(str(err)) from None
+    except StateDirError as err:
+        out.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from None
 
 
 def _run_dir(state_dir: Path, federation: str) -> Path:
@@ -387,7 +390,8 @@ def _live_status(
             return
         msg = parse_message(payload)
         if isinstance(msg, NodeStatus):
-            seen[msg.node] = (msg.role, msg.state, msg.deployed or "")
+            state = f"failed (round {msg.round}: {msg.reason})" if msg.state == "failed" else msg.state
+            seen[msg.node] = (msg.role, state, msg.deployed or "")
         elif isinstance(msg, RoundStart):
             left = msg.deadline - time.time()
             seen["round"] = (

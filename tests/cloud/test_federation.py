@@ -459,7 +459,7 @@ def test_agent_killed_mid_round_closes_at_deadline_and_rejoins_next_round(
     }
     victim = sites[1].name
     try:
-        assert _wait(lambda: agg.current is not None and agg.current.round == 0, timeout=120)
+        assert _wait(lambda: agg.current is not None and agg.current.number == 0, timeout=120)
         procs[victim].kill()
         procs[victim].wait()
         assert victim not in agg.current.accepted

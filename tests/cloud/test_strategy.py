@@ -206,3 +206,32 @@ def test_nan_found_while_finishing_the_round_is_rolled_back(bn):
     want = _direct([states[1]], [10], bn)
     for key in want:
         torch.testing.assert_close(result.state[key], want[key], msg=key)
+
+
+def test_share_cap_water_fills_and_keeps_honest_proportions():
+    from cloud.strategy.caps import share_capped
+
+    shares = share_capped({"liar": 1e12, "a": 100.0, "b": 300.0, "c": 100.0}, 0.4)
+    assert shares["liar"] == pytest.approx(0.4)
+    assert shares["b"] == pytest.approx(0.36) and shares["a"] == pytest.approx(0.12)  # 0.6 in 3:1:1
+    assert sum(shares.values()) == pytest.approx(1.0)
+    two_liars = share_capped({"x": 1e12, "y": 1e11, "a": 1.0, "b": 3.0}, 0.3)
+    assert two_liars["x"] == pytest.approx(0.3) and two_liars["y"] == pytest.approx(0.3)
+    assert two_liars["b"] == pytest.approx(0.3) and two_liars["a"] == pytest.approx(0.1)
+    balanced = {"a": 10.0, "b": 12.0, "c": 9.0}
+    assert share_capped(balanced, 2 / 3) == pytest.approx({k: v / 31 for k, v in balanced.items()})
+    assert share_capped({"a": 0.0, "b": 0.0}, 0.5) == {"a": 0.0, "b": 0.0}
+
+
+def test_norm_bound_uses_the_median_and_the_previous_round():
+    from cloud.strategy.caps import AdmissionConfig, capped_samples, clip_scales, norm_bound
+
+    cfg = AdmissionConfig()
+    bound = norm_bound({"a": 1.0, "b": 2.0, "liar": 1e30}, cfg)
+    assert bound == pytest.approx(6.0)
+    assert clip_scales({"a": 1.0, "liar": 1e30}, bound) == {"a": 1.0, "liar": pytest.approx(6e-30)}
+    assert norm_bound({"a": 1.0, "liar": 1e30}, cfg, reference=1.0) == pytest.approx(3.0)  # 2 updates
+    assert norm_bound({"a": 1.0}, AdmissionConfig(norm_bound_factor=None)) is None
+    capped = AdmissionConfig(max_samples=5000, site_samples={"a": 100})
+    assert capped_samples("a", 10**12, capped) == 100 and capped_samples("b", 10**12, capped) == 5000
+    assert capped_samples("b", 10, capped) == 10

@@ -105,3 +105,18 @@ def test_encoding_is_deterministic_across_calls_and_processes():
         for _ in range(4)
     }
     assert len(runs) == 1
+
+
+def test_a_zstd_bomb_costs_at_most_the_limit():
+    """Declared content size over the limit: refused before decompressing; undeclared: cut off."""
+    import zstandard
+
+    payload = encode_state({"w": np.zeros((1 << 20,), np.float32)})  # 4 MB of zeros
+    declared = zstandard.ZstdCompressor().compress(payload)
+    hidden = zstandard.ZstdCompressor(write_content_size=False).compress(payload)
+    assert len(declared) < 4096 and len(hidden) < 4096
+    with pytest.raises(CodecError, match="declares"):
+        decode_state(declared, max_bytes=1 << 20)
+    with pytest.raises(CodecError, match="exceeds the limit"):
+        decode_state(hidden, max_bytes=1 << 20)
+    assert decode_state(hidden, max_bytes=8 << 20)["w"].shape == (1 << 20,)
