@@ -20,7 +20,7 @@ from cloud.local_federation import agent_command
 from protocol.broker import LocalBroker, free_port, parse_url
 
 ROUNDS = 15
-DEADLINE_S = 20.0
+DEADLINE_S = 12.0
 EXTENSIONS = 1
 RESTART_SLACK_S = 40.0  # a killed process comes back after <= 3 s and needs ~10 s to import torch
 
@@ -132,6 +132,8 @@ def test_chaos_kills_at_random_moments_never_stall_the_federation(tiny_federatio
                     child.start()
                 next_kill = time.monotonic() + rng.uniform(4, 12)
             time.sleep(0.2)
+        for summary in _summaries(metrics):
+            seen_at.setdefault(summary["round"], time.monotonic())
         assert aggregator.proc.wait(timeout=60) == 0
         recorder.stop()
     finally:
@@ -144,6 +146,7 @@ def test_chaos_kills_at_random_moments_never_stall_the_federation(tiny_federatio
     assert {"aggregator", "broker"} <= set(kills), kills
     times = [started, *(seen_at[r] for r in range(ROUNDS))]
     gaps = [b - a for a, b in itertools.pairwise(times)]
+    print(f"kills: {kills}; seconds between rounds: {[round(g, 1) for g in gaps]}")
     assert max(gaps) < stall_bound, (gaps, kills)
     by_round = {s["round"]: s for s in summaries}
     acked = {
