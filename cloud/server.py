@@ -190,7 +190,7 @@ class Aggregator:
         self.journal = Journal(cfg.state_dir / cfg.federation)
         self.journal.check_identity(cfg.identity())
         self.lock = threading.RLock()
-        self.online: dict[str, str] = {}
+        self.online: dict[str, tuple[str, int | None]] = {}  # site -> (state, round) of its status
         self.current: OpenRound | None = None
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, 1, cfg.pretrained)
@@ -256,7 +256,7 @@ class Aggregator:
         if status.role != "site" or topic != self.topics.status(status.node):
             return
         with self.lock:
-            self.online[status.node] = status.state
+            self.online[status.node] = (status.state, status.round)
             cur = self.current
             if (
                 status.state == "failed"
@@ -461,19 +461,22 @@ class Aggregator:
         self.stopping.set()
 
     # -- the round loop (caller thread) ----------------------------------------------------------------
-    def _eligible(self) -> list[str]:
-        """Sites that may be selected: online (not offline or failed) and, with signing, not revoked."""
+    def _eligible(self, r: int) -> list[str]:
+        """Sites that may be selected for round r: not offline, not failed in round r and, with signing,
+        not revoked (a failure excludes a site from the round it names only)."""
         with self.lock:
             return sorted(
                 s
-                for s, state in self.online.items()
-                if state not in ("offline", "failed") and self.endpoint.knows(s)
+                for s, (state, failed_round) in self.online.items()
+                if state != "offline"
+                and not (state == "failed" and failed_round == r)
+                and self.endpoint.knows(s)
             )
 
     def _select(self, r: int, draw: int = 0, keep: set[str] | None = None) -> list[str]:
         waited = time.monotonic()
         while True:
-            online = self._eligible()
+            online = self._eligible(r)
             if len(online) >= self.cfg.min_sites:
                 break
             if time.monotonic() - waited > self.cfg.wait_for_sites_s:
