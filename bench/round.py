@@ -1,14 +1,20 @@
-"""Benchmark: bytes on the wire per site per round for each delta encoding, and the round wall time of a
-real 3-agent federation on loopback split into compute, aggregation, KD and the rest (transfer + idle).
+"""Benchmark: bytes on the wire per site per round for each delta encoding, the round wall time of a
+real 3-agent federation on loopback split into compute, aggregation, KD and the rest (transfer + idle),
+and the aggregator's peak memory with 2, 4 and 8 sites.
 
-    .venv/bin/python bench/round.py [--rounds 3] [--skip-federation]
+    .venv/bin/python bench/round.py [--rounds 3] [--skip-federation] [--skip-memory] [--memory-sites 2 4 8]
 
 Bytes: a real delta (one local epoch of training on a synthetic site) of the ResNet-18 and ResNet-50
 shared states, encoded as fp32 / fp16 / int8 / int8+zstd and framed as 1 MB chunk messages plus the
 manifest, i.e. exactly what a site publishes. Round split: `cloud-aggregator simulate --transport mqtt`
 settings of `make demo` (3 agent processes, ResNet-18, 128x64, fp16 uploads); round 0 is excluded
 (agent start-up). Overhead = round wall time - (slowest site's load + evaluate + train + encode) -
-aggregation - KD. Writes bench/results/round.json.
+aggregation - KD.
+
+Memory: `cloud-aggregator serve` as its own process (ResNet-50 at 64x32, fp16 uploads, 2 rounds) with K
+real agents on tiny synthetic sites; its resident set is sampled every 20 ms from /proc. Growth = the
+peak (VmHWM) minus the resident set when round 0 is announced (model, global state and buffers built),
+in units of the fp32 shared state. Writes bench/results/round.json.
 """
 
 from __future__ import annotations
@@ -16,15 +22,23 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import torch
+from paho.mqtt.enums import CallbackAPIVersion
 
-from cloud.local_federation import run_local_federation
+from cloud.local_federation import agent_command, run_local_federation
 from cloud.server import ServeConfig
+from protocol.broker import LocalBroker, parse_url
 from protocol.chunks import split_blob
 from protocol.codec import encode_state
+from protocol.topics import Topics
 from reid.data import InputSpec
 from reid.model import ModelSpec, build_model, shared_state
 from reid.site import SiteData
@@ -92,10 +106,78 @@ def federation_split(rounds: int, workdir: Path) -> list[dict]:
     return rows
 
 
+def _proc_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def aggregator_memory(k: int, workdir: Path, arch: str = "resnet50") -> dict:
+    """Peak resident memory of a `serve` process over a 2-round run with `k` real agents."""
+    fed = workdir / f"k{k}"
+    generate_federation(
+        SyntheticConfig(sites=k, train_images_max=64, size_ratio=1, public_images=0, height=64, width=32),
+        fed,
+    )
+    state_mb = sum(v.numel() * 4 for v in shared_state(build_model(ModelSpec(arch=arch), 2)).values()) / 1e6
+    with LocalBroker() as broker:
+        started = threading.Event()
+        host, port, _ = parse_url(broker.url)
+        watcher = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{k}")
+        watcher.on_message = lambda *_: started.set()
+        watcher.connect(host, port)
+        watcher.subscribe(Topics("bench").round, qos=1)
+        watcher.loop_start()
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "cloud.cli", "serve", "--federation", "bench", "--broker", broker.url,
+             "--state-dir", str(fed / "cloud"), "--rounds", "2", "--min-sites", str(k), "--deadline", "600",
+             "--arch", arch, "--height", "64", "--width", "32", "--upload-encoding", "fp16"],
+            stdout=subprocess.DEVNULL, stderr=open(fed / "serve.log", "wb"),  # noqa: SIM115
+        )  # fmt: skip
+        agents = [
+            subprocess.Popen(
+                agent_command(site, broker.url, "bench", fed / "edge", "cpu"),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for site in sorted((fed / "sites").iterdir())
+        ]
+        baseline = peak = 0
+        try:
+            while serve.poll() is None:
+                try:
+                    if not baseline and started.is_set():
+                        baseline = _proc_kib(serve.pid, "VmRSS")
+                    peak = _proc_kib(serve.pid, "VmHWM")
+                except (OSError, KeyError):
+                    break
+                time.sleep(0.02)
+            serve.wait(timeout=600)
+        finally:
+            for proc in agents:
+                proc.terminate()
+                proc.wait(timeout=30)
+            watcher.loop_stop()
+    if serve.returncode != 0 or not baseline:
+        raise RuntimeError(f"serve failed (exit {serve.returncode}); see {fed / 'serve.log'}")
+    growth_mb = (peak - baseline) * 1024 / 1e6
+    return {
+        "sites": k,
+        "state_mb": state_mb,
+        "baseline_mb": baseline * 1024 / 1e6,
+        "peak_mb": peak * 1024 / 1e6,
+        "growth_mb": growth_mb,
+        "growth_states": growth_mb / state_mb,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-federation", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-sites", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "round.json")
     args = parser.parse_args()
     result: dict = {"benchmark": "round"}
@@ -124,6 +206,20 @@ def main() -> None:
                 )
             result["median_overhead_pct"] = statistics.median(r["overhead_pct"] for r in rows)
             print(f"median overhead beyond compute: {result['median_overhead_pct']:.1f} %")
+        if not args.skip_memory:
+            result["memory"] = []
+            for k in args.memory_sites:
+                row = aggregator_memory(k, Path(tmp) / "memory")
+                result["memory"].append(row)
+                print(
+                    f"aggregator with {k} sites: RSS {row['baseline_mb']:.0f} MB at round 0, peak "
+                    f"{row['peak_mb']:.0f} MB: +{row['growth_mb']:.0f} MB = {row['growth_states']:.2f} x the "
+                    f"fp32 shared state ({row['state_mb']:.0f} MB)"
+                )
+            first = result["memory"][0]
+            for row in result["memory"][1:]:
+                ratio = row["growth_mb"] / first["growth_mb"]
+                print(f"peak growth, {row['sites']} vs {first['sites']} sites: {ratio:.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
 

@@ -20,7 +20,7 @@ from cloud.local_federation import run_local_federation
 from cloud.plots import markdown_report, plot_rounds, read_metrics
 from cloud.provision import ProvisionError, Provisioning, mosquitto_conf
 from cloud.server import Aggregator, ServeConfig
-from cloud.simulate import CHECKPOINT, METRICS, Algorithm, SimulationConfig, Simulator
+from cloud.simulate import CHECKPOINT, METRICS, MODEL, Algorithm, SimulationConfig, Simulator
 from cloud.strategy import KDConfig, StrategyConfig
 from cloud.strategy.aggregate import BNPolicy, Estimator, OutlierRule, Weighting
 from export.contract import contract_path
@@ -43,6 +43,7 @@ from reid.model import Arch, ModelError, ModelSpec
 from reid.privacy import DPConfig
 from reid.synthetic import SyntheticConfig, generate_federation, total_images
 from reid.train import TrainConfig
+from reid.weights import load_checkpoint
 
 Transport = Literal["none", "mqtt"]
 
@@ -136,7 +137,7 @@ def simulate(
     local_epochs: int = typer.Option(1, min=1),
     eval_every: int = typer.Option(1, min=1),
     arch: Arch = typer.Option("resnet18"),
-    pretrained: Path = typer.Option(None, help="local torchvision ImageNet weights"),
+    pretrained: Path = typer.Option(None, help="local torchvision ImageNet weights or a FedReID model file"),
     height: int = typer.Option(128, min=16),
     width: int = typer.Option(64, min=16),
     batch_size: int = typer.Option(32, min=2),
@@ -162,7 +163,7 @@ def simulate(
 ) -> None:
     """Run a whole federation in one process (resumes an interrupted run in --out)."""
     if fresh and out_dir.exists():
-        for name in (CHECKPOINT, METRICS):
+        for name in (CHECKPOINT, METRICS, MODEL):
             (out_dir / name).unlink(missing_ok=True)
     if sites_dir is None:
         federation = out_dir / "federation"
@@ -348,7 +349,7 @@ def status(
     open_round = journal.open_round()
     rows: list[dict[str, object]] = []
     if open_round and open_round["round"] > done:
-        reported = {site for site, _, _ in journal.journaled_updates(open_round["round"])}
+        reported = {site for site, _ in journal.journaled_updates(open_round["round"])}
         rows = [
             {"site": s, "selected": "yes", "reported": "yes" if s in reported else "no"}
             for s in open_round["selected"]
@@ -437,6 +438,11 @@ def export_model(
     state_dir: Path = typer.Option(Path("state/cloud"), help="the aggregator's --state-dir"),
     federation: str = typer.Option("default"),
     round_: str = typer.Option("latest", "--round", help="a round number or latest"),
+    model_path: Path = typer.Option(
+        None,
+        "--model",
+        help="instead of --state-dir: a model file or folder (edge-agent train, simulate or serve output)",
+    ),
     images: Path = typer.Option(..., help="a folder of real images for the parity gate (32 are used)"),
     out_path: Path = typer.Option(Path("model.onnx"), "--out"),
     fp16: bool = typer.Option(False, "--fp16", help="fp16 weights/activations, fp32 inputs and outputs"),
@@ -453,13 +459,19 @@ def export_model(
     Calibration images should be a site's own: run this at the site, or use `edge-agent quantize`."""
     if fp16 and int8_calibration:
         raise typer.BadParameter("choose one of --fp16 and --int8-calibration")
-    root = _run_dir(state_dir, federation)
     try:
-        r, model, input_spec = load_round(root, "latest" if round_ == "latest" else int(round_))
+        if model_path is not None:
+            ckpt = load_checkpoint(model_path)
+            model, input_spec = ckpt.model.eval(), ckpt.input_spec
+            version = f"{federation}/round-{ckpt.meta['round']}" if "round" in ckpt.meta else model_path.stem
+        else:
+            r, model, input_spec = load_round(
+                _run_dir(state_dir, federation), "latest" if round_ == "latest" else int(round_)
+            )
+            version = f"{federation}/round-{r}"
         batch = parity_images(read_image_folder(images), input_spec)
-    except (DeployError, DatasetLayoutError) as err:
+    except (DeployError, DatasetLayoutError, ModelError) as err:
         raise typer.BadParameter(str(err)) from None
-    version = f"{federation}/round-{r}"
     fp32_path = out_path.with_name(out_path.stem + ".fp32.onnx") if int8_calibration else out_path
     try:
         precision = "fp16" if fp16 else "fp32"
@@ -502,8 +514,9 @@ def deploy(
     endpoint = Endpoint(
         broker, Topics(federation), "deployer", "aggregator", announce=False, identity_dir=identity_dir
     )
-    DeploymentSource(endpoint, root)
+    source = DeploymentSource(endpoint, root)
     endpoint.start()
+    source.start()
     try:
         if not endpoint.connected.wait(15):
             fail(out, f"no broker at {broker}")
@@ -527,6 +540,7 @@ def deploy(
     except (DeployError, DatasetLayoutError) as err:
         fail(out, err)
     finally:
+        source.stop()
         endpoint.stop()
 
 

@@ -28,6 +28,7 @@ from export.onnx_export import export_onnx
 from protocol.chunks import DEFAULT_CHUNK_BYTES
 from protocol.messages import BlobRef, ChunkRequest, Deployment, MessageError, encode_message, parse_message
 from protocol.mqtt import Endpoint
+from protocol.resend import ChunkResender
 from protocol.topics import Topics
 from reid.data import ImageDataset, InputSpec, eval_transform, first_readable
 from reid.model import ModelSpec, ReIDModel, build_model, load_shared_state
@@ -132,13 +133,29 @@ def publish_model(
 
 
 class DeploymentSource:
-    """Answers the sites' ``deploy/resend`` requests with chunks of the run's latest deployed model, and
-    re-publishes the retained manifest after a reconnect (a restarted broker may have lost it)."""
+    """Answers the sites' ``deploy/resend`` requests with chunks of the run's latest deployed model
+    (rate-limited and coalesced by `ChunkResender`, published off the message thread), and re-publishes
+    the retained manifest after a reconnect (a restarted broker may have lost it). `start()` before use."""
 
-    def __init__(self, endpoint: Endpoint, run_dir: Path) -> None:
+    def __init__(self, endpoint: Endpoint, run_dir: Path, min_interval_s: float = 2.0) -> None:
         self.endpoint, self.run_dir = endpoint, run_dir
         self._cache: tuple[Deployment, bytes] | None = None
-        endpoint.handlers[endpoint.topics.deploy_resend] = self.on_resend
+        self.resender = ChunkResender(
+            endpoint,
+            endpoint.topics.deploy_chunks,
+            DEFAULT_CHUNK_BYTES,
+            self._chunks_for,
+            self._blob_of,
+            min_interval_s,
+            "deployed model",
+        )
+        endpoint.handlers[endpoint.topics.deploy_resend] = self.resender.on_request
+
+    def start(self) -> None:
+        self.resender.start()
+
+    def stop(self) -> None:
+        self.resender.stop()
 
     def _latest(self) -> tuple[Deployment, bytes] | None:
         manifest = latest_deployment(self.run_dir)
@@ -153,27 +170,20 @@ class DeploymentSource:
             self._cache = (manifest, blob)
         return self._cache
 
+    def _chunks_for(self, req: ChunkRequest) -> int | None:
+        """Any site may fetch the current deployment; an older one is not served (the retained manifest
+        tells the site what is current)."""
+        manifest = latest_deployment(self.run_dir)
+        return manifest.blob.chunks if manifest is not None and manifest.blob.blob_id == req.blob_id else None
+
+    def _blob_of(self, blob_id: str) -> bytes | None:
+        latest = self._latest()
+        return latest[1] if latest is not None and latest[0].blob.blob_id == blob_id else None
+
     def republish(self) -> None:
         manifest = latest_deployment(self.run_dir)
         if manifest is not None:
             self.endpoint.publish(self.endpoint.topics.deploy, encode_message(manifest), retain=True)
-
-    def on_resend(self, topic: str, payload: bytes) -> None:
-        try:
-            req = parse_message(payload, ChunkRequest)
-        except MessageError as err:
-            log.warning("dropped deployment chunk request: %s", err)
-            return
-        assert isinstance(req, ChunkRequest)
-        latest = self._latest()
-        if latest is None or req.blob_id != latest[0].blob.blob_id:
-            return  # not ours, or an older deployment: the retained manifest tells the site what is current
-        manifest, blob = latest
-        indices = {i for i in req.indices if 0 <= i < manifest.blob.chunks}
-        log.info("sending %d chunks of deployment %s to %s", len(indices), manifest.version, req.requester)
-        self.endpoint.publish_blob(
-            self.endpoint.topics.deploy_chunks, blob, manifest.blob.blob_id, DEFAULT_CHUNK_BYTES, indices
-        )
 
 
 def deploy_round(

@@ -3,7 +3,7 @@
 ```
 run.json                         the run's configuration identity
 metrics.jsonl                    per-site metrics and per-round summaries
-rounds/<r>/global.safetensors    global shared state after round r (r = -1: the initial model)
+rounds/<r>/global.safetensors    global model after round r (r = -1: the initial one), a reid.weights file
 rounds/<r>/updates/<site>.blob   accepted update r of a site, as received (journaled before the ack)
 rounds/<r>/updates/<site>.json   its manifest
 open.json                        the round being collected (number, selection, base hash)
@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from reid.data import InputSpec
 from reid.files import atomic_write
+from reid.model import ModelSpec
+from reid.weights import save_state
 
 
 class StateDirError(OSError):
@@ -54,16 +58,15 @@ class Journal:
     def round_dir(self, r: int) -> Path:
         return self.root / "rounds" / f"{r:05d}"
 
-    def save_global(self, r: int, state: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
+    def save_global(
+        self, r: int, state: Mapping[str, torch.Tensor], spec: ModelSpec, input_spec: InputSpec
+    ) -> Path:
+        """The global model after round r as a model file (`reid.weights`: any consumer reads it)."""
         path = self.round_dir(r) / "global.safetensors"
-        tmp = path.with_name(path.name + ".tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
-            tmp.replace(path)
+            return save_state(path, state, spec, input_spec, {"round": str(r)})
         except OSError as err:
             raise StateDirError(f"cannot write the global checkpoint {path}: {err}") from None
-        return path
 
     def last_global(self) -> tuple[int, dict[str, torch.Tensor]] | None:
         """(round, state) of the newest checkpoint; round -1 is the initial model."""
@@ -86,8 +89,8 @@ class Journal:
         except OSError as err:
             raise StateDirError(f"cannot journal the update of {site} in {updates}: {err}") from None
 
-    def read_update(self, r: int, site: str) -> bytes:
-        return (self.round_dir(r) / "updates" / f"{site}.blob").read_bytes()
+    def update_path(self, r: int, site: str) -> Path:
+        return self.round_dir(r) / "updates" / f"{site}.blob"
 
     def prune(self, closed: int, keep: int) -> None:
         """After round `closed` is checkpointed: drop its updates and all but the `keep` newest globals."""
@@ -106,16 +109,16 @@ class Journal:
         for suffix in (".blob", ".json"):
             (self.round_dir(r) / "updates" / f"{site}{suffix}").unlink(missing_ok=True)
 
-    def journaled_updates(self, r: int) -> list[tuple[str, bytes, bytes]]:
+    def journaled_updates(self, r: int) -> list[tuple[str, bytes]]:
+        """(site, manifest) of each update journaled in round r (its blob: `update_path`)."""
         updates = self.round_dir(r) / "updates"
         if not updates.is_dir():
             return []
-        out = []
-        for manifest in sorted(updates.glob("*.json")):
-            blob = manifest.with_suffix(".blob")
-            if blob.is_file():
-                out.append((manifest.stem, blob.read_bytes(), manifest.read_bytes()))
-        return out
+        return [
+            (manifest.stem, manifest.read_bytes())
+            for manifest in sorted(updates.glob("*.json"))
+            if manifest.with_suffix(".blob").is_file()
+        ]
 
     def save_open_round(self, info: dict) -> None:
         try:

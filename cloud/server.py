@@ -13,6 +13,8 @@ MQTT handlers run on the endpoint's worker thread; the round loop runs on the ca
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import logging
 import math
@@ -20,6 +22,7 @@ import random
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -38,7 +41,6 @@ from cloud.strategy import (
     StrategyConfig,
     StreamingAggregator,
     TeacherMean,
-    Update,
     distill,
     embed_public,
     raw_weight,
@@ -46,7 +48,7 @@ from cloud.strategy import (
 from cloud.strategy.caps import capped_samples, clip_scales, max_share, norm_bound, share_capped
 from cloud.strategy.flat import l2_norm
 from protocol.chunks import DEFAULT_CHUNK_BYTES, ChunkError, Reassembler, blob_ref, check_ref, parse_chunk
-from protocol.codec import CodecError, Encoding, decode_state, encode_state
+from protocol.codec import CodecError, Encoding, encode_state, iter_state_file
 from protocol.messages import (
     BlobRef,
     ChunkRequest,
@@ -62,6 +64,7 @@ from protocol.messages import (
     parse_message,
 )
 from protocol.mqtt import Endpoint
+from protocol.resend import ChunkResender
 from protocol.topics import Topics
 from reid.data import ImageDataset, InputSpec, eval_transform, make_loader, read_image_folder
 from reid.logs import log_context
@@ -107,7 +110,10 @@ class ServeConfig(BaseModel):
     admission: AdmissionConfig = AdmissionConfig()
     keep_checkpoints: int = Field(5, ge=1, description="newest global checkpoints kept in the state dir")
     min_resend_interval_s: float = Field(
-        2.0, ge=0, description="per site: global-model resend requests closer together are dropped"
+        2.0,
+        ge=0,
+        description="chunk requests (global model, deployment) closer together per site are "
+        "dropped, and a blob is resent at most once per interval",
     )
     deploy_every: int = Field(
         0, ge=0, description="export and deploy the global model every N rounds; 0: off"
@@ -177,6 +183,17 @@ def update_limit(global_blob_bytes: int, tensors: int, max_update_bytes: int) ->
     return min(max_update_bytes, int(global_blob_bytes * 1.01) + 256 * tensors + 65536)
 
 
+def _libc_malloc_tuning() -> Callable[[], None]:
+    """glibc only: serve big buffers straight from the OS (no heap growth that is never given back when a
+    round's transient buffers are freed) and return a function that trims the heap; elsewhere a no-op."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: allocations >= 1 MiB are mmapped, freed at once
+        return lambda: libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return lambda: None
+
+
 class Aggregator:
     """The networked aggregator: owns the open round, the journal and the global state.
 
@@ -186,6 +203,7 @@ class Aggregator:
 
     def __init__(self, cfg: ServeConfig, broker_url: str) -> None:
         self.cfg = cfg
+        self.trim_heap = _libc_malloc_tuning()
         self.topics = Topics(cfg.federation)
         self.journal = Journal(cfg.state_dir / cfg.federation)
         self.journal.check_identity(cfg.identity())
@@ -196,12 +214,14 @@ class Aggregator:
         self.model = build_model(cfg.model, 1, cfg.pretrained)
         last = self.journal.last_global()
         if last is None:
-            self.completed = -1
-            self.global_state = shared_state(self.model)
-            self.journal.save_global(-1, self.global_state, {"round": "-1"})
+            self.completed, state = -1, shared_state(self.model)
+            self.journal.save_global(-1, state, cfg.model, cfg.input)
         else:
-            self.completed, self.global_state = last
-        self.layout = FlatLayout(self.global_state)
+            self.completed, state = last
+        self.layout = FlatLayout(state)
+        self.global_flat = self.layout.flatten(state)
+        self.global_state = self.layout.unflatten(*self.global_flat)  # views: one copy of the model
+        del state
         self.scratch = self.layout.empty()  # validation buffer: one update at a time
         self.reference_norm: float | None = None  # the previous round's median delta norm
         self.public: ImageDataset | None = None
@@ -218,9 +238,6 @@ class Aggregator:
         self.round_payload: bytes | None = None  # the retained round document, re-published on reconnect
         self.stopping = threading.Event()
         self.fatal: StateDirError | None = None
-        self.resend_wanted: set[int] = set()
-        self.resend_ready = threading.Event()
-        self.last_request: dict[str, float] = {}
         t = self.topics
         self.endpoint = Endpoint(
             broker_url,
@@ -231,11 +248,20 @@ class Aggregator:
                 t.status_all: self._on_status,
                 t.any_site("update"): self._on_manifest,
                 t.any_site("chunks"): self._on_chunk,
-                t.global_resend: self._on_global_resend,
+                t.global_resend: lambda topic, payload: self.resender.on_request(topic, payload),
             },
             identity_dir=cfg.identity_dir,
         )
-        self.deployments = DeploymentSource(self.endpoint, self.journal.root)
+        self.resender = ChunkResender(
+            self.endpoint,
+            t.global_chunks,
+            cfg.chunk_bytes,
+            self._global_chunks_for,
+            self._global_blob,
+            cfg.min_resend_interval_s,
+            "global model",
+        )
+        self.deployments = DeploymentSource(self.endpoint, self.journal.root, cfg.min_resend_interval_s)
         self.endpoint.on_connected = self._republish_round
 
     # -- handlers (endpoint worker thread) -------------------------------------------------------------
@@ -341,7 +367,9 @@ class Aggregator:
             try:
                 transfer = cur.transfers.get(site)
                 if transfer is None:
-                    transfer = cur.transfers[site] = Reassembler(header, max_bytes=cur.limit)
+                    transfer = cur.transfers[site] = Reassembler(
+                        header, max_bytes=cur.limit, spool_bytes=0, spool_dir=self.journal.root
+                    )
                 transfer.add(header, data)
                 if not transfer.complete:
                     return
@@ -352,54 +380,25 @@ class Aggregator:
             finally:
                 if site in cur.transfers and cur.transfers[site].complete:
                     cur.transfers.pop(site).close()
-            self._accept(cur, site, m, blob, journaled=False)
+            try:
+                self.journal.journal_update(cur.number, site, blob, encode_message(m))
+            except StateDirError as err:
+                self._fail(err)
+                return
+            del blob  # from here on the update is read from its journal file, one tensor at a time
+            self._accept(cur, site, m)
 
-    def _on_global_resend(self, topic: str, payload: bytes) -> None:
-        """Queue the requested chunks for the resend thread: per site at most one request per
-        `min_resend_interval_s`, only from sites of the round, and coalesced (one publish serves all)."""
-        try:
-            req = parse_message(payload, ChunkRequest)
-        except MessageError as err:
-            log.warning("dropped chunk request: %s", err)
-            return
-        signer = self.endpoint.signer_of_message
-        if signer is not None and signer != req.requester:
-            log.warning("dropped chunk request: signed by %s for requester %s", signer, req.requester)
-            return
-        now = time.monotonic()
+    def _global_chunks_for(self, req: ChunkRequest) -> int | None:
+        """Only sites selected for the open round may ask for its global model (`ChunkResender`)."""
         with self.lock:
             cur = self.current
             if cur is None or req.blob_id != cur.blob_ref.blob_id or req.requester not in cur.selected:
-                return
-            if now - self.last_request.get(req.requester, -math.inf) < self.cfg.min_resend_interval_s:
-                log.debug("chunk request of %s dropped (rate limit)", req.requester)
-                return
-            self.last_request[req.requester] = now
-            self.resend_wanted.update(i for i in req.indices if 0 <= i < cur.blob_ref.chunks)
-        self.resend_ready.set()
+                return None
+            return cur.blob_ref.chunks
 
-    def _resender(self) -> None:
-        """Publishes the queued global-model chunks (off the message thread, so floods never block it)."""
-        while not self.stopping.is_set():
-            if not self.resend_ready.wait(0.5):
-                continue
-            self.resend_ready.clear()
-            with self.lock:
-                cur, wanted, self.resend_wanted = self.current, self.resend_wanted, set()
-            if cur is None or not wanted:
-                continue
-            with log_context(round=cur.number):
-                log.info("resending %d chunks of the global model", len(wanted))
-                try:
-                    self.endpoint.publish_blob(
-                        self.topics.global_chunks,
-                        cur.blob,
-                        cur.blob_ref.blob_id,
-                        self.cfg.chunk_bytes,
-                        wanted,
-                    )
-                except TimeoutError as err:
-                    log.warning("resend of the global model interrupted: %s", err)
+    def _global_blob(self, blob_id: str) -> bytes | None:
+        cur = self.current
+        return cur.blob if cur is not None and cur.blob_ref.blob_id == blob_id else None
 
     # -- accepting updates (worker thread, under the lock) ----------------------------------------------
     def _reject(self, cur: OpenRound | None, site: str, m: UpdateManifest, reason: str) -> None:
@@ -412,33 +411,28 @@ class Aggregator:
                 cur.rejections.append({"site": site, "reason": reason})
         self._ack(site, m.round, m.blob.blob_id, False, reason)
 
-    def _validate(self, cur: OpenRound, blob: bytes) -> tuple[dict[str, torch.Tensor], float]:
-        """The decoded delta and its L2 norm; CodecError / LayoutError for anything the fold cannot take."""
-        delta = {k: torch.from_numpy(v) for k, v in decode_state(blob, cur.limit).items()}
-        floats, _ = self.layout.flatten(delta, out=self.scratch)
-        return delta, l2_norm(floats)
+    def _decode(self, cur: OpenRound, site: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The journaled delta of `site`, read tensor by tensor straight into the flat scratch buffers
+        (valid until the next call); CodecError / LayoutError for anything the fold cannot take."""
+        path = self.journal.update_path(cur.number, site)
+        return self.layout.fill(iter_state_file(path, cur.limit), out=self.scratch, what="update")
 
-    def _accept(self, cur: OpenRound, site: str, m: UpdateManifest, blob: bytes, journaled: bool) -> None:
-        """Validate fully, journal, then ack: an acknowledged update is always aggregated at close."""
+    def _accept(self, cur: OpenRound, site: str, m: UpdateManifest) -> None:
+        """Validate the journaled update fully, then ack: an acknowledged update is aggregated at close."""
         with log_context(site=site, round=cur.number):
             try:
-                delta, norm = self._validate(cur, blob)
+                floats, ints = self._decode(cur, site)
+                norm = l2_norm(floats)
             except (CodecError, LayoutError) as err:
                 self._reject(cur, site, m, str(err))
-                if journaled:
-                    self.journal.drop_update(cur.number, site)
+                self.journal.drop_update(cur.number, site)
                 return
-            if not journaled:
-                try:
-                    self.journal.journal_update(cur.number, site, blob, encode_message(m))
-                except StateDirError as err:
-                    self._fail(err)
-                    return
             cur.norms[site] = norm
             cur.accepted[site] = m
             cur.failed.pop(site, None)
             cur.manifests.pop(site, None)
             if cur.teachers is not None and self.public is not None:
+                delta = self.layout.unflatten(floats, ints)
                 load_shared_state(self.model, {k: self.global_state[k] + delta[k] for k in self.global_state})
                 loader = make_loader(self.public, 64, train=False)
                 cur.teachers.add(embed_public(self.model, loader, len(self.public)))
@@ -552,13 +546,13 @@ class Aggregator:
         )
         with self.lock:
             self.current = cur
-            for site, site_blob, manifest in self.journal.journaled_updates(r) if resumed else []:
+            for site, manifest in self.journal.journaled_updates(r) if resumed else []:
                 try:
                     m = parse_message(manifest, UpdateManifest)
                 except MessageError as err:
                     log.warning("journaled manifest of %s unreadable (%s); the site will resend", site, err)
                     continue
-                self._accept(cur, site, m, site_blob, journaled=True)
+                self._accept(cur, site, m)
         log.info(
             "round %d open (base %s): %d sites selected (%s)%s",
             r,
@@ -666,7 +660,8 @@ class Aggregator:
 
     def _fold(self, cur: OpenRound) -> tuple[RoundAggregate, dict]:
         """The round's average with the weights and clips the aggregator decides (cloud.strategy.caps),
-        folding the journaled updates one at a time (memory: the base, the sum and one update)."""
+        folding the journaled updates one at a time, each decoded straight into one flat buffer
+        (memory: the base, the sum, one update and one blob, whatever the number of sites)."""
         adm = self.cfg.admission
         sites = sorted(cur.accepted)
         bound = norm_bound({s: cur.norms[s] for s in sites}, adm, self.reference_norm)
@@ -674,13 +669,23 @@ class Aggregator:
         samples = {s: capped_samples(s, cur.accepted[s].n_samples, adm) for s in sites}
         raw = {s: raw_weight(self.cfg.strategy.weighting, samples[s], cur.accepted[s].cdw) for s in sites}
         shares = share_capped(raw, max_share(adm, len(sites)))
-        agg = StreamingAggregator(self.global_state, self.cfg.strategy, group=1)
+        agg = StreamingAggregator(self.global_state, self.cfg.strategy, base_flat=self.global_flat, group=1)
         for site in sites:
-            m = cur.accepted[site]
-            delta = decode_state(self.journal.read_update(cur.number, site), cur.limit)
-            update = Update(site, {k: torch.from_numpy(v) for k, v in delta.items()}, samples[site], m.cdw)
-            del delta
-            agg.add(update, weight=shares[site], scale=scales[site])
+            try:
+                floats, ints = self._decode(cur, site)
+            except (CodecError, LayoutError) as err:  # only if the state dir was damaged since the ack
+                log.error("journaled update of %s unreadable at close, left out: %s", site, err)
+                cur.rejections.append({"site": site, "reason": f"journaled update unreadable: {err}"})
+                continue
+            agg.add_flat(
+                site,
+                floats,
+                ints,
+                samples[site],
+                cur.accepted[site].cdw,
+                weight=shares[site],
+                scale=scales[site],
+            )
         self.reference_norm = statistics.median(cur.norms[s] for s in sites) if sites else None
         caps = {
             "norm_bound": bound,
@@ -698,7 +703,7 @@ class Aggregator:
         with self.lock:
             self.current = None
         result, caps = self._fold(cur)
-        new_state = {k: v.clone() for k, v in result.state.items()}
+        new_flat = result.flat  # the new global model lives in the fold's buffers: no copy
         aggregate_seconds = time.perf_counter() - clock
         summary: dict = {
             "round": cur.number,
@@ -719,20 +724,22 @@ class Aggregator:
             },
         }
         if cur.teachers is not None and cur.teachers.count and self.public is not None:
-            load_shared_state(self.model, new_state)
+            load_shared_state(self.model, result.state)
             loader = make_loader(
                 self.public, self.cfg.kd.batch_size, train=True, seed=self.cfg.seed + cur.number
             )
             kd = distill(self.model, loader, cur.teachers.target(), self.cfg.kd)
-            new_state = shared_state(self.model)
+            new_flat = self.layout.flatten(shared_state(self.model))
             summary["kd"] = {
                 "batches": kd.batches,
                 "mse_first": kd.loss_first,
                 "mse_last": kd.loss_last,
                 "seconds": round(kd.seconds, 3),
             }
-        self.global_state = new_state
-        self.journal.save_global(cur.number, new_state, {"round": str(cur.number)})
+        del result
+        self.global_flat = new_flat
+        self.global_state = self.layout.unflatten(*new_flat)
+        self.journal.save_global(cur.number, self.global_state, self.cfg.model, self.cfg.input)
         summary["round_seconds"] = round(time.time() - cur.started, 3)
         records = [
             {"round": cur.number - 1, "site": s, "model": "global", **m.metrics}
@@ -742,7 +749,17 @@ class Aggregator:
         self.journal.append_metrics([*records, summary])
         self.journal.prune(cur.number, self.cfg.keep_checkpoints)
         self.completed = cur.number
-        log.info("round %d closed: %d updates aggregated", cur.number, len(result.weights))
+        log.info("round %d closed: %d updates aggregated", cur.number, len(summary["weights"]))
+
+    def _run_round(self, r: int) -> None:
+        """One round, open to deployed (its buffers are freed on return, before the next one opens)."""
+        cur = self._open_round(r)
+        while not self._collect(cur):
+            self._restart(cur)
+        self._close(cur)
+        del cur
+        self.trim_heap()
+        self._maybe_deploy(r)
 
     def _maybe_deploy(self, r: int) -> None:
         every = self.cfg.deploy_every
@@ -760,16 +777,12 @@ class Aggregator:
     def run(self) -> None:
         """Run the remaining rounds; returns when done or stopped. StateDirError when the state dir failed."""
         self.endpoint.start()
-        resender = threading.Thread(target=self._resender, name="resender", daemon=True)
-        resender.start()
+        self.resender.start()
+        self.deployments.start()
         try:
             for r in range(self.completed + 1, self.cfg.rounds):
                 with log_context(round=r):
-                    cur = self._open_round(r)
-                    while not self._collect(cur):
-                        self._restart(cur)
-                    self._close(cur)
-                    self._maybe_deploy(r)
+                    self._run_round(r)
             end = RunEnd(federation=self.cfg.federation, rounds=self.cfg.rounds)
             self.round_payload = encode_message(end)
             self.endpoint.publish(self.topics.round, self.round_payload, retain=True).wait_for_publish(10)
@@ -782,6 +795,7 @@ class Aggregator:
         finally:
             self.stopping.set()
             self.endpoint.stop()
-            resender.join(timeout=5)
+            self.resender.stop()
+            self.deployments.stop()
         if self.fatal is not None:
             raise self.fatal

@@ -7,7 +7,9 @@ Every algorithm gets the same compute: ``local_epochs`` x ``rounds`` epochs per 
 
 Each round writes one JSON line per evaluated (site, model) and one round summary to
 ``<out>/metrics.jsonl``, then an atomic checkpoint (``<out>/checkpoint.safetensors``: the global
-shared state, every site's classifier and private state). Every random draw is seeded by
+shared state, every site's classifier and private state; the resume state of the run) and the global
+model as a model file (``<out>/model.safetensors``, `reid.weights`: what evaluate, export and
+--pretrained read; not for ``local``, which has no global model). Every random draw is seeded by
 (seed, round, site), so a run stopped between rounds and started again gives the identical result.
 """
 
@@ -45,11 +47,13 @@ from reid.model import ModelSpec, ReIDModel, build_model, load_shared_state, new
 from reid.privacy import DPConfig, PrivacyLedger, privatize
 from reid.site import SiteData
 from reid.train import TrainConfig, resolve_device, train_local
+from reid.weights import save_state
 
 log = logging.getLogger(__name__)
 
 Algorithm = Literal["local", "fedpav", "cdw", "kd", "cdw_kd", "central"]
 CHECKPOINT = "checkpoint.safetensors"
+MODEL = "model.safetensors"
 METRICS = "metrics.jsonl"
 
 
@@ -166,6 +170,9 @@ class Simulator:
         tmp = self.out / (CHECKPOINT + ".tmp")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
         tmp.replace(self.out / CHECKPOINT)
+        if self.cfg.algorithm != "local":
+            model_meta = {"round": str(self.completed), "algorithm": self.cfg.algorithm}
+            save_state(self.out / MODEL, self.global_state, self.cfg.model, self.cfg.input, model_meta)
 
     def try_resume(self) -> bool:
         """Load the checkpoint in `out` if there is one; refuse one written with another configuration."""

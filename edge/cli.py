@@ -60,7 +60,9 @@ def train(
         None, "--out", help="where to write model.safetensors (default state/<site>)"
     ),
     arch: Arch = typer.Option("resnet50", help="backbone"),
-    pretrained: Path = typer.Option(None, help="local torchvision ImageNet weights (.pth/.safetensors)"),
+    pretrained: Path = typer.Option(
+        None, help="local torchvision ImageNet weights (.pth/.safetensors) or a FedReID model file/folder"
+    ),
     last_stride: int = typer.Option(2, min=1, max=2),
     height: int = typer.Option(256, min=16),
     width: int = typer.Option(128, min=16),
@@ -131,7 +133,9 @@ def train(
 @app.command()
 def evaluate(
     data: Path = DataOpt,
-    model_path: Path = typer.Option(None, "--model", help="a checkpoint written by `edge-agent train`"),
+    model_path: Path = typer.Option(
+        None, "--model", help="a model file or folder (edge-agent train, simulate or serve output)"
+    ),
     arch: Arch = typer.Option("resnet50", help="backbone, when no --model is given"),
     pretrained: Path = typer.Option(
         None, help="local torchvision ImageNet weights, when no --model is given"

@@ -37,6 +37,12 @@ def resolve_model(path: Path) -> Path:
         if found is None:
             raise typer.BadParameter(f"{path}: no deployed model in this state folder", param_hint="--model")
         return found
+    if path.suffix == ".safetensors":
+        raise typer.BadParameter(
+            f"{path} is a PyTorch model file; these commands run exported models: "
+            f"cloud-aggregator export --model {path} --images CROPS --out model.onnx",
+            param_hint="--model",
+        )
     return path
 
 

@@ -6,8 +6,9 @@ A chunk message is ``b"FRC1" + uint32 big-endian header length + header JSON + d
 
 * ignores duplicates, rejects chunks that disagree with the blob's first chunk, a bad chunk hash, an
   index out of range, or a blob over the size limit (`ChunkError`, the transfer keeps going);
-* writes chunks into a buffer at their offset (a temporary file above `spool_bytes`, so a large blob is
-  never held as many copies in memory);
+* writes chunks into a buffer at their offset (above `spool_bytes`, straight into a temporary file with
+  `pwrite`: the blob then sits in the page cache, not in the process, so a receiver with many uploads in
+  flight holds one chunk at a time in its own memory);
 * tells which chunks are missing (for a re-request) and how long since the last progress (timeouts
   are about lack of progress, not wall-clock);
 * verifies the whole-blob sha256 before handing the bytes out.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
+import os
 import struct
 import tempfile
 import time
@@ -153,9 +154,7 @@ class Reassembler:
         if first.blob_size > spool_bytes:
             self._file = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 (lives as long as self)
             self._file.truncate(first.blob_size)
-            self._buffer: bytearray | mmap.mmap = mmap.mmap(self._file.fileno(), first.blob_size)
-        else:
-            self._buffer = bytearray(first.blob_size)
+        self._buffer = bytearray(0 if self._file is not None else first.blob_size)
 
     @property
     def complete(self) -> bool:
@@ -175,7 +174,10 @@ class Reassembler:
         if self.received[header.index]:
             return False
         start = header.index * h.chunk_size
-        self._buffer[start : start + len(data)] = data
+        if self._file is not None:
+            os.pwrite(self._file.fileno(), data, start)
+        else:
+            self._buffer[start : start + len(data)] = data
         self.received[header.index] = 1
         self.done += 1
         self.bytes_received += len(data)
@@ -192,13 +194,16 @@ class Reassembler:
         """The whole blob, after checking its sha256 (ChunkError if it does not match)."""
         if not self.complete:
             raise ChunkError(f"blob {self.header.blob_id} is missing chunks {self.missing()[:10]}")
-        data = bytes(self._buffer)
+        if self._file is not None:
+            self._file.seek(0)
+            data = self._file.read()
+        else:
+            data = bytes(self._buffer)
         if sha256_hex(data) != self.header.blob_sha256:
             raise ChunkError(f"blob {self.header.blob_id} fails its sha256")
         return data
 
     def close(self) -> None:
-        if isinstance(self._buffer, mmap.mmap):
-            self._buffer.close()
+        self._buffer = bytearray()
         if self._file is not None:
             self._file.close()

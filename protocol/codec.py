@@ -15,12 +15,13 @@ are checked. Every failure is a `CodecError`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import zstandard
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load, save
 
 Encoding = Literal["fp32", "fp16", "int8"]
@@ -94,8 +95,45 @@ def _decompress(blob: bytes, max_bytes: int) -> bytes:
     return bytes(out)
 
 
-def decode_state(blob: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, np.ndarray]:
-    """Decode a blob into float32 / integer arrays. Raises CodecError for anything malformed."""
+def _decoded(names: list[str], get: Callable[[str], np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+    """The checks and conversions of decoding, reading one raw tensor at a time through `get`."""
+    present = set(names)
+    int8: set[str] = set()
+    for name in names:
+        if name.endswith(SCALE_SUFFIX):
+            if name[: -len(SCALE_SUFFIX)] not in present:
+                raise CodecError(f"scale {name!r} without an int8 tensor")
+            continue
+        arr = get(name)
+        if arr.dtype == np.int8:
+            scale = get(name + SCALE_SUFFIX) if name + SCALE_SUFFIX in present else None
+            if scale is None or scale.shape != (1,) or scale.dtype != np.float32:
+                raise CodecError(f"int8 tensor {name!r} without a float32 scale")
+            if not np.isfinite(scale[0]) or scale[0] <= 0:
+                raise CodecError(f"int8 tensor {name!r} has an invalid scale {scale[0]}")
+            int8.add(name)
+            value = arr.astype(np.float32) * scale[0]
+        elif arr.dtype.kind == "f":
+            if arr.dtype not in (np.float32, np.float16):
+                raise CodecError(f"{name}: unsupported float dtype {arr.dtype}")
+            value = arr.astype(np.float32, copy=False)
+        elif arr.dtype in _INT_DTYPES:
+            value = arr
+        else:
+            raise CodecError(f"{name}: unsupported dtype {arr.dtype}")
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise CodecError(f"{name}: contains NaN or Inf")
+        yield name, value
+    orphans = [n for n in names if n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] not in int8]
+    if orphans:
+        raise CodecError(f"scale {orphans[0]!r} without an int8 tensor")
+
+
+def iter_state(blob: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[tuple[str, np.ndarray]]:
+    """Decode a blob tensor by tensor into float32 / integer arrays (one float32 copy alive at a time, so
+    a caller can copy each into a flat buffer). Raises CodecError for anything malformed, possibly after
+    some tensors were yielded (at the latest when the last one was): a caller keeps nothing from a blob
+    that failed."""
     if len(blob) > max_bytes:
         raise CodecError(f"blob of {len(blob)} bytes exceeds the limit of {max_bytes}")
     if blob[:4] == ZSTD_MAGIC:
@@ -104,28 +142,33 @@ def decode_state(blob: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, n
         raw = load(bytes(blob))
     except (SafetensorError, ValueError, TypeError, OverflowError) as err:
         raise CodecError(f"not a safetensors payload: {err}") from None
-    out: dict[str, np.ndarray] = {}
-    for name, arr in raw.items():
-        if name.endswith(SCALE_SUFFIX):
-            base = name[: -len(SCALE_SUFFIX)]
-            if base not in raw or raw[base].dtype != np.int8:
-                raise CodecError(f"scale {name!r} without an int8 tensor")
-            continue
-        if arr.dtype == np.int8:
-            scale = raw.get(name + SCALE_SUFFIX)
-            if scale is None or scale.shape != (1,) or scale.dtype != np.float32:
-                raise CodecError(f"int8 tensor {name!r} without a float32 scale")
-            if not np.isfinite(scale[0]) or scale[0] <= 0:
-                raise CodecError(f"int8 tensor {name!r} has an invalid scale {scale[0]}")
-            out[name] = arr.astype(np.float32) * scale[0]
-        elif arr.dtype.kind == "f":
-            if arr.dtype not in (np.float32, np.float16):
-                raise CodecError(f"{name}: unsupported float dtype {arr.dtype}")
-            out[name] = arr.astype(np.float32, copy=False)
-        elif arr.dtype in _INT_DTYPES:
-            out[name] = arr
-        else:
-            raise CodecError(f"{name}: unsupported dtype {arr.dtype}")
-        if out[name].dtype.kind == "f" and not np.isfinite(out[name]).all():
-            raise CodecError(f"{name}: contains NaN or Inf")
-    return out
+    del blob
+    yield from _decoded(list(raw), raw.__getitem__)
+
+
+def iter_state_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[tuple[str, np.ndarray]]:
+    """`iter_state` of a blob stored in a file, reading one tensor at a time from disk (memory: one
+    tensor, not the blob); a compressed blob is read whole and decompressed (within `max_bytes`)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        raise CodecError(f"blob file unreadable: {err}") from None
+    if size > max_bytes:
+        raise CodecError(f"blob of {size} bytes exceeds the limit of {max_bytes}")
+    if magic == ZSTD_MAGIC:
+        yield from iter_state(path.read_bytes(), max_bytes)
+        return
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            yield from _decoded(list(f.keys()), f.get_tensor)
+    except CodecError:
+        raise
+    except (SafetensorError, ValueError, TypeError, OverflowError, OSError) as err:
+        raise CodecError(f"not a safetensors payload: {err}") from None
+
+
+def decode_state(blob: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, np.ndarray]:
+    """Decode a blob into float32 / integer arrays. Raises CodecError for anything malformed."""
+    return dict(iter_state(blob, max_bytes))

@@ -130,22 +130,27 @@ def _mobilenet(arch: str, last_stride: int) -> tuple[nn.Module, nn.Module, int]:
 
 
 def _torchvision_to_trunk_keys(arch: str) -> dict[str, str]:
-    """Map torchvision state-dict key prefixes onto our `trunk.` naming."""
+    """Map torchvision (and FedReID model file) state-dict key prefixes onto our `trunk.` naming."""
+    ours = {"backbone.trunk.": ""}  # a FedReID model file
     if arch.startswith("resnet"):
         names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-        return {f"{name}.": f"{i}." for i, name in enumerate(names)}
-    return {"features.": ""}
+        return {**ours, **{f"{name}.": f"{i}." for i, name in enumerate(names)}}
+    return {**ours, "features.": ""}
 
 
 def load_pretrained_backbone(backbone: Backbone, arch: str, path: str | Path) -> None:
-    """Load torchvision-format ImageNet weights from a local file (.pth/.pt or .safetensors).
+    """Load the trunk from a local file: torchvision-format ImageNet weights (.pth/.pt or .safetensors) or
+    a FedReID model file (`reid.weights`; also a folder holding one, e.g. a pretraining run's output).
 
     The torchvision classification head (`fc.*` / `classifier.*`) is ignored. Every trunk tensor must be
     present with the right shape, otherwise a `ModelError` names what is wrong.
     """
+    from reid.weights import find_model  # (reid.weights builds models: imported here, not at the top)
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ModelError(f"pretrained weights not found: {path} (weights are never downloaded)")
+    path = find_model(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -1,16 +1,21 @@
-"""Model checkpoints as safetensors files: the tensors plus the ModelSpec and InputSpec in the metadata.
+"""The one model file of FedReID Edge: safetensors with the ModelSpec and InputSpec in the metadata
+(``format = fedreid-checkpoint/1``).
 
-A checkpoint holds the shared state and, for a site's own model, the local classifier. Loading never
-unpickles anything.
+Every producer writes it: `edge-agent train` (``<out>/model.safetensors``, with the site's classifier),
+`cloud-aggregator simulate` (``<out>/model.safetensors``, the global model after the last round) and
+`serve` (``rounds/<r>/global.safetensors`` in its state dir). Every consumer reads it with
+`load_checkpoint`, given the file or any of those folders (`find_model`). Loading never unpickles.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.numpy import save_file
 
 from reid.data import InputSpec
 from reid.model import (
@@ -36,6 +41,39 @@ class Checkpoint:
     meta: dict[str, str] = field(default_factory=dict)
 
 
+def _header(spec: ModelSpec, input_spec: InputSpec, num_classes: int, meta: dict[str, str] | None) -> dict:
+    return {
+        "format": FORMAT,
+        "model": spec.model_dump_json(),
+        "input": input_spec.model_dump_json(),
+        "num_classes": str(num_classes),
+        **(meta or {}),
+    }
+
+
+def _write(path: Path, tensors: Mapping[str, torch.Tensor], header: dict[str, str]) -> Path:
+    """Atomic (temporary file + rename): a crash never leaves a half-written model. Tensors may be views
+    of one buffer (the aggregator's flat global state), hence the numpy writer."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(
+        {k: v.detach().cpu().contiguous().numpy() for k, v in tensors.items()}, str(tmp), metadata=header
+    )
+    tmp.replace(path)
+    return path
+
+
+def save_state(
+    path: str | Path,
+    state: Mapping[str, torch.Tensor],
+    spec: ModelSpec,
+    input_spec: InputSpec,
+    meta: dict[str, str] | None = None,
+) -> Path:
+    """A shared state (no classifier) as a model file, e.g. a global model."""
+    return _write(Path(path), state, _header(spec, input_spec, 0, meta))
+
+
 def save_checkpoint(
     path: str | Path,
     model: ReIDModel,
@@ -43,23 +81,35 @@ def save_checkpoint(
     include_classifier: bool = True,
     meta: dict[str, str] | None = None,
 ) -> Path:
-    """Write atomically (temporary file + rename) so a crash never leaves a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """A model (shared state, and the local classifier unless told otherwise) as a model file."""
     tensors = shared_state(model)
     if include_classifier:
         tensors.update(local_state(model))
-    header = {
-        "format": FORMAT,
-        "model": model.spec.model_dump_json(),
-        "input": input_spec.model_dump_json(),
-        "num_classes": str(model.num_classes if include_classifier else 0),
-        **(meta or {}),
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
-    tmp.replace(path)
-    return path
+    num_classes = model.num_classes if include_classifier else 0
+    return _write(Path(path), tensors, _header(model.spec, input_spec, num_classes, meta))
+
+
+def find_model(path: str | Path) -> Path:
+    """The model file a path means: the file itself, or in a folder `model.safetensors` (an `edge-agent
+    train` or `simulate` output) or the newest ``rounds/<r>/global.safetensors`` (a `serve` run, also
+    one level down: ``<state-dir>/<federation>/``). ModelError names what was looked for."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise ModelError(f"model not found: {path}")
+    if (path / "model.safetensors").is_file():
+        return path / "model.safetensors"
+    for runs in ([path], sorted(p for p in path.iterdir() if p.is_dir())):
+        found = [r for r in runs if any(r.glob("rounds/*/global.safetensors"))]
+        if len(found) > 1:
+            raise ModelError(f"{path} holds several runs ({', '.join(r.name for r in found)}): name one")
+        if found:
+            rounds = found[0].glob("rounds/*/global.safetensors")
+            return max(rounds, key=lambda p: int(p.parent.name))
+    raise ModelError(
+        f"{path}: a folder without a model (looked for model.safetensors and rounds/*/global.safetensors)"
+    )
 
 
 def load_checkpoint(path: str | Path, num_classes: int | None = None) -> Checkpoint:
@@ -67,9 +117,7 @@ def load_checkpoint(path: str | Path, num_classes: int | None = None) -> Checkpo
 
     Without a classifier in the file, a fresh one with `num_classes` (default 1) is attached.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"checkpoint not found: {path}")
+    path = find_model(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             header = dict(f.metadata() or {})
@@ -77,7 +125,11 @@ def load_checkpoint(path: str | Path, num_classes: int | None = None) -> Checkpo
     except Exception as err:  # safetensors raises its own error types for corrupt headers
         raise ModelError(f"{path}: not a readable safetensors checkpoint ({err})") from None
     if header.get("format") != FORMAT:
-        raise ModelError(f"{path}: not a FedReID checkpoint (format {header.get('format')!r})")
+        if "completed_rounds" in header:
+            raise ModelError(
+                f"{path} is the simulator's resume state; its model is {path.with_name('model.safetensors')}"
+            )
+        raise ModelError(f"{path}: not a FedReID model file (format {header.get('format')!r})")
     spec = ModelSpec.model_validate_json(header["model"])
     input_spec = InputSpec.model_validate_json(header["input"])
     stored_classes = int(header.get("num_classes", "0"))

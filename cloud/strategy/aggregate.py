@@ -101,6 +101,7 @@ class Rejection:
 @dataclass
 class RoundAggregate:
     state: dict[str, torch.Tensor]
+    flat: tuple[torch.Tensor, torch.Tensor]  # the (float, int) buffers that `state` views: keep, not copy
     weights: dict[str, float]  # normalised, of the sites that made it into the average
     norms: dict[str, float]
     clipped: list[str] = field(default_factory=list)
@@ -363,7 +364,9 @@ class StreamingAggregator:
         )
         new_ints = self.base_ints + first_ints
         state = self.layout.unflatten(new_floats, new_ints, like=self.base)
-        return RoundAggregate(state, weights, dict(self.norms), list(self.clipped), list(self.rejected))
+        return RoundAggregate(
+            state, (new_floats, new_ints), weights, dict(self.norms), list(self.clipped), list(self.rejected)
+        )
 
     def _robust_estimate(self) -> None:
         k = len(self.held)

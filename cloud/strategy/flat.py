@@ -10,6 +10,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -81,6 +82,36 @@ class FlatLayout:
         for e in self.entries:
             target = floats if e.is_float else ints
             target[e.offset : e.offset + e.numel].copy_(state[e.key].reshape(-1))
+        return floats, ints
+
+    def fill(
+        self,
+        items: Iterable[tuple[str, np.ndarray]],
+        out: tuple[torch.Tensor, torch.Tensor] | None = None,
+        what: str = "state",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pack a state that arrives tensor by tensor (e.g. `protocol.codec.iter_state`) into the flat
+        buffers, holding no more than one tensor besides them; every key exactly once (LayoutError)."""
+        floats, ints = out if out is not None else self.empty()
+        seen: set[str] = set()
+        for key, arr in items:
+            e = self.by_key.get(key)
+            if e is None:
+                raise LayoutError(f"{what}: unexpected key {key!r}")
+            if key in seen:
+                raise LayoutError(f"{what}: {key} given twice")
+            if tuple(arr.shape) != e.shape:
+                raise LayoutError(f"{what}: {key} has shape {tuple(arr.shape)}, expected {e.shape}")
+            if (arr.dtype.kind == "f") != e.is_float:
+                raise LayoutError(f"{what}: {key} has dtype {arr.dtype}")
+            target = floats if e.is_float else ints
+            target[e.offset : e.offset + e.numel].copy_(
+                torch.from_numpy(np.ascontiguousarray(arr)).reshape(-1)
+            )
+            seen.add(key)
+        if len(seen) != len(self.entries):
+            missing = [k for k in self.by_key if k not in seen]
+            raise LayoutError(f"{what}: {len(missing)} keys missing {missing[:3]}")
         return floats, ints
 
     def empty(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -228,3 +228,86 @@ def test_serve_with_broker_auto_starts_the_provisioned_tls_broker(provisioned, t
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+
+
+def test_revocation_takes_effect_in_the_aggregator_without_a_restart(provisioned, tmp_path):
+    """A selected site is revoked mid-round: the running aggregator drops it from that round at once (no
+    wait for the deadline) and never selects it again; the other sites' signed updates are aggregated."""
+    import numpy as np
+
+    from cloud.server import Aggregator, ServeConfig
+    from protocol.chunks import blob_ref
+    from protocol.codec import encode_state
+    from protocol.messages import RoundStart, UpdateManifest, encode_message, parse_message
+    from tests.cloud.test_federation import TINY, _wait
+
+    out, broker = provisioned
+    topics = Topics(FED)
+    cfg = ServeConfig(
+        federation=FED,
+        state_dir=tmp_path / "cloud",
+        identity_dir=out / AGGREGATOR,
+        rounds=2,
+        min_sites=2,
+        deadline_s=600,
+        **TINY,
+    )
+    rounds: list[RoundStart] = []
+
+    def on_round(topic: str, payload: bytes) -> None:
+        message = parse_message(payload)
+        if isinstance(message, RoundStart):
+            rounds.append(message)
+
+    sites = {name: _node(broker, out, name) for name in ("site-a", "site-b", "site-c")}
+    sites["site-a"].handlers[topics.round] = on_round
+    sites["site-a"].client.subscribe(topics.round, qos=1)
+    aggregator = Aggregator(cfg, broker.url)
+    thread = threading.Thread(target=aggregator.run, daemon=True)
+    thread.start()
+
+    def upload(name: str, r: int) -> None:
+        start = rounds[-1]
+        rng = np.random.default_rng(r)
+        delta = {
+            k: (rng.standard_normal(v.shape) * 0.01).astype(np.float32)
+            if v.dtype.is_floating_point
+            else np.zeros(v.shape, np.int64)
+            for k, v in aggregator.global_state.items()
+        }
+        blob = encode_state(delta, "fp16")
+        ref = blob_ref(blob, 65536, "fp16")
+        manifest = UpdateManifest(
+            site=name, round=r, base_hash=start.base_hash, blob=ref, n_samples=10, cdw=0.5, loss=1.0,
+            train_seconds=1.0,
+        )  # fmt: skip
+        node = sites[name]
+        node.publish(topics.site(name, "update"), encode_message(manifest)).wait_for_publish(10)
+        node.publish_blob(topics.site(name, "chunks"), blob, ref.blob_id, 65536)
+
+    try:
+        assert _wait(lambda: rounds and rounds[-1].round == 0, timeout=60)
+        assert rounds[-1].selected == ["site-a", "site-b", "site-c"]
+        upload("site-a", 0)
+        result = CliRunner().invoke(app, ["provision", "revoke-site", "--out", str(out), "--site", "site-c"])
+        assert result.exit_code == 0, result.output
+        upload("site-b", 0)
+        assert _wait(lambda: aggregator.completed == 0, timeout=60)  # not the 600 s deadline
+        assert _wait(lambda: rounds[-1].round == 1, timeout=30)
+        assert rounds[-1].selected == ["site-a", "site-b"]
+        upload("site-a", 1)
+        upload("site-b", 1)
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    finally:
+        aggregator.stop()
+        for node in sites.values():
+            node.stop()
+    summaries = [
+        r
+        for r in map(json.loads, (tmp_path / "cloud" / FED / "metrics.jsonl").read_text().splitlines())
+        if r.get("kind") == "round"
+    ]
+    assert summaries[0]["accepted"] == ["site-a", "site-b"]
+    assert summaries[0]["failed"] == {"site-c": "identity revoked"}
+    assert summaries[1]["selected"] == ["site-a", "site-b"]

@@ -235,3 +235,37 @@ def test_norm_bound_uses_the_median_and_the_previous_round():
     capped = AdmissionConfig(max_samples=5000, site_samples={"a": 100})
     assert capped_samples("a", 10**12, capped) == 100 and capped_samples("b", 10**12, capped) == 5000
     assert capped_samples("b", 10, capped) == 10
+
+
+def test_a_blob_decodes_straight_into_flat_buffers_or_not_at_all():
+    """`FlatLayout.fill` from `iter_state` gives what `flatten` of the decoded dict gives, and refuses a
+    blob with a missing, extra, repeated, misshapen or mistyped tensor."""
+    import numpy as np
+
+    from cloud.strategy.flat import FlatLayout, LayoutError
+    from protocol.codec import decode_state, encode_state, iter_state
+
+    base = shared_state(build_model(ModelSpec(arch="resnet18"), 4))
+    layout = FlatLayout(base)
+    rng = np.random.default_rng(0)
+    delta = {k: rng.standard_normal(tuple(v.shape)).astype(np.float32) for k, v in base.items()}
+    delta = {
+        k: v if base[k].dtype.is_floating_point else np.zeros(v.shape, np.int64) for k, v in delta.items()
+    }
+    for encoding in ("fp32", "fp16", "int8"):
+        blob = encode_state(delta, encoding)
+        floats, ints = layout.fill(iter_state(blob))
+        want = layout.flatten({k: torch.from_numpy(v) for k, v in decode_state(blob).items()})
+        assert torch.equal(floats, want[0]) and torch.equal(ints, want[1])
+    key = next(iter(delta))
+    items = list(delta.items())
+    bad = {
+        "keys missing": items[1:],
+        "unexpected key": [*items, ("extra", np.zeros(1, np.float32))],
+        "given twice": [*items, items[0]],
+        "has shape": [(key, delta[key].reshape(-1)), *items[1:]],
+        "has dtype": [(key, delta[key].astype(np.int64)), *items[1:]],
+    }
+    for reason, case in bad.items():
+        with pytest.raises(LayoutError, match=reason):
+            layout.fill(iter(case))

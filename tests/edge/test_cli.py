@@ -59,4 +59,4 @@ def test_bad_data_folder_is_a_clear_error(tmp_path):
         app, ["evaluate", "--data", str(tmp_path), "--model", str(tmp_path / "m.safetensors")]
     )
     assert result.exit_code != 0
-    assert "checkpoint not found" in result.output
+    assert "model not found" in result.output

@@ -82,7 +82,7 @@ def run_dir(tmp_path) -> Path:
     journal.check_identity(cfg.identity())
     for r in (0, 1):
         torch.manual_seed(r)
-        journal.save_global(r, shared_state(build_model(cfg.model, 1)), {"round": str(r)})
+        journal.save_global(r, shared_state(build_model(cfg.model, 1)), cfg.model, cfg.input)
     return tmp_path / "cloud"
 
 

@@ -1,0 +1,79 @@
+"""Chunk requests through a real mosquitto: answered, coalesced, rate-limited per requester, and one blob
+per interval at most even when a flood forges a new requester name in every request."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from protocol.chunks import parse_chunk
+from protocol.mqtt import Endpoint
+from protocol.resend import ChunkResender
+from protocol.topics import Topics
+from tests.protocol.test_transport import _wait
+
+BLOB_ID = "ab" * 16
+CHUNK = 1024
+BLOB = os.urandom(10 * CHUNK)
+
+
+def _request(requester: str, indices: list[int], blob_id: str = BLOB_ID) -> bytes:
+    doc = {
+        "schema_version": 1,
+        "kind": "resend",
+        "requester": requester,
+        "blob_id": blob_id,
+        "indices": indices,
+    }
+    return json.dumps(doc).encode()
+
+
+def test_requests_are_answered_coalesced_and_bounded_under_a_forged_flood(mosquitto_url):
+    topics = Topics("resend")
+    got: list[int] = []
+    asked: list[str] = []
+
+    def chunks_for(req):
+        asked.append(req.requester)
+        return 10 if req.blob_id == BLOB_ID else None
+
+    server = Endpoint(mosquitto_url, topics, "srv", "aggregator", announce=False)
+    resender = ChunkResender(server, topics.global_chunks, CHUNK, chunks_for, lambda b: BLOB, 1.0, "blob")
+    server.handlers[topics.global_resend] = resender.on_request
+    client = Endpoint(
+        mosquitto_url,
+        topics,
+        "cli",
+        "site",
+        {topics.global_chunks: lambda t, p: got.append(parse_chunk(p)[0].index)},
+        announce=False,
+    )
+    server.start()
+    client.start()
+    resender.start()
+    try:
+        assert _wait(lambda: server.connected.is_set() and client.connected.is_set())
+        client.publish(topics.global_resend, _request("site-a", [3, 4]))
+        assert _wait(lambda: sorted(got) == [3, 4])
+        client.publish(topics.global_resend, _request("site-a", [5]))  # same requester within 1 s: dropped
+        client.publish(topics.global_resend, _request("site-b", [9], blob_id="cd" * 16))  # not served
+        time.sleep(1.5)
+        assert sorted(got) == [3, 4]
+        # a flood with a forged requester in every request: every chunk, 300 times, within ~1 s
+        start = time.monotonic()
+        for i in range(300):
+            client.client.publish(topics.global_resend, _request(f"forged-{i}", list(range(10))), qos=0)
+        assert _wait(lambda: len(asked) >= 302)  # the message thread kept up with the flood
+        handled_in = time.monotonic() - start
+        time.sleep(2.5)
+        flood_chunks = len(got) - 2
+        elapsed = time.monotonic() - start
+        # one blob per started interval at most, whatever the number of requesters
+        assert 10 <= flood_chunks <= 10 * (int(elapsed / 1.0) + 1), (flood_chunks, elapsed)
+        assert handled_in < 10
+        assert resender.published == len(got)
+    finally:
+        resender.stop()
+        client.stop()
+        server.stop()

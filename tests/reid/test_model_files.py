@@ -1,0 +1,133 @@
+"""One model file for every producer and every consumer: what `edge-agent train`, `cloud-aggregator
+simulate` and `serve` write is read by `edge-agent evaluate`, `cloud-aggregator export --model` and
+`--pretrained`, given as the file or as the producer's output folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cloud.cli import app as cloud_app
+from cloud.server import Aggregator, ServeConfig
+from edge.cli import app as edge_app
+from reid.data import InputSpec
+from reid.model import ModelError, ModelSpec, build_model
+from reid.weights import find_model, load_checkpoint
+
+runner = CliRunner()
+SIZE = ["--height", "64", "--width", "32"]
+
+
+def _train(site: Path, out: Path) -> Path:
+    args = [
+        "train",
+        "--data",
+        str(site),
+        "--arch",
+        "resnet18",
+        *SIZE,
+        "--batch-size",
+        "16",
+        "--out",
+        str(out),
+    ]
+    result = runner.invoke(edge_app, [*args, "--eval-every", "0"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _simulate(sites: Path, out: Path) -> Path:
+    args = [
+        "simulate",
+        "--data",
+        str(sites),
+        "--out",
+        str(out),
+        "--rounds",
+        "1",
+        "--arch",
+        "resnet18",
+        *SIZE,
+        "--batch-size",
+        "16",
+    ]
+    result = runner.invoke(cloud_app, [*args, "--algorithm", "fedpav", "--transport", "none"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _serve(out: Path) -> Path:
+    """The aggregator writes its initial global model on start, with the code it uses after every round."""
+    cfg = ServeConfig(
+        federation="files",
+        state_dir=out,
+        model=ModelSpec(arch="resnet18"),
+        input=InputSpec(height=64, width=32),
+    )
+    Aggregator(cfg, "mqtt://127.0.0.1:1")  # not started: no broker needed
+    return out
+
+
+@pytest.fixture(scope="module")
+def produced(tiny_federation, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("producers")
+    sites = tiny_federation / "sites"
+    return {
+        "train": _train(sites / "site01", root / "train"),
+        "simulate": _simulate(sites, root / "simulate"),
+        "serve": _serve(root / "serve"),
+    }
+
+
+def _file(producer: str, folder: Path) -> Path:
+    if producer == "serve":
+        return folder / "files" / "rounds" / "-0001" / "global.safetensors"
+    return folder / "model.safetensors"
+
+
+@pytest.mark.parametrize("producer", ["train", "simulate", "serve"])
+def test_every_consumer_reads_every_producer(produced, producer, tiny_federation, tmp_path):
+    folder = produced[producer]
+    file = _file(producer, folder)
+    assert find_model(folder) == file  # the folder means its model
+    ckpt = load_checkpoint(file)
+    weights = load_file(str(file))
+    assert ckpt.input_spec == InputSpec(height=64, width=32) and ckpt.model.spec.arch == "resnet18"
+    for key, value in ckpt.model.state_dict().items():
+        if key in weights:
+            assert torch.equal(value, weights[key]), key
+    site = tiny_federation / "sites" / "site00"
+    for given in (file, folder):  # evaluate
+        result = runner.invoke(edge_app, ["evaluate", "--data", str(site), "--model", str(given)])
+        assert result.exit_code == 0, result.output
+        assert "rank-1" in result.output
+    # --pretrained: the trunk of a new model is the producer's trunk
+    model = build_model(ModelSpec(arch="resnet18"), 3, pretrained=folder)
+    trunk = {k: v for k, v in weights.items() if k.startswith("backbone.trunk.")}
+    assert trunk and all(torch.equal(model.state_dict()[k], v) for k, v in trunk.items())
+    # export --model: an ONNX model that passed the parity gate, versioned by its round when known
+    onnx = tmp_path / "m.onnx"
+    images = site / "query"
+    result = runner.invoke(
+        cloud_app, ["export", "--model", str(file), "--images", str(images), "--out", str(onnx)]
+    )
+    assert result.exit_code == 0, result.output
+    assert onnx.is_file() and "parity" in result.output
+    # extract runs exported models only, and says how to get one
+    result = runner.invoke(edge_app, ["extract", "--model", str(file), "--images", str(images)])
+    said = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code != 0 and "cloud-aggregator export --model" in said
+
+
+def test_what_is_not_a_model_says_so(produced, tmp_path):
+    resume = produced["simulate"] / "checkpoint.safetensors"
+    with pytest.raises(ModelError, match="resume state; its model is"):
+        load_checkpoint(resume)
+    with pytest.raises(ModelError, match="a folder without a model"):
+        find_model(tmp_path)
+    with pytest.raises(ModelError, match="model not found"):
+        find_model(tmp_path / "missing")
