@@ -44,7 +44,8 @@ bench: setup
 	$(BIN)/python bench/aggregate.py --repeats 3
 	$(BIN)/python bench/train_loop.py --images 160 --repeats 3
 	$(BIN)/python bench/transfer.py --mb 50 --repeats 2
-	$(BIN)/python bench/round.py --rounds 2
+	$(BIN)/python bench/round.py --rounds 2 --memory-sites 2 8
+	$(BIN)/python bench/floods.py --seconds 4 --probes 20
 	$(BIN)/python bench/inference.py --quick
 	$(BIN)/python bench/encodings.py --quick
 

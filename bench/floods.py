@@ -5,7 +5,10 @@
 A real aggregator (ResNet-18 at 128x64: a 45 MB global model) runs a round on a private mosquitto.
 One honest site sends probes: a status document with a new counter, timed from its publish until the
 aggregator has recorded it (the same message thread handles every topic). Each probe is measured with no
-flood, then during each flood from a second client publishing as fast as it can (QoS 0):
+flood, then during each flood from a second client, in its own process, publishing `--rate` messages
+per second (QoS 0; about what a site's 10 Mbit/s uplink carries in small messages; above the rate at
+which the aggregator's MQTT client reads messages, any subscriber falls behind at the broker, which
+mosquitto cannot rate-limit: see docs/security.md):
 
 * ``status``: valid status documents of another site;
 * ``global/resend``: requests for every chunk of the global model, each with a new forged requester;
@@ -20,11 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
+import os
 import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -53,6 +57,22 @@ def _status(site: str, counter: int) -> bytes:
     return json.dumps({**doc, "time": 0, "round": counter}).encode()
 
 
+def pour(url: str, topic: str, payloads: list[bytes], rate: float, stop, sent) -> None:
+    """The attacker, in its own process (so that it competes for the broker and the CPU, not for the
+    aggregator's interpreter lock): publishes `payloads` round-robin at QoS 0, `rate` per second."""
+    client = _client(url, f"attacker-{os.getpid()}")
+    n, start = 0, time.monotonic()
+    while not stop.is_set():
+        client.publish(topic, payloads[n % len(payloads)], qos=0)
+        n += 1
+        if n % 100 == 0:
+            sent.value = n
+            time.sleep(max(0.0005, start + n / rate - time.monotonic()))
+    sent.value = n
+    client.loop_stop()
+    client.disconnect()
+
+
 def probe_latencies(
     agg: Aggregator, client: paho.Client, topics: Topics, probes: int, first: int
 ) -> list[float]:
@@ -67,7 +87,7 @@ def probe_latencies(
     return out
 
 
-def run(seconds: float, probes: int) -> dict:
+def run(seconds: float, probes: int, rate: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp, LocalBroker() as broker:
         topics = Topics("floods")
         cfg = ServeConfig(
@@ -95,54 +115,45 @@ def run(seconds: float, probes: int) -> dict:
         time.sleep(1.0)
         every = list(range(cur.blob_ref.chunks))
 
-        def forged_request(i: int) -> bytes:
-            doc = {"schema_version": 1, "kind": "resend", "blob_id": cur.blob_ref.blob_id, "indices": every}
-            return json.dumps({**doc, "requester": f"forged-{i}"}).encode()
+        request = {"schema_version": 1, "kind": "resend", "blob_id": cur.blob_ref.blob_id, "indices": every}
+        forged = [json.dumps({**request, "requester": f"forged-{i}"}).encode() for i in range(1000)]
 
         huge = blob_ref(b"x" * 4096, 1024).model_copy(update={"size": 50 << 30, "chunks": 51_200})
         manifest = encode_message(
             UpdateManifest(site="b", round=0, base_hash=cur.base_hash, blob=huge, n_samples=1, cdw=0.5,
                            loss=1.0, train_seconds=1.0)
         )  # fmt: skip
-        floods: dict[str, tuple[str, Callable[[int], bytes]] | None] = {
+        floods: dict[str, tuple[str, list[bytes]] | None] = {
             "quiet": None,
-            "status": (topics.status("b"), lambda i: _status("b", i)),
-            "global/resend": (topics.global_resend, forged_request),
-            "deploy/resend": (topics.deploy_resend, forged_request),
-            "manifests": (topics.site("b", "update"), lambda i: manifest),
+            "status": (topics.status("b"), [_status("b", i) for i in range(1000)]),
+            "global/resend": (topics.global_resend, forged),
+            "deploy/resend": (topics.deploy_resend, forged),
+            "manifests": (topics.site("b", "update"), [manifest]),
         }
         results: dict[str, dict] = {}
         counter = 1
+        spawn = mp.get_context("spawn")
         for name, flood in floods.items():
-            stop = threading.Event()
-            sent = {"n": 0}
-            attacker = _client(broker.url, f"attacker-{name.replace('/', '-')}")
-
-            def pour(flood=flood, stop=stop, sent=sent, attacker=attacker) -> None:
-                while flood is not None and not stop.is_set():
-                    topic, make = flood
-                    attacker.publish(topic, make(sent["n"]), qos=0)
-                    sent["n"] += 1
-                    if sent["n"] % 200 == 0:
-                        time.sleep(0.001)  # let paho's network thread drain its queue
-
+            stop, sent = spawn.Event(), spawn.Value("q", 0)
             before = published["bytes"]
-            pourer = threading.Thread(target=pour, daemon=True)
-            pourer.start()
+            pourer = None
+            if flood is not None:
+                args = (broker.url, *flood, rate, stop, sent)
+                pourer = spawn.Process(target=pour, args=args, daemon=True)
+                pourer.start()
+                time.sleep(1.5)  # the attacker process is up and pouring
             start = time.monotonic()
-            time.sleep(0.5 if flood else 0)
             lat = probe_latencies(agg, honest, topics, probes, counter)
             counter += probes
             while time.monotonic() - start < seconds and flood is not None:
                 time.sleep(0.1)
             stop.set()
-            pourer.join()
+            if pourer is not None:
+                pourer.join(timeout=30)
             elapsed = time.monotonic() - start
-            attacker.loop_stop()
-            attacker.disconnect()
             time.sleep(2.5)  # let a resend in flight finish before the next case
             results[name] = {
-                "flood_messages": sent["n"],
+                "flood_messages": sent.value,
                 "flood_seconds": elapsed,
                 "median_ms": 1000 * statistics.median(lat),
                 "p95_ms": 1000 * sorted(lat)[int(0.95 * (len(lat) - 1))],
@@ -164,9 +175,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each flood")
     parser.add_argument("--probes", type=int, default=40)
+    parser.add_argument("--rate", type=float, default=2000, help="flood messages per second")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "floods.json")
     args = parser.parse_args()
-    results = run(args.seconds, args.probes)
+    results = run(args.seconds, args.probes, args.rate)
     for name, row in results.items():
         rate = row["flood_messages"] / row["flood_seconds"] if row["flood_messages"] else 0
         print(

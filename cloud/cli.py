@@ -99,14 +99,18 @@ def synthesize(
 
 
 def _site_dirs(sites_dir: Path) -> list[Path]:
+    if not sites_dir.is_dir():
+        raise typer.BadParameter(f"folder not found: {sites_dir}", param_hint="--data")
     dirs = sorted(p for p in sites_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not dirs:
-        raise typer.BadParameter(f"no site folders in {sites_dir}", param_hint="--sites")
+        raise typer.BadParameter(
+            f"no site folders in {sites_dir} (expected one data set folder per site)", param_hint="--data"
+        )
     return dirs
 
 
 def _final_rows(records: list[dict]) -> list[dict[str, object]]:
-    evals = [r for r in records if "model" in r]
+    evals = [r for r in records if "model" in r and "rank1" in r]  # (not sites without valid queries)
     if not evals:
         return []
     last = max(r["round"] for r in evals)
@@ -276,6 +280,12 @@ def serve(
     height: int = typer.Option(None, help="input.height"),
     width: int = typer.Option(None, help="input.width"),
     local_epochs: int = typer.Option(None, min=1),
+    batch_size: int = typer.Option(None, min=2, help="the sites' training batch size"),
+    lr_head: float = typer.Option(None, help="the sites' classifier learning rate (default 0.02)"),
+    lr_backbone: float = typer.Option(
+        None, help="the sites' backbone learning rate (default 0.02; the paper's 0.005 with --pretrained)"
+    ),
+    pretrained: str = typer.Option(None, help="initial backbone: local ImageNet weights or a model file"),
     bn: str = typer.Option(None, help="strategy.bn: first, average or local"),
     weighting: str = typer.Option(None, help="strategy.weighting: fedpav, cdw or cdw_x_size"),
     kd: bool = typer.Option(None, "--kd/--no-kd"),
@@ -297,6 +307,10 @@ def serve(
         "input.height": height,
         "input.width": width,
         "local_epochs": local_epochs,
+        "batch_size": batch_size,
+        "lr_head": lr_head,
+        "lr_backbone": lr_backbone,
+        "pretrained": pretrained,
         "strategy.bn": bn,
         "strategy.weighting": weighting,
         "kd_enabled": kd,
@@ -408,9 +422,22 @@ def _live_status(
         url, topics, f"status-{os.getpid()}", "observer", handlers, announce=False, identity_dir=identity_dir
     )
     endpoint.start()
+    if not endpoint.connected.is_set():
+        endpoint.stop()
+        fail(out, no_broker(url, identity_dir))
     time.sleep(seconds)
     endpoint.stop()
     return seen
+
+
+def no_broker(url: str, identity_dir: Path | None) -> str:
+    """Why a connection may have failed, pointing at the likely cause."""
+    if identity_dir is None:
+        return (
+            f"could not connect to {url}: nothing listens there, or it is a provisioned broker (mutual TLS), "
+            "which needs mqtts://host:port and --identity-dir with a provisioned folder"
+        )
+    return f"could not connect to {url} with the identity in {identity_dir} (wrong host/port, or revoked)"
 
 
 @app.command()
@@ -519,7 +546,7 @@ def deploy(
     source.start()
     try:
         if not endpoint.connected.wait(15):
-            fail(out, f"no broker at {broker}")
+            fail(out, no_broker(broker, identity_dir))
         manifest = deploy_round(
             endpoint,
             root,

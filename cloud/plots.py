@@ -24,7 +24,7 @@ def site_curves(records: list[dict], model: str) -> dict[str, dict[str, list[tup
         "mAP": defaultdict(list),
     }
     for rec in records:
-        if rec.get("model") == model:
+        if rec.get("model") == model and "rank1" in rec:  # (a site without valid queries has no score)
             for metric in curves:
                 curves[metric][rec["site"]].append((rec["round"] + 1, rec[metric]))
     return curves

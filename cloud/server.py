@@ -78,34 +78,53 @@ class ServeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    federation: str = "default"
-    broker: str = "auto"
+    federation: str = Field("default", description="federation name: the topic root fedreid/v1/<federation>/")
+    broker: str = Field("auto", description="auto (a private local mosquitto) or mqtt(s)://host:port")
     identity_dir: Path | None = Field(None, description="provisioned identity (mutual TLS with mqtts://)")
-    state_dir: Path = Path("state/cloud")
-    rounds: int = Field(10, ge=1)
+    state_dir: Path = Field(
+        Path("state/cloud"), description="checkpoints, journal and metrics (resumes from here)"
+    )
+    rounds: int = Field(
+        10, ge=1, description="rounds to run (a finished run can be extended by raising this)"
+    )
     min_sites: int = Field(1, ge=1, description="sites needed online to start a round")
     fraction: float = Field(1.0, gt=0, le=1, description="fraction of online sites selected per round")
     deadline_s: float = Field(600.0, gt=0, description="collection time per round")
     quorum: int = Field(1, ge=1, description="accepted updates needed to close a round at its deadline")
     max_extensions: int = Field(3, ge=0, description="deadline extensions without quorum before a restart")
     transfer_idle_s: float = Field(5.0, gt=0, description="re-request missing chunks after this idle time")
-    wait_for_sites_s: float = Field(3600.0, gt=0)
+    wait_for_sites_s: float = Field(
+        3600.0, gt=0, description="how long to wait for min_sites online before giving up"
+    )
     eval_every: int = Field(1, ge=1, description="sites evaluate the global model every N rounds")
-    seed: int = 0
+    seed: int = Field(0, description="seeds the initial model and the per-round site selection")
     model: ModelSpec = ModelSpec()
     input: InputSpec = InputSpec()
-    pretrained: str | None = None
-    local_epochs: int = Field(1, ge=1)
-    batch_size: int = Field(32, ge=2)
-    lr_head: float = 0.05
-    lr_backbone: float = 0.005
+    pretrained: str | None = Field(
+        None,
+        description="initial backbone: local ImageNet weights or a FedReID model file (never downloaded)",
+    )
+    local_epochs: int = Field(1, ge=1, description="local epochs per round at each site")
+    batch_size: int = Field(
+        32, ge=2, description="the sites' training batch size (a smaller site trains with one smaller batch)"
+    )
+    lr_head: float = Field(
+        0.02, gt=0, description="0.02/0.02 train from scratch; the paper's 0.05/0.005 suit a pretrained start"
+    )
+    lr_backbone: float = Field(0.02, gt=0, description="the sites' backbone learning rate")
     strategy: StrategyConfig = StrategyConfig()
     kd: KDConfig = KDConfig()
-    kd_enabled: bool = False
-    public: Path | None = None
-    upload_encoding: Encoding = "fp16"
-    upload_compressed: bool = False
-    chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20)
+    kd_enabled: bool = Field(
+        False, description="server-side knowledge distillation on `public` after aggregation"
+    )
+    public: Path | None = Field(
+        None, description="public unlabeled images for KD (and parity images for deployments)"
+    )
+    upload_encoding: Encoding = Field("fp16", description="delta encoding the sites use: fp32, fp16 or int8")
+    upload_compressed: bool = Field(False, description="zstd on the sites' delta blobs")
+    chunk_bytes: int = Field(
+        DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20, description="chunk size of the global model's blob"
+    )
     max_update_bytes: int = Field(1 << 30, ge=1024, description="also capped by the model's own size")
     admission: AdmissionConfig = AdmissionConfig()
     keep_checkpoints: int = Field(5, ge=1, description="newest global checkpoints kept in the state dir")
@@ -118,7 +137,9 @@ class ServeConfig(BaseModel):
     deploy_every: int = Field(
         0, ge=0, description="export and deploy the global model every N rounds; 0: off"
     )
-    deploy_precision: Literal["fp32", "fp16"] = "fp32"
+    deploy_precision: Literal["fp32", "fp16"] = Field(
+        "fp32", description="precision of deployed ONNX models: fp32 or fp16"
+    )
     deploy_images: Path | None = Field(None, description="parity-gate images to deploy (default: public)")
 
     def identity(self) -> dict:
@@ -789,7 +810,8 @@ class Aggregator:
             self.endpoint.set_state("idle", self.completed)
             log.info("run complete: %d rounds", self.cfg.rounds)
         except Stopped:
-            log.info("stopped after round %d; start again on the same state dir to resume", self.completed)
+            done = f"after round {self.completed}" if self.completed >= 0 else "before the first round closed"
+            log.info("stopped %s; start again on the same state dir to resume", done)
         except StateDirError as err:
             self._fail(err)
         finally:

@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file, save_file
 
 from edge.deployment import Deployments
+from protocol.broker import parse_url
 from protocol.chunks import DEFAULT_CHUNK_BYTES, ChunkError, Reassembler, blob_ref, parse_chunk
 from protocol.codec import CodecError, Encoding, decode_state, encode_state
 from protocol.messages import (
@@ -81,24 +82,29 @@ class AgentConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    site: str
-    data: Path
-    federation: str = "default"
-    broker: str = "mqtt://127.0.0.1:1883"
+    site: str = Field(description="this site's id (A-Z a-z 0-9 _ . -; its certificate's CN when provisioned)")
+    data: Path = Field(description="the site's data set folder (any supported layout)")
+    federation: str = Field("default", description="federation name (the aggregator's)")
+    broker: str = Field("mqtt://127.0.0.1:1883", description="mqtt://host:port or mqtts://host:port")
     identity_dir: Path | None = Field(None, description="provisioned identity (mutual TLS with mqtts://)")
-    state_dir: Path = Path("state/edge")
-    device: str = "auto"
-    workers: int = Field(0, ge=0)
-    transfer_idle_s: float = Field(5.0, gt=0)
-    chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20)
+    state_dir: Path = Field(
+        Path("state/edge"),
+        description="classifier, progress, pending upload and deployed models of this site",
+    )
+    device: str = Field("auto", description="auto (CUDA when present), cpu or cuda")
+    workers: int = Field(0, ge=0, description="data loader worker processes")
+    transfer_idle_s: float = Field(
+        5.0, gt=0, description="re-request missing global chunks after this idle time"
+    )
+    chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20, description="chunk size of uploads")
     exit_when_done: bool = Field(False, description="stop when the aggregator announces the end of the run")
     local_epochs: int | None = Field(None, ge=1, description="override the round's local epochs")
     evaluate: Literal["round", "always", "never"] = Field(
         "round", description="when to evaluate the global model"
     )
     upload_encoding: Encoding | None = Field(None, description="override the round's delta encoding")
-    upload_compressed: bool | None = None
-    seed: int = 0
+    upload_compressed: bool | None = Field(None, description="override the round's zstd setting")
+    seed: int = Field(0, description="seeds local training")
     deploy_int8: bool = Field(False, description="quantise deployed models to int8 on this site's images")
     int8_max_drop: float = Field(1.0, ge=0, description="rank-1/mAP points int8 may lose, else fp32 serves")
     deploy_engine: bool = Field(False, description="build a TensorRT engine for deployed models (GPU sites)")
@@ -106,6 +112,19 @@ class AgentConfig(BaseModel):
         DPConfig(), description="differential privacy on the uploaded delta (off by default)"
     )
     deploy_drain_s: float = Field(60.0, ge=0, description="on exit, let a deployment in progress finish")
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        parse_url(value)  # ValueError: "broker URL must be mqtt://host[:port] ..."
+        return value
+
+    @field_validator("data")
+    @classmethod
+    def _data_folder(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"data folder not found: {value}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -140,6 +159,7 @@ class Agent:
         self.fetch: Fetch | None = None
         self.jobs: queue.Queue[tuple[RoundStart, bytes, float] | None] = queue.Queue()
         self.done = threading.Event()
+        self.stopping = threading.Event()
         self.site_data: SiteData | None = None
         self.progress = self._load_progress()
         self.upload = self._load_pending()
@@ -384,7 +404,8 @@ class Agent:
             metrics = {
                 k: round(v, 4) for k, v in site.evaluate(model.to(self.device), self.device).summary().items()
             }
-            log.info("global model on local data: rank-1 %.1f, mAP %.1f", metrics["rank1"], metrics["mAP"])
+            if "rank1" in metrics:
+                log.info("global model here: rank-1 %.1f, mAP %.1f", metrics["rank1"], metrics["mAP"])
         t = start.training
         config = TrainConfig(
             epochs=self.cfg.local_epochs or t.local_epochs,
@@ -499,6 +520,10 @@ class Agent:
         log.info("asking the aggregator to resend %d chunks of the global model", len(missing))
         self.endpoint.publish(self.topics.global_resend, encode_message(req))
 
+    def stop(self) -> None:
+        """Ask `run()` to return (from a signal handler or another thread)."""
+        self.stopping.set()
+
     def run(self) -> None:
         trainer = threading.Thread(target=self._trainer, name="trainer", daemon=True)
         trainer.start()
@@ -506,11 +531,13 @@ class Agent:
         with log_context(site=self.cfg.site):
             log.info("site %s up: %s, state in %s", self.cfg.site, self.cfg.data, self.dir)
             try:
-                while not self.done.wait(0.5):
+                while not self.done.wait(0.5) and not self.stopping.is_set():
                     self._request_missing()
                     self.deployments.poll(self.cfg.transfer_idle_s)
+                if self.stopping.is_set():
+                    log.info("stopping (signal); a pending update stays on disk and is sent after a restart")
             except KeyboardInterrupt:
-                log.info("stopping")
+                log.info("stopping (Ctrl-C); a pending update stays on disk and is sent after a restart")
             finally:
                 self.jobs.put(None)
                 trainer.join(timeout=1 if not self.done.is_set() else 600)

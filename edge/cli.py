@@ -4,6 +4,7 @@ the inference commands live in `edge.inference_commands`)."""
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 import typer
@@ -45,10 +46,10 @@ def _metric_row(stage: str, metrics, **extra: object) -> dict[str, object]:
     return {
         "stage": stage,
         **extra,
-        "rank-1": s["rank1"],
-        "rank-5": s.get("rank5", float("nan")),
-        "mAP": s["mAP"],
-        "mINP": s["mINP"],
+        "rank-1": s.get("rank1", "-"),
+        "rank-5": s.get("rank5", "-"),
+        "mAP": s.get("mAP", "-"),
+        "mINP": s.get("mINP", "-"),
         "queries": int(s["valid_queries"]),
     }
 
@@ -204,7 +205,9 @@ def start(
     except ConfigError as err:
         raise typer.BadParameter(str(err)) from None
     with log_context(site=cfg.site):
-        Agent(cfg).run()
+        agent = Agent(cfg)
+        signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+        agent.run()
 
 
 app.command()(inference_commands.extract)

@@ -2,8 +2,9 @@
 
 * a retained status document and a last will (``offline``) on ``status/<node>``;
 * subscriptions made in ``on_connect`` (they survive reconnects), automatic reconnect with back-off;
-* the network thread only queues incoming messages; handlers run on one worker thread, and an
-  exception in a handler is logged in one line and never stops the endpoint;
+* the network thread only queues incoming messages (`protocol.inbox`: a flood of one topic cannot bury
+  the others); handlers run on one worker thread, and an exception in a handler is logged in one line
+  and never stops the endpoint;
 * a retained message on a topic that is never retained (anything but status, round and deploy) is
   dropped; the aggregator also clears it, so a restarted node never receives it again;
 * with signing, the keyring file is re-read when it changes (a revoked identity is refused at once),
@@ -14,7 +15,6 @@
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -26,6 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from protocol.broker import parse_url
 from protocol.chunks import DEFAULT_CHUNK_BYTES, split_blob
+from protocol.inbox import Inbox
 from protocol.messages import NodeStatus, encode_message
 from protocol.signing import Keyring, SignatureError, Signer, is_chunk_topic
 from protocol.topics import Topics
@@ -92,7 +93,7 @@ class Endpoint:
         self.keepalive = keepalive
         self.connected = threading.Event()
         self.on_connected: Callable[[], None] | None = None  # after every (re)connect; must not block
-        self.inbox: queue.Queue[tuple[str, bytes, bool] | None] = queue.Queue()
+        self.inbox = Inbox(topics)
         self.signer_of_message: str | None = None  # who signed the message being handled (worker thread)
         self._keyring_mtime = self._keyring_stamp(identity_dir)
         self._identity_dir = identity_dir
@@ -136,7 +137,7 @@ class Endpoint:
             log.warning("disconnected from the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, message) -> None:
-        self.inbox.put((message.topic, message.payload, bool(message.retain)))
+        self.inbox.put(message.topic, message.payload, bool(message.retain))
 
     # -- worker ---------------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -206,7 +207,7 @@ class Endpoint:
             ).wait_for_publish(5)
         self.client.disconnect()
         self.client.loop_stop()
-        self.inbox.put(None)
+        self.inbox.close()
         self.worker.join(timeout=10)
 
     def set_state(self, state: str, round_: int | None = None, reason: str = "") -> None:

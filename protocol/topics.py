@@ -80,6 +80,19 @@ class Topics:
             topic.startswith(self.root + "/status/") and topic.count("/") == self.root.count("/") + 2
         )
 
+    def is_state(self, topic: str) -> bool:
+        """Topics whose newest message supersedes the older ones: what may be retained, and a site's
+        update manifest (a site has at most one update pending)."""
+        return self.may_be_retained(topic) or (
+            topic.startswith(self.root + "/sites/")
+            and topic.endswith("/update")
+            and topic.count("/") == self.root.count("/") + 3
+        )
+
+    def is_request(self, topic: str) -> bool:
+        """The resend topics (ChunkRequest): cheap to drop, the requester asks again."""
+        return topic.startswith(self.root + "/") and topic.endswith("/resend")
+
     def site(self, site: str, leaf: str) -> str:
         return f"{self.root}/sites/{check_name(site, 'site')}/{leaf}"
 

@@ -58,3 +58,19 @@ def load_config(model: type[M], path: Path | None, overrides: dict[str, Any]) ->
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"{source}: {where}: {first['msg']}") from None
+
+
+def keys_table(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Markdown rows `| key | default | meaning |` of every key of a config model, nested tables as
+    dotted keys (docs/operations.md lists these; a test keeps the two in step)."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = prefix + name
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(keys_table(annotation, key + "."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        shown = "(required)" if field.is_required() else f"`{default}`" if default is not None else "-"
+        rows.append(f"| `{key}` | {shown} | {(field.description or '').replace('|', '/')} |")
+    return rows

@@ -45,7 +45,10 @@ class Metrics:
         return float(self.cmc[k - 1])
 
     def summary(self) -> dict[str, float]:
-        """rank-1/5/10, mAP and mINP in percent, plus the valid-query count."""
+        """rank-1/5/10, mAP and mINP in percent, plus the valid-query count (only the count when no query
+        has a true match on another camera: there is nothing to score, which is not a score of 0)."""
+        if self.num_valid == 0:
+            return {"valid_queries": 0.0}
         out = {f"rank{k}": 100 * self.rank(k) for k in (1, 5, 10) if k <= len(self.cmc)}
         out.update(mAP=100 * self.mAP, mINP=100 * self.mINP, valid_queries=float(self.num_valid))
         return out
@@ -83,8 +86,9 @@ class _Accumulator:
         self.inps.append(n_good / np.where(good, position, 0).max(axis=1))
 
     def result(self, num_query: int, denominator: str) -> Metrics:
-        if not self.first_hits:
-            raise ValueError("no query has a true match in the gallery on another camera")
+        if not self.first_hits:  # e.g. a site split by camera: no cross-camera match to find
+            nan = float("nan")
+            return Metrics(np.full(self.max_rank, nan), nan, nan, 0, num_query)
         first = np.concatenate(self.first_hits)
         counts = np.bincount(np.minimum(first, self.max_rank + 1) - 1, minlength=self.max_rank + 1)
         num_valid = len(first)
@@ -167,7 +171,8 @@ def extract_features(
     flip: bool = True,
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, np.ndarray]:
-    """L2-normalised embeddings (sum of the image and its horizontal flip), eval mode, on CPU.
+    """L2-normalised embeddings (with `flip`: of the sum of the normalised features of the image and its
+    mirror, exactly what `edge-agent extract --flip` computes with the exported model), eval mode, on CPU.
 
     Returns the features and the dataset indices they belong to (corrupt images are skipped).
     """
@@ -181,10 +186,10 @@ def extract_features(
         if len(batch) == 0:
             continue
         x = batch.images.to(device, non_blocking=True)
-        f = model.embed(x)
-        if flip:
-            f = f + model.embed(torch.flip(x, dims=[3]))
-        feats.append(torch.nn.functional.normalize(f.float(), dim=1).cpu())
+        f = torch.nn.functional.normalize(model.embed(x).float(), dim=1)
+        if flip:  # as the exported model at the camera: normalised features of both, summed
+            f = f + torch.nn.functional.normalize(model.embed(torch.flip(x, dims=[3])).float(), dim=1)
+        feats.append(torch.nn.functional.normalize(f, dim=1).cpu())
         indices.append(batch.indices.numpy())
     model.train(was_training)
     if not feats:

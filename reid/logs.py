@@ -47,6 +47,18 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+QUIET_LIBRARIES = (
+    "onnxscript",
+    "onnx_ir",
+    "onnxruntime",
+    "torch.onnx",
+    "torch._dynamo",
+    "paho",
+    "amqtt",
+    "PIL",
+)
+
+
 def configure_logging(level: str | int = "INFO") -> None:
     """Idempotent: one handler on the root logger with the site/round format."""
     root = logging.getLogger()
@@ -58,6 +70,8 @@ def configure_logging(level: str | int = "INFO") -> None:
     handler.setFormatter(logging.Formatter(FORMAT))
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    for chatty in QUIET_LIBRARIES:  # their INFO lines (ONNX rewrites, HTTP, ...) are not ours to show
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
         # `kill -USR1 <pid>` prints every thread's stack (for a stuck process); needs a real stderr
         with contextlib.suppress(AttributeError, OSError, ValueError):

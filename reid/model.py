@@ -33,10 +33,12 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    arch: Arch = "resnet50"
-    embed_dim: int = Field(512, gt=0)
-    last_stride: Literal[1, 2] = 2
-    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    arch: Arch = Field("resnet50", description="backbone: resnet18/34/50, mobilenet_v3_small/large")
+    embed_dim: int = Field(512, gt=0, description="embedding size (the retrieval feature)")
+    last_stride: Literal[1, 2] = Field(
+        2, description="stride of the last ResNet stage (1: the ReID trick, 2x larger final map)"
+    )
+    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout before the classifier")
 
 
 class ModelError(ValueError):

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class DPConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="clip and add Gaussian noise to each uploaded delta")
     clip_norm: float = Field(1.0, gt=0, description="C: the delta's L2 norm is clipped to this")
     noise_multiplier: float = Field(1.0, gt=0, description="sigma: noise std is sigma * C")
     delta: float = Field(1e-5, gt=0, lt=1, description="epsilon is reported at this delta")

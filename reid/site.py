@@ -3,6 +3,7 @@ the benchmarks share (read the layout, build loaders, pick the fixed CDW batch, 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from reid.data import (
 )
 from reid.evaluate import Metrics, evaluate_features, extract_features
 from reid.model import ReIDModel
+
+log = logging.getLogger(__name__)
 
 
 class SiteData:
@@ -55,10 +58,16 @@ class SiteData:
         return len(self.splits.train)
 
     def train_loader(self) -> DataLoader:
-        if len(self.splits.train) < self.batch_size:
-            raise ValueError(
-                f"{self.splits.root}: {len(self.splits.train)} training images, fewer than one batch of "
-                f"{self.batch_size}"
+        n = len(self.splits.train)
+        if n < 2:  # BatchNorm cannot train on a batch of one
+            raise ValueError(f"{self.splits.root}: {n} training image(s); training needs at least 2")
+        if n < self.batch_size:
+            log.warning(
+                "%s: %d training images, fewer than one batch of %d: each epoch is one batch of %d",
+                self.splits.root,
+                n,
+                self.batch_size,
+                n,
             )
         dataset = ImageDataset(
             [r.path for r in self.splits.train], train_transform(self.input_spec), self.labels
@@ -97,4 +106,10 @@ class SiteData:
         g = self._features(model, "gallery", device, flip)
         if on_split is not None:
             on_split("gallery")
-        return evaluate_features(q[0], g[0], q[1], g[1], q[2], g[2], max_rank=max_rank)
+        metrics = evaluate_features(q[0], g[0], q[1], g[1], q[2], g[2], max_rank=max_rank)
+        if metrics.num_valid == 0:
+            log.warning(
+                "no valid queries in %s: no query has a true match on another camera; nothing to score",
+                self.splits.root,
+            )
+        return metrics

@@ -52,12 +52,18 @@ class StrategyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    weighting: Weighting = "fedpav"
-    bn: BNPolicy = "average"
-    estimator: Estimator = "mean"
+    weighting: Weighting = Field(
+        "fedpav", description="fedpav (n_k), cdw (cosine distance d_k) or cdw_x_size (n_k d_k)"
+    )
+    bn: BNPolicy = Field(
+        "average", description="BatchNorm layers: average, first (copy one site's) or local (never shared)"
+    )
+    estimator: Estimator = Field("mean", description="mean, median or trimmed_mean of the deltas")
     trim_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="per side, for trimmed_mean")
     clip_norm: float | None = Field(None, gt=0, description="clip each delta to this L2 norm")
-    outlier_rule: OutlierRule = "none"
+    outlier_rule: OutlierRule = Field(
+        "none", description="none, norm, cdw or norm_or_cdw (MAD rule on the round's updates)"
+    )
     mad_threshold: float = Field(3.5, gt=0, description="robust z-score above which an update is rejected")
 
     @property

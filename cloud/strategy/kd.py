@@ -34,12 +34,12 @@ class KDConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     every: int = Field(1, ge=1, description="run KD every N rounds (the original: 10)")
-    epochs: int = Field(1, ge=1)
-    lr: float = Field(5e-4, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
+    epochs: int = Field(1, ge=1, description="passes over the public set per KD run")
+    lr: float = Field(5e-4, gt=0, description="KD learning rate (SGD)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="KD SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="KD weight decay")
     normalize: bool = Field(True, description="L2-normalise each teacher's embeddings (--regularization)")
-    batch_size: int = Field(32, ge=2)
+    batch_size: int = Field(32, ge=2, description="KD batch size")
     max_batches: int | None = Field(None, ge=1, description="stop KD after this many batches")
     max_seconds: float | None = Field(None, gt=0, description="stop KD after this much wall time")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
@@ -28,10 +28,12 @@ class InputSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    height: int = Field(256, ge=16)
-    width: int = Field(128, ge=16)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    height: int = Field(256, ge=16, description="input height in pixels")
+    width: int = Field(128, ge=16, description="input width in pixels")
+    mean: tuple[float, float, float] = Field(
+        IMAGENET_MEAN, description="per-channel normalisation mean (RGB, 0..1 scale)"
+    )
+    std: tuple[float, float, float] = Field(IMAGENET_STD, description="per-channel normalisation std")
     pad: int | None = Field(
         None, ge=0, description="training pad/crop jitter in pixels (None: 10 at 256 high)"
     )
@@ -69,10 +71,11 @@ def eval_transform(spec: InputSpec) -> T.Compose:
 
 
 def open_rgb(path: Path) -> Image.Image | None:
-    """Decode an image as RGB, or None (with one warning line) when it is corrupt or unreadable."""
+    """Decode an image as RGB, upright by its EXIF orientation (phone-made crops), or None (with one
+    warning line) when it is corrupt or unreadable."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return ImageOps.exif_transpose(img).convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError) as err:
         log.warning("skipping corrupt image %s: %s", path, err)
         return None

@@ -298,13 +298,21 @@ def test_bad_input_is_rejected_and_valid_updates_are_kept(tmp_path, mosquitto_ur
         assert _wait(lambda: raw.round is not None)
         zeros = {k: np.zeros_like(v.numpy()) for k, v in agg.global_state.items()}
         good = {k: (v + 0.001).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in zeros.items()}
+
+        def seen(text: str) -> bool:  # a newer manifest of a site supersedes one still waiting (inbox):
+            return _wait(lambda: text in caplog.text or any(text in a["reason"] for a in raw.acks))
+
         raw.publish(topics.site("a", "update"), b"not json")
+        assert seen("not JSON")  # so each hostile manifest of site a is seen before the next
         raw.publish(topics.site("a", "update"), b'{"schema_version": 9, "kind": "update"}')
+        assert seen("schema_version")
         raw.publish(topics.site("a", "chunks"), b"FRC1garbage")
         raw.update("a", good, as_site="b")  # impersonation: manifest says a, topic says b
         raw.update("zz", good)  # unknown (not selected) site
         raw.update("a", good, round=7)  # stale/future round
+        assert seen("stale round")
         raw.update("a", good, base_hash="f" * 64)  # wrong base
+        assert seen("base hash")
         wrong_shape = dict(good, **{"embedding.linear.weight": np.zeros((3, 3), np.float32)})
         raw.update("a", wrong_shape)
         assert _wait(lambda: any(not a["accepted"] and "shape" in a["reason"] for a in raw.acks))
@@ -314,7 +322,9 @@ def test_bad_input_is_rejected_and_valid_updates_are_kept(tmp_path, mosquitto_ur
         # more hostile inputs on every topic the aggregator reads (issue: hostile-input suite)
         raw.publish(topics.site("a", "update"), b"")  # empty
         raw.publish(topics.site("a", "update"), b"[1, 2, 3]")  # JSON, not an object
+        assert seen("not a JSON object")
         raw.publish(topics.site("a", "update"), b'{"schema_version": 1, "pad": "' + b"x" * 300_000 + b'"}')
+        assert seen("exceeds 262144")
         raw.publish(topics.status("a"), b'{"schema_version": 1, "kind": "status", "node": 5}')
         raw.publish(topics.global_resend, b'{"schema_version": 1, "kind": "resend", "indices": "all"}')
         ints = {k: v.astype(np.int32) if v.dtype == np.float32 else v for k, v in good.items()}
