@@ -9,43 +9,18 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
-from cloud.deploy import DeployError, DeploymentSource, deploy_round, load_round, parity_images
-from cloud.journal import Journal, StateDirError
-from cloud.local_federation import run_local_federation
-from cloud.plots import markdown_report, plot_rounds, read_metrics
-from cloud.provision import ProvisionError, Provisioning, mosquitto_conf
-from cloud.server import Aggregator, ServeConfig
-from cloud.simulate import CHECKPOINT, METRICS, MODEL, Algorithm, SimulationConfig, Simulator
-from cloud.strategy import KDConfig, StrategyConfig
-from cloud.strategy.aggregate import BNPolicy, Estimator, OutlierRule, Weighting
-from export.contract import contract_path
-from export.onnx_export import ExportError, export_onnx
-from export.quantize import RetrievalBudget, quantize_int8
-from protocol.broker import BrokerError, LocalBroker, auto_broker, free_port
-from protocol.messages import NodeStatus, RoundStart, parse_message
-from protocol.mqtt import Endpoint
-from protocol.topics import Topics
+from reid.choices import Algorithm, Arch, BNPolicy, Estimator, OutlierRule, Transport, Weighting
 from reid.config import ConfigError, load_config
 from reid.console import fail, metrics_table, progress_bar
-from reid.data import (
-    DatasetLayoutError,
-    InputSpec,
-    read_dataset,
-    read_image_folder,
-)
 from reid.logs import configure_logging
-from reid.model import Arch, ModelError, ModelSpec
-from reid.privacy import DPConfig
-from reid.synthetic import SyntheticConfig, generate_federation, total_images
-from reid.train import TrainConfig
-from reid.weights import load_checkpoint
 
-Transport = Literal["none", "mqtt"]
+if TYPE_CHECKING:
+    from cloud.simulate import SimulationConfig
 
 app = typer.Typer(help="FedReID Edge cloud aggregator.", no_args_is_help=True)
 out = Console()
@@ -69,6 +44,8 @@ def synthesize(
     width: int = typer.Option(128, min=16),
 ) -> None:
     """Write a synthetic non-IID federation (Market-1501 layout per site + a public KD set)."""
+    from reid.synthetic import SyntheticConfig, generate_federation, total_images
+
     cfg = SyntheticConfig(
         seed=seed,
         sites=sites,
@@ -166,6 +143,16 @@ def simulate(
     fresh: bool = typer.Option(False, help="discard a previous run in --out instead of resuming it"),
 ) -> None:
     """Run a whole federation in one process (resumes an interrupted run in --out)."""
+    from cloud.plots import plot_rounds, read_metrics
+    from cloud.simulate import CHECKPOINT, METRICS, MODEL, SimulationConfig, Simulator
+    from cloud.strategy import KDConfig, StrategyConfig
+    from protocol.broker import BrokerError
+    from reid.data import DatasetLayoutError, InputSpec
+    from reid.model import ModelError, ModelSpec
+    from reid.privacy import DPConfig
+    from reid.synthetic import SyntheticConfig, generate_federation
+    from reid.train import TrainConfig
+
     if fresh and out_dir.exists():
         for name in (CHECKPOINT, METRICS, MODEL):
             (out_dir / name).unlink(missing_ok=True)
@@ -235,6 +222,9 @@ def _simulate_mqtt(
     config: SimulationConfig, sites: list[Path], public: Path | None, out_dir: Path, fresh: bool
 ) -> Path:
     """The same study as a real federation: broker, aggregator and one agent process per site."""
+    from cloud.local_federation import run_local_federation
+    from cloud.server import ServeConfig
+
     if config.algorithm in ("local", "central"):
         raise ValueError(f"--transport mqtt runs federated algorithms, not {config.algorithm}")
     if fresh:
@@ -293,6 +283,11 @@ def serve(
     upload_encoding: str = typer.Option(None, help="fp32, fp16 or int8"),
 ) -> None:
     """Run the federation's rounds (resumes from --state-dir after a stop or a crash)."""
+    from cloud.journal import StateDirError
+    from cloud.provision import mosquitto_conf
+    from cloud.server import Aggregator, ServeConfig
+    from protocol.broker import BrokerError, LocalBroker, auto_broker, free_port
+
     overrides = {
         "federation": federation,
         "broker": broker,
@@ -356,6 +351,8 @@ def status(
 ) -> None:
     """Show the run: rounds done, the open round, who reported, and (with --broker) who is online and
     which deployed model each site serves."""
+    from cloud.journal import Journal
+
     root = _run_dir(state_dir, federation)
     journal = Journal(root)
     last = journal.last_global()
@@ -397,6 +394,10 @@ def _live_status(
     url: str, federation: str, identity_dir: Path | None = None, seconds: float = 1.5
 ) -> dict[str, tuple[str, str, str]]:
     """{node: (role, state, deployed)} from the retained status documents; "round": ("deadline", text, "")."""
+    from protocol.messages import NodeStatus, RoundStart, parse_message
+    from protocol.mqtt import Endpoint
+    from protocol.topics import Topics
+
     seen: dict[str, tuple[str, str, str]] = {}
     topics = Topics(federation)
 
@@ -447,6 +448,8 @@ def report(
     out_dir: Path = typer.Option(Path("report"), "--out", help="where to write report.md and rounds.png"),
 ) -> None:
     """Per-site rank-1/mAP per round and round timings, as a markdown table and a PNG plot."""
+    from cloud.plots import markdown_report, plot_rounds, read_metrics
+
     root = _run_dir(state_dir, federation)
     metrics = root / "metrics.jsonl"
     if not metrics.is_file():
@@ -484,6 +487,14 @@ def export_model(
 
     With --int8-calibration the result is the int8 model (the fp32 one is kept as <out>.fp32.onnx).
     Calibration images should be a site's own: run this at the site, or use `edge-agent quantize`."""
+    from cloud.deploy import DeployError, load_round, parity_images
+    from export.contract import contract_path
+    from export.onnx_export import ExportError, export_onnx
+    from export.quantize import RetrievalBudget, quantize_int8
+    from reid.data import DatasetLayoutError, read_dataset, read_image_folder
+    from reid.model import ModelError
+    from reid.weights import load_checkpoint
+
     if fp16 and int8_calibration:
         raise typer.BadParameter("choose one of --fp16 and --int8-calibration")
     try:
@@ -537,6 +548,11 @@ def deploy(
     identity_dir: Path = typer.Option(None, help="the provisioned aggregator folder (mqtts:// with signing)"),
 ) -> None:
     """Export a round's global model and publish it for the sites to serve inference with."""
+    from cloud.deploy import DeployError, DeploymentSource, deploy_round
+    from protocol.mqtt import Endpoint
+    from protocol.topics import Topics
+    from reid.data import DatasetLayoutError, read_image_folder
+
     root = _run_dir(state_dir, federation)
     endpoint = Endpoint(
         broker, Topics(federation), "deployer", "aggregator", announce=False, identity_dir=identity_dir
@@ -585,6 +601,8 @@ def provision(
     port: int = typer.Option(8883, help="the broker's TLS port"),
 ) -> None:
     """Create a federation's CA, broker and per-identity certificates, signing keys, mosquitto config, ACL."""
+    from cloud.provision import ProvisionError, Provisioning
+
     if ctx.invoked_subcommand is not None:
         return
     if not (federation and sites and out_dir):
@@ -606,6 +624,8 @@ def provision_add_site(
     site: str = typer.Option(..., help="the new site identity"),
 ) -> None:
     """Issue a certificate and signing key for a new site and add it to the ACL and every keyring."""
+    from cloud.provision import ProvisionError, Provisioning
+
     try:
         Provisioning(out_dir).add_site(site)
     except (ProvisionError, ValueError) as err:
@@ -619,6 +639,8 @@ def provision_revoke_site(
     site: str = typer.Option(..., help="the site identity to revoke"),
 ) -> None:
     """Revoke a site: its certificate goes on the CRL, it leaves the ACL and every keyring."""
+    from cloud.provision import ProvisionError, Provisioning
+
     try:
         Provisioning(out_dir).revoke_site(site)
     except (ProvisionError, ValueError) as err:

@@ -40,6 +40,7 @@ from cloud.strategy import (
 )
 from cloud.strategy.aggregate import bn_policy_keys
 from protocol.codec import decode_state, encode_state
+from reid.choices import Algorithm
 from reid.data import ImageDataset, InputSpec, eval_transform, make_loader, read_image_folder, train_transform
 from reid.evaluate import Metrics
 from reid.logs import log_context
@@ -51,7 +52,6 @@ from reid.weights import save_state
 
 log = logging.getLogger(__name__)
 
-Algorithm = Literal["local", "fedpav", "cdw", "kd", "cdw_kd", "central"]
 CHECKPOINT = "checkpoint.safetensors"
 MODEL = "model.safetensors"
 METRICS = "metrics.jsonl"

@@ -6,20 +6,20 @@ from __future__ import annotations
 import logging
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
 from edge import inference_commands
-from edge.agent import Agent, AgentConfig
+from reid.choices import Arch
 from reid.config import ConfigError, load_config
 from reid.console import metrics_table, progress_bar
-from reid.data import DatasetLayoutError, InputSpec
 from reid.logs import configure_logging, log_context
-from reid.model import Arch, ModelError, ModelSpec, build_model
-from reid.site import SiteData
-from reid.train import TrainConfig, resolve_device, train_local
-from reid.weights import load_checkpoint, save_checkpoint
+
+if TYPE_CHECKING:
+    from reid.data import InputSpec
+    from reid.site import SiteData
 
 app = typer.Typer(help="FedReID Edge agent: runs at a camera site.", no_args_is_help=True)
 out = Console()
@@ -35,6 +35,9 @@ def main(log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERR
 
 
 def _site(data: Path, spec: InputSpec, batch_size: int, workers: int = 0, seed: int = 0) -> SiteData:
+    from reid.data import DatasetLayoutError
+    from reid.site import SiteData
+
     try:
         return SiteData(data, spec, batch_size, workers, seed)
     except DatasetLayoutError as err:
@@ -77,6 +80,11 @@ def train(
     seed: int = typer.Option(0),
 ) -> None:
     """Train a model on the site's data alone (the paper's "local training" baseline) and evaluate it."""
+    from reid.data import InputSpec
+    from reid.model import ModelError, ModelSpec, build_model
+    from reid.train import TrainConfig, resolve_device, train_local
+    from reid.weights import save_checkpoint
+
     site = _site(data, InputSpec(height=height, width=width), batch_size, workers, seed)
     with log_context(site=site.name):
         config = TrainConfig(
@@ -148,6 +156,11 @@ def evaluate(
     device: str = typer.Option("auto"),
 ) -> None:
     """Print rank-1/5, mAP and mINP of a model on the site's query/gallery (Market-1501 protocol)."""
+    from reid.data import InputSpec
+    from reid.model import ModelError, ModelSpec, build_model
+    from reid.train import resolve_device
+    from reid.weights import load_checkpoint
+
     try:
         if model_path is not None:
             ckpt = load_checkpoint(model_path)
@@ -185,6 +198,8 @@ def start(
     compress: bool = typer.Option(None, "--compress/--no-compress", help="zstd on the delta blob"),
 ) -> None:
     """Join the federation: train on local data when a round selects this site, upload deltas."""
+    from edge.agent import Agent, AgentConfig
+
     overrides = {
         "site": site,
         "data": data,

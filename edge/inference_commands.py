@@ -8,19 +8,16 @@ federation last deployed there.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
-from export.contract import ContractError, load_contract
-from export.gallery import Gallery, GalleryError, extract_folder, image_files
-from export.gallery import search as rank_gallery
-from export.onnx_export import ExportError
-from export.quantize import RetrievalBudget, quantize_int8
-from export.render import render_html, render_png
-from export.runtime import FeatureExtractor
 from reid.console import fail, metrics_table
-from reid.data import DatasetLayoutError, read_dataset
+
+if TYPE_CHECKING:
+    from export.gallery import Gallery
+    from export.runtime import FeatureExtractor
 
 out = Console()
 ModelOpt = typer.Option(
@@ -47,6 +44,9 @@ def resolve_model(path: Path) -> Path:
 
 
 def _extractor(model_path: Path) -> FeatureExtractor:
+    from export.contract import ContractError
+    from export.runtime import FeatureExtractor
+
     try:
         return FeatureExtractor(resolve_model(model_path))
     except ContractError as err:
@@ -60,6 +60,8 @@ def extract(
     flip: bool = typer.Option(False, help="add the features of the mirrored crops"),
 ) -> None:
     """Extract L2-normalised features of every crop in a folder into an .npz (with names, model version)."""
+    from export.gallery import extract_folder
+
     fx = _extractor(model_path)
     try:
         gallery = extract_folder(fx, images, flip=flip)
@@ -73,6 +75,8 @@ def extract(
 
 
 def _load_gallery(fx: FeatureExtractor, path: Path, reindex: bool) -> Gallery:
+    from export.gallery import Gallery, GalleryError, extract_folder
+
     if path.suffix != ".npz":
         return extract_folder(fx, path)
     try:
@@ -100,6 +104,10 @@ def search(
     png: Path = typer.Option(None, "--png", help="write the query and its top-k crops to this PNG"),
 ) -> None:
     """Rank the gallery for each query crop by cosine similarity."""
+    from export.gallery import image_files
+    from export.gallery import search as rank_gallery
+    from export.render import render_html, render_png
+
     fx = _extractor(model_path)
     gallery = _load_gallery(fx, gallery_path, reindex)
     try:
@@ -135,6 +143,11 @@ def quantize(
     calibration_images: int = typer.Option(256, min=1),
 ) -> None:
     """int8 (static QDQ, per-channel) calibrated on this site's images, kept only if retrieval holds."""
+    from export.contract import ContractError, load_contract
+    from export.onnx_export import ExportError
+    from export.quantize import RetrievalBudget, quantize_int8
+    from reid.data import DatasetLayoutError, read_dataset
+
     target = out_path or model_path.with_name(model_path.stem + ".int8.onnx")
     try:
         load_contract(model_path)
@@ -160,6 +173,8 @@ def build_engine(
     images: Path = typer.Option(None, help="a folder of crops for the parity check (default: random inputs)"),
 ) -> None:
     """Build (or reuse from the cache) a TensorRT engine for this GPU, checked against ONNX Runtime."""
+    from export.contract import ContractError
+    from export.gallery import image_files
     from export.tensorrt import TensorRTError, build_engine_cached
 
     try:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torchvision import models as tvm
 
-Arch = Literal["resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large"]
+from reid.choices import Arch
 
 SHARED_PREFIXES = ("backbone.", "embedding.")
 LOCAL_PREFIX = "classifier."

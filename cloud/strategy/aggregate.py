@@ -31,20 +31,15 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from cloud.strategy.flat import FlatLayout, LayoutError, l2_norm
+from reid.choices import BNPolicy, Estimator, OutlierRule, Weighting
 from reid.model import batchnorm_keys, is_bn_buffer
 
 log = logging.getLogger(__name__)
-
-Weighting = Literal["fedpav", "cdw", "cdw_x_size"]
-BNPolicy = Literal["first", "average", "local"]
-Estimator = Literal["mean", "median", "trimmed_mean"]
-OutlierRule = Literal["none", "norm", "cdw", "norm_or_cdw"]
 
 
 class StrategyConfig(BaseModel):

@@ -35,3 +35,15 @@ def test_synthesize_writes_sites_and_refuses_a_non_empty_folder(tmp_path):
     again = runner.invoke(app, args)
     assert again.exit_code != 0
     assert "not empty" in again.output
+
+
+def test_the_command_lines_start_without_torch():
+    """`--help` and argument errors answer at once: importing the CLIs loads no torch, numpy or ONNX
+    Runtime (each command imports what it needs when it runs)."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "torchvision", "numpy", "onnxruntime", "paho")
+    code = f"import sys, cloud.cli, edge.cli; print([m for m in {heavy!r} if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
