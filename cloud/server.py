@@ -528,11 +528,16 @@ class Aggregator:
             upload_compressed=cfg.upload_compressed,
         )
         self.round_payload = encode_message(msg)
-        self.endpoint.publish(self.topics.round, self.round_payload, retain=True).wait_for_publish(10)
+        # a broker that is down gets the round document at the reconnect (_republish_round) and the
+        # sites ask for the chunks they missed: neither is a reason to stop
+        self.endpoint.send(self.topics.round, self.round_payload, retain=True, timeout=10)
         if with_blob:
-            self.endpoint.publish_blob(
-                self.topics.global_chunks, cur.blob, cur.blob_ref.blob_id, cfg.chunk_bytes
-            )
+            try:
+                self.endpoint.publish_blob(
+                    self.topics.global_chunks, cur.blob, cur.blob_ref.blob_id, cfg.chunk_bytes, timeout=60
+                )
+            except TimeoutError as err:
+                log.warning("global model not fully published (%s); sites will ask for what they miss", err)
 
     def _open_round(self, r: int) -> OpenRound:
         blob = encode_state({k: v.numpy() for k, v in self.global_state.items()}, "fp32")
@@ -751,6 +756,14 @@ class Aggregator:
             )
             kd = distill(self.model, loader, cur.teachers.target(), self.cfg.kd)
             new_flat = self.layout.flatten(shared_state(self.model))
+            log.info(
+                "KD on %d public images: %d batches, MSE %.5f -> %.5f in %.1f s",
+                len(self.public),
+                kd.batches,
+                kd.loss_first,
+                kd.loss_last,
+                kd.seconds,
+            )
             summary["kd"] = {
                 "batches": kd.batches,
                 "mse_first": kd.loss_first,
@@ -806,7 +819,7 @@ class Aggregator:
                     self._run_round(r)
             end = RunEnd(federation=self.cfg.federation, rounds=self.cfg.rounds)
             self.round_payload = encode_message(end)
-            self.endpoint.publish(self.topics.round, self.round_payload, retain=True).wait_for_publish(10)
+            self.endpoint.send(self.topics.round, self.round_payload, retain=True, timeout=30)
             self.endpoint.set_state("idle", self.completed)
             log.info("run complete: %d rounds", self.cfg.rounds)
         except Stopped:

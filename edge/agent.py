@@ -467,13 +467,15 @@ class Agent:
         self._save_progress(Progress(r, start.base_hash, False))
         if time.time() > start.deadline:
             log.warning("training finished after the round's deadline; uploading anyway")
-        self.endpoint.publish(
-            self.topics.site(self.cfg.site, "update"), encode_message(manifest)
-        ).wait_for_publish(30)
+        self.endpoint.send(self.topics.site(self.cfg.site, "update"), encode_message(manifest))
         self.republished = time.monotonic()
-        self.endpoint.publish_blob(
-            self.topics.site(self.cfg.site, "chunks"), upload, ref.blob_id, self.cfg.chunk_bytes
-        )
+        try:
+            self.endpoint.publish_blob(
+                self.topics.site(self.cfg.site, "chunks"), upload, ref.blob_id, self.cfg.chunk_bytes
+            )
+        except TimeoutError as err:  # the update stays pending on disk; the aggregator asks for it again
+            log.warning("upload of round %d interrupted (%s); it is sent again when asked", r, err)
+            return
         log.info(
             "round %d: trained %.1f s (%.1f img/s, loss %.3f, CDW %.4f), uploaded %.2f MB (%s)",
             r,

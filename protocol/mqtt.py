@@ -247,10 +247,24 @@ class Endpoint:
             self._wait_published(info, deadline)
         return sent
 
-    def _publish_when_connected(self, topic: str, payload: bytes, deadline: float) -> paho.MQTTMessageInfo:
+    def send(self, topic: str, payload: bytes, retain: bool = False, timeout: float = 30.0) -> bool:
+        """Publish and wait for the broker's acknowledgement, riding out a lost connection (waits for the
+        reconnect, up to `timeout`). Returns whether it got through; never raises (a broker restart is
+        not an error of the caller)."""
+        deadline = time.monotonic() + timeout
+        try:
+            info = self._publish_when_connected(topic, self._sealed(topic, payload), deadline, retain)
+        except TimeoutError:
+            return False
+        info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+        return info.is_published()
+
+    def _publish_when_connected(
+        self, topic: str, payload: bytes, deadline: float, retain: bool = False
+    ) -> paho.MQTTMessageInfo:
         while True:
             self.connected.wait(max(0.1, deadline - time.monotonic()))
-            info = self.client.publish(topic, payload, qos=1)
+            info = self.client.publish(topic, payload, qos=1, retain=retain)
             if info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_AGAIN):
                 return info
             if time.monotonic() > deadline:

@@ -20,6 +20,7 @@ from reid.data import InputSpec, eval_transform, make_loader
 from reid.data.loading import ImageDataset, open_rgb
 from reid.evaluate import extract_features
 from reid.weights import load_checkpoint
+from tests.reid.test_model_files import _train
 
 runner = CliRunner()
 SIZE = ["--height", "64", "--width", "32"]
@@ -96,20 +97,7 @@ def test_camera_split_and_tiny_sites_train_and_evaluate(tmp_path, caplog):
 @pytest.mark.parametrize("flip", [False, True])
 def test_extract_gives_the_features_evaluate_scores(tmp_path, flip):
     site = _market_site(tmp_path / "site", 4, None, rotated=True)
-    trained = tmp_path / "trained"
-    args = [
-        "train",
-        "--data",
-        str(site),
-        "--arch",
-        "resnet18",
-        *SIZE,
-        "--out",
-        str(trained),
-        "--eval-every",
-        "0",
-    ]
-    assert runner.invoke(edge_app, args).exit_code == 0
+    trained = _train(site, tmp_path / "trained")
     onnx = tmp_path / "m.onnx"
     args = ["export", "--model", str(trained), "--images", str(site / "query"), "--out", str(onnx)]
     result = runner.invoke(cloud_app, args)
