@@ -65,9 +65,10 @@ def test_distractors_never_match():
     assert m.mAP == pytest.approx(1 / 3)
 
 
-def test_no_valid_query_and_bad_input_are_clear_errors():
-    with pytest.raises(ValueError, match="no query"):
-        evaluate(np.array([[0.1]]), [1], [1], [1], [1])
+def test_no_valid_query_is_nothing_to_score_and_bad_input_is_a_clear_error():
+    m = evaluate(np.array([[0.1]]), [1], [1], [1], [1])  # the only match is on the query's own camera
+    assert m.num_valid == 0 and m.num_query == 1
+    assert m.summary() == {"valid_queries": 0.0}  # no rank-1 or mAP at all, rather than a score of 0
     with pytest.raises(ValueError, match="NaN"):
         evaluate(np.array([[np.nan, 0.1]]), [1], [1, 1], [1], [2, 2])
     with pytest.raises(ValueError, match="shape"):
