@@ -70,8 +70,17 @@ def test_agent_survives_hostile_input_then_trains_a_round(tiny_federation, tmp_p
             (t.deploy, b'{"schema_version": 1, "kind": "deployment", "version": "x"}'),
             (t.deploy_chunks, b"\x00" * 64),
         ]
-        for topic, payload in hostile:
+        logged = {
+            0: "dropped round message: not JSON",
+            1: "dropped round message: unsupported schema_version",
+        }
+        for i, (topic, payload) in enumerate(hostile):
             send(topic, payload)
+            # a newer message on the round topic supersedes one still waiting (the inbox keeps the
+            # newest state message): let the agent see each before the next
+            deadline = time.monotonic() + 10
+            while i in logged and logged[i] not in text() and time.monotonic() < deadline:
+                time.sleep(0.05)
         fake_ack = UpdateAck(site=site.name, round=0, blob_id="ab" * 16, accepted=False, reason="forged")
         send(t.site(site.name, "ack"), encode_message(fake_ack))
         deadline = time.monotonic() + 30
