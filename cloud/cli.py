@@ -358,13 +358,15 @@ def status(
     last = journal.last_global()
     done = last[0] if last else -1
     open_round = journal.open_round()
+    evaluation = open_round is not None and not open_round.get("train", True)  # after the last round
+    finished = evaluation and journal.has_summary("evaluation", done)
+    if open_round and (open_round["round"] <= done or finished):
+        open_round = None
     rows: list[dict[str, object]] = []
-    if open_round and open_round["round"] > done:
+    if open_round:
         reported = {site for site, _ in journal.journaled_updates(open_round["round"])}
-        rows = [
-            {"site": s, "selected": "yes", "reported": "yes" if s in reported else "no"}
-            for s in open_round["selected"]
-        ]
+        answer = {s: "-" if evaluation else "yes" if s in reported else "no" for s in open_round["selected"]}
+        rows = [{"site": s, "selected": "yes", "reported": answer[s]} for s in open_round["selected"]]
     if broker:
         live = _live_status(broker, federation, identity_dir)
         names = {str(r["site"]) for r in rows} | {n for n, (role, *_) in live.items() if role == "site"}
@@ -381,9 +383,10 @@ def status(
         if "round" in live:
             phase += f"; {live['round'][1]}"
     else:
-        phase = "collecting" if open_round and open_round["round"] > done else "between rounds"
+        phase = ("evaluating" if evaluation else "collecting") if open_round else "between rounds"
+    what = "evaluation round" if evaluation else "round"
     title = f"{federation}: {done + 1} rounds done; " + (
-        f"round {open_round['round']} open ({phase})" if open_round and open_round["round"] > done else phase
+        f"{what} {open_round['round']} open ({phase})" if open_round else phase
     )
     out.print(title)
     if rows:

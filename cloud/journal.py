@@ -130,6 +130,20 @@ class Journal:
         path = self.root / "open.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
+    def has_summary(self, kind: str, r: int) -> bool:
+        """Whether metrics.jsonl holds the summary record of `kind` ("round", "evaluation") for round r."""
+        path = self.root / "metrics.jsonl"
+        if not path.is_file():
+            return False
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("kind") == kind and rec.get("round") == r:
+                return True
+        return False
+
     def append_metrics(self, records: list[dict]) -> None:
         with open(self.root / "metrics.jsonl", "a") as f:
             for rec in records:

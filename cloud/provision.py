@@ -113,6 +113,7 @@ def acl_text(federation: str, sites: list[str]) -> str:
             f"topic write {root}/global/resend",
             f"topic write {root}/sites/{site}/update",
             f"topic write {root}/sites/{site}/chunks",
+            f"topic write {root}/sites/{site}/eval",
             f"topic read {root}/sites/{site}/ack",
             f"topic read {root}/sites/{site}/resend",
             f"topic read {root}/deploy",

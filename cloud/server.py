@@ -4,7 +4,8 @@ announce (retained RoundStart + global blob chunks) -> collect (manifests + upda
 chunks re-requested after `transfer_idle_s` without progress) -> close when every selected site is
 accepted, or at the deadline with quorum (without quorum the deadline is extended `max_extensions`
 times, then the round is restarted with a new selection: a round never hangs) -> aggregate (+KD when
-due) -> checkpoint -> next round.
+due) -> checkpoint -> next round. After the last round, an evaluation round (RoundStart with ``train``
+false) sends the final model to every online site and records what they report (EvalReport).
 
 Every accepted update is journaled to disk before it is acknowledged; killing the process at any moment
 and starting it again on the same state dir resumes the open round with every acknowledged update.
@@ -52,6 +53,7 @@ from protocol.codec import CodecError, Encoding, encode_state, iter_state_file
 from protocol.messages import (
     BlobRef,
     ChunkRequest,
+    EvalReport,
     MessageError,
     ModelInfo,
     NodeStatus,
@@ -71,6 +73,7 @@ from reid.logs import log_context
 from reid.model import ModelSpec, build_model, load_shared_state, shared_state
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 15.0  # a waiting round says what it waits for this often
 
 
 class ServeConfig(BaseModel):
@@ -141,6 +144,11 @@ class ServeConfig(BaseModel):
         "fp32", description="precision of deployed ONNX models: fp32 or fp16"
     )
     deploy_images: Path | None = Field(None, description="parity-gate images to deploy (default: public)")
+    final_eval: bool = Field(
+        True,
+        description="after the last round, every online site evaluates the final model "
+        "(an evaluation round of at most deadline_s)",
+    )
 
     def identity(self) -> dict:
         """What must not change when a run is resumed."""
@@ -183,6 +191,7 @@ class OpenRound:
     kd_due: bool
     teachers: TeacherMean | None
     limit: int  # the largest update blob (and decoded payload) this round accepts, in bytes
+    train: bool = True  # False: the evaluation round after the last round (reports, no updates)
     restarts: int = 0
     extensions: int = 0
     manifests: dict[str, UpdateManifest] = field(default_factory=dict)
@@ -192,10 +201,12 @@ class OpenRound:
     failed: dict[str, str] = field(default_factory=dict)
     rejections: list[dict[str, str]] = field(default_factory=list)
     last_resend: dict[str, float] = field(default_factory=dict)
+    reports: dict[str, dict[str, float]] = field(default_factory=dict)  # evaluation round: site -> metrics
+    said: float = field(default_factory=time.monotonic)  # when progress was last logged
 
     def waiting(self) -> set[str]:
-        """Selected sites that have neither an accepted update nor reported a failure."""
-        return set(self.selected) - set(self.accepted) - set(self.failed)
+        """Selected sites that have neither an accepted update (or evaluation report) nor failed."""
+        return set(self.selected) - set(self.accepted) - set(self.reports) - set(self.failed)
 
 
 def update_limit(global_blob_bytes: int, tensors: int, max_update_bytes: int) -> int:
@@ -269,6 +280,7 @@ class Aggregator:
                 t.status_all: self._on_status,
                 t.any_site("update"): self._on_manifest,
                 t.any_site("chunks"): self._on_chunk,
+                t.any_site("eval"): self._on_eval,
                 t.global_resend: lambda topic, payload: self.resender.on_request(topic, payload),
             },
             identity_dir=cfg.identity_dir,
@@ -316,7 +328,7 @@ class Aggregator:
                     log.warning("site cannot take part in this round: %s", cur.failed[status.node])
 
     def _ack(self, site: str, round_: int, blob_id: str, accepted: bool, reason: str = "") -> None:
-        ack = UpdateAck(site=site, round=round_, blob_id=blob_id, accepted=accepted, reason=reason)
+        ack = UpdateAck(site=site, round=round_, blob_id=blob_id, accepted=accepted, reason=reason[:1000])
         self.endpoint.publish(self.topics.site(site, "ack"), encode_message(ack))
 
     def _admit(self, cur: OpenRound | None, site: str, m: UpdateManifest) -> str | None:
@@ -327,6 +339,8 @@ class Aggregator:
             return "no round is open"
         if m.round != cur.number:
             return f"stale round {m.round} (current round {cur.number})"
+        if not cur.train:
+            return f"round {cur.number} is an evaluation round: it takes no updates"
         if m.base_hash != cur.base_hash:
             return "update computed against another base model (wrong base hash)"
         if site not in cur.selected:
@@ -408,6 +422,37 @@ class Aggregator:
                 return
             del blob  # from here on the update is read from its journal file, one tensor at a time
             self._accept(cur, site, m)
+
+    def _on_eval(self, topic: str, payload: bytes) -> None:
+        site = self.topics.site_of(topic)
+        if site is None:
+            return
+        try:
+            report = parse_message(payload, EvalReport)
+        except MessageError as err:
+            log.warning("dropped evaluation report from %s: %s", site, err)
+            return
+        with self.lock:
+            cur = self.current
+            if report.site != site:
+                why = f"it names site {report.site} but came on the topic of site {site}"
+            elif cur is None or cur.train or report.round != cur.number:
+                why = f"no evaluation round {report.round} is open"
+            elif report.base_hash != cur.base_hash:
+                why = "it evaluates another model (wrong base hash)"
+            elif site not in cur.selected:
+                why = f"site {site} is not selected for evaluation round {cur.number}"
+            else:
+                cur.reports[site] = dict(report.metrics)
+                cur.failed.pop(site, None)
+                why = ""
+        with log_context(site=site, round=report.round):
+            if why:
+                log.warning("evaluation report dropped: %s", why)
+            elif "rank1" in report.metrics:
+                log.info("final model: rank-1 %.1f, mAP %.1f", report.metrics["rank1"], report.metrics["mAP"])
+            else:
+                log.info("final model not evaluated at this site (no valid query, or evaluation off)")
 
     def _global_chunks_for(self, req: ChunkRequest) -> int | None:
         """Only sites selected for the open round may ask for its global model (`ChunkResender`)."""
@@ -523,9 +568,10 @@ class Aggregator:
                 lr_backbone=cfg.lr_backbone,
                 keep_local_bn=cfg.strategy.bn == "local",
             ),
-            evaluate=(cur.number % cfg.eval_every == 0),
+            evaluate=not cur.train or cur.number % cfg.eval_every == 0,
             upload_encoding=cfg.upload_encoding,
             upload_compressed=cfg.upload_compressed,
+            train=cur.train,
         )
         self.round_payload = encode_message(msg)
         # a broker that is down gets the round document at the reconnect (_republish_round) and the
@@ -539,11 +585,17 @@ class Aggregator:
             except TimeoutError as err:
                 log.warning("global model not fully published (%s); sites will ask for what they miss", err)
 
-    def _open_round(self, r: int) -> OpenRound:
+    def _open_round(self, r: int, train: bool = True) -> OpenRound:
+        """Announce round r (an evaluation round when not `train`: every eligible site, no updates)."""
         blob = encode_state({k: v.numpy() for k, v in self.global_state.items()}, "fp32")
         base_hash = hashlib.sha256(blob).hexdigest()  # deterministic: see protocol.codec
         saved = self.journal.open_round()
-        resumed = saved is not None and saved["round"] == r and saved["base_hash"] == base_hash
+        resumed = (
+            saved is not None
+            and saved["round"] == r
+            and saved["base_hash"] == base_hash
+            and saved.get("train", True) == train
+        )
         if saved is not None and saved["round"] == r and saved["base_hash"] != base_hash:
             log.warning(
                 "journal of round %d was written for base %s, the checkpoint gives %s: not resuming it",
@@ -551,9 +603,9 @@ class Aggregator:
                 saved["base_hash"][:12],
                 base_hash[:12],
             )
-        selected = saved["selected"] if resumed else self._select(r)
+        selected = saved["selected"] if resumed else self._select(r) if train else self._eligible(r)
         now = time.time()
-        kd_due = self.public is not None and (r + 1) % self.cfg.kd.every == 0
+        kd_due = train and self.public is not None and (r + 1) % self.cfg.kd.every == 0
         cur = OpenRound(
             r,
             selected,
@@ -565,11 +617,10 @@ class Aggregator:
             kd_due,
             TeacherMean(self.cfg.kd.normalize) if kd_due else None,
             update_limit(len(blob), len(self.global_state), self.cfg.max_update_bytes),
+            train=train,
             restarts=saved.get("restarts", 0) if resumed else 0,
         )
-        self.journal.save_open_round(
-            {"round": r, "selected": selected, "base_hash": base_hash, "restarts": cur.restarts}
-        )
+        self._save_open(cur)
         with self.lock:
             self.current = cur
             for site, manifest in self.journal.journaled_updates(r) if resumed else []:
@@ -580,7 +631,8 @@ class Aggregator:
                     continue
                 self._accept(cur, site, m)
         log.info(
-            "round %d open (base %s): %d sites selected (%s)%s",
+            "%s %d open (base %s): %d sites selected (%s)%s",
+            "round" if train else "evaluation round",
             r,
             base_hash[:12],
             len(selected),
@@ -602,9 +654,7 @@ class Aggregator:
             cur.failed = {s: why for s, why in cur.failed.items() if s not in selected}
             cur.deadline = time.time() + self.cfg.deadline_s
             cur.extensions = 0
-        self.journal.save_open_round(
-            {"round": cur.number, "selected": selected, "base_hash": cur.base_hash, "restarts": cur.restarts}
-        )
+        self._save_open(cur)
         log.info(
             "round %d restarted: %d sites selected (%s), %d accepted updates kept",
             cur.number,
@@ -613,6 +663,10 @@ class Aggregator:
             len(cur.accepted),
         )
         self._publish_round(cur)
+
+    def _save_open(self, cur: OpenRound) -> None:
+        info = {"round": cur.number, "selected": cur.selected, "base_hash": cur.base_hash}
+        self.journal.save_open_round({**info, "restarts": cur.restarts, "train": cur.train})
 
     def _drop_revoked(self, cur: OpenRound) -> None:
         for site in cur.waiting():
@@ -639,6 +693,29 @@ class Aggregator:
             with log_context(site=site, round=cur.number):
                 log.info("asked for %d of %d missing chunks again", len(req.indices), len(missing))
 
+    def _say_progress(self, cur: OpenRound) -> None:
+        """Every PROGRESS_EVERY_S while a round waits: one line on what each waiting site is doing."""
+        if time.monotonic() - cur.said < PROGRESS_EVERY_S:
+            return
+        cur.said = time.monotonic()
+        doing = []
+        for site in sorted(cur.waiting()):
+            m, t = cur.manifests.get(site), cur.transfers.get(site)
+            if m is not None:
+                got = m.blob.chunks - len(t.missing()) if t is not None else 0
+                doing.append(f"{site} uploading {got}/{m.blob.chunks} chunks")
+            else:
+                doing.append(f"{site} {self.online.get(site, ('offline', None))[0]}")
+        log.info(
+            "%s %d: %d/%d in, deadline in %.0f s; waiting for %s",
+            "round" if cur.train else "evaluation round",
+            cur.number,
+            len(cur.accepted) + len(cur.reports),
+            len(cur.selected),
+            cur.deadline - time.time(),
+            ", ".join(doing),
+        )
+
     def _collect(self, cur: OpenRound) -> bool:
         """Wait for the round's updates; False when it must be restarted (no quorum after extensions)."""
         while True:
@@ -652,6 +729,7 @@ class Aggregator:
                 if not waiting and accepted >= min(self.cfg.quorum, len(cur.selected)):
                     return True
                 self._request_missing(cur, now)
+                self._say_progress(cur)
             if waiting and now < cur.deadline:
                 continue
             if accepted >= self.cfg.quorum:
@@ -795,6 +873,51 @@ class Aggregator:
         self.trim_heap()
         self._maybe_deploy(r)
 
+    def _final_evaluation(self) -> None:
+        """The evaluation round after the last one: every online site evaluates the final model on its
+        query/gallery; the reports are recorded as the global model's metrics of the last round.
+        Bounded by `deadline_s`; a site that goes offline or fails is not waited for."""
+        r, last = self.cfg.rounds, self.cfg.rounds - 1
+        if not self.cfg.final_eval or self.journal.has_summary("evaluation", last):
+            return
+        if not self._eligible(r):
+            log.warning("no site online: the final model is not evaluated")
+            return
+        cur = self._open_round(r, train=False)
+        while True:
+            if self.stopping.wait(0.1):
+                raise Stopped
+            with self.lock:
+                self._drop_revoked(cur)
+                for site in cur.waiting():
+                    if self.online.get(site, ("offline", None))[0] == "offline":
+                        cur.failed[site] = "offline"
+                waiting = cur.waiting()
+                self._say_progress(cur)
+            if not waiting or time.time() >= cur.deadline:
+                break
+        with self.lock:
+            self.current = None
+        records = [
+            {"round": last, "site": s, "model": "global", **m} for s, m in sorted(cur.reports.items()) if m
+        ]
+        summary = {
+            "round": last,
+            "kind": "evaluation",
+            "selected": cur.selected,
+            "reported": sorted(cur.reports),
+            "failed": dict(sorted(cur.failed.items())),
+            "missing": sorted(cur.waiting()),
+            "seconds": round(time.time() - cur.started, 3),
+        }
+        self.journal.append_metrics([*records, summary])
+        log.info(
+            "final model evaluated at %d of %d sites%s",
+            len(records),
+            len(cur.selected),
+            f" (no report from: {', '.join(summary['missing'])})" if summary["missing"] else "",
+        )
+
     def _maybe_deploy(self, r: int) -> None:
         every = self.cfg.deploy_every
         if not every or ((r + 1) % every and r != self.cfg.rounds - 1):
@@ -817,6 +940,8 @@ class Aggregator:
             for r in range(self.completed + 1, self.cfg.rounds):
                 with log_context(round=r):
                     self._run_round(r)
+            with log_context(round=self.cfg.rounds):
+                self._final_evaluation()
             end = RunEnd(federation=self.cfg.federation, rounds=self.cfg.rounds)
             self.round_payload = encode_message(end)
             self.endpoint.send(self.topics.round, self.round_payload, retain=True, timeout=30)

@@ -11,7 +11,8 @@ site is fetching or training only updates the deadline (extensions, reconnects);
 holds an unacknowledged update makes it publish the manifest and chunks again (the aggregator was
 restarted and lost them); one it has already been acknowledged for is ignored; anything else is trained.
 A round the site cannot take part in (training error, divergence, disk) is reported on its status topic
-(state "failed", with the reason) so the aggregator stops waiting for it.
+(state "failed", with the reason) so the aggregator stops waiting for it. The evaluation round after
+the last one (``train`` false) only evaluates the final model and publishes an EvalReport.
 
 Deployed models (the retained ``deploy`` manifest) are fetched, verified and swapped in by
 `edge.deployment.Deployments`, alongside training.
@@ -44,6 +45,7 @@ from protocol.chunks import DEFAULT_CHUNK_BYTES, ChunkError, Reassembler, blob_r
 from protocol.codec import CodecError, Encoding, decode_state, encode_state
 from protocol.messages import (
     ChunkRequest,
+    EvalReport,
     MessageError,
     RoundStart,
     RunEnd,
@@ -154,6 +156,8 @@ class Agent:
         self.topics = Topics(cfg.federation)
         self.dir = cfg.state_dir / cfg.site
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.classifier_file = self.dir / "classifier.safetensors"  # the site's own, never sent
+        self.private_bn_file = self.dir / "private_bn.safetensors"  # its BN layers when kept local
         self.device = resolve_device(cfg.device)
         self.lock = threading.Lock()
         self.fetch: Fetch | None = None
@@ -270,6 +274,8 @@ class Agent:
         if upload is not None and (upload[0].round, upload[0].base_hash) == (msg.round, msg.base_hash):
             self._republish(upload)
             return
+        if not msg.train and self._report_again(msg):
+            return  # evaluated already: the report was sent again
         if self.progress.same(msg) and upload is None:
             return  # trained and settled (acknowledged or rejected): nothing to do for this round
         with self.lock:
@@ -376,36 +382,68 @@ class Agent:
         self.site_data.batch_size = start.training.batch_size
         return self.site_data
 
-    def _train_round(self, start: RoundStart, blob: bytes, fetch_seconds: float) -> None:
-        r = start.round
-        timings = {"fetch": round(fetch_seconds, 3)}
-        clock = time.perf_counter()
+    def _received_model(self, start: RoundStart, blob: bytes) -> tuple[torch.nn.Module, dict, SiteData]:
+        """The round's model with this site's classifier (and own BN layers when kept local)."""
         try:
             received = {k: torch.from_numpy(v) for k, v in decode_state(blob).items()}
         except CodecError as err:
-            log.warning("global model undecodable: %s", err)
-            return
+            raise RoundFailed(f"global model undecodable: {err}") from None
         site = self._site(start)
         info = start.model
         spec = ModelSpec(
             arch=info.arch, embed_dim=info.embed_dim, last_stride=info.last_stride, dropout=info.dropout
         )
         model = build_model(spec, site.num_classes)
-        classifier = self.dir / "classifier.safetensors"
-        if classifier.is_file():
-            load_local_state(model, load_file(str(classifier)))
-        private = self.dir / "private_bn.safetensors"
+        if self.classifier_file.is_file():
+            load_local_state(model, load_file(str(self.classifier_file)))
+        private = self.private_bn_file
         overrides = load_file(str(private)) if start.training.keep_local_bn and private.is_file() else {}
         load_shared_state(model, {**received, **overrides})
+        return model, received, site
+
+    def _evaluate(self, model: torch.nn.Module, site: SiteData) -> dict[str, float]:
+        summary = site.evaluate(model.to(self.device), self.device).summary()
+        metrics = {k: round(v, 4) for k, v in summary.items()}
+        if "rank1" in metrics:
+            log.info("global model here: rank-1 %.1f, mAP %.1f", metrics["rank1"], metrics["mAP"])
+        return metrics
+
+    def _evaluation_round(self, start: RoundStart, blob: bytes) -> None:
+        """The round after the last one (``train`` false): evaluate the final model, report, keep the
+        report so that the round announced again (an aggregator restart) gets it again without work."""
+        metrics: dict[str, float] = {}
+        if self.cfg.evaluate != "never":
+            model, _, site = self._received_model(start, blob)
+            metrics = self._evaluate(model, site)
+        report = EvalReport(site=self.cfg.site, round=start.round, base_hash=start.base_hash, metrics=metrics)
+        atomic_write(self.dir / "eval_report.json", encode_message(report))  # (progress is about training)
+        self.endpoint.send(self.topics.site(self.cfg.site, "eval"), encode_message(report))
+        log.info("final model evaluated and reported")
+
+    def _report_again(self, start: RoundStart) -> bool:
+        """An evaluation round announced again after this site reported: send the kept report again."""
+        try:
+            report = parse_message((self.dir / "eval_report.json").read_bytes(), EvalReport)
+        except (OSError, MessageError):
+            return False
+        if (report.round, report.base_hash) != (start.round, start.base_hash):
+            return False
+        self.endpoint.publish(self.topics.site(self.cfg.site, "eval"), encode_message(report))
+        return True
+
+    def _train_round(self, start: RoundStart, blob: bytes, fetch_seconds: float) -> None:
+        if not start.train:
+            self._evaluation_round(start, blob)
+            return
+        r = start.round
+        timings = {"fetch": round(fetch_seconds, 3)}
+        clock = time.perf_counter()
+        model, received, site = self._received_model(start, blob)
         metrics: dict[str, float] = {}
         timings["load"] = round(time.perf_counter() - clock, 3)
         clock = time.perf_counter()
         if self.cfg.evaluate == "always" or (self.cfg.evaluate == "round" and start.evaluate):
-            metrics = {
-                k: round(v, 4) for k, v in site.evaluate(model.to(self.device), self.device).summary().items()
-            }
-            if "rank1" in metrics:
-                log.info("global model here: rank-1 %.1f, mAP %.1f", metrics["rank1"], metrics["mAP"])
+            metrics = self._evaluate(model, site)
         t = start.training
         config = TrainConfig(
             epochs=self.cfg.local_epochs or t.local_epochs,
@@ -460,9 +498,9 @@ class Agent:
             metrics=metrics,
             dp_epsilon=dp_epsilon,
         )
-        save_file(local_state(model), str(classifier))
+        save_file(local_state(model), str(self.classifier_file))
         if start.training.keep_local_bn:
-            save_file({k: trained[k] for k in batchnorm_keys(trained)}, str(private))
+            save_file({k: trained[k] for k in batchnorm_keys(trained)}, str(self.private_bn_file))
         self._keep_pending(manifest, upload)
         self._save_progress(Progress(r, start.base_hash, False))
         if time.time() > start.deadline:
@@ -495,7 +533,9 @@ class Agent:
             start, blob, fetch_seconds = job
             with log_context(site=self.cfg.site, round=start.round):
                 try:
+                    self.endpoint.set_state("training", start.round)  # seen in `status` and the round's log
                     self._train_round(start, blob, fetch_seconds)
+                    self.endpoint.set_state("online", start.round)
                 except Exception as err:  # the agent keeps running for the next round
                     reason = f"{type(err).__name__}: {err}"
                     if isinstance(err, RoundFailed):

@@ -19,6 +19,9 @@ SHA256 = r"^[0-9a-f]{64}$"
 Name = Annotated[str, Field(pattern=NAME)]
 Sha256 = Annotated[str, Field(pattern=SHA256)]
 Encoding = Literal["fp32", "fp16", "int8"]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Metric = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Metrics = Annotated[dict[str, Metric], Field(max_length=32)]
 
 
 class MessageError(ValueError):
@@ -77,7 +80,7 @@ class NodeStatus(_Message):
     role: Literal["aggregator", "site"]
     state: Literal["online", "offline", "training", "idle", "failed"]
     round: int | None = None
-    time: float
+    time: Finite
     deployed: str | None = Field(None, max_length=160)  # sites: the model version serving inference
     reason: str = Field("", max_length=300)  # "failed": why this node cannot take part in `round`
 
@@ -92,11 +95,12 @@ class RoundStart(_Message):
     blob: BlobRef
     model: ModelInfo
     training: TrainingInfo
-    deadline: float
+    deadline: Finite
     selected: list[Name] = Field(max_length=10_000)
     evaluate: bool = False
     upload_encoding: Encoding = "fp16"
     upload_compressed: bool = False
+    train: bool = True  # False: the evaluation round after the last one (evaluate, send an EvalReport)
 
 
 class RunEnd(_Message):
@@ -117,11 +121,22 @@ class UpdateManifest(_Message):
     blob: BlobRef
     n_samples: int = Field(ge=1)
     cdw: float = Field(ge=0.0, le=2.0)
-    loss: float
-    train_seconds: float = Field(ge=0)
-    timings: dict[str, float] = Field(default_factory=dict, max_length=32)
-    metrics: dict[str, float] = Field(default_factory=dict, max_length=32)
-    dp_epsilon: float | None = Field(None, ge=0)  # privacy spent so far by this site, when it uses DP
+    loss: Finite
+    train_seconds: Metric
+    timings: dict[str, Metric] = Field(default_factory=dict, max_length=32)
+    metrics: Metrics = Field(default_factory=dict)
+    dp_epsilon: Metric | None = None  # privacy spent so far by this site, when it uses DP
+
+
+class EvalReport(_Message):
+    """A site's evaluation of the model of an evaluation round (``train`` false); empty `metrics`: the
+    site does not evaluate (it has no query/gallery, or evaluation is off there)."""
+
+    kind: Literal["eval"] = "eval"
+    site: Name
+    round: int = Field(ge=0)
+    base_hash: Sha256
+    metrics: Metrics = Field(default_factory=dict)
 
 
 class UpdateAck(_Message):
@@ -129,10 +144,10 @@ class UpdateAck(_Message):
 
     kind: Literal["ack"] = "ack"
     site: Name
-    round: int
-    blob_id: str
+    round: int = Field(ge=0)
+    blob_id: str = Field(pattern=r"^[0-9a-f]{8,64}$")
     accepted: bool
-    reason: str = ""
+    reason: str = Field("", max_length=1000)
 
 
 class Deployment(_Message):
@@ -148,7 +163,7 @@ class Deployment(_Message):
     round: int = Field(ge=-1)
     blob: BlobRef
     contract: dict[str, Any]
-    created: float
+    created: Finite
 
 
 MAX_REQUEST_INDICES = 100_000
@@ -169,7 +184,7 @@ class ChunkRequest(_Message):
 
 
 Message = Annotated[
-    NodeStatus | RoundStart | RunEnd | UpdateManifest | UpdateAck | ChunkRequest | Deployment,
+    NodeStatus | RoundStart | RunEnd | UpdateManifest | EvalReport | UpdateAck | ChunkRequest | Deployment,
     Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)

@@ -8,6 +8,7 @@
 | ``global/resend`` | sites | ChunkRequest for global-model chunks | no |
 | ``sites/<site>/update`` | that site | UpdateManifest | no |
 | ``sites/<site>/chunks`` | that site | chunks of its update blob | no |
+| ``sites/<site>/eval`` | that site | EvalReport (evaluation round after the last one) | no |
 | ``sites/<site>/ack`` | aggregator | UpdateAck | no |
 | ``sites/<site>/resend`` | aggregator | ChunkRequest for that site's chunks | no |
 | ``deploy`` | aggregator | Deployment: the model sites serve inference with | yes |

@@ -1,6 +1,6 @@
 """Conformance: the aggregator against a site written from docs/protocol.md alone. The sending side
-uses paho, json, hashlib, struct and safetensors only (no project code for the wire format), so a
-disagreement between the spec and the code fails here. Each test names the spec rule it pins."""
+uses paho, json, hashlib, struct, safetensors and zstandard only (no project code for the wire
+format), so a disagreement between the spec and the code fails here. Each test names the spec rule it pins."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import paho.mqtt.client as paho
+import zstandard
 from paho.mqtt.enums import CallbackAPIVersion
 from safetensors.numpy import load, save
 
@@ -45,7 +46,7 @@ class SpecSite:
     def __init__(self, url: str) -> None:
         host, port = url.removeprefix("mqtt://").split(":")
         self.round: dict | None = None
-        self.global_chunks: dict[int, bytes] = {}
+        self.global_chunks: dict[str, dict[int, bytes]] = {}  # blob id -> index -> data
         self.acks: list[dict] = []
         self.requests: list[tuple[str, dict]] = []
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"spec-{time.time_ns()}")
@@ -68,7 +69,7 @@ class SpecSite:
         elif msg.topic.endswith("/global/chunks"):
             (length,) = struct.unpack(">I", msg.payload[4:8])
             header = json.loads(msg.payload[8 : 8 + length])
-            self.global_chunks[header["index"]] = msg.payload[8 + length :]
+            self.global_chunks.setdefault(header["blob_id"], {})[header["index"]] = msg.payload[8 + length :]
         elif msg.topic.endswith("/ack"):
             self.acks.append(json.loads(msg.payload))
         else:
@@ -89,13 +90,19 @@ class SpecSite:
         doc = {"schema_version": 1, "kind": "status", "node": site, "role": "site", "state": "online"}
         self.publish(f"status/{site}", json.dumps({**doc, "round": None, "time": time.time()}).encode(), True)
 
-    def delta(self) -> tuple[bytes, str]:
-        """A small fp16 delta of every tensor of the global model (names and shapes from its blob)."""
+    def global_blob(self) -> bytes:
+        """The announced round's global model, from its chunks, checked against the base hash."""
         assert self.round is not None
         ref = self.round["blob"]
-        assert _wait(lambda: len(self.global_chunks) == ref["chunks"])
-        blob = b"".join(self.global_chunks[i] for i in range(ref["chunks"]))
+        assert _wait(lambda: len(self.global_chunks.get(ref["blob_id"], {})) == ref["chunks"])
+        chunks = self.global_chunks[ref["blob_id"]]
+        blob = b"".join(chunks[i] for i in range(ref["chunks"]))
         assert hashlib.sha256(blob).hexdigest() == ref["sha256"] == self.round["base_hash"]
+        return blob
+
+    def delta(self) -> tuple[bytes, str]:
+        """A small fp16 delta of every tensor of the global model (names and shapes from its blob)."""
+        blob = self.global_blob()
         tensors = {
             k: (np.full(v.shape, 0.001, np.float16) if v.dtype.kind == "f" else np.zeros(v.shape, v.dtype))
             for k, v in load(blob).items()
@@ -133,18 +140,25 @@ class SpecSite:
         self.client.disconnect()
 
 
-def test_a_site_written_from_the_spec_takes_part_in_a_round(tmp_path, mosquitto_url):
+def _start(tmp_path, url: str, **settings) -> tuple[Aggregator, SpecSite, threading.Thread]:
+    """An aggregator for one round with spec sites a and b online, once round 0 is announced."""
     cfg = ServeConfig(
-        federation=FED, state_dir=tmp_path, rounds=1, min_sites=2, deadline_s=120, transfer_idle_s=0.5, **TINY
-    )
-    agg = Aggregator(cfg, mosquitto_url)
-    site = SpecSite(mosquitto_url)
+        federation=FED, state_dir=tmp_path, rounds=1, min_sites=2, deadline_s=120, transfer_idle_s=0.5,
+        **settings, **TINY,
+    )  # fmt: skip
+    agg = Aggregator(cfg, url)
+    site = SpecSite(url)
     site.online("a")
     site.online("b")
     thread = threading.Thread(target=agg.run, daemon=True)
     thread.start()
+    assert _wait(lambda: site.round is not None)
+    return agg, site, thread
+
+
+def test_a_site_written_from_the_spec_takes_part_in_a_round(tmp_path, mosquitto_url):
+    agg, site, thread = _start(tmp_path, mosquitto_url)
     try:
-        assert _wait(lambda: site.round is not None)
         assert site.round["selected"] == ["a", "b"]
         delta, blob_id = site.delta()
         count = -(-len(delta) // CHUNK)
@@ -166,11 +180,128 @@ def test_a_site_written_from_the_spec_takes_part_in_a_round(tmp_path, mosquitto_
         site.publish("sites/b/update", site.manifest("b", delta, blob_id))
         site.publish_chunks("b", blob_id, delta, range(count))
         assert _wait(lambda: any(a["site"] == "b" and a["accepted"] for a in site.acks), timeout=30)
+
+        # "after the last round ... RoundStart R (train: false) + the final model's blob"
+        assert _wait(lambda: site.round["round"] == 1, timeout=60)
+        assert site.round["train"] is False and site.round["evaluate"]
+        assert site.round["selected"] == ["a", "b"]
+        base = site.round["base_hash"]
+        assert load(site.global_blob()).keys() == load(delta).keys()
+        # "The evaluation round's manifests are rejected"
+        site.publish("sites/a/update", site.manifest("a", delta, blob_id))
+        assert _wait(lambda: any(a["round"] == 1 and not a["accepted"] for a in site.acks), timeout=30)
+        # "reports for ... another base hash ... are dropped": the aggregator still waits for a's report
+        site.publish("sites/a/eval", report("a", 1, "0" * 64, {"rank1": 99.0}))
+        site.publish("sites/a/eval", report("a", 1, base, {"rank1": 50.0, "mAP": 40.0, "valid_queries": 4}))
+        site.publish("sites/b/eval", report("b", 1, base, {}))  # "{}: this site does not evaluate"
+        thread.join(timeout=60)
+        assert not thread.is_alive()  # every selected site reported: RunEnd without waiting for the deadline
+    finally:
+        agg.stop()
+        site.stop()
+    records = [json.loads(line) for line in (tmp_path / FED / "metrics.jsonl").read_text().splitlines()]
+    summary = next(r for r in records if r.get("kind") == "round")
+    assert summary["accepted"] == ["a", "b"]
+    assert [r["site"] for r in summary["rejected"]] == ["b"] and "topic" in summary["rejected"][0]["reason"]
+    # "record them (round R-1, model "global")"
+    final = [r for r in records if r.get("model") == "global"]
+    scores = {"rank1": 50.0, "mAP": 40.0, "valid_queries": 4}
+    assert final == [{"round": 0, "site": "a", "model": "global", **scores}]
+    evaluation = next(r for r in records if r.get("kind") == "evaluation")
+    assert evaluation["reported"] == ["a", "b"] and evaluation["missing"] == []
+
+
+def report(site: str, round_: int, base_hash: str, metrics: dict) -> bytes:
+    """docs/protocol.md, EvalReport."""
+    doc = {"schema_version": 1, "kind": "eval", "site": site, "round": round_, "base_hash": base_hash}
+    return json.dumps({**doc, "metrics": metrics}).encode()
+
+
+def int8_blob(tensors: dict[str, np.ndarray], compress: bool) -> bytes:
+    """docs/protocol.md, Blobs, the int8 encoder: s = max|x| / 127 (1 for an all-zero tensor),
+    q = clip(round(x / s), -127, 127) as `<name>` (I8) + `<name>::scale` (F32, [1])."""
+    out: dict[str, np.ndarray] = {}
+    for name, x in tensors.items():
+        if x.dtype.kind != "f":
+            out[name] = x
+            continue
+        peak = float(np.abs(x).max()) if x.size else 0.0
+        s = np.float32(peak / 127 if peak > 0 else 1.0)
+        out[name] = np.clip(np.rint(x / s), -127, 127).astype(np.int8)
+        out[name + "::scale"] = np.array([s], np.float32)
+    payload = save(out, metadata={"format": "fedreid-blob/1;encoding=int8"})
+    return zstandard.ZstdCompressor().compress(payload) if compress else payload
+
+
+def test_the_specs_encodings_and_rejections(tmp_path, mosquitto_url):
+    agg, site, thread = _start(tmp_path, mosquitto_url, final_eval=False)
+    try:
+        base = load(site.global_blob())
+        conv = next(k for k in base if k.endswith("conv1.weight"))
+        zero = next(k for k in base if k.endswith("linear.bias"))
+
+        def rejected(topic_site: str, doc: bytes, words: str) -> None:
+            before = len(site.acks)
+            site.publish(f"sites/{topic_site}/update", doc)
+            assert _wait(lambda: len(site.acks) > before, timeout=30)
+            ack = site.acks[-1]
+            assert ack["site"] == topic_site and not ack["accepted"] and words in ack["reason"], ack
+
+        fp16, fp16_id = site.delta()  # 0.001 everywhere
+        rejected("a", site.manifest("a", fp16, fp16_id, round=7), "stale round")
+        rejected("a", site.manifest("a", fp16, fp16_id, base_hash="0" * 64), "base hash")
+        rejected("c", site.manifest("c", fp16, fp16_id), "not selected")
+        too_many = json.loads(site.manifest("a", fp16, fp16_id))
+        too_many["blob"]["chunks"] = len(fp16) // 1024 + 2
+        rejected("a", json.dumps(too_many).encode(), "chunks")
+
+        # "The aggregator answers requests for the current global blob ... only from sites selected"
+        ref = site.round["blob"]
+        site.global_chunks.clear()
+        ask = {"schema_version": 1, "kind": "resend", "blob_id": ref["blob_id"], "indices": [0]}
+        site.publish("global/resend", json.dumps({**ask, "requester": "c"}).encode())
+        time.sleep(2.0)
+        assert not site.global_chunks
+        site.publish("global/resend", json.dumps({**ask, "requester": "a"}).encode())
+        assert _wait(lambda: list(site.global_chunks.get(ref["blob_id"], {})) == [0], timeout=30)
+
+        # "Receivers reject ... NaN/Inf" (the site is told, and may send another update)
+        poisoned = {k: v.copy() for k, v in load(fp16).items()}
+        poisoned[conv][0, 0, 0, 0] = np.nan
+        bad = save(poisoned, metadata={"format": "fedreid-blob/1;encoding=fp16"})
+        bad_id = hashlib.sha256(bad).hexdigest()[:32]
+        site.publish("sites/b/update", site.manifest("b", bad, bad_id))
+        site.publish_chunks("b", bad_id, bad, range(-(-len(bad) // CHUNK)))
+        assert _wait(lambda: any(a["blob_id"] == bad_id and "NaN" in a["reason"] for a in site.acks), 30)
+
+        # a: int8 + zstd, built by the spec's encoder rule; b: the fp16 delta
+        rng = np.random.default_rng(0)
+        tensors = {
+            k: rng.uniform(-0.002, 0.002, v.shape).astype(np.float32)
+            if v.dtype.kind == "f"
+            else np.zeros_like(v)
+            for k, v in base.items()
+        }
+        tensors[zero][:] = 0.0
+        packed = int8_blob(tensors, compress=True)
+        assert packed[:4] == b"\x28\xb5\x2f\xfd"
+        packed_id = hashlib.sha256(packed).hexdigest()[:32]
+        doc = json.loads(site.manifest("a", packed, packed_id))
+        doc["blob"].update(encoding="int8", compressed=True)
+        site.publish("sites/a/update", json.dumps(doc).encode())
+        site.publish_chunks("a", packed_id, packed, range(-(-len(packed) // CHUNK)))
+        site.publish("sites/b/update", site.manifest("b", fp16, fp16_id))
+        site.publish_chunks("b", fp16_id, fp16, range(-(-len(fp16) // CHUNK)))
         thread.join(timeout=60)
         assert not thread.is_alive()
     finally:
         agg.stop()
         site.stop()
-    summary = json.loads((tmp_path / FED / "metrics.jsonl").read_text().splitlines()[-1])
-    assert summary["accepted"] == ["a", "b"]
-    assert [r["site"] for r in summary["rejected"]] == ["b"] and "topic" in summary["rejected"][0]["reason"]
+    decoded = load(zstandard.ZstdDecompressor().decompress(packed))
+    a_conv = decoded[conv].astype(np.float32) * decoded[conv + "::scale"][0]  # "value = q * s"
+    assert decoded[zero + "::scale"][0] == 1.0 and not decoded[zero].any()
+    new = load((tmp_path / FED / "rounds" / "00000" / "global.safetensors").read_bytes())
+    step = np.float32(np.float16(0.001))
+    # equal claims, similar norms: FedPav's mean of the two deltas
+    np.testing.assert_allclose(new[conv], base[conv] + (a_conv + step) / 2, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(new[zero], base[zero] + step / 2, rtol=0, atol=1e-6)

@@ -27,7 +27,7 @@ from export.contract import load_contract
 from protocol.broker import EmbeddedBroker, LocalBroker, find_mosquitto, free_port, parse_url
 from protocol.chunks import parse_chunk, split_blob
 from protocol.codec import decode_state, encode_state
-from protocol.messages import BlobRef, RoundStart, UpdateManifest, encode_message, parse_message
+from protocol.messages import BlobRef, EvalReport, RoundStart, UpdateManifest, encode_message, parse_message
 from protocol.topics import Topics
 from reid.data import InputSpec
 from reid.model import ModelSpec
@@ -74,7 +74,10 @@ def test_three_agent_processes_two_rounds(tiny_federation, tmp_path, any_broker)
     assert all(r["accepted"] == [s.name for s in sites] and not r["rejected"] for r in rounds)
     assert sum(rounds[0]["weights"].values()) == pytest.approx(1.0)
     evaluated = {(r["round"], r["site"]) for r in records if r.get("model") == "global"}
-    assert evaluated == {(r, s.name) for r in (-1, 0) for s in sites}
+    # the initial model and round 0's in the rounds' manifests, the final one in the evaluation round
+    assert evaluated == {(r, s.name) for r in (-1, 0, 1) for s in sites}
+    final = [r for r in records if r.get("kind") == "evaluation"]
+    assert len(final) == 1 and final[0]["round"] == 1 and final[0]["reported"] == [s.name for s in sites]
     root = tmp_path / "cloud" / "e2e" / "rounds"
     init, last = (
         load_file(str(root / "-0001" / "global.safetensors")),
@@ -143,7 +146,7 @@ class Recorder:
 def _check_nothing_private_left_the_sites(messages, sites, edge_dir, shared) -> None:
     """Every byte a site published: only its status, manifests and delta chunks of the shared state."""
     topics = Topics("e2e")
-    allowed = {"update", "chunks"}
+    allowed = {"update", "chunks", "eval"}
     manifest_fields = set(UpdateManifest.model_fields)
     blobs: dict[str, dict[int, bytes]] = {}
     site_payloads = []
@@ -157,9 +160,10 @@ def _check_nothing_private_left_the_sites(messages, sites, edge_dir, shared) -> 
         leaf = topic.rsplit("/", 1)[1]
         assert leaf in allowed, topic
         site_payloads.append(payload)
-        if leaf == "update":
+        if leaf in ("update", "eval"):
             doc = json.loads(payload)
-            assert set(doc) <= manifest_fields, set(doc) - manifest_fields
+            fields = manifest_fields if leaf == "update" else set(EvalReport.model_fields)
+            assert set(doc) <= fields, set(doc) - fields
             assert set(doc["metrics"]) <= {"rank1", "rank5", "rank10", "mAP", "mINP", "valid_queries"}
         else:
             header, data = parse_chunk(payload)
@@ -286,6 +290,7 @@ def test_bad_input_is_rejected_and_valid_updates_are_kept(tmp_path, mosquitto_ur
         min_sites=3,
         deadline_s=60,
         transfer_idle_s=0.5,
+        final_eval=False,  # raw sites do not evaluate
         **TINY,
     )
     agg = Aggregator(cfg, mosquitto_url)
@@ -398,7 +403,7 @@ def test_aggregator_killed_mid_collection_resumes_with_every_acknowledged_update
     config = tmp_path / "cloud.toml"
     config.write_text(
         f'federation = "resume"\nbroker = "{mosquitto_url}"\nstate_dir = "{tmp_path / "state"}"\n'
-        "rounds = 1\nmin_sites = 3\ndeadline_s = 600\nbatch_size = 16\n"
+        "rounds = 1\nmin_sites = 3\ndeadline_s = 600\nbatch_size = 16\nfinal_eval = false\n"
         '[model]\narch = "resnet18"\n[input]\nheight = 64\nwidth = 32\n'
     )
     raw = RawSite(mosquitto_url, topics)
@@ -503,7 +508,13 @@ def test_broker_restart_mid_transfer_completes_after_reconnect(tmp_path):
     topics = Topics("restart")
     broker = LocalBroker(port=port, workdir=tmp_path).start()
     cfg = ServeConfig(
-        federation="restart", state_dir=tmp_path / "state", rounds=1, min_sites=1, deadline_s=300, **TINY
+        federation="restart",
+        state_dir=tmp_path / "state",
+        rounds=1,
+        min_sites=1,
+        deadline_s=300,
+        final_eval=False,
+        **TINY,
     )
     agg = Aggregator(cfg, broker.url)
     got: dict[int, bytes] = {}

@@ -247,6 +247,7 @@ def test_revocation_takes_effect_in_the_aggregator_without_a_restart(provisioned
         federation=FED,
         state_dir=tmp_path / "cloud",
         identity_dir=out / AGGREGATOR,
+        final_eval=False,  # the nodes are hand-driven and do not evaluate
         rounds=2,
         min_sites=2,
         deadline_s=600,

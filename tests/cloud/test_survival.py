@@ -78,7 +78,9 @@ def test_no_site_controls_the_model(tmp_path, mosquitto_url):
     """Weight hijack (10^12 images), a 1e13 constant and a 1e30 constant, from 2 colluding sites of 5:
     every update is acknowledged and aggregated, and the global model moves about as far as in an
     honest round (the defaults: share cap 2/K, clip at 3x the median norm)."""
-    cfg = ServeConfig(federation="caps", state_dir=tmp_path, rounds=2, min_sites=5, deadline_s=60, **TINY)
+    cfg = ServeConfig(
+        federation="caps", state_dir=tmp_path, rounds=2, min_sites=5, deadline_s=60, final_eval=False, **TINY
+    )
     sites = ["a", "b", "c", "x", "y"]
     agg, raw, thread = _start(cfg, mosquitto_url, sites)
     honest_means = []
@@ -130,6 +132,7 @@ def test_hostile_manifests_cannot_stop_or_bloat_the_aggregator(tmp_path, mosquit
         deadline_s=120,
         transfer_idle_s=0.5,
         min_resend_interval_s=1.0,
+        final_eval=False,
         **TINY,
     )
     topics = Topics("bounds")
@@ -231,6 +234,7 @@ def test_round_restart_keeps_accepted_work(tmp_path, mosquitto_url):
         quorum=2,
         deadline_s=3,
         max_extensions=0,
+        final_eval=False,
         **TINY,
     )
     agg, raw, thread = _start(cfg, mosquitto_url, ["a", "b", "c"])
@@ -258,6 +262,7 @@ def test_a_failed_site_is_dropped_at_once_and_disk_stays_bounded(tmp_path, mosqu
         quorum=2,
         deadline_s=120,
         keep_checkpoints=2,
+        final_eval=False,
         **TINY,
     )
     topics = Topics("failed")
@@ -297,7 +302,9 @@ def test_a_failed_site_is_dropped_at_once_and_disk_stays_bounded(tmp_path, mosqu
 
 
 def test_unwritable_state_dir_stops_cleanly_without_acking(tmp_path, mosquitto_url, caplog):
-    cfg = ServeConfig(federation="ro", state_dir=tmp_path, rounds=1, min_sites=1, deadline_s=60, **TINY)
+    cfg = ServeConfig(
+        federation="ro", state_dir=tmp_path, rounds=1, min_sites=1, deadline_s=60, final_eval=False, **TINY
+    )
     agg, raw, thread = _start(cfg, mosquitto_url, ["a"])
     try:
         (tmp_path / "ro" / "rounds" / "00000").mkdir(parents=True, exist_ok=True)

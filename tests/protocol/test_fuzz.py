@@ -17,6 +17,7 @@ from protocol.messages import (
     BlobRef,
     ChunkRequest,
     Deployment,
+    EvalReport,
     MessageError,
     ModelInfo,
     NodeStatus,
@@ -47,6 +48,7 @@ VALID = [
     UpdateManifest(
         site="a", round=2, base_hash=SHA, blob=REF, n_samples=5, cdw=0.5, loss=1.0, train_seconds=1.0
     ),
+    EvalReport(site="a", round=3, base_hash=SHA, metrics={"rank1": 50.0, "mAP": 40.0}),
     UpdateAck(site="a", round=2, blob_id=REF.blob_id, accepted=False, reason="stale"),
     ChunkRequest(requester="a", blob_id=REF.blob_id, indices=[0, 2]),
     Deployment(federation="f", version="f/round-2", round=2, blob=REF, contract={"sha256": SHA}, created=3.0),
