@@ -229,6 +229,7 @@ app.command()(inference_commands.extract)
 app.command()(inference_commands.search)
 app.command()(inference_commands.quantize)
 app.command("build-engine")(inference_commands.build_engine)
+app.command("serve-features")(inference_commands.serve_features)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The camera-side inference commands of `edge-agent`: extract, search, quantize and build-engine.
+"""The camera-side inference commands of `edge-agent`: extract, search, quantize, build-engine and
+serve-features.
 
 They run exported models only (ONNX Runtime or TensorRT through `export.runtime.FeatureExtractor`),
 never PyTorch eager. `--model` takes a model file, or an agent's state folder, meaning the model the
@@ -186,3 +187,40 @@ def build_engine(
         f"{result.path} ({'cached' if result.cached else f'built in {result.seconds:.0f} s'}; "
         f"parity vs ONNX Runtime min cosine {result.min_cosine:.5f})"
     )
+
+
+def serve_features(
+    model_path: Path = ModelOpt,
+    gallery: Path = typer.Option(Path("gallery.db"), help="the gallery file (SQLite; created if missing)"),
+    host: str = typer.Option("127.0.0.1", help="listen address (loopback by default)"),
+    port: int = typer.Option(8080, min=0, max=65535),
+    max_batch: int = typer.Option(32, min=1, help="crops per model run at most"),
+    max_delay_ms: float = typer.Option(5.0, min=0, help="how long a crop waits for others to batch with"),
+    max_queue: int = typer.Option(512, min=1, help="crops waiting at most (beyond: 503 + Retry-After)"),
+    retention_days: float = typer.Option(None, min=0, help="delete gallery entries older than this"),
+) -> None:
+    """Embeddings and gallery search over HTTP (docs/serving.md), with dynamic batching."""
+    import uvicorn
+
+    from edge.feature_service import FeatureService, ServiceConfig, create_app
+    from edge.gallery_store import GalleryStoreError
+    from export.contract import ContractError
+
+    cfg = ServiceConfig(
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        max_delay_ms=max_delay_ms,
+        max_queue=max_queue,
+        retention_s=retention_days * 86400 if retention_days else None,
+    )
+    try:
+        service = FeatureService(resolve_model(model_path), gallery, cfg)
+    except (ContractError, GalleryStoreError, OSError) as err:
+        fail(out, err)
+    ref = service.served.ref
+    out.print(f"serving {ref.version} ({ref.sha256[:12]}) on http://{host}:{port}, gallery {gallery}")
+    try:
+        uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+    finally:
+        service.close()

@@ -41,3 +41,26 @@ def mosquitto_url() -> Iterator[str]:
         pytest.skip(message)
     with LocalBroker() as broker:
         yield broker.url
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_federation, tmp_path_factory):
+    """(model, model.onnx, contract, parity, image paths): a tiny ResNet-18 at 64x32, exported."""
+    import torch
+
+    from export.onnx_export import export_onnx
+    from reid.data import ImageDataset, InputSpec, eval_transform, read_dataset
+    from reid.model import ModelSpec, build_model
+
+    spec = InputSpec(height=64, width=32)
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(arch="resnet18"), 5)
+    paths = [r.path for r in read_dataset(tiny_federation / "sites" / "site01").gallery][:24]
+    images = torch.stack([ImageDataset(paths, eval_transform(spec))[i][0] for i in range(len(paths))])
+    model.train()
+    with torch.no_grad():  # realistic BatchNorm statistics instead of the init values
+        model(images)
+    model.eval()
+    out = tmp_path_factory.mktemp("export") / "model.onnx"
+    contract, parity = export_onnx(model, spec, out, images, version="round-3")
+    return model, out, contract, parity, paths

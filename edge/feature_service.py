@@ -1,0 +1,416 @@
+"""`edge-agent serve-features`: embeddings and gallery search over HTTP at a camera site.
+
+FastAPI on uvicorn (the OpenAPI schema comes with it, GET /openapi.json). Request handlers decode and
+preprocess crops on the server's thread pool (so that work runs in parallel across requests) and queue
+them on one `DynamicBatcher`, which runs the exported model through `export.runtime.FeatureExtractor`.
+The gallery is an `edge.gallery_store.GalleryStore`; when it holds features of another model than the
+one served, it is embedded again in the background from its kept crops, and searches answer 503 until
+that is done (features of two models are never compared).
+
+Endpoints (docs/serving.md): POST /v1/embed, POST|GET|DELETE /v1/gallery, DELETE /v1/gallery/{id},
+POST /v1/search, GET /healthz, /readyz, /metrics (Prometheus). Nothing a client sends can stop the
+service: undecodable or oversized crops are a 4xx naming the problem, a full queue is a 503 with
+Retry-After, and any other failure of one request is a 500 with one log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from PIL import Image, ImageOps
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge.batcher import DynamicBatcher, QueueFull
+from edge.feature_api import (
+    AddResponse,
+    DeleteResponse,
+    EmbedResponse,
+    GalleryInfo,
+    Hit,
+    ModelRef,
+    SearchRequest,
+    SearchResponse,
+)
+from edge.gallery_store import GalleryStore, GalleryStoreError, NewEntry
+from export.runtime import FeatureExtractor
+
+log = logging.getLogger(__name__)
+
+
+class ServiceConfig(BaseModel):
+    """Settings of `edge-agent serve-features`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="listen address (loopback by default)")
+    port: int = Field(8080, ge=0, le=65535, description="listen port (0: any free port)")
+    max_batch: int = Field(32, ge=1, le=4096, description="crops per model run at most")
+    max_delay_ms: float = Field(
+        5.0, ge=0, le=1000, description="how long a crop waits for others to batch with"
+    )
+    max_queue: int = Field(512, ge=1, description="crops waiting at most; beyond: 503 with Retry-After")
+    max_crop_bytes: int = Field(4 << 20, ge=1024, description="largest crop file accepted")
+    max_crop_pixels: int = Field(4096 * 4096, ge=64, description="largest crop (width x height) decoded")
+    max_crops_per_request: int = Field(64, ge=1, description="crops in one request at most")
+    retention_s: float | None = Field(None, gt=0, description="delete gallery entries older than this")
+
+
+class CropError(ValueError):
+    """A crop a client sent cannot be used; the text names it and why."""
+
+
+@dataclass(frozen=True)
+class Served:
+    extractor: FeatureExtractor
+
+    @property
+    def ref(self) -> ModelRef:
+        c = self.extractor.contract
+        return ModelRef(version=c.version, sha256=c.sha256)
+
+
+class Metrics:
+    """The service's Prometheus series, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "fedreid_edge_requests", "HTTP requests by endpoint and status", ["endpoint", "code"], registry=r
+        )
+        self.latency = Histogram(
+            "fedreid_edge_request_seconds", "HTTP request latency", ["endpoint"], registry=r
+        )
+        self.batch_size = Histogram(
+            "fedreid_edge_batch_size",
+            "crops per model run",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.batch_seconds = Histogram("fedreid_edge_batch_seconds", "seconds per model run", registry=r)
+        self.crops = Counter("fedreid_edge_crops", "crops embedded", registry=r)
+        self.rejected = Counter(
+            "fedreid_edge_rejected", "requests refused, by reason", ["reason"], registry=r
+        )
+        self.queue = Gauge("fedreid_edge_queue_crops", "crops waiting for the model", registry=r)
+        self.gallery = Gauge("fedreid_edge_gallery_entries", "entries in the gallery", registry=r)
+        self.model = Gauge("fedreid_edge_model_info", "the served model", ["version", "sha256"], registry=r)
+
+
+def decode_crop(data: bytes, index: int, cfg: ServiceConfig) -> Image.Image:
+    if not data:
+        raise CropError(f"crop {index}: empty")
+    if len(data) > cfg.max_crop_bytes:
+        raise CropError(f"crop {index}: {len(data)} bytes, more than {cfg.max_crop_bytes}")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > cfg.max_crop_pixels:
+                raise CropError(
+                    f"crop {index}: {img.width}x{img.height} pixels, more than {cfg.max_crop_pixels}"
+                )
+            return ImageOps.exif_transpose(img).convert("RGB")
+    except CropError:
+        raise
+    except Exception as err:  # PIL raises many kinds for hostile bytes
+        raise CropError(f"crop {index}: not a decodable image ({type(err).__name__}: {err})") from None
+
+
+class FeatureService:
+    def __init__(self, model: Path, gallery: Path, cfg: ServiceConfig) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.served = Served(FeatureExtractor(model, batch_size=cfg.max_batch))
+        self.metrics.model.labels(self.served.ref.version, self.served.ref.sha256).set(1)
+        self.store = GalleryStore(gallery, self.served.extractor.contract.output_dim)
+        self.metrics.gallery.set(len(self.store))
+        self.batcher = DynamicBatcher(
+            self._run, cfg.max_batch, cfg.max_delay_ms, cfg.max_queue, on_batch=self._observe_batch
+        )
+        self.reindexing = threading.Event()
+        self.stopping = threading.Event()
+        if len(self.store) and self.store.model_sha256 != self.served.ref.sha256:
+            self.reindexing.set()
+            threading.Thread(target=self._reindex, name="reindex", daemon=True).start()
+        if cfg.retention_s:
+            threading.Thread(target=self._retention, name="retention", daemon=True).start()
+
+    # -- model ---------------------------------------------------------------------------------------
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, Served]:
+        served = self.served
+        return served.extractor.run(batch), served
+
+    def _observe_batch(self, size: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(size)
+        self.metrics.batch_seconds.observe(seconds)
+        self.metrics.crops.inc(size)
+
+    async def embed(self, crops: list[bytes]) -> tuple[np.ndarray, Served]:
+        """Features of the crops, through the batcher. CropError / QueueFull for what cannot be done."""
+        if not crops:
+            raise CropError("no crop in the request")
+        if len(crops) > self.cfg.max_crops_per_request:
+            raise CropError(f"{len(crops)} crops in one request, more than {self.cfg.max_crops_per_request}")
+
+        def prepare() -> np.ndarray:
+            images = [decode_crop(data, i, self.cfg) for i, data in enumerate(crops)]
+            return self.served.extractor.preprocess(images)
+
+        batch = await run_in_threadpool(prepare)
+        future = self.batcher.submit(batch)
+        self.metrics.queue.set(self.batcher.queued)
+        return await asyncio.wrap_future(future)
+
+    # -- gallery -------------------------------------------------------------------------------------
+    def _reindex(self) -> None:
+        """Embed the gallery again with the served model from its kept crops; swap in one transaction."""
+        served = self.served
+        log.info("gallery of model %s: embedding %d entries again with %s", self.store.model_version,
+                 len(self.store), served.ref.version)  # fmt: skip
+        ids, feats, after = [], [], 0
+        try:
+            while rows := self.store.crops(after, limit=self.cfg.max_batch):
+                after = rows[-1][0]
+                good = []
+                for entry_id, crop in rows:
+                    try:
+                        good.append((entry_id, decode_crop(crop, entry_id, self.cfg)))
+                    except CropError as err:  # kept crops were decodable when added: the file is damaged
+                        log.warning("gallery entry %d not embedded again: %s", entry_id, err)
+                if good:
+                    ids.extend(i for i, _ in good)
+                    feats.append(served.extractor(list(img for _, img in good)))
+                if self.stopping.is_set():
+                    return
+            features = np.concatenate(feats) if feats else np.zeros((0, self.store.dim), np.float32)
+            self.store.replace_features(
+                np.array(ids, np.int64), features, (served.ref.version, served.ref.sha256)
+            )
+            log.info("gallery embedded again: %d entries, model %s", len(ids), served.ref.version)
+        finally:
+            self.reindexing.clear()
+
+    def _retention(self) -> None:
+        while not self.stopping.wait(60.0):
+            self.delete_older_than(time.time() - float(self.cfg.retention_s or 0))
+
+    def delete_older_than(self, cutoff: float) -> int:
+        gone = self.store.delete_older_than(cutoff)
+        self.metrics.gallery.set(len(self.store))
+        if gone:
+            log.info("retention: %d gallery entries captured before %.0f deleted", gone, cutoff)
+        return gone
+
+    def gallery_ref(self) -> ModelRef | None:
+        return (
+            ModelRef(version=self.store.model_version, sha256=self.store.model_sha256)
+            if len(self.store)
+            else None
+        )
+
+    def ready(self) -> tuple[bool, str]:
+        if self.reindexing.is_set():
+            return False, "the gallery is being embedded again with the served model"
+        if len(self.store) and self.store.model_sha256 != self.served.ref.sha256:
+            return False, "the gallery holds another model's features"
+        return True, "ready"
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.batcher.close()
+        self.store.close()
+
+
+async def _crops_of(request: Request) -> list[bytes]:
+    """The crops of a request: one raw image body, or the file parts of a multipart form."""
+    kind = request.headers.get("content-type", "")
+    if kind.startswith("multipart/form-data"):
+        form = await request.form()
+        return [await part.read() for _, part in form.multi_items() if hasattr(part, "read")]
+    return [await request.body()]
+
+
+def _problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def create_app(service: FeatureService) -> FastAPI:
+    # (no /docs page: it fetches its assets from a CDN, and camera sites are often offline)
+    app = FastAPI(title="FedReID Edge feature service", version="1", docs_url=None, redoc_url=None)
+    m = service.metrics
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        clock = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception as err:  # one request failed; the service goes on
+            log.exception("%s %s failed: %s", request.method, request.url.path, err)
+            response = _problem(500, f"internal error: {type(err).__name__}")
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "other")
+        m.requests.labels(endpoint, str(response.status_code)).inc()
+        m.latency.labels(endpoint).observe(time.perf_counter() - clock)
+        return response
+
+    @app.exception_handler(CropError)
+    async def crop_error(request: Request, err: CropError) -> JSONResponse:
+        m.rejected.labels("bad_crop").inc()
+        too_big = "more than" in str(err)
+        return _problem(413 if too_big else 400, str(err))
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, err: QueueFull) -> JSONResponse:
+        m.rejected.labels("queue_full").inc()
+        retry = max(1, round(err.retry_after + 0.5))
+        return _problem(503, str(err), {"Retry-After": str(retry)})
+
+    @app.exception_handler(GalleryStoreError)
+    async def gallery_error(request: Request, err: GalleryStoreError) -> JSONResponse:
+        return _problem(409, str(err))
+
+    @app.post("/v1/embed", response_model=EmbedResponse)
+    async def embed(request: Request) -> EmbedResponse:
+        """L2-normalised features of one crop (raw JPEG/PNG body) or many (multipart file parts)."""
+        features, served = await service.embed(await _crops_of(request))
+        return EmbedResponse(model=served.ref, features=features.tolist())
+
+    @app.post("/v1/gallery", response_model=AddResponse)
+    async def add(
+        request: Request,
+        camera: str = Query("", max_length=200),
+        capture_time: float | None = Query(None, alias="time", description="Unix seconds (default: now)"),
+        track: str = Query("", max_length=200),
+        labels: str = Query("{}", max_length=4000, description="a JSON object of string labels"),
+    ) -> AddResponse:
+        """Add crops (raw body or multipart) with their metadata; the ids, in order."""
+        try:
+            tags = json.loads(labels)
+            if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
+                raise ValueError
+        except ValueError:
+            raise HTTPException(422, "labels: a JSON object of string values") from None
+        if service.reindexing.is_set():
+            raise HTTPException(503, "the gallery is being embedded again; add later", {"Retry-After": "5"})
+        crops = await _crops_of(request)
+        features, served = await service.embed(crops)
+        when = time.time() if capture_time is None else capture_time
+        entries = [NewEntry(c, camera, when, track, tags) for c in crops]
+        ids = await run_in_threadpool(
+            service.store.add, entries, features, (served.ref.version, served.ref.sha256)
+        )
+        m.gallery.set(len(service.store))
+        return AddResponse(ids=ids, model=served.ref)
+
+    @app.get("/v1/gallery", response_model=GalleryInfo)
+    async def gallery_info() -> GalleryInfo:
+        return GalleryInfo(
+            entries=len(service.store), model=service.gallery_ref(), reindexing=service.reindexing.is_set()
+        )
+
+    @app.delete("/v1/gallery/{entry_id}", response_model=DeleteResponse)
+    async def delete_one(entry_id: int) -> DeleteResponse:
+        deleted = await run_in_threadpool(service.store.delete, [entry_id])
+        m.gallery.set(len(service.store))
+        if not deleted:
+            raise HTTPException(404, f"no gallery entry {entry_id}")
+        return DeleteResponse(deleted=deleted)
+
+    @app.delete("/v1/gallery", response_model=DeleteResponse)
+    async def delete_old(
+        older_than_s: float = Query(..., ge=0, description="delete entries captured more than this ago"),
+    ) -> DeleteResponse:
+        return DeleteResponse(
+            deleted=await run_in_threadpool(service.delete_older_than, time.time() - older_than_s)
+        )
+
+    @app.post("/v1/search", response_model=SearchResponse)
+    async def search(
+        request: Request,
+        top_k: int = Query(10, ge=1, le=1000),
+        camera: list[str] = Query([], description="only these cameras (repeat the parameter)"),
+        since: float | None = Query(None),
+        until: float | None = Query(None),
+    ) -> SearchResponse:
+        """Top-k gallery entries for a crop (raw image body) or a feature (JSON SearchRequest)."""
+        ok, why = service.ready()
+        if not ok:
+            raise HTTPException(503, why, {"Retry-After": "5"})
+        if request.headers.get("content-type", "").startswith("application/json"):
+            try:
+                query = SearchRequest.model_validate_json(await request.body())
+            except ValueError as err:
+                raise HTTPException(422, f"search request: {str(err).splitlines()[0]}") from None
+            served = service.served
+            if query.model_sha256 is not None and query.model_sha256 != service.store.model_sha256:
+                raise HTTPException(409, "the feature was made by another model than the gallery's")
+            feature = np.asarray(query.feature, np.float32)
+            if feature.shape != (service.store.dim,):
+                raise HTTPException(
+                    422, f"feature of {feature.size} values; the model gives {service.store.dim}"
+                )
+            feature = feature / max(float(np.linalg.norm(feature)), 1e-12)
+            top_k, camera, since, until = query.top_k, query.cameras, query.since, query.until
+        else:
+            features, served = await service.embed(await _crops_of(request))
+            feature = features[0]
+            if len(service.store) and served.ref.sha256 != service.store.model_sha256:
+                raise HTTPException(503, "the model changed; the gallery is being embedded again")
+        found = await run_in_threadpool(service.store.search, feature[None], top_k, camera, since, until)
+        entries = service.store.entries([i for i, _ in found[0]])
+        hits = [
+            Hit(score=score, **entries[i].__dict__) for i, score in found[0] if i in entries
+        ]  # (an entry deleted meanwhile is left out)
+        return SearchResponse(model=service.gallery_ref() or served.ref, hits=hits)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        ok, why = service.ready()
+        body = {"ready": ok, "detail": why, "model": service.served.ref.model_dump()}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        m.queue.set(service.batcher.queued)
+        return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+@contextlib.contextmanager
+def running(service: FeatureService, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """The service on a uvicorn server in a thread of this process; yields its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the feature service did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

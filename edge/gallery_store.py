@@ -1,0 +1,232 @@
+"""A camera site's gallery on disk: crops, their metadata and their features, in one SQLite file.
+
+SQLite (stdlib, WAL journal) makes every add and delete one atomic transaction, so a crash loses at most
+the request in flight and never leaves a half-written gallery; nothing is pickled (features are raw
+float32 bytes, labels JSON). Each entry keeps its crop (as sent, JPEG/PNG) so the gallery can be
+embedded again when the model changes, and the gallery records which model made its features
+(`model_sha256`): features of two models are never compared.
+
+Search is exact cosine similarity (features are L2-normalised) over an in-memory float32 matrix, in
+blocks of `BLOCK` rows with a running top-k, so its temporary memory does not grow with the gallery.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+BLOCK = 65536  # gallery rows per block of the similarity product
+
+
+def _blob(feature: np.ndarray) -> bytes:
+    return np.ascontiguousarray(feature, np.float32).tobytes()
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    camera TEXT NOT NULL,
+    time REAL NOT NULL,
+    track TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    crop BLOB NOT NULL,
+    feature BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_time ON entries (time);
+"""
+
+
+_INSERT = "INSERT INTO entries (camera, time, track, labels, crop, feature) VALUES (?, ?, ?, ?, ?, ?)"
+
+
+class GalleryStoreError(ValueError):
+    """The gallery cannot do what was asked (wrong feature size, another model's features)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: int
+    camera: str
+    time: float
+    track: str
+    labels: dict[str, str]
+
+
+@dataclass(frozen=True)
+class NewEntry:
+    crop: bytes
+    camera: str = ""
+    time: float = 0.0
+    track: str = ""
+    labels: dict[str, str] | None = None
+
+
+class GalleryStore:
+    def __init__(self, path: Path, dim: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.dim = dim
+        self.lock = threading.RLock()
+        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+        self._load()
+
+    # -- in-memory index -------------------------------------------------------------------------------
+    def _load(self) -> None:
+        rows = self.db.execute("SELECT id, camera, time, feature FROM entries ORDER BY id").fetchall()
+        self.ids = np.array([r[0] for r in rows], dtype=np.int64)
+        self.cameras = np.array([r[1] for r in rows], dtype=object)
+        self.times = np.array([r[2] for r in rows], dtype=np.float64)
+        feats = [np.frombuffer(r[3], dtype=np.float32) for r in rows]
+        if any(len(f) != self.dim for f in feats):
+            raise GalleryStoreError(f"{self.path}: features of another size than {self.dim}")
+        self.features = np.stack(feats) if feats else np.zeros((0, self.dim), np.float32)
+
+    @property
+    def model_sha256(self) -> str:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'model_sha256'").fetchone()
+        return row[0] if row else ""
+
+    @property
+    def model_version(self) -> str:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'model_version'").fetchone()
+        return row[0] if row else ""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    # -- changes (each one transaction) ----------------------------------------------------------------
+    def add(self, entries: list[NewEntry], features: np.ndarray, model: tuple[str, str]) -> list[int]:
+        """Store entries with their features, made by `model` = (version, sha256); the ids, in order."""
+        if features.shape != (len(entries), self.dim):
+            raise GalleryStoreError(f"{features.shape} features for {len(entries)} crops of {self.dim}-d")
+        version, sha = model
+        with self.lock:
+            if len(self) and self.model_sha256 != sha:
+                raise GalleryStoreError(
+                    f"the gallery holds features of model {self.model_version} ({self.model_sha256[:12]}), "
+                    f"not of {version} ({sha[:12]})"
+                )
+            ids = []
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self._set_model(version, sha)
+                for e, f in zip(entries, features, strict=True):
+                    row = (e.camera, e.time, e.track, json.dumps(e.labels or {}), e.crop, _blob(f))
+                    cur = self.db.execute(_INSERT, row)
+                    ids.append(int(cur.lastrowid))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.ids = np.concatenate([self.ids, np.array(ids, np.int64)])
+            self.cameras = np.concatenate([self.cameras, np.array([e.camera for e in entries], dtype=object)])
+            self.times = np.concatenate([self.times, np.array([e.time for e in entries], np.float64)])
+            self.features = np.concatenate([self.features, features.astype(np.float32)])
+            return ids
+
+    def _set_model(self, version: str, sha: str) -> None:
+        for key, value in (("model_version", version), ("model_sha256", sha)):
+            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def delete(self, ids: list[int]) -> int:
+        with self.lock:
+            self.db.executemany("DELETE FROM entries WHERE id = ?", [(int(i),) for i in ids])
+            keep = ~np.isin(self.ids, np.array(ids, np.int64))
+            return self._keep(keep)
+
+    def delete_older_than(self, cutoff: float) -> int:
+        """Retention: delete every entry captured before `cutoff` (Unix seconds)."""
+        with self.lock:
+            self.db.execute("DELETE FROM entries WHERE time < ?", (cutoff,))
+            return self._keep(self.times >= cutoff)
+
+    def _keep(self, keep: np.ndarray) -> int:
+        gone = int((~keep).sum())
+        self.ids, self.cameras, self.times = self.ids[keep], self.cameras[keep], self.times[keep]
+        self.features = self.features[keep]
+        return gone
+
+    # -- reading ---------------------------------------------------------------------------------------
+    def entries(self, ids: list[int]) -> dict[int, Entry]:
+        with self.lock:
+            marks = ",".join("?" * len(ids))
+            rows = self.db.execute(
+                f"SELECT id, camera, time, track, labels FROM entries WHERE id IN ({marks})", ids
+            ).fetchall()
+        return {r[0]: Entry(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows}
+
+    def search(
+        self,
+        queries: np.ndarray,
+        top_k: int = 10,
+        cameras: list[str] | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> list[list[tuple[int, float]]]:
+        """Per query, the top-k (id, cosine similarity), best first, among entries that pass the filters
+        (camera in `cameras`, `since` <= time <= `until`)."""
+        with self.lock:
+            ids, feats, cams, times = self.ids, self.features, self.cameras, self.times
+        mask = np.ones(len(ids), dtype=bool)
+        if cameras:
+            mask &= np.isin(cams, np.array(cameras, dtype=object))
+        if since is not None:
+            mask &= times >= since
+        if until is not None:
+            mask &= times <= until
+        best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+        best_rows = np.zeros((len(queries), 0), np.int64)
+        for start in range(0, len(ids), BLOCK):
+            rows = np.flatnonzero(mask[start : start + BLOCK]) + start
+            if not len(rows):
+                continue
+            sims = queries @ feats[rows].T
+            scores = np.concatenate([best_scores, sims], axis=1)
+            cand = np.concatenate([best_rows, np.broadcast_to(rows, sims.shape)], axis=1)
+            k = min(top_k, scores.shape[1])
+            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            best_scores = np.take_along_axis(scores, part, axis=1)
+            best_rows = np.take_along_axis(cand, part, axis=1)
+        out = []
+        for scores, rows in zip(best_scores, best_rows, strict=True):
+            order = np.lexsort((rows, -scores))  # best first, ties by gallery order
+            out.append([(int(ids[rows[i]]), float(scores[i])) for i in order])
+        return out
+
+    def crops(self, after_id: int = 0, limit: int = 256) -> list[tuple[int, bytes]]:
+        """(id, crop) of entries with an id above `after_id`, in id order (for embedding again)."""
+        with self.lock:
+            return self.db.execute(
+                "SELECT id, crop FROM entries WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
+            ).fetchall()
+
+    def replace_features(self, ids: np.ndarray, features: np.ndarray, model: tuple[str, str]) -> None:
+        """The gallery embedded again by `model`: every feature and the model, in one transaction (a crash
+        before it leaves the old model's gallery whole). Entries deleted meanwhile stay deleted."""
+        version, sha = model
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.executemany(
+                    "UPDATE entries SET feature = ? WHERE id = ?",
+                    [(_blob(f), int(i)) for i, f in zip(ids, features, strict=True)],
+                )
+                self._set_model(version, sha)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self._load()
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()

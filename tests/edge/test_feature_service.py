@@ -1,0 +1,209 @@
+"""The camera site's feature service on real sockets (uvicorn in a thread, the typed client and raw
+HTTP): the same features as the extractor, batches that form under concurrency, gallery and search with
+filters, retention, bad input, back-pressure, and a gallery that follows a new model."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edge.client import FeatureClient, ServiceError
+from edge.feature_service import FeatureService, ServiceConfig, running
+from export.onnx_export import export_onnx
+from export.runtime import FeatureExtractor
+from reid.data import ImageDataset, InputSpec, eval_transform
+from reid.model import ModelSpec, build_model
+
+JSON = {"content-type": "application/json"}
+
+
+def _metric(url: str, name: str) -> float:
+    """A sample of the Prometheus exposition (sum of all label sets)."""
+    text = httpx.get(f"{url}/metrics").text
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ") or
+              line.startswith(name + "{")]  # fmt: skip
+    return sum(values)
+
+
+@pytest.fixture
+def crops(exported) -> list[bytes]:
+    return [p.read_bytes() for p in exported[4][:12]]
+
+
+def test_embed_batches_concurrent_clients_and_matches_the_extractor(exported, crops, tmp_path):
+    model_path = exported[1]
+    cfg = ServiceConfig(max_batch=16, max_delay_ms=30)
+    service = FeatureService(model_path, tmp_path / "gallery.db", cfg)
+    expected = FeatureExtractor(model_path)([Image.open(io.BytesIO(c)) for c in crops])
+    try:
+        with running(service) as url:
+            assert httpx.get(f"{url}/healthz").status_code == 200
+            assert httpx.get(f"{url}/readyz").json()["ready"]
+
+            def one(i: int) -> np.ndarray:
+                with FeatureClient(url) as client:
+                    got = client.embed([crops[i % len(crops)]])
+                    assert got.model.sha256 == exported[2].sha256
+                    return np.asarray(got.features[0], np.float32)
+
+            with ThreadPoolExecutor(16) as pool:
+                results = list(pool.map(one, range(48)))
+            for i, feature in enumerate(results):
+                np.testing.assert_allclose(feature, expected[i % len(crops)], atol=1e-4)
+            batches = _metric(url, "fedreid_edge_batch_size_count")
+            crops_run = _metric(url, "fedreid_edge_batch_size_sum")
+            assert crops_run == 48 and batches < 48 / 2  # batches formed: more than 2 crops per model run
+            assert _metric(url, "fedreid_edge_requests_total") >= 48
+            openapi = httpx.get(f"{url}/openapi.json").json()
+            assert {"/v1/embed", "/v1/gallery", "/v1/search"} <= set(openapi["paths"])
+    finally:
+        service.close()
+
+
+def test_gallery_search_filters_deletion_and_retention(exported, crops, tmp_path):
+    service = FeatureService(exported[1], tmp_path / "gallery.db", ServiceConfig())
+    now = time.time()
+    try:
+        with running(service) as url, FeatureClient(url) as client:
+            a = client.add(crops[:6], camera="cam-a", time=now - 10, track="7", labels={"colour": "red"})
+            b = client.add(crops[6:10], camera="cam-b", time=now - 5000)
+            assert len(a) == 6 and len(b) == 4 and client.gallery().entries == 10
+            hit = client.search(crop=crops[7], top_k=3).hits[0]  # itself, from the other camera
+            assert hit.id == b[1] and hit.score > 0.999 and hit.camera == "cam-b"
+            only_a = client.search(crop=crops[7], top_k=20, cameras=["cam-a"]).hits
+            assert {h.id for h in only_a} == set(a) and only_a[0].labels == {"colour": "red"}
+            assert [h.score for h in only_a] == sorted((h.score for h in only_a), reverse=True)
+            recent = client.search(crop=crops[0], top_k=20, since=now - 60).hits
+            assert {h.id for h in recent} == set(a)
+            feature = client.embed([crops[2]]).features[0]
+            by_feature = client.search(feature=feature, top_k=1, model_sha256=exported[2].sha256)
+            assert by_feature.hits[0].id == a[2] and by_feature.model.sha256 == exported[2].sha256
+            assert client.delete(a[2]) == 1
+            assert a[2] not in {h.id for h in client.search(feature=feature, top_k=10).hits}
+            with pytest.raises(ServiceError) as missing:
+                client.delete(a[2])
+            assert missing.value.status == 404
+            assert client.delete_older_than(3600) == 4  # retention by capture time: camera b's
+            assert client.gallery().entries == 5
+    finally:
+        service.close()
+    again = FeatureService(exported[1], tmp_path / "gallery.db", ServiceConfig())  # on disk: survives
+    try:
+        assert len(again.store) == 5 and again.ready() == (True, "ready")
+    finally:
+        again.close()
+
+
+def test_bad_input_is_a_clear_4xx_and_the_service_goes_on(exported, crops, tmp_path):
+    cfg = ServiceConfig(max_crop_pixels=100 * 100, max_crops_per_request=4, max_crop_bytes=200_000)
+    service = FeatureService(exported[1], tmp_path / "gallery.db", cfg)
+    big = io.BytesIO()
+    Image.new("1", (400, 400)).save(big, "PNG")  # a small file of many pixels
+    try:
+        with running(service) as url:
+            post = lambda path, **kw: httpx.post(f"{url}{path}", **kw)  # noqa: E731
+            cases = [
+                (post("/v1/embed", content=b"not an image"), 400, "crop 0: not a decodable image"),
+                (post("/v1/embed", content=b""), 400, "crop 0: empty"),
+                (post("/v1/embed", content=crops[0][:200]), 400, "not a decodable image"),
+                (post("/v1/embed", content=big.getvalue()), 413, "400x400 pixels"),
+                (post("/v1/embed", content=b"x" * 300_000), 413, "300000 bytes"),
+                (post("/v1/embed", files=[("c", c) for c in crops[:5]]), 413, "5 crops in one request"),
+                (post("/v1/search", json={"feature": [0.1] * 7}), 422, "feature of 7 values"),
+                (post("/v1/search", content=b'{"feature": [NaN]}', headers=JSON), 422, "search request"),
+                (post("/v1/gallery", params={"labels": "[1]"}, content=crops[0]), 422, "labels"),
+            ]  # fmt: skip
+            for response, status, words in cases:
+                assert response.status_code == status and words in response.json()["detail"], response.text
+            assert httpx.get(f"{url}/healthz").status_code == 200
+            good = post("/v1/embed", content=crops[0])
+            assert good.status_code == 200 and len(good.json()["features"][0]) == exported[2].output_dim
+            assert _metric(url, "fedreid_edge_rejected_total") >= 6
+    finally:
+        service.close()
+
+
+def test_a_full_queue_answers_503_with_retry_after(exported, crops, tmp_path):
+    cfg = ServiceConfig(max_batch=2, max_delay_ms=0, max_queue=2)
+    service = FeatureService(exported[1], tmp_path / "gallery.db", cfg)
+    slow = service.batcher.run
+
+    def slower(batch):
+        time.sleep(0.2)
+        return slow(batch)
+
+    service.batcher.run = slower  # the model is the bottleneck: requests pile up
+    try:
+        with running(service) as url:
+            with ThreadPoolExecutor(12) as pool:
+                answers = list(pool.map(lambda c: httpx.post(f"{url}/v1/embed", content=c), crops * 2))
+            codes = [a.status_code for a in answers]
+            assert set(codes) == {200, 503}, codes
+            refused = next(a for a in answers if a.status_code == 503)
+            assert int(refused.headers["retry-after"]) >= 1 and "queue full" in refused.json()["detail"]
+            with FeatureClient(url, retries=20) as client:  # the client waits as told, and gets through
+                assert len(client.embed([crops[0]]).features) == 1
+    finally:
+        service.close()
+
+
+def test_the_gallery_follows_a_new_model(exported, crops, tmp_path):
+    first = FeatureService(exported[1], tmp_path / "gallery.db", ServiceConfig())
+    try:
+        with running(first) as url, FeatureClient(url) as client:
+            ids = client.add(crops[:8], camera="cam-a")
+    finally:
+        first.close()
+    torch.manual_seed(5)  # the federation deploys another model
+    other = build_model(ModelSpec(arch="resnet18"), 5).eval()
+    spec = InputSpec(height=64, width=32)
+    images = torch.stack([ImageDataset(exported[4], eval_transform(spec))[i][0] for i in range(8)])
+    new_path = tmp_path / "new.onnx"
+    new_contract, _ = export_onnx(other, spec, new_path, images, version="round-9")
+    second = FeatureService(new_path, tmp_path / "gallery.db", ServiceConfig())
+    try:
+        with running(second) as url, FeatureClient(url) as client:
+            deadline = time.monotonic() + 60
+            while not client.ready():
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            info = client.gallery()
+            assert info.model.sha256 == new_contract.sha256 and info.entries == 8 and not info.reindexing
+            found = client.search(crop=crops[3], top_k=1)
+            assert found.model.version == "round-9"
+            assert found.hits[0].id == ids[3] and found.hits[0].score > 0.999
+        expected = FeatureExtractor(new_path)([Image.open(io.BytesIO(c)) for c in crops[:8]])
+        np.testing.assert_allclose(second.store.features, expected, atol=1e-4)  # no feature of the old model
+    finally:
+        second.close()
+
+
+def test_one_failing_batch_fails_its_requests_only(exported, crops, tmp_path):
+    service = FeatureService(exported[1], tmp_path / "gallery.db", ServiceConfig(max_delay_ms=0))
+    real = service.batcher.run
+    calls = {"n": 0}
+    lock = threading.Lock()
+
+    def flaky(batch):
+        with lock:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("device lost")
+        return real(batch)
+
+    service.batcher.run = flaky
+    try:
+        with running(service) as url:
+            first = httpx.post(f"{url}/v1/embed", content=crops[0])
+            assert first.status_code == 500 and "RuntimeError" in first.json()["detail"]
+            assert httpx.post(f"{url}/v1/embed", content=crops[0]).status_code == 200
+    finally:
+        service.close()
