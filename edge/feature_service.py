@@ -46,7 +46,7 @@ from edge.feature_api import (
     SearchRequest,
     SearchResponse,
 )
-from edge.gallery_store import GalleryStore, GalleryStoreError, NewEntry
+from edge.gallery_store import GalleryStore, GalleryStoreError, NewEntry, OtherModel
 from export.runtime import FeatureExtractor
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,12 @@ class ServiceConfig(BaseModel):
     max_crop_pixels: int = Field(4096 * 4096, ge=64, description="largest crop (width x height) decoded")
     max_crops_per_request: int = Field(64, ge=1, description="crops in one request at most")
     retention_s: float | None = Field(None, gt=0, description="delete gallery entries older than this")
+    follow_every_s: float = Field(2.0, gt=0, description="how often a followed agent's deployment is checked")
+
+
+def _preprocessing(served: Served) -> tuple:
+    c = served.extractor.contract
+    return (c.input_name, c.height, c.width, tuple(c.mean), tuple(c.std), c.scale)
 
 
 class CropError(ValueError):
@@ -131,11 +137,12 @@ def decode_crop(data: bytes, index: int, cfg: ServiceConfig) -> Image.Image:
 
 
 class FeatureService:
-    def __init__(self, model: Path, gallery: Path, cfg: ServiceConfig) -> None:
+    def __init__(self, model: Path, gallery: Path, cfg: ServiceConfig, follow: Path | None = None) -> None:
+        """`follow`: an agent's state folder; the service then adopts each model deployed there."""
         self.cfg = cfg
         self.metrics = Metrics()
         self.served = Served(FeatureExtractor(model, batch_size=cfg.max_batch))
-        self.metrics.model.labels(self.served.ref.version, self.served.ref.sha256).set(1)
+        self._show_model()
         self.store = GalleryStore(gallery, self.served.extractor.contract.output_dim)
         self.metrics.gallery.set(len(self.store))
         self.batcher = DynamicBatcher(
@@ -143,13 +150,20 @@ class FeatureService:
         )
         self.reindexing = threading.Event()
         self.stopping = threading.Event()
+        self.rejected_sha = ""  # a deployed model that could not be adopted (not tried again)
         if len(self.store) and self.store.model_sha256 != self.served.ref.sha256:
-            self.reindexing.set()
-            threading.Thread(target=self._reindex, name="reindex", daemon=True).start()
+            self.reindexing.set()  # (no model of the gallery's is loaded: searches wait for this)
+            threading.Thread(target=self._adopt, args=(self.served,), name="reindex", daemon=True).start()
+        if follow is not None:
+            threading.Thread(target=self._follow, args=(follow,), name="follow", daemon=True).start()
         if cfg.retention_s:
             threading.Thread(target=self._retention, name="retention", daemon=True).start()
 
     # -- model ---------------------------------------------------------------------------------------
+    def _show_model(self) -> None:
+        self.metrics.model.clear()
+        self.metrics.model.labels(self.served.ref.version, self.served.ref.sha256).set(1)
+
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray, Served]:
         served = self.served
         return served.extractor.run(batch), served
@@ -160,47 +174,95 @@ class FeatureService:
         self.metrics.crops.inc(size)
 
     async def embed(self, crops: list[bytes]) -> tuple[np.ndarray, Served]:
-        """Features of the crops, through the batcher. CropError / QueueFull for what cannot be done."""
+        """Features of the crops, through the batcher, with the model that made them. CropError /
+        QueueFull for what cannot be done."""
         if not crops:
             raise CropError("no crop in the request")
         if len(crops) > self.cfg.max_crops_per_request:
             raise CropError(f"{len(crops)} crops in one request, more than {self.cfg.max_crops_per_request}")
+        images = await run_in_threadpool(
+            lambda: [decode_crop(data, i, self.cfg) for i, data in enumerate(crops)]
+        )
+        while True:
+            served = self.served
+            batch = await run_in_threadpool(served.extractor.preprocess, images)
+            future = self.batcher.submit(batch)
+            self.metrics.queue.set(self.batcher.queued)
+            features, ran = await asyncio.wrap_future(future)
+            if ran is served or _preprocessing(ran) == _preprocessing(served):
+                return features, ran
+            # (the model was swapped between preprocessing and the batch, to one that preprocesses
+            # differently: once more with the new one)
 
-        def prepare() -> np.ndarray:
-            images = [decode_crop(data, i, self.cfg) for i, data in enumerate(crops)]
-            return self.served.extractor.preprocess(images)
+    # -- following deployments -------------------------------------------------------------------------
+    def _follow(self, state_dir: Path) -> None:
+        """Adopt each model the agent deploys in `state_dir` (its models/current.json)."""
+        from edge.deployment import current_model
+        from export.contract import load_contract
 
-        batch = await run_in_threadpool(prepare)
-        future = self.batcher.submit(batch)
-        self.metrics.queue.set(self.batcher.queued)
-        return await asyncio.wrap_future(future)
+        while not self.stopping.wait(self.cfg.follow_every_s):
+            path = current_model(state_dir)
+            try:
+                sha = load_contract(path).sha256 if path is not None else ""
+                if not sha or sha in (self.served.ref.sha256, self.rejected_sha):
+                    continue
+                green = Served(FeatureExtractor(path, batch_size=self.cfg.max_batch))
+                dim = green.extractor.contract.output_dim
+                if dim != self.store.dim:
+                    raise GalleryStoreError(f"{dim}-d features, the gallery's are {self.store.dim}-d")
+                self._adopt(green)
+            except Exception as err:  # the current model keeps serving
+                log.warning("deployed model %s not adopted: %s", path, err)
+                self.rejected_sha = sha
 
-    # -- gallery -------------------------------------------------------------------------------------
-    def _reindex(self) -> None:
-        """Embed the gallery again with the served model from its kept crops; swap in one transaction."""
-        served = self.served
-        log.info("gallery of model %s: embedding %d entries again with %s", self.store.model_version,
-                 len(self.store), served.ref.version)  # fmt: skip
-        ids, feats, after = [], [], 0
+    def _embed_gallery(
+        self, served: Served, after: int
+    ) -> tuple[list[int], list[np.ndarray], list[int], int]:
+        """(ids, feature chunks, ids whose crop is damaged, last id seen) of the entries above `after`."""
+        ids, feats, damaged = [], [], []
+        while rows := self.store.crops(after, limit=self.cfg.max_batch):
+            after = rows[-1][0]
+            good = []
+            for entry_id, crop in rows:
+                try:
+                    good.append((entry_id, decode_crop(crop, entry_id, self.cfg)))
+                except CropError as err:  # decodable when added: the file was damaged since
+                    log.warning("gallery entry %d cannot be embedded again, deleted: %s", entry_id, err)
+                    damaged.append(entry_id)
+            if good:
+                ids.extend(i for i, _ in good)
+                feats.append(served.extractor([img for _, img in good]))
+            if self.stopping.is_set():
+                raise RuntimeError("stopping")
+        return ids, feats, damaged, after
+
+    def _adopt(self, green: Served) -> None:
+        """Embed the gallery with `green` while the current model keeps answering (blue/green), then swap
+        the gallery's features and the served model at once, under the gallery's lock: no search ever
+        compares features of two models. A crash before the swap leaves the old gallery whole."""
+        self.reindexing.set()
         try:
-            while rows := self.store.crops(after, limit=self.cfg.max_batch):
-                after = rows[-1][0]
-                good = []
-                for entry_id, crop in rows:
-                    try:
-                        good.append((entry_id, decode_crop(crop, entry_id, self.cfg)))
-                    except CropError as err:  # kept crops were decodable when added: the file is damaged
-                        log.warning("gallery entry %d not embedded again: %s", entry_id, err)
-                if good:
-                    ids.extend(i for i, _ in good)
-                    feats.append(served.extractor(list(img for _, img in good)))
-                if self.stopping.is_set():
-                    return
-            features = np.concatenate(feats) if feats else np.zeros((0, self.store.dim), np.float32)
-            self.store.replace_features(
-                np.array(ids, np.int64), features, (served.ref.version, served.ref.sha256)
+            log.info("embedding %d gallery entries with model %s", len(self.store), green.ref.version)
+            ids, feats, damaged, last = self._embed_gallery(green, 0)
+            with self.store.lock:  # additions and searches wait for the last few and the swap
+                more_ids, more_feats, more_damaged, _ = self._embed_gallery(green, last)
+                ids, feats, damaged = ids + more_ids, feats + more_feats, damaged + more_damaged
+                if damaged:
+                    self.store.delete(damaged)
+                features = np.concatenate(feats) if feats else np.zeros((0, self.store.dim), np.float32)
+                self.store.replace_features(
+                    np.array(ids, np.int64), features, (green.ref.version, green.ref.sha256)
+                )
+                self.served = green
+                self._show_model()
+            self.metrics.gallery.set(len(self.store))
+            log.info(
+                "now serving model %s; gallery of %d entries embedded with it", green.ref.version, len(ids)
             )
-            log.info("gallery embedded again: %d entries, model %s", len(ids), served.ref.version)
+        except RuntimeError as err:
+            if not self.stopping.is_set():
+                raise
+            log.info("gallery embedding interrupted (%s): it is done again at the next start", err)
         finally:
             self.reindexing.clear()
 
@@ -223,10 +285,10 @@ class FeatureService:
         )
 
     def ready(self) -> tuple[bool, str]:
-        if self.reindexing.is_set():
-            return False, "the gallery is being embedded again with the served model"
+        """Ready when the gallery holds the served model's features (while a new model is being adopted,
+        the current one still answers: ready)."""
         if len(self.store) and self.store.model_sha256 != self.served.ref.sha256:
-            return False, "the gallery holds another model's features"
+            return False, "the gallery is being embedded with the served model"
         return True, "ready"
 
     def close(self) -> None:
@@ -304,15 +366,24 @@ def create_app(service: FeatureService) -> FastAPI:
                 raise ValueError
         except ValueError:
             raise HTTPException(422, "labels: a JSON object of string values") from None
-        if service.reindexing.is_set():
-            raise HTTPException(503, "the gallery is being embedded again; add later", {"Retry-After": "5"})
+        ok, why = service.ready()
+        if not ok:
+            raise HTTPException(503, why, {"Retry-After": "5"})
         crops = await _crops_of(request)
-        features, served = await service.embed(crops)
         when = time.time() if capture_time is None else capture_time
         entries = [NewEntry(c, camera, when, track, tags) for c in crops]
-        ids = await run_in_threadpool(
-            service.store.add, entries, features, (served.ref.version, served.ref.sha256)
-        )
+        for attempt in range(2):  # (a new model adopted between embedding and storing: once more)
+            features, served = await service.embed(crops)
+            try:
+                ids = await run_in_threadpool(
+                    service.store.add, entries, features, (served.ref.version, served.ref.sha256)
+                )
+                break
+            except OtherModel:
+                if attempt:
+                    raise HTTPException(
+                        503, "the model changed twice meanwhile", {"Retry-After": "1"}
+                    ) from None
         m.gallery.set(len(service.store))
         return AddResponse(ids=ids, model=served.ref)
 
@@ -355,27 +426,48 @@ def create_app(service: FeatureService) -> FastAPI:
                 query = SearchRequest.model_validate_json(await request.body())
             except ValueError as err:
                 raise HTTPException(422, f"search request: {str(err).splitlines()[0]}") from None
-            served = service.served
-            if query.model_sha256 is not None and query.model_sha256 != service.store.model_sha256:
-                raise HTTPException(409, "the feature was made by another model than the gallery's")
             feature = np.asarray(query.feature, np.float32)
             if feature.shape != (service.store.dim,):
                 raise HTTPException(
                     422, f"feature of {feature.size} values; the model gives {service.store.dim}"
                 )
             feature = feature / max(float(np.linalg.norm(feature)), 1e-12)
-            top_k, camera, since, until = query.top_k, query.cameras, query.since, query.until
+            version, sha = service.store.model
+            if query.model_sha256 is not None:
+                version, sha = "", query.model_sha256
+            try:
+                found = await run_in_threadpool(
+                    service.store.search,
+                    feature[None],
+                    query.top_k,
+                    query.cameras,
+                    query.since,
+                    query.until,
+                    sha,
+                )
+            except OtherModel:
+                raise HTTPException(409, "the feature was made by another model than the gallery's") from None
+            model = ModelRef(version=version or service.store.model_version, sha256=sha)
         else:
-            features, served = await service.embed(await _crops_of(request))
-            feature = features[0]
-            if len(service.store) and served.ref.sha256 != service.store.model_sha256:
-                raise HTTPException(503, "the model changed; the gallery is being embedded again")
-        found = await run_in_threadpool(service.store.search, feature[None], top_k, camera, since, until)
+            crops = await _crops_of(request)
+            for attempt in range(2):  # (a new model adopted between embedding and searching: once more)
+                features, served = await service.embed(crops)
+                try:
+                    found = await run_in_threadpool(
+                        service.store.search, features[:1], top_k, camera, since, until, served.ref.sha256
+                    )
+                    break
+                except OtherModel:
+                    if attempt:
+                        raise HTTPException(
+                            503, "the model changed twice meanwhile", {"Retry-After": "1"}
+                        ) from None
+            model = served.ref
         entries = service.store.entries([i for i, _ in found[0]])
         hits = [
             Hit(score=score, **entries[i].__dict__) for i, score in found[0] if i in entries
         ]  # (an entry deleted meanwhile is left out)
-        return SearchResponse(model=service.gallery_ref() or served.ref, hits=hits)
+        return SearchResponse(model=model, hits=hits)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -49,6 +49,10 @@ class GalleryStoreError(ValueError):
     """The gallery cannot do what was asked (wrong feature size, another model's features)."""
 
 
+class OtherModel(GalleryStoreError):
+    """The gallery holds features of another model than the caller's (it changed under the request)."""
+
+
 @dataclass(frozen=True)
 class Entry:
     id: int
@@ -77,7 +81,12 @@ class GalleryStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        self.model = self._stored_model()  # (version, sha256) of the features; ("", "") when none yet
         self._load()
+
+    def _stored_model(self) -> tuple[str, str]:
+        rows = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+        return rows.get("model_version", ""), rows.get("model_sha256", "")
 
     # -- in-memory index -------------------------------------------------------------------------------
     def _load(self) -> None:
@@ -92,13 +101,11 @@ class GalleryStore:
 
     @property
     def model_sha256(self) -> str:
-        row = self.db.execute("SELECT value FROM meta WHERE key = 'model_sha256'").fetchone()
-        return row[0] if row else ""
+        return self.model[1]
 
     @property
     def model_version(self) -> str:
-        row = self.db.execute("SELECT value FROM meta WHERE key = 'model_version'").fetchone()
-        return row[0] if row else ""
+        return self.model[0]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -111,7 +118,7 @@ class GalleryStore:
         version, sha = model
         with self.lock:
             if len(self) and self.model_sha256 != sha:
-                raise GalleryStoreError(
+                raise OtherModel(
                     f"the gallery holds features of model {self.model_version} ({self.model_sha256[:12]}), "
                     f"not of {version} ({sha[:12]})"
                 )
@@ -127,6 +134,7 @@ class GalleryStore:
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
+            self.model = (version, sha)
             self.ids = np.concatenate([self.ids, np.array(ids, np.int64)])
             self.cameras = np.concatenate([self.cameras, np.array([e.camera for e in entries], dtype=object)])
             self.times = np.concatenate([self.times, np.array([e.time for e in entries], np.float64)])
@@ -134,6 +142,7 @@ class GalleryStore:
             return ids
 
     def _set_model(self, version: str, sha: str) -> None:
+        """(inside a transaction; `self.model` follows once it is committed)"""
         for key, value in (("model_version", version), ("model_sha256", sha)):
             self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
@@ -171,10 +180,14 @@ class GalleryStore:
         cameras: list[str] | None = None,
         since: float | None = None,
         until: float | None = None,
+        model_sha256: str | None = None,
     ) -> list[list[tuple[int, float]]]:
         """Per query, the top-k (id, cosine similarity), best first, among entries that pass the filters
-        (camera in `cameras`, `since` <= time <= `until`)."""
+        (camera in `cameras`, `since` <= time <= `until`). With `model_sha256` (the model that made the
+        queries), OtherModel unless the gallery's features are that model's."""
         with self.lock:
+            if model_sha256 is not None and len(self.ids) and model_sha256 != self.model_sha256:
+                raise OtherModel("the queries and the gallery come from different models")
             ids, feats, cams, times = self.ids, self.features, self.cameras, self.times
         mask = np.ones(len(ids), dtype=bool)
         if cameras:
@@ -185,11 +198,13 @@ class GalleryStore:
             mask &= times <= until
         best_scores = np.full((len(queries), 0), -np.inf, np.float32)
         best_rows = np.zeros((len(queries), 0), np.int64)
+        everything = bool(mask.all())
         for start in range(0, len(ids), BLOCK):
             rows = np.flatnonzero(mask[start : start + BLOCK]) + start
             if not len(rows):
                 continue
-            sims = queries @ feats[rows].T
+            block = feats[start : start + BLOCK] if everything else feats[rows]  # (a view when unfiltered)
+            sims = queries @ block.T
             scores = np.concatenate([best_scores, sims], axis=1)
             cand = np.concatenate([best_rows, np.broadcast_to(rows, sims.shape)], axis=1)
             k = min(top_k, scores.shape[1])
@@ -225,6 +240,7 @@ class GalleryStore:
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
+            self.model = (version, sha)
             self._load()
 
     def close(self) -> None:

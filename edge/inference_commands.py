@@ -215,7 +215,8 @@ def serve_features(
         retention_s=retention_days * 86400 if retention_days else None,
     )
     try:
-        service = FeatureService(resolve_model(model_path), gallery, cfg)
+        follow = model_path if model_path.is_dir() else None  # an agent's folder: adopt its deployments
+        service = FeatureService(resolve_model(model_path), gallery, cfg, follow=follow)
     except (ContractError, GalleryStoreError, OSError) as err:
         fail(out, err)
     ref = service.served.ref

@@ -5,9 +5,12 @@ filters, retention, bad input, back-pressure, and a gallery that follows a new m
 from __future__ import annotations
 
 import io
+import json
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -17,6 +20,7 @@ from PIL import Image
 
 from edge.client import FeatureClient, ServiceError
 from edge.feature_service import FeatureService, ServiceConfig, running
+from edge.gallery_store import GalleryStore
 from export.onnx_export import export_onnx
 from export.runtime import FeatureExtractor
 from reid.data import ImageDataset, InputSpec, eval_transform
@@ -36,6 +40,29 @@ def _metric(url: str, name: str) -> float:
 @pytest.fixture
 def crops(exported) -> list[bytes]:
     return [p.read_bytes() for p in exported[4][:12]]
+
+
+@pytest.fixture(scope="module")
+def new_model(exported, tmp_path_factory):
+    """(path, contract) of another model of the same federation, as a new deployment would bring."""
+    torch.manual_seed(5)
+    other = build_model(ModelSpec(arch="resnet18"), 5).eval()
+    spec = InputSpec(height=64, width=32)
+    images = torch.stack([ImageDataset(exported[4], eval_transform(spec))[i][0] for i in range(8)])
+    path = tmp_path_factory.mktemp("new") / "new.onnx"
+    contract, _ = export_onnx(other, spec, path, images, version="round-9")
+    return path, contract
+
+
+def _deploy(state: Path, model: Path, name: str) -> None:
+    """What `edge-agent start` does on a deployment: the model in models/<name>/, then the pointer."""
+    folder = state / "models" / name
+    folder.mkdir(parents=True)
+    for source in (model, model.with_name(model.name + ".json")):
+        shutil.copy(source, folder / source.name.replace(model.stem, "model"))
+    staged = state / "models" / "current.json.tmp"
+    staged.write_text(json.dumps({"path": f"{name}/model.onnx"}))
+    staged.replace(state / "models" / "current.json")
 
 
 def test_embed_batches_concurrent_clients_and_matches_the_extractor(exported, crops, tmp_path):
@@ -155,19 +182,14 @@ def test_a_full_queue_answers_503_with_retry_after(exported, crops, tmp_path):
         service.close()
 
 
-def test_the_gallery_follows_a_new_model(exported, crops, tmp_path):
+def test_a_restart_with_a_new_model_embeds_the_gallery_again(exported, crops, new_model, tmp_path):
     first = FeatureService(exported[1], tmp_path / "gallery.db", ServiceConfig())
     try:
         with running(first) as url, FeatureClient(url) as client:
             ids = client.add(crops[:8], camera="cam-a")
     finally:
         first.close()
-    torch.manual_seed(5)  # the federation deploys another model
-    other = build_model(ModelSpec(arch="resnet18"), 5).eval()
-    spec = InputSpec(height=64, width=32)
-    images = torch.stack([ImageDataset(exported[4], eval_transform(spec))[i][0] for i in range(8)])
-    new_path = tmp_path / "new.onnx"
-    new_contract, _ = export_onnx(other, spec, new_path, images, version="round-9")
+    new_path, new_contract = new_model  # the service was down when the federation deployed it
     second = FeatureService(new_path, tmp_path / "gallery.db", ServiceConfig())
     try:
         with running(second) as url, FeatureClient(url) as client:
@@ -207,3 +229,71 @@ def test_one_failing_batch_fails_its_requests_only(exported, crops, tmp_path):
             assert httpx.post(f"{url}/v1/embed", content=crops[0]).status_code == 200
     finally:
         service.close()
+
+
+def test_a_deployment_while_searching_never_mixes_models_or_fails_a_request(
+    exported, crops, new_model, tmp_path
+):
+    state = tmp_path / "site"
+    _deploy(state, exported[1], "a")
+    cfg = ServiceConfig(follow_every_s=0.2)
+    service = FeatureService(
+        state / "models" / "a" / "model.onnx", tmp_path / "gallery.db", cfg, follow=state
+    )
+    problems: list[str] = []
+    seen: set[str] = set()
+    stop = threading.Event()
+    try:
+        with running(service) as url:
+            with FeatureClient(url) as client:
+                ids = client.add(crops[:8], camera="cam-a")
+
+            def searcher(k: int) -> None:
+                with FeatureClient(url, retries=0) as client:
+                    n = k
+                    while not stop.is_set():
+                        i, n = n % 8, n + 1
+                        try:
+                            found = client.search(crop=crops[i], top_k=1)
+                        except ServiceError as err:
+                            problems.append(str(err))
+                            continue
+                        seen.add(found.model.sha256)
+                        if found.hits[0].id != ids[i] or found.hits[0].score < 0.999:  # mixed features
+                            problems.append(f"crop {i}: {found.hits[0]}")
+
+            def adder() -> None:
+                with FeatureClient(url, retries=0) as client:
+                    while not stop.is_set():
+                        try:
+                            client.add(crops[8:10], camera="cam-b")
+                        except ServiceError as err:
+                            problems.append(str(err))
+
+            workers = [threading.Thread(target=searcher, args=(k,)) for k in range(3)]
+            workers.append(threading.Thread(target=adder))
+            for w in workers:
+                w.start()
+            time.sleep(1.0)
+            _deploy(state, new_model[0], "b")  # the agent installs the federation's new model
+            deadline = time.monotonic() + 60
+            while service.served.ref.sha256 != new_model[1].sha256:
+                assert time.monotonic() < deadline, "the new model was not adopted"
+                time.sleep(0.1)
+            time.sleep(1.0)
+            stop.set()
+            for w in workers:
+                w.join(timeout=60)
+    finally:
+        stop.set()
+        service.close()
+    assert not problems, problems[:5]
+    assert seen == {exported[2].sha256, new_model[1].sha256}  # answered before and after the swap
+    store = GalleryStore(tmp_path / "gallery.db", exported[2].output_dim)
+    try:  # every entry, also those added during the swap, holds the new model's feature of its crop
+        assert store.model_sha256 == new_model[1].sha256 and len(store) > 8
+        rows = dict(store.crops(0, limit=10_000))
+        expected = FeatureExtractor(new_model[0])([Image.open(io.BytesIO(rows[int(i)])) for i in store.ids])
+        np.testing.assert_allclose(store.features, expected, atol=1e-4)
+    finally:
+        store.close()
