@@ -22,9 +22,10 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -50,6 +51,7 @@ from edge.gallery_store import GalleryStore, GalleryStoreError, NewEntry, OtherM
 from export.runtime import FeatureExtractor
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ServiceConfig(BaseModel):
@@ -193,6 +195,22 @@ class FeatureService:
                 return features, ran
             # (the model was swapped between preprocessing and the batch, to one that preprocesses
             # differently: once more with the new one)
+
+    async def with_gallery(
+        self, crops: list[bytes], use: Callable[[np.ndarray, Served], T]
+    ) -> tuple[T, Served]:
+        """`use(features, model)` on the gallery (in a worker thread) with the crops' features; when a new
+        model was adopted between embedding and `use` (OtherModel), once more with the new model."""
+        for attempt in range(2):
+            features, served = await self.embed(crops)
+            try:
+                return await run_in_threadpool(use, features, served), served
+            except OtherModel:
+                if attempt:
+                    raise HTTPException(
+                        503, "the model changed twice meanwhile", {"Retry-After": "1"}
+                    ) from None
+        raise AssertionError("unreachable")
 
     # -- following deployments -------------------------------------------------------------------------
     def _follow(self, state_dir: Path) -> None:
@@ -372,18 +390,9 @@ def create_app(service: FeatureService) -> FastAPI:
         crops = await _crops_of(request)
         when = time.time() if capture_time is None else capture_time
         entries = [NewEntry(c, camera, when, track, tags) for c in crops]
-        for attempt in range(2):  # (a new model adopted between embedding and storing: once more)
-            features, served = await service.embed(crops)
-            try:
-                ids = await run_in_threadpool(
-                    service.store.add, entries, features, (served.ref.version, served.ref.sha256)
-                )
-                break
-            except OtherModel:
-                if attempt:
-                    raise HTTPException(
-                        503, "the model changed twice meanwhile", {"Retry-After": "1"}
-                    ) from None
+        ids, served = await service.with_gallery(
+            crops, lambda f, s: service.store.add(entries, f, (s.ref.version, s.ref.sha256))
+        )
         m.gallery.set(len(service.store))
         return AddResponse(ids=ids, model=served.ref)
 
@@ -450,18 +459,9 @@ def create_app(service: FeatureService) -> FastAPI:
             model = ModelRef(version=version or service.store.model_version, sha256=sha)
         else:
             crops = await _crops_of(request)
-            for attempt in range(2):  # (a new model adopted between embedding and searching: once more)
-                features, served = await service.embed(crops)
-                try:
-                    found = await run_in_threadpool(
-                        service.store.search, features[:1], top_k, camera, since, until, served.ref.sha256
-                    )
-                    break
-                except OtherModel:
-                    if attempt:
-                        raise HTTPException(
-                            503, "the model changed twice meanwhile", {"Retry-After": "1"}
-                        ) from None
+            found, served = await service.with_gallery(
+                crops, lambda f, s: service.store.search(f[:1], top_k, camera, since, until, s.ref.sha256)
+            )
             model = served.ref
         entries = service.store.entries([i for i, _ in found[0]])
         hits = [
