@@ -6,9 +6,9 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_DIR := .demo
 PYTEST_ARGS ?=
 
-.PHONY: setup broker demo test bench lint format clean
+.PHONY: setup broker browser demo test bench lint format clean
 
-setup: $(STAMP) broker
+setup: $(STAMP) broker browser
 
 # Re-install only when pyproject.toml changes (idempotent).
 $(STAMP): pyproject.toml
@@ -24,6 +24,17 @@ broker:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
 	else \
 		echo "warning: mosquitto not found; install it (e.g. sudo apt-get install mosquitto)"; \
+	fi
+
+# Headless Chromium from Debian for the dashboard's browser test (tests/cloud/test_monitoring.py), when
+# missing and we may install it (root); otherwise that test skips (outside CI) and says why.
+browser:
+	@if command -v chromium-headless-shell >/dev/null 2>&1 || command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium-headless-shell from Debian"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium-headless-shell >/dev/null; \
+	else \
+		echo "warning: headless Chromium not found (apt-get install chromium-headless-shell); the browser test skips"; \
 	fi
 
 # A real multi-process federation on this machine: a private mosquitto, the aggregator, and one

@@ -3,13 +3,16 @@ real 3-agent federation on loopback split into compute, aggregation, KD and the 
 and the aggregator's peak memory with 2, 4 and 8 sites.
 
     .venv/bin/python bench/round.py [--rounds 3] [--skip-federation] [--skip-memory] [--memory-sites 2 4 8]
+        [--scraped]
 
 Bytes: a real delta (one local epoch of training on a synthetic site) of the ResNet-18 and ResNet-50
 shared states, encoded as fp32 / fp16 / int8 / int8+zstd and framed as 1 MB chunk messages plus the
 manifest, i.e. exactly what a site publishes. Round split: `cloud-aggregator simulate --transport mqtt`
 settings of `make demo` (3 agent processes, ResNet-18, 128x64, fp16 uploads); round 0 is excluded
 (agent start-up). Overhead = round wall time - (slowest site's load + evaluate + train + encode) -
-aggregation - KD.
+aggregation - KD. With `--scraped`, the same federation runs again with the aggregator's metrics port
+on and GET /metrics, the dashboard page and its JSON each requested once a second (issue: the
+dashboard must not slow a round; target: within 1 point of the overhead without it).
 
 Memory: `cloud-aggregator serve` as its own process (ResNet-50 at 64x32, fp16 uploads, 2 rounds) with K
 real agents on tiny synthetic sites; its resident set is sampled every 20 ms from /proc. Growth = the
@@ -29,13 +32,14 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import paho.mqtt.client as paho
 import torch
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud.local_federation import agent_command, run_local_federation
 from cloud.server import ServeConfig
-from protocol.broker import LocalBroker, parse_url
+from protocol.broker import LocalBroker, free_port, parse_url
 from protocol.chunks import split_blob
 from protocol.codec import encode_state
 from protocol.topics import Topics
@@ -67,12 +71,34 @@ def delta_sizes(arch: str, site_dir: Path, spec: InputSpec) -> dict[str, float]:
     }
 
 
-def federation_split(rounds: int, workdir: Path) -> list[dict]:
+class Scraper:
+    """What Prometheus and an open dashboard do: GET /metrics, the page and its JSON once a second."""
+
+    def __init__(self, port: int) -> None:
+        self.url, self.stop, self.count = f"http://127.0.0.1:{port}", threading.Event(), 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(1.0):
+            for path in ("/metrics", "/", "/api/v1/federation"):
+                try:
+                    httpx.get(self.url + path, timeout=5)
+                    self.count += 1
+                except httpx.HTTPError:
+                    pass  # (before the aggregator serves, after it stops)
+
+
+def federation_split(rounds: int, workdir: Path, scraped: bool = False) -> list[dict]:
+    """Round timings of a 3-agent federation; with `scraped`, with the metrics port on and scraped."""
     fed = workdir / "federation"
-    generate_federation(SyntheticConfig(sites=3, train_images_max=800, height=128, width=64), fed)
+    if not fed.is_dir():
+        generate_federation(SyntheticConfig(sites=3, train_images_max=800, height=128, width=64), fed)
+    port = free_port()
+    scraper = Scraper(port) if scraped else None
     cfg = ServeConfig(
         federation="bench",
-        state_dir=workdir / "cloud",
+        state_dir=workdir / ("scraped" if scraped else "plain") / "cloud",
         rounds=rounds,
         min_sites=3,
         deadline_s=3600,
@@ -81,8 +107,14 @@ def federation_split(rounds: int, workdir: Path) -> list[dict]:
         lr_head=0.02,
         lr_backbone=0.02,
         upload_encoding="fp16",
+        metrics_port=port if scraped else None,
     )
-    metrics = run_local_federation(cfg, sorted((fed / "sites").iterdir()), workdir)
+    metrics = run_local_federation(
+        cfg, sorted((fed / "sites").iterdir()), workdir / ("scraped" if scraped else "plain")
+    )
+    if scraper is not None:
+        scraper.stop.set()
+        print(f"(scraped {scraper.count} times)")
     rows = []
     for rec in map(json.loads, metrics.read_text().splitlines()):
         if rec.get("kind") != "round" or rec["round"] == 0:
@@ -177,6 +209,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-federation", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument(
+        "--scraped", action="store_true", help="also run the federation with its metrics and page scraped 1/s"
+    )
     parser.add_argument("--memory-sites", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "round.json")
     args = parser.parse_args()
@@ -206,6 +241,15 @@ def main() -> None:
                 )
             result["median_overhead_pct"] = statistics.median(r["overhead_pct"] for r in rows)
             print(f"median overhead beyond compute: {result['median_overhead_pct']:.1f} %")
+            if args.scraped:
+                rows = federation_split(args.rounds, Path(tmp) / "fed", scraped=True)
+                result["scraped_rounds"] = rows
+                result["scraped_median_overhead_pct"] = statistics.median(r["overhead_pct"] for r in rows)
+                print(
+                    f"with /metrics, the page and its JSON scraped once a second: median overhead "
+                    f"{result['scraped_median_overhead_pct']:.1f} % "
+                    f"(without: {result['median_overhead_pct']:.1f} %)"
+                )
         if not args.skip_memory:
             result["memory"] = []
             for k in args.memory_sites:

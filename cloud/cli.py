@@ -281,6 +281,10 @@ def serve(
     kd: bool = typer.Option(None, "--kd/--no-kd"),
     public: Path = typer.Option(None, help="public unlabeled images for KD"),
     upload_encoding: str = typer.Option(None, help="fp32, fp16 or int8"),
+    metrics_port: int = typer.Option(
+        None, min=0, max=65535, help="serve the dashboard page and Prometheus /metrics on this port"
+    ),
+    metrics_host: str = typer.Option(None, help="listen address of --metrics-port (default 127.0.0.1)"),
 ) -> None:
     """Run the federation's rounds (resumes from --state-dir after a stop or a crash)."""
     from cloud.journal import StateDirError
@@ -311,6 +315,8 @@ def serve(
         "kd_enabled": kd,
         "public": public,
         "upload_encoding": upload_encoding,
+        "metrics_port": metrics_port,
+        "metrics_host": metrics_host,
     }
     try:
         cfg = load_config(ServeConfig, config, overrides)
@@ -330,7 +336,7 @@ def serve(
             aggregator.run()
     except (ConfigError, ValueError, BrokerError) as err:
         raise typer.BadParameter(str(err)) from None
-    except StateDirError as err:
+    except (StateDirError, OSError) as err:
         out.print(f"[red]error:[/red] {err}")
         raise typer.Exit(1) from None
 

@@ -24,7 +24,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cloud.deploy import DeploymentSource, deploy_round
 from cloud.journal import Journal, StateDirError
+from cloud.monitoring import AggregatorMetrics, RunHistory, SiteFacts, View
 from cloud.strategy import (
     AdmissionConfig,
     FlatLayout,
@@ -144,6 +145,13 @@ class ServeConfig(BaseModel):
         "fp32", description="precision of deployed ONNX models: fp32 or fp16"
     )
     deploy_images: Path | None = Field(None, description="parity-gate images to deploy (default: public)")
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="serve Prometheus /metrics and the dashboard page on this port (off when unset)",
+    )
+    metrics_host: str = Field("127.0.0.1", description="listen address of metrics_port (loopback by default)")
     final_eval: bool = Field(
         True,
         description="after the last round, every online site evaluates the final model "
@@ -241,6 +249,10 @@ class Aggregator:
         self.journal.check_identity(cfg.identity())
         self.lock = threading.RLock()
         self.online: dict[str, tuple[str, int | None]] = {}  # site -> (state, round) of its status
+        self.facts: dict[str, SiteFacts] = {}  # site -> what the dashboard shows of it
+        self.phase = "starting"
+        self.history = RunHistory(self.journal.root / "metrics.jsonl")
+        self.metrics = AggregatorMetrics(self.view)
         self.current: OpenRound | None = None
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, 1, cfg.pretrained)
@@ -268,6 +280,7 @@ class Aggregator:
                 raise ValueError("deploy_every needs parity images (deploy_images = ... or public = ...)")
             self.deploy_images = read_image_folder(folder)[:32]
         self.round_payload: bytes | None = None  # the retained round document, re-published on reconnect
+        self.metrics_url: str | None = None  # where the dashboard and /metrics answer (metrics_port)
         self.stopping = threading.Event()
         self.fatal: StateDirError | None = None
         t = self.topics
@@ -316,6 +329,8 @@ class Aggregator:
             return
         with self.lock:
             self.online[status.node] = (status.state, status.round)
+            facts = self.facts.setdefault(status.node, SiteFacts())
+            facts.last_seen, facts.deployed = time.time(), status.deployed
             cur = self.current
             if (
                 status.state == "failed"
@@ -331,25 +346,27 @@ class Aggregator:
         ack = UpdateAck(site=site, round=round_, blob_id=blob_id, accepted=accepted, reason=reason[:1000])
         self.endpoint.publish(self.topics.site(site, "ack"), encode_message(ack))
 
-    def _admit(self, cur: OpenRound | None, site: str, m: UpdateManifest) -> str | None:
-        """Why a manifest that came on `site`'s topic cannot be collected ("duplicate": already accepted)."""
+    def _admit(self, cur: OpenRound | None, site: str, m: UpdateManifest) -> tuple[str, str] | None:
+        """(kind, why) a manifest that came on `site`'s topic cannot be collected, kind one of
+        cloud.monitoring.REJECT_KINDS or "duplicate" (already accepted); None when it can."""
         if m.site != site:
-            return f"the manifest names site {m.site} but came on the topic of site {site}"
+            return "wrong_site", f"the manifest names site {m.site} but came on the topic of site {site}"
         if cur is None:
-            return "no round is open"
+            return "no_round", "no round is open"
         if m.round != cur.number:
-            return f"stale round {m.round} (current round {cur.number})"
+            return "no_round", f"stale round {m.round} (current round {cur.number})"
         if not cur.train:
-            return f"round {cur.number} is an evaluation round: it takes no updates"
+            return "evaluation_round", f"round {cur.number} is an evaluation round: it takes no updates"
         if m.base_hash != cur.base_hash:
-            return "update computed against another base model (wrong base hash)"
+            return "wrong_base", "update computed against another base model (wrong base hash)"
         if site not in cur.selected:
-            return f"site {site} is not selected for round {cur.number}"
+            return "not_selected", f"site {site} is not selected for round {cur.number}"
         if site in cur.accepted:
             if cur.accepted[site].blob.blob_id == m.blob.blob_id:
-                return "duplicate"
-            return "a different update of this site was already accepted this round"
-        return check_ref(m.blob, cur.limit)
+                return "duplicate", ""
+            return "conflict", "a different update of this site was already accepted this round"
+        why = check_ref(m.blob, cur.limit)
+        return ("bad_manifest", why) if why else None
 
     def _on_manifest(self, topic: str, payload: bytes) -> None:
         site = self.topics.site_of(topic)
@@ -361,13 +378,14 @@ class Aggregator:
             log.warning("dropped update manifest from %s: %s", site, err)
             return
         with self.lock:
+            self._heard(site)
             cur = self.current
-            reason = self._admit(cur, site, m)
-            if reason == "duplicate":
+            refusal = self._admit(cur, site, m)
+            if refusal is not None and refusal[0] == "duplicate":
                 self._ack(site, m.round, m.blob.blob_id, True, "duplicate")
                 return
-            if reason:
-                self._reject(cur, site, m, reason)
+            if refusal is not None:
+                self._reject(cur, site, m, refusal[1], refusal[0])
                 return
             assert cur is not None
             pending = cur.manifests.get(site)
@@ -387,6 +405,7 @@ class Aggregator:
             log.warning("dropped chunk from %s: %s", site, err)
             return
         with self.lock:
+            self._heard(site)
             cur = self.current
             m = cur.manifests.get(site) if cur else None
             if cur is None or m is None or header.blob_id != m.blob.blob_id or site in cur.accepted:
@@ -410,7 +429,7 @@ class Aggregator:
                     return
                 blob = transfer.result()
             except ChunkError as err:
-                self._reject(cur, site, m, str(err))
+                self._reject(cur, site, m, str(err), "bad_transfer")
                 return
             finally:
                 if site in cur.transfers and cur.transfers[site].complete:
@@ -433,6 +452,7 @@ class Aggregator:
             log.warning("dropped evaluation report from %s: %s", site, err)
             return
         with self.lock:
+            self._heard(site)
             cur = self.current
             if report.site != site:
                 why = f"it names site {report.site} but came on the topic of site {site}"
@@ -467,9 +487,21 @@ class Aggregator:
         return cur.blob if cur is not None and cur.blob_ref.blob_id == blob_id else None
 
     # -- accepting updates (worker thread, under the lock) ----------------------------------------------
-    def _reject(self, cur: OpenRound | None, site: str, m: UpdateManifest, reason: str) -> None:
+    def _heard(self, site: str) -> None:
+        """(under the lock) A message came from `site`; only sites that announced themselves count."""
+        facts = self.facts.get(site)
+        if facts is not None:
+            facts.last_seen = time.time()
+
+    def _count_rejection(self, round_: int, site: str, reason: str, kind: str) -> None:
+        self.metrics.rejected.labels(site if site in self.facts else "-", kind).inc()
+        with self.lock:
+            self.history.rejected(round_, site, reason, time.time())
+
+    def _reject(self, cur: OpenRound | None, site: str, m: UpdateManifest, reason: str, kind: str) -> None:
         with log_context(site=site, round=m.round):
             log.warning("update rejected: %s", reason)
+        self._count_rejection(m.round, site, reason, kind)
         if cur is not None:
             if cur.manifests.get(site) is m:
                 cur.manifests.pop(site, None)
@@ -490,10 +522,16 @@ class Aggregator:
                 floats, ints = self._decode(cur, site)
                 norm = l2_norm(floats)
             except (CodecError, LayoutError) as err:
-                self._reject(cur, site, m, str(err))
+                self._reject(cur, site, m, str(err), "bad_payload")
                 self.journal.drop_update(cur.number, site)
                 return
             cur.norms[site] = norm
+            self.metrics.accepted.labels(site).inc()
+            self.metrics.received.labels(site).inc(m.blob.size)
+            facts = self.facts.setdefault(site, SiteFacts())
+            facts.last_update_round = cur.number
+            if m.dp_epsilon is not None:
+                facts.epsilon = m.dp_epsilon
             cur.accepted[site] = m
             cur.failed.pop(site, None)
             cur.manifests.pop(site, None)
@@ -640,12 +678,14 @@ class Aggregator:
             f", {len(cur.accepted)} journaled updates restored" if resumed else "",
         )
         self.endpoint.set_state("training", r)
+        self.phase = "collecting" if train else "evaluating"
         self._publish_round(cur)
         return cur
 
     def _restart(self, cur: OpenRound) -> None:
         """No quorum: select again, keeping every accepted update and every upload in progress."""
         cur.restarts += 1
+        self.metrics.restarts.inc()
         with self.lock:
             keep = set(cur.accepted) | set(cur.manifests)
         selected = self._select(cur.number, draw=cur.restarts, keep=keep)
@@ -741,6 +781,7 @@ class Aggregator:
                     ", ".join(sorted(waiting)),
                 )
                 return True
+            self.metrics.quorum_misses.inc()
             if not waiting or cur.extensions >= self.cfg.max_extensions:
                 log.warning(
                     "round %d has no quorum (%d/%d) after %d extensions%s: restarting it",
@@ -780,6 +821,7 @@ class Aggregator:
             except (CodecError, LayoutError) as err:  # only if the state dir was damaged since the ack
                 log.error("journaled update of %s unreadable at close, left out: %s", site, err)
                 cur.rejections.append({"site": site, "reason": f"journaled update unreadable: {err}"})
+                self._count_rejection(cur.number, site, cur.rejections[-1]["reason"], "bad_payload")
                 continue
             agg.add_flat(
                 site,
@@ -806,8 +848,11 @@ class Aggregator:
         clock = time.perf_counter()
         with self.lock:
             self.current = None
+            self.phase = "aggregating"
         result, caps = self._fold(cur)
         new_flat = result.flat  # the new global model lives in the fold's buffers: no copy
+        for rejection in result.rejected:
+            self._count_rejection(cur.number, rejection.site, rejection.reason, "bad_payload")
         aggregate_seconds = time.perf_counter() - clock
         summary: dict = {
             "round": cur.number,
@@ -858,9 +903,11 @@ class Aggregator:
             for s, m in sorted(cur.accepted.items())
             if m.metrics
         ]
-        self.journal.append_metrics([*records, summary])
+        self._record([*records, summary])
+        self.metrics.round_closed(summary)
         self.journal.prune(cur.number, self.cfg.keep_checkpoints)
         self.completed = cur.number
+        self.phase = "waiting"
         log.info("round %d closed: %d updates aggregated", cur.number, len(summary["weights"]))
 
     def _run_round(self, r: int) -> None:
@@ -910,13 +957,68 @@ class Aggregator:
             "missing": sorted(cur.waiting()),
             "seconds": round(time.time() - cur.started, 3),
         }
-        self.journal.append_metrics([*records, summary])
+        self._record([*records, summary])
+        self.phase = "waiting"
         log.info(
             "final model evaluated at %d of %d sites%s",
             len(records),
             len(cur.selected),
             f" (no report from: {', '.join(summary['missing'])})" if summary["missing"] else "",
         )
+
+    def _record(self, records: list[dict]) -> None:
+        """Append to metrics.jsonl, and to what the dashboard shows."""
+        self.journal.append_metrics(records)
+        with self.lock:
+            self.history.add(records)
+
+    def view(self) -> View:
+        """The federation as the dashboard shows it (GET /api/v1/federation; docs/operations.md)."""
+        with self.lock:
+            cur = self.current
+            uploading = {}
+            for site, m in cur.manifests.items() if cur else ():
+                t = cur.transfers.get(site)
+                uploading[site] = [m.blob.chunks - len(t.missing()) if t else 0, m.blob.chunks]
+            run = {
+                "rounds": self.cfg.rounds,
+                "completed": self.completed,
+                "phase": self.phase,
+                "round": cur.number if cur else None,
+                "train": cur.train if cur else None,
+                "started": cur.started if cur else None,
+                "deadline": cur.deadline if cur else None,
+                "selected": list(cur.selected) if cur else [],
+                "accepted": sorted(cur.accepted) if cur else [],
+                "reported": sorted(cur.reports) if cur else [],
+                "failed": dict(sorted(cur.failed.items())) if cur else {},
+                "uploading": uploading,
+                "waiting": sorted(cur.waiting()) if cur else [],
+                "restarts": cur.restarts if cur else 0,
+                "extensions": cur.extensions if cur else 0,
+            }
+            last = self.history.last_metrics()
+            sites = []
+            for site, facts in sorted(self.facts.items()):
+                state, status_round = self.online.get(site, ("offline", None))
+                sites.append(
+                    {
+                        "site": site,
+                        "state": "uploading" if site in uploading else state,
+                        "status_round": status_round,
+                        "selected": site in run["selected"],
+                        **asdict(facts),
+                        **{k: last.get(site, {}).get(k) for k in ("rank1", "mAP", "mINP")},
+                    }
+                )
+            return {
+                "federation": self.cfg.federation,
+                "time": time.time(),
+                "run": run,
+                "sites": sites,
+                "history": {"metrics": list(self.history.metrics), "rounds": list(self.history.rounds)},
+                "rejections": list(self.history.rejections),
+            }
 
     def _maybe_deploy(self, r: int) -> None:
         every = self.cfg.deploy_every
@@ -932,7 +1034,18 @@ class Aggregator:
         self.stopping.set()
 
     def run(self) -> None:
-        """Run the remaining rounds; returns when done or stopped. StateDirError when the state dir failed."""
+        """Run the remaining rounds; returns when done or stopped. StateDirError when the state dir failed;
+        OSError when the metrics port cannot be served."""
+        web = None
+        if self.cfg.metrics_port is not None:
+            from cloud.dashboard import create_app
+            from reid.http_server import BackgroundServer
+
+            web = BackgroundServer(
+                create_app(self.view, self.metrics.registry), self.cfg.metrics_host, self.cfg.metrics_port
+            )
+            self.metrics_url = web.start()
+            log.info("dashboard on %s/ (metrics: %s/metrics)", self.metrics_url, self.metrics_url)
         self.endpoint.start()
         self.resender.start()
         self.deployments.start()
@@ -946,6 +1059,7 @@ class Aggregator:
             self.round_payload = encode_message(end)
             self.endpoint.send(self.topics.round, self.round_payload, retain=True, timeout=30)
             self.endpoint.set_state("idle", self.completed)
+            self.phase = "done"
             log.info("run complete: %d rounds", self.cfg.rounds)
         except Stopped:
             done = f"after round {self.completed}" if self.completed >= 0 else "before the first round closed"
@@ -957,5 +1071,7 @@ class Aggregator:
             self.endpoint.stop()
             self.resender.stop()
             self.deployments.stop()
+            if web is not None:
+                web.stop()
         if self.fatal is not None:
             raise self.fatal

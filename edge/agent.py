@@ -39,7 +39,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file, save_file
 
+from edge.agent_metrics import AgentMetrics
 from edge.deployment import Deployments
+from edge.feature_api import ServiceConfig
 from protocol.broker import parse_url
 from protocol.chunks import DEFAULT_CHUNK_BYTES, ChunkError, Reassembler, blob_ref, parse_chunk
 from protocol.codec import CodecError, Encoding, decode_state, encode_state
@@ -114,6 +116,17 @@ class AgentConfig(BaseModel):
         DPConfig(), description="differential privacy on the uploaded delta (off by default)"
     )
     deploy_drain_s: float = Field(60.0, ge=0, description="on exit, let a deployment in progress finish")
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="serve this agent's Prometheus /metrics on this port (off when unset)",
+    )
+    metrics_host: str = Field("127.0.0.1", description="listen address of metrics_port (loopback by default)")
+    serve_features: ServiceConfig | None = Field(
+        None,
+        description="run the feature service (docs/serving.md) on the deployed model, gallery in state_dir",
+    )
 
     @field_validator("broker")
     @classmethod
@@ -190,6 +203,7 @@ class Agent:
             int8_max_drop=cfg.int8_max_drop,
             engine=cfg.deploy_engine,
         )
+        self.metrics = AgentMetrics(lambda: self.deployments.version, self.progress.last_round)
 
     # -- persistent site state -------------------------------------------------------------------------
     def _load_progress(self) -> Progress:
@@ -283,6 +297,7 @@ class Agent:
                 self.fetch.transfer.close()
             self.fetch = Fetch(msg, requested=time.monotonic())
             self.working = (msg.round, msg.base_hash)
+        self.metrics.phase("fetching")
         with log_context(site=self.cfg.site, round=msg.round):
             log.info(
                 "selected for round %d: fetching the global model (%d chunks)", msg.round, msg.blob.chunks
@@ -300,6 +315,7 @@ class Agent:
         self.endpoint.publish_blob(
             self.topics.site(self.cfg.site, "chunks"), blob, manifest.blob.blob_id, self.cfg.chunk_bytes
         )
+        self.metrics.upload_bytes.inc(len(blob))
 
     def _on_global_chunk(self, topic: str, payload: bytes) -> None:
         try:
@@ -371,6 +387,8 @@ class Agent:
             self.cfg.chunk_bytes,
             indices=set(req.indices),
         )
+        self.metrics.resent_chunks.inc(len(set(req.indices)))
+        self.metrics.upload_bytes.inc(min(len(blob), len(set(req.indices)) * self.cfg.chunk_bytes))
 
     # -- training (trainer thread) ---------------------------------------------------------------------
     def _site(self, start: RoundStart) -> SiteData:
@@ -412,6 +430,7 @@ class Agent:
         """The round after the last one (``train`` false): evaluate the final model, report, keep the
         report so that the round announced again (an aggregator restart) gets it again without work."""
         metrics: dict[str, float] = {}
+        self.metrics.phase("evaluating")
         if self.cfg.evaluate != "never":
             model, _, site = self._received_model(start, blob)
             metrics = self._evaluate(model, site)
@@ -436,6 +455,8 @@ class Agent:
             self._evaluation_round(start, blob)
             return
         r = start.round
+        self.metrics.phase("training")
+        self.metrics.progress.set(0)
         timings = {"fetch": round(fetch_seconds, 3)}
         clock = time.perf_counter()
         model, received, site = self._received_model(start, blob)
@@ -457,7 +478,14 @@ class Agent:
         site.seed = config.seed
         timings["evaluate"] = round(time.perf_counter() - clock, 3)
         clock = time.perf_counter()
-        result = train_local(model, site.train_loader(), config, cdw_images=site.cdw_images())
+        result = train_local(
+            model,
+            site.train_loader(),
+            config,
+            progress=lambda done, total: self.metrics.progress.set(done / max(1, total)),
+            cdw_images=site.cdw_images(),
+        )
+        self.metrics.images_per_s.set(result.images_per_s)
         if not math.isfinite(result.loss):
             raise RoundFailed(f"training diverged (loss {result.loss}): the global model is not usable here")
         timings["train"] = round(time.perf_counter() - clock, 3)
@@ -507,6 +535,9 @@ class Agent:
             log.warning("training finished after the round's deadline; uploading anyway")
         self.endpoint.send(self.topics.site(self.cfg.site, "update"), encode_message(manifest))
         self.republished = time.monotonic()
+        self.metrics.phase("uploading")
+        self.metrics.rounds.inc()
+        self.metrics.last_round.set(r)
         try:
             self.endpoint.publish_blob(
                 self.topics.site(self.cfg.site, "chunks"), upload, ref.blob_id, self.cfg.chunk_bytes
@@ -514,6 +545,9 @@ class Agent:
         except TimeoutError as err:  # the update stays pending on disk; the aggregator asks for it again
             log.warning("upload of round %d interrupted (%s); it is sent again when asked", r, err)
             return
+        finally:
+            self.metrics.phase("waiting")
+        self.metrics.upload_bytes.inc(len(upload))
         log.info(
             "round %d: trained %.1f s (%.1f img/s, loss %.3f, CDW %.4f), uploaded %.2f MB (%s)",
             r,
@@ -536,6 +570,7 @@ class Agent:
                     self.endpoint.set_state("training", start.round)  # seen in `status` and the round's log
                     self._train_round(start, blob, fetch_seconds)
                     self.endpoint.set_state("online", start.round)
+                    self.metrics.phase("waiting")
                 except Exception as err:  # the agent keeps running for the next round
                     reason = f"{type(err).__name__}: {err}"
                     if isinstance(err, RoundFailed):
@@ -543,6 +578,7 @@ class Agent:
                     else:
                         log.exception("round %d failed at this site: %s", start.round, err)
                     self.endpoint.set_state("failed", start.round, reason)
+                    self.metrics.phase("failed")
                 finally:
                     with self.lock:
                         if self.working == (start.round, start.base_hash):
@@ -569,6 +605,18 @@ class Agent:
     def run(self) -> None:
         trainer = threading.Thread(target=self._trainer, name="trainer", daemon=True)
         trainer.start()
+        service_stop = threading.Event()
+        service = None
+        if self.cfg.metrics_port is not None:
+            port = self.metrics.serve(self.cfg.metrics_host, self.cfg.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.cfg.metrics_host, port)
+        if self.cfg.serve_features is not None:
+            from edge.feature_service import serve_deployed
+
+            args = (self.dir, self.cfg.serve_features, service_stop)
+            target = bound(serve_deployed, self.cfg.site)
+            service = threading.Thread(target=target, args=args, name="features", daemon=True)
+            service.start()
         self.endpoint.start()
         with log_context(site=self.cfg.site):
             log.info("site %s up: %s, state in %s", self.cfg.site, self.cfg.data, self.dir)
@@ -585,4 +633,8 @@ class Agent:
                 trainer.join(timeout=1 if not self.done.is_set() else 600)
                 drain = self.cfg.deploy_drain_s if self.done.is_set() else 0.0
                 self.deployments.stop(drain, self.cfg.transfer_idle_s)
+                service_stop.set()
+                if service is not None:
+                    service.join(timeout=30)
+                self.metrics.close()
                 self.endpoint.stop()

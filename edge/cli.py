@@ -196,6 +196,10 @@ def start(
     evaluate: str = typer.Option(None, help="round (when the aggregator asks), always or never"),
     upload_encoding: str = typer.Option(None, help="override the delta encoding: fp32, fp16 or int8"),
     compress: bool = typer.Option(None, "--compress/--no-compress", help="zstd on the delta blob"),
+    metrics_port: int = typer.Option(None, min=0, max=65535, help="serve Prometheus /metrics on this port"),
+    serve_port: int = typer.Option(
+        None, min=0, max=65535, help="also serve features of the deployed model here (docs/serving.md)"
+    ),
 ) -> None:
     """Join the federation: train on local data when a round selects this site, upload deltas."""
     from edge.agent import Agent, AgentConfig
@@ -214,6 +218,8 @@ def start(
         "evaluate": evaluate,
         "upload_encoding": upload_encoding,
         "upload_compressed": compress,
+        "serve_features.port": serve_port,
+        "metrics_port": metrics_port,
     }
     try:
         cfg = load_config(AgentConfig, config, overrides)

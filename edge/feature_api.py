@@ -1,6 +1,7 @@
 """The JSON documents of the camera site's feature service (`edge-agent serve-features`), shared by the
 server (edge.feature_service) and the typed client (edge.client); the server's OpenAPI schema is built
-from them (GET /openapi.json)."""
+from them (GET /openapi.json). Also the service's settings (`ServiceConfig`), light enough for the
+agent's configuration to embed."""
 
 from __future__ import annotations
 
@@ -72,3 +73,22 @@ class SearchResponse(_Doc):
 
 class Problem(_Doc):
     detail: str
+
+
+class ServiceConfig(BaseModel):
+    """Settings of `edge-agent serve-features`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="listen address (loopback by default)")
+    port: int = Field(8080, ge=0, le=65535, description="listen port (0: any free port)")
+    max_batch: int = Field(32, ge=1, le=4096, description="crops per model run at most")
+    max_delay_ms: float = Field(
+        5.0, ge=0, le=1000, description="how long a crop waits for others to batch with"
+    )
+    max_queue: int = Field(512, ge=1, description="crops waiting at most; beyond: 503 with Retry-After")
+    max_crop_bytes: int = Field(4 << 20, ge=1024, description="largest crop file accepted")
+    max_crop_pixels: int = Field(4096 * 4096, ge=64, description="largest crop (width x height) decoded")
+    max_crops_per_request: int = Field(64, ge=1, description="crops in one request at most")
+    retention_s: float | None = Field(None, gt=0, description="delete gallery entries older than this")
+    follow_every_s: float = Field(2.0, gt=0, description="how often a followed agent's deployment is checked")

@@ -22,7 +22,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -34,7 +34,6 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image, ImageOps
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
 
 from edge.batcher import DynamicBatcher, QueueFull
 from edge.feature_api import (
@@ -46,31 +45,13 @@ from edge.feature_api import (
     ModelRef,
     SearchRequest,
     SearchResponse,
+    ServiceConfig,
 )
 from edge.gallery_store import GalleryStore, GalleryStoreError, NewEntry, OtherModel
 from export.runtime import FeatureExtractor
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class ServiceConfig(BaseModel):
-    """Settings of `edge-agent serve-features`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    host: str = Field("127.0.0.1", description="listen address (loopback by default)")
-    port: int = Field(8080, ge=0, le=65535, description="listen port (0: any free port)")
-    max_batch: int = Field(32, ge=1, le=4096, description="crops per model run at most")
-    max_delay_ms: float = Field(
-        5.0, ge=0, le=1000, description="how long a crop waits for others to batch with"
-    )
-    max_queue: int = Field(512, ge=1, description="crops waiting at most; beyond: 503 with Retry-After")
-    max_crop_bytes: int = Field(4 << 20, ge=1024, description="largest crop file accepted")
-    max_crop_pixels: int = Field(4096 * 4096, ge=64, description="largest crop (width x height) decoded")
-    max_crops_per_request: int = Field(64, ge=1, description="crops in one request at most")
-    retention_s: float | None = Field(None, gt=0, description="delete gallery entries older than this")
-    follow_every_s: float = Field(2.0, gt=0, description="how often a followed agent's deployment is checked")
 
 
 def _preprocessing(served: Served) -> tuple:
@@ -151,6 +132,8 @@ class FeatureService:
             self._run, cfg.max_batch, cfg.max_delay_ms, cfg.max_queue, on_batch=self._observe_batch
         )
         self.reindexing = threading.Event()
+        self.compute = threading.Lock()  # one model run at a time: live batches and re-embedding alternate
+        self.live_batches = 0  # model runs for requests so far
         self.stopping = threading.Event()
         self.rejected_sha = ""  # a deployed model that could not be adopted (not tried again)
         if len(self.store) and self.store.model_sha256 != self.served.ref.sha256:
@@ -168,9 +151,11 @@ class FeatureService:
 
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray, Served]:
         served = self.served
-        return served.extractor.run(batch), served
+        with self.compute:
+            return served.extractor.run(batch), served
 
     def _observe_batch(self, size: int, seconds: float) -> None:
+        self.live_batches += 1
         self.metrics.batch_size.observe(size)
         self.metrics.batch_seconds.observe(seconds)
         self.metrics.crops.inc(size)
@@ -233,49 +218,63 @@ class FeatureService:
                 log.warning("deployed model %s not adopted: %s", path, err)
                 self.rejected_sha = sha
 
-    def _embed_gallery(
-        self, served: Served, after: int
-    ) -> tuple[list[int], list[np.ndarray], list[int], int]:
-        """(ids, feature chunks, ids whose crop is damaged, last id seen) of the entries above `after`."""
-        ids, feats, damaged = [], [], []
-        while rows := self.store.crops(after, limit=self.cfg.max_batch):
+    def _embed_gallery(self, served: Served) -> int:
+        """Stage `served`'s features of every gallery entry that has none yet, batch by batch (each batch
+        is kept on disk: an interruption loses at most one). Entries whose crop no longer decodes are
+        deleted. The number of entries embedded."""
+        sha, after, done = served.ref.sha256, 0, 0
+        step = max(1, self.cfg.max_batch // 4)  # small runs: a live batch waits for one at most
+        while rows := self.store.unembedded(sha, after, limit=step):
             after = rows[-1][0]
-            good = []
+            good, damaged = [], []
             for entry_id, crop in rows:
                 try:
                     good.append((entry_id, decode_crop(crop, entry_id, self.cfg)))
                 except CropError as err:  # decodable when added: the file was damaged since
                     log.warning("gallery entry %d cannot be embedded again, deleted: %s", entry_id, err)
                     damaged.append(entry_id)
+            if damaged:
+                self.store.delete(damaged)
             if good:
-                ids.extend(i for i, _ in good)
-                feats.append(served.extractor([img for _, img in good]))
+                while self.batcher.queued and not self.stopping.is_set():
+                    time.sleep(0.005)  # live requests first: embedding again uses the time they leave
+                live, clock = self.live_batches, time.perf_counter()
+                with self.compute:
+                    feats = served.extractor([img for _, img in good])
+                self.store.stage([i for i, _ in good], feats, sha)
+                done += len(good)
+                if self.live_batches != live:  # under traffic: at most a quarter of the model's time
+                    self.stopping.wait(3 * (time.perf_counter() - clock))
             if self.stopping.is_set():
                 raise RuntimeError("stopping")
-        return ids, feats, damaged, after
+        return done
 
     def _adopt(self, green: Served) -> None:
-        """Embed the gallery with `green` while the current model keeps answering (blue/green), then swap
-        the gallery's features and the served model at once, under the gallery's lock: no search ever
-        compares features of two models. A crash before the swap leaves the old gallery whole."""
+        """Embed the gallery with `green` while the current model keeps answering (blue/green), then
+        switch the gallery and the served model at once, under the gallery's lock: no search ever
+        compares features of two models. The new features are staged on disk as they are made, so a
+        crash or stop resumes with the entries still missing; the old gallery stays whole until the
+        switch."""
         self.reindexing.set()
         try:
-            log.info("embedding %d gallery entries with model %s", len(self.store), green.ref.version)
-            ids, feats, damaged, last = self._embed_gallery(green, 0)
-            with self.store.lock:  # additions and searches wait for the last few and the swap
-                more_ids, more_feats, more_damaged, _ = self._embed_gallery(green, last)
-                ids, feats, damaged = ids + more_ids, feats + more_feats, damaged + more_damaged
-                if damaged:
-                    self.store.delete(damaged)
-                features = np.concatenate(feats) if feats else np.zeros((0, self.store.dim), np.float32)
-                self.store.replace_features(
-                    np.array(ids, np.int64), features, (green.ref.version, green.ref.sha256)
-                )
+            staged = self.store.begin_staging(green.ref.sha256)
+            log.info(
+                "embedding %d gallery entries with model %s%s",
+                len(self.store) - staged,
+                green.ref.version,
+                f" ({staged} were embedded before an interruption)" if staged else "",
+            )
+            self._embed_gallery(green)
+            with self.store.lock:  # additions and searches wait for those added meanwhile and the switch
+                self._embed_gallery(green)
+                self.store.activate((green.ref.version, green.ref.sha256))
                 self.served = green
                 self._show_model()
             self.metrics.gallery.set(len(self.store))
             log.info(
-                "now serving model %s; gallery of %d entries embedded with it", green.ref.version, len(ids)
+                "now serving model %s; gallery of %d entries embedded with it",
+                green.ref.version,
+                len(self.store),
             )
         except RuntimeError as err:
             if not self.stopping.is_set():
@@ -487,22 +486,35 @@ def create_app(service: FeatureService) -> FastAPI:
     return app
 
 
-@contextlib.contextmanager
-def running(service: FeatureService, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """The service on a uvicorn server in a thread of this process; yields its base URL."""
-    import uvicorn
+def running(
+    service: FeatureService, host: str = "127.0.0.1", port: int = 0
+) -> contextlib.AbstractContextManager[str]:
+    """The service on a uvicorn server in a thread of this process, while the block runs; yields its URL."""
+    from reid.http_server import serving
 
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host=host, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="http", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"the feature service did not start on {host}:{port}")
-        time.sleep(0.02)
-    bound = server.servers[0].sockets[0].getsockname()[1]
+    return serving(create_app(service), host, port)
+
+
+def serve_deployed(state_dir: Path, cfg: ServiceConfig, stop: threading.Event) -> None:
+    """The service beside an agent (`edge-agent start` with `[serve_features]`): it waits for the first
+    model deployed in the agent's `state_dir`, serves it with the gallery `state_dir/gallery.db`, and
+    adopts each later deployment, until `stop` is set. A failure (the port taken, say) is one log line:
+    training goes on without the service."""
+    from edge.deployment import current_model
+
+    while (model := current_model(state_dir)) is None:
+        if stop.wait(cfg.follow_every_s):
+            return
     try:
-        yield f"http://{host}:{bound}"
+        service = FeatureService(model, state_dir / "gallery.db", cfg, follow=state_dir)
+    except Exception as err:
+        log.error("feature service not started: %s", err)
+        return
+    try:
+        with running(service, cfg.host, cfg.port) as url:
+            log.info("feature service on %s, model %s", url, service.served.ref.version)
+            stop.wait()
+    except Exception as err:
+        log.error("feature service stopped: %s", err)
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        service.close()

@@ -3,8 +3,12 @@
 SQLite (stdlib, WAL journal) makes every add and delete one atomic transaction, so a crash loses at most
 the request in flight and never leaves a half-written gallery; nothing is pickled (features are raw
 float32 bytes, labels JSON). Each entry keeps its crop (as sent, JPEG/PNG) so the gallery can be
-embedded again when the model changes, and the gallery records which model made its features
-(`model_sha256`): features of two models are never compared.
+embedded again when the model changes. Features are stored per model (`features`, keyed by model
+sha256 and entry id): the gallery's *active* model (`model_sha256`) is the one searched; a new model's
+features are staged beside it batch by batch (`stage`), so an interrupted re-embedding resumes where it
+stopped (`unembedded`), and `activate` switches to the new model in one transaction once every entry
+has its feature. Features of two models are never compared. Deleting an entry deletes its crop and
+every feature of it (foreign key, ON DELETE CASCADE).
 
 Search is exact cosine similarity (features are L2-normalised) over an in-memory float32 matrix, in
 blocks of `BLOCK` rows with a running top-k, so its temporary memory does not grow with the gallery.
@@ -35,14 +39,21 @@ CREATE TABLE IF NOT EXISTS entries (
     time REAL NOT NULL,
     track TEXT NOT NULL,
     labels TEXT NOT NULL,
-    crop BLOB NOT NULL,
-    feature BLOB NOT NULL
+    crop BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS entries_time ON entries (time);
+CREATE TABLE IF NOT EXISTS features (
+    model TEXT NOT NULL,
+    id INTEGER NOT NULL REFERENCES entries (id) ON DELETE CASCADE,
+    feature BLOB NOT NULL,
+    PRIMARY KEY (model, id)
+);
+CREATE INDEX IF NOT EXISTS features_id ON features (id);
 """
 
 
-_INSERT = "INSERT INTO entries (camera, time, track, labels, crop, feature) VALUES (?, ?, ?, ?, ?, ?)"
+_INSERT = "INSERT INTO entries (camera, time, track, labels, crop) VALUES (?, ?, ?, ?, ?)"
+_FEATURE = "INSERT OR REPLACE INTO features (model, id, feature) VALUES (?, ?, ?)"
 
 
 class GalleryStoreError(ValueError):
@@ -80,7 +91,10 @@ class GalleryStore:
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(_SCHEMA)
+        if "feature" in {row[1] for row in self.db.execute("PRAGMA table_info(entries)")}:
+            raise GalleryStoreError(f"{path}: a gallery file of a development version before 0.x; remove it")
         self.model = self._stored_model()  # (version, sha256) of the features; ("", "") when none yet
         self._load()
 
@@ -90,7 +104,11 @@ class GalleryStore:
 
     # -- in-memory index -------------------------------------------------------------------------------
     def _load(self) -> None:
-        rows = self.db.execute("SELECT id, camera, time, feature FROM entries ORDER BY id").fetchall()
+        rows = self.db.execute(
+            "SELECT e.id, e.camera, e.time, f.feature FROM entries e JOIN features f "
+            "ON f.id = e.id AND f.model = ? ORDER BY e.id",
+            (self.model_sha256,),
+        ).fetchall()
         self.ids = np.array([r[0] for r in rows], dtype=np.int64)
         self.cameras = np.array([r[1] for r in rows], dtype=object)
         self.times = np.array([r[2] for r in rows], dtype=np.float64)
@@ -127,9 +145,11 @@ class GalleryStore:
             try:
                 self._set_model(version, sha)
                 for e, f in zip(entries, features, strict=True):
-                    row = (e.camera, e.time, e.track, json.dumps(e.labels or {}), e.crop, _blob(f))
-                    cur = self.db.execute(_INSERT, row)
+                    cur = self.db.execute(
+                        _INSERT, (e.camera, e.time, e.track, json.dumps(e.labels or {}), e.crop)
+                    )
                     ids.append(int(cur.lastrowid))
+                    self.db.execute(_FEATURE, (sha, ids[-1], _blob(f)))
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
@@ -217,25 +237,52 @@ class GalleryStore:
             out.append([(int(ids[rows[i]]), float(scores[i])) for i in order])
         return out
 
-    def crops(self, after_id: int = 0, limit: int = 256) -> list[tuple[int, bytes]]:
-        """(id, crop) of entries with an id above `after_id`, in id order (for embedding again)."""
+    # -- embedding again with a new model ---------------------------------------------------------------
+    def begin_staging(self, sha: str) -> int:
+        """Prepare to embed the gallery with model `sha`: staged features of any third model (a deployment
+        superseded before it was adopted) are dropped; the number of entries already staged for `sha`
+        (an interrupted re-embedding) is returned."""
+        with self.lock:
+            self.db.execute("DELETE FROM features WHERE model NOT IN (?, ?)", (self.model_sha256, sha))
+            return int(self.db.execute("SELECT COUNT(*) FROM features WHERE model = ?", (sha,)).fetchone()[0])
+
+    def unembedded(self, sha: str, after_id: int = 0, limit: int = 256) -> list[tuple[int, bytes]]:
+        """(id, crop) of entries above `after_id` without a feature of model `sha`, in id order."""
         with self.lock:
             return self.db.execute(
-                "SELECT id, crop FROM entries WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
+                "SELECT id, crop FROM entries e WHERE id > ? AND NOT EXISTS "
+                "(SELECT 1 FROM features f WHERE f.model = ? AND f.id = e.id) ORDER BY id LIMIT ?",
+                (after_id, sha, limit),
             ).fetchall()
 
-    def replace_features(self, ids: np.ndarray, features: np.ndarray, model: tuple[str, str]) -> None:
-        """The gallery embedded again by `model`: every feature and the model, in one transaction (a crash
-        before it leaves the old model's gallery whole). Entries deleted meanwhile stay deleted."""
-        version, sha = model
+    def stage(self, ids: list[int], features: np.ndarray, sha: str) -> None:
+        """Keep features of model `sha` (not searched until `activate`), one transaction per call."""
+        if features.shape != (len(ids), self.dim):
+            raise GalleryStoreError(f"{features.shape} features for {len(ids)} entries of {self.dim}-d")
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
-            try:
+            try:  # (an entry deleted meanwhile is skipped: its id no longer exists)
                 self.db.executemany(
-                    "UPDATE entries SET feature = ? WHERE id = ?",
-                    [(_blob(f), int(i)) for i, f in zip(ids, features, strict=True)],
+                    "INSERT OR REPLACE INTO features (model, id, feature) "
+                    "SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM entries WHERE id = ?)",
+                    [(sha, int(i), _blob(f), int(i)) for i, f in zip(ids, features, strict=True)],
                 )
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def activate(self, model: tuple[str, str]) -> None:
+        """Search with model `model` = (version, sha256) from now on, and drop every other model's
+        features, in one transaction. GalleryStoreError if an entry has no feature of it yet."""
+        version, sha = model
+        with self.lock:
+            if self.unembedded(sha, limit=1):
+                raise GalleryStoreError(f"not every gallery entry has a feature of model {version}")
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
                 self._set_model(version, sha)
+                self.db.execute("DELETE FROM features WHERE model != ?", (sha,))
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")

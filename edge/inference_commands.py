@@ -202,7 +202,8 @@ def serve_features(
     """Embeddings and gallery search over HTTP (docs/serving.md), with dynamic batching."""
     import uvicorn
 
-    from edge.feature_service import FeatureService, ServiceConfig, create_app
+    from edge.feature_api import ServiceConfig
+    from edge.feature_service import FeatureService, create_app
     from edge.gallery_store import GalleryStoreError
     from export.contract import ContractError
 

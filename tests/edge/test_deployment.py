@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import paho.mqtt.client as paho
 import pytest
 import torch
@@ -22,6 +24,7 @@ from cloud.journal import Journal
 from cloud.local_federation import agent_command
 from cloud.server import ServeConfig
 from edge.cli import app as edge_app
+from edge.client import FeatureClient
 from edge.deployment import current_model
 from export.contract import load_contract
 from protocol.broker import parse_url
@@ -94,8 +97,20 @@ def test_deploy_verify_swap_reject_and_late_join(tiny_federation, tmp_path, mosq
     logs = {s.name: tmp_path / f"{s.name}.log" for s in sites}
     procs = []
 
-    def start_agent(site: Path) -> None:
-        cmd = agent_command(site, mosquitto_url, FED, edge)[:-1]  # without --exit-when-done
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    features = FeatureClient(f"http://127.0.0.1:{port}", timeout=10)
+    crop = sorted(images.glob("*.jpg"))[0].read_bytes()
+
+    def served_version() -> str | None:
+        try:
+            return features.embed([crop]).model.version
+        except httpx.TransportError:
+            return None
+
+    def start_agent(site: Path, *extra: str) -> None:
+        cmd = [*agent_command(site, mosquitto_url, FED, edge)[:-1], *extra]  # without --exit-when-done
         with open(logs[site.name], "ab") as out:
             procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT))
 
@@ -106,7 +121,7 @@ def test_deploy_verify_swap_reject_and_late_join(tiny_federation, tmp_path, mosq
         assert f"deployed {FED}/round-{round_}" in result.output
 
     try:
-        start_agent(sites[1])
+        start_agent(sites[1], "--serve-port", str(port))  # with the feature service beside it
         assert _wait(lambda: "site01" in _statuses(mosquitto_url, topics), 60), logs["site01"].read_text()
         deploy(0)
         site01 = edge / "site01"
@@ -114,6 +129,8 @@ def test_deploy_verify_swap_reject_and_late_join(tiny_federation, tmp_path, mosq
         exported = run_dir / FED / "deployments" / "00000" / "model.fp32.onnx"
         assert load_contract(current_model(site01)).sha256 == load_contract(exported).sha256
         assert _wait(lambda: _statuses(mosquitto_url, topics)["site01"].deployed == f"{FED}/round-0", 30)
+        assert _wait(lambda: served_version() == f"{FED}/round-0", 60), logs["site01"].read_text()
+        added = features.add([crop], camera="c1")
         manifest0 = _retained(mosquitto_url, topics.deploy)[topics.deploy]
 
         # hostile deployments: contract and blob disagree; a file with a valid hash that is not a model
@@ -164,6 +181,11 @@ def test_deploy_verify_swap_reject_and_late_join(tiny_federation, tmp_path, mosq
         )
         evil.stop()
         assert _deployed_version(site01) == f"{FED}/round-1"
+        # the agent's feature service followed the deployment and embedded its gallery again
+        assert _wait(lambda: served_version() == f"{FED}/round-1", 60), logs["site01"].read_text()
+        gallery = features.gallery()
+        assert gallery.entries == 1 and gallery.model.version == f"{FED}/round-1"
+        assert features.search(crop=crop, top_k=1).hits[0].id == added[0]
 
         # a site that connects later gets the retained deployment from the broker alone
         start_agent(sites[2])
@@ -178,6 +200,7 @@ def test_deploy_verify_swap_reject_and_late_join(tiny_federation, tmp_path, mosq
         assert result.exit_code == 0, result.output
         assert query.name in result.output
     finally:
+        features.close()
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=20)

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,8 +23,9 @@ import torch
 from PIL import Image
 
 from edge.client import FeatureClient, ServiceError
-from edge.feature_service import FeatureService, ServiceConfig, running
-from edge.gallery_store import GalleryStore
+from edge.feature_api import ServiceConfig
+from edge.feature_service import FeatureService, running
+from edge.gallery_store import GalleryStore, NewEntry
 from export.onnx_export import export_onnx
 from export.runtime import FeatureExtractor
 from reid.data import ImageDataset, InputSpec, eval_transform
@@ -292,8 +297,67 @@ def test_a_deployment_while_searching_never_mixes_models_or_fails_a_request(
     store = GalleryStore(tmp_path / "gallery.db", exported[2].output_dim)
     try:  # every entry, also those added during the swap, holds the new model's feature of its crop
         assert store.model_sha256 == new_model[1].sha256 and len(store) > 8
-        rows = dict(store.crops(0, limit=10_000))
+        rows = dict(sqlite3.connect(tmp_path / "gallery.db").execute("SELECT id, crop FROM entries"))
         expected = FeatureExtractor(new_model[0])([Image.open(io.BytesIO(rows[int(i)])) for i in store.ids])
         np.testing.assert_allclose(store.features, expected, atol=1e-4)
     finally:
         store.close()
+
+
+def _staged(db: Path, sha: str) -> int:
+    with sqlite3.connect(db) as con:
+        return con.execute("SELECT COUNT(*) FROM features WHERE model = ?", (sha,)).fetchone()[0]
+
+
+def test_a_crash_while_embedding_again_resumes_where_it_stopped(exported, crops, new_model, tmp_path, caplog):
+    db, old = tmp_path / "gallery.db", exported[2]
+    new_path, new_contract = new_model
+    feats = FeatureExtractor(exported[1])([Image.open(io.BytesIO(c)) for c in crops])
+    n = 4000
+    store = GalleryStore(db, old.output_dim)
+    for start in range(0, n, 1000):
+        rows = range(start, start + 1000)
+        entries = [NewEntry(crop=crops[i % 12], camera=f"cam-{i % 3}") for i in rows]
+        store.add(entries, feats[[i % 12 for i in rows]], (old.version, old.sha256))
+    store.close()
+
+    # the service, started with the new model, embeds the gallery again and is killed in the middle
+    command = [sys.executable, "-m", "edge.cli", "serve-features", "--model", str(new_path)]
+    proc = subprocess.Popen([*command, "--gallery", str(db), "--port", "0"], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while _staged(db, new_contract.sha256) == 0:
+            assert proc.poll() is None and time.monotonic() < deadline, "the re-embedding did not start"
+            time.sleep(0.01)
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.wait(30)
+    before = _staged(db, new_contract.sha256)
+    assert 0 < before < n, f"killed at {before} of {n}: not in the middle"
+    store = GalleryStore(db, old.output_dim)  # the old gallery is whole and still searchable
+    assert store.model_sha256 == old.sha256 and len(store) == n
+    np.testing.assert_allclose(store.features[:12], feats, atol=1e-6)
+    store.close()
+
+    # after the restart it goes on with the entries still missing, then switches
+    with caplog.at_level(logging.INFO, logger="edge.feature_service"):
+        service = FeatureService(new_path, db, ServiceConfig())
+        try:
+            deadline = time.monotonic() + 120
+            while not service.ready()[0]:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            expected = FeatureExtractor(new_path)([Image.open(io.BytesIO(c)) for c in crops])
+            assert service.store.model_sha256 == new_contract.sha256 and len(service.store) == n
+            np.testing.assert_allclose(service.store.features, expected[np.arange(n) % 12], atol=1e-4)
+        finally:
+            service.close()
+    assert f"embedding {n - before} gallery entries with model round-9 ({before} were embedded" in caplog.text
+    with sqlite3.connect(db) as con:  # no feature of the old model is left
+        assert (
+            con.execute("SELECT COUNT(*) FROM features WHERE model != ?", (new_contract.sha256,)).fetchone()[
+                0
+            ]
+            == 0
+        )

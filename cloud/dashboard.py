@@ -1,0 +1,36 @@
+"""The aggregator's read-only web face on `metrics_port`: the dashboard page (cloud/dashboard.html, one
+file: no build step, nothing fetched from elsewhere), the JSON it draws (GET /api/v1/federation, the
+aggregator's `view()`), and Prometheus GET /metrics. Nothing here changes anything."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from cloud.monitoring import View
+
+PAGE = Path(__file__).with_name("dashboard.html")
+
+
+def create_app(view: Callable[[], View], registry: CollectorRegistry) -> FastAPI:
+    app = FastAPI(title="FedReID Edge aggregator", version="1", docs_url=None, redoc_url=None)
+    page = PAGE.read_text()
+
+    @app.get("/", response_class=HTMLResponse)
+    def dashboard() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/api/v1/federation")
+    def federation() -> JSONResponse:
+        return JSONResponse(view())
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
