@@ -75,6 +75,32 @@ def synthesize(
     out.print(metrics_table(f"Synthetic federation in {out_dir} (public set: {public_images} images)", rows))
 
 
+@app.command()
+def split(
+    data: Path = typer.Option(..., help="a folder of site data sets (one folder per site, any layout)"),
+    out_dir: Path = typer.Option(..., "--out", help="empty folder for the per-camera clients"),
+    by: str = typer.Option("camera", help="how to split: camera (the benchmark's second scenario)"),
+    copy: bool = typer.Option(False, "--copy/--link", help="copy the images instead of linking them"),
+    min_images: int = typer.Option(8, min=1, help="cameras with fewer training images are left out"),
+) -> None:
+    """Split each site into per-camera clients (federated-by-camera); evaluation stays on the site's
+    query/gallery. The result is a folder of sites for `simulate --data` and `edge-agent start`."""
+    from reid.data.camera_split import split_by_camera
+    from reid.data.layouts import DatasetLayoutError
+
+    if by != "camera":
+        raise typer.BadParameter(f"unknown split {by!r}: camera is the one there is", param_hint="--by")
+    try:
+        clients, skipped = split_by_camera(_site_dirs(data), out_dir, copy=copy, min_images=min_images)
+    except (FileExistsError, DatasetLayoutError) as err:
+        raise typer.BadParameter(str(err)) from None
+    rows = [{"client": c.name, "site": c.site, "camera": c.camera, "train images": c.train_images,
+             "identities": c.identities} for c in clients]  # fmt: skip
+    out.print(metrics_table(f"{len(clients)} per-camera clients in {out_dir}", rows))
+    for s in skipped:
+        out.print(f"left out: {s['site']} camera {s['camera']}: {s['reason']}")
+
+
 def _site_dirs(sites_dir: Path) -> list[Path]:
     if not sites_dir.is_dir():
         raise typer.BadParameter(f"folder not found: {sites_dir}", param_hint="--data")
@@ -139,6 +165,10 @@ def simulate(
     ),
     dp_clip: float = typer.Option(1.0, help="with --dp-noise: clip each site's delta to this L2 norm"),
     seed: int = typer.Option(0),
+    fraction: float = typer.Option(1.0, min=0.001, max=1.0, help="fraction of the sites sampled per round"),
+    sites_per_round: int = typer.Option(
+        None, min=1, help="sites sampled per round (a seeded draw each round)"
+    ),
     device: str = typer.Option("auto"),
     fresh: bool = typer.Option(False, help="discard a previous run in --out instead of resuming it"),
 ) -> None:
@@ -186,8 +216,12 @@ def simulate(
         ),
         dp=DPConfig(enabled=bool(dp_noise), noise_multiplier=dp_noise or 1.0, clip_norm=dp_clip),
         pretrained=str(pretrained) if pretrained else None,
+        fraction=fraction,
+        sites_per_round=sites_per_round,
     )
     sites = _site_dirs(sites_dir)
+    if transport == "mqtt" and (fraction < 1 or sites_per_round):
+        raise typer.BadParameter("client sampling is for --transport none (serve has its own: fraction)")
     try:
         if transport == "mqtt":
             metrics_path = _simulate_mqtt(config, sites, public_dir, out_dir, fresh)

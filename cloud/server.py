@@ -18,8 +18,6 @@ import ctypes
 import ctypes.util
 import hashlib
 import logging
-import math
-import random
 import statistics
 import threading
 import time
@@ -49,6 +47,7 @@ from cloud.strategy import (
 )
 from cloud.strategy.caps import capped_samples, clip_scales, max_share, norm_bound, share_capped
 from cloud.strategy.flat import l2_norm
+from cloud.strategy.selection import sample_sites, sites_per_round
 from protocol.chunks import DEFAULT_CHUNK_BYTES, ChunkError, Reassembler, blob_ref, check_ref, parse_chunk
 from protocol.codec import CodecError, Encoding, encode_state, iter_state_file
 from protocol.messages import (
@@ -583,11 +582,8 @@ class Aggregator:
                 )
             if self.stopping.wait(0.2):
                 raise Stopped
-        keep = keep or set()
-        k = min(len(online), max(self.cfg.min_sites, math.ceil(self.cfg.fraction * len(online))))
-        others = [s for s in online if s not in keep]
-        rng = random.Random(self.cfg.seed * 100_003 + r + 7919 * draw)
-        return sorted(keep | set(rng.sample(others, max(0, min(len(others), k - len(keep))))))
+        k = sites_per_round(len(online), self.cfg.fraction, at_least=self.cfg.min_sites)
+        return sample_sites(online, k, self.cfg.seed, r, draw, keep or ())
 
     def _publish_round(self, cur: OpenRound, with_blob: bool = True) -> None:
         cfg = self.cfg

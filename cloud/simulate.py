@@ -39,6 +39,7 @@ from cloud.strategy import (
     embed_public,
 )
 from cloud.strategy.aggregate import bn_policy_keys
+from cloud.strategy.selection import sample_sites, sites_per_round
 from protocol.codec import decode_state, encode_state
 from reid.choices import Algorithm
 from reid.data import ImageDataset, InputSpec, eval_transform, make_loader, read_image_folder, train_transform
@@ -76,6 +77,15 @@ class SimulationConfig(BaseModel):
         "none", description="pass every delta through the wire codec (bytes per site and round are recorded)"
     )
     pretrained: str | None = None
+    fraction: float = Field(1.0, gt=0, le=1, description="fraction of the sites sampled per round")
+    sites_per_round: int | None = Field(
+        None, ge=1, description="sites sampled per round (overrides fraction)"
+    )
+
+    def selected(self, names: list[str], round_: int) -> list[str]:
+        """The sites that train in `round_`: the networked aggregator's seeded draw."""
+        k = sites_per_round(len(names), self.fraction, exactly=self.sites_per_round)
+        return names if k == len(names) else sample_sites(names, k, self.seed, round_)
 
     def effective_strategy(self) -> StrategyConfig:
         """The algorithm decides FedPav vs CDW weights; the rest of the strategy is as configured."""
@@ -264,7 +274,12 @@ class Simulator:
         summary: dict[str, dict] = {"loss": {}, "cdw": {}, "n_samples": {}, "train_seconds": {}}
         if cfg.dp.enabled and federated:
             summary["dp_epsilon"] = {}
+        names = [s.name for s in self.sites]
+        selected = set(cfg.selected(names, r)) if federated else set(names)
+        summary["selected"] = sorted(selected)  # type: ignore[assignment]
         for i, site in enumerate(self.sites):
+            if site.name not in selected:
+                continue
             with log_context(site=site.name):
                 torch.manual_seed(_seed(cfg, r, i))
                 site.data.seed = _seed(cfg, r, i)
@@ -285,10 +300,11 @@ class Simulator:
                     records.append(_metric_record(r, site.name, "local", self._evaluate(site)))
                 if agg is not None:
                     delta = {k: trained[k] - self.global_state[k] for k in trained}
-                    if cfg.dp.enabled:  # every site takes part in every round: r + 1 mechanisms so far
+                    if cfg.dp.enabled:  # one mechanism per round the site took part in so far
                         generator = torch.Generator().manual_seed(_seed(cfg, r, i))
                         delta, _ = privatize(delta, cfg.dp, generator)
-                        summary["dp_epsilon"][site.name] = round(PrivacyLedger(cfg.dp, r + 1).epsilon(), 4)
+                        taken = sum(site.name in cfg.selected(names, q) for q in range(r + 1))
+                        summary["dp_epsilon"][site.name] = round(PrivacyLedger(cfg.dp, taken).epsilon(), 4)
                     if cfg.wire != "none":  # exactly what the networked aggregator would decode
                         blob = encode_state(
                             {k: v.numpy() for k, v in delta.items()},

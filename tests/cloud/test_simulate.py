@@ -178,3 +178,21 @@ def test_wire_codec_in_the_simulator_records_bytes_and_matches_the_networked_dec
     a, b = _global(tmp_path / "int8"), _global(tmp_path / "none")
     key = "global/embedding.linear.weight"
     assert not torch.equal(a[key], b[key]) and torch.allclose(a[key], b[key], atol=1e-2)  # quantised, close
+
+
+def test_client_sampling_trains_the_seeded_draw_of_the_networked_aggregator(tiny_federation, tmp_path):
+    from cloud.strategy.selection import sample_sites
+
+    cfg = _config("fedpav", rounds=2).model_copy(
+        update={"sites_per_round": 2, "eval_local": False, "eval_every": 2}
+    )
+    records = Simulator(cfg, _sites(tiny_federation), tmp_path).run()
+    names = [s.name for s in _sites(tiny_federation)]
+    rounds = [r for r in records if r.get("kind") == "round"]
+    draws = [sample_sites(names, 2, cfg.seed, r) for r in range(2)]
+    assert [r["selected"] for r in rounds] == draws  # the same function `serve` selects with
+    assert len({tuple(d) for d in draws}) > 1  # (the draw changes from round to round)
+    for summary, drawn in zip(rounds, draws, strict=True):
+        assert sorted(summary["weights"]) == drawn and sorted(summary["loss"]) == drawn
+    evaluated = {(r["round"], r["site"]) for r in records if r.get("model") == "global"}
+    assert evaluated == {(1, s) for s in names}  # every site scores the global model, sampled or not

@@ -1,0 +1,68 @@
+"""Federated-by-camera clients from sites of any supported layout: the FedReID benchmark's second scenario.
+
+Each camera of each site's training split becomes a client of its own (`<site>-c<camera>`), holding only
+that camera's training images; its query and gallery are the whole site's, so evaluation stays on the
+site's query/gallery. A client is a Market-1501 folder (`bounding_box_train/ query/ bounding_box_test/`)
+of links to the source images (or copies), named ``PPPP_cC_NNNNNN.<ext>`` whatever the source layout,
+so every reader and command takes it as a site. `split.json` lists the clients with their site and
+camera. Cameras with fewer than `min_images` training images or fewer than `min_ids` identities are
+left out (and listed there) rather than becoming clients that cannot train.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from reid.data.layouts import ImageRecord, read_dataset
+
+
+@dataclass(frozen=True)
+class CameraClient:
+    name: str
+    site: str
+    camera: int
+    train_images: int
+    identities: int
+
+
+def _place(records: list[ImageRecord], folder: Path, copy: bool) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, r in enumerate(records):
+        target = folder / f"{r.pid:04d}_c{r.camid}_{i:06d}{r.path.suffix.lower()}"
+        if copy:
+            shutil.copyfile(r.path, target)
+        else:
+            os.symlink(r.path.resolve(), target)
+
+
+def split_by_camera(
+    sites: list[Path], out: Path, copy: bool = False, min_images: int = 8, min_ids: int = 2
+) -> tuple[list[CameraClient], list[dict]]:
+    """Write one client folder per (site, camera) under `out` (which must not hold clients yet); returns
+    the clients and the cameras left out with the reason. `split.json` in `out` records both."""
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty: choose a new folder for the per-camera clients")
+    clients, skipped = [], []
+    for site in sites:
+        splits = read_dataset(site)
+        for camera in sorted({r.camid for r in splits.train}):
+            mine = [r for r in splits.train if r.camid == camera]
+            ids = len({r.pid for r in mine})
+            if len(mine) < min_images or ids < min_ids:
+                why = f"{len(mine)} images of {ids} identities (need {min_images} and {min_ids})"
+                skipped.append({"site": site.name, "camera": camera, "reason": why})
+                continue
+            client = CameraClient(f"{site.name}-c{camera}", site.name, camera, len(mine), ids)
+            root = out / client.name
+            _place(mine, root / "bounding_box_train", copy)
+            _place(splits.query, root / "query", copy)
+            _place(splits.gallery, root / "bounding_box_test", copy)
+            clients.append(client)
+    manifest = {"by": "camera", "clients": [asdict(c) for c in clients], "skipped": skipped}
+    (out / "split.json").write_text(json.dumps(manifest, indent=2))
+    return clients, skipped
