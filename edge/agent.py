@@ -603,13 +603,14 @@ class Agent:
         self.stopping.set()
 
     def run(self) -> None:
+        """Take part in rounds until the run ends or `stop()`; MetricsPortError when metrics_port is taken."""
+        if self.cfg.metrics_port is not None:
+            port = self.metrics.serve(self.cfg.metrics_host, self.cfg.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.cfg.metrics_host, port)
         trainer = threading.Thread(target=self._trainer, name="trainer", daemon=True)
         trainer.start()
         service_stop = threading.Event()
         service = None
-        if self.cfg.metrics_port is not None:
-            port = self.metrics.serve(self.cfg.metrics_host, self.cfg.metrics_port)
-            log.info("metrics on http://%s:%d/metrics", self.cfg.metrics_host, port)
         if self.cfg.serve_features is not None:
             from edge.feature_service import serve_deployed
 

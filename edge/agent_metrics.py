@@ -29,6 +29,10 @@ class _ServedModel(Collector):
         yield g
 
 
+class MetricsPortError(RuntimeError):
+    """The metrics port cannot be served (taken, or not allowed); the text names it."""
+
+
 class AgentMetrics:
     def __init__(self, served_version: Callable[[], str | None], last_round: int) -> None:
         self.registry = r = CollectorRegistry()
@@ -63,8 +67,11 @@ class AgentMetrics:
             self._phase.labels(p).set(float(p == name))
 
     def serve(self, host: str, port: int) -> int:
-        """Answer GET /metrics on host:port from a thread; the port bound (OSError when it is taken)."""
-        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        """Answer GET /metrics on host:port from a thread; the port bound (MetricsPortError if it cannot)."""
+        try:
+            self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as err:
+            raise MetricsPortError(f"cannot serve metrics on {host}:{port}: {err.strerror or err}") from None
         return int(self._server.server_address[1])
 
     def close(self) -> None:

@@ -203,6 +203,7 @@ def start(
 ) -> None:
     """Join the federation: train on local data when a round selects this site, upload deltas."""
     from edge.agent import Agent, AgentConfig
+    from edge.agent_metrics import MetricsPortError
 
     overrides = {
         "site": site,
@@ -228,7 +229,10 @@ def start(
     with log_context(site=cfg.site):
         agent = Agent(cfg)
         signal.signal(signal.SIGTERM, lambda *_: agent.stop())
-        agent.run()
+        try:
+            agent.run()
+        except MetricsPortError as err:
+            raise typer.BadParameter(str(err), param_hint="--metrics-port") from None
 
 
 app.command()(inference_commands.extract)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 
 from typer.testing import CliRunner
 
@@ -60,3 +61,15 @@ def test_bad_data_folder_is_a_clear_error(tmp_path):
     )
     assert result.exit_code != 0
     assert "model not found" in result.output
+
+
+def test_a_taken_metrics_port_is_a_clear_error(tiny_federation, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["start", "--site", "s1", "--data", str(tiny_federation / "sites" / "site00")]
+        args += ["--state-dir", str(tmp_path), "--broker", "mqtt://127.0.0.1:1", "--metrics-port", str(port)]
+        result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in " ".join(result.output.replace("│", " ").split())
