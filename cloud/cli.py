@@ -42,6 +42,8 @@ def synthesize(
     public_images: int = typer.Option(400, help="unlabeled images for server-side KD"),
     height: int = typer.Option(256, min=32),
     width: int = typer.Option(128, min=16),
+    domains: bool = typer.Option(False, help="sites differ as real data sets do (docs/datasets.md)"),
+    min_queries: int = typer.Option(0, min=0, help="queries per site at least (50: 1 query <= 2 points)"),
 ) -> None:
     """Write a synthetic non-IID federation (Market-1501 layout per site + a public KD set)."""
     from reid.synthetic import SyntheticConfig, generate_federation, total_images
@@ -54,6 +56,8 @@ def synthesize(
         public_images=public_images,
         height=height,
         width=width,
+        domains=domains,
+        min_queries=min_queries,
     )
     try:
         with progress_bar() as bar:

@@ -20,6 +20,7 @@ Deterministic for a seed: every site draws from its own child of `numpy.random.S
 from __future__ import annotations
 
 import colorsys
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -53,6 +54,14 @@ class SyntheticConfig(BaseModel):
     height: int = Field(256, ge=32)
     width: int = Field(128, ge=16)
     jpeg_quality: int = Field(90, ge=30, le=100)
+    domains: bool = Field(
+        False,
+        description="sites differ as real data sets do (a `SiteDomain` per site): crop size and aspect, crop "
+        "tightness, occlusion, colour statistics, 2-6 cameras, images per identity",
+    )
+    min_queries: int = Field(
+        0, ge=0, description="queries per site at least (50: one query <= 2 rank-1 points)"
+    )
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,38 @@ class SiteStyle:
     hue: float
 
 
+@dataclass(frozen=True)
+class SiteDomain:
+    """How one site's data set differs from the others' (`SyntheticConfig.domains`), as real data sets
+    do: its crops' size and aspect, how tightly they frame the person, how often people are occluded,
+    its colour statistics, its number of cameras and its images per identity."""
+
+    height: int
+    width: int
+    person_height: float  # the person's height as a fraction of the crop's (tightness)
+    occlusion: float  # the largest per-camera occlusion probability
+    warmth: float  # colour temperature shift
+    saturation: float
+    gain: float
+    cameras: int
+    images_per_id: int
+
+
+def random_site_domain(rng: np.random.Generator, cfg: SyntheticConfig) -> SiteDomain:
+    height = max(32, 2 * round(cfg.height * float(rng.uniform(0.5, 1.0)) / 2))
+    return SiteDomain(
+        height=height,
+        width=max(16, 2 * round(height / float(rng.uniform(1.8, 3.0)) / 2)),
+        person_height=float(rng.uniform(0.62, 0.95)),
+        occlusion=float(rng.uniform(0.0, 0.5)),
+        warmth=float(rng.uniform(-0.25, 0.25)),
+        saturation=float(rng.uniform(0.45, 1.3)),
+        gain=float(rng.uniform(0.6, 1.25)),
+        cameras=int(rng.integers(2, 7)),
+        images_per_id=int(rng.integers(cfg.images_per_id_min, cfg.images_per_id_max + 1)),
+    )
+
+
 def random_site_style(rng: np.random.Generator) -> SiteStyle:
     warm = rng.uniform(-0.12, 0.12)
     return SiteStyle(
@@ -161,9 +202,11 @@ def _smooth_field(rng: np.random.Generator, height: int, width: int, amplitude: 
     return (field - 0.5) * 2 * amplitude
 
 
-def random_camera(rng: np.random.Generator, site: SiteStyle, renderer: Renderer) -> CameraStyle:
+def random_camera(
+    rng: np.random.Generator, site: SiteStyle, renderer: Renderer, domain: SiteDomain | None = None
+) -> CameraStyle:
     height, width = renderer.height, renderer.width
-    return CameraStyle(
+    cam = CameraStyle(
         wall=_hsv(site.hue + rng.normal(0, 0.08), rng.uniform(0.05, 0.45), rng.uniform(0.35, 0.85)),
         floor=_hsv(site.hue + 0.5 + rng.normal(0, 0.1), rng.uniform(0.0, 0.35), rng.uniform(0.2, 0.6)),
         horizon=float(rng.uniform(0.55, 0.8)),
@@ -177,6 +220,18 @@ def random_camera(rng: np.random.Generator, site: SiteStyle, renderer: Renderer)
         occlusion_prob=float(rng.uniform(0.0, 0.3)),
         person_height=float(rng.uniform(0.78, 0.94)),
         low_res=bool(rng.random() < site.low_res_prob),
+    )
+    if domain is None:
+        return cam
+    warm = domain.warmth + rng.normal(0, 0.03)
+    cast = np.array([1 + warm, 1.0, 1 - warm]) * rng.uniform(0.92, 1.08, size=3)
+    return dataclasses.replace(
+        cam,
+        person_height=float(np.clip(domain.person_height + rng.normal(0, 0.03), 0.5, 0.98)),
+        occlusion_prob=float(rng.uniform(0.0, domain.occlusion)),
+        cast=cast.astype(np.float32),
+        saturation=float(domain.saturation * rng.uniform(0.85, 1.15)),
+        gain=float(domain.gain * rng.uniform(0.85, 1.15)),
     )
 
 
@@ -313,6 +368,7 @@ class SiteSummary:
     query_images: int
     gallery_images: int
     pid_range: tuple[int, int]
+    domain: dict | None = None  # the site's `SiteDomain` when `domains` is on
 
 
 def site_plan(cfg: SyntheticConfig) -> list[tuple[int, int, int]]:
@@ -355,9 +411,15 @@ def _write_site(
     progress: Progress | None,
 ) -> SiteSummary:
     ids, per_id, n_cams = plan
-    renderer = Renderer(cfg.height, cfg.width)
+    domain = random_site_domain(rng, cfg) if cfg.domains else None
+    if domain is not None:  # the planned training images, its own cameras and images per identity
+        images = ids * per_id
+        per_id = max(2, min(domain.images_per_id, images // 4))  # (four identities at least)
+        ids, n_cams = max(2, round(images / per_id)), domain.cameras
+        domain = dataclasses.replace(domain, images_per_id=per_id)
+    renderer = Renderer(domain.height, domain.width) if domain else Renderer(cfg.height, cfg.width)
     style = random_site_style(rng)
-    cams = [random_camera(rng, style, renderer) for _ in range(n_cams)]
+    cams = [random_camera(rng, style, renderer, domain) for _ in range(n_cams)]
     root = out / "sites" / name
     for folder in ("bounding_box_train", "query", "bounding_box_test"):
         (root / folder).mkdir(parents=True, exist_ok=True)
@@ -376,7 +438,8 @@ def _write_site(
         pid += 1
     train_images = writer.written
 
-    test_ids = max(cfg.min_test_ids, round(ids * cfg.test_id_fraction))
+    queries_per_id = min(2, n_cams - 1)
+    test_ids = max(cfg.min_test_ids, round(ids * cfg.test_id_fraction), -(-cfg.min_queries // queries_per_id))
     gallery_per_id = max(2, per_id)
     n_query = 0
     for _ in range(test_ids):
@@ -397,7 +460,15 @@ def _write_site(
         emit("bounding_box_test", -1, random_identity(rng), int(rng.integers(n_cams)), junk=True)
     gallery_images = writer.written - train_images - n_query
     return SiteSummary(
-        name, n_cams, ids, train_images, test_ids, n_query, gallery_images, (first_pid, pid - 1)
+        name,
+        n_cams,
+        ids,
+        train_images,
+        test_ids,
+        n_query,
+        gallery_images,
+        (first_pid, pid - 1),
+        domain.__dict__ if domain else None,
     )
 
 
@@ -421,7 +492,7 @@ def total_images(cfg: SyntheticConfig) -> int:
     """Upper estimate of the number of images `generate_federation` writes (for progress bars)."""
     total = cfg.public_images
     for ids, per_id, _ in site_plan(cfg):
-        test_ids = max(cfg.min_test_ids, round(ids * cfg.test_id_fraction))
+        test_ids = max(cfg.min_test_ids, round(ids * cfg.test_id_fraction), cfg.min_queries)
         gallery = test_ids * max(2, per_id)
         total += ids * per_id + 2 * test_ids + gallery
         total += round(gallery * cfg.distractor_fraction) + round(gallery * cfg.junk_fraction)

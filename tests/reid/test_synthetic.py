@@ -88,3 +88,39 @@ def test_identity_appearance_persists_across_cameras(tiny_federation):
         np.triu_indices(len(centres), 1)
     ].mean()
     assert between > 1.3 * within
+
+
+def test_domains_make_sites_differ_as_data_sets_do(tmp_path):
+    cfg = SyntheticConfig(
+        seed=3,
+        sites=4,
+        train_images_max=120,
+        public_images=0,
+        height=96,
+        width=48,
+        domains=True,
+        min_queries=50,
+    )
+    summaries = generate_federation(cfg, tmp_path / "a")
+    sizes, cameras = set(), []
+    for s in summaries:
+        splits = read_dataset(tmp_path / "a" / "sites" / s.name)
+        size = {Image.open(r.path).size for r in splits.train + splits.query + splits.gallery}
+        assert len(size) == 1  # one crop size per site: the site's own
+        (w, h), d = size.pop(), s.domain
+        assert (w, h) == (d["width"], d["height"]) and 1.7 <= h / w <= 3.1 and 48 <= h <= 96
+        sizes.add((w, h))
+        assert {r.camid for r in splits.train + splits.gallery} == set(range(1, d["cameras"] + 1))
+        cameras.append(d["cameras"])
+        assert len(splits.query) >= 50  # one query is at most 2 rank-1 points at every site
+        per_id = {r.pid: 0 for r in splits.train}
+        for r in splits.train:
+            per_id[r.pid] += 1
+        assert set(per_id.values()) == {d["images_per_id"]}
+    assert len(sizes) >= 3 and all(2 <= c <= 6 for c in cameras)
+    manifest = json.loads((tmp_path / "a" / "federation.json").read_text())
+    assert manifest["sites"][0]["domain"] == summaries[0].domain  # documented with the data
+    again = generate_federation(cfg, tmp_path / "b")  # seeded: the same bytes again
+    assert [s.domain for s in again] == [s.domain for s in summaries]
+    first = sorted((tmp_path / "a" / "sites" / "site01" / "query").iterdir())[0]
+    assert (tmp_path / "b" / "sites" / "site01" / "query" / first.name).read_bytes() == first.read_bytes()
