@@ -80,6 +80,76 @@ def synthesize(
 
 
 @app.command()
+def pretrain(
+    out_file: Path = typer.Option(..., "--out", help="the weights file to write (for --pretrained)"),
+    data: Path = typer.Option(
+        None, help="source domain: a folder of data sets (default: a synthetic source, built once)"
+    ),
+    epochs: int = typer.Option(20, min=1),
+    arch: Arch = typer.Option("resnet18"),
+    height: int = typer.Option(128, min=16),
+    width: int = typer.Option(64, min=16),
+    batch_size: int = typer.Option(32, min=2),
+    lr: float = typer.Option(0.02, help="head and backbone learning rate (from scratch)"),
+    seed: int = typer.Option(1000, help="seeds the synthetic source (keep it apart from the sites' seed)"),
+    source_images: int = typer.Option(
+        1200, min=16, help="training images of the synthetic source's largest site"
+    ),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Train a backbone on a source domain disjoint from every site, as ImageNet weights stand in where
+    they cannot be downloaded; `--pretrained FILE` of `simulate` / `serve` then starts from it."""
+    from cloud.simulate import MODEL, SimulationConfig, Simulator
+    from reid.data import DatasetLayoutError, InputSpec, detect_layout
+    from reid.model import ModelSpec
+    from reid.synthetic import SyntheticConfig, generate_federation
+    from reid.train import TrainConfig
+
+    work = out_file.with_name(out_file.name + ".work")  # the source and the training run, resumable
+    if data is None:
+        data = work / "source" / "sites"
+        if not data.is_dir():
+            source = SyntheticConfig(
+                seed=seed,
+                sites=4,
+                train_images_max=source_images,
+                public_images=0,
+                height=height,
+                width=width,
+                domains=True,
+            )
+            out.print(f"building the synthetic source domain (seed {seed}, its own styles) in {data.parent}")
+            generate_federation(source, data.parent)
+    config = SimulationConfig(
+        algorithm="central",
+        rounds=epochs,
+        eval_every=epochs,
+        seed=seed,
+        model=ModelSpec(arch=arch),
+        input=InputSpec(height=height, width=width),
+        train=TrainConfig(batch_size=batch_size, lr_head=lr, lr_backbone=lr, device=device),
+    )
+    try:
+        try:
+            detect_layout(data)
+            sources = [data]  # one data set
+        except DatasetLayoutError:
+            sources = _site_dirs(data)  # a folder of data sets
+        with progress_bar(transient=False) as bar:
+            task = bar.add_task("pretraining: epochs", total=epochs)
+            sim = Simulator(
+                config, sources, work / "run", None, lambda r, _: bar.update(task, completed=r + 1)
+            )
+            sim.try_resume()
+            sim.run()
+    except (ValueError, DatasetLayoutError) as err:
+        raise typer.BadParameter(str(err)) from None
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(work / "run" / MODEL, out_file)
+    out.print(f"wrote {out_file}: start a federation from it with --pretrained {out_file}")
+
+
+@app.command()
 def split(
     data: Path = typer.Option(..., help="a folder of site data sets (one folder per site, any layout)"),
     out_dir: Path = typer.Option(..., "--out", help="empty folder for the per-camera clients"),

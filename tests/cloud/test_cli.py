@@ -47,3 +47,29 @@ def test_the_command_lines_start_without_torch():
     code = f"import sys, cloud.cli, edge.cli; print([m for m in {heavy!r} if m in sys.modules])"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_pretrain_builds_a_disjoint_source_once_and_its_weights_start_a_federation(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from reid.model import ModelSpec, build_model
+
+    out = tmp_path / "backbone.safetensors"
+    args = ["pretrain", "--out", str(out), "--epochs", "1", "--height", "64", "--width", "32"]
+    args += ["--source-images", "64", "--batch-size", "16"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "building the synthetic source domain" in first.output
+    source = tmp_path / "backbone.safetensors.work" / "source" / "federation.json"
+    assert '"domains": true' in source.read_text() and '"seed": 1000' in source.read_text()
+    weights = load_file(str(out))
+    model = build_model(ModelSpec(arch="resnet18"), 3, pretrained=out)  # what --pretrained does
+    trunk = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    assert trunk and all(torch.equal(v, weights[k]) for k, v in trunk.items() if k in weights)
+    assert sum(k in weights for k in trunk) == len(trunk)
+    fresh = build_model(ModelSpec(arch="resnet18"), 3)
+    assert not torch.equal(fresh.state_dict()["backbone.trunk.0.weight"], trunk["backbone.trunk.0.weight"])
+    again = runner.invoke(app, args)  # the source is built once; the finished run is resumed, not redone
+    assert again.exit_code == 0 and "building the synthetic source" not in again.output
+    assert torch.equal(load_file(str(out))["backbone.trunk.0.weight"], weights["backbone.trunk.0.weight"])
