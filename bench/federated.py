@@ -6,6 +6,7 @@ synthetic federation through the in-process simulator, with several seeds.
     .venv/bin/python bench/federated.py --quick              # the `make bench` smoke version (minutes)
     .venv/bin/python bench/federated.py --full               # GPU: ResNet-50 at 256x128, more data
     .venv/bin/python bench/federated.py --data DIR --public DIR   # real data sets: DIR/<site>/...
+    .venv/bin/python bench/federated.py --pretrain-epochs 20 --domains --min-queries 50  # pretrained, domains
 
 Methods: local (each site alone), fedpav, cdw (FedPav + CDW weights), kd (FedPav + server KD), cdw_kd,
 central (pooled training: the upper bound). Every method gets the same compute: `local_epochs` x
@@ -29,6 +30,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -250,7 +253,18 @@ def main() -> None:
     parser.add_argument("--bn", default="average", choices=["first", "average", "local"])
     parser.add_argument("--kd-every", type=int, default=1)
     parser.add_argument("--kd-seconds", type=float, default=30.0)
-    parser.add_argument("--pretrained", help="local torchvision weights for the backbone")
+    parser.add_argument(
+        "--pretrained", help="local torchvision weights (or a FedReID model file) for the backbone"
+    )
+    parser.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=0,
+        help="pretrained start without downloads: `cloud-aggregator pretrain` on a synthetic source domain "
+        "(disjoint from the sites) for this many epochs, cached in --out and used as --pretrained",
+    )
+    parser.add_argument("--domains", action="store_true", help="synthetic sites that differ as data sets do")
+    parser.add_argument("--min-queries", type=int, default=0, help="queries per synthetic site at least")
     parser.add_argument("--data", type=Path, help="real data: a folder with one data set folder per site")
     parser.add_argument("--public", type=Path, help="with --data: the public unlabeled images for KD")
     parser.add_argument(
@@ -288,6 +302,24 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    if args.pretrain_epochs:  # built once per architecture and size, then reused
+        weights = (
+            args.out
+            / f"pretrained-{args.arch}-{args.height}x{args.width}-{args.pretrain_epochs}ep.safetensors"
+        )
+        if not weights.is_file():
+            command = [sys.executable, "-m", "cloud.cli", "pretrain", "--out", str(weights)]
+            command += ["--epochs", str(args.pretrain_epochs), "--arch", args.arch]
+            command += [
+                "--height",
+                str(args.height),
+                "--width",
+                str(args.width),
+                "--batch-size",
+                str(args.batch_size),
+            ]
+            subprocess.run(command, check=True)
+        args.pretrained = str(weights)
     with tempfile.TemporaryDirectory() as tmp:
         if args.data:
             public_dir = args.public.resolve() if args.public else None  # may sit inside --data
@@ -303,6 +335,8 @@ def main() -> None:
                 public_images=args.public_images,
                 height=args.height,
                 width=args.width,
+                domains=args.domains,
+                min_queries=args.min_queries,
             )
             generate_federation(synth, Path(tmp))
             sites = sorted((Path(tmp) / "sites").iterdir())
