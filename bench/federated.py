@@ -7,6 +7,7 @@ synthetic federation through the in-process simulator, with several seeds.
     .venv/bin/python bench/federated.py --full               # GPU: ResNet-50 at 256x128, more data
     .venv/bin/python bench/federated.py --data DIR --public DIR   # real data sets: DIR/<site>/...
     .venv/bin/python bench/federated.py --pretrain-epochs 20 --domains --min-queries 50  # pretrained, domains
+    .venv/bin/python bench/federated.py --scenario camera    # federated by camera (each camera a client)
 
 Methods: local (each site alone), fedpav, cdw (FedPav + CDW weights), kd (FedPav + server KD), cdw_kd,
 central (pooled training: the upper bound). Every method gets the same compute: `local_epochs` x
@@ -41,6 +42,7 @@ import torch
 from cloud.simulate import SimulationConfig, Simulator
 from cloud.strategy import KDConfig, StrategyConfig
 from reid.data import DatasetLayoutError, InputSpec, read_dataset
+from reid.data.camera_split import split_by_camera
 from reid.model import ModelSpec
 from reid.synthetic import SyntheticConfig, generate_federation
 from reid.train import TrainConfig
@@ -264,6 +266,12 @@ def main() -> None:
         "(disjoint from the sites) for this many epochs, cached in --out and used as --pretrained",
     )
     parser.add_argument("--domains", action="store_true", help="synthetic sites that differ as data sets do")
+    parser.add_argument(
+        "--scenario",
+        choices=["dataset", "camera"],
+        default="dataset",
+        help="federated by data set (each site a client) or by camera (cloud-aggregator split --by camera)",
+    )
     parser.add_argument("--min-queries", type=int, default=0, help="queries per synthetic site at least")
     parser.add_argument("--data", type=Path, help="real data: a folder with one data set folder per site")
     parser.add_argument("--public", type=Path, help="with --data: the public unlabeled images for KD")
@@ -342,6 +350,10 @@ def main() -> None:
             sites = sorted((Path(tmp) / "sites").iterdir())
             public = Path(tmp) / "public"
             data_desc = f"synthetic federation {synth.model_dump()}"
+        if args.scenario == "camera":  # each camera of each site a client, scored on its site's query/gallery
+            clients, skipped = split_by_camera(sites, Path(tmp) / "cameras", min_images=4)
+            sites = [Path(tmp) / "cameras" / c.name for c in clients]
+            data_desc += f"; federated by camera: {len(clients)} clients, left out {skipped}"
         try:
             sizes = {s.name: len(read_dataset(s).train) for s in sites}
         except DatasetLayoutError as err:
