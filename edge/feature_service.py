@@ -167,12 +167,14 @@ class FeatureService:
             raise CropError("no crop in the request")
         if len(crops) > self.cfg.max_crops_per_request:
             raise CropError(f"{len(crops)} crops in one request, more than {self.cfg.max_crops_per_request}")
-        images = await run_in_threadpool(
-            lambda: [decode_crop(data, i, self.cfg) for i, data in enumerate(crops)]
-        )
+        served = self.served
+
+        def prepare() -> tuple[list[Image.Image], np.ndarray]:  # (one trip to the thread pool)
+            images = [decode_crop(data, i, self.cfg) for i, data in enumerate(crops)]
+            return images, served.extractor.preprocess(images)
+
+        images, batch = await run_in_threadpool(prepare)
         while True:
-            served = self.served
-            batch = await run_in_threadpool(served.extractor.preprocess, images)
             future = self.batcher.submit(batch)
             self.metrics.queue.set(self.batcher.queued)
             features, ran = await asyncio.wrap_future(future)
@@ -180,6 +182,8 @@ class FeatureService:
                 return features, ran
             # (the model was swapped between preprocessing and the batch, to one that preprocesses
             # differently: once more with the new one)
+            served = self.served
+            batch = await run_in_threadpool(served.extractor.preprocess, images)
 
     async def with_gallery(
         self, crops: list[bytes], use: Callable[[np.ndarray, Served], T]
