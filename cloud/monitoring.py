@@ -173,7 +173,8 @@ class RunHistory:
     shows the whole run) and extended as the aggregator appends to it."""
 
     def __init__(self, metrics_file: Path) -> None:
-        self.metrics: list[dict] = []  # {"round", "site", "rank1", "mAP", "mINP"}
+        self._metrics: dict[tuple[int, str], dict] = {}  # (round, site) -> {"round", "site", "rank1", ...}
+        self.latest: dict[str, dict] = {}  # site -> its evaluation of the newest global model
         self.rounds: list[dict] = []  # {"round", "bytes", "seconds", "accepted", "rejected"}
         self.rejections: deque[dict] = deque(maxlen=RECENT_REJECTIONS)  # {"round", "site", "reason", "time"}
         if metrics_file.is_file():
@@ -189,10 +190,9 @@ class RunHistory:
         for rec in records:
             if rec.get("model") == "global" and "rank1" in rec:
                 entry = {k: rec.get(k) for k in ("round", "site", "rank1", "mAP", "mINP")}
-                self.metrics = [
-                    m for m in self.metrics if (m["round"], m["site"]) != (rec["round"], rec["site"])
-                ]
-                self.metrics.append(entry)
+                self._metrics[(rec["round"], rec["site"])] = entry  # (a report sent again replaces)
+                if rec["round"] >= self.latest.get(rec["site"], {"round": rec["round"]})["round"]:
+                    self.latest[rec["site"]] = entry
             elif rec.get("kind") == "round":
                 self.rounds.append(
                     {
@@ -210,9 +210,7 @@ class RunHistory:
     def rejected(self, round_: int | None, site: str, reason: str, when: float | None = None) -> None:
         self.rejections.append({"round": round_, "site": site, "reason": reason[:300], "time": when})
 
-    def last_metrics(self) -> dict[str, dict]:
-        """Per site, its latest evaluation of the global model."""
-        out: dict[str, dict] = {}
-        for m in sorted(self.metrics, key=lambda m: m["round"]):
-            out[m["site"]] = m
-        return out
+    @property
+    def metrics(self) -> list[dict]:
+        """Every evaluation of a global model: {"round", "site", "rank1", "mAP", "mINP"}."""
+        return list(self._metrics.values())

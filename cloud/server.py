@@ -251,7 +251,7 @@ class Aggregator:
         self.facts: dict[str, SiteFacts] = {}  # site -> what the dashboard shows of it
         self.phase = "starting"
         self.history = RunHistory(self.journal.root / "metrics.jsonl")
-        self.metrics = AggregatorMetrics(self.view)
+        self.metrics = AggregatorMetrics(lambda: self.view(history=False))
         self.current: OpenRound | None = None
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, 1, cfg.pretrained)
@@ -968,8 +968,9 @@ class Aggregator:
         with self.lock:
             self.history.add(records)
 
-    def view(self) -> View:
-        """The federation as the dashboard shows it (GET /api/v1/federation; docs/operations.md)."""
+    def view(self, history: bool = True) -> View:
+        """The federation as the dashboard shows it (GET /api/v1/federation; docs/operations.md); without
+        `history` (plots and rejections), what the Prometheus state series need."""
         with self.lock:
             cur = self.current
             uploading = {}
@@ -993,7 +994,7 @@ class Aggregator:
                 "restarts": cur.restarts if cur else 0,
                 "extensions": cur.extensions if cur else 0,
             }
-            last = self.history.last_metrics()
+            last = self.history.latest
             sites = []
             for site, facts in sorted(self.facts.items()):
                 state, status_round = self.online.get(site, ("offline", None))
@@ -1007,14 +1008,11 @@ class Aggregator:
                         **{k: last.get(site, {}).get(k) for k in ("rank1", "mAP", "mINP")},
                     }
                 )
-            return {
-                "federation": self.cfg.federation,
-                "time": time.time(),
-                "run": run,
-                "sites": sites,
-                "history": {"metrics": list(self.history.metrics), "rounds": list(self.history.rounds)},
-                "rejections": list(self.history.rejections),
-            }
+            doc: View = {"federation": self.cfg.federation, "time": time.time(), "run": run, "sites": sites}
+            if history:
+                doc["history"] = {"metrics": self.history.metrics, "rounds": list(self.history.rounds)}
+                doc["rejections"] = list(self.history.rejections)
+            return doc
 
     def _maybe_deploy(self, r: int) -> None:
         every = self.cfg.deploy_every

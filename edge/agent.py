@@ -545,8 +545,6 @@ class Agent:
         except TimeoutError as err:  # the update stays pending on disk; the aggregator asks for it again
             log.warning("upload of round %d interrupted (%s); it is sent again when asked", r, err)
             return
-        finally:
-            self.metrics.phase("waiting")
         self.metrics.upload_bytes.inc(len(upload))
         log.info(
             "round %d: trained %.1f s (%.1f img/s, loss %.3f, CDW %.4f), uploaded %.2f MB (%s)",
