@@ -13,7 +13,7 @@ setup: $(STAMP) broker browser
 # Re-install only when pyproject.toml changes (idempotent).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,cluster]'
 	touch $(STAMP)
 
 # mosquitto from Debian when it is missing and we may install it (root); otherwise say what to do.

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from reid.choices import Algorithm, Arch, BNPolicy, Estimator, OutlierRule, Transport, Weighting
 from reid.config import ConfigError, load_config
@@ -243,12 +244,27 @@ def simulate(
     sites_per_round: int = typer.Option(
         None, min=1, help="sites sampled per round (a seeded draw each round)"
     ),
+    quorum: int = typer.Option(1, min=1, help="site results a round needs to close (else the run stops)"),
+    executor: str = typer.Option(
+        "local", help="where the sites run: local (this process) or ray (a local Ray instance or a cluster)"
+    ),
+    ray_address: str = typer.Option(
+        None, help="with --executor ray: 'auto' or HOST:PORT of a running cluster (default: start one here)"
+    ),
+    site_cpus: float = typer.Option(1.0, min=0.01, help="with --executor ray: CPUs per site job"),
+    site_gpus: float = typer.Option(
+        0.0, min=0.0, help="with --executor ray: GPUs per site job (0.25: four sites per GPU)"
+    ),
+    threads: int = typer.Option(
+        None, min=1, help="torch threads per site (equal threads give bit-identical results on any executor)"
+    ),
     device: str = typer.Option("auto"),
     fresh: bool = typer.Option(False, help="discard a previous run in --out instead of resuming it"),
 ) -> None:
-    """Run a whole federation in one process (resumes an interrupted run in --out)."""
+    """Run a whole federation in one process, or its sites on Ray (resumes an interrupted run in --out)."""
+    from cloud.executors import ExecutorConfig, ExecutorUnavailable
     from cloud.plots import plot_rounds, read_metrics
-    from cloud.simulate import CHECKPOINT, METRICS, MODEL, SimulationConfig, Simulator
+    from cloud.simulate import CHECKPOINT, METRICS, MODEL, RoundFailed, SimulationConfig, Simulator
     from cloud.strategy import KDConfig, StrategyConfig
     from protocol.broker import BrokerError
     from reid.data import DatasetLayoutError, InputSpec
@@ -292,10 +308,22 @@ def simulate(
         pretrained=str(pretrained) if pretrained else None,
         fraction=fraction,
         sites_per_round=sites_per_round,
+        quorum=quorum,
+    )
+    if executor not in ("local", "ray"):
+        raise typer.BadParameter(f"unknown executor {executor!r}: local or ray", param_hint="--executor")
+    placement = ExecutorConfig(
+        kind=executor,  # type: ignore[arg-type]
+        ray_address=ray_address,
+        site_cpus=site_cpus,
+        site_gpus=site_gpus,
+        threads=threads,
     )
     sites = _site_dirs(sites_dir)
     if transport == "mqtt" and (fraction < 1 or sites_per_round):
         raise typer.BadParameter("client sampling is for --transport none (serve has its own: fraction)")
+    if transport == "mqtt" and executor != "local":
+        raise typer.BadParameter("--executor is for --transport none (agents are processes of their own)")
     try:
         if transport == "mqtt":
             metrics_path = _simulate_mqtt(config, sites, public_dir, out_dir, fresh)
@@ -308,6 +336,7 @@ def simulate(
                     out_dir,
                     public_dir,
                     on_round=lambda r, _: bar.update(task, completed=r + 1),
+                    executor=placement,
                 )
                 sim.try_resume()
                 bar.update(task, completed=sim.completed)
@@ -315,6 +344,9 @@ def simulate(
             metrics_path = out_dir / METRICS
     except (ValueError, DatasetLayoutError, ModelError, BrokerError) as err:
         raise typer.BadParameter(str(err)) from None
+    except (ExecutorUnavailable, RoundFailed) as err:
+        out.print(f"[red]error:[/red] {escape(str(err))}")
+        raise typer.Exit(1) from None
     records = read_metrics(metrics_path)
     plot = plot_rounds(
         records, out_dir / "rounds.png", f"{algorithm} ({transport}), {len(sites)} sites, {arch}"

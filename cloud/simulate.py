@@ -29,26 +29,23 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import ConcatDataset
 
+from cloud.executors import ExecutorConfig, LocalExecutor, RayExecutor, make_executor
+from cloud.site_round import SiteJob, site_seed
 from cloud.strategy import (
     KDConfig,
     StrategyConfig,
     StreamingAggregator,
     TeacherMean,
-    Update,
     distill,
-    embed_public,
 )
-from cloud.strategy.aggregate import bn_policy_keys
 from cloud.strategy.selection import sample_sites, sites_per_round
-from protocol.codec import decode_state, encode_state
 from reid.choices import Algorithm
 from reid.data import ImageDataset, InputSpec, eval_transform, make_loader, read_image_folder, train_transform
-from reid.evaluate import Metrics
 from reid.logs import log_context
-from reid.model import ModelSpec, ReIDModel, build_model, load_shared_state, new_classifier, shared_state
-from reid.privacy import DPConfig, PrivacyLedger, privatize
+from reid.model import ModelSpec, ReIDModel, build_model, load_shared_state, shared_state
+from reid.privacy import DPConfig
 from reid.site import SiteData
-from reid.train import TrainConfig, resolve_device, train_local
+from reid.train import TrainConfig, prepare_model, resolve_device, train_local
 from reid.weights import save_state
 
 log = logging.getLogger(__name__)
@@ -81,6 +78,9 @@ class SimulationConfig(BaseModel):
     sites_per_round: int | None = Field(
         None, ge=1, description="sites sampled per round (overrides fraction)"
     )
+    quorum: int = Field(
+        1, ge=1, description="site results a round needs to close (fewer: the run stops, resumable)"
+    )
 
     def selected(self, names: list[str], round_: int) -> list[str]:
         """The sites that train in `round_`: the networked aggregator's seeded draw."""
@@ -103,25 +103,31 @@ class SimulationConfig(BaseModel):
 
 @dataclass
 class SimSite:
-    data: SiteData
-    classifier: torch.nn.Linear
+    """What the driver keeps of a site: where its data is, and its state between rounds."""
+
+    index: int
+    path: Path
+    classifier: dict[str, torch.Tensor] = field(default_factory=dict)  # empty until it first trains
     private: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
-        return self.data.name
+        return self.path.name
+
+    def job(self, round_: int, **kw) -> SiteJob:
+        return SiteJob(self.index, self.name, str(self.path), round_, self.classifier, self.private, **kw)
 
 
-def _seed(cfg: SimulationConfig, round_: int, site: int) -> int:
-    return (cfg.seed * 1_000_003 + round_ * 1009 + site) % (2**31)
+class RoundFailed(RuntimeError):
+    """Fewer sites than the quorum returned an update; the run stops after the previous round."""
 
 
-def _metric_record(round_: int, site: str, model: str, m: Metrics) -> dict[str, object]:
-    return {"round": round_, "site": site, "model": model, **{k: round(v, 4) for k, v in m.summary().items()}}
+def _metric_record(round_: int, site: str, model: str, summary: dict[str, float]) -> dict[str, object]:
+    return {"round": round_, "site": site, "model": model, **{k: round(v, 4) for k, v in summary.items()}}
 
 
 class Simulator:
-    """Runs (or resumes) one simulated federation in `out`."""
+    """Runs (or resumes) one simulated federation in `out`; `executor` says where the sites run."""
 
     def __init__(
         self,
@@ -130,6 +136,7 @@ class Simulator:
         out: Path,
         public_dir: Path | None = None,
         on_round: Callable[[int, list[dict]], None] | None = None,
+        executor: ExecutorConfig | None = None,
     ) -> None:
         if not site_dirs:
             raise ValueError("a simulation needs at least one site")
@@ -138,29 +145,30 @@ class Simulator:
         self.cfg = cfg
         self.out = out
         self.on_round = on_round
+        self.executor_config = executor or ExecutorConfig()
         self.device = resolve_device(cfg.train.device)
         self.train_cfg = cfg.train.model_copy(update={"epochs": cfg.local_epochs})
         self.strategy = cfg.effective_strategy()
-        datas = [SiteData(d, cfg.input, cfg.train.batch_size, cfg.train.num_workers) for d in site_dirs]
-        names = [d.name for d in datas]
+        self.sites = [SimSite(i, Path(d)) for i, d in enumerate(site_dirs)]
+        names = [s.name for s in self.sites]
         if len(set(names)) != len(names):
             raise ValueError(f"site names must be unique, got {names}")
-        torch.manual_seed(cfg.seed)
-        classes = sum(d.num_classes for d in datas) if cfg.algorithm == "central" else 1
-        self.model: ReIDModel = build_model(cfg.model, classes, cfg.pretrained)
-        self.sites = [SimSite(d, new_classifier(cfg.model.embed_dim, d.num_classes)) for d in datas]
-        self.global_state = shared_state(self.model)
-        self.private_keys = (
-            set(self.global_state)
-            if cfg.algorithm == "local"
-            else bn_policy_keys(list(self.global_state), "local")
-            if self.strategy.bn == "local"
-            else set()
+        # the driver reads the sites' data only for pooled training; site jobs read it where they run
+        self.pooled = (
+            [SiteData(d, cfg.input, cfg.train.batch_size, cfg.train.num_workers) for d in site_dirs]
+            if cfg.algorithm == "central"
+            else []
         )
+        torch.manual_seed(cfg.seed)
+        classes = sum(d.num_classes for d in self.pooled) if self.pooled else 1
+        self.model: ReIDModel = build_model(cfg.model, classes, cfg.pretrained)
+        self.global_state = shared_state(self.model)
+        self.public_dir = str(public_dir) if public_dir is not None and cfg.uses_kd else None
         self.public: ImageDataset | None = None
-        if public_dir is not None and cfg.uses_kd:
-            self.public = ImageDataset(read_image_folder(public_dir), eval_transform(cfg.input))
+        if self.public_dir is not None:
+            self.public = ImageDataset(read_image_folder(self.public_dir), eval_transform(cfg.input))
         self.completed = 0
+        self.executor: LocalExecutor | RayExecutor | None = None
 
     # -- state on disk -------------------------------------------------------------------------------
     def _config_json(self) -> str:
@@ -170,9 +178,7 @@ class Simulator:
     def save(self) -> None:
         tensors = {f"global/{k}": v for k, v in self.global_state.items()}
         for site in self.sites:
-            tensors.update(
-                {f"site/{site.name}/classifier/{k}": v for k, v in site.classifier.state_dict().items()}
-            )
+            tensors.update({f"site/{site.name}/classifier/{k}": v for k, v in site.classifier.items()})
             tensors.update({f"site/{site.name}/private/{k}": v for k, v in site.private.items()})
         if self.cfg.algorithm == "central":
             tensors.update({f"central/{k}": v for k, v in self.model.classifier.state_dict().items()})
@@ -194,26 +200,16 @@ class Simulator:
             if meta.get("config") != self._config_json():
                 raise ValueError(f"{path} was written with another configuration; use a new --out or --fresh")
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        self.global_state = {
-            k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")
-        }
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.global_state = part("global/")
         for site in self.sites:
-            prefix = f"site/{site.name}/"
-            cls = {
-                k.removeprefix(prefix + "classifier/"): v
-                for k, v in tensors.items()
-                if k.startswith(prefix + "classifier/")
-            }
-            site.classifier.load_state_dict(cls)
-            site.private = {
-                k.removeprefix(prefix + "private/"): v
-                for k, v in tensors.items()
-                if k.startswith(prefix + "private/")
-            }
+            site.classifier = part(f"site/{site.name}/classifier/")
+            site.private = part(f"site/{site.name}/private/")
         if self.cfg.algorithm == "central":
-            self.model.classifier.load_state_dict(
-                {k.removeprefix("central/"): v for k, v in tensors.items() if k.startswith("central/")}
-            )
+            self.model.classifier.load_state_dict(part("central/"))
         self.completed = int(meta["completed_rounds"])
         self._truncate_metrics()
         log.info("resuming after round %d from %s", self.completed, path)
@@ -233,90 +229,97 @@ class Simulator:
             for record in records:
                 f.write(json.dumps(record) + "\n")
 
-    # -- one site -------------------------------------------------------------------------------------
-    def _load_site_model(self, site: SimSite, state: dict[str, torch.Tensor]) -> None:
-        self.model.classifier = site.classifier
-        load_shared_state(self.model, {**state, **site.private})
-
-    def _evaluate(self, site: SimSite) -> Metrics:
-        return site.data.evaluate(self.model, self.device)
-
     # -- rounds ---------------------------------------------------------------------------------------
     def run(self) -> list[dict]:
         """Run the remaining rounds; returns all metric records written by this call."""
         self.out.mkdir(parents=True, exist_ok=True)
         written: list[dict] = []
-        for r in range(self.completed, self.cfg.rounds):
-            with log_context(round=r):
-                start = time.perf_counter()
-                records = self._central_round(r) if self.cfg.algorithm == "central" else self._round(r)
-                records.append(
-                    {"round": r, "kind": "timing", "seconds": round(time.perf_counter() - start, 3)}
-                )
-                self._write_metrics(records)
-                self.completed = r + 1
-                self.save()
-                written.extend(records)
-                if self.on_round is not None:
-                    self.on_round(r, records)
+        if self.cfg.algorithm != "central":
+            self.executor = make_executor(self.executor_config, self.cfg, self.public_dir, self.model)
+        try:
+            for r in range(self.completed, self.cfg.rounds):
+                with log_context(round=r):
+                    start = time.perf_counter()
+                    records = self._central_round(r) if self.cfg.algorithm == "central" else self._round(r)
+                    records.append(
+                        {"round": r, "kind": "timing", "seconds": round(time.perf_counter() - start, 3)}
+                    )
+                    self._write_metrics(records)
+                    self.completed = r + 1
+                    self.save()
+                    written.extend(records)
+                    if self.on_round is not None:
+                        self.on_round(r, records)
+        finally:
+            if self.executor is not None:
+                self.executor.close()
+                self.executor = None
         return written
 
     def _eval_round(self, r: int) -> bool:
         return (r + 1) % self.cfg.eval_every == 0 or r + 1 == self.cfg.rounds
 
     def _round(self, r: int) -> list[dict]:
-        cfg = self.cfg
+        cfg, executor = self.cfg, self.executor
+        assert executor is not None
         federated = cfg.algorithm != "local"
         kd_due = cfg.uses_kd and (r + 1) % cfg.kd.every == 0
         agg = StreamingAggregator(self.global_state, self.strategy) if federated else None
         teachers = TeacherMean(cfg.kd.normalize) if kd_due else None
         records: list[dict] = []
         summary: dict[str, dict] = {"loss": {}, "cdw": {}, "n_samples": {}, "train_seconds": {}}
-        if cfg.dp.enabled and federated:
-            summary["dp_epsilon"] = {}
         names = [s.name for s in self.sites]
-        selected = set(cfg.selected(names, r)) if federated else set(names)
+        selected = cfg.selected(names, r) if federated else names
         summary["selected"] = sorted(selected)  # type: ignore[assignment]
-        for i, site in enumerate(self.sites):
-            if site.name not in selected:
+        failed: dict[str, str] = {}
+        evaluate = self._eval_round(r) and (cfg.eval_local or not federated)
+        jobs = [
+            site.job(
+                r,
+                evaluate=evaluate,
+                teacher=teachers is not None,
+                taken=sum(site.name in cfg.selected(names, q) for q in range(r + 1)) if federated else 0,
+            )
+            for site in self.sites
+            if site.name in selected
+        ]
+        by_name = {s.name: s for s in self.sites}
+        for result in executor.train(jobs, self.global_state):
+            if result.error is not None:
+                failed[result.name] = result.error
                 continue
-            with log_context(site=site.name):
-                torch.manual_seed(_seed(cfg, r, i))
-                site.data.seed = _seed(cfg, r, i)
-                self._load_site_model(site, self.global_state)
-                result = train_local(
-                    self.model, site.data.train_loader(), self.train_cfg, cdw_images=site.data.cdw_images()
-                )
+            site = by_name[result.name]
+            site.classifier, site.private = result.classifier, result.private
+            if result.update is not None:
                 for key, value in {
                     "loss": result.loss,
-                    "cdw": result.cdw,
-                    "n_samples": site.data.num_train_images,
-                    "train_seconds": result.seconds,
+                    "cdw": result.update.cdw,
+                    "n_samples": result.update.n_samples,
+                    "train_seconds": result.train_seconds,
                 }.items():
                     summary[key][site.name] = round(value, 5) if isinstance(value, float) else value
-                trained = shared_state(self.model)
-                site.private = {k: trained[k] for k in self.private_keys}
-                if self._eval_round(r) and (cfg.eval_local or not federated):
-                    records.append(_metric_record(r, site.name, "local", self._evaluate(site)))
-                if agg is not None:
-                    delta = {k: trained[k] - self.global_state[k] for k in trained}
-                    if cfg.dp.enabled:  # one mechanism per round the site took part in so far
-                        generator = torch.Generator().manual_seed(_seed(cfg, r, i))
-                        delta, _ = privatize(delta, cfg.dp, generator)
-                        taken = sum(site.name in cfg.selected(names, q) for q in range(r + 1))
-                        summary["dp_epsilon"][site.name] = round(PrivacyLedger(cfg.dp, taken).epsilon(), 4)
-                    if cfg.wire != "none":  # exactly what the networked aggregator would decode
-                        blob = encode_state(
-                            {k: v.numpy() for k, v in delta.items()},
-                            cfg.wire.split("+")[0],  # type: ignore[arg-type]
-                            compress=cfg.wire.endswith("+zstd"),
-                        )
-                        summary.setdefault("wire_bytes", {})[site.name] = len(blob)
-                        delta = {k: torch.from_numpy(v) for k, v in decode_state(blob).items()}
-                    agg.add(Update(site.name, delta, site.data.num_train_images, result.cdw))
-                if teachers is not None and self.public is not None:
-                    loader = make_loader(self.public, cfg.kd.batch_size * 2, train=False)
-                    teachers.add(embed_public(self.model, loader, len(self.public), self.device))
+            else:
+                summary["loss"][site.name] = round(result.loss or 0.0, 5)
+            if result.dp_epsilon is not None:
+                summary.setdefault("dp_epsilon", {})[site.name] = round(result.dp_epsilon, 4)
+            if result.wire_bytes is not None:
+                summary.setdefault("wire_bytes", {})[site.name] = result.wire_bytes
+            if result.metrics is not None:
+                records.append(_metric_record(r, site.name, "local", result.metrics))
+            if agg is not None and result.update is not None:
+                agg.add(result.update)
+            if teachers is not None and result.teacher is not None:
+                teachers.add(result.teacher)
+        returned = len(jobs) - len(failed)
+        if failed:
+            summary["failed"] = failed
+            log.warning("%d of %d sites failed this round: %s", len(failed), len(jobs), sorted(failed))
+        if returned < min(cfg.quorum, len(jobs)) or returned == 0:
+            detail = "; ".join(f"{s}: {why}" for s, why in failed.items())
+            raise RoundFailed(
+                f"round {r}: {returned} of {len(jobs)} selected sites returned (quorum {cfg.quorum}): "
+                + detail
+            )
         if agg is not None:
             aggregate = agg.finish()
             self.global_state = aggregate.state
@@ -329,21 +332,25 @@ class Simulator:
         if teachers is not None and self.public is not None:
             summary["kd"] = self._distill(r, teachers)
         if federated and self._eval_round(r):
-            for site in self.sites:
-                with log_context(site=site.name):
-                    self._load_site_model(site, self.global_state)
-                    records.append(_metric_record(r, site.name, "global", self._evaluate(site)))
+            jobs = [site.job(r) for site in self.sites]
+            for result in executor.evaluate(jobs, self.global_state):
+                if result.error is not None:
+                    failed.setdefault(result.name, f"evaluation: {result.error}")
+                    summary["failed"] = failed
+                elif result.metrics is not None:
+                    records.append(_metric_record(r, result.name, "global", result.metrics))
+        if stats := executor.take_stats():
+            summary["executor"] = stats  # type: ignore[assignment]
         records.append({"round": r, "kind": "round", "algorithm": cfg.algorithm, **summary})
         return records
 
     def _distill(self, r: int, teachers: TeacherMean) -> dict[str, float]:
         assert self.public is not None
-        torch.manual_seed(_seed(self.cfg, r, len(self.sites)))
+        seed = site_seed(self.cfg.seed, r, len(self.sites))
+        torch.manual_seed(seed)
         load_shared_state(self.model, self.global_state)
-        self.model.to(self.device)
-        loader = make_loader(
-            self.public, self.cfg.kd.batch_size, train=True, seed=_seed(self.cfg, r, len(self.sites))
-        )
+        prepare_model(self.model, self.train_cfg)  # as the site jobs: the same floats wherever they ran
+        loader = make_loader(self.public, self.cfg.kd.batch_size, train=True, seed=seed)
         result = distill(self.model, loader, teachers.target().to(self.device), self.cfg.kd, self.device)
         self.global_state = shared_state(self.model)
         log.info("KD: %d batches, MSE %.5f -> %.5f", result.batches, result.loss_first, result.loss_last)
@@ -357,22 +364,24 @@ class Simulator:
     def _central_round(self, r: int) -> list[dict]:
         """Pooled training on every site's images with one classifier over all identities."""
         datasets, offset = [], 0
-        for site in self.sites:
-            labels = [label + offset for label in site.data.labels]
-            paths = [rec.path for rec in site.data.splits.train]
+        for data in self.pooled:
+            labels = [label + offset for label in data.labels]
+            paths = [rec.path for rec in data.splits.train]
             datasets.append(ImageDataset(paths, train_transform(self.cfg.input), labels))
-            offset += site.data.num_classes
+            offset += data.num_classes
         pooled = ConcatDataset(datasets)
-        torch.manual_seed(_seed(self.cfg, r, 0))
-        loader = make_loader(pooled, self.cfg.train.batch_size, train=True, seed=_seed(self.cfg, r, 0))  # type: ignore[arg-type]
+        seed = site_seed(self.cfg.seed, r, 0)
+        torch.manual_seed(seed)
+        loader = make_loader(pooled, self.cfg.train.batch_size, train=True, seed=seed)  # type: ignore[arg-type]
         load_shared_state(self.model, self.global_state)
         result = train_local(self.model, loader, self.train_cfg)
         self.global_state = shared_state(self.model)
         records: list[dict] = []
         if self._eval_round(r):
-            for site in self.sites:
-                with log_context(site=site.name):
-                    records.append(_metric_record(r, site.name, "global", self._evaluate(site)))
+            for data in self.pooled:
+                with log_context(site=data.name):
+                    summary = data.evaluate(self.model, self.device).summary()
+                    records.append(_metric_record(r, data.name, "global", summary))
         records.append(
             {"round": r, "kind": "round", "algorithm": "central", "loss": {"pooled": round(result.loss, 5)}}
         )

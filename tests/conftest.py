@@ -31,14 +31,19 @@ def tiny_federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def missing(message: str) -> None:
+    """A system part a test needs is not installed: skipped locally, a failure in CI (`make setup` installs
+    every part, so CI must never pass by skipping)."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def mosquitto_url() -> Iterator[str]:
-    """A real mosquitto on a free loopback port. Missing binary: skipped locally, a failure in CI."""
+    """A real mosquitto on a free loopback port."""
     if find_mosquitto() is None:
-        message = "mosquitto is not installed (apt-get install mosquitto; `make setup` does it as root)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("mosquitto is not installed (apt-get install mosquitto; `make setup` does it as root)")
     with LocalBroker() as broker:
         yield broker.url
 

@@ -28,6 +28,7 @@ from protocol.broker import free_port, parse_url
 from protocol.messages import BlobRef, UpdateManifest, encode_message
 from protocol.topics import Topics
 from tests.cloud.test_federation import TINY, _wait
+from tests.conftest import missing
 
 FED = "watched"
 ROUNDS = 3
@@ -128,9 +129,7 @@ def _browser() -> str | None:
 def test_the_dashboard_in_a_real_browser_shows_both_sites_and_plots_points(watched, tmp_path):
     browser = _browser()
     if browser is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("headless Chromium not found (make setup installs chromium-headless-shell as root)")
-        pytest.skip("headless Chromium not installed (apt-get install chromium-headless-shell)")
+        missing("headless Chromium not found (make setup installs chromium-headless-shell as root)")
     agg = watched.agg
 
     def evaluated_and_running() -> bool:  # round 1 open: round 0's manifests brought evaluations
