@@ -7,8 +7,9 @@ floor, side by side in one run, and gallery search latency by gallery size.
 * ceiling: the same ONNX model through a bare ONNX Runtime session at batch 32 in a loop (crops
   already preprocessed: no HTTP, no decoding), measured right before and after ours, the higher kept;
 * ours: `edge-agent serve-features` (its own process) with dynamic batching (max batch 32, 5 ms),
-  `--clients` concurrent clients (threads of this process) each sending single JPEG crops over HTTP
-  keep-alive (closed loop);
+  `--clients` concurrent clients each sending single JPEG crops over HTTP keep-alive (closed loop),
+  from a light asyncio load generator in this process (bench/loadgen.py: about a tenth of a Python HTTP
+  client's CPU per request, which on a 2-core machine the service would otherwise lose to it);
 * floor: the same service with batching off (max batch 1: one model run per request);
 * latency (p50/p99) of ours under an open-loop load of 50 % and 90 % of its measured peak;
 * all of the above for each precision: fp32, and int8 (static QDQ, calibrated on a small synthetic
@@ -41,12 +42,12 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
 import torch
+from loadgen import Target, closed_loop, open_loop  # bench/loadgen.py, beside this script
 from PIL import Image
 
 from edge.gallery_store import GalleryStore, NewEntry
@@ -83,56 +84,9 @@ def ceiling(model: Path, seconds: float) -> float:
     return done / (time.perf_counter() - start)
 
 
-def closed_loop(url: str, payloads: list[bytes], clients: int, seconds: float) -> tuple[float, list[float]]:
-    """Crops/s and latencies with `clients` threads each sending one crop after the other."""
-    stop = time.perf_counter() + seconds
-    latencies: list[float] = []
-    lock = threading.Lock()
-
-    def client(i: int) -> int:
-        n = 0
-        with httpx.Client(base_url=url, timeout=60) as http:
-            while time.perf_counter() < stop:
-                t = time.perf_counter()
-                response = http.post("/v1/embed", content=payloads[(i + n) % len(payloads)])
-                if response.status_code == 200:
-                    n += 1
-                    with lock:
-                        latencies.append(time.perf_counter() - t)
-        return n
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        total = sum(pool.map(client, range(clients)))
-    return total / (time.perf_counter() - start), latencies
-
-
-def open_loop(
-    url: str, payloads: list[bytes], rate: float, seconds: float, until: threading.Event | None = None
-) -> list[float]:
-    """Latencies (from the scheduled send time) under a fixed arrival rate, for `seconds` or, with
-    `until`, until it is set."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-    local = threading.local()
-
-    def send(i: int, due: float) -> None:
-        if not hasattr(local, "http"):
-            local.http = httpx.Client(base_url=url, timeout=60)
-        response = local.http.post("/v1/embed", content=payloads[i % len(payloads)])
-        if response.status_code == 200:
-            with lock:
-                latencies.append(time.perf_counter() - due)
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(64) as pool:
-        i = 0
-        while (until is None and i < int(rate * seconds)) or (until is not None and not until.is_set()):
-            due = start + i / rate
-            i += 1
-            time.sleep(max(0.0, due - time.perf_counter()))
-            pool.submit(send, i, due)
-    return latencies
+def embed_target(url: str, payloads: list[bytes]) -> Target:
+    """Single-crop POST /v1/embed requests, as a tracker sends them."""
+    return Target(url, "/v1/embed", payloads, "image/jpeg")
 
 
 @contextlib.contextmanager
@@ -258,7 +212,7 @@ def reembedding(old: Path, new: Path, folder: Path, payloads: list[bytes], entri
 
     with serving(state, gallery) as url:
         threading.Thread(target=deploy_and_wait, args=(url,), daemon=True).start()
-        latencies = open_loop(url, payloads, rate, 0, until=swapped)
+        latencies = open_loop(embed_target(url, payloads), rate, 0, until=swapped)
     return entries / took[0], latencies
 
 
@@ -268,12 +222,18 @@ def precision_run(model: Path, payloads: list[bytes], clients: int, seconds: flo
     flatter us)."""
     folder = model.parent
     before = ceiling(model, seconds)
-    ours, lat_peak = service_run(model, folder, 32, lambda url: closed_loop(url, payloads, clients, seconds))
+    ours, lat_peak = service_run(
+        model, folder, 32, lambda url: closed_loop(embed_target(url, payloads), clients, seconds)
+    )
     peak_ceiling = max(before, ceiling(model, seconds))
-    floor, _ = service_run(model, folder, 1, lambda url: closed_loop(url, payloads, clients, seconds))
+    floor, _ = service_run(
+        model, folder, 1, lambda url: closed_loop(embed_target(url, payloads), clients, seconds)
+    )
     loads = {}
     for share in (0.5, 0.9):
-        lat = service_run(model, folder, 32, lambda url, s=share: open_loop(url, payloads, s * ours, seconds))
+        lat = service_run(
+            model, folder, 32, lambda url, s=share: open_loop(embed_target(url, payloads), s * ours, seconds)
+        )
         loads[f"{int(share * 100)}%"] = {"p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "requests": len(lat)}
     return {
         "ceiling_crops_per_s": peak_ceiling,
