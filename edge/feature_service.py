@@ -331,24 +331,44 @@ def _problem(status: int, detail: str, headers: dict[str, str] | None = None) ->
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
+class _Observe:
+    """Requests and latency per endpoint and status, as plain ASGI middleware (Starlette's
+    BaseHTTPMiddleware costs a task and a memory stream per request). A request that raises gets a 500
+    and one log line; the service goes on."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app, self.m = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        clock, status, started = time.perf_counter(), 500, False
+
+        async def sent(message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        except Exception as err:  # one request failed; the service goes on
+            log.error("%s %s failed: %s: %s", scope["method"], scope["path"], type(err).__name__, err)
+            status = 500
+            if not started:
+                await _problem(500, f"internal error: {type(err).__name__}")(scope, receive, send)
+        finally:
+            endpoint = getattr(scope.get("route"), "path", "other")
+            self.m.requests.labels(endpoint, str(status)).inc()
+            self.m.latency.labels(endpoint).observe(time.perf_counter() - clock)
+
+
 def create_app(service: FeatureService) -> FastAPI:
     # (no /docs page: it fetches its assets from a CDN, and camera sites are often offline)
     app = FastAPI(title="FedReID Edge feature service", version="1", docs_url=None, redoc_url=None)
     m = service.metrics
-
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        clock = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except Exception as err:  # one request failed; the service goes on
-            log.exception("%s %s failed: %s", request.method, request.url.path, err)
-            response = _problem(500, f"internal error: {type(err).__name__}")
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "other")
-        m.requests.labels(endpoint, str(response.status_code)).inc()
-        m.latency.labels(endpoint).observe(time.perf_counter() - clock)
-        return response
+    app.add_middleware(_Observe, metrics=m)
 
     @app.exception_handler(CropError)
     async def crop_error(request: Request, err: CropError) -> JSONResponse:
