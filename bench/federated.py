@@ -47,8 +47,9 @@ from reid.model import ModelSpec
 from reid.synthetic import SyntheticConfig, generate_federation
 from reid.train import TrainConfig
 
-METHODS = ("local", "fedpav", "cdw", "kd", "cdw_kd", "central")
-SCORED_AS = {"local": "local", "central": "global"}  # federated methods: the global model
+METHODS = ("local", "fedpav", "cdw", "kd", "cdw_kd", "cluster", "central")
+# federated methods: the global model; clustering: each site's group model (what its site trains from)
+SCORED_AS = {"local": "local", "central": "global", "cluster": "group"}
 
 
 def scored(method: str) -> str:
@@ -92,7 +93,7 @@ def run_study(args: argparse.Namespace, sites: list[Path], public: Path | None, 
             last = max(r["round"] for r in evals)
             finals.setdefault(method, {})[seed] = last_metrics(evals, last)
             own = [r for r in records if r.get("model") == "local"]
-            if method not in SCORED_AS and own:
+            if method not in ("local", "central") and own:
                 site_models.setdefault(method, {})[seed] = last_metrics(own, last)
             print(
                 f"{method} seed {seed}: mean rank-1 {statistics.fmean(v[-1] for v in per_site.values()):.1f}"

@@ -245,6 +245,10 @@ def simulate(
         None, min=1, help="sites sampled per round (a seeded draw each round)"
     ),
     quorum: int = typer.Option(1, min=1, help="site results a round needs to close (else the run stops)"),
+    groups: int = typer.Option(2, min=2, help="with --algorithm cluster: groups of sites, one model each"),
+    cluster_after: int = typer.Option(
+        1, min=1, help="with --algorithm cluster: rounds of one global model before the sites are grouped"
+    ),
     executor: str = typer.Option(
         "local", help="where the sites run: local (this process) or ray (a local Ray instance or a cluster)"
     ),
@@ -266,6 +270,7 @@ def simulate(
     from cloud.plots import plot_rounds, read_metrics
     from cloud.simulate import CHECKPOINT, METRICS, MODEL, RoundFailed, SimulationConfig, Simulator
     from cloud.strategy import KDConfig, StrategyConfig
+    from cloud.strategy.clustering import ClusterConfig
     from protocol.broker import BrokerError
     from reid.data import DatasetLayoutError, InputSpec
     from reid.model import ModelError, ModelSpec
@@ -309,6 +314,7 @@ def simulate(
         fraction=fraction,
         sites_per_round=sites_per_round,
         quorum=quorum,
+        cluster=ClusterConfig(groups=groups, after=cluster_after),
     )
     if executor not in ("local", "ray"):
         raise typer.BadParameter(f"unknown executor {executor!r}: local or ray", param_hint="--executor")
@@ -365,8 +371,11 @@ def _simulate_mqtt(
     from cloud.local_federation import run_local_federation
     from cloud.server import ServeConfig
 
-    if config.algorithm in ("local", "central"):
-        raise ValueError(f"--transport mqtt runs federated algorithms, not {config.algorithm}")
+    if config.algorithm in ("local", "central", "cluster"):
+        raise ValueError(
+            f"--transport mqtt runs fedpav, cdw, kd and cdw_kd, not {config.algorithm} "
+            "(cluster runs in the simulator only so far)"
+        )
     if fresh:
         shutil.rmtree(out_dir / "cloud", ignore_errors=True)
         shutil.rmtree(out_dir / "edge", ignore_errors=True)

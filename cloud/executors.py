@@ -4,7 +4,8 @@ tasks on a local instance or a cluster, as Flower's simulation engine runs its v
 Both yield each job's `SiteResult` in job order as soon as it and every earlier one are done, so the
 simulator folds updates in site order whatever finishes first: the same seed gives the same global state
 with either executor (bit for bit when each site trains with the same number of torch threads). The
-``ray`` executor puts the round's global state into the object store once per round, keeps at most
+``ray`` executor puts each model the jobs start from (the global one; one per group under client
+clustering) into the object store once per pass, whatever the number of sites, keeps at most
 `in_flight` jobs running or finished-but-not-yet-folded (the driver never holds all K updates), and
 turns a worker that died, ran out of memory or lost its node into that site's failure (after Ray's own
 retries of system failures; a retried job recomputes the same result).
@@ -17,7 +18,7 @@ unpickles anything).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -69,11 +70,11 @@ class LocalExecutor:
     def take_stats(self) -> dict[str, int]:
         return {}
 
-    def train(self, jobs: Sequence[SiteJob], state: State) -> Iterator[SiteResult]:
-        return (self.worker.train(job, state) for job in jobs)
+    def train(self, jobs: Sequence[SiteJob], bases: Mapping[str, State]) -> Iterator[SiteResult]:
+        return (self.worker.train(job, bases[job.base]) for job in jobs)
 
-    def evaluate(self, jobs: Sequence[SiteJob], state: State) -> Iterator[SiteResult]:
-        return (self.worker.evaluate(job, state) for job in jobs)
+    def evaluate(self, jobs: Sequence[SiteJob], bases: Mapping[str, State]) -> Iterator[SiteResult]:
+        return (self.worker.evaluate(job, bases[job.base]) for job in jobs)
 
     def close(self) -> None:
         pass
@@ -153,26 +154,29 @@ class RayExecutor:
         stats, self.stats = self.stats, self._zero()
         return stats
 
-    def train(self, jobs: Sequence[SiteJob], state: State) -> Iterator[SiteResult]:
-        return self._stream("train", jobs, state)
+    def train(self, jobs: Sequence[SiteJob], bases: Mapping[str, State]) -> Iterator[SiteResult]:
+        return self._stream("train", jobs, bases)
 
-    def evaluate(self, jobs: Sequence[SiteJob], state: State) -> Iterator[SiteResult]:
-        return self._stream("evaluate", jobs, state)
+    def evaluate(self, jobs: Sequence[SiteJob], bases: Mapping[str, State]) -> Iterator[SiteResult]:
+        return self._stream("evaluate", jobs, bases)
 
-    def _stream(self, kind: str, jobs: Sequence[SiteJob], state: State) -> Iterator[SiteResult]:
+    def _stream(self, kind: str, jobs: Sequence[SiteJob], bases: Mapping[str, State]) -> Iterator[SiteResult]:
         if not jobs:
             return
         ray = self.ray
-        arrays = {k: v.detach().cpu().numpy() for k, v in state.items()}
-        ref = ray.put(arrays)  # once per round, whatever the number of sites
-        self.stats["puts"] += 1
-        self.stats["put_bytes"] += sum(a.nbytes for a in arrays.values())
+        refs = {}
+        for name in sorted({job.base for job in jobs}):  # each base once per pass, whatever the sites
+            arrays = {k: v.detach().cpu().numpy() for k, v in bases[name].items()}
+            refs[name] = ray.put(arrays)
+            self.stats["puts"] += 1
+            self.stats["put_bytes"] += sum(a.nbytes for a in arrays.values())
         running: dict[object, int] = {}
         done: dict[int, SiteResult] = {}
         submitted = next_ = 0
         while next_ < len(jobs):
             while submitted < len(jobs) and len(running) + len(done) < self.window:
-                running[self.task.remote(*self.args, kind, jobs[submitted], ref)] = submitted
+                job = jobs[submitted]
+                running[self.task.remote(*self.args, kind, job, refs[job.base])] = submitted
                 submitted += 1
             if next_ not in done:
                 ready, _ = ray.wait(list(running), num_returns=1)

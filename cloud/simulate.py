@@ -2,7 +2,9 @@
 networked aggregator (only the transport differs).
 
 Algorithms: ``local`` (each site alone), ``fedpav``, ``cdw`` (FedPav + CDW weights), ``kd`` (FedPav +
-server KD), ``cdw_kd`` (both), and ``central`` (pooled training on all sites' data, the upper bound).
+server KD), ``cdw_kd`` (both), ``cluster`` (FedPav within groups of sites with similar updates,
+`cloud.strategy.clustering`), and ``central`` (pooled training on all sites' data, the upper bound).
+Where the sites' jobs run is the executor's business (`cloud.executors`: this process, or Ray).
 Every algorithm gets the same compute: ``local_epochs`` x ``rounds`` epochs per site.
 
 Each round writes one JSON line per evaluated (site, model) and one round summary to
@@ -38,6 +40,7 @@ from cloud.strategy import (
     TeacherMean,
     distill,
 )
+from cloud.strategy.clustering import ClusterConfig, Clustering
 from cloud.strategy.selection import sample_sites, sites_per_round
 from reid.choices import Algorithm
 from reid.data import ImageDataset, InputSpec, eval_transform, make_loader, read_image_folder, train_transform
@@ -81,6 +84,7 @@ class SimulationConfig(BaseModel):
     quorum: int = Field(
         1, ge=1, description="site results a round needs to close (fewer: the run stops, resumable)"
     )
+    cluster: ClusterConfig = ClusterConfig()
 
     def selected(self, names: list[str], round_: int) -> list[str]:
         """The sites that train in `round_`: the networked aggregator's seeded draw."""
@@ -169,6 +173,9 @@ class Simulator:
             self.public = ImageDataset(read_image_folder(self.public_dir), eval_transform(cfg.input))
         self.completed = 0
         self.executor: LocalExecutor | RayExecutor | None = None
+        self.clustering = (
+            Clustering(cfg.cluster, self.strategy, cfg.seed) if cfg.algorithm == "cluster" else None
+        )
 
     # -- state on disk -------------------------------------------------------------------------------
     def _config_json(self) -> str:
@@ -183,6 +190,9 @@ class Simulator:
         if self.cfg.algorithm == "central":
             tensors.update({f"central/{k}": v for k, v in self.model.classifier.state_dict().items()})
         meta = {"config": self._config_json(), "completed_rounds": str(self.completed)}
+        if self.clustering is not None:
+            tensors.update(self.clustering.tensors())
+            meta.update(self.clustering.metadata())
         tmp = self.out / (CHECKPOINT + ".tmp")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
         tmp.replace(self.out / CHECKPOINT)
@@ -210,6 +220,8 @@ class Simulator:
             site.private = part(f"site/{site.name}/private/")
         if self.cfg.algorithm == "central":
             self.model.classifier.load_state_dict(part("central/"))
+        if self.clustering is not None:
+            self.clustering.restore(tensors, meta)
         self.completed = int(meta["completed_rounds"])
         self._truncate_metrics()
         log.info("resuming after round %d from %s", self.completed, path)
@@ -264,7 +276,9 @@ class Simulator:
         assert executor is not None
         federated = cfg.algorithm != "local"
         kd_due = cfg.uses_kd and (r + 1) % cfg.kd.every == 0
-        agg = StreamingAggregator(self.global_state, self.strategy) if federated else None
+        grouped = self.clustering is not None and self.clustering.active
+        agg = StreamingAggregator(self.global_state, self.strategy) if federated and not grouped else None
+        bases = {"global": self.global_state, **(self.clustering.bases() if self.clustering else {})}
         teachers = TeacherMean(cfg.kd.normalize) if kd_due else None
         records: list[dict] = []
         summary: dict[str, dict] = {"loss": {}, "cdw": {}, "n_samples": {}, "train_seconds": {}}
@@ -279,12 +293,13 @@ class Simulator:
                 evaluate=evaluate,
                 teacher=teachers is not None,
                 taken=sum(site.name in cfg.selected(names, q) for q in range(r + 1)) if federated else 0,
+                base=self.clustering.base_of(site.name) if self.clustering else "global",
             )
             for site in self.sites
             if site.name in selected
         ]
         by_name = {s.name: s for s in self.sites}
-        for result in executor.train(jobs, self.global_state):
+        for result in executor.train(jobs, bases):
             if result.error is not None:
                 failed[result.name] = result.error
                 continue
@@ -306,6 +321,11 @@ class Simulator:
                 summary.setdefault("wire_bytes", {})[site.name] = result.wire_bytes
             if result.metrics is not None:
                 records.append(_metric_record(r, site.name, "local", result.metrics))
+            if result.update is not None and self.clustering is not None:
+                if grouped:
+                    self.clustering.add(result.update, self.global_state)
+                elif self.clustering.grouping_round(r):
+                    self.clustering.observe(result.update, self.global_state)
             if agg is not None and result.update is not None:
                 agg.add(result.update)
             if teachers is not None and result.teacher is not None:
@@ -329,16 +349,30 @@ class Simulator:
                 rejected=[r_.__dict__ for r_ in aggregate.rejected],
                 clipped=aggregate.clipped,
             )
+            if self.clustering is not None and self.clustering.grouping_round(r):
+                summary["groups"] = self.clustering.group(self.global_state)
+                log.info("sites grouped: %s", summary["groups"])
+        elif grouped and self.clustering is not None:
+            self.global_state, weights = self.clustering.finish()
+            summary.update(weights=weights, groups=dict(self.clustering.groups))
         if teachers is not None and self.public is not None:
             summary["kd"] = self._distill(r, teachers)
         if federated and self._eval_round(r):
             jobs = [site.job(r) for site in self.sites]
-            for result in executor.evaluate(jobs, self.global_state):
+            if self.clustering is not None and self.clustering.active:  # each site also by its group's model
+                jobs += [
+                    site.job(r, base=self.clustering.base_of(site.name))
+                    for site in self.sites
+                    if site.name in self.clustering.groups
+                ]
+            bases = {"global": self.global_state, **(self.clustering.bases() if self.clustering else {})}
+            for job, result in zip(jobs, executor.evaluate(jobs, bases), strict=True):
                 if result.error is not None:
                     failed.setdefault(result.name, f"evaluation: {result.error}")
                     summary["failed"] = failed
                 elif result.metrics is not None:
-                    records.append(_metric_record(r, result.name, "global", result.metrics))
+                    model = "global" if job.base == "global" else "group"
+                    records.append(_metric_record(r, result.name, model, result.metrics))
         if stats := executor.take_stats():
             summary["executor"] = stats  # type: ignore[assignment]
         records.append({"round": r, "kind": "round", "algorithm": cfg.algorithm, **summary})

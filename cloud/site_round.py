@@ -61,6 +61,7 @@ class SiteJob:
     evaluate: bool = False  # after training: score the site's own model (before upload)
     teacher: bool = False  # after training: embed the public set for KD
     taken: int = 0  # rounds the site took part in so far, this one included (the DP accountant)
+    base: str = "global"  # which of the round's models the job starts from (a group's, when clustered)
 
 
 @dataclass
