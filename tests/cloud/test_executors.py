@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -141,6 +143,38 @@ def test_a_failed_site_leaves_the_round_to_the_others_and_the_quorum_decides(
     with pytest.raises(RoundFailed, match=r"3 of 5 selected sites returned \(quorum 4\).*site-empty"):
         Simulator(strict, every, tmp_path / "strict", executor=LOCAL).run()
     assert not (tmp_path / "strict" / CHECKPOINT).exists()
+
+
+def test_a_worker_killed_mid_job_fails_its_site_and_the_round_closes_with_the_others(
+    tiny_federation, tmp_path, ray_instance
+):
+    import psutil
+
+    sites = _sites(tiny_federation)
+    killed: list[int] = []
+
+    def kill_the_first_running_job() -> None:  # as the OOM killer or a lost node would
+        deadline = time.monotonic() + 120
+        while not killed and time.monotonic() < deadline:
+            for proc in psutil.process_iter(["cmdline"]):
+                if any("ray::_ray_job" in part for part in proc.info["cmdline"] or []):
+                    proc.kill()
+                    killed.append(proc.pid)
+                    return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_the_first_running_job, daemon=True)
+    killer.start()
+    cfg = _config(rounds=1, algorithm="fedpav", sites_per_round=None)
+    no_retry = RAY.model_copy(update={"max_retries": 0})
+    records = Simulator(cfg, sites, tmp_path, executor=no_retry).run()
+    killer.join()
+    assert killed
+    summary = next(r for r in records if r.get("kind") == "round")
+    [(dead, reason)] = summary["failed"].items()
+    assert "WorkerCrashedError" in reason or "died" in reason, reason
+    assert set(summary["weights"]) == {s.name for s in sites} - {dead}
+    assert {r["site"] for r in records if r.get("model") == "global"} == {s.name for s in sites}
 
 
 def test_without_ray_the_executor_says_how_to_install_it(tiny_federation, tmp_path, monkeypatch):
