@@ -42,7 +42,7 @@ import torch
 from cloud.simulate import SimulationConfig, Simulator
 from cloud.strategy import KDConfig, StrategyConfig
 from reid.data import DatasetLayoutError, InputSpec, read_dataset
-from reid.data.camera_split import split_by_camera
+from reid.data.camera_split import client_sites, split_by_camera
 from reid.model import ModelSpec
 from reid.synthetic import SyntheticConfig, generate_federation
 from reid.train import TrainConfig
@@ -61,6 +61,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def run_study(args: argparse.Namespace, sites: list[Path], public: Path | None, out: Path) -> dict:
+    site_of = client_sites(sites)
     base = SimulationConfig(
         rounds=args.rounds,
         local_epochs=args.local_epochs,
@@ -85,14 +86,14 @@ def run_study(args: argparse.Namespace, sites: list[Path], public: Path | None, 
             records = Simulator(cfg, sites, run_dir, public if needs_public else None).run()
             if not records:  # already complete: read back what it wrote
                 records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            evals = [r for r in records if r.get("model") == scored(method)]
+            evals = merge_clients([r for r in records if r.get("model") == scored(method)], site_of)
             per_site: dict[str, list[float]] = {}
             for r in sorted(evals, key=lambda r: r["round"]):
                 per_site.setdefault(r["site"], []).append(r["rank1"])
             curves.setdefault(method, {})[seed] = per_site
             last = max(r["round"] for r in evals)
             finals.setdefault(method, {})[seed] = last_metrics(evals, last)
-            own = [r for r in records if r.get("model") == "local"]
+            own = merge_clients([r for r in records if r.get("model") == "local"], site_of)
             if method not in ("local", "central") and own:
                 site_models.setdefault(method, {})[seed] = last_metrics(own, last)
             print(
@@ -100,6 +101,22 @@ def run_study(args: argparse.Namespace, sites: list[Path], public: Path | None, 
             )
         seconds[method] = time.perf_counter() - start
     return {"curves": curves, "finals": finals, "site_models": site_models, "seconds": seconds}
+
+
+def merge_clients(evals: list[dict], site_of: dict[str, str]) -> list[dict]:
+    """Records of per-camera clients merged into their sites (rank-1 and mAP averaged over the clients
+    scored in a round); records already named by their site pass through."""
+    merged: dict[tuple[int, str], list[dict]] = {}
+    for r in evals:
+        merged.setdefault((r["round"], site_of.get(r["site"], r["site"])), []).append(r)
+    return [
+        {
+            "round": round_,
+            "site": site,
+            **{m: statistics.fmean(r[m] for r in rs) for m in ("rank1", "mAP")},
+        }
+        for (round_, site), rs in merged.items()
+    ]
 
 
 def last_metrics(evals: list[dict], last: int) -> dict[str, dict[str, float]]:
@@ -355,15 +372,19 @@ def main() -> None:
             clients, skipped = split_by_camera(sites, Path(tmp) / "cameras", min_images=4)
             sites = [Path(tmp) / "cameras" / c.name for c in clients]
             data_desc += f"; federated by camera: {len(clients)} clients, left out {skipped}"
+        site_of = client_sites(sites)  # per-camera clients: tables and curves are per site
+        sizes: dict[str, int] = {}
         try:
-            sizes = {s.name: len(read_dataset(s).train) for s in sites}
+            for s in sites:
+                name = site_of.get(s.name, s.name)
+                sizes[name] = sizes.get(name, 0) + len(read_dataset(s).train)
         except DatasetLayoutError as err:
             parser.error(f"--data: {err}")
         if len(sites) < 2:
             parser.error(f"a federation needs at least 2 sites; found {len(sites)}")
         result = run_study(args, sites, public, args.out)
     wall = time.perf_counter() - start
-    names = [s.name for s in sites]
+    names = list(sizes)
     summary = summarise(result, names, sizes)
     header = (
         f"## Learning study ({args.arch} {args.height}x{args.width}, {len(names)} sites, "

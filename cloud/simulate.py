@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch.utils.data import ConcatDataset
 
 from cloud.executors import ExecutorConfig, LocalExecutor, RayExecutor, make_executor
-from cloud.site_round import SiteJob, site_seed
+from cloud.site_round import SiteJob, private_keys, site_seed
 from cloud.strategy import (
     KDConfig,
     StrategyConfig,
@@ -44,6 +44,7 @@ from cloud.strategy.clustering import ClusterConfig, Clustering
 from cloud.strategy.selection import sample_sites, sites_per_round
 from reid.choices import Algorithm
 from reid.data import ImageDataset, InputSpec, eval_transform, make_loader, read_image_folder, train_transform
+from reid.data.camera_split import client_sites
 from reid.logs import log_context
 from reid.model import ModelSpec, ReIDModel, build_model, load_shared_state, shared_state
 from reid.privacy import DPConfig
@@ -154,6 +155,7 @@ class Simulator:
         self.train_cfg = cfg.train.model_copy(update={"epochs": cfg.local_epochs})
         self.strategy = cfg.effective_strategy()
         self.sites = [SimSite(i, Path(d)) for i, d in enumerate(site_dirs)]
+        self.site_of = client_sites([s.path for s in self.sites])  # per-camera clients: their sites
         names = [s.name for s in self.sites]
         if len(set(names)) != len(names):
             raise ValueError(f"site names must be unique, got {names}")
@@ -358,7 +360,7 @@ class Simulator:
         if teachers is not None and self.public is not None:
             summary["kd"] = self._distill(r, teachers)
         if federated and self._eval_round(r):
-            jobs = [site.job(r) for site in self.sites]
+            jobs, scored_as = self._global_eval_jobs(r)
             if self.clustering is not None and self.clustering.active:  # each site also by its group's model
                 jobs += [
                     site.job(r, base=self.clustering.base_of(site.name))
@@ -372,11 +374,23 @@ class Simulator:
                     summary["failed"] = failed
                 elif result.metrics is not None:
                     model = "global" if job.base == "global" else "group"
-                    records.append(_metric_record(r, result.name, model, result.metrics))
+                    name = scored_as.get(result.name, result.name) if model == "global" else result.name
+                    records.append(_metric_record(r, name, model, result.metrics))
         if stats := executor.take_stats():
             summary["executor"] = stats  # type: ignore[assignment]
         records.append({"round": r, "kind": "round", "algorithm": cfg.algorithm, **summary})
         return records
+
+    def _global_eval_jobs(self, r: int) -> tuple[list[SiteJob], dict[str, str]]:
+        """Jobs that score the global model, and the name each result is recorded under. Per-camera
+        clients of one site share its query/gallery: when no layer is private, one of them scores the
+        global model for the whole site, recorded under the site's name."""
+        if not self.site_of or private_keys(self.cfg, list(self.global_state)):
+            return [site.job(r) for site in self.sites], {}
+        first: dict[str, SimSite] = {}
+        for site in self.sites:
+            first.setdefault(self.site_of.get(site.name, site.name), site)
+        return [site.job(r) for site in first.values()], {s.name: name for name, s in first.items()}
 
     def _distill(self, r: int, teachers: TeacherMean) -> dict[str, float]:
         assert self.public is not None

@@ -66,3 +66,14 @@ def split_by_camera(
     manifest = {"by": "camera", "clients": [asdict(c) for c in clients], "skipped": skipped}
     (out / "split.json").write_text(json.dumps(manifest, indent=2))
     return clients, skipped
+
+
+def client_sites(clients: list[Path]) -> dict[str, str]:
+    """Client name -> its site, for client folders that `split_by_camera` wrote (its `split.json` beside
+    them); {} for folders that are sites themselves."""
+    parents = {c.parent for c in clients}
+    manifest = next(iter(parents)) / "split.json" if len(parents) == 1 else None
+    if manifest is None or not manifest.is_file():
+        return {}
+    listed = {c["name"]: c["site"] for c in json.loads(manifest.read_text()).get("clients", [])}
+    return {c.name: listed[c.name] for c in clients if c.name in listed}

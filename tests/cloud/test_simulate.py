@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from cloud.cli import app
 from cloud.simulate import CHECKPOINT, METRICS, SimulationConfig, Simulator
 from cloud.strategy import KDConfig, StrategyConfig
 from reid.data import InputSpec
+from reid.data.camera_split import split_by_camera
 from reid.model import ModelSpec
 from reid.train import TrainConfig
 
@@ -196,3 +198,23 @@ def test_client_sampling_trains_the_seeded_draw_of_the_networked_aggregator(tiny
         assert sorted(summary["weights"]) == drawn and sorted(summary["loss"]) == drawn
     evaluated = {(r["round"], r["site"]) for r in records if r.get("model") == "global"}
     assert evaluated == {(1, s) for s in names}  # every site scores the global model, sampled or not
+
+
+def test_per_camera_clients_score_the_global_model_once_per_site(tiny_federation, tmp_path):
+    clients, _ = split_by_camera(_sites(tiny_federation), tmp_path / "cams", min_images=4)
+    plain = tmp_path / "plain"  # the same client folders without split.json: scored per client
+    plain.mkdir()
+    for c in clients:
+        shutil.copytree(tmp_path / "cams" / c.name, plain / c.name, symlinks=True)
+    cfg = _config("fedpav", rounds=1)
+    once = Simulator(cfg, [tmp_path / "cams" / c.name for c in clients], tmp_path / "once").run()
+    each = Simulator(cfg, [plain / c.name for c in clients], tmp_path / "each").run()
+
+    per_site = {r["site"]: r for r in once if r.get("model") == "global"}
+    assert sorted(per_site) == sorted({c.site for c in clients})  # once per site, under its name
+    per_client = {r["site"]: r for r in each if r.get("model") == "global"}
+    assert set(per_client) == {c.name for c in clients}
+    for c in clients:  # the same score any of the site's clients gets
+        assert per_client[c.name]["rank1"] == per_site[c.site]["rank1"]
+        assert per_client[c.name]["mAP"] == per_site[c.site]["mAP"]
+    assert {r["site"] for r in once if r.get("model") == "local"} == {c.name for c in clients}
