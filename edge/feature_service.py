@@ -51,6 +51,7 @@ from edge.gallery_store import GalleryStore, GalleryStoreError, NewEntry, OtherM
 from export.runtime import FeatureExtractor
 
 log = logging.getLogger(__name__)
+GAP_WAIT_S = 0.25  # how long a re-embedding batch waits for the live queue to empty
 T = TypeVar("T")
 
 
@@ -133,6 +134,7 @@ class FeatureService:
         )
         self.reindexing = threading.Event()
         self.compute = threading.Lock()  # one model run at a time: live batches and re-embedding alternate
+        self.green: Served | None = None  # the model the gallery is being embedded with, if any
         self.live_batches = 0  # model runs for requests so far
         self.stopping = threading.Event()
         self.rejected_sha = ""  # a deployed model that could not be adopted (not tried again)
@@ -240,8 +242,14 @@ class FeatureService:
             if damaged:
                 self.store.delete(damaged)
             if good:
+                # live requests first: embedding again uses the gaps they leave, but waits for one at
+                # most GAP_WAIT_S, so that steady traffic cannot starve it (then the duty cycle below
+                # still leaves the live requests three quarters of the model's time)
+                gap_deadline = time.perf_counter() + GAP_WAIT_S
                 while self.batcher.queued and not self.stopping.is_set():
-                    time.sleep(0.005)  # live requests first: embedding again uses the time they leave
+                    if time.perf_counter() > gap_deadline:
+                        break
+                    time.sleep(0.005)
                 live, clock = self.live_batches, time.perf_counter()
                 with self.compute:
                     feats = served.extractor([img for _, img in good])
@@ -262,6 +270,7 @@ class FeatureService:
         self.reindexing.set()
         try:
             staged = self.store.begin_staging(green.ref.sha256)
+            self.green = green
             log.info(
                 "embedding %d gallery entries with model %s%s",
                 len(self.store) - staged,
@@ -285,7 +294,16 @@ class FeatureService:
                 raise
             log.info("gallery embedding interrupted (%s): it is done again at the next start", err)
         finally:
+            self.green = None
             self.reindexing.clear()
+
+    def stage_added(self, green: Served, crops: list[bytes], ids: list[int]) -> None:
+        """Entries added while `green` embeds the gallery get its features at once, so that steady
+        additions cannot outrun the re-embedding."""
+        images = [decode_crop(data, i, self.cfg) for i, data in enumerate(crops)]
+        with self.compute:
+            features = green.extractor(images)
+        self.store.stage(ids, features, green.ref.sha256)
 
     def _retention(self) -> None:
         while not self.stopping.wait(60.0):
@@ -416,6 +434,9 @@ def create_app(service: FeatureService) -> FastAPI:
         ids, served = await service.with_gallery(
             crops, lambda f, s: service.store.add(entries, f, (s.ref.version, s.ref.sha256))
         )
+        green = service.green
+        if green is not None and green.ref.sha256 != served.ref.sha256:
+            await run_in_threadpool(service.stage_added, green, crops, ids)
         m.gallery.set(len(service.store))
         return AddResponse(ids=ids, model=served.ref)
 
