@@ -2,12 +2,19 @@
 KD add? The FedReID paper's comparison (reference/fedreid-seed-code.md section 8), reproduced on the
 synthetic federation through the in-process simulator, with several seeds.
 
-    .venv/bin/python bench/federated.py                      # default: < 60 min on 2 CPU cores
-    .venv/bin/python bench/federated.py --quick              # the `make bench` smoke version (minutes)
+    .venv/bin/python bench/federated.py                      # the paper's setting: <= 60 min on 2 CPU cores
+    .venv/bin/python bench/federated.py --validation 0.25    # the same on held-out training identities
+    .venv/bin/python bench/federated.py --from-scratch       # without the pretrained start
+    .venv/bin/python bench/federated.py --quick              # a smoke version (<= 10 min)
     .venv/bin/python bench/federated.py --full               # GPU: ResNet-50 at 256x128, more data
-    .venv/bin/python bench/federated.py --data DIR --public DIR   # real data sets: DIR/<site>/...
-    .venv/bin/python bench/federated.py --pretrain-epochs 20 --domains --min-queries 50  # pretrained, domains
-    .venv/bin/python bench/federated.py --scenario camera    # federated by camera (each camera a client)
+    .venv/bin/python bench/federated.py --data DIR --public DIR --pretrained W  # real data: DIR/<site>/
+
+The default is the paper's setting: a pretrained start (`cloud-aggregator pretrain` on a synthetic source
+domain disjoint from the sites, built once and cached in --out; `--pretrained FILE` for real weights),
+sites that differ as data sets do (`--domains`, at least 50 queries each), and both scenarios of the
+benchmark: federated by data set (each site a client) and by camera (each camera of each site a client,
+scored on its site's query/gallery). `--validation F` holds out a fraction F of each site's training
+identities as its query/gallery and never reads the test splits: settings are chosen there.
 
 Methods: local (each site alone), fedpav, cdw (FedPav + CDW weights), kd (FedPav + server KD), cdw_kd,
 central (pooled training: the upper bound). Every method gets the same compute: `local_epochs` x
@@ -16,8 +23,8 @@ run (seed 0: sizes spread `size_ratio`x, per-site camera styles, a public KD set
 training. Federated methods are scored with the global model, `local` with each site's own model,
 `central` with the pooled model. Federated methods are also scored with each site's *own* model after
 the last round's local training from the global model (the model the paper's CDW claim is about;
-`--no-site-models` skips this). Writes `<out>/study.json`, `<out>/study.md` (the tables) and
-`<out>/study.png` (rank-1 per round, for the largest and the smallest site).
+`--no-site-models` skips this). Writes `<out>/study.json`, `<out>/study.md` (the tables, per scenario)
+and `<out>/study-<scenario>.png` (rank-1 per round, for the largest and the smallest site).
 
 With `--data DIR`, every sub-folder of DIR is one site, in any layout `reid.data.read_dataset` reads
 (Market-1501/Duke, CUHK03-NP, MSMT17 lists, the FedReID `pytorch/` layout); `--public` is the unlabeled
@@ -43,11 +50,14 @@ from cloud.simulate import SimulationConfig, Simulator
 from cloud.strategy import KDConfig, StrategyConfig
 from reid.data import DatasetLayoutError, InputSpec, read_dataset
 from reid.data.camera_split import client_sites, split_by_camera
+from reid.data.validation_split import hold_out
 from reid.model import ModelSpec
 from reid.synthetic import SyntheticConfig, generate_federation
 from reid.train import TrainConfig
 
 METHODS = ("local", "fedpav", "cdw", "kd", "cdw_kd", "cluster", "central")
+SHIPPED = "fedpav"  # the method the project's default config runs: StrategyConfig and KDConfig defaults
+ROUNDS = 5  # from a pretrained start the curves are flat after 2-3 rounds (docs/benchmarks.md)
 # federated methods: the global model; clustering: each site's group model (what its site trains from)
 SCORED_AS = {"local": "local", "central": "global", "cluster": "group"}
 
@@ -61,11 +71,13 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def run_study(args: argparse.Namespace, sites: list[Path], public: Path | None, out: Path) -> dict:
+    """Every method x seed on these sites (or clients); the sites' own models are scored when each client is
+    a site (federated by camera, a client's own model is one camera's: not scored, to save the time)."""
     site_of = client_sites(sites)
     base = SimulationConfig(
         rounds=args.rounds,
         local_epochs=args.local_epochs,
-        eval_local=args.site_models,
+        eval_local=args.site_models and not site_of,
         model=ModelSpec(arch=args.arch),
         input=InputSpec(height=args.height, width=args.width),
         train=TrainConfig(lr_head=args.lr, lr_backbone=args.lr, batch_size=args.batch_size),
@@ -164,7 +176,7 @@ def summarise(result: dict, site_names: list[str], sizes: dict[str, int]) -> dic
             abs(b - a)
             for per_site in result["curves"][method].values()
             for curve in per_site.values()
-            for a, b in zip(curve[-6:], curve[-5:], strict=False)
+            for a, b in zip(curve[-6:], curve[-6:][1:], strict=False)  # the last 5 steps (fewer if shorter)
         ]
         jumps[method] = statistics.fmean(steps) if steps else float("nan")
     site_table = {m: metric_table(by_seed, site_names) for m, by_seed in result["site_models"].items()}
@@ -226,6 +238,26 @@ def markdown(summary: dict, site_names: list[str], header: str) -> str:
                 f"- {method}, sites' own models, beat local training (rank-1) at "
                 f"{len(sites)}/{len(site_names)} sites: {sites}"
             )
+    verdict = summary.get("verdicts", {})
+    if verdict:
+        ranked = ", ".join(f"{m} {verdict['mean_rank1'][m]:.1f}" for m in verdict["ranking"])
+        lines += ["", f"- mean rank-1, best first: {ranked}"]
+        if "margin_over_fedpav" in verdict:
+            margins = ", ".join(
+                f"{m} {d:+.1f}" for m, d in verdict["margin_over_fedpav"].items() if m != "fedpav"
+            )
+            lines.append(f"- over FedPav (mean rank-1 points): {margins}")
+        if "shipped_below_local" in verdict:
+            below = verdict["shipped_below_local"]
+            lines.append(
+                f"- the shipped default ({SHIPPED}, global or site model) is below local training at "
+                f"{len(below)}/{len(site_names)} sites{': ' + str(below) if below else ''}"
+            )
+        if "shipped_gap_to_central" in verdict:
+            lines.append(
+                f"- central pooled training minus the shipped default: "
+                f"{verdict['shipped_gap_to_central']:+.1f}"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -253,11 +285,67 @@ def plot(result: dict, site_names: list[str], sizes: dict[str, int], path: Path)
     plt.close(fig)
 
 
+def verdicts(summary: dict, site_names: list[str]) -> dict:
+    """The issue's targets, read off one scenario's tables: methods ranked by mean rank-1, each
+    method's margin over FedPav, and whether the shipped default scores at least local training at every
+    site (global or site model) and within 5 points of central training on the mean."""
+    table, own = summary["table"], summary["site_model_table"]
+    mean = {m: row["mean"]["rank1"][0] for m, row in table.items()}
+    out: dict = {"ranking": sorted(mean, key=mean.get, reverse=True), "mean_rank1": mean}
+    if "fedpav" in mean:
+        out["margin_over_fedpav"] = {m: round(v - mean["fedpav"], 2) for m, v in mean.items()}
+    if SHIPPED in table and "local" in table:
+        local = table["local"]
+        best = {
+            site: max(
+                table[SHIPPED][site]["rank1"][0],
+                own.get(SHIPPED, {}).get(site, {"rank1": (-1, 0)})["rank1"][0],
+            )
+            for site in site_names
+        }
+        out["shipped_below_local"] = [s for s in site_names if best[s] < local[s]["rank1"][0]]
+    if SHIPPED in mean and "central" in mean:
+        out["shipped_gap_to_central"] = round(mean["central"] - mean[SHIPPED], 2)
+    return out
+
+
+def study_sites(
+    args: argparse.Namespace, tmp: Path, parser: argparse.ArgumentParser
+) -> tuple[list[Path], Path | None, str]:
+    """The federation's site folders (before any camera split), the public KD set, and a description."""
+    if args.data:
+        public_dir = args.public.resolve() if args.public else None  # may sit inside --data
+        sites = sorted(p for p in args.data.iterdir() if p.is_dir() and p.resolve() != public_dir)
+        public, desc = args.public, f"data sets in {args.data}"
+    else:
+        synth = SyntheticConfig(
+            seed=0,
+            sites=args.sites,
+            train_images_max=args.train_images_max,
+            size_ratio=args.size_ratio,
+            public_images=args.public_images,
+            height=args.height,
+            width=args.width,
+            domains=args.domains,
+            min_queries=args.min_queries,  # the same federation for validation and test
+        )
+        generate_federation(synth, tmp)
+        sites, public = sorted((tmp / "sites").iterdir()), tmp / "public"
+        desc = f"synthetic federation {synth.model_dump()}"
+    if args.validation:
+        try:
+            sites = hold_out(sites, tmp / "validation", fraction=args.validation)
+        except (ValueError, DatasetLayoutError) as err:
+            parser.error(f"--validation: {err}")
+        desc += f"; validation: {args.validation:.0%} of each site's training identities as query/gallery"
+    return sites, public, desc
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--sites", type=int, default=6)
     parser.add_argument(
@@ -269,7 +357,7 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16, help="16: the smallest site has 20 images")
-    parser.add_argument("--lr", type=float, default=0.02, help="head and backbone (from scratch, see docs)")
+    parser.add_argument("--lr", type=float, default=0.02, help="head and backbone")
     parser.add_argument("--bn", default="average", choices=["first", "average", "local"])
     parser.add_argument("--kd-every", type=int, default=1)
     parser.add_argument("--kd-seconds", type=float, default=30.0)
@@ -279,18 +367,37 @@ def main() -> None:
     parser.add_argument(
         "--pretrain-epochs",
         type=int,
-        default=0,
-        help="pretrained start without downloads: `cloud-aggregator pretrain` on a synthetic source domain "
-        "(disjoint from the sites) for this many epochs, cached in --out and used as --pretrained",
+        default=20,
+        help="without --pretrained: `cloud-aggregator pretrain` on a synthetic source domain (disjoint from "
+        "the sites) for this many epochs, cached in --out's parent and used as --pretrained",
     )
-    parser.add_argument("--domains", action="store_true", help="synthetic sites that differ as data sets do")
+    parser.add_argument("--from-scratch", action="store_true", help="no pretrained start")
+    parser.add_argument(
+        "--domains",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="synthetic sites that differ as data sets do",
+    )
     parser.add_argument(
         "--scenario",
-        choices=["dataset", "camera"],
-        default="dataset",
-        help="federated by data set (each site a client) or by camera (cloud-aggregator split --by camera)",
+        choices=["dataset", "camera", "both"],
+        default="both",
+        help="federated by data set (each site a client), by camera (cloud-aggregator split --by camera), "
+        "or both",
     )
-    parser.add_argument("--min-queries", type=int, default=0, help="queries per synthetic site at least")
+    parser.add_argument(
+        "--min-queries",
+        type=int,
+        default=50,
+        help="queries per synthetic site at least (50: <= 2 points each)",
+    )
+    parser.add_argument(
+        "--validation",
+        type=float,
+        default=0.0,
+        help="hold out this fraction of each site's training identities as its query/gallery (the test "
+        "splits are not read): for choosing settings",
+    )
     parser.add_argument("--data", type=Path, help="real data: a folder with one data set folder per site")
     parser.add_argument("--public", type=Path, help="with --data: the public unlabeled images for KD")
     parser.add_argument(
@@ -299,13 +406,13 @@ def main() -> None:
         action="store_false",
         help="do not score federated methods with each site's own model (saves one evaluation per round)",
     )
-    parser.add_argument("--quick", action="store_true", help="2 seeds, 4 rounds, 4 small sites")
+    parser.add_argument("--quick", action="store_true", help="2 seeds, 2 rounds, 4 small sites")
     parser.add_argument("--full", action="store_true", help="GPU preset: ResNet-50, 256x128, more data")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "federated")
+    parser.add_argument("--out", type=Path, help="default: bench/results/federated[-validation|-scratch]")
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.rounds, args.sites, args.train_images_max, args.public_images = "0,1", 4, 4, 240, 64
-        args.size_ratio = 8.0
+        args.seeds, args.rounds, args.sites, args.train_images_max, args.public_images = "0,1", 2, 4, 240, 64
+        args.size_ratio, args.min_queries, args.pretrain_epochs = 8.0, 20, 5
     if args.full:
         args.arch, args.height, args.width, args.train_images_max, args.rounds = (
             "resnet50",
@@ -320,95 +427,101 @@ def main() -> None:
     unknown = set(args.methods) - set(METHODS)
     if unknown or len(args.seeds) < 1:
         parser.error(f"unknown methods {sorted(unknown)}")
+    if not 0.0 <= args.validation < 1.0:
+        parser.error("--validation: a fraction in (0, 1), or 0 for the test splits")
     if args.data:
         if not args.data.is_dir():
             parser.error(f"--data: not a folder: {args.data}")
         if {"kd", "cdw_kd"} & set(args.methods) and not (args.public and args.public.is_dir()):
             parser.error("the kd methods need --public DIR (unlabeled images for distillation) with --data")
-
+    if args.out is None:
+        suffix = "-validation" if args.validation else "-scratch" if args.from_scratch else ""
+        args.out = Path(__file__).parent / "results" / f"federated{suffix}"
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    if args.pretrain_epochs:  # built once per architecture and size, then reused
-        weights = (
-            args.out
-            / f"pretrained-{args.arch}-{args.height}x{args.width}-{args.pretrain_epochs}ep.safetensors"
-        )
-        if not weights.is_file():
-            command = [sys.executable, "-m", "cloud.cli", "pretrain", "--out", str(weights)]
-            command += ["--epochs", str(args.pretrain_epochs), "--arch", args.arch]
-            command += [
-                "--height",
-                str(args.height),
-                "--width",
-                str(args.width),
-                "--batch-size",
-                str(args.batch_size),
-            ]
-            subprocess.run(command, check=True)
-        args.pretrained = str(weights)
+    if args.from_scratch:
+        args.pretrained = None
+    elif not args.pretrained:  # built once per architecture and size, then reused by every study
+        args.pretrained = str(pretrained_backbone(args))
+    scenarios = ["dataset", "camera"] if args.scenario == "both" else [args.scenario]
+    summaries, everything = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        if args.data:
-            public_dir = args.public.resolve() if args.public else None  # may sit inside --data
-            sites = sorted(p for p in args.data.iterdir() if p.is_dir() and p.resolve() != public_dir)
-            public = args.public
-            data_desc = f"data sets in {args.data}"
-        else:
-            synth = SyntheticConfig(
-                seed=0,
-                sites=args.sites,
-                train_images_max=args.train_images_max,
-                size_ratio=args.size_ratio,
-                public_images=args.public_images,
-                height=args.height,
-                width=args.width,
-                domains=args.domains,
-                min_queries=args.min_queries,
-            )
-            generate_federation(synth, Path(tmp))
-            sites = sorted((Path(tmp) / "sites").iterdir())
-            public = Path(tmp) / "public"
-            data_desc = f"synthetic federation {synth.model_dump()}"
-        if args.scenario == "camera":  # each camera of each site a client, scored on its site's query/gallery
-            clients, skipped = split_by_camera(sites, Path(tmp) / "cameras", min_images=4)
-            sites = [Path(tmp) / "cameras" / c.name for c in clients]
-            data_desc += f"; federated by camera: {len(clients)} clients, left out {skipped}"
-        site_of = client_sites(sites)  # per-camera clients: tables and curves are per site
-        sizes: dict[str, int] = {}
-        try:
-            for s in sites:
-                name = site_of.get(s.name, s.name)
-                sizes[name] = sizes.get(name, 0) + len(read_dataset(s).train)
-        except DatasetLayoutError as err:
-            parser.error(f"--data: {err}")
-        if len(sites) < 2:
-            parser.error(f"a federation needs at least 2 sites; found {len(sites)}")
-        result = run_study(args, sites, public, args.out)
-    wall = time.perf_counter() - start
-    names = list(sizes)
-    summary = summarise(result, names, sizes)
-    header = (
-        f"## Learning study ({args.arch} {args.height}x{args.width}, {len(names)} sites, "
-        f"{args.rounds} rounds x {args.local_epochs} local epoch, seeds {args.seeds}; "
-        f"{platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; wall {wall / 60:.1f} min)"
-    )
-    (args.out / "study.md").write_text(markdown(summary, names, header))
-    plot(result, names, sizes, args.out / "study.png")
-    (args.out / "study.json").write_text(
-        json.dumps(
-            {
+        base_sites, public, data_desc = study_sites(args, Path(tmp), parser)
+        for scenario in scenarios:
+            sites = base_sites
+            desc = data_desc
+            if scenario == "camera":  # each camera of each site a client, scored on its site's query/gallery
+                clients, skipped = split_by_camera(base_sites, Path(tmp) / "cameras", min_images=4)
+                sites = [Path(tmp) / "cameras" / c.name for c in clients]
+                desc += f"; federated by camera: {len(clients)} clients, left out {skipped}"
+            site_of = client_sites(sites)  # per-camera clients: tables and curves are per site
+            sizes: dict[str, int] = {}
+            try:
+                for s in sites:
+                    name = site_of.get(s.name, s.name)
+                    sizes[name] = sizes.get(name, 0) + len(read_dataset(s).train)
+            except DatasetLayoutError as err:
+                parser.error(f"--data: {err}")
+            if len(sites) < 2:
+                parser.error(f"a federation needs at least 2 sites; found {len(sites)}")
+            result = run_study(args, sites, public, args.out / scenario)
+            names = list(sizes)
+            summary = summarise(result, names, sizes)
+            summary["verdicts"] = verdicts(summary, names)
+            summaries[scenario] = summary
+            everything[scenario] = {
                 **summary,
                 "curves": result["curves"],
                 "seconds": result["seconds"],
+                "data": desc,
+            }
+            plot(result, names, sizes, args.out / f"study-{scenario}.png")
+    wall = time.perf_counter() - start
+    start_desc = f"pretrained ({Path(args.pretrained).name})" if args.pretrained else "from scratch"
+    split_desc = (
+        f"validation split ({args.validation:.0%} of training identities)"
+        if args.validation
+        else "test split"
+    )
+    header = (
+        f"## Learning study ({args.arch} {args.height}x{args.width} {start_desc}, {args.rounds} rounds x "
+        f"{args.local_epochs} local epoch, seeds {args.seeds}, {split_desc}; {platform.machine()}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"wall {wall / 60:.1f} min)"
+    )
+    sections = [header, ""]
+    for scenario, summary in summaries.items():
+        names = list(summary["sizes"])
+        sections.append(
+            markdown(summary, names, f"### Federated by {'data set' if scenario == 'dataset' else 'camera'}")
+        )
+    (args.out / "study.md").write_text("\n".join(sections))
+    (args.out / "study.json").write_text(
+        json.dumps(
+            {
+                "scenarios": everything,
                 "wall_s": wall,
-                "data": data_desc,
                 "args": {k: str(v) for k, v in vars(args).items()},
             },
             indent=1,
         )
     )
     print((args.out / "study.md").read_text())
-    print(f"written: {args.out / 'study.md'}, {args.out / 'study.png'}, {args.out / 'study.json'}")
+    print(f"written: {args.out / 'study.md'}, {args.out / 'study.json'} and the plots in {args.out}")
+
+
+def pretrained_backbone(args: argparse.Namespace) -> Path:
+    """The cached synthetic-source backbone for this architecture and input size (built on first use)."""
+    weights = (
+        args.out.parent
+        / f"pretrained-{args.arch}-{args.height}x{args.width}-{args.pretrain_epochs}ep.safetensors"
+    )
+    if not weights.is_file():
+        command = [sys.executable, "-m", "cloud.cli", "pretrain", "--out", str(weights)]
+        command += ["--epochs", str(args.pretrain_epochs), "--arch", args.arch, "--height", str(args.height)]
+        command += ["--width", str(args.width), "--batch-size", str(args.batch_size)]
+        subprocess.run(command, check=True)
+    return weights
 
 
 if __name__ == "__main__":

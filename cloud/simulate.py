@@ -166,7 +166,8 @@ class Simulator:
             else []
         )
         torch.manual_seed(cfg.seed)
-        classes = sum(d.num_classes for d in self.pooled) if self.pooled else 1
+        self.pooled_labels = self._pooled_labels()
+        classes = len(self.pooled_labels) if self.pooled else 1
         self.model: ReIDModel = build_model(cfg.model, classes, cfg.pretrained)
         self.global_state = shared_state(self.model)
         self.public_dir = str(public_dir) if public_dir is not None and cfg.uses_kd else None
@@ -409,14 +410,25 @@ class Simulator:
             "seconds": round(result.seconds, 3),
         }
 
+    def _pooled_labels(self) -> dict[tuple[str, int], int]:
+        """One class per identity of each site: the per-camera clients of one site pool their images of
+        a person into one class (each client its own class would teach the model to tell cameras apart)."""
+        labels: dict[tuple[str, int], int] = {}
+        for data in self.pooled:  # in site order, identities by pid: as each site numbers its own
+            site = self.site_of.get(data.name, data.name)
+            for pid in sorted({r.pid for r in data.splits.train}):
+                labels.setdefault((site, pid), len(labels))
+        return labels
+
     def _central_round(self, r: int) -> list[dict]:
-        """Pooled training on every site's images with one classifier over all identities."""
-        datasets, offset = [], 0
+        """Pooled training on every site's images with one classifier over all identities; scored once
+        per site (per-camera clients share their site's query/gallery)."""
+        datasets = []
         for data in self.pooled:
-            labels = [label + offset for label in data.labels]
+            site = self.site_of.get(data.name, data.name)
+            labels = [self.pooled_labels[(site, rec.pid)] for rec in data.splits.train]
             paths = [rec.path for rec in data.splits.train]
             datasets.append(ImageDataset(paths, train_transform(self.cfg.input), labels))
-            offset += data.num_classes
         pooled = ConcatDataset(datasets)
         seed = site_seed(self.cfg.seed, r, 0)
         torch.manual_seed(seed)
@@ -426,10 +438,13 @@ class Simulator:
         self.global_state = shared_state(self.model)
         records: list[dict] = []
         if self._eval_round(r):
+            first: dict[str, SiteData] = {}
             for data in self.pooled:
-                with log_context(site=data.name):
+                first.setdefault(self.site_of.get(data.name, data.name), data)
+            for site, data in first.items():
+                with log_context(site=site):
                     summary = data.evaluate(self.model, self.device).summary()
-                    records.append(_metric_record(r, data.name, "global", summary))
+                    records.append(_metric_record(r, site, "global", summary))
         records.append(
             {"round": r, "kind": "round", "algorithm": "central", "loss": {"pooled": round(result.loss, 5)}}
         )

@@ -29,7 +29,8 @@ class CameraClient:
     identities: int
 
 
-def _place(records: list[ImageRecord], folder: Path, copy: bool) -> None:
+def write_market_split(records: list[ImageRecord], folder: Path, copy: bool) -> None:
+    """One split folder of a Market-1501 site: links to (or copies of) `records`, named by pid and camera."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, r in enumerate(records):
         target = folder / f"{r.pid:04d}_c{r.camid}_{i:06d}{r.path.suffix.lower()}"
@@ -59,9 +60,9 @@ def split_by_camera(
                 continue
             client = CameraClient(f"{site.name}-c{camera}", site.name, camera, len(mine), ids)
             root = out / client.name
-            _place(mine, root / "bounding_box_train", copy)
-            _place(splits.query, root / "query", copy)
-            _place(splits.gallery, root / "bounding_box_test", copy)
+            write_market_split(mine, root / "bounding_box_train", copy)
+            write_market_split(splits.query, root / "query", copy)
+            write_market_split(splits.gallery, root / "bounding_box_test", copy)
             clients.append(client)
     manifest = {"by": "camera", "clients": [asdict(c) for c in clients], "skipped": skipped}
     (out / "split.json").write_text(json.dumps(manifest, indent=2))

@@ -1,6 +1,6 @@
 """The learning study (bench/federated.py) on real data-set layouts: `--data DIR --public DIR` with one
 site per layout the foundation reads (Market-1501, FedReID `pytorch/`, MSMT17 lists), run end to end on
-a tiny model, and its argument errors."""
+a tiny model in both scenarios and on the validation split, and its argument errors."""
 
 from __future__ import annotations
 
@@ -76,9 +76,10 @@ def test_study_runs_on_real_layouts(real_layouts, tmp_path):
     proc = run_study(
         "--data", data, "--public", public, "--methods", "local,fedpav,kd", "--seeds", "0,1", "--rounds", "2",
         "--arch", "mobilenet_v3_small", "--batch-size", "8", "--kd-seconds", "5", "--out", out,
+        "--scenario", "dataset", "--from-scratch",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    study = json.loads((out / "study.json").read_text())
+    study = json.loads((out / "study.json").read_text())["scenarios"]["dataset"]
     names = sorted(layouts)
     assert study["sizes"] == {name: len(s.train) for name, s in layouts.items()}
     assert set(study["table"]) == {"local", "fedpav", "kd"}
@@ -95,10 +96,42 @@ def test_study_runs_on_real_layouts(real_layouts, tmp_path):
         assert set(study["site_model_table"][method]) == {*names, "mean"}
     assert "local" not in study["site_model_table"]
     assert set(study["beats_local"]) == {"fedpav", "kd"}
+    verdict, mean = study["verdicts"], {m: row["mean"]["rank1"][0] for m, row in study["table"].items()}
+    assert verdict["ranking"] == sorted(mean, key=mean.get, reverse=True)
+    assert verdict["margin_over_fedpav"]["kd"] == pytest.approx(mean["kd"] - mean["fedpav"], abs=0.01)
+    local, fedpav, own = (
+        study["table"]["local"],
+        study["table"]["fedpav"],
+        study["site_model_table"]["fedpav"],
+    )
+    below = [n for n in names if max(fedpav[n]["rank1"][0], own[n]["rank1"][0]) < local[n]["rank1"][0]]
+    assert verdict["shipped_below_local"] == below
     md = (out / "study.md").read_text()
-    assert all(name in md for name in names) and "sites' own model" in md
-    with Image.open(out / "study.png") as png:
+    assert all(name in md for name in names) and "sites' own model" in md and "from scratch" in md
+    with Image.open(out / "study-dataset.png") as png:
         assert png.format == "PNG" and png.size[0] > 500
+
+
+def test_study_runs_both_scenarios_on_the_validation_split(real_layouts, tmp_path):
+    data, _ = real_layouts
+    out = tmp_path / "out"
+    proc = run_study(
+        "--data", data, "--methods", "local,fedpav", "--seeds", "0", "--rounds", "2", "--validation", "0.3",
+        "--arch", "mobilenet_v3_small", "--batch-size", "8", "--out", out, "--from-scratch",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = json.loads((out / "study.json").read_text())["scenarios"]
+    assert set(study) == {"dataset", "camera"}
+    held = {s.name: s for s in data.iterdir()}
+    for scenario, summary in study.items():
+        assert set(summary["sizes"]) == set(held), scenario  # per site, also when each camera is a client
+        for name, site in held.items():  # trained on the kept identities only
+            assert summary["sizes"][name] < len(read_dataset(site).train), (scenario, name)
+        assert set(summary["table"]) == {"local", "fedpav"}
+    assert study["camera"]["site_model_table"] == {}  # a camera's own model is not a site's
+    assert set(study["dataset"]["site_model_table"]) == {"fedpav"}
+    assert "validation split (30% of training identities)" in (out / "study.md").read_text()
+    assert "camera" in study["camera"]["data"] and "validation" in study["camera"]["data"]
 
 
 def test_study_argument_errors_name_the_problem(real_layouts, tmp_path):

@@ -218,3 +218,21 @@ def test_per_camera_clients_score_the_global_model_once_per_site(tiny_federation
         assert per_client[c.name]["rank1"] == per_site[c.site]["rank1"]
         assert per_client[c.name]["mAP"] == per_site[c.site]["mAP"]
     assert {r["site"] for r in once if r.get("model") == "local"} == {c.name for c in clients}
+
+
+def test_central_over_camera_clients_pools_a_person_into_one_class_and_scores_once_per_site(
+    tiny_federation, tmp_path
+):
+    sites = _sites(tiny_federation)
+    clients, skipped = split_by_camera(sites, tmp_path / "cams", min_images=1, min_ids=1)
+    assert not skipped  # every training image is in some client: the pooled data are the sites'
+    cfg = _config("central", rounds=1)
+    by_camera = Simulator(cfg, [tmp_path / "cams" / c.name for c in clients], tmp_path / "c")
+    by_site = Simulator(cfg, sites, tmp_path / "s")
+    # one class per person of each site, as when each site is a client (not one per person and camera)
+    assert by_camera.model.classifier.weight.shape == by_site.model.classifier.weight.shape
+    assert set(by_camera.pooled_labels.values()) == set(range(len(by_camera.pooled_labels)))
+    assert {site for site, _ in by_camera.pooled_labels} == {s.name for s in sites}
+    records = by_camera.run()
+    scored = [r for r in records if r.get("model") == "global"]
+    assert sorted(r["site"] for r in scored) == sorted(s.name for s in sites)  # once per site, by name

@@ -1,0 +1,68 @@
+"""A held-out validation split of each site's *training* identities, for choosing settings without
+looking at the test queries.
+
+`hold_out` writes a Market-1501 folder per site (links, as `camera_split` writes them): a seeded
+fraction of the site's training identities (at least `min_ids`) is taken out of training and becomes
+the site's query/gallery: for every held-out identity seen by two or more cameras, the first image of
+each camera that has two or more of its images is a query (of one camera only if none has), and the
+rest are gallery, so every query keeps a match in another camera; identities seen by one camera only go
+to the gallery whole (they cannot be matched across cameras, so they act as distractors). The site's
+real query/gallery are not used. A study run on these folders ranks methods and settings; the test run
+then uses the real splits.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from reid.data.camera_split import write_market_split
+from reid.data.layouts import ImageRecord, read_dataset
+
+
+def hold_out(
+    sites: list[Path], out: Path, fraction: float = 0.25, min_ids: int = 2, seed: int = 0
+) -> list[Path]:
+    """Validation sites under `out` (which must not hold sites yet), one per site and in the same order;
+    `validation.json` in `out` lists the held-out identities and the query/gallery sizes."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty: choose a new folder for the validation sites")
+    written, manifest = [], []
+    for site in sites:
+        train = read_dataset(site).train
+        pids = sorted({r.pid for r in train})
+        take = max(min_ids, round(fraction * len(pids)))
+        if take >= len(pids):
+            raise ValueError(
+                f"{site.name}: {len(pids)} training identities cannot spare {take} for validation"
+            )
+        held = set(random.Random(f"{seed}:{site.name}").sample(pids, take))
+        query, gallery = [], []
+        for pid in sorted(held):
+            mine = [r for r in train if r.pid == pid]
+            by_camera: dict[int, list[ImageRecord]] = {}
+            for r in mine:
+                by_camera.setdefault(r.camid, []).append(r)
+            picked = [rs[0] for rs in by_camera.values() if len(rs) > 1]
+            if len(by_camera) < 2:
+                picked = []
+            elif not picked:
+                picked = [mine[0]]
+            query += picked
+            gallery += [r for r in mine if r not in picked]
+        if not query:
+            raise ValueError(f"{site.name}: no held-out identity is seen by two cameras; hold out more")
+        root = out / site.name
+        write_market_split([r for r in train if r.pid not in held], root / "bounding_box_train", False)
+        write_market_split(query, root / "query", False)
+        write_market_split(gallery, root / "bounding_box_test", False)
+        written.append(root)
+        manifest.append(
+            {"site": site.name, "held_out": sorted(held), "query": len(query), "gallery": len(gallery)}
+        )
+    (out / "validation.json").write_text(json.dumps({"fraction": fraction, "seed": seed, "sites": manifest}))
+    return written
