@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cloud.deploy import DeploymentSource, deploy_round
 from cloud.journal import Journal, StateDirError
@@ -115,10 +115,15 @@ class ServeConfig(BaseModel):
         0.02, gt=0, description="0.02/0.02 train from scratch; the paper's 0.05/0.005 suit a pretrained start"
     )
     lr_backbone: float = Field(0.02, gt=0, description="the sites' backbone learning rate")
-    strategy: StrategyConfig = StrategyConfig()
+    strategy: StrategyConfig = Field(
+        StrategyConfig(weighting="cdw"),
+        description="aggregation (the default, CDW weights, won the learning study from a pretrained start)",
+    )
     kd: KDConfig = KDConfig()
-    kd_enabled: bool = Field(
-        False, description="server-side knowledge distillation on `public` after aggregation"
+    kd_enabled: bool | None = Field(
+        None,
+        description="server-side knowledge distillation on `public` after aggregation (default: on when "
+        "`public` is set)",
     )
     public: Path | None = Field(
         None, description="public unlabeled images for KD (and parity images for deployments)"
@@ -156,6 +161,23 @@ class ServeConfig(BaseModel):
         description="after the last round, every online site evaluates the final model "
         "(an evaluation round of at most deadline_s)",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cdw_by_default(cls, data: object) -> object:
+        """A `[strategy]` table that does not name a weighting gets the default CDW, as when it is absent."""
+        if (
+            isinstance(data, dict)
+            and isinstance(data.get("strategy"), dict)
+            and "weighting" not in data["strategy"]
+        ):
+            return {**data, "strategy": {**data["strategy"], "weighting": "cdw"}}
+        return data
+
+    @property
+    def uses_kd(self) -> bool:
+        """KD runs after each aggregation: as set, or (unset) whenever a public image set is given."""
+        return self.kd_enabled if self.kd_enabled is not None else self.public is not None
 
     def identity(self) -> dict:
         """What must not change when a run is resumed."""
@@ -268,7 +290,7 @@ class Aggregator:
         self.scratch = self.layout.empty()  # validation buffer: one update at a time
         self.reference_norm: float | None = None  # the previous round's median delta norm
         self.public: ImageDataset | None = None
-        if cfg.kd_enabled:
+        if cfg.uses_kd:
             if cfg.public is None:
                 raise ValueError("kd_enabled needs a public image folder (public = ...)")
             self.public = ImageDataset(read_image_folder(cfg.public), eval_transform(cfg.input))

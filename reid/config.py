@@ -6,7 +6,7 @@ Errors name the file and the key (``cloud.toml: strategy.bn: Input should be 'fi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import tomllib
 from pydantic import BaseModel, ValidationError
@@ -60,17 +60,23 @@ def load_config(model: type[M], path: Path | None, overrides: dict[str, Any]) ->
         raise ConfigError(f"{source}: {where}: {first['msg']}") from None
 
 
-def keys_table(model: type[BaseModel], prefix: str = "") -> list[str]:
+def keys_table(model: type[BaseModel], prefix: str = "", defaults: BaseModel | None = None) -> list[str]:
     """Markdown rows `| key | default | meaning |` of every key of a config model, nested tables as
-    dotted keys (docs/operations.md lists these; a test keeps the two in step)."""
+    dotted keys with the defaults the parent gives them (docs/operations.md lists these; a test keeps the
+    two in step)."""
     rows = []
     for name, field in model.model_fields.items():
         key = prefix + name
         annotation = field.annotation
+        default = (
+            getattr(defaults, name) if defaults is not None else field.get_default(call_default_factory=True)
+        )
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            rows.extend(keys_table(annotation, key + "."))
+            rows.extend(keys_table(annotation, key + ".", default))
             continue
-        default = field.get_default(call_default_factory=True)
         shown = "(required)" if field.is_required() else f"`{default}`" if default is not None else "-"
         rows.append(f"| `{key}` | {shown} | {(field.description or '').replace('|', '/')} |")
+        optional = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if optional:  # an optional table (off when unset): its keys, as set when it is given
+            rows.extend(keys_table(optional[0], key + "."))
     return rows

@@ -302,6 +302,6 @@ def test_the_specs_encodings_and_rejections(tmp_path, mosquitto_url):
     assert decoded[zero + "::scale"][0] == 1.0 and not decoded[zero].any()
     new = load((tmp_path / FED / "rounds" / "00000" / "global.safetensors").read_bytes())
     step = np.float32(np.float16(0.001))
-    # equal claims, similar norms: FedPav's mean of the two deltas
+    # equal claims (images and CDW distance), similar norms: the plain mean of the two deltas
     np.testing.assert_allclose(new[conv], base[conv] + (a_conv + step) / 2, rtol=0, atol=1e-6)
     np.testing.assert_allclose(new[zero], base[zero] + step / 2, rtol=0, atol=1e-6)

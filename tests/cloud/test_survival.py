@@ -9,12 +9,14 @@ import time
 
 import numpy as np
 import paho.mqtt.client as paho
+import pytest
 import zstandard
 from paho.mqtt.enums import CallbackAPIVersion
 from safetensors.torch import load_file
 
 from cloud.journal import StateDirError
 from cloud.server import Aggregator, ServeConfig
+from cloud.strategy import StrategyConfig
 from protocol.broker import parse_url
 from protocol.chunks import blob_ref, check_ref, parse_chunk, split_blob
 from protocol.codec import encode_state
@@ -74,18 +76,30 @@ def _change(cfg: ServeConfig, r: int) -> float:
     )
 
 
-def test_no_site_controls_the_model(tmp_path, mosquitto_url):
-    """Weight hijack (10^12 images), a 1e13 constant and a 1e30 constant, from 2 colluding sites of 5:
-    every update is acknowledged and aggregated, and the global model moves about as far as in an
-    honest round (the defaults: share cap 2/K, clip at 3x the median norm)."""
+@pytest.mark.parametrize(
+    ("weighting", "claims"),
+    [("fedpav", ({"n_samples": 10**12}, {"n_samples": 1})), ("cdw", ({"cdw": 2.0}, {"cdw": 2.0}))],
+)
+def test_no_site_controls_the_model(tmp_path, mosquitto_url, weighting, claims):
+    """Weight hijack (10^12 images under FedPav, the largest CDW distance under CDW against honest
+    0.5), a 1e13 constant and a 1e30 constant, from 2 colluding sites of 5: every update is acknowledged
+    and aggregated, and the global model moves about as far as in an honest round (the defaults: share
+    cap 2/K, clip at 3x the median norm)."""
     cfg = ServeConfig(
-        federation="caps", state_dir=tmp_path, rounds=2, min_sites=5, deadline_s=60, final_eval=False, **TINY
+        federation="caps",
+        state_dir=tmp_path,
+        rounds=2,
+        min_sites=5,
+        deadline_s=60,
+        final_eval=False,
+        strategy=StrategyConfig(weighting=weighting),
+        **TINY,
     )
     sites = ["a", "b", "c", "x", "y"]
     agg, raw, thread = _start(cfg, mosquitto_url, sites)
     honest_means = []
     try:
-        for r, attack in enumerate(((1e12, 1e13), (1, 1e30))):
+        for r, (claim, constant_value) in enumerate(zip(claims, (1e13, 1e30), strict=True)):
             assert _wait(lambda r=r: raw.round is not None and raw.round.round == r, timeout=120)
             honest = {s: _deltas(agg, 10 * r + i) for i, s in enumerate("abc")}
             honest_means.append(
@@ -98,9 +112,9 @@ def test_no_site_controls_the_model(tmp_path, mosquitto_url):
             for s, d in honest.items():
                 raw.update(s, d, n_samples=100)
             hijack = _deltas(agg, 99 + r)
-            raw.update("x", hijack, n_samples=int(attack[0]))
+            raw.update("x", hijack, **claim)
             constant = {
-                k: np.full_like(v, attack[1]) if v.dtype.kind == "f" else v for k, v in hijack.items()
+                k: np.full_like(v, constant_value) if v.dtype.kind == "f" else v for k, v in hijack.items()
             }
             blob = encode_state(constant, "fp32")  # fp16 cannot hold 1e13 or 1e30: it stays fp32
             raw.blob_update("y", blob)
