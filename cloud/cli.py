@@ -371,11 +371,8 @@ def _simulate_mqtt(
     from cloud.local_federation import run_local_federation
     from cloud.server import ServeConfig
 
-    if config.algorithm in ("local", "central", "cluster"):
-        raise ValueError(
-            f"--transport mqtt runs fedpav, cdw, kd and cdw_kd, not {config.algorithm} "
-            "(cluster runs in the simulator only so far)"
-        )
+    if config.algorithm in ("local", "central"):
+        raise ValueError(f"--transport mqtt runs a federation, not {config.algorithm}")
     if fresh:
         shutil.rmtree(out_dir / "cloud", ignore_errors=True)
         shutil.rmtree(out_dir / "edge", ignore_errors=True)
@@ -399,6 +396,7 @@ def _simulate_mqtt(
         kd_enabled=config.uses_kd,
         public=public,
         eval_every=config.eval_every,
+        cluster=config.cluster if config.algorithm == "cluster" else None,
     )
     return run_local_federation(serve, sites, out_dir, device=config.train.device)
 
@@ -429,6 +427,12 @@ def serve(
     weighting: str = typer.Option(None, help="strategy.weighting: fedpav, cdw or cdw_x_size"),
     kd: bool = typer.Option(None, "--kd/--no-kd"),
     public: Path = typer.Option(None, help="public unlabeled images for KD"),
+    groups: int = typer.Option(
+        None, min=2, help="client clustering (cluster.groups): groups of sites, each with its own model"
+    ),
+    cluster_after: int = typer.Option(
+        None, min=1, help="cluster.after: rounds of one global model before the sites are grouped"
+    ),
     upload_encoding: str = typer.Option(None, help="fp32, fp16 or int8"),
     metrics_port: int = typer.Option(
         None, min=0, max=65535, help="serve the dashboard page and Prometheus /metrics on this port"
@@ -463,6 +467,8 @@ def serve(
         "strategy.weighting": weighting,
         "kd_enabled": kd,
         "public": public,
+        "cluster.groups": groups,
+        "cluster.after": cluster_after,
         "upload_encoding": upload_encoding,
         "metrics_port": metrics_port,
         "metrics_host": metrics_host,

@@ -4,6 +4,8 @@
 run.json                         the run's configuration identity
 metrics.jsonl                    per-site metrics and per-round summaries
 rounds/<r>/global.safetensors    global model after round r (r = -1: the initial one), a reid.weights file
+rounds/<r>/groups.safetensors    client clustering: the group models and the grouping after round r
+                                 (written before global.safetensors, which commits the round)
 rounds/<r>/updates/<site>.blob   accepted update r of a site, as received (journaled before the ack)
 rounds/<r>/updates/<site>.json   its manifest
 open.json                        the round being collected (number, selection, base hash)
@@ -24,7 +26,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 
 from reid.data import InputSpec
 from reid.files import atomic_write
@@ -67,6 +70,24 @@ class Journal:
             return save_state(path, state, spec, input_spec, {"round": str(r)})
         except OSError as err:
             raise StateDirError(f"cannot write the global checkpoint {path}: {err}") from None
+
+    def save_groups(self, r: int, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        """Client clustering's state after round r; written before `save_global` of the same round, so
+        a committed round always has its groups beside it."""
+        path = self.round_dir(r) / "groups.safetensors"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, save(dict(tensors), metadata))
+        except OSError as err:
+            raise StateDirError(f"cannot write the group models {path}: {err}") from None
+
+    def load_groups(self, r: int) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """(tensors, metadata) saved by `save_groups` for round r; None if that round had no groups."""
+        path = self.round_dir(r) / "groups.safetensors"
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
 
     def last_global(self) -> tuple[int, dict[str, torch.Tensor]] | None:
         """(round, state) of the newest checkpoint; round -1 is the initial model."""

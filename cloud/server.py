@@ -46,6 +46,7 @@ from cloud.strategy import (
     raw_weight,
 )
 from cloud.strategy.caps import capped_samples, clip_scales, max_share, norm_bound, share_capped
+from cloud.strategy.clustering import ClusterConfig, Clustering
 from cloud.strategy.flat import l2_norm
 from cloud.strategy.selection import sample_sites, sites_per_round
 from protocol.chunks import DEFAULT_CHUNK_BYTES, ChunkError, Reassembler, blob_ref, check_ref, parse_chunk
@@ -54,6 +55,7 @@ from protocol.messages import (
     BlobRef,
     ChunkRequest,
     EvalReport,
+    GroupBase,
     MessageError,
     ModelInfo,
     NodeStatus,
@@ -156,6 +158,11 @@ class ServeConfig(BaseModel):
         description="serve Prometheus /metrics and the dashboard page on this port (off when unset)",
     )
     metrics_host: str = Field("127.0.0.1", description="listen address of metrics_port (loopback by default)")
+    cluster: ClusterConfig | None = Field(
+        None,
+        description="client clustering: after `cluster.after` rounds the sites are grouped by the similarity "
+        "of their updates and each group trains its own model (off when unset; not with KD)",
+    )
     final_eval: bool = Field(
         True,
         description="after the last round, every online site evaluates the final model "
@@ -181,9 +188,8 @@ class ServeConfig(BaseModel):
 
     def identity(self) -> dict:
         """What must not change when a run is resumed."""
-        return self.model_dump(
-            mode="json", include={"federation", "model", "input", "seed", "strategy", "pretrained"}
-        )
+        fields = {"federation", "model", "input", "seed", "strategy", "pretrained"}
+        return self.model_dump(mode="json", include=fields | ({"cluster"} if self.cluster else set()))
 
 
 def model_info(cfg: ServeConfig) -> ModelInfo:
@@ -200,6 +206,15 @@ def model_info(cfg: ServeConfig) -> ModelInfo:
 
 class Stopped(Exception):
     """The aggregator was asked to stop; its state on disk lets it resume."""
+
+
+@dataclass(frozen=True)
+class GroupBlob:
+    """A group's model as the round sends it (client clustering)."""
+
+    base_hash: str
+    blob: bytes
+    ref: BlobRef
 
 
 @dataclass
@@ -232,6 +247,29 @@ class OpenRound:
     last_resend: dict[str, float] = field(default_factory=dict)
     reports: dict[str, dict[str, float]] = field(default_factory=dict)  # evaluation round: site -> metrics
     said: float = field(default_factory=time.monotonic)  # when progress was last logged
+    group_of: dict[str, int] = field(default_factory=dict)  # client clustering: placed site -> group
+    group_bases: dict[int, GroupBlob] = field(default_factory=dict)  # every group's model, as a blob
+
+    def base_of(self, site: str) -> str:
+        """The base hash `site` trains from this round: its group's model, or the round's own."""
+        group = self.group_of.get(site)
+        return self.base_hash if group is None else self.group_bases[group].base_hash
+
+    def blob_by_id(self, blob_id: str) -> tuple[bytes, BlobRef] | None:
+        """A model blob of this round (its own or a group's) by blob id."""
+        for blob, ref in [(self.blob, self.blob_ref), *((g.blob, g.ref) for g in self.group_bases.values())]:
+            if ref.blob_id == blob_id:
+                return blob, ref
+        return None
+
+    def groups(self) -> list[GroupBase]:
+        """The RoundStart's groups: each group with a selected site, and its selected sites."""
+        out = []
+        for g, base in sorted(self.group_bases.items()):
+            sites = [s for s in self.selected if self.group_of.get(s) == g]
+            if sites:
+                out.append(GroupBase(group=g, base_hash=base.base_hash, blob=base.ref, sites=sites))
+        return out
 
     def waiting(self) -> set[str]:
         """Selected sites that have neither an accepted update (or evaluation report) nor failed."""
@@ -289,6 +327,16 @@ class Aggregator:
         del state
         self.scratch = self.layout.empty()  # validation buffer: one update at a time
         self.reference_norm: float | None = None  # the previous round's median delta norm
+        self.clustering = Clustering(cfg.cluster, cfg.strategy, cfg.seed) if cfg.cluster else None
+        if self.clustering is not None:
+            if cfg.uses_kd:
+                raise ValueError(
+                    "client clustering (cluster) and KD cannot be combined: set kd_enabled = false "
+                    "(KD is on by default when `public` is set)"
+                )
+            saved = self.journal.load_groups(self.completed) if self.completed >= 0 else None
+            if saved is not None:
+                self.clustering.restore(*saved)
         self.public: ImageDataset | None = None
         if cfg.uses_kd:
             if cfg.public is None:
@@ -378,7 +426,7 @@ class Aggregator:
             return "no_round", f"stale round {m.round} (current round {cur.number})"
         if not cur.train:
             return "evaluation_round", f"round {cur.number} is an evaluation round: it takes no updates"
-        if m.base_hash != cur.base_hash:
+        if m.base_hash != cur.base_of(site):
             return "wrong_base", "update computed against another base model (wrong base hash)"
         if site not in cur.selected:
             return "not_selected", f"site {site} is not selected for round {cur.number}"
@@ -499,13 +547,15 @@ class Aggregator:
         """Only sites selected for the open round may ask for its global model (`ChunkResender`)."""
         with self.lock:
             cur = self.current
-            if cur is None or req.blob_id != cur.blob_ref.blob_id or req.requester not in cur.selected:
+            found = cur.blob_by_id(req.blob_id) if cur is not None else None
+            if cur is None or found is None or req.requester not in cur.selected:
                 return None
-            return cur.blob_ref.chunks
+            return found[1].chunks
 
     def _global_blob(self, blob_id: str) -> bytes | None:
         cur = self.current
-        return cur.blob if cur is not None and cur.blob_ref.blob_id == blob_id else None
+        found = cur.blob_by_id(blob_id) if cur is not None else None
+        return found[0] if found is not None else None
 
     # -- accepting updates (worker thread, under the lock) ----------------------------------------------
     def _heard(self, site: str) -> None:
@@ -628,16 +678,25 @@ class Aggregator:
             upload_encoding=cfg.upload_encoding,
             upload_compressed=cfg.upload_compressed,
             train=cur.train,
+            groups=cur.groups(),
         )
         self.round_payload = encode_message(msg)
         # a broker that is down gets the round document at the reconnect (_republish_round) and the
         # sites ask for the chunks they missed: neither is a reason to stop
         self.endpoint.send(self.topics.round, self.round_payload, retain=True, timeout=10)
         if with_blob:
+            used = {cur.group_of[s] for s in cur.selected if s in cur.group_of}
+            blobs = [(cur.blob, cur.blob_ref)] if set(cur.selected) - set(cur.group_of) else []
+            blobs += [(b.blob, b.ref) for g, b in sorted(cur.group_bases.items()) if g in used]
+            sent: set[str] = set()  # groups start equal to the global model: the same blob once
             try:
-                self.endpoint.publish_blob(
-                    self.topics.global_chunks, cur.blob, cur.blob_ref.blob_id, cfg.chunk_bytes, timeout=60
-                )
+                for blob, ref in blobs:
+                    if ref.blob_id in sent:
+                        continue
+                    sent.add(ref.blob_id)
+                    self.endpoint.publish_blob(
+                        self.topics.global_chunks, blob, ref.blob_id, cfg.chunk_bytes, timeout=60
+                    )
             except TimeoutError as err:
                 log.warning("global model not fully published (%s); sites will ask for what they miss", err)
 
@@ -676,6 +735,15 @@ class Aggregator:
             train=train,
             restarts=saved.get("restarts", 0) if resumed else 0,
         )
+        if train and self.clustering is not None and self.clustering.active:
+            cur.group_of = dict(self.clustering.groups)
+            for g, state in sorted(self.clustering.states.items()):
+                group_blob = encode_state({k: v.numpy() for k, v in state.items()}, "fp32")
+                cur.group_bases[g] = GroupBlob(
+                    hashlib.sha256(group_blob).hexdigest(),
+                    group_blob,
+                    blob_ref(group_blob, self.cfg.chunk_bytes),
+                )
         self._save_open(cur)
         with self.lock:
             self.current = cur
@@ -832,6 +900,8 @@ class Aggregator:
         samples = {s: capped_samples(s, cur.accepted[s].n_samples, adm) for s in sites}
         raw = {s: raw_weight(self.cfg.strategy.weighting, samples[s], cur.accepted[s].cdw) for s in sites}
         shares = share_capped(raw, max_share(adm, len(sites)))
+        clustering = self.clustering
+        grouped = clustering is not None and clustering.active
         agg = StreamingAggregator(self.global_state, self.cfg.strategy, base_flat=self.global_flat, group=1)
         for site in sites:
             try:
@@ -841,15 +911,16 @@ class Aggregator:
                 cur.rejections.append({"site": site, "reason": f"journaled update unreadable: {err}"})
                 self._count_rejection(cur.number, site, cur.rejections[-1]["reason"], "bad_payload")
                 continue
-            agg.add_flat(
-                site,
-                floats,
-                ints,
-                samples[site],
-                cur.accepted[site].cdw,
-                weight=shares[site],
-                scale=scales[site],
-            )
+            cdw = cur.accepted[site].cdw
+            if grouped:
+                assert clustering is not None
+                clustering.add_flat(
+                    site, floats, ints, samples[site], cdw, self.global_state, shares[site], scales[site]
+                )
+                continue
+            if clustering is not None and clustering.grouping_round(cur.number):
+                clustering.observe_flat(site, floats * scales[site], samples[site], self.global_state)
+            agg.add_flat(site, floats, ints, samples[site], cdw, weight=shares[site], scale=scales[site])
         self.reference_norm = statistics.median(cur.norms[s] for s in sites) if sites else None
         caps = {
             "norm_bound": bound,
@@ -860,7 +931,13 @@ class Aggregator:
                 s for s in sites if raw[s] > 0 and shares[s] < raw[s] / sum(raw.values()) - 1e-12
             ),
         }
-        return agg.finish(), caps
+        if not grouped:
+            return agg.finish(), caps
+        assert clustering is not None
+        new_global, weights = clustering.finish()
+        flat = self.layout.flatten(new_global)
+        state = self.layout.unflatten(*flat)
+        return RoundAggregate(state, flat, weights, dict(cur.norms), rejected=list(clustering.rejected)), caps
 
     def _close(self, cur: OpenRound) -> None:
         clock = time.perf_counter()
@@ -914,10 +991,21 @@ class Aggregator:
         del result
         self.global_flat = new_flat
         self.global_state = self.layout.unflatten(*new_flat)
+        if self.clustering is not None:
+            if self.clustering.grouping_round(cur.number):
+                self.clustering.group(self.global_state)
+            if self.clustering.active:  # the groups first: the global checkpoint commits the round
+                summary["groups"] = dict(sorted(self.clustering.groups.items()))
+                self.journal.save_groups(cur.number, self.clustering.tensors(), self.clustering.metadata())
         self.journal.save_global(cur.number, self.global_state, self.cfg.model, self.cfg.input)
         summary["round_seconds"] = round(time.time() - cur.started, 3)
-        records = [
-            {"round": cur.number - 1, "site": s, "model": "global", **m.metrics}
+        records = [  # what each site scored before training: the model it trained from
+            {
+                "round": cur.number - 1,
+                "site": s,
+                "model": "group" if s in cur.group_of else "global",
+                **m.metrics,
+            }
             for s, m in sorted(cur.accepted.items())
             if m.metrics
         ]

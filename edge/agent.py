@@ -275,6 +275,7 @@ class Agent:
             return
         if not isinstance(msg, RoundStart) or msg.federation != self.cfg.federation:
             return
+        msg = msg.for_site(self.cfg.site)  # client clustering: this site's group model is its base
         if self.endpoint.state == "failed" and not self.progress.same(msg):
             self.endpoint.set_state("online", msg.round)  # a new round: this site may be selected again
         if self.cfg.site not in msg.selected or msg.round < self.progress.last_round:

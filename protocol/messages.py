@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 256 * 1024
@@ -85,6 +85,17 @@ class NodeStatus(_Message):
     reason: str = Field("", max_length=300)  # "failed": why this node cannot take part in `round`
 
 
+class GroupBase(BaseModel):
+    """Client clustering: the model the listed selected sites train from in place of the round's base."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    group: int = Field(ge=0, le=63)
+    base_hash: Sha256
+    blob: BlobRef
+    sites: list[Name] = Field(min_length=1, max_length=10_000)
+
+
 class RoundStart(_Message):
     """Retained by the aggregator: the round in progress and how to take part in it."""
 
@@ -101,6 +112,28 @@ class RoundStart(_Message):
     upload_encoding: Encoding = "fp16"
     upload_compressed: bool = False
     train: bool = True  # False: the evaluation round after the last one (evaluate, send an EvalReport)
+    groups: list[GroupBase] = Field(default_factory=list, max_length=64)  # sent only when not empty
+
+    @model_validator(mode="after")
+    def _one_group_per_site(self) -> RoundStart:
+        listed = [s for g in self.groups for s in g.sites]
+        if len(listed) != len(set(listed)):
+            raise ValueError("a site is listed in two groups")
+        if not set(listed) <= set(self.selected):
+            raise ValueError("a group lists a site that is not selected")
+        return self
+
+    def for_site(self, site: str) -> RoundStart:
+        """The round as `site` takes part in it: its group's base hash and blob in place of the round's
+        (a site in no group trains from the round's own base)."""
+        for g in self.groups:
+            if site in g.sites:
+                return self.model_copy(update={"base_hash": g.base_hash, "blob": g.blob, "groups": []})
+        return self
+
+    def blobs(self) -> list[tuple[str, BlobRef]]:
+        """(base hash, blob) of every model of the round: its own base first, then each group's."""
+        return [(self.base_hash, self.blob), *((g.base_hash, g.blob) for g in self.groups)]
 
 
 class RunEnd(_Message):
@@ -215,5 +248,11 @@ def parse_message(payload: bytes, expected: type[_Message] | None = None) -> _Me
     return message
 
 
+OMIT_WHEN_EMPTY = {"groups"}  # optional fields sent only when set: readers that predate them keep working
+
+
 def encode_message(message: _Message) -> bytes:
-    return message.model_dump_json().encode()
+    empty = {
+        name for name in OMIT_WHEN_EMPTY if name in type(message).model_fields and not getattr(message, name)
+    }
+    return message.model_dump_json(exclude=empty or None).encode()

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cloud.strategy.aggregate import (
     NoUpdatesError,
+    Rejection,
     StrategyConfig,
     StreamingAggregator,
     Update,
@@ -124,6 +125,7 @@ class Clustering:
         self.folds: dict[int, StreamingAggregator] = {}
         self.layout: FlatLayout | None = None
         self.index: torch.Tensor | None = None
+        self.rejected: list[Rejection] = []  # the updates the last `finish` left out, and why
 
     @property
     def active(self) -> bool:
@@ -139,17 +141,22 @@ class Clustering:
     def bases(self) -> dict[str, State]:
         return {f"group{g}": state for g, state in self.states.items()}
 
-    def _sketch(self, delta: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def _layout(self, like: Mapping[str, torch.Tensor]) -> tuple[FlatLayout, torch.Tensor]:
         if self.layout is None or self.index is None:
             self.layout = FlatLayout(like)
             self.index = sketch_index(self.layout.float_numel, self.config.sketch_size, self.seed)
-        floats, _ = self.layout.flatten(delta)
-        return sketch(floats, self.index)
+        return self.layout, self.index
 
     def observe(self, update: Update, global_state: State) -> None:
         """In the grouping round: keep the update's sketch (the global fold takes the update itself)."""
-        self.sketches[update.site] = self._sketch(update.delta, global_state)
-        self.samples[update.site] = update.n_samples
+        layout, _ = self._layout(global_state)
+        self.observe_flat(update.site, layout.flatten(update.delta)[0], update.n_samples, global_state)
+
+    def observe_flat(self, site: str, floats: torch.Tensor, n_samples: int, global_state: State) -> None:
+        """`observe` for a delta given as the flat float buffer (only read)."""
+        _, index = self._layout(global_state)
+        self.sketches[site] = sketch(floats, index)
+        self.samples[site] = n_samples
 
     def group(self, global_state: State) -> dict[str, int]:
         """After the grouping round's fold: k-means on the sketches; every group starts from the global
@@ -165,29 +172,51 @@ class Clustering:
 
     def add(self, update: Update, global_state: State) -> int:
         """Fold an update of a grouped round into its group; returns the group."""
-        group = self.groups.get(update.site)
-        delta = update.delta
+        layout, _ = self._layout(global_state)
+        floats, ints = layout.flatten(update.delta)
+        return self.add_flat(update.site, floats, ints, update.n_samples, update.cdw, global_state)
+
+    def add_flat(
+        self,
+        site: str,
+        floats: torch.Tensor,
+        ints: torch.Tensor,
+        n_samples: int,
+        cdw: float | None,
+        global_state: State,
+        weight: float | None = None,
+        scale: float = 1.0,
+    ) -> int:
+        """`add` for a delta given as flat buffers (only read), with the weight and clip the caller
+        decided (`StreamingAggregator.add_flat`); returns the group."""
+        layout, index = self._layout(global_state)
+        group = self.groups.get(site)
         if group is None:  # trained from the global model: join the nearest group, re-based onto it
             assert self.centroids is not None
-            group = nearest(self._sketch(delta, global_state), self.centroids)
-            self.groups[update.site] = group
-            base = self.states[group]
-            delta = {k: v + (global_state[k] - base[k]) for k, v in delta.items()}
-        self.samples[update.site] = update.n_samples
+            group = nearest(sketch(floats, index), self.centroids)
+            self.groups[site] = group
+            base_floats, base_ints = layout.flatten(self.states[group])
+            global_floats, global_ints = layout.flatten(global_state)
+            floats = floats + (global_floats - base_floats) / scale
+            ints = ints + (global_ints - base_ints)
+        self.samples[site] = n_samples
         if group not in self.folds:
-            self.folds[group] = StreamingAggregator(self.states[group], self.strategy)
-        self.folds[group].add(Update(update.site, delta, update.n_samples, update.cdw))
+            self.folds[group] = StreamingAggregator(self.states[group], self.strategy, group=1)
+        self.folds[group].add_flat(site, floats, ints, n_samples, cdw, weight, scale)
         return group
 
     def finish(self) -> tuple[State, dict[str, float]]:
         """The new group models, and the global model: their average weighted by their sites' training
         images. Returns it with each folded site's weight within its group."""
         weights: dict[str, float] = {}
+        self.rejected = []
         for group, fold in sorted(self.folds.items()):
             try:
                 aggregate = fold.finish()
             except NoUpdatesError:  # every update of the group was rejected: the group model stays
+                self.rejected += fold.rejected
                 continue
+            self.rejected += aggregate.rejected
             self.states[group] = {k: v.clone() for k, v in aggregate.state.items()}
             weights.update(aggregate.weights)
         self.folds.clear()
