@@ -131,10 +131,6 @@ class RoundStart(_Message):
                 return self.model_copy(update={"base_hash": g.base_hash, "blob": g.blob, "groups": []})
         return self
 
-    def blobs(self) -> list[tuple[str, BlobRef]]:
-        """(base hash, blob) of every model of the round: its own base first, then each group's."""
-        return [(self.base_hash, self.blob), *((g.base_hash, g.blob) for g in self.groups)]
-
 
 class RunEnd(_Message):
     """Retained by the aggregator on the round topic when the run has completed all its rounds."""
