@@ -17,6 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from safetensors.numpy import load, save
 
 from cloud.server import Aggregator, ServeConfig
+from cloud.strategy.clustering import ClusterConfig
 from tests.cloud.test_federation import TINY, _wait
 
 FED = "conformance"
@@ -90,21 +91,25 @@ class SpecSite:
         doc = {"schema_version": 1, "kind": "status", "node": site, "role": "site", "state": "online"}
         self.publish(f"status/{site}", json.dumps({**doc, "round": None, "time": time.time()}).encode(), True)
 
-    def global_blob(self) -> bytes:
-        """The announced round's global model, from its chunks, checked against the base hash."""
-        assert self.round is not None
-        ref = self.round["blob"]
+    def model_blob(self, ref: dict, base_hash: str) -> bytes:
+        """A model announced by the round (its own or a group's), from its chunks, checked against the
+        base hash that names it."""
         assert _wait(lambda: len(self.global_chunks.get(ref["blob_id"], {})) == ref["chunks"])
         chunks = self.global_chunks[ref["blob_id"]]
         blob = b"".join(chunks[i] for i in range(ref["chunks"]))
-        assert hashlib.sha256(blob).hexdigest() == ref["sha256"] == self.round["base_hash"]
+        assert hashlib.sha256(blob).hexdigest() == ref["sha256"] == base_hash
         return blob
 
-    def delta(self) -> tuple[bytes, str]:
-        """A small fp16 delta of every tensor of the global model (names and shapes from its blob)."""
-        blob = self.global_blob()
+    def global_blob(self) -> bytes:
+        """The announced round's global model."""
+        assert self.round is not None
+        return self.model_blob(self.round["blob"], self.round["base_hash"])
+
+    def delta(self, value: float = 0.001, blob: bytes | None = None) -> tuple[bytes, str]:
+        """A small fp16 delta of every tensor of `blob` (default: the round's global model)."""
+        blob = self.global_blob() if blob is None else blob
         tensors = {
-            k: (np.full(v.shape, 0.001, np.float16) if v.dtype.kind == "f" else np.zeros(v.shape, v.dtype))
+            k: (np.full(v.shape, value, np.float16) if v.dtype.kind == "f" else np.zeros(v.shape, v.dtype))
             for k, v in load(blob).items()
         }
         delta = save(tensors, metadata={"format": "fedreid-blob/1;encoding=fp16"})
@@ -140,16 +145,17 @@ class SpecSite:
         self.client.disconnect()
 
 
-def _start(tmp_path, url: str, **settings) -> tuple[Aggregator, SpecSite, threading.Thread]:
-    """An aggregator for one round with spec sites a and b online, once round 0 is announced."""
-    cfg = ServeConfig(
-        federation=FED, state_dir=tmp_path, rounds=1, min_sites=2, deadline_s=120, transfer_idle_s=0.5,
-        **settings, **TINY,
-    )  # fmt: skip
+def _start(
+    tmp_path, url: str, sites: tuple[str, ...] = ("a", "b"), **settings
+) -> tuple[Aggregator, SpecSite, threading.Thread]:
+    """An aggregator (one round unless `settings` say otherwise) with these spec sites online, once round 0
+    is announced."""
+    defaults = {"rounds": 1, "min_sites": len(sites), "deadline_s": 120, "transfer_idle_s": 0.5}
+    cfg = ServeConfig(federation=FED, state_dir=tmp_path, **{**defaults, **settings}, **TINY)
     agg = Aggregator(cfg, url)
     site = SpecSite(url)
-    site.online("a")
-    site.online("b")
+    for name in sites:
+        site.online(name)
     thread = threading.Thread(target=agg.run, daemon=True)
     thread.start()
     assert _wait(lambda: site.round is not None)
@@ -209,6 +215,65 @@ def test_a_site_written_from_the_spec_takes_part_in_a_round(tmp_path, mosquitto_
     assert final == [{"round": 0, "site": "a", "model": "global", **scores}]
     evaluation = next(r for r in records if r.get("kind") == "evaluation")
     assert evaluation["reported"] == ["a", "b"] and evaluation["missing"] == []
+
+
+def test_a_site_in_a_group_trains_from_its_groups_model(tmp_path, mosquitto_url):
+    cluster = ClusterConfig(groups=2, after=1, sketch_size=4096)
+    agg, site, thread = _start(tmp_path, mosquitto_url, ("a", "b", "c"), rounds=3, cluster=cluster)
+    sign = {"a": 1.0, "b": 1.0, "c": -1.0}  # c's updates point the other way: a group of its own
+
+    def bases() -> dict[str, tuple[bytes, str]]:
+        """Each site's model and base hash this round: its group's when listed, else the round's."""
+        group_of = {name: g for g in site.round.get("groups", []) for name in g["sites"]}
+        out = {}
+        for name in sign:
+            g = group_of.get(name)
+            ref, base = (g["blob"], g["base_hash"]) if g else (site.round["blob"], site.round["base_hash"])
+            out[name] = (site.model_blob(ref, base), base)
+        return out
+
+    def train(round_: int) -> None:
+        for name, (blob, base) in bases().items():
+            delta, blob_id = site.delta(0.001 * sign[name], blob)
+            site.publish(f"sites/{name}/update", site.manifest(name, delta, blob_id, base_hash=base))
+            site.publish_chunks(name, blob_id, delta, range(-(-len(delta) // CHUNK)))
+        assert _wait(
+            lambda: {a["site"] for a in site.acks if a["round"] == round_ and a["accepted"]} == set(sign), 60
+        )
+        assert _wait(lambda: site.round["round"] == round_ + 1, timeout=60)
+
+    try:
+        assert "groups" not in site.round  # "sent only when not empty": one global model before `after`
+        train(0)
+        for round_ in (1, 2):
+            groups = site.round["groups"]
+            group_of = {name: g for g in groups for name in g["sites"]}
+            # "a site is in at most one group, and only selected sites are listed"
+            assert sum(len(g["sites"]) for g in groups) == len(group_of) == 3
+            assert set(group_of) == set(site.round["selected"]) == set(sign)
+            assert group_of["a"]["group"] == group_of["b"]["group"] != group_of["c"]["group"]
+            # "Groups with the same model share one blob (the same blob_id)"
+            assert len({g["blob"]["blob_id"] for g in groups}) == len({g["base_hash"] for g in groups})
+            if round_ == 2:  # the groups' models have moved apart
+                blobs = bases()
+                assert blobs["a"] == blobs["b"] != blobs["c"]
+                assert blobs["a"][1] != site.round["base_hash"] != blobs["c"][1]
+                # "an update naming the round's own base hash is rejected ("wrong base hash")"
+                delta, blob_id = site.delta(0.001, blobs["a"][0])
+                site.publish("sites/a/update", site.manifest("a", delta, blob_id))
+                assert _wait(lambda: any(a["round"] == 2 and not a["accepted"] for a in site.acks), 30)
+                assert "base hash" in next(a for a in site.acks if a["round"] == 2)["reason"]
+            train(round_)
+        # "Evaluation rounds (train: false) carry no groups: every site evaluates the global model."
+        assert site.round["train"] is False and "groups" not in site.round
+        site.global_blob()
+        for name in sign:
+            site.publish(f"sites/{name}/eval", report(name, 3, site.round["base_hash"], {}))
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    finally:
+        agg.stop()
+        site.stop()
 
 
 def report(site: str, round_: int, base_hash: str, metrics: dict) -> bytes:
