@@ -901,8 +901,10 @@ class Aggregator:
         raw = {s: raw_weight(self.cfg.strategy.weighting, samples[s], cur.accepted[s].cdw) for s in sites}
         shares = share_capped(raw, max_share(adm, len(sites)))
         clustering = self.clustering
-        grouped = clustering is not None and clustering.active
-        agg = StreamingAggregator(self.global_state, self.cfg.strategy, base_flat=self.global_flat, group=1)
+        agg: StreamingAggregator | None = None  # (active groups: each group folds its own sites)
+        if clustering is None or not clustering.active:
+            strategy = self.cfg.strategy
+            agg = StreamingAggregator(self.global_state, strategy, base_flat=self.global_flat, group=1)
         for site in sites:
             try:
                 floats, ints = self._decode(cur, site)
@@ -912,7 +914,7 @@ class Aggregator:
                 self._count_rejection(cur.number, site, cur.rejections[-1]["reason"], "bad_payload")
                 continue
             cdw = cur.accepted[site].cdw
-            if grouped:
+            if agg is None:
                 assert clustering is not None
                 clustering.add_flat(
                     site, floats, ints, samples[site], cdw, self.global_state, shares[site], scales[site]
@@ -931,7 +933,7 @@ class Aggregator:
                 s for s in sites if raw[s] > 0 and shares[s] < raw[s] / sum(raw.values()) - 1e-12
             ),
         }
-        if not grouped:
+        if agg is not None:
             return agg.finish(), caps
         assert clustering is not None
         new_global, weights = clustering.finish()
