@@ -6,6 +6,7 @@ synthetic federation through the in-process simulator, with several seeds.
     .venv/bin/python bench/federated.py --validation 0.25    # the same on held-out training identities
     .venv/bin/python bench/federated.py --from-scratch       # without the pretrained start
     .venv/bin/python bench/federated.py --quick              # a smoke version (<= 10 min)
+    .venv/bin/python bench/federated.py --resume             # go on with an interrupted study
     .venv/bin/python bench/federated.py --full               # GPU: ResNet-50 at 256x128, more data
     .venv/bin/python bench/federated.py --data DIR --public DIR --pretrained W  # real data: DIR/<site>/
 
@@ -37,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -94,10 +96,17 @@ def run_study(args: argparse.Namespace, sites: list[Path], public: Path | None, 
         for seed in args.seeds:
             cfg = base.model_copy(update={"algorithm": method, "seed": seed})
             run_dir = out / "runs" / method / f"seed{seed}"
+            if not args.resume:
+                shutil.rmtree(run_dir, ignore_errors=True)
             needs_public = method in ("kd", "cdw_kd")
-            records = Simulator(cfg, sites, run_dir, public if needs_public else None).run()
-            if not records:  # already complete: read back what it wrote
-                records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            sim = Simulator(cfg, sites, run_dir, public if needs_public else None)
+            if args.resume:
+                try:
+                    sim.try_resume()
+                except ValueError as err:  # a run of other settings in the same place
+                    sys.exit(f"--resume: {err}")
+            sim.run()
+            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             evals = merge_clients([r for r in records if r.get("model") == scored(method)], site_of)
             per_site: dict[str, list[float]] = {}
             for r in sorted(evals, key=lambda r: r["round"]):
@@ -406,13 +415,19 @@ def main() -> None:
         action="store_false",
         help="do not score federated methods with each site's own model (saves one evaluation per round)",
     )
-    parser.add_argument("--quick", action="store_true", help="2 seeds, 2 rounds, 4 small sites")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs an interrupted study of the same settings left in --out and run only the rest "
+        "(default: every run starts afresh)",
+    )
+    parser.add_argument("--quick", action="store_true", help="2 seeds, 2 rounds, 3 small sites")
     parser.add_argument("--full", action="store_true", help="GPU preset: ResNet-50, 256x128, more data")
     parser.add_argument("--out", type=Path, help="default: bench/results/federated[-validation|-scratch]")
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.rounds, args.sites, args.train_images_max, args.public_images = "0,1", 2, 4, 240, 64
-        args.size_ratio, args.min_queries, args.pretrain_epochs = 8.0, 20, 5
+        args.seeds, args.rounds, args.sites, args.train_images_max, args.public_images = "0,1", 2, 3, 200, 48
+        args.size_ratio, args.min_queries, args.pretrain_epochs = 6.0, 20, 3
     if args.full:
         args.arch, args.height, args.width, args.train_images_max, args.rounds = (
             "resnet50",

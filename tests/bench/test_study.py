@@ -110,6 +110,20 @@ def test_study_runs_on_real_layouts(real_layouts, tmp_path):
     assert all(name in md for name in names) and "sites' own model" in md and "from scratch" in md
     with Image.open(out / "study-dataset.png") as png:
         assert png.format == "PNG" and png.size[0] > 500
+    # --resume keeps finished rounds (a run's identity is its settings but the number of rounds): one
+    # more round of FedPav seed 0, the first two read back from disk, not trained again
+    proc = run_study(
+        "--data", data, "--methods", "fedpav", "--seeds", "0", "--rounds", "3", "--kd-seconds", "5",
+        "--arch", "mobilenet_v3_small", "--batch-size", "8", "--out", out, "--scenario", "dataset",
+        "--from-scratch", "--resume",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = study["curves"]["fedpav"]["0"]
+    after = json.loads((out / "study.json").read_text())["scenarios"]["dataset"]["curves"]["fedpav"]["0"]
+    assert all(len(after[n]) == 3 and after[n][:2] == before[n] for n in names)
+    metrics = (out / "dataset" / "runs" / "fedpav" / "seed0" / "metrics.jsonl").read_text().splitlines()
+    timing = [json.loads(line) for line in metrics]
+    assert [r["round"] for r in timing if r.get("kind") == "timing"] == [0, 1, 2]
 
 
 def test_study_runs_both_scenarios_on_the_validation_split(real_layouts, tmp_path):
