@@ -326,6 +326,11 @@ def study_sites(
         public_dir = args.public.resolve() if args.public else None  # may sit inside --data
         sites = sorted(p for p in args.data.iterdir() if p.is_dir() and p.resolve() != public_dir)
         public, desc = args.public, f"data sets in {args.data}"
+        for site in sites:  # every site readable before minutes of pretraining and training
+            try:
+                read_dataset(site)
+            except DatasetLayoutError as err:
+                parser.error(f"--data: {err}")
     else:
         synth = SyntheticConfig(
             seed=0,
@@ -454,14 +459,14 @@ def main() -> None:
         args.out = Path(__file__).parent / "results" / f"federated{suffix}"
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    if args.from_scratch:
-        args.pretrained = None
-    elif not args.pretrained:  # built once per architecture and size, then reused by every study
-        args.pretrained = str(pretrained_backbone(args))
     scenarios = ["dataset", "camera"] if args.scenario == "both" else [args.scenario]
     summaries, everything = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         base_sites, public, data_desc = study_sites(args, Path(tmp), parser)
+        if args.from_scratch:
+            args.pretrained = None
+        elif not args.pretrained:  # built once per architecture and size, then reused by every study
+            args.pretrained = str(pretrained_backbone(args))
         for scenario in scenarios:
             sites = base_sites
             desc = data_desc
