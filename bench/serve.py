@@ -168,7 +168,7 @@ def int8_model(fp32: Path, spec: InputSpec, folder: Path) -> Path:
     )
     generate_federation(synth, folder / "fed")
     out = folder / "model.int8.onnx"
-    loose = RetrievalBudget(max_rank1_drop=100, max_map_drop=100)
+    loose = RetrievalBudget(max_rank1_drop=100, max_map_drop=100, min_mean_cosine=-1)
     quantize_int8(fp32, read_dataset(folder / "fed" / "sites" / "site00"), out, loose, calibration_images=64)
     return out
 

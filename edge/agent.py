@@ -110,7 +110,12 @@ class AgentConfig(BaseModel):
     upload_compressed: bool | None = Field(None, description="override the round's zstd setting")
     seed: int = Field(0, description="seeds local training")
     deploy_int8: bool = Field(False, description="quantise deployed models to int8 on this site's images")
-    int8_max_drop: float = Field(1.0, ge=0, description="rank-1/mAP points int8 may lose, else fp32 serves")
+    int8_max_drop: float = Field(
+        1.0,
+        ge=0,
+        description="rank-1/mAP points int8 may lose (and its mean cosine to fp32 must stay >= 0.95), "
+        "else fp32 serves",
+    )
     deploy_engine: bool = Field(False, description="build a TensorRT engine for deployed models (GPU sites)")
     dp: DPConfig = Field(
         DPConfig(), description="differential privacy on the uploaded delta (off by default)"

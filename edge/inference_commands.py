@@ -141,6 +141,9 @@ def quantize(
     out_path: Path = typer.Option(None, "--out", help="default: <model>.int8.onnx"),
     max_rank1_drop: float = typer.Option(1.0, min=0, help="points of rank-1 the int8 model may lose"),
     max_map_drop: float = typer.Option(1.0, min=0, help="points of mAP the int8 model may lose"),
+    min_mean_cosine: float = typer.Option(
+        0.95, min=-1, max=1, help="least mean cosine between the int8 and fp32 features of the site's crops"
+    ),
     calibration_images: int = typer.Option(256, min=1),
 ) -> None:
     """int8 (static QDQ, per-channel) calibrated on this site's images, kept only if retrieval holds."""
@@ -157,7 +160,9 @@ def quantize(
             model_path,
             splits,
             target,
-            RetrievalBudget(max_rank1_drop=max_rank1_drop, max_map_drop=max_map_drop),
+            RetrievalBudget(
+                max_rank1_drop=max_rank1_drop, max_map_drop=max_map_drop, min_mean_cosine=min_mean_cosine
+            ),
             calibration_images=calibration_images,
         )
     except (ContractError, DatasetLayoutError, ExportError) as err:

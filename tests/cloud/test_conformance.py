@@ -50,6 +50,7 @@ class SpecSite:
         self.global_chunks: dict[str, dict[int, bytes]] = {}  # blob id -> index -> data
         self.acks: list[dict] = []
         self.requests: list[tuple[str, dict]] = []
+        self.sites: set[str] = set()  # put online by this client
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"spec-{time.time_ns()}")
         self.client.on_message = self._on_message
         self.client.connect(host, int(port))
@@ -87,9 +88,10 @@ class SpecSite:
         for info in sent:
             info.wait_for_publish(30)
 
-    def online(self, site: str) -> None:
-        doc = {"schema_version": 1, "kind": "status", "node": site, "role": "site", "state": "online"}
+    def online(self, site: str, state: str = "online") -> None:
+        doc = {"schema_version": 1, "kind": "status", "node": site, "role": "site", "state": state}
         self.publish(f"status/{site}", json.dumps({**doc, "round": None, "time": time.time()}).encode(), True)
+        self.sites.add(site)
 
     def model_blob(self, ref: dict, base_hash: str) -> bytes:
         """A model announced by the round (its own or a group's), from its chunks, checked against the
@@ -141,6 +143,10 @@ class SpecSite:
         return json.dumps(doc).encode()
 
     def stop(self) -> None:
+        """Leave as a site does: its retained status says offline (the broker outlives this test, and a
+        later aggregator must not count these sites as online)."""
+        for site in sorted(self.sites):
+            self.online(site, "offline")
         self.client.loop_stop()
         self.client.disconnect()
 
