@@ -86,8 +86,17 @@ def open_loop(target: Target, rate: float, seconds: float, until=None, connectio
 
         async def send(i: int, due: float) -> None:
             reader, writer = await pool.get()
+            request = target.requests[i % len(target.requests)]
             try:
-                if await _exchange(reader, writer, target.requests[i % len(target.requests)]) == 200:
+                try:
+                    status = await _exchange(reader, writer, request)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    # the server closed a connection left idle past its keep-alive timeout (at a low rate
+                    # the pool's connections wait their turn long): a new one, as an HTTP client does
+                    writer.close()
+                    reader, writer = await target.connect()
+                    status = await _exchange(reader, writer, request)
+                if status == 200:
                     latencies.append(time.perf_counter() - due)
             finally:
                 pool.put_nowait((reader, writer))

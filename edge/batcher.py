@@ -66,6 +66,11 @@ class DynamicBatcher:
     def queued(self) -> int:
         return self._queued
 
+    @property
+    def seconds_per_crop(self) -> float:
+        """What one crop has recently cost a batch (a running estimate)."""
+        return self._seconds_per_crop
+
     def submit(self, batch: np.ndarray) -> Future:
         """Queue preprocessed crops; the future gives (features, tag). QueueFull when they do not fit."""
         future: Future = Future()

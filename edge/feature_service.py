@@ -51,7 +51,8 @@ from edge.gallery_store import GalleryStore, GalleryStoreError, NewEntry, OtherM
 from export.runtime import FeatureExtractor
 
 log = logging.getLogger(__name__)
-GAP_WAIT_S = 0.25  # how long a re-embedding batch waits for the live queue to empty
+GAP_WAIT_S = 1.0  # how long a re-embedding batch waits for the live queue to empty
+REEMBED_RUN_S = 0.1  # a re-embedding batch holds the model about this long: a live batch waits for it
 T = TypeVar("T")
 
 
@@ -125,7 +126,8 @@ class FeatureService:
         """`follow`: an agent's state folder; the service then adopts each model deployed there."""
         self.cfg = cfg
         self.metrics = Metrics()
-        self.served = Served(FeatureExtractor(model, batch_size=cfg.max_batch))
+        # (no spinning: while a new model embeds the gallery, two models take turns on the same cores)
+        self.served = Served(FeatureExtractor(model, batch_size=cfg.max_batch, spin=False))
         self._show_model()
         self.store = GalleryStore(gallery, self.served.extractor.contract.output_dim)
         self.metrics.gallery.set(len(self.store))
@@ -215,7 +217,7 @@ class FeatureService:
                 sha = load_contract(path).sha256 if path is not None else ""
                 if not sha or sha in (self.served.ref.sha256, self.rejected_sha):
                     continue
-                green = Served(FeatureExtractor(path, batch_size=self.cfg.max_batch))
+                green = Served(FeatureExtractor(path, batch_size=self.cfg.max_batch, spin=False))
                 dim = green.extractor.contract.output_dim
                 if dim != self.store.dim:
                     raise GalleryStoreError(f"{dim}-d features, the gallery's are {self.store.dim}-d")
@@ -229,8 +231,11 @@ class FeatureService:
         is kept on disk: an interruption loses at most one). Entries whose crop no longer decodes are
         deleted. The number of entries embedded."""
         sha, after, done = served.ref.sha256, 0, 0
-        step = max(1, self.cfg.max_batch // 4)  # small runs: a live batch waits for one at most
-        while rows := self.store.unembedded(sha, after, limit=step):
+
+        def step() -> int:  # small runs (about REEMBED_RUN_S of the model): a live batch waits for one
+            return max(1, min(self.cfg.max_batch // 4, round(REEMBED_RUN_S / self.batcher.seconds_per_crop)))
+
+        while rows := self.store.unembedded(sha, after, limit=step()):
             after = rows[-1][0]
             good, damaged = [], []
             for entry_id, crop in rows:
@@ -250,9 +255,10 @@ class FeatureService:
                     if time.perf_counter() > gap_deadline:
                         break
                     time.sleep(0.005)
+                batch = served.extractor.preprocess([img for _, img in good])
                 live, clock = self.live_batches, time.perf_counter()
                 with self.compute:
-                    feats = served.extractor([img for _, img in good])
+                    feats = served.extractor.run(batch)
                 self.store.stage([i for i, _ in good], feats, sha)
                 done += len(good)
                 if self.live_batches != live:  # under traffic: at most a quarter of the model's time

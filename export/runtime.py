@@ -87,6 +87,7 @@ class OrtBackend:
         threads: int | None,
         cache_dir: Path | None,
         max_batch: int,
+        spin: bool = True,
     ) -> None:
         import onnxruntime as ort
 
@@ -94,6 +95,8 @@ class OrtBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         chosen = choose_providers(ort.get_available_providers(), contract, providers, cache_dir, max_batch)
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
@@ -137,8 +140,12 @@ class FeatureExtractor:
         batch_size: int = 32,
         threads: int | None = None,
         cache_dir: Path | None = None,
+        spin: bool = True,
     ) -> None:
-        """`cache_dir`: where the TensorRT EP keeps engines (default: `<model>.trt-cache/` next to it)."""
+        """`cache_dir`: where the TensorRT EP keeps engines (default: `<model>.trt-cache/` next to it).
+        `spin=False`: ONNX Runtime's CPU threads sleep as soon as a run ends instead of spinning for the
+        next one; for a process that runs two models in turn on the same cores (a service re-embedding
+        its gallery with a new model), where one model's spinning threads would slow the other's runs."""
         self.path = Path(path)
         self.batch_size = batch_size
         if self.path.suffix in (".engine", ".plan"):
@@ -151,7 +158,7 @@ class FeatureExtractor:
         elif self.path.suffix == ".onnx":
             self.contract = load_contract(self.path)
             cache = cache_dir or self.path.with_name(self.path.name + ".trt-cache")
-            self.backend = OrtBackend(self.path, self.contract, providers, threads, cache, batch_size)
+            self.backend = OrtBackend(self.path, self.contract, providers, threads, cache, batch_size, spin)
         else:
             raise ContractError(f"{self.path}: unknown model type (expected .onnx, .engine or .plan)")
 

@@ -46,6 +46,11 @@ def test_feature_extractor_matches_pytorch_with_dynamic_batch(exported):
     assert np.sum(flipped.numpy() * fx(paths, flip=True), axis=1).min() >= 0.9999
     assert fx(paths[:1]).shape == (1, 512)
     np.testing.assert_allclose(np.linalg.norm(fx(paths[:7]), axis=1), 1.0, atol=1e-5)
+    # threads that sleep between runs (a service with two models) compute the same features
+    calm = FeatureExtractor(out, batch_size=5, spin=False)
+    spinning = "session.intra_op.allow_spinning"
+    assert calm.backend.session.get_session_options().get_session_config_entry(spinning) == "0"
+    np.testing.assert_array_equal(calm(paths), got)
 
 
 def test_contract_is_enforced(exported, tmp_path):
