@@ -476,12 +476,9 @@ def main() -> None:
                 desc += f"; federated by camera: {len(clients)} clients, left out {skipped}"
             site_of = client_sites(sites)  # per-camera clients: tables and curves are per site
             sizes: dict[str, int] = {}
-            try:
-                for s in sites:
-                    name = site_of.get(s.name, s.name)
-                    sizes[name] = sizes.get(name, 0) + len(read_dataset(s).train)
-            except DatasetLayoutError as err:
-                parser.error(f"--data: {err}")
+            for s in sites:  # (every one was read before: study_sites)
+                name = site_of.get(s.name, s.name)
+                sizes[name] = sizes.get(name, 0) + len(read_dataset(s).train)
             if len(sites) < 2:
                 parser.error(f"a federation needs at least 2 sites; found {len(sites)}")
             result = run_study(args, sites, public, args.out / scenario)
