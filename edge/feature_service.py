@@ -332,9 +332,16 @@ class FeatureService:
     def ready(self) -> tuple[bool, str]:
         """Ready when the gallery holds the served model's features (while a new model is being adopted,
         the current one still answers: ready)."""
-        if len(self.store) and self.store.model_sha256 != self.served.ref.sha256:
-            return False, "the gallery is being embedded with the served model"
-        return True, "ready"
+        if not len(self.store):
+            return True, "ready"
+        # Read in this order: the switch sets the gallery's model, then the served one, then clears
+        # `green`; so a gallery already on the new model is seen with `green` still set or with the new
+        # model served, never as a mismatch. (A request that embedded with the old model meanwhile is
+        # done again with the new one: OtherModel.)
+        gallery, green = self.store.model_sha256, self.green
+        if gallery in (self.served.ref.sha256, green.ref.sha256 if green is not None else None):
+            return True, "ready"
+        return False, "the gallery is being embedded with the served model"
 
     def close(self) -> None:
         self.stopping.set()
