@@ -651,9 +651,9 @@ def export_model(
 
     With --int8-calibration the result is the int8 model (the fp32 one is kept as <out>.fp32.onnx).
     Calibration images should be a site's own: run this at the site, or use `edge-agent quantize`."""
-    from cloud.deploy import DeployError, load_round, parity_images
+    from cloud.deploy import DeployError, load_round
     from export.contract import contract_path
-    from export.onnx_export import ExportError, export_onnx
+    from export.onnx_export import ExportError, export_onnx, parity_images
     from export.quantize import RetrievalBudget, quantize_int8
     from reid.data import DatasetLayoutError, read_dataset, read_image_folder
     from reid.model import ModelError
@@ -672,7 +672,7 @@ def export_model(
             )
             version = f"{federation}/round-{r}"
         batch = parity_images(read_image_folder(images), input_spec)
-    except (DeployError, DatasetLayoutError, ModelError) as err:
+    except (DeployError, DatasetLayoutError, ModelError, ExportError) as err:
         raise typer.BadParameter(str(err)) from None
     fp32_path = out_path.with_name(out_path.stem + ".fp32.onnx") if int8_calibration else out_path
     try:

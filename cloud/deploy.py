@@ -20,17 +20,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-import torch
 from safetensors.torch import load_file
 
 from export.contract import Contract
-from export.onnx_export import export_onnx
+from export.onnx_export import export_onnx, parity_images
 from protocol.chunks import DEFAULT_CHUNK_BYTES
 from protocol.messages import BlobRef, ChunkRequest, Deployment, MessageError, encode_message, parse_message
 from protocol.mqtt import Endpoint
 from protocol.resend import ChunkResender
 from protocol.topics import Topics
-from reid.data import ImageDataset, InputSpec, eval_transform, first_readable
+from reid.data import InputSpec
 from reid.model import ModelSpec, ReIDModel, build_model, load_shared_state
 
 log = logging.getLogger(__name__)
@@ -54,14 +53,6 @@ def load_round(run_dir: Path, round_: int | Literal["latest"] = "latest") -> tup
     model = build_model(spec, 1)
     load_shared_state(model, load_file(str(chosen[-1])))
     return int(chosen[-1].parent.name), model.eval(), input_spec
-
-
-def parity_images(paths: Sequence[Path], input_spec: InputSpec, n: int = 32) -> torch.Tensor:
-    """Up to `n` readable images, preprocessed for the model (corrupt ones skipped)."""
-    try:
-        return first_readable(ImageDataset(list(paths), eval_transform(input_spec)), n)
-    except ValueError:
-        raise DeployError("no readable image for the parity gate") from None
 
 
 def _latest_path(run_dir: Path) -> Path:
@@ -193,15 +184,25 @@ def deploy_round(
     round_: int | Literal["latest"] = "latest",
     precision: Literal["fp32", "fp16"] = "fp32",
 ) -> Deployment:
-    """Export a round's global model (parity gate on `images`) and publish it to the sites."""
+    """Export a round's global model (parity gate on `images`) and publish it to the sites.
+
+    When the run keeps BatchNorm layers at the sites (``strategy.bn = "local"``) they stay separate in the
+    file, so that each site serves the model with its own (`export.site_batchnorm`)."""
     r, model, input_spec = load_round(run_dir, round_)
+    strategy = json.loads((run_dir / "run.json").read_text()).get("strategy") or {}
     version = f"{endpoint.topics.federation}/round-{r}"
     out = run_dir / "deployments" / f"{r:05d}" / f"model.{precision}.onnx"
     from export.onnx_export import ExportError
 
     try:
         contract, parity = export_onnx(
-            model, input_spec, out, parity_images(images, input_spec), version=version, precision=precision
+            model,
+            input_spec,
+            out,
+            parity_images(images, input_spec),
+            version=version,
+            precision=precision,
+            keep_batchnorm=strategy.get("bn") == "local",
         )
     except ExportError as err:
         raise DeployError(f"round {r} not deployed: {err}") from None

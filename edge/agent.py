@@ -207,6 +207,8 @@ class Agent:
             int8_data=cfg.data if cfg.deploy_int8 else None,
             int8_max_drop=cfg.int8_max_drop,
             engine=cfg.deploy_engine,
+            site_batchnorm=self.private_bn_file,
+            site_data=cfg.data,
         )
         self.metrics = AgentMetrics(lambda: self.deployments.version, self.progress.last_round)
 
@@ -535,6 +537,8 @@ class Agent:
         save_file(local_state(model), str(self.classifier_file))
         if start.training.keep_local_bn:
             save_file({k: trained[k] for k in batchnorm_keys(trained)}, str(self.private_bn_file))
+        else:  # the federation shares BatchNorm layers (again): the site's deployments are as exported
+            self.private_bn_file.unlink(missing_ok=True)
         self._keep_pending(manifest, upload)
         self._save_progress(Progress(r, start.base_hash, False))
         if time.time() > start.deadline:

@@ -7,7 +7,9 @@ deployment time gets the model this way). The complete file goes to one installe
 
 1. checks the whole-file sha256 against the manifest *and* the contract inside it (the contract's
    sha256 must equal the blob's), writes ``models/<version>-<sha12>/model.onnx`` + its contract,
-2. optionally quantises it to int8 on this site's own images with the retrieval gate (``deploy_int8``)
+2. when the site keeps its own BatchNorm layers (``strategy.bn = "local"``: the agent's
+   ``private_bn.safetensors``), re-exports the model with them (`export.site_batchnorm`, parity-gated);
+   optionally quantises it to int8 on this site's own images with the retrieval gate (``deploy_int8``)
    and builds a TensorRT engine (``deploy_engine``, when TensorRT and a GPU are present),
 3. opens it with `FeatureExtractor` (which enforces the contract), and only then
 4. swaps: ``models/current.json`` is replaced atomically and `current()` returns the new extractor.
@@ -15,8 +17,9 @@ deployment time gets the model this way). The complete file goes to one installe
 Until the swap the previous model keeps serving; a failed check, gate or build never replaces it (one
 log line says why). A manifest created before the one of the model now served is refused: a replayed
 old (validly signed) manifest cannot roll a site back; a deliberate rollback is a new `deploy` of the
-old round, which carries a new creation time. int8 rejected or TensorRT missing fall back to the
-verified ONNX model. The previous model folder is kept as a fallback; older ones are removed.
+old round, which carries a new creation time. The site's BatchNorm layers not fitting, int8 rejected or
+TensorRT missing fall back to the verified ONNX model (one log line says why). The previous model folder
+is kept as a fallback; older ones are removed.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ class Deployments:
         int8_max_drop: float = 1.0,
         engine: bool = False,
         max_bytes: int = 1 << 30,
+        site_batchnorm: Path | None = None,
+        site_data: Path | None = None,
     ) -> None:
         self.dir = state_dir / "models"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +81,8 @@ class Deployments:
         self.int8_max_drop = int8_max_drop
         self.engine = engine
         self.max_bytes = max_bytes
+        self.site_batchnorm = site_batchnorm  # served in place of the deployed ones when the file exists
+        self.site_data = site_data  # the site's data set: parity images for its BatchNorm re-export
         self.lock = threading.Lock()
         self.pending: tuple[Deployment, Reassembler | None] | None = None
         self.pending_since = 0.0  # when the pending transfer last made progress (or was announced)
@@ -265,8 +272,9 @@ class Deployments:
         self._prune(keep={folder.name, kept})
 
     def _prepare(self, model: Path) -> Path:
-        """The file to serve: the verified ONNX, or its int8 / TensorRT form when configured and good."""
-        serving = model
+        """The file to serve: the verified ONNX (with the site's BatchNorm layers when it keeps them), or
+        its int8 / TensorRT form when configured and good."""
+        serving = self._with_site_batchnorm(model)
         if self.int8_data is not None:
             from export.onnx_export import ExportError
             from export.quantize import RetrievalBudget, quantize_int8
@@ -275,12 +283,12 @@ class Deployments:
             budget = RetrievalBudget(max_rank1_drop=self.int8_max_drop, max_map_drop=self.int8_max_drop)
             try:
                 report = quantize_int8(
-                    model, read_dataset(self.int8_data), model.with_name("model.int8.onnx"), budget
+                    serving, read_dataset(self.int8_data), model.with_name("model.int8.onnx"), budget
                 )
                 serving = model.with_name("model.int8.onnx")
                 log.info("int8 accepted on this site: %s", report.describe())
             except ExportError as err:
-                log.warning("int8 not used (%s); serving the %s model", err, load_contract(model).precision)
+                log.warning("int8 not used (%s); serving the %s model", err, load_contract(serving).precision)
         if self.engine:
             from export.tensorrt import TensorRTError, build_engine_cached
 
@@ -293,6 +301,28 @@ class Deployments:
             except TensorRTError as err:
                 log.warning("no TensorRT engine (%s); serving %s with ONNX Runtime", err, serving.name)
         return serving
+
+    def _with_site_batchnorm(self, model: Path) -> Path:
+        """`model` re-exported with this site's own BatchNorm layers, when it keeps them; else `model`."""
+        if self.site_batchnorm is None or self.site_data is None or not self.site_batchnorm.is_file():
+            return model
+        from safetensors.torch import load_file
+
+        from export.site_batchnorm import with_site_batchnorm
+        from reid.data import read_dataset
+
+        out = model.with_name("model.site-bn.onnx")
+        try:
+            images = [r.path for r in read_dataset(self.site_data).train]
+            _, check = with_site_batchnorm(model, load_file(str(self.site_batchnorm)), images, out)
+        except Exception as err:  # any reason: the deployed model as it is is still a valid one to serve
+            log.warning(
+                "serving the deployed model with its own BatchNorm layers, not this site's: %s",
+                str(err).splitlines()[0] if str(err) else type(err).__name__,
+            )
+            return model
+        log.info("this site's BatchNorm layers put in (parity min cosine %.6f)", check.min_cosine)
+        return out
 
     def _prune(self, keep: set[str]) -> None:
         for folder in self.dir.iterdir():

@@ -6,15 +6,19 @@ batch axis is dynamic. Normalisation is **outside** the graph: the contract (a J
 mean/std, bicubic resize to height x width) and carries the file's sha256; the runtime enforces it.
 
 Exporter: the dynamo exporter at opset 18 (single file, no external data); if it fails, the legacy
-TorchScript exporter at opset 17. ``fp16`` converts the weights and activations with onnxruntime's
-float16 converter, keeping float32 inputs and outputs. Every export passes `onnx.checker` and the parity
-gate: ONNX Runtime against PyTorch on real images, minimum cosine >= 0.9999 (fp32) or >= 0.999 (fp16),
-or the export fails loudly and leaves no file.
+TorchScript exporter at opset 17. The exporter folds BatchNorm layers into the convolutions before them;
+``keep_batchnorm`` leaves them as BatchNormalization nodes whose inputs are initialisers named after the
+PyTorch state keys (dynamo only; ONNX Runtime and TensorRT fold them when they load the file), so that a
+site can put its own BatchNorm layers in (`export.site_batchnorm`). ``fp16`` converts the weights and
+activations with onnxruntime's float16 converter, keeping float32 inputs and outputs. Every export
+passes `onnx.checker` and the parity gate: ONNX Runtime against PyTorch on real images, minimum cosine
+>= 0.9999 (fp32) or >= 0.999 (fp16), or the export fails loudly and leaves no file.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,7 +29,7 @@ import torch
 from torch import nn
 
 from export.contract import Contract, file_sha256, write_contract
-from reid.data import InputSpec
+from reid.data import ImageDataset, InputSpec, eval_transform, first_readable
 from reid.model import ReIDModel
 
 log = logging.getLogger(__name__)
@@ -47,7 +51,7 @@ class FeatureNet(nn.Module):
         return nn.functional.normalize(self.model.embed(images), dim=1)
 
 
-def _export(net: FeatureNet, example: torch.Tensor, out: Path) -> tuple[str, int]:
+def _export(net: FeatureNet, example: torch.Tensor, out: Path, keep_batchnorm: bool) -> tuple[str, int]:
     try:
         torch.onnx.export(
             net,
@@ -59,9 +63,15 @@ def _export(net: FeatureNet, example: torch.Tensor, out: Path) -> tuple[str, int
             input_names=["images"],
             output_names=["features"],
             dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=4096)}},
+            optimize=not keep_batchnorm,  # its graph optimiser is what folds BatchNorm
         )
         return "dynamo", 18
     except Exception as err:  # the dynamo exporter is young: fall back to the legacy one
+        if keep_batchnorm:
+            raise ExportError(
+                f"the dynamo exporter failed ({type(err).__name__}: {err}); only it can keep "
+                "the BatchNorm layers separate"
+            ) from None
         log.warning("dynamo export failed (%s: %s); using the TorchScript exporter", type(err).__name__, err)
     torch.onnx.export(
         net,
@@ -74,6 +84,14 @@ def _export(net: FeatureNet, example: torch.Tensor, out: Path) -> tuple[str, int
         dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
     )
     return "torchscript", 17
+
+
+def parity_images(paths: Sequence[Path], input_spec: InputSpec, n: int = 32) -> torch.Tensor:
+    """Up to `n` readable images, preprocessed for the model (corrupt ones skipped): the parity gate's."""
+    try:
+        return first_readable(ImageDataset(list(paths), eval_transform(input_spec)), n)
+    except ValueError:
+        raise ExportError("no readable image for the parity gate") from None
 
 
 @dataclass
@@ -127,13 +145,14 @@ def export_onnx(
     parity_images: torch.Tensor,
     version: str = "",
     precision: Literal["fp32", "fp16"] = "fp32",
+    keep_batchnorm: bool = False,
 ) -> tuple[Contract, Parity]:
     """Export, check, gate on parity, then write the contract sidecar. Raises ExportError on failure."""
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()  # outside inference mode
     net = FeatureNet(model).eval()
     example = parity_images[:2].contiguous()
-    exporter, opset = _export(net, example, out)
+    exporter, opset = _export(net, example, out, keep_batchnorm)
     if precision == "fp16":
         to_fp16(out)
     onnx.checker.check_model(str(out))

@@ -4,6 +4,7 @@ connects later learns the deployment from the retained manifest and fetches the 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import socket
@@ -17,23 +18,25 @@ import paho.mqtt.client as paho
 import pytest
 import torch
 from paho.mqtt.enums import CallbackAPIVersion
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from cloud.cli import app as cloud_app
 from cloud.journal import Journal
 from cloud.local_federation import agent_command
 from cloud.server import ServeConfig
+from cloud.strategy import StrategyConfig
 from edge.cli import app as edge_app
 from edge.client import FeatureClient
-from edge.deployment import current_model
+from edge.deployment import Deployments, current_model
 from export.contract import load_contract
 from protocol.broker import parse_url
 from protocol.chunks import split_blob
 from protocol.messages import BlobRef, Deployment, NodeStatus, encode_message, parse_message
 from protocol.mqtt import Endpoint
 from protocol.topics import Topics
-from reid.data import InputSpec
-from reid.model import ModelSpec, build_model, shared_state
+from reid.data import ImageDataset, InputSpec, eval_transform, read_dataset
+from reid.model import ModelSpec, batchnorm_keys, build_model, shared_state
 
 FED = "deploytest"
 
@@ -60,6 +63,16 @@ def _retained(url: str, topic_filter: str) -> dict[str, bytes]:
     client.loop_stop()
     client.disconnect()
     return seen
+
+
+def _clear_retained(url: str, topic: str) -> None:
+    host, port, _ = parse_url(url)
+    cleaner = paho.Client(CallbackAPIVersion.VERSION2)
+    cleaner.connect(host, port)
+    cleaner.loop_start()
+    cleaner.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+    cleaner.loop_stop()
+    cleaner.disconnect()
 
 
 def _statuses(url: str, topics: Topics) -> dict[str, NodeStatus]:
@@ -204,12 +217,71 @@ def test_deploy_verify_swap_reject_and_late_join(tiny_federation, tmp_path, mosq
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=20)
-        # leave no retained deployment behind for other tests on the shared broker
-        host, port, _ = parse_url(mosquitto_url)
-        cleaner = paho.Client(CallbackAPIVersion.VERSION2)
-        cleaner.connect(host, port)
-        cleaner.loop_start()
-        cleaner.publish(topics.deploy, b"", qos=1, retain=True).wait_for_publish(5)
-        cleaner.loop_stop()
-        cleaner.disconnect()
+        _clear_retained(mosquitto_url, topics.deploy)  # nothing left for other tests on the broker
     assert json.loads((site01 / "models" / "current.json").read_text())["precision"] == "fp32"
+
+
+def test_a_site_that_keeps_its_batchnorm_serves_the_deployment_with_it(
+    tiny_federation, tmp_path, mosquitto_url
+):
+    """bn=local: the deployment keeps its BatchNorm layers separate; a site with its own serves the shared
+    weights with them, a site without serves the file as it is, and a site whose own cannot be read falls
+    back to the file as it is."""
+    fed = "deploybn"
+    topics = Topics(fed)
+    sites = sorted((tiny_federation / "sites").iterdir())
+    cfg = ServeConfig(
+        federation=fed,
+        state_dir=tmp_path / "cloud",
+        model=ModelSpec(arch="resnet18"),
+        input=InputSpec(height=64, width=32),
+        strategy=StrategyConfig(bn="local"),
+    )
+    journal = Journal(tmp_path / "cloud" / fed)
+    journal.check_identity(cfg.identity())
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 1).eval()
+    journal.save_global(0, shared_state(model), cfg.model, cfg.input)
+    paths = [r.path for r in read_dataset(sites[1]).train][:32]
+    images = torch.stack([ImageDataset(paths, eval_transform(cfg.input))[i][0] for i in range(len(paths))])
+    site = copy.deepcopy(model).train()
+    with torch.no_grad():  # the site's own BatchNorm statistics: its images'
+        site(images)
+    site.eval()
+    state = shared_state(site)
+    own_bn = tmp_path / "own.safetensors"
+    save_file({k: state[k] for k in batchnorm_keys(state)}, str(own_bn))
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 64)
+    endpoints, deployments = [], {}
+    try:
+        for name, bn in (("own", own_bn), ("shared", tmp_path / "absent.safetensors"), ("corrupt", corrupt)):
+            endpoint = Endpoint(mosquitto_url, topics, name, "site")
+            deployments[name] = Deployments(tmp_path / name, endpoint, site_batchnorm=bn, site_data=sites[1])
+            endpoints.append(endpoint.start())
+        args = ["deploy", "--state-dir", str(tmp_path / "cloud"), "--federation", fed, "--round", "0"]
+        result = CliRunner().invoke(
+            cloud_app, [*args, "--broker", mosquitto_url, "--images", str(sites[0] / "query")]
+        )
+        assert result.exit_code == 0, result.output
+        assert _wait(lambda: all(d.current() is not None for d in deployments.values()), 180)
+        served = {name: d.current() for name, d in deployments.items()}
+        assert served["own"].contract.version == f"{fed}/round-0+site-bn"
+        assert served["shared"].contract.version == served["corrupt"].contract.version == f"{fed}/round-0"
+        with torch.no_grad():
+            norm = torch.nn.functional.normalize
+            want = {
+                "own": norm(site.embed(images), dim=1).numpy(),
+                "shared": norm(model.embed(images), dim=1).numpy(),
+            }
+        got = {name: fx(paths) for name, fx in served.items()}
+        assert (got["own"] * want["own"]).sum(axis=1).min() >= 0.9999
+        assert (got["shared"] * want["shared"]).sum(axis=1).min() >= 0.9999
+        assert (got["corrupt"] * want["shared"]).sum(axis=1).min() >= 0.9999
+        assert (got["own"] * got["shared"]).sum(axis=1).mean() < 0.99  # the site's layers made a difference
+    finally:
+        for d in deployments.values():
+            d.stop()
+        for endpoint in endpoints:
+            endpoint.stop()
+        _clear_retained(mosquitto_url, topics.deploy)
