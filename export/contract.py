@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from reid.model import ModelSpec
+from reid.model_spec import ModelSpec
 
 CONTRACT_FORMAT = "fedreid-onnx/1"
 Precision = Literal["fp32", "fp16", "int8"]

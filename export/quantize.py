@@ -117,7 +117,7 @@ class _Calibration:
         self._batches = self._iterate()
 
     def _iterate(self) -> Iterator[dict[str, np.ndarray]]:
-        from reid.data.loading import open_rgb
+        from reid.data.images import open_rgb
 
         for start in range(0, len(self.paths), self.batch):
             images = [img for p in self.paths[start : start + self.batch] if (img := open_rgb(p)) is not None]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from reid.data.loading import open_rgb
+from reid.data.images import open_rgb
 
 CELL = (64, 128)  # width, height of one crop in the PNG
 LABEL = 14  # pixels under each crop for its score

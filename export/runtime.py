@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from export.contract import Contract, ContractError, load_contract
-from reid.data.loading import open_rgb
+from reid.data.images import open_rgb
 
 log = logging.getLogger(__name__)
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")

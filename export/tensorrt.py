@@ -121,7 +121,7 @@ def _build(
 def _parity_inputs(contract: Contract, images: list[Path] | None, n: int = 16) -> np.ndarray:
     if images:
         from export.runtime import preprocess
-        from reid.data.loading import open_rgb
+        from reid.data.images import open_rgb
 
         decoded = [img for p in images[:n] if (img := open_rgb(p)) is not None]
         if decoded:

@@ -14,31 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torchvision import models as tvm
 
-from reid.choices import Arch
+from reid.model_spec import ModelSpec
 
 SHARED_PREFIXES = ("backbone.", "embedding.")
 LOCAL_PREFIX = "classifier."
 BN_BUFFER_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
-
-
-class ModelSpec(BaseModel):
-    """Everything needed to rebuild a model's architecture (not its weights)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    arch: Arch = Field("resnet50", description="backbone: resnet18/34/50, mobilenet_v3_small/large")
-    embed_dim: int = Field(512, gt=0, description="embedding size (the retrieval feature)")
-    last_stride: Literal[1, 2] = Field(
-        2, description="stride of the last ResNet stage (1: the ReID trick, 2x larger final map)"
-    )
-    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout before the classifier")
 
 
 class ModelError(ValueError):

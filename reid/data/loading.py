@@ -6,18 +6,16 @@ carries how many images were skipped so that training and evaluation can report 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-log = logging.getLogger(__name__)
+from reid.data.images import open_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -68,17 +66,6 @@ def eval_transform(spec: InputSpec) -> T.Compose:
             T.Normalize(spec.mean, spec.std),
         ]
     )
-
-
-def open_rgb(path: Path) -> Image.Image | None:
-    """Decode an image as RGB, upright by its EXIF orientation (phone-made crops), or None (with one
-    warning line) when it is corrupt or unreadable."""
-    try:
-        with Image.open(path) as img:
-            return ImageOps.exif_transpose(img).convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        log.warning("skipping corrupt image %s: %s", path, err)
-        return None
 
 
 class ImageDataset(Dataset):

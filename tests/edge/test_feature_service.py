@@ -329,6 +329,8 @@ def test_a_crash_while_embedding_again_resumes_where_it_stopped(exported, crops,
         while _staged(db, new_contract.sha256) == 0:
             assert proc.poll() is None and time.monotonic() < deadline, "the re-embedding did not start"
             time.sleep(0.01)
+        # it runs on ONNX Runtime alone: PyTorch would cost seconds of start-up and hundreds of MB
+        assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()
         proc.kill()
     finally:
         proc.kill()

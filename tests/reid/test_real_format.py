@@ -17,7 +17,8 @@ from cloud.cli import app as cloud_app
 from edge.cli import app as edge_app
 from export.gallery import Gallery
 from reid.data import InputSpec, eval_transform, make_loader
-from reid.data.loading import ImageDataset, open_rgb
+from reid.data.images import open_rgb
+from reid.data.loading import ImageDataset
 from reid.evaluate import extract_features
 from reid.weights import load_checkpoint
 from tests.reid.test_model_files import _train
