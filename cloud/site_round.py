@@ -26,7 +26,14 @@ from cloud.strategy.aggregate import bn_policy_keys
 from protocol.codec import decode_state, encode_state
 from reid.data import ImageDataset, eval_transform, make_loader, read_image_folder
 from reid.logs import log_context
-from reid.model import ReIDModel, build_model, load_shared_state, new_classifier, shared_state
+from reid.model import (
+    ReIDModel,
+    build_model,
+    load_shared_state,
+    new_classifier,
+    shared_state,
+    without_batchnorm,
+)
 from reid.privacy import PrivacyLedger, privatize
 from reid.site import SiteData
 from reid.train import prepare_model, resolve_device, train_local
@@ -168,6 +175,8 @@ class SiteWorker:
             out.metrics = data.evaluate(self.model, self.device).summary()
         if cfg.algorithm != "local":
             delta = {k: trained[k] - state[k] for k in trained}
+            if cfg.effective_strategy().bn == "local":  # as at a real site: its BatchNorm layers stay there
+                delta = without_batchnorm(delta)
             if cfg.dp.enabled:  # one mechanism per round the site took part in so far
                 delta, _ = privatize(delta, cfg.dp, torch.Generator().manual_seed(seed))
                 out.dp_epsilon = PrivacyLedger(cfg.dp, job.taken).epsilon()

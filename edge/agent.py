@@ -69,6 +69,7 @@ from reid.model import (
     load_shared_state,
     local_state,
     shared_state,
+    without_batchnorm,
 )
 from reid.privacy import DPConfig, PrivacyLedger, privatize
 from reid.site import SiteData
@@ -500,6 +501,8 @@ class Agent:
         clock = time.perf_counter()
         trained = shared_state(model)
         delta_t = {k: trained[k] - received[k] for k in received}
+        if start.training.keep_local_bn:
+            delta_t = without_batchnorm(delta_t)
         dp_epsilon = None
         if self.cfg.dp.enabled:
             generator = torch.Generator().manual_seed(config.seed)

@@ -196,13 +196,14 @@ def quantize_int8(
     cos = np.sum(fp32_feats * int8_feats, axis=1) if len(fp32_feats) == len(int8_feats) else np.zeros(1)
     fp32_summary = {k: fp32_metrics.summary()[k] for k in ("rank1", "mAP")}
     int8_summary = {k: int8_metrics.summary()[k] for k in ("rank1", "mAP")}
+    mean_cosine = float(cos.mean())
     report = QuantReport(
         calibration_images=reader.count,
         min_cosine=float(cos.min()),
-        mean_cosine=float(cos.mean()),
+        mean_cosine=mean_cosine,
         fp32=fp32_summary,
         int8=int8_summary,
-        reasons=retrieval_gate(fp32_summary, int8_summary, float(cos.mean()), budget),
+        reasons=retrieval_gate(fp32_summary, int8_summary, mean_cosine, budget),
     )
     log.info("int8 on %s: %s", splits.root.name, report.describe())
     if not report.accepted:

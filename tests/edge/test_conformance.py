@@ -17,7 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from safetensors.numpy import load, save
 
 from cloud.local_federation import agent_command
-from reid.model import ModelSpec, build_model, shared_state
+from reid.model import ModelSpec, batchnorm_keys, build_model, shared_state
 from tests.cloud.test_federation import _wait
 
 FED = "agent-conformance"
@@ -117,8 +117,10 @@ def test_an_agent_follows_the_spec(tiny_federation, tmp_path, mosquitto_url):
 
         # RoundStart (retained), then the chunks; chunk 1 is "lost": "after 5 s without progress ...
         # publishes a ChunkRequest with the missing indices"
+        # keep_local_bn: "send a zero delta for every BatchNorm key"
+        training = {"batch_size": 16, "lr_head": 0.02, "lr_backbone": 0.02, "keep_local_bn": True}
         agg.publish("round", round_start(0, base, site.name, evaluate=True, upload_encoding="int8",
-                                         upload_compressed=True), retain=True)  # fmt: skip
+                                         upload_compressed=True, training=training), retain=True)  # fmt: skip
         frames = chunks(base, blob_ref(base)["blob_id"])
         for i, frame in enumerate(frames):
             if i != 1:
@@ -170,6 +172,10 @@ def test_an_agent_follows_the_spec(tiny_federation, tmp_path, mosquitto_url):
         assert all(delta[k].dtype == np.int8 and delta[k + "::scale"].shape == (1,) for k in floats)
         assert all(delta[k].dtype == np.int64 for k in state if k not in floats)
         assert all(np.abs(delta[k]).max() == 127 for k in floats if delta[k].any())  # s = max|x| / 127
+        bn = batchnorm_keys(state)
+        assert bn and all(not delta[k].any() for k in bn)  # the site's BatchNorm layers did not leave it
+        assert all(delta[k].any() for k in floats if k not in bn)  # every other weight trained
+        assert (tmp_path / "edge" / site.name / "private_bn.safetensors").is_file()
 
         ack = {"schema_version": 1, "kind": "ack", "site": site.name, "round": 0, "blob_id": ref["blob_id"]}
         agg.publish(f"sites/{site.name}/ack", json.dumps({**ack, "accepted": True}).encode())
