@@ -37,7 +37,7 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from edge.agent_metrics import AgentMetrics
 from edge.deployment import Deployments
@@ -537,9 +537,9 @@ class Agent:
             metrics=metrics,
             dp_epsilon=dp_epsilon,
         )
-        save_file(local_state(model), str(self.classifier_file))
+        atomic_write(self.classifier_file, save(local_state(model)))  # a kill mid-write leaves the old one
         if start.training.keep_local_bn:
-            save_file({k: trained[k] for k in batchnorm_keys(trained)}, str(self.private_bn_file))
+            atomic_write(self.private_bn_file, save({k: trained[k] for k in batchnorm_keys(trained)}))
         else:  # the federation shares BatchNorm layers (again): the site's deployments are as exported
             self.private_bn_file.unlink(missing_ok=True)
         self._keep_pending(manifest, upload)
