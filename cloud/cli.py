@@ -225,7 +225,7 @@ def simulate(
     batch_size: int = typer.Option(32, min=2),
     lr_head: float = typer.Option(0.02),
     lr_backbone: float = typer.Option(0.02),
-    bn: BNPolicy = typer.Option("average", help="BatchNorm policy: first, average or local"),
+    bn: BNPolicy = typer.Option("local", help="BatchNorm policy: local, average or first"),
     weighting: Weighting = typer.Option("cdw", help="for cdw algorithms: cdw or cdw_x_size"),
     estimator: Estimator = typer.Option("mean"),
     clip_norm: float = typer.Option(None, help="clip each delta to this L2 norm"),
@@ -646,15 +646,22 @@ def export_model(
         help="a site data set: int8 calibrated on its train crops, gated on its query/gallery retrieval",
     ),
     int8_max_drop: float = typer.Option(1.0, min=0, help="points of rank-1 and of mAP int8 may lose"),
+    site_batchnorm: Path = typer.Option(
+        None,
+        "--site-batchnorm",
+        help="a site's BatchNorm layers (its agent's private_bn.safetensors, or simulate's "
+        "batchnorm/<site>.safetensors): export the model that site serves, for runs with bn local",
+    ),
 ) -> None:
     """Export a global model to ONNX with its contract sidecar; fails unless ONNX Runtime matches PyTorch.
 
     With --int8-calibration the result is the int8 model (the fp32 one is kept as <out>.fp32.onnx).
     Calibration images should be a site's own: run this at the site, or use `edge-agent quantize`."""
-    from cloud.deploy import DeployError, load_round
+    from cloud.deploy import DeployError, keeps_batchnorm_local, load_round
     from export.contract import contract_path
     from export.onnx_export import ExportError, export_onnx, parity_images
     from export.quantize import RetrievalBudget, quantize_int8
+    from export.site_batchnorm import VERSION_SUFFIX, put_site_batchnorm, read_site_batchnorm
     from reid.data import DatasetLayoutError, read_dataset, read_image_folder
     from reid.model import ModelError
     from reid.weights import load_checkpoint
@@ -666,11 +673,19 @@ def export_model(
             ckpt = load_checkpoint(model_path)
             model, input_spec = ckpt.model.eval(), ckpt.input_spec
             version = f"{federation}/round-{ckpt.meta['round']}" if "round" in ckpt.meta else model_path.stem
+            bn_local = ckpt.meta.get("bn") == "local"
         else:
-            r, model, input_spec = load_round(
-                _run_dir(state_dir, federation), "latest" if round_ == "latest" else int(round_)
+            run_dir = _run_dir(state_dir, federation)
+            r, model, input_spec = load_round(run_dir, "latest" if round_ == "latest" else int(round_))
+            version, bn_local = f"{federation}/round-{r}", keeps_batchnorm_local(run_dir)
+        if site_batchnorm is not None:
+            put_site_batchnorm(model, read_site_batchnorm(site_batchnorm))
+            version += VERSION_SUFFIX
+        elif bn_local:
+            out.print(
+                "[yellow]note[/]: this run kept the BatchNorm layers at the sites, so the global model's own "
+                "were trained by none of them; --site-batchnorm FILE exports the model a site serves"
             )
-            version = f"{federation}/round-{r}"
         batch = parity_images(read_image_folder(images), input_spec)
     except (DeployError, DatasetLayoutError, ModelError, ExportError) as err:
         raise typer.BadParameter(str(err)) from None

@@ -55,6 +55,12 @@ def load_round(run_dir: Path, round_: int | Literal["latest"] = "latest") -> tup
     return int(chosen[-1].parent.name), model.eval(), input_spec
 
 
+def keeps_batchnorm_local(run_dir: Path) -> bool:
+    """Whether the run in `run_dir` keeps the BatchNorm layers at the sites (``strategy.bn = "local"``)."""
+    strategy = json.loads((run_dir / "run.json").read_text()).get("strategy") or {}
+    return strategy.get("bn") == "local"
+
+
 def _latest_path(run_dir: Path) -> Path:
     return run_dir / "deployments" / "latest.json"
 
@@ -189,7 +195,6 @@ def deploy_round(
     When the run keeps BatchNorm layers at the sites (``strategy.bn = "local"``) they stay separate in the
     file, so that each site serves the model with its own (`export.site_batchnorm`)."""
     r, model, input_spec = load_round(run_dir, round_)
-    strategy = json.loads((run_dir / "run.json").read_text()).get("strategy") or {}
     version = f"{endpoint.topics.federation}/round-{r}"
     out = run_dir / "deployments" / f"{r:05d}" / f"model.{precision}.onnx"
     from export.onnx_export import ExportError
@@ -202,7 +207,7 @@ def deploy_round(
             parity_images(images, input_spec),
             version=version,
             precision=precision,
-            keep_batchnorm=strategy.get("bn") == "local",
+            keep_batchnorm=keeps_batchnorm_local(run_dir),
         )
     except ExportError as err:
         raise DeployError(f"round {r} not deployed: {err}") from None

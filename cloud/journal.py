@@ -62,12 +62,13 @@ class Journal:
         return self.root / "rounds" / f"{r:05d}"
 
     def save_global(
-        self, r: int, state: Mapping[str, torch.Tensor], spec: ModelSpec, input_spec: InputSpec
+        self, r: int, state: Mapping[str, torch.Tensor], spec: ModelSpec, input_spec: InputSpec, bn: str
     ) -> Path:
-        """The global model after round r as a model file (`reid.weights`: any consumer reads it)."""
+        """The global model after round r as a model file (`reid.weights`: any consumer reads it), with
+        the run's BatchNorm policy (under ``local`` its BatchNorm layers are no site's)."""
         path = self.round_dir(r) / "global.safetensors"
         try:
-            return save_state(path, state, spec, input_spec, {"round": str(r)})
+            return save_state(path, state, spec, input_spec, {"round": str(r), "bn": bn})
         except OSError as err:
             raise StateDirError(f"cannot write the global checkpoint {path}: {err}") from None
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from cloud.deploy import DeploymentSource, deploy_round
 from cloud.journal import Journal, StateDirError
@@ -118,14 +118,15 @@ class ServeConfig(BaseModel):
     )
     lr_backbone: float = Field(0.02, gt=0, description="the sites' backbone learning rate")
     strategy: StrategyConfig = Field(
-        StrategyConfig(weighting="cdw"),
-        description="aggregation (the default, CDW weights, won the learning study from a pretrained start)",
+        StrategyConfig(),
+        description="aggregation (the default, FedPav weights with each site's BatchNorm kept local, won the "
+        "learning study's validation split)",
     )
     kd: KDConfig = KDConfig()
-    kd_enabled: bool | None = Field(
-        None,
-        description="server-side knowledge distillation on `public` after aggregation (default: on when "
-        "`public` is set)",
+    kd_enabled: bool = Field(
+        False,
+        description="server-side knowledge distillation on `public` after aggregation (off by default: it "
+        "added nothing in the learning study)",
     )
     public: Path | None = Field(
         None, description="public unlabeled images for KD (and parity images for deployments)"
@@ -168,23 +169,6 @@ class ServeConfig(BaseModel):
         description="after the last round, every online site evaluates the final model "
         "(an evaluation round of at most deadline_s)",
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _cdw_by_default(cls, data: object) -> object:
-        """A `[strategy]` table that does not name a weighting gets the default CDW, as when it is absent."""
-        if (
-            isinstance(data, dict)
-            and isinstance(data.get("strategy"), dict)
-            and "weighting" not in data["strategy"]
-        ):
-            return {**data, "strategy": {**data["strategy"], "weighting": "cdw"}}
-        return data
-
-    @property
-    def uses_kd(self) -> bool:
-        """KD runs after each aggregation: as set, or (unset) whenever a public image set is given."""
-        return self.kd_enabled if self.kd_enabled is not None else self.public is not None
 
     def identity(self) -> dict:
         """What must not change when a run is resumed."""
@@ -318,7 +302,7 @@ class Aggregator:
         last = self.journal.last_global()
         if last is None:
             self.completed, state = -1, shared_state(self.model)
-            self.journal.save_global(-1, state, cfg.model, cfg.input)
+            self.journal.save_global(-1, state, cfg.model, cfg.input, cfg.strategy.bn)
         else:
             self.completed, state = last
         self.layout = FlatLayout(state)
@@ -329,16 +313,13 @@ class Aggregator:
         self.reference_norm: float | None = None  # the previous round's median delta norm
         self.clustering = Clustering(cfg.cluster, cfg.strategy, cfg.seed) if cfg.cluster else None
         if self.clustering is not None:
-            if cfg.uses_kd:
-                raise ValueError(
-                    "client clustering (cluster) and KD cannot be combined: set kd_enabled = false "
-                    "(KD is on by default when `public` is set)"
-                )
+            if cfg.kd_enabled:
+                raise ValueError("clustering (cluster) and KD cannot be combined: leave kd_enabled off")
             saved = self.journal.load_groups(self.completed) if self.completed >= 0 else None
             if saved is not None:
                 self.clustering.restore(*saved)
         self.public: ImageDataset | None = None
-        if cfg.uses_kd:
+        if cfg.kd_enabled:
             if cfg.public is None:
                 raise ValueError("kd_enabled needs a public image folder (public = ...)")
             self.public = ImageDataset(read_image_folder(cfg.public), eval_transform(cfg.input))
@@ -999,7 +980,9 @@ class Aggregator:
             if self.clustering.active:  # the groups first: the global checkpoint commits the round
                 summary["groups"] = dict(sorted(self.clustering.groups.items()))
                 self.journal.save_groups(cur.number, self.clustering.tensors(), self.clustering.metadata())
-        self.journal.save_global(cur.number, self.global_state, self.cfg.model, self.cfg.input)
+        self.journal.save_global(
+            cur.number, self.global_state, self.cfg.model, self.cfg.input, self.cfg.strategy.bn
+        )
         summary["round_seconds"] = round(time.time() - cur.started, 3)
         records = [  # what each site scored before training: the model it trained from
             {

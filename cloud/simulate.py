@@ -11,7 +11,9 @@ Each round writes one JSON line per evaluated (site, model) and one round summar
 ``<out>/metrics.jsonl``, then an atomic checkpoint (``<out>/checkpoint.safetensors``: the global
 shared state, every site's classifier and private state; the resume state of the run) and the global
 model as a model file (``<out>/model.safetensors``, `reid.weights`: what evaluate, export and
---pretrained read; not for ``local``, which has no global model). Every random draw is seeded by
+--pretrained read; not for ``local``, which has no global model). Under ``bn = "local"`` each site's
+BatchNorm layers are written beside it (``<out>/batchnorm/<site>.safetensors``, what ``export
+--site-batchnorm`` takes: the model that site serves). Every random draw is seeded by
 (seed, round, site), so a run stopped between rounds and started again gives the identical result.
 """
 
@@ -28,7 +30,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 from torch.utils.data import ConcatDataset
 
 from cloud.executors import ExecutorConfig, LocalExecutor, RayExecutor, make_executor
@@ -45,6 +47,7 @@ from cloud.strategy.selection import sample_sites, sites_per_round
 from reid.choices import Algorithm
 from reid.data import ImageDataset, InputSpec, eval_transform, make_loader, read_image_folder, train_transform
 from reid.data.camera_split import client_sites
+from reid.files import atomic_write
 from reid.logs import log_context
 from reid.model import ModelSpec, ReIDModel, build_model, load_shared_state, shared_state
 from reid.privacy import DPConfig
@@ -199,9 +202,16 @@ class Simulator:
         tmp = self.out / (CHECKPOINT + ".tmp")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
         tmp.replace(self.out / CHECKPOINT)
-        if self.cfg.algorithm != "local":
-            model_meta = {"round": str(self.completed), "algorithm": self.cfg.algorithm}
-            save_state(self.out / MODEL, self.global_state, self.cfg.model, self.cfg.input, model_meta)
+        if self.cfg.algorithm == "local":
+            return
+        bn = self.strategy.bn
+        model_meta = {"round": str(self.completed), "algorithm": self.cfg.algorithm, "bn": bn}
+        save_state(self.out / MODEL, self.global_state, self.cfg.model, self.cfg.input, model_meta)
+        for site in self.sites:
+            if bn == "local" and site.private:  # a site not sampled yet has none
+                path = self.out / "batchnorm" / f"{site.name}.safetensors"
+                path.parent.mkdir(exist_ok=True)
+                atomic_write(path, save({k: v.detach().cpu().contiguous() for k, v in site.private.items()}))
 
     def try_resume(self) -> bool:
         """Load the checkpoint in `out` if there is one; refuse one written with another configuration."""

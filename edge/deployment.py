@@ -306,15 +306,13 @@ class Deployments:
         """`model` re-exported with this site's own BatchNorm layers, when it keeps them; else `model`."""
         if self.site_batchnorm is None or self.site_data is None or not self.site_batchnorm.is_file():
             return model
-        from safetensors.torch import load_file
-
-        from export.site_batchnorm import with_site_batchnorm
+        from export.site_batchnorm import read_site_batchnorm, with_site_batchnorm
         from reid.data import read_dataset
 
         out = model.with_name("model.site-bn.onnx")
         try:
             images = [r.path for r in read_dataset(self.site_data).train]
-            _, check = with_site_batchnorm(model, load_file(str(self.site_batchnorm)), images, out)
+            _, check = with_site_batchnorm(model, read_site_batchnorm(self.site_batchnorm), images, out)
         except Exception as err:  # any reason: the deployed model as it is is still a valid one to serve
             log.warning(
                 "serving the deployed model with its own BatchNorm layers, not this site's: %s",

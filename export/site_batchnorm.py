@@ -1,17 +1,18 @@
 """A deployed model with this site's own BatchNorm layers, for federations that keep them local.
 
-Under ``strategy.bn = "local"`` (FedBN) every site trains with its own BatchNorm layers and never sends
-them; the global model carries the first update's, which fit no site in particular. A site that served
-the aggregator's export as it is would serve a model it never trained with. So the aggregator exports such
-a federation's deployments with the BatchNorm layers separate (`export_onnx(keep_batchnorm=True)`), and
-`with_site_batchnorm`, at the site:
+Under ``strategy.bn = "local"`` (FedBN, the default) every site trains with its own BatchNorm layers and
+never sends them; the global model keeps its initial or pretrained ones, which fit no site in
+particular. A site that served the aggregator's export as it is would serve a model it never trained
+with. So the aggregator exports such a federation's deployments with the BatchNorm layers separate
+(`export_onnx(keep_batchnorm=True)`), and `with_site_batchnorm`, at the site:
 
 1. rebuilds the PyTorch model from the file's initialisers (named after its state keys),
 2. checks the rebuild against the file with the parity gate (so it *is* the deployed model),
 3. loads the site's own BatchNorm layers into it (every BatchNorm key, with the right shapes), and
 4. exports that with the usual parity gate and contract (BatchNorm folded), version ``<version>+site-bn``.
 
-Any failure raises ExportError, and the caller serves the deployed file as it is.
+Any failure raises ExportError, and the caller serves the deployed file as it is. `put_site_batchnorm`
+is step 3 alone, for `cloud-aggregator export --site-batchnorm`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import onnx
 import torch
 from onnx import numpy_helper
+from safetensors.torch import load_file
 
 from export.contract import Contract, ContractError, load_contract
 from export.onnx_export import MIN_COSINE, ExportError, FeatureNet, Parity, export_onnx, parity, parity_images
@@ -55,6 +57,30 @@ def rebuild(path: Path, contract: Contract) -> ReIDModel:
     return model
 
 
+def read_site_batchnorm(path: Path) -> dict[str, torch.Tensor]:
+    """A site's BatchNorm layers from a safetensors file (an agent's ``private_bn.safetensors``)."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise ExportError(f"{path}: not a readable safetensors file of BatchNorm layers ({err})") from None
+
+
+def put_site_batchnorm(model: ReIDModel, site_bn: Mapping[str, torch.Tensor]) -> None:
+    """Replace every BatchNorm layer of `model` with the site's (all of them, with the model's shapes)."""
+    state = shared_state(model)
+    keys = batchnorm_keys(state)
+    absent = sorted(keys - set(site_bn))
+    if absent:
+        raise ExportError(
+            f"the site's BatchNorm layers lack {len(absent)} of the model's (e.g. {absent[0]}): "
+            "they were trained with another model"
+        )
+    try:
+        load_shared_state(model, {**state, **{k: site_bn[k] for k in keys}})
+    except ModelError as err:
+        raise ExportError(f"the site's BatchNorm layers do not fit the model: {err}") from None
+
+
 def with_site_batchnorm(
     deployed: Path, site_bn: Mapping[str, torch.Tensor], images: Sequence[Path], out: Path
 ) -> tuple[Contract, Parity]:
@@ -73,18 +99,7 @@ def with_site_batchnorm(
         raise ExportError(
             f"the model rebuilt from {deployed.name} differs from it (min cosine {check.min_cosine:.6f})"
         )
-    state = shared_state(model)
-    keys = batchnorm_keys(state)
-    absent = sorted(keys - set(site_bn))
-    if absent:
-        raise ExportError(
-            f"the site's BatchNorm layers lack {len(absent)} of the model's (e.g. {absent[0]}): "
-            "they were trained with another model"
-        )
-    try:
-        load_shared_state(model, {**state, **{k: site_bn[k] for k in keys}})
-    except ModelError as err:
-        raise ExportError(f"the site's BatchNorm layers do not fit the deployed model: {err}") from None
+    put_site_batchnorm(model, site_bn)
     return export_onnx(
         model, spec, out, batch, version=contract.version + VERSION_SUFFIX, precision=contract.precision
     )

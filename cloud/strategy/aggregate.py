@@ -51,9 +51,9 @@ class StrategyConfig(BaseModel):
         "fedpav", description="fedpav (n_k), cdw (cosine distance d_k) or cdw_x_size (n_k d_k)"
     )
     bn: BNPolicy = Field(
-        "average",
-        description="BatchNorm layers: average, first (copy one site's) or local (never sent; each site "
-        "serves deployments with its own)",
+        "local",
+        description="BatchNorm layers: local (never sent; each site trains and serves deployments with its "
+        "own), average, or first (copy one site's)",
     )
     estimator: Estimator = Field("mean", description="mean, median or trimmed_mean of the deltas")
     trim_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="per side, for trimmed_mean")

@@ -99,10 +99,10 @@ def test_study_runs_on_real_layouts(real_layouts, tmp_path):
     verdict, mean = study["verdicts"], {m: row["mean"]["rank1"][0] for m, row in study["table"].items()}
     assert verdict["ranking"] == sorted(mean, key=mean.get, reverse=True)
     assert verdict["margin_over_fedpav"]["cdw_kd"] == pytest.approx(mean["cdw_kd"] - mean["fedpav"], abs=0.01)
-    local, shipped, own = (  # the shipped default: CDW weights + KD (bench/federated.py SHIPPED)
+    local, shipped, own = (  # the shipped default: FedPav weights (bench/federated.py SHIPPED)
         study["table"]["local"],
-        study["table"]["cdw_kd"],
-        study["site_model_table"]["cdw_kd"],
+        study["table"]["fedpav"],
+        study["site_model_table"]["fedpav"],
     )
     below = [n for n in names if max(shipped[n]["rank1"][0], own[n]["rank1"][0]) < local[n]["rank1"][0]]
     assert verdict["shipped_below_local"] == below

@@ -107,7 +107,7 @@ def test_a_clustered_simulation_scores_group_models_and_resumes_identically(tiny
     resumed = Simulator(_config(2), sites, tmp_path / "stopped")
     assert resumed.try_resume() and resumed.clustering is not None and resumed.clustering.active
     resumed.run()
-    _assert_same_run(tmp_path / "straight", tmp_path / "stopped", private=False)
+    _assert_same_run(tmp_path / "straight", tmp_path / "stopped")
 
     records = [json.loads(line) for line in (tmp_path / "straight" / METRICS).read_text().splitlines()]
     rounds = [r for r in records if r.get("kind") == "round"]

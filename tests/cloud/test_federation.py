@@ -87,11 +87,16 @@ def test_three_agent_processes_two_rounds(tiny_federation, tmp_path, mosquitto_u
     )
     assert any(not np.array_equal(init[k].numpy(), last[k].numpy()) for k in init)
     deployed = load_contract(tmp_path / "cloud" / "e2e" / "deployments" / "00001" / "model.fp32.onnx")
+    served = set()
     for s in sites:
         assert (tmp_path / "edge" / s.name / "classifier.safetensors").is_file()
         assert json.loads((tmp_path / "edge" / s.name / "progress.json").read_text())["last_round"] == 1
         serving = current_model(tmp_path / "edge" / s.name)
-        assert serving is not None and load_contract(serving).sha256 == deployed.sha256
+        assert serving is not None
+        # bn = "local" (the default): each site serves the deployed weights with its own BatchNorm layers
+        assert load_contract(serving).version == f"{deployed.version}+site-bn"
+        served.add(load_contract(serving).sha256)
+    assert len(served) == len(sites) and deployed.sha256 not in served
     assert (
         deployed.version == "e2e/round-1"
         and not (tmp_path / "cloud" / "e2e" / "deployments" / "00000").exists()

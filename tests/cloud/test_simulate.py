@@ -5,18 +5,23 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cloud.cli import app
 from cloud.simulate import CHECKPOINT, METRICS, SimulationConfig, Simulator
 from cloud.strategy import KDConfig, StrategyConfig
-from reid.data import InputSpec
+from export.runtime import FeatureExtractor
+from reid.data import ImageDataset, InputSpec, eval_transform, make_loader
 from reid.data.camera_split import split_by_camera
-from reid.model import ModelSpec
+from reid.evaluate import extract_features
+from reid.model import ModelSpec, batchnorm_keys, load_shared_state, shared_state
 from reid.train import TrainConfig
+from reid.weights import load_checkpoint
 
 
 def _config(algorithm: str, rounds: int = 2, **strategy) -> SimulationConfig:
@@ -91,6 +96,45 @@ def test_resume_refuses_another_configuration(tiny_federation, tmp_path):
     other = Simulator(_config("fedpav", rounds=1, bn="first"), _sites(tiny_federation), tmp_path)
     with pytest.raises(ValueError, match="another configuration"):
         other.try_resume()
+
+
+def test_export_of_a_bn_local_run_takes_a_sites_batchnorm(tiny_federation, tmp_path):
+    """Under bn = "local" (the default) the global model's BatchNorm layers are no site's: simulate writes
+    each site's beside the model, and `export --site-batchnorm` exports the model that site serves."""
+    out = tmp_path / "run"
+    Simulator(_config("fedpav", rounds=1), _sites(tiny_federation), out).run()
+    prefix = "site/site00/private/"
+    with safe_open(str(out / CHECKPOINT), framework="pt") as f:
+        private = {k.removeprefix(prefix): f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118
+    written = load_file(str(out / "batchnorm" / "site00.safetensors"))
+    ckpt = load_checkpoint(out)
+    assert ckpt.meta["bn"] == "local" and set(written) == batchnorm_keys(shared_state(ckpt.model))
+    assert all(torch.equal(written[k], private[k]) for k in private) and written.keys() == private.keys()
+
+    images = tiny_federation / "sites" / "site00" / "query"
+    crops = sorted(images.glob("*.jpg"))[:8]
+    args = ["export", "--model", str(out), "--images", str(images)]
+    plain = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "global.onnx")])
+    assert plain.exit_code == 0 and "--site-batchnorm FILE exports" in " ".join(plain.output.split())
+    bn_file = out / "batchnorm" / "site00.safetensors"
+    site = CliRunner().invoke(
+        app, [*args, "--site-batchnorm", str(bn_file), "--out", str(tmp_path / "s.onnx")]
+    )
+    assert site.exit_code == 0 and "+site-bn" in site.output and "note" not in site.output, site.output
+    load_shared_state(ckpt.model, {**shared_state(ckpt.model), **written})  # site00's model, in PyTorch
+    loader = make_loader(ImageDataset(crops, eval_transform(ckpt.input_spec)), 8, train=False)
+    ref = extract_features(ckpt.model.eval(), loader, flip=False)[0].numpy()
+    served, global_ = (
+        FeatureExtractor(tmp_path / "s.onnx")(crops),
+        FeatureExtractor(tmp_path / "global.onnx")(crops),
+    )
+    assert np.sum(ref * served, axis=1).min() >= 0.9999
+    assert np.sum(ref * global_, axis=1).min() < 0.999  # the global model's own layers are another model
+
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not safetensors")
+    bad = CliRunner().invoke(app, [*args, "--site-batchnorm", str(broken), "--out", str(tmp_path / "b.onnx")])
+    assert bad.exit_code != 0 and "not a readable safetensors file" in bad.output
 
 
 @pytest.mark.parametrize("algorithm", ["local", "central"])
@@ -206,7 +250,7 @@ def test_per_camera_clients_score_the_global_model_once_per_site(tiny_federation
     plain.mkdir()
     for c in clients:
         shutil.copytree(tmp_path / "cams" / c.name, plain / c.name, symlinks=True)
-    cfg = _config("fedpav", rounds=1)
+    cfg = _config("fedpav", rounds=1, bn="average")  # no private layer: one model for the whole site
     once = Simulator(cfg, [tmp_path / "cams" / c.name for c in clients], tmp_path / "once").run()
     each = Simulator(cfg, [plain / c.name for c in clients], tmp_path / "each").run()
 

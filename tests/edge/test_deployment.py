@@ -98,7 +98,7 @@ def run_dir(tmp_path) -> Path:
     journal.check_identity(cfg.identity())
     for r in (0, 1):
         torch.manual_seed(r)
-        journal.save_global(r, shared_state(build_model(cfg.model, 1)), cfg.model, cfg.input)
+        journal.save_global(r, shared_state(build_model(cfg.model, 1)), cfg.model, cfg.input, cfg.strategy.bn)
     return tmp_path / "cloud"
 
 
@@ -241,7 +241,7 @@ def test_a_site_that_keeps_its_batchnorm_serves_the_deployment_with_it(
     journal.check_identity(cfg.identity())
     torch.manual_seed(0)
     model = build_model(cfg.model, 1).eval()
-    journal.save_global(0, shared_state(model), cfg.model, cfg.input)
+    journal.save_global(0, shared_state(model), cfg.model, cfg.input, cfg.strategy.bn)
     paths = [r.path for r in read_dataset(sites[1]).train][:32]
     images = torch.stack([ImageDataset(paths, eval_transform(cfg.input))[i][0] for i in range(len(paths))])
     site = copy.deepcopy(model).train()

@@ -82,7 +82,7 @@ def test_cloud_aggregator_export_from_a_run(tiny_federation, tmp_path):
     journal = Journal(tmp_path / "fx")
     journal.check_identity(cfg.identity())
     torch.manual_seed(1)
-    journal.save_global(-1, shared_state(build_model(cfg.model, 1)), cfg.model, cfg.input)
+    journal.save_global(-1, shared_state(build_model(cfg.model, 1)), cfg.model, cfg.input, cfg.strategy.bn)
     images = tiny_federation / "sites" / "site00" / "query"
     args = ["export", "--state-dir", str(tmp_path), "--federation", "fx", "--images", str(images)]
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "m.onnx")])
