@@ -431,8 +431,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="default: bench/results/federated[-validation|-scratch]")
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.rounds, args.sites, args.train_images_max, args.public_images = "0,1", 2, 3, 200, 48
-        args.size_ratio, args.min_queries, args.pretrain_epochs = 6.0, 20, 3
+        args.seeds, args.rounds, args.sites, args.train_images_max, args.public_images = "0,1", 2, 3, 160, 48
+        args.size_ratio, args.min_queries, args.pretrain_epochs = 6.0, 20, 2
     if args.full:
         args.arch, args.height, args.width, args.train_images_max, args.rounds = (
             "resnet50",
