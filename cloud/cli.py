@@ -661,10 +661,10 @@ def export_model(
     from export.contract import contract_path
     from export.onnx_export import ExportError, export_onnx, parity_images
     from export.quantize import RetrievalBudget, quantize_int8
-    from export.site_batchnorm import VERSION_SUFFIX, put_site_batchnorm, read_site_batchnorm
+    from export.site_batchnorm import VERSION_SUFFIX
     from reid.data import DatasetLayoutError, read_dataset, read_image_folder
     from reid.model import ModelError
-    from reid.weights import load_checkpoint
+    from reid.weights import GLOBAL_BATCHNORM_NOTE, load_checkpoint, put_site_batchnorm, read_site_batchnorm
 
     if fp16 and int8_calibration:
         raise typer.BadParameter("choose one of --fp16 and --int8-calibration")
@@ -673,7 +673,7 @@ def export_model(
             ckpt = load_checkpoint(model_path)
             model, input_spec = ckpt.model.eval(), ckpt.input_spec
             version = f"{federation}/round-{ckpt.meta['round']}" if "round" in ckpt.meta else model_path.stem
-            bn_local = ckpt.meta.get("bn") == "local"
+            bn_local = ckpt.batchnorm_kept_local
         else:
             run_dir = _run_dir(state_dir, federation)
             r, model, input_spec = load_round(run_dir, "latest" if round_ == "latest" else int(round_))
@@ -682,10 +682,7 @@ def export_model(
             put_site_batchnorm(model, read_site_batchnorm(site_batchnorm))
             version += VERSION_SUFFIX
         elif bn_local:
-            out.print(
-                "[yellow]note[/]: this run kept the BatchNorm layers at the sites, so the global model's own "
-                "were trained by none of them; --site-batchnorm FILE exports the model a site serves"
-            )
+            out.print(f"[yellow]note[/]: {GLOBAL_BATCHNORM_NOTE}")
         batch = parity_images(read_image_folder(images), input_spec)
     except (DeployError, DatasetLayoutError, ModelError, ExportError) as err:
         raise typer.BadParameter(str(err)) from None

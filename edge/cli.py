@@ -154,17 +154,28 @@ def evaluate(
     batch_size: int = typer.Option(64, min=1),
     flip: bool = typer.Option(True, help="sum the features of the image and its mirror"),
     device: str = typer.Option("auto"),
+    site_batchnorm: Path = typer.Option(
+        None,
+        "--site-batchnorm",
+        help="with --model of a run with bn local: this site's BatchNorm layers (private_bn.safetensors)",
+    ),
 ) -> None:
     """Print rank-1/5, mAP and mINP of a model on the site's query/gallery (Market-1501 protocol)."""
     from reid.data import InputSpec
     from reid.model import ModelError, ModelSpec, build_model
     from reid.train import resolve_device
-    from reid.weights import load_checkpoint
+    from reid.weights import GLOBAL_BATCHNORM_NOTE, load_checkpoint, put_site_batchnorm, read_site_batchnorm
 
     try:
         if model_path is not None:
             ckpt = load_checkpoint(model_path)
             model, spec = ckpt.model, ckpt.input_spec
+            if site_batchnorm is not None:
+                put_site_batchnorm(model, read_site_batchnorm(site_batchnorm))  # the model the site serves
+            elif ckpt.batchnorm_kept_local:
+                log.warning(GLOBAL_BATCHNORM_NOTE)
+        elif site_batchnorm is not None:
+            raise typer.BadParameter("--site-batchnorm goes with --model", param_hint="--site-batchnorm")
         else:
             model = build_model(ModelSpec(arch=arch), 1, pretrained)
             spec = InputSpec(height=height, width=width)

@@ -306,8 +306,9 @@ class Deployments:
         """`model` re-exported with this site's own BatchNorm layers, when it keeps them; else `model`."""
         if self.site_batchnorm is None or self.site_data is None or not self.site_batchnorm.is_file():
             return model
-        from export.site_batchnorm import read_site_batchnorm, with_site_batchnorm
+        from export.site_batchnorm import with_site_batchnorm
         from reid.data import read_dataset
+        from reid.weights import read_site_batchnorm
 
         out = model.with_name("model.site-bn.onnx")
         try:

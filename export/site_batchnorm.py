@@ -11,8 +11,8 @@ with. So the aggregator exports such a federation's deployments with the BatchNo
 3. loads the site's own BatchNorm layers into it (every BatchNorm key, with the right shapes), and
 4. exports that with the usual parity gate and contract (BatchNorm folded), version ``<version>+site-bn``.
 
-Any failure raises ExportError, and the caller serves the deployed file as it is. `put_site_batchnorm`
-is step 3 alone, for `cloud-aggregator export --site-batchnorm`.
+Any failure raises ExportError, and the caller serves the deployed file as it is. Step 3 is
+`reid.weights.put_site_batchnorm`, which `export --site-batchnorm` and `evaluate --site-batchnorm` use too.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from pathlib import Path
 import onnx
 import torch
 from onnx import numpy_helper
-from safetensors.torch import load_file
 
 from export.contract import Contract, ContractError, load_contract
 from export.onnx_export import MIN_COSINE, ExportError, FeatureNet, Parity, export_onnx, parity, parity_images
 from reid.data import InputSpec
-from reid.model import ModelError, ReIDModel, batchnorm_keys, build_model, load_shared_state, shared_state
+from reid.model import ModelError, ReIDModel, build_model, load_shared_state, shared_state
+from reid.weights import put_site_batchnorm
 
 PREFIX = "model."  # FeatureNet's attribute: the initialisers are named "model." + the state key
 VERSION_SUFFIX = "+site-bn"
@@ -57,30 +57,6 @@ def rebuild(path: Path, contract: Contract) -> ReIDModel:
     return model
 
 
-def read_site_batchnorm(path: Path) -> dict[str, torch.Tensor]:
-    """A site's BatchNorm layers from a safetensors file (an agent's ``private_bn.safetensors``)."""
-    try:
-        return load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise ExportError(f"{path}: not a readable safetensors file of BatchNorm layers ({err})") from None
-
-
-def put_site_batchnorm(model: ReIDModel, site_bn: Mapping[str, torch.Tensor]) -> None:
-    """Replace every BatchNorm layer of `model` with the site's (all of them, with the model's shapes)."""
-    state = shared_state(model)
-    keys = batchnorm_keys(state)
-    absent = sorted(keys - set(site_bn))
-    if absent:
-        raise ExportError(
-            f"the site's BatchNorm layers lack {len(absent)} of the model's (e.g. {absent[0]}): "
-            "they were trained with another model"
-        )
-    try:
-        load_shared_state(model, {**state, **{k: site_bn[k] for k in keys}})
-    except ModelError as err:
-        raise ExportError(f"the site's BatchNorm layers do not fit the model: {err}") from None
-
-
 def with_site_batchnorm(
     deployed: Path, site_bn: Mapping[str, torch.Tensor], images: Sequence[Path], out: Path
 ) -> tuple[Contract, Parity]:
@@ -99,7 +75,10 @@ def with_site_batchnorm(
         raise ExportError(
             f"the model rebuilt from {deployed.name} differs from it (min cosine {check.min_cosine:.6f})"
         )
-    put_site_batchnorm(model, site_bn)
+    try:
+        put_site_batchnorm(model, site_bn)
+    except ModelError as err:
+        raise ExportError(str(err)) from None
     return export_onnx(
         model, spec, out, batch, version=contract.version + VERSION_SUFFIX, precision=contract.precision
     )

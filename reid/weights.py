@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
+from safetensors.torch import load_file
 
 from reid.data import InputSpec
 from reid.model import (
@@ -23,6 +24,7 @@ from reid.model import (
     ModelError,
     ModelSpec,
     ReIDModel,
+    batchnorm_keys,
     build_model,
     load_local_state,
     load_shared_state,
@@ -39,6 +41,11 @@ class Checkpoint:
     input_spec: InputSpec
     has_classifier: bool
     meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def batchnorm_kept_local(self) -> bool:
+        """The model of a run with ``bn = "local"``: its BatchNorm layers are no site's."""
+        return self.meta.get("bn") == "local"
 
 
 def _header(spec: ModelSpec, input_spec: InputSpec, num_classes: int, meta: dict[str, str] | None) -> dict:
@@ -140,3 +147,35 @@ def load_checkpoint(path: str | Path, num_classes: int | None = None) -> Checkpo
         load_local_state(model, {k: v for k, v in tensors.items() if k.startswith(LOCAL_PREFIX)})
     extra = {k: v for k, v in header.items() if k not in {"format", "model", "input", "num_classes"}}
     return Checkpoint(model, input_spec, has_classifier, extra)
+
+
+GLOBAL_BATCHNORM_NOTE = (
+    "this run kept the BatchNorm layers at the sites, so the global model's own were trained by none of "
+    "them; --site-batchnorm FILE gives the model a site serves"
+)
+
+
+def read_site_batchnorm(path: Path) -> dict[str, torch.Tensor]:
+    """A site's BatchNorm layers from a safetensors file (an agent's ``private_bn.safetensors``, or
+    simulate's ``batchnorm/<site>.safetensors``)."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise ModelError(f"{path}: not a readable safetensors file of BatchNorm layers ({err})") from None
+
+
+def put_site_batchnorm(model: ReIDModel, site_bn: Mapping[str, torch.Tensor]) -> None:
+    """Replace every BatchNorm layer of `model` with the site's (all of them, with the model's shapes):
+    under ``bn = "local"`` that makes the global model the one the site serves."""
+    state = shared_state(model)
+    keys = batchnorm_keys(state)
+    absent = sorted(keys - set(site_bn))
+    if absent:
+        raise ModelError(
+            f"the site's BatchNorm layers lack {len(absent)} of the model's (e.g. {absent[0]}): "
+            "they were trained with another model"
+        )
+    try:
+        load_shared_state(model, {**state, **{k: site_bn[k] for k in keys}})
+    except ModelError as err:
+        raise ModelError(f"the site's BatchNorm layers do not fit the model: {err}") from None

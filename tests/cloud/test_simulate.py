@@ -15,13 +15,14 @@ from typer.testing import CliRunner
 from cloud.cli import app
 from cloud.simulate import CHECKPOINT, METRICS, SimulationConfig, Simulator
 from cloud.strategy import KDConfig, StrategyConfig
+from edge.cli import app as edge_app
 from export.runtime import FeatureExtractor
 from reid.data import ImageDataset, InputSpec, eval_transform, make_loader
 from reid.data.camera_split import split_by_camera
 from reid.evaluate import extract_features
 from reid.model import ModelSpec, batchnorm_keys, load_shared_state, shared_state
 from reid.train import TrainConfig
-from reid.weights import load_checkpoint
+from reid.weights import GLOBAL_BATCHNORM_NOTE, load_checkpoint
 
 
 def _config(algorithm: str, rounds: int = 2, **strategy) -> SimulationConfig:
@@ -115,7 +116,7 @@ def test_export_of_a_bn_local_run_takes_a_sites_batchnorm(tiny_federation, tmp_p
     crops = sorted(images.glob("*.jpg"))[:8]
     args = ["export", "--model", str(out), "--images", str(images)]
     plain = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "global.onnx")])
-    assert plain.exit_code == 0 and "--site-batchnorm FILE exports" in " ".join(plain.output.split())
+    assert plain.exit_code == 0 and GLOBAL_BATCHNORM_NOTE in " ".join(plain.output.split())
     bn_file = out / "batchnorm" / "site00.safetensors"
     site = CliRunner().invoke(
         app, [*args, "--site-batchnorm", str(bn_file), "--out", str(tmp_path / "s.onnx")]
@@ -135,6 +136,16 @@ def test_export_of_a_bn_local_run_takes_a_sites_batchnorm(tiny_federation, tmp_p
     broken.write_bytes(b"not safetensors")
     bad = CliRunner().invoke(app, [*args, "--site-batchnorm", str(broken), "--out", str(tmp_path / "b.onnx")])
     assert bad.exit_code != 0 and "not a readable safetensors file" in bad.output
+
+    # edge-agent evaluate with the site's layers scores what the simulator recorded for site00
+    scored = [json.loads(ln) for ln in (out / METRICS).read_text().splitlines()]
+    recorded = next(r for r in scored if r.get("model") == "global" and r.get("site") == "site00")
+    site_dir = str(tiny_federation / "sites" / "site00")
+    result = CliRunner().invoke(
+        edge_app, ["evaluate", "--data", site_dir, "--model", str(out), "--site-batchnorm", str(bn_file)]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"{recorded['rank1']:.1f}" in result.output and f"{recorded['mAP']:.1f}" in result.output
 
 
 @pytest.mark.parametrize("algorithm", ["local", "central"])
