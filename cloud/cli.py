@@ -370,6 +370,8 @@ def _simulate_mqtt(
     """The same study as a real federation: broker, aggregator and one agent process per site."""
     from cloud.local_federation import run_local_federation
     from cloud.server import ServeConfig
+    from cloud.strategy import AdmissionConfig
+    from reid.data import read_dataset
 
     if config.algorithm in ("local", "central"):
         raise ValueError(f"--transport mqtt runs a federation, not {config.algorithm}")
@@ -397,6 +399,9 @@ def _simulate_mqtt(
         public=public,
         eval_every=config.eval_every,
         cluster=config.cluster if config.algorithm == "cluster" else None,
+        # these sites are the user's own folders: their sizes are known, so the admission caps scale
+        # with them (a large honest site is not clipped to the median one's step)
+        admission=AdmissionConfig(site_samples={p.name: len(read_dataset(p).train) for p in sites}),
     )
     return run_local_federation(serve, sites, out_dir, device=config.train.device)
 

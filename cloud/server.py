@@ -45,7 +45,14 @@ from cloud.strategy import (
     embed_public,
     raw_weight,
 )
-from cloud.strategy.caps import capped_samples, clip_scales, max_share, norm_bound, share_capped
+from cloud.strategy.caps import (
+    allowances,
+    capped_samples,
+    clip_scales,
+    max_share,
+    norm_bound,
+    share_capped,
+)
 from cloud.strategy.clustering import ClusterConfig, Clustering
 from cloud.strategy.flat import l2_norm
 from cloud.strategy.selection import sample_sites, sites_per_round
@@ -876,11 +883,12 @@ class Aggregator:
         (memory: the base, the sum, one update and one blob, whatever the number of sites)."""
         adm = self.cfg.admission
         sites = sorted(cur.accepted)
-        bound = norm_bound({s: cur.norms[s] for s in sites}, adm, self.reference_norm)
-        scales = clip_scales({s: cur.norms[s] for s in sites}, bound)
         samples = {s: capped_samples(s, cur.accepted[s].n_samples, adm) for s in sites}
+        allowance = allowances(samples, adm)
+        bound = norm_bound({s: cur.norms[s] for s in sites}, adm, self.reference_norm)
+        scales = clip_scales({s: cur.norms[s] for s in sites}, bound, allowance)
         raw = {s: raw_weight(self.cfg.strategy.weighting, samples[s], cur.accepted[s].cdw) for s in sites}
-        shares = share_capped(raw, max_share(adm, len(sites)))
+        shares = share_capped(raw, max_share(adm, len(sites)), allowance)
         clustering = self.clustering
         agg: StreamingAggregator | None = None  # (active groups: each group folds its own sites)
         if clustering is None or not clustering.active:
@@ -908,12 +916,21 @@ class Aggregator:
         caps = {
             "norm_bound": bound,
             "norms": {s: round(cur.norms[s], 6) for s in sites},
+            "allowances": {s: round(a, 4) for s, a in allowance.items() if a > 1.0},
             "clipped": sorted(s for s in sites if scales[s] < 1.0),
             "n_samples_capped": sorted(s for s in sites if samples[s] < cur.accepted[s].n_samples),
             "share_capped": sorted(
                 s for s in sites if raw[s] > 0 and shares[s] < raw[s] / sum(raw.values()) - 1e-12
             ),
         }
+        bound_on = sorted({*caps["clipped"], *caps["share_capped"]})
+        if bound_on:  # an attack, or honest sites of very different sizes (docs/operations.md)
+            log.warning(
+                "round %d: admission caps bind on %s; if they are honest and larger than the others, "
+                "vouch for their sizes (admission.site_samples)",
+                cur.number,
+                ", ".join(f"{s} (step x{scales[s]:.2f}, share {shares[s]:.2f})" for s in bound_on),
+            )
         if agg is not None:
             return agg.finish(), caps
         assert clustering is not None

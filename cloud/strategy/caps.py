@@ -11,6 +11,13 @@ update of the round has been validated (the fold happens at close, see cloud/ser
 3. No site's share of the weight exceeds ``max_share_factor`` / K (K = updates aggregated), found by
    water-filling: capped sites sit at the cap, the rest keep their proportions.
 
+A site's size is a claim unless the operator vouches for it (``site_samples``, e.g. from provisioning).
+A vouched site m times the round's median size (m > 1) has m times the norm bound and m times the share
+cap (`allowances`): an honest large site takes more and longer steps than a median one (one epoch of
+800 images moves the model about 8 times as far as one of 176), and clipping it to the median's step
+would take its data out of the model. A stolen key of that site can do no more than the size the
+operator vouched for.
+
 With honest sites of similar size and step, nothing binds. The in-process simulator's sites are trusted
 and fold as they come, without these caps (docs/security.md).
 """
@@ -36,7 +43,9 @@ class AdmissionConfig(BaseModel):
         3.0, gt=0, description="clip each delta to this x the round's median delta norm; None: off"
     )
     max_samples: int | None = Field(None, ge=1, description="cap on every site's n_samples claim")
-    site_samples: dict[str, int] = Field(default_factory=dict, description="per-site n_samples caps")
+    site_samples: dict[str, int] = Field(
+        default_factory=dict, description="per-site n_samples, vouched for: caps the claim, scales the bounds"
+    )
 
 
 def capped_samples(site: str, claimed: int, config: AdmissionConfig) -> int:
@@ -56,33 +65,52 @@ def norm_bound(
     return config.norm_bound_factor * median if median > 0 else None
 
 
-def clip_scales(norms: Mapping[str, float], bound: float | None) -> dict[str, float]:
-    """Per site, the factor that brings its delta within the bound (1.0 when it is within)."""
-    return {s: (bound / n if bound is not None and n > bound else 1.0) for s, n in norms.items()}
+def allowances(samples: Mapping[str, int], config: AdmissionConfig) -> dict[str, float]:
+    """Per site, the multiple of the norm bound and share cap it gets: its vouched size over the round's
+    median size when that is above 1 (only for sites in ``site_samples``), else 1."""
+    median = statistics.median(samples.values()) if samples else 0
+    vouched = config.site_samples
+    return {s: max(1.0, n / median) if s in vouched and median > 0 else 1.0 for s, n in samples.items()}
 
 
-def share_capped(weights: Mapping[str, float], max_share: float) -> dict[str, float]:
-    """Normalised weights with no share above `max_share` (water-filling; >= 1/K always holds).
+def clip_scales(
+    norms: Mapping[str, float], bound: float | None, allowance: Mapping[str, float] | None = None
+) -> dict[str, float]:
+    """Per site, the factor that brings its delta within its bound (the bound x its allowance; 1.0 when
+    it is within)."""
+    if bound is None:
+        return dict.fromkeys(norms, 1.0)
+    limits = {s: bound * (allowance or {}).get(s, 1.0) for s in norms}
+    return {s: (limits[s] / n if n > limits[s] else 1.0) for s, n in norms.items()}
 
-    Sites over the cap are set to it, the remaining mass is shared by the others in proportion to their
+
+def share_capped(
+    weights: Mapping[str, float], max_share: float, allowance: Mapping[str, float] | None = None
+) -> dict[str, float]:
+    """Normalised weights with no share above its cap, `max_share` x the site's allowance (water-filling;
+    a cap is never below 1/K, so the caps always hold).
+
+    Sites over their cap are set to it, the remaining mass is shared by the others in proportion to their
     weights, repeated until nobody is over. All-zero weights stay zero (the round changes nothing).
     """
     total = sum(weights.values())
     if total <= 0 or not math.isfinite(total):
         return dict(weights)
-    cap = max(max_share, 1.0 / len(weights))
+    caps = {s: min(1.0, max(max_share, 1.0 / len(weights)) * (allowance or {}).get(s, 1.0)) for s in weights}
     capped: dict[str, float] = {}
     free = dict(weights)
     while True:
-        mass = 1.0 - cap * len(capped)
+        mass = 1.0 - sum(capped.values())
         free_total = sum(free.values())
-        over = {s for s, w in free.items() if free_total > 0 and w / free_total * mass > cap * (1 + 1e-12)}
+        over = {
+            s for s, w in free.items() if free_total > 0 and w / free_total * mass > caps[s] * (1 + 1e-12)
+        }
         if not over:
             break
         for s in over:
-            capped[s] = cap
+            capped[s] = caps[s]
             del free[s]
-    mass = 1.0 - cap * len(capped)
+    mass = 1.0 - sum(capped.values())
     free_total = sum(free.values())
     shares = {s: (w / free_total * mass if free_total > 0 else 0.0) for s, w in free.items()}
     return {s: capped.get(s, shares.get(s, 0.0)) for s in weights}

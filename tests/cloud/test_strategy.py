@@ -237,6 +237,45 @@ def test_norm_bound_uses_the_median_and_the_previous_round():
     assert capped_samples("b", 10, capped) == 10
 
 
+def test_a_vouched_large_site_keeps_its_step_and_share():
+    """The demo's sites (800 / 176 / 40 images) and their measured delta norms after one epoch under
+    bn=local: with sizes only claimed, the largest is clipped to 0.38 of its step and capped at 2/K of
+    the weight; with its size vouched for (site_samples), neither binds, and a larger claim gets nothing."""
+    from cloud.strategy.caps import (
+        AdmissionConfig,
+        allowances,
+        capped_samples,
+        clip_scales,
+        norm_bound,
+        share_capped,
+    )
+
+    samples = {"big": 800, "mid": 176, "small": 40}
+    norms = {"big": 6.99, "mid": 0.877, "small": 0.08}
+    claimed, vouched = AdmissionConfig(), AdmissionConfig(site_samples=samples)
+    bound = norm_bound(norms, claimed)
+    assert bound == pytest.approx(3 * 0.877)
+    fedpav = {s: n / 1016 for s, n in samples.items()}
+
+    assert allowances(samples, claimed) == dict.fromkeys(samples, 1.0)
+    assert clip_scales(norms, bound)["big"] == pytest.approx(3 * 0.877 / 6.99)
+    assert share_capped(samples, 2 / 3)["big"] == pytest.approx(2 / 3)
+
+    allowance = allowances(samples, vouched)
+    assert allowance == pytest.approx({"big": 800 / 176, "mid": 1.0, "small": 1.0})
+    assert clip_scales(norms, bound, allowance) == dict.fromkeys(samples, 1.0)
+    assert share_capped(samples, 2 / 3, allowance) == pytest.approx(fedpav)
+    # a stolen key of the vouched site: its claim is capped at the vouched size, its bound stays
+    lie = {**samples, "big": capped_samples("big", 10**12, vouched)}
+    assert allowances(lie, vouched) == allowance
+    assert clip_scales({**norms, "big": 1e6}, bound, allowance)["big"] == pytest.approx(
+        3 * 0.877 * 800 / 176 / 1e6
+    )
+    # an unvouched site's claim earns no allowance, and the vouched site keeps its own
+    other = allowances({**samples, "x": 10**12}, AdmissionConfig(site_samples={"big": 800}))
+    assert other["x"] == 1.0 and other["big"] == pytest.approx(800 / 488)
+
+
 def test_a_blob_decodes_straight_into_flat_buffers_or_not_at_all():
     """`FlatLayout.fill` from `iter_state` gives what `flatten` of the decoded dict gives, and refuses a
     blob with a missing, extra, repeated, misshapen or mistyped tensor."""

@@ -4,6 +4,7 @@ restart at any moment, failures that must be visible, and a state dir that canno
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 
 from cloud.journal import StateDirError
 from cloud.server import Aggregator, ServeConfig
-from cloud.strategy import StrategyConfig
+from cloud.strategy import AdmissionConfig, StrategyConfig
 from protocol.broker import parse_url
 from protocol.chunks import blob_ref, check_ref, parse_chunk, split_blob
 from protocol.codec import encode_state
@@ -135,6 +136,53 @@ def test_no_site_controls_the_model(tmp_path, mosquitto_url, weighting, claims):
         assert np.isfinite(change) and change <= median_norm  # no more than one honest site's step
         assert change < 2 * honest_means[r]  # the order of the honest sites' mean step
     assert "x" in _summaries(cfg)[0]["share_capped"]
+
+
+@pytest.mark.parametrize("vouched", [False, True])
+def test_a_vouched_large_site_moves_the_model_as_far_as_its_data(tmp_path, mosquitto_url, vouched, caplog):
+    """An honest federation of 800 / 176 / 40 images whose largest site takes an 8 x longer step (as
+    measured on the demo's data under bn=local): with sizes only claimed the defaults clip it and cap its
+    share, and say so in one line; with the sizes vouched for (site_samples) the round is plain FedPav."""
+    caplog.set_level(logging.WARNING, logger="cloud.server")
+    samples = {"big": 800, "mid": 176, "small": 40}
+    admission = AdmissionConfig(site_samples=samples if vouched else {})
+    cfg = ServeConfig(
+        federation="vouched",
+        state_dir=tmp_path,
+        rounds=1,
+        min_sites=3,
+        deadline_s=60,
+        final_eval=False,
+        admission=admission,
+        **TINY,
+    )
+    agg, raw, thread = _start(cfg, mosquitto_url, list(samples))
+    scales = {"big": 0.08, "mid": 0.01, "small": 0.001}
+    deltas = {s: _deltas(agg, i, scales[s]) for i, s in enumerate(samples)}
+    try:
+        for s, d in deltas.items():
+            raw.update(s, d, n_samples=samples[s])
+        assert _wait(lambda: agg.completed == 0, timeout=120)
+        thread.join(timeout=60)
+        assert not thread.is_alive() and not thread.errors
+    finally:
+        raw.stop()
+    (summary,) = _summaries(cfg)
+    fedpav = {s: n / sum(samples.values()) for s, n in samples.items()}
+    floats = [k for k, v in deltas["big"].items() if v.dtype.kind == "f"]
+    if vouched:
+        assert summary["clipped"] == [] and summary["share_capped"] == []
+        assert summary["allowances"] == {"big": pytest.approx(800 / 176, abs=1e-4)}
+        assert summary["weights"] == pytest.approx(fedpav)
+        step = np.sqrt(sum(np.sum(sum(fedpav[s] * deltas[s][k] for s in samples) ** 2) for k in floats))
+        assert _change(cfg, 0) == pytest.approx(step, rel=1e-2)
+        assert "admission caps bind" not in caplog.text
+    else:
+        assert summary["clipped"] == ["big"] and summary["share_capped"] == ["big"]
+        assert summary["weights"]["big"] == pytest.approx(2 / 3)
+        assert _change(cfg, 0) < 0.5 * np.sqrt(sum(np.sum(deltas["big"][k] ** 2) for k in floats))
+        (line,) = [r.getMessage() for r in caplog.records if "admission caps bind" in r.getMessage()]
+        assert "big (step x" in line and "mid" not in line and "site_samples" in line
 
 
 def test_hostile_manifests_cannot_stop_or_bloat_the_aggregator(tmp_path, mosquitto_url, caplog):
