@@ -79,6 +79,7 @@ def run_study(args: argparse.Namespace, sites: list[Path], public: Path | None, 
     base = SimulationConfig(
         rounds=args.rounds,
         local_epochs=args.local_epochs,
+        eval_every=args.eval_every,
         eval_local=args.site_models and not site_of,
         model=ModelSpec(arch=args.arch),
         input=InputSpec(height=args.height, width=args.width),
@@ -361,6 +362,13 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=1,
+        help="score the global model every N rounds (and after the last): the curves and the fluctuation "
+        "measure need 1",
+    )
     parser.add_argument("--sites", type=int, default=6)
     parser.add_argument(
         "--train-images-max", type=int, default=400, help="training images at the largest site"
@@ -426,13 +434,15 @@ def main() -> None:
         help="keep the runs an interrupted study of the same settings left in --out and run only the rest "
         "(default: every run starts afresh)",
     )
-    parser.add_argument("--quick", action="store_true", help="2 seeds, 2 rounds, 3 small sites")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 seeds, 2 rounds, 3 small sites, scored after the last round"
+    )
     parser.add_argument("--full", action="store_true", help="GPU preset: ResNet-50, 256x128, more data")
     parser.add_argument("--out", type=Path, help="default: bench/results/federated[-validation|-scratch]")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.rounds, args.sites, args.train_images_max, args.public_images = "0,1", 2, 3, 160, 48
-        args.size_ratio, args.min_queries, args.pretrain_epochs = 6.0, 20, 2
+        args.size_ratio, args.min_queries, args.pretrain_epochs, args.eval_every = 6.0, 20, 2, 2
     if args.full:
         args.arch, args.height, args.width, args.train_images_max, args.rounds = (
             "resnet50",
