@@ -28,7 +28,7 @@ import math
 import statistics
 from collections.abc import Mapping
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 
 class AdmissionConfig(BaseModel):
@@ -43,7 +43,7 @@ class AdmissionConfig(BaseModel):
         3.0, gt=0, description="clip each delta to this x the round's median delta norm; None: off"
     )
     max_samples: int | None = Field(None, ge=1, description="cap on every site's n_samples claim")
-    site_samples: dict[str, int] = Field(
+    site_samples: dict[str, PositiveInt] = Field(
         default_factory=dict, description="per-site n_samples, vouched for: caps the claim, scales the bounds"
     )
 

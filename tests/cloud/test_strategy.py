@@ -274,6 +274,8 @@ def test_a_vouched_large_site_keeps_its_step_and_share():
     # an unvouched site's claim earns no allowance, and the vouched site keeps its own
     other = allowances({**samples, "x": 10**12}, AdmissionConfig(site_samples={"big": 800}))
     assert other["x"] == 1.0 and other["big"] == pytest.approx(800 / 488)
+    with pytest.raises(ValueError, match="greater than 0"):  # a negative size would be a negative weight
+        AdmissionConfig(site_samples={"big": -800})
 
 
 def test_a_blob_decodes_straight_into_flat_buffers_or_not_at_all():
