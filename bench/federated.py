@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -219,8 +220,9 @@ def markdown(summary: dict, site_names: list[str], header: str) -> str:
     lines = [header, "", "rank-1 / mAP (%), mean +- std over seeds; columns: site (training images)", ""]
     lines.append("| method | " + " | ".join(cols) + " | fluctuation | jumps |")
     lines.append("| --- | " + " | ".join("---" for _ in cols) + " | --- | --- |")
-    smoothness = {
-        m: [f"{summary['fluctuation'][m]:.2f}", f"{summary['jumps'][m]:.2f}"] for m in summary["table"]
+    smoothness = {  # (a single evaluation per run, --eval-every = rounds, has neither: "-")
+        m: [f"{v:.2f}" if math.isfinite(v) else "-" for v in (summary["fluctuation"][m], summary["jumps"][m])]
+        for m in summary["table"]
     }
     lines += table_lines(summary["table"], site_names, smoothness)
     lines += [
