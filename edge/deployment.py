@@ -7,8 +7,10 @@ deployment time gets the model this way). The complete file goes to one installe
 
 1. checks the whole-file sha256 against the manifest *and* the contract inside it (the contract's
    sha256 must equal the blob's), writes ``models/<version>-<sha12>/model.onnx`` + its contract,
-2. when the site keeps its own BatchNorm layers (``strategy.bn = "local"``: the agent's
-   ``private_bn.safetensors``), re-exports the model with them (`export.site_batchnorm`, parity-gated);
+2. when the federation keeps BatchNorm layers at the sites (``strategy.bn = "local"``: the file keeps
+   them separate), re-exports the model with this site's own (the agent's ``private_bn.safetensors``),
+   or, when it has none yet, with statistics estimated on its images (AdaBN; `export.site_batchnorm`,
+   parity-gated);
    optionally quantises it to int8 on this site's own images with the retrieval gate (``deploy_int8``)
    and builds a TensorRT engine (``deploy_engine``, when TensorRT and a GPU are present),
 3. opens it with `FeatureExtractor` (which enforces the contract), and only then
@@ -82,7 +84,7 @@ class Deployments:
         self.engine = engine
         self.max_bytes = max_bytes
         self.site_batchnorm = site_batchnorm  # served in place of the deployed ones when the file exists
-        self.site_data = site_data  # the site's data set: parity images for its BatchNorm re-export
+        self.site_data = site_data  # the site's data set: parity images (and statistics) for BatchNorm
         self.lock = threading.Lock()
         self.pending: tuple[Deployment, Reassembler | None] | None = None
         self.pending_since = 0.0  # when the pending transfer last made progress (or was announced)
@@ -303,24 +305,45 @@ class Deployments:
         return serving
 
     def _with_site_batchnorm(self, model: Path) -> Path:
-        """`model` re-exported with this site's own BatchNorm layers, when it keeps them; else `model`."""
-        if self.site_batchnorm is None or self.site_data is None or not self.site_batchnorm.is_file():
+        """`model` re-exported with this site's own BatchNorm layers when it keeps them; a deployment of a
+        federation that keeps them local (layers left separate) with statistics estimated on this site's
+        images when it has none (yet); else, or when that fails, `model` as it is."""
+        if self.site_data is None:
             return model
-        from export.site_batchnorm import with_site_batchnorm
+        from export.site_batchnorm import keeps_batchnorm, with_estimated_batchnorm, with_site_batchnorm
         from reid.data import read_dataset
         from reid.weights import read_site_batchnorm
 
-        out = model.with_name("model.site-bn.onnx")
+        def reason(err: Exception) -> str:
+            return str(err).splitlines()[0] if str(err) else type(err).__name__
+
         try:
+            if not keeps_batchnorm(model):  # a federation that shares BatchNorm: the file is the model
+                return model
             images = [r.path for r in read_dataset(self.site_data).train]
-            _, check = with_site_batchnorm(model, read_site_batchnorm(self.site_batchnorm), images, out)
-        except Exception as err:  # any reason: the deployed model as it is is still a valid one to serve
-            log.warning(
-                "serving the deployed model with its own BatchNorm layers, not this site's: %s",
-                str(err).splitlines()[0] if str(err) else type(err).__name__,
-            )
+        except Exception as err:
+            log.warning("serving the deployed model as it is: this site's images: %s", reason(err))
             return model
-        log.info("this site's BatchNorm layers put in (parity min cosine %.6f)", check.min_cosine)
+        if self.site_batchnorm is not None and self.site_batchnorm.is_file():
+            out = model.with_name("model.site-bn.onnx")
+            try:
+                _, check = with_site_batchnorm(model, read_site_batchnorm(self.site_batchnorm), images, out)
+                log.info("this site's BatchNorm layers put in (parity min cosine %.6f)", check.min_cosine)
+                return out
+            except Exception as err:  # its statistics can still be estimated below
+                log.warning("this site's own BatchNorm layers not used: %s", reason(err))
+        out = model.with_name("model.site-stats.onnx")
+        try:
+            _, check, seen = with_estimated_batchnorm(model, images, out)
+        except Exception as err:  # any reason: the deployed model as it is is still a valid one to serve
+            log.warning("serving the deployed model with its own BatchNorm layers: %s", reason(err))
+            return model
+        log.info(
+            "BatchNorm statistics estimated on %d of this site's images, which has no usable layers of its "
+            "own (parity min cosine %.6f)",
+            seen,
+            check.min_cosine,
+        )
         return out
 
     def _prune(self, keep: set[str]) -> None:

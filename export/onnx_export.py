@@ -18,6 +18,7 @@ passes `onnx.checker` and the parity gate: ONNX Runtime against PyTorch on real 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,17 @@ class FeatureNet(nn.Module):
         return nn.functional.normalize(self.model.embed(images), dim=1)
 
 
+_EXPORT_LOCK = threading.Lock()  # torch.export traces with process-wide state: one export at a time
+
+
 def _export(net: FeatureNet, example: torch.Tensor, out: Path, keep_batchnorm: bool) -> tuple[str, int]:
+    with _EXPORT_LOCK:
+        return _export_unlocked(net, example, out, keep_batchnorm)
+
+
+def _export_unlocked(
+    net: FeatureNet, example: torch.Tensor, out: Path, keep_batchnorm: bool
+) -> tuple[str, int]:
     try:
         torch.onnx.export(
             net,

@@ -13,6 +13,11 @@ with. So the aggregator exports such a federation's deployments with the BatchNo
 
 Any failure raises ExportError, and the caller serves the deployed file as it is. Step 3 is
 `reid.weights.put_site_batchnorm`, which `export --site-batchnorm` and `evaluate --site-batchnorm` use too.
+
+A site that has no BatchNorm layers of its own yet (it joined after the last round, or only serves) gets
+`with_estimated_batchnorm` instead: step 3 sets the statistics from up to `ESTIMATE_IMAGES` of its own
+images (AdaBN, `reid.train.estimate_batchnorm`; the affine weights stay the deployed ones), version
+``<version>+site-stats``. `keeps_batchnorm` tells whether a file was exported with its layers separate.
 """
 
 from __future__ import annotations
@@ -26,12 +31,20 @@ from onnx import numpy_helper
 
 from export.contract import Contract, ContractError, load_contract
 from export.onnx_export import MIN_COSINE, ExportError, FeatureNet, Parity, export_onnx, parity, parity_images
-from reid.data import InputSpec
+from reid.data import ImageDataset, InputSpec, eval_transform, make_loader
 from reid.model import ModelError, ReIDModel, build_model, load_shared_state, shared_state
+from reid.train import estimate_batchnorm
 from reid.weights import put_site_batchnorm
 
 PREFIX = "model."  # FeatureNet's attribute: the initialisers are named "model." + the state key
 VERSION_SUFFIX = "+site-bn"
+STATS_SUFFIX = "+site-stats"
+ESTIMATE_IMAGES = 512  # images that set the statistics of a site without its own layers (seconds on a CPU)
+
+
+def keeps_batchnorm(path: Path) -> bool:
+    """Whether the ONNX file at `path` has BatchNormalization nodes (exported with keep_batchnorm)."""
+    return any(node.op_type == "BatchNormalization" for node in onnx.load(str(path)).graph.node)
 
 
 def rebuild(path: Path, contract: Contract) -> ReIDModel:
@@ -57,10 +70,8 @@ def rebuild(path: Path, contract: Contract) -> ReIDModel:
     return model
 
 
-def with_site_batchnorm(
-    deployed: Path, site_bn: Mapping[str, torch.Tensor], images: Sequence[Path], out: Path
-) -> tuple[Contract, Parity]:
-    """Export the model of `deployed` with the BatchNorm layers `site_bn` to `out` (parity-gated)."""
+def _rebuilt(deployed: Path, images: Sequence[Path]) -> tuple[Contract, InputSpec, torch.Tensor, ReIDModel]:
+    """The deployed file's contract, input, parity batch (from `images`) and rebuilt, checked model."""
     try:
         contract = load_contract(deployed)
     except ContractError as err:
@@ -75,6 +86,14 @@ def with_site_batchnorm(
         raise ExportError(
             f"the model rebuilt from {deployed.name} differs from it (min cosine {check.min_cosine:.6f})"
         )
+    return contract, spec, batch, model
+
+
+def with_site_batchnorm(
+    deployed: Path, site_bn: Mapping[str, torch.Tensor], images: Sequence[Path], out: Path
+) -> tuple[Contract, Parity]:
+    """Export the model of `deployed` with the BatchNorm layers `site_bn` to `out` (parity-gated)."""
+    contract, spec, batch, model = _rebuilt(deployed, images)
     try:
         put_site_batchnorm(model, site_bn)
     except ModelError as err:
@@ -82,3 +101,20 @@ def with_site_batchnorm(
     return export_onnx(
         model, spec, out, batch, version=contract.version + VERSION_SUFFIX, precision=contract.precision
     )
+
+
+def with_estimated_batchnorm(
+    deployed: Path, images: Sequence[Path], out: Path
+) -> tuple[Contract, Parity, int]:
+    """Export the model of `deployed` with BatchNorm statistics estimated on (up to `ESTIMATE_IMAGES` of)
+    `images` to `out` (parity-gated); also returns the number of images that set them."""
+    contract, spec, batch, model = _rebuilt(deployed, images)
+    dataset = ImageDataset(list(images)[:ESTIMATE_IMAGES], eval_transform(spec))
+    loader = make_loader(dataset, 32, train=True, seed=0)  # equal batches, each counting the same
+    seen = estimate_batchnorm(model, loader)
+    if seen == 0:
+        raise ExportError("no readable image to estimate the BatchNorm statistics on")
+    contract, check = export_onnx(
+        model, spec, out, batch, version=contract.version + STATS_SUFFIX, precision=contract.precision
+    )
+    return contract, check, seen

@@ -30,13 +30,15 @@ from edge.cli import app as edge_app
 from edge.client import FeatureClient
 from edge.deployment import Deployments, current_model
 from export.contract import load_contract
+from export.site_batchnorm import ESTIMATE_IMAGES
 from protocol.broker import parse_url
 from protocol.chunks import split_blob
 from protocol.messages import BlobRef, Deployment, NodeStatus, encode_message, parse_message
 from protocol.mqtt import Endpoint
 from protocol.topics import Topics
-from reid.data import ImageDataset, InputSpec, eval_transform, read_dataset
+from reid.data import ImageDataset, InputSpec, eval_transform, make_loader, read_dataset
 from reid.model import ModelSpec, batchnorm_keys, build_model, shared_state
+from reid.train import estimate_batchnorm
 
 FED = "deploytest"
 
@@ -87,12 +89,15 @@ def _deployed_version(state: Path) -> str | None:
 
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
-    """An aggregator state dir with global models for rounds 0 and 1 (different weights)."""
+    """An aggregator state dir with global models for rounds 0 and 1 (different weights), of a federation
+    that shares its BatchNorm layers: each site serves the deployed file as it is (bn=local re-exports
+    it at the site: test_a_site_that_keeps_its_batchnorm_serves_the_deployment_with_it)."""
     cfg = ServeConfig(
         federation=FED,
         state_dir=tmp_path / "cloud",
         model=ModelSpec(arch="resnet18"),
         input=InputSpec(height=64, width=32),
+        strategy=StrategyConfig(bn="average"),
     )
     journal = Journal(tmp_path / "cloud" / FED)
     journal.check_identity(cfg.identity())
@@ -225,8 +230,8 @@ def test_a_site_that_keeps_its_batchnorm_serves_the_deployment_with_it(
     tiny_federation, tmp_path, mosquitto_url
 ):
     """bn=local: the deployment keeps its BatchNorm layers separate; a site with its own serves the shared
-    weights with them, a site without serves the file as it is, and a site whose own cannot be read falls
-    back to the file as it is."""
+    weights with them; a site without (it has not trained yet), and a site whose own cannot be read, serve
+    them with statistics estimated on their own images (AdaBN)."""
     fed = "deploybn"
     topics = Topics(fed)
     sites = sorted((tiny_federation / "sites").iterdir())
@@ -267,18 +272,25 @@ def test_a_site_that_keeps_its_batchnorm_serves_the_deployment_with_it(
         assert _wait(lambda: all(d.current() is not None for d in deployments.values()), 180)
         served = {name: d.current() for name, d in deployments.items()}
         assert served["own"].contract.version == f"{fed}/round-0+site-bn"
-        assert served["shared"].contract.version == served["corrupt"].contract.version == f"{fed}/round-0"
+        stats = f"{fed}/round-0+site-stats"
+        assert served["shared"].contract.version == served["corrupt"].contract.version == stats
+        estimated = copy.deepcopy(model)
+        train = [r.path for r in read_dataset(sites[1]).train][:ESTIMATE_IMAGES]
+        loader = make_loader(ImageDataset(train, eval_transform(cfg.input)), 32, train=True, seed=0)
+        assert estimate_batchnorm(estimated, loader) > 0
         with torch.no_grad():
             norm = torch.nn.functional.normalize
             want = {
                 "own": norm(site.embed(images), dim=1).numpy(),
-                "shared": norm(model.embed(images), dim=1).numpy(),
+                "stats": norm(estimated.embed(images), dim=1).numpy(),
+                "global": norm(model.embed(images), dim=1).numpy(),
             }
         got = {name: fx(paths) for name, fx in served.items()}
         assert (got["own"] * want["own"]).sum(axis=1).min() >= 0.9999
-        assert (got["shared"] * want["shared"]).sum(axis=1).min() >= 0.9999
-        assert (got["corrupt"] * want["shared"]).sum(axis=1).min() >= 0.9999
+        assert (got["shared"] * want["stats"]).sum(axis=1).min() >= 0.9999
+        assert (got["corrupt"] * want["stats"]).sum(axis=1).min() >= 0.9999
         assert (got["own"] * got["shared"]).sum(axis=1).mean() < 0.99  # the site's layers made a difference
+        assert (want["global"] * got["shared"]).sum(axis=1).mean() < 0.99  # and so did its statistics
     finally:
         for d in deployments.values():
             d.stop()

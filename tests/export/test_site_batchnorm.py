@@ -90,3 +90,32 @@ def test_what_cannot_take_the_sites_batchnorm_is_refused(federation_models, expo
     with pytest.raises(ExportError, match="no readable image"):
         with_site_batchnorm(deployed, site_bn, [tmp_path / "missing.jpg"], out)
     assert not out.exists()
+
+
+def test_a_site_without_its_own_layers_serves_the_statistics_of_its_images(
+    federation_models, exported, tmp_path
+):
+    """A site that has not trained yet (no BatchNorm layers of its own) re-exports the deployment with
+    statistics estimated on its own images (AdaBN): exactly the deployed weights with those statistics."""
+    from export.site_batchnorm import keeps_batchnorm, with_estimated_batchnorm
+    from reid.data import make_loader
+    from reid.train import estimate_batchnorm
+
+    model, deployed, _, _, paths = federation_models
+    assert keeps_batchnorm(deployed) and not keeps_batchnorm(exported[1])
+    out = tmp_path / "model.site-stats.onnx"
+    contract, parity, seen = with_estimated_batchnorm(deployed, paths, out)
+    assert contract.version == "fed/round-4+site-stats" and seen == len(paths) == 32
+    assert parity.min_cosine >= 0.9999
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(out)).graph.node}
+    want = copy.deepcopy(model)
+    loader = make_loader(ImageDataset(paths, eval_transform(SPEC)), 32, train=True, seed=0)
+    assert estimate_batchnorm(want, loader) == 32
+    served = FeatureExtractor(out)(paths)
+    assert np.sum(_features(want, _images(paths)) * served, axis=1).min() >= 0.9999
+    as_deployed = FeatureExtractor(deployed)(paths)  # statistics of another site's images
+    assert np.sum(as_deployed * served, axis=1).mean() < 0.99
+    with pytest.raises(ExportError, match="folded at export"):
+        with_estimated_batchnorm(exported[1], paths, tmp_path / "folded.onnx")
+    with pytest.raises(ExportError, match="no readable image"):
+        with_estimated_batchnorm(deployed, [tmp_path / "missing.jpg"], tmp_path / "none.onnx")

@@ -78,3 +78,48 @@ def test_corrupt_training_image_is_skipped_not_fatal(tiny_federation, tmp_path, 
     result = train_local(model, site.train_loader(), TrainConfig(epochs=1))
     assert result.skipped_images == 1
     assert victim.name in caplog.text
+
+
+def test_estimated_batchnorm_statistics_are_the_images_statistics():
+    """AdaBN: each layer's running mean becomes the mean of its input over the images (equal batches),
+    its running variance their average batch variance; no weight moves, the mode stays, and a loader
+    without a usable batch (or one that fails) leaves the statistics as they were."""
+    from torch.utils.data import DataLoader
+
+    from reid.data import Batch
+    from reid.train import estimate_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(arch="resnet18"), 3).eval()
+    images = torch.rand(48, 3, 64, 32) * 2 + 0.5
+    labels = torch.zeros(16, dtype=torch.long)
+    batches = [Batch(images[i : i + 16], labels, labels, 0) for i in (0, 16, 32)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bn1 = model.backbone.trunk[1]  # after the first convolution
+    with torch.no_grad():
+        inputs = model.backbone.trunk[0](images)  # what bn1 sees (conv1 is before any BatchNorm)
+    assert estimate_batchnorm(model, DataLoader(batches, batch_size=None)) == 48
+    assert not model.training
+    torch.testing.assert_close(bn1.running_mean, inputs.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    per_batch = torch.stack([inputs[i : i + 16].var(dim=(0, 2, 3)) for i in (0, 16, 32)]).mean(0)
+    torch.testing.assert_close(bn1.running_var, per_batch, rtol=1e-3, atol=1e-5)
+    assert not torch.allclose(bn1.running_mean, before["backbone.trunk.1.running_mean"])
+    after = model.state_dict()
+    for key, value in before.items():  # only running statistics (and their counters) changed
+        if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            torch.testing.assert_close(after[key], value, msg=key)
+    assert model.backbone.trunk[1].momentum == 0.1  # the layers' own momentum is back
+
+    estimated = {k: v.clone() for k, v in model.state_dict().items()}
+    single = [Batch(images[:1], labels[:1], labels[:1], 0)]
+    assert estimate_batchnorm(model, DataLoader(single, batch_size=None)) == 0
+
+    class Broken:
+        def __iter__(self):
+            yield batches[0]
+            raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        estimate_batchnorm(model, Broken())  # type: ignore[arg-type]
+    for key, value in estimated.items():
+        torch.testing.assert_close(model.state_dict()[key], value, msg=key)
