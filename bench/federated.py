@@ -81,6 +81,7 @@ def run_study(args: argparse.Namespace, sites: list[Path], public: Path | None, 
         rounds=args.rounds,
         local_epochs=args.local_epochs,
         eval_every=args.eval_every,
+        refresh_bn_stats=args.refresh_bn_stats,
         eval_local=args.site_models and not site_of,
         model=ModelSpec(arch=args.arch),
         input=InputSpec(height=args.height, width=args.width),
@@ -364,6 +365,12 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument(
+        "--refresh-bn-stats",
+        action="store_true",
+        help="under bn=local, score the global model with each site's BatchNorm statistics estimated anew "
+        "under the global weights (AdaBN; affine weights kept)",
+    )
     parser.add_argument(
         "--eval-every",
         type=int,

@@ -70,6 +70,11 @@ class SimulationConfig(BaseModel):
     local_epochs: int = Field(1, ge=1)
     eval_every: int = Field(1, ge=1)
     eval_local: bool = Field(True, description="also evaluate each site's trained model before upload")
+    refresh_bn_stats: bool = Field(
+        False,
+        description="under bn=local, score the global model with each site's BatchNorm statistics estimated "
+        "anew under the global weights (its affine weights kept; AdaBN) instead of those of its training",
+    )
     seed: int = 0
     model: ModelSpec = ModelSpec(arch="resnet18")
     input: InputSpec = InputSpec(height=128, width=64)
@@ -186,7 +191,9 @@ class Simulator:
     # -- state on disk -------------------------------------------------------------------------------
     def _config_json(self) -> str:
         """The identity of a run: everything but the number of rounds (a run can be extended)."""
-        return self.cfg.model_dump_json(exclude={"rounds"})
+        # (refresh_bn_stats changes scoring only; left out when off, runs from before it resume)
+        exclude = {"rounds"} if self.cfg.refresh_bn_stats else {"rounds", "refresh_bn_stats"}
+        return self.cfg.model_dump_json(exclude=exclude)
 
     def save(self) -> None:
         tensors = {f"global/{k}": v for k, v in self.global_state.items()}

@@ -36,7 +36,7 @@ from reid.model import (
 )
 from reid.privacy import PrivacyLedger, privatize
 from reid.site import SiteData
-from reid.train import prepare_model, resolve_device, train_local
+from reid.train import estimate_batchnorm, prepare_model, resolve_device, train_local
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +140,14 @@ class SiteWorker:
                 return self._failed(job, err)
 
     def evaluate(self, job: SiteJob, state: State) -> SiteResult:
-        """Score `state` (with the site's private layers) on the site's query/gallery."""
+        """Score `state` (with the site's private layers) on the site's query/gallery; with
+        ``refresh_bn_stats``, the site's BatchNorm statistics estimated anew under these weights first."""
         with log_context(site=job.name, round=job.round):
             try:
                 data = self._site(job)
                 self._load(job, data, state)
+                if self.cfg.refresh_bn_stats and job.private:
+                    estimate_batchnorm(self.model, data.statistics_loader(), self.device)
                 summary = data.evaluate(self.model, self.device).summary()
                 return SiteResult(job.name, self.node, metrics=summary)
             except Exception as err:

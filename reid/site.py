@@ -81,6 +81,13 @@ class SiteData:
         dataset = ImageDataset([self.splits.train[i].path for i in order], eval_transform(self.input_spec))
         return first_readable(dataset, n)
 
+    def statistics_loader(self, n: int = 512) -> DataLoader:
+        """Up to `n` training images, un-augmented, in equal batches (seeded): what BatchNorm statistics
+        are estimated on (`reid.train.estimate_batchnorm`)."""
+        records = self.splits.train[:n]
+        dataset = ImageDataset([r.path for r in records], eval_transform(self.input_spec))
+        return make_loader(dataset, self.batch_size, train=True, num_workers=self.num_workers, seed=0)
+
     def _features(self, model: ReIDModel, split: str, device: torch.device, flip: bool):
         records = getattr(self.splits, split)
         dataset = ImageDataset([r.path for r in records], eval_transform(self.input_spec))

@@ -291,3 +291,47 @@ def test_central_over_camera_clients_pools_a_person_into_one_class_and_scores_on
     records = by_camera.run()
     scored = [r for r in records if r.get("model") == "global"]
     assert sorted(r["site"] for r in scored) == sorted(s.name for s in sites)  # once per site, by name
+
+
+def test_refreshed_statistics_score_the_global_weights_with_the_sites_affine_layers(tiny_federation):
+    """refresh_bn_stats: a site scores the global model with its own BatchNorm affine weights and
+    statistics estimated anew on its training images under the global weights (not those of its own
+    training); off, it scores them with its layers as they are."""
+    from cloud.site_round import SiteJob, SiteWorker
+    from reid.model import build_model
+    from reid.site import SiteData
+    from reid.train import estimate_batchnorm, prepare_model
+
+    cfg = SimulationConfig(
+        model=ModelSpec(arch="resnet18"),
+        input=InputSpec(height=64, width=32),
+        train=TrainConfig(batch_size=16, device="cpu"),
+        refresh_bn_stats=True,
+    )
+    site = sorted((tiny_federation / "sites").iterdir())[0]
+    torch.manual_seed(0)
+    state = shared_state(build_model(cfg.model, 1))
+    bn = batchnorm_keys(state)
+    private = {  # the site's own layers: other affine weights and statistics than the global copy's
+        k: v * 1.5 + 0.1 if v.is_floating_point() else v for k, v in state.items() if k in bn
+    }
+    job = SiteJob(0, site.name, str(site), 3, private=private)
+    refreshed = SiteWorker(cfg).evaluate(job, state)
+    as_kept = SiteWorker(cfg.model_copy(update={"refresh_bn_stats": False})).evaluate(job, state)
+    assert refreshed.error is None and as_kept.error is None
+
+    data = SiteData(site, cfg.input, cfg.train.batch_size)
+    by_hand = {}
+    for refresh in (False, True):
+        model = build_model(cfg.model, data.num_classes)
+        load_shared_state(model, {**state, **private})
+        prepare_model(model, cfg.train)
+        if refresh:
+            seen = estimate_batchnorm(model, data.statistics_loader())
+            assert seen == min(512, data.num_train_images) // 16 * 16  # equal batches
+            weight = "backbone.trunk.1.weight"
+            torch.testing.assert_close(model.state_dict()[weight], private[weight])  # affine weights kept
+        by_hand[refresh] = data.evaluate(model).summary()
+    assert refreshed.metrics == pytest.approx(by_hand[True], abs=1e-6)
+    assert as_kept.metrics == pytest.approx(by_hand[False], abs=1e-6)
+    assert refreshed.metrics != as_kept.metrics
