@@ -367,9 +367,11 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument(
         "--refresh-bn-stats",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="under bn=local, score the global model with each site's BatchNorm statistics estimated anew "
-        "under the global weights (AdaBN; affine weights kept)",
+        "under the global weights (AdaBN; affine weights kept), as the sites serve it; --no-: with those "
+        "of their training (the stale ones)",
     )
     parser.add_argument(
         "--eval-every",

@@ -654,8 +654,14 @@ def export_model(
     site_batchnorm: Path = typer.Option(
         None,
         "--site-batchnorm",
-        help="a site's BatchNorm layers (its agent's private_bn.safetensors, or simulate's "
-        "batchnorm/<site>.safetensors): export the model that site serves, for runs with bn local",
+        help="with --site-data: that site's BatchNorm layers (its agent's private_bn.safetensors, or "
+        "simulate's batchnorm/<site>.safetensors)",
+    ),
+    site_data: Path = typer.Option(
+        None,
+        "--site-data",
+        help="for runs with bn local: a site's data set; export the model that site serves (BatchNorm "
+        "statistics estimated on its training images, with its own layers given by --site-batchnorm)",
     ),
 ) -> None:
     """Export a global model to ONNX with its contract sidecar; fails unless ONNX Runtime matches PyTorch.
@@ -666,13 +672,19 @@ def export_model(
     from export.contract import contract_path
     from export.onnx_export import ExportError, export_onnx, parity_images
     from export.quantize import RetrievalBudget, quantize_int8
-    from export.site_batchnorm import VERSION_SUFFIX
-    from reid.data import DatasetLayoutError, read_dataset, read_image_folder
+    from export.site_batchnorm import STATS_SUFFIX, VERSION_SUFFIX
+    from reid.data import DatasetLayoutError, read_dataset, read_image_folder, statistics_loader
     from reid.model import ModelError
-    from reid.weights import GLOBAL_BATCHNORM_NOTE, load_checkpoint, put_site_batchnorm, read_site_batchnorm
+    from reid.train import adapt_to_site
+    from reid.weights import GLOBAL_BATCHNORM_NOTE, load_checkpoint, read_site_batchnorm
 
     if fp16 and int8_calibration:
         raise typer.BadParameter("choose one of --fp16 and --int8-calibration")
+    if site_batchnorm is not None and site_data is None:
+        raise typer.BadParameter(
+            "--site-batchnorm needs --site-data: the site's statistics are estimated on its images",
+            param_hint="--site-batchnorm",
+        )
     try:
         if model_path is not None:
             ckpt = load_checkpoint(model_path)
@@ -683,9 +695,16 @@ def export_model(
             run_dir = _run_dir(state_dir, federation)
             r, model, input_spec = load_round(run_dir, "latest" if round_ == "latest" else int(round_))
             version, bn_local = f"{federation}/round-{r}", keeps_batchnorm_local(run_dir)
-        if site_batchnorm is not None:
-            put_site_batchnorm(model, read_site_batchnorm(site_batchnorm))
-            version += VERSION_SUFFIX
+        if site_data is not None:  # the model that site serves (as its agent re-exports a deployment)
+            if not bn_local:
+                raise ModelError(
+                    "--site-data is for runs with bn local: this model's BatchNorm layers are shared"
+                )
+            site_bn = read_site_batchnorm(site_batchnorm) if site_batchnorm is not None else None
+            train = [r.path for r in read_dataset(site_data).train]
+            if adapt_to_site(model, site_bn, statistics_loader(train, input_spec)) == 0:
+                raise ExportError(f"{site_data}: no readable training image to estimate the statistics on")
+            version += STATS_SUFFIX if site_bn is None else VERSION_SUFFIX
         elif bn_local:
             out.print(f"[yellow]note[/]: {GLOBAL_BATCHNORM_NOTE}")
         batch = parity_images(read_image_folder(images), input_spec)

@@ -13,7 +13,9 @@ shared state, every site's classifier and private state; the resume state of the
 model as a model file (``<out>/model.safetensors``, `reid.weights`: what evaluate, export and
 --pretrained read; not for ``local``, which has no global model). Under ``bn = "local"`` each site's
 BatchNorm layers are written beside it (``<out>/batchnorm/<site>.safetensors``, what ``export
---site-batchnorm`` takes: the model that site serves). Every random draw is seeded by
+--site-batchnorm`` takes with ``--site-data``: the model that site serves), and each site scores the
+global model with them, their statistics estimated on its images (``refresh_bn_stats``, as a real site
+scores and serves it: `reid.train.adapt_to_site`). Every random draw is seeded by
 (seed, round, site), so a run stopped between rounds and started again gives the identical result.
 """
 
@@ -71,9 +73,10 @@ class SimulationConfig(BaseModel):
     eval_every: int = Field(1, ge=1)
     eval_local: bool = Field(True, description="also evaluate each site's trained model before upload")
     refresh_bn_stats: bool = Field(
-        False,
+        True,
         description="under bn=local, score the global model with each site's BatchNorm statistics estimated "
-        "anew under the global weights (its affine weights kept; AdaBN) instead of those of its training",
+        "anew under the global weights (its affine weights kept; AdaBN), as a site serves it; off: with "
+        "those of its training (the stale ones, for the study's comparison)",
     )
     seed: int = 0
     model: ModelSpec = ModelSpec(arch="resnet18")
@@ -191,8 +194,10 @@ class Simulator:
     # -- state on disk -------------------------------------------------------------------------------
     def _config_json(self) -> str:
         """The identity of a run: everything but the number of rounds (a run can be extended)."""
-        # (refresh_bn_stats changes scoring only; left out when off, runs from before it resume)
-        exclude = {"rounds"} if self.cfg.refresh_bn_stats else {"rounds", "refresh_bn_stats"}
+        # (refresh_bn_stats changes scoring only, and only under bn=local; left out when it changes
+        # nothing or is off, so that the runs from before it resume)
+        refreshed = self.cfg.refresh_bn_stats and self.strategy.bn == "local"
+        exclude = {"rounds"} if refreshed else {"rounds", "refresh_bn_stats"}
         return self.cfg.model_dump_json(exclude=exclude)
 
     def save(self) -> None:

@@ -140,13 +140,14 @@ class SiteWorker:
                 return self._failed(job, err)
 
     def evaluate(self, job: SiteJob, state: State) -> SiteResult:
-        """Score `state` (with the site's private layers) on the site's query/gallery; with
-        ``refresh_bn_stats``, the site's BatchNorm statistics estimated anew under these weights first."""
+        """Score `state` on the site's query/gallery as the site serves it: with its private layers, and
+        under bn=local (with ``refresh_bn_stats``, the default) their statistics estimated anew under
+        these weights first (`reid.train.adapt_to_site`, as a real site's deployments)."""
         with log_context(site=job.name, round=job.round):
             try:
                 data = self._site(job)
                 self._load(job, data, state)
-                if self.cfg.refresh_bn_stats and job.private:
+                if self.cfg.refresh_bn_stats and self.cfg.effective_strategy().bn == "local":
                     estimate_batchnorm(self.model, data.statistics_loader(), self.device)
                 summary = data.evaluate(self.model, self.device).summary()
                 return SiteResult(job.name, self.node, metrics=summary)

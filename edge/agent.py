@@ -24,6 +24,7 @@ Training runs on its own thread; MQTT handlers only parse and hand over.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -63,6 +64,7 @@ from reid.files import atomic_write
 from reid.logs import bound, log_context
 from reid.model import (
     ModelSpec,
+    ReIDModel,
     batchnorm_keys,
     build_model,
     load_local_state,
@@ -73,7 +75,7 @@ from reid.model import (
 )
 from reid.privacy import DPConfig, PrivacyLedger, privatize
 from reid.site import SiteData
-from reid.train import TrainConfig, resolve_device, train_local
+from reid.train import TrainConfig, estimate_batchnorm, resolve_device, train_local
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +411,7 @@ class Agent:
         self.site_data.batch_size = start.training.batch_size
         return self.site_data
 
-    def _received_model(self, start: RoundStart, blob: bytes) -> tuple[torch.nn.Module, dict, SiteData]:
+    def _received_model(self, start: RoundStart, blob: bytes) -> tuple[ReIDModel, dict, SiteData]:
         """The round's model with this site's classifier (and own BN layers when kept local)."""
         try:
             received = {k: torch.from_numpy(v) for k, v in decode_state(blob).items()}
@@ -428,7 +430,13 @@ class Agent:
         load_shared_state(model, {**received, **overrides})
         return model, received, site
 
-    def _evaluate(self, model: torch.nn.Module, site: SiteData) -> dict[str, float]:
+    def _evaluate(self, model: ReIDModel, site: SiteData, start: RoundStart) -> dict[str, float]:
+        """Score the round's model as this site serves it: under bn=local with its BatchNorm statistics
+        estimated under the global weights (as its deployments: `reid.train.adapt_to_site`), on a copy
+        so that training starts from the layers as kept."""
+        if start.training.keep_local_bn:  # (its own layers, when it has them, are in already)
+            model = copy.deepcopy(model)
+            estimate_batchnorm(model, site.statistics_loader(), self.device)
         summary = site.evaluate(model.to(self.device), self.device).summary()
         metrics = {k: round(v, 4) for k, v in summary.items()}
         if "rank1" in metrics:
@@ -442,7 +450,7 @@ class Agent:
         self.metrics.phase("evaluating")
         if self.cfg.evaluate != "never":
             model, _, site = self._received_model(start, blob)
-            metrics = self._evaluate(model, site)
+            metrics = self._evaluate(model, site, start)
         report = EvalReport(site=self.cfg.site, round=start.round, base_hash=start.base_hash, metrics=metrics)
         atomic_write(self.dir / "eval_report.json", encode_message(report))  # (progress is about training)
         self.endpoint.send(self.topics.site(self.cfg.site, "eval"), encode_message(report))
@@ -473,7 +481,7 @@ class Agent:
         timings["load"] = round(time.perf_counter() - clock, 3)
         clock = time.perf_counter()
         if self.cfg.evaluate == "always" or (self.cfg.evaluate == "round" and start.evaluate):
-            metrics = self._evaluate(model, site)
+            metrics = self._evaluate(model, site, start)
         t = start.training
         config = TrainConfig(
             epochs=self.cfg.local_epochs or t.local_epochs,

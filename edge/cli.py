@@ -157,23 +157,27 @@ def evaluate(
     site_batchnorm: Path = typer.Option(
         None,
         "--site-batchnorm",
-        help="with --model of a run with bn local: this site's BatchNorm layers (private_bn.safetensors)",
+        help="with --model of a run with bn local: this site's BatchNorm layers (private_bn.safetensors, "
+        "or simulate's batchnorm/<site>.safetensors)",
     ),
 ) -> None:
-    """Print rank-1/5, mAP and mINP of a model on the site's query/gallery (Market-1501 protocol)."""
+    """Print rank-1/5, mAP and mINP of a model on the site's query/gallery (Market-1501 protocol).
+
+    A model of a run with bn local is scored as this site serves it: with its BatchNorm layers
+    (--site-batchnorm; else the global ones), their statistics estimated on its training images."""
     from reid.data import InputSpec
     from reid.model import ModelError, ModelSpec, build_model
-    from reid.train import resolve_device
-    from reid.weights import GLOBAL_BATCHNORM_NOTE, load_checkpoint, put_site_batchnorm, read_site_batchnorm
+    from reid.train import adapt_to_site, resolve_device
+    from reid.weights import load_checkpoint, read_site_batchnorm
 
+    site_bn, bn_local = None, False
     try:
         if model_path is not None:
             ckpt = load_checkpoint(model_path)
             model, spec = ckpt.model, ckpt.input_spec
             if site_batchnorm is not None:
-                put_site_batchnorm(model, read_site_batchnorm(site_batchnorm))  # the model the site serves
-            elif ckpt.batchnorm_kept_local:
-                log.warning(GLOBAL_BATCHNORM_NOTE)
+                site_bn = read_site_batchnorm(site_batchnorm)
+            bn_local = site_bn is not None or ckpt.batchnorm_kept_local
         elif site_batchnorm is not None:
             raise typer.BadParameter("--site-batchnorm goes with --model", param_hint="--site-batchnorm")
         else:
@@ -186,6 +190,16 @@ def evaluate(
     site = _site(data, spec, batch_size)
     dev = resolve_device(device)
     with log_context(site=site.name):
+        if model_path is not None and bn_local:  # the model this site serves (as its deployments)
+            try:
+                seen = adapt_to_site(model, site_bn, site.statistics_loader(), dev)
+            except ModelError as err:
+                raise typer.BadParameter(str(err), param_hint="--site-batchnorm") from None
+            log.info(
+                "%s BatchNorm layers, statistics estimated on %d of its training images",
+                "this site's" if site_bn is not None else "no --site-batchnorm: the global",
+                seen,
+            )
         metrics = site.evaluate(model.to(dev), dev, flip=flip)
         name = model_path.name if model_path else f"{arch} ({'pretrained' if pretrained else 'random init'})"
         out.print(metrics_table(f"{site.name}: {name}", [_metric_row("evaluate", metrics)]))

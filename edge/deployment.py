@@ -8,9 +8,9 @@ deployment time gets the model this way). The complete file goes to one installe
 1. checks the whole-file sha256 against the manifest *and* the contract inside it (the contract's
    sha256 must equal the blob's), writes ``models/<version>-<sha12>/model.onnx`` + its contract,
 2. when the federation keeps BatchNorm layers at the sites (``strategy.bn = "local"``: the file keeps
-   them separate), re-exports the model with this site's own (the agent's ``private_bn.safetensors``),
-   or, when it has none yet, with statistics estimated on its images (AdaBN; `export.site_batchnorm`,
-   parity-gated);
+   them separate), re-exports the model with this site's own (the agent's ``private_bn.safetensors``;
+   the deployed ones when it has none yet), their statistics estimated on its images under the deployed
+   weights (AdaBN; `export.site_batchnorm`, parity-gated: what the agent scores, too);
    optionally quantises it to int8 on this site's own images with the retrieval gate (``deploy_int8``)
    and builds a TensorRT engine (``deploy_engine``, when TensorRT and a GPU are present),
 3. opens it with `FeatureExtractor` (which enforces the contract), and only then
@@ -305,12 +305,12 @@ class Deployments:
         return serving
 
     def _with_site_batchnorm(self, model: Path) -> Path:
-        """`model` re-exported with this site's own BatchNorm layers when it keeps them; a deployment of a
-        federation that keeps them local (layers left separate) with statistics estimated on this site's
-        images when it has none (yet); else, or when that fails, `model` as it is."""
+        """A deployment of a federation that keeps BatchNorm layers local (layers left separate) re-exported
+        with this site's own (the deployed ones when it has none yet), their statistics estimated on its
+        images; any other file, or when that fails, `model` as it is."""
         if self.site_data is None:
             return model
-        from export.site_batchnorm import keeps_batchnorm, with_estimated_batchnorm, with_site_batchnorm
+        from export.site_batchnorm import keeps_batchnorm, with_site_batchnorm
         from reid.data import read_dataset
         from reid.weights import read_site_batchnorm
 
@@ -324,27 +324,33 @@ class Deployments:
         except Exception as err:
             log.warning("serving the deployed model as it is: this site's images: %s", reason(err))
             return model
-        if self.site_batchnorm is not None and self.site_batchnorm.is_file():
-            out = model.with_name("model.site-bn.onnx")
-            try:
-                _, check = with_site_batchnorm(model, read_site_batchnorm(self.site_batchnorm), images, out)
-                log.info("this site's BatchNorm layers put in (parity min cosine %.6f)", check.min_cosine)
-                return out
-            except Exception as err:  # its statistics can still be estimated below
-                log.warning("this site's own BatchNorm layers not used: %s", reason(err))
-        out = model.with_name("model.site-stats.onnx")
-        try:
-            _, check, seen = with_estimated_batchnorm(model, images, out)
-        except Exception as err:  # any reason: the deployed model as it is is still a valid one to serve
-            log.warning("serving the deployed model with its own BatchNorm layers: %s", reason(err))
-            return model
-        log.info(
-            "BatchNorm statistics estimated on %d of this site's images, which has no usable layers of its "
-            "own (parity min cosine %.6f)",
-            seen,
-            check.min_cosine,
+        own = (
+            [self.site_batchnorm] if self.site_batchnorm is not None and self.site_batchnorm.is_file() else []
         )
-        return out
+        for source in [*own, None]:  # its own layers, else (or when they do not fit) the deployed ones
+            out = model.with_name("model.site-bn.onnx" if source else "model.site-stats.onnx")
+            try:
+                site_bn = read_site_batchnorm(source) if source else None
+                _, check, seen = with_site_batchnorm(model, site_bn, images, out)
+            except Exception as err:  # any reason: the deployed model as it is is still a valid one to serve
+                log.warning(
+                    "%s: %s",
+                    "this site's own BatchNorm layers not used"
+                    if source
+                    else "serving the deployed model as it is",
+                    reason(err),
+                )
+                continue
+            log.info(
+                "%s, statistics estimated on %d of this site's images (parity min cosine %.6f)",
+                "this site's BatchNorm layers put in"
+                if source
+                else "the deployed BatchNorm layers (none of this site's own yet)",
+                seen,
+                check.min_cosine,
+            )
+            return out
+        return model
 
     def _prune(self, keep: set[str]) -> None:
         for folder in self.dir.iterdir():

@@ -8,16 +8,15 @@ with. So the aggregator exports such a federation's deployments with the BatchNo
 
 1. rebuilds the PyTorch model from the file's initialisers (named after its state keys),
 2. checks the rebuild against the file with the parity gate (so it *is* the deployed model),
-3. loads the site's own BatchNorm layers into it (every BatchNorm key, with the right shapes), and
-4. exports that with the usual parity gate and contract (BatchNorm folded), version ``<version>+site-bn``.
+3. puts the site's own BatchNorm layers in (every BatchNorm key, with the right shapes; a site with none
+   yet keeps the deployed ones) and estimates their statistics on its training images under the
+   deployed weights (`reid.train.adapt_to_site`: what the site also scores), and
+4. exports that with the usual parity gate and contract (BatchNorm folded), version ``<version>+site-bn``
+   (``<version>+site-stats`` for a site without layers of its own).
 
-Any failure raises ExportError, and the caller serves the deployed file as it is. Step 3 is
-`reid.weights.put_site_batchnorm`, which `export --site-batchnorm` and `evaluate --site-batchnorm` use too.
-
-A site that has no BatchNorm layers of its own yet (it joined after the last round, or only serves) gets
-`with_estimated_batchnorm` instead: step 3 sets the statistics from up to `ESTIMATE_IMAGES` of its own
-images (AdaBN, `reid.train.estimate_batchnorm`; the affine weights stay the deployed ones), version
-``<version>+site-stats``. `keeps_batchnorm` tells whether a file was exported with its layers separate.
+Any failure raises ExportError, and the caller serves the deployed file as it is. Step 3 is what
+`export --site-batchnorm/--site-data` and `evaluate --site-batchnorm` do too. `keeps_batchnorm` tells
+whether a file was exported with its layers separate.
 """
 
 from __future__ import annotations
@@ -31,15 +30,13 @@ from onnx import numpy_helper
 
 from export.contract import Contract, ContractError, load_contract
 from export.onnx_export import MIN_COSINE, ExportError, FeatureNet, Parity, export_onnx, parity, parity_images
-from reid.data import ImageDataset, InputSpec, eval_transform, make_loader
+from reid.data import InputSpec, statistics_loader
 from reid.model import ModelError, ReIDModel, build_model, load_shared_state, shared_state
-from reid.train import estimate_batchnorm
-from reid.weights import put_site_batchnorm
+from reid.train import adapt_to_site
 
 PREFIX = "model."  # FeatureNet's attribute: the initialisers are named "model." + the state key
 VERSION_SUFFIX = "+site-bn"
 STATS_SUFFIX = "+site-stats"
-ESTIMATE_IMAGES = 512  # images that set the statistics of a site without its own layers (seconds on a CPU)
 
 
 def keeps_batchnorm(path: Path) -> bool:
@@ -90,31 +87,20 @@ def _rebuilt(deployed: Path, images: Sequence[Path]) -> tuple[Contract, InputSpe
 
 
 def with_site_batchnorm(
-    deployed: Path, site_bn: Mapping[str, torch.Tensor], images: Sequence[Path], out: Path
-) -> tuple[Contract, Parity]:
-    """Export the model of `deployed` with the BatchNorm layers `site_bn` to `out` (parity-gated)."""
+    deployed: Path, site_bn: Mapping[str, torch.Tensor] | None, images: Sequence[Path], out: Path
+) -> tuple[Contract, Parity, int]:
+    """Export the model a site serves from `deployed` to `out` (parity-gated): its own BatchNorm layers
+    `site_bn` (None: the deployed ones) with their statistics estimated on its training `images`
+    (`reid.train.adapt_to_site`); also returns the number of images that set them."""
     contract, spec, batch, model = _rebuilt(deployed, images)
     try:
-        put_site_batchnorm(model, site_bn)
+        seen = adapt_to_site(model, site_bn, statistics_loader(images, spec))
     except ModelError as err:
         raise ExportError(str(err)) from None
-    return export_onnx(
-        model, spec, out, batch, version=contract.version + VERSION_SUFFIX, precision=contract.precision
-    )
-
-
-def with_estimated_batchnorm(
-    deployed: Path, images: Sequence[Path], out: Path
-) -> tuple[Contract, Parity, int]:
-    """Export the model of `deployed` with BatchNorm statistics estimated on (up to `ESTIMATE_IMAGES` of)
-    `images` to `out` (parity-gated); also returns the number of images that set them."""
-    contract, spec, batch, model = _rebuilt(deployed, images)
-    dataset = ImageDataset(list(images)[:ESTIMATE_IMAGES], eval_transform(spec))
-    loader = make_loader(dataset, 32, train=True, seed=0)  # equal batches, each counting the same
-    seen = estimate_batchnorm(model, loader)
     if seen == 0:
         raise ExportError("no readable image to estimate the BatchNorm statistics on")
+    suffix = STATS_SUFFIX if site_bn is None else VERSION_SUFFIX
     contract, check = export_onnx(
-        model, spec, out, batch, version=contract.version + STATS_SUFFIX, precision=contract.precision
+        model, spec, out, batch, version=contract.version + suffix, precision=contract.precision
     )
     return contract, check, seen

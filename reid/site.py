@@ -19,6 +19,7 @@ from reid.data import (
     first_readable,
     make_loader,
     read_dataset,
+    statistics_loader,
     train_transform,
 )
 from reid.evaluate import Metrics, evaluate_features, extract_features
@@ -81,12 +82,9 @@ class SiteData:
         dataset = ImageDataset([self.splits.train[i].path for i in order], eval_transform(self.input_spec))
         return first_readable(dataset, n)
 
-    def statistics_loader(self, n: int = 512) -> DataLoader:
-        """Up to `n` training images, un-augmented, in equal batches (seeded): what BatchNorm statistics
-        are estimated on (`reid.train.estimate_batchnorm`)."""
-        records = self.splits.train[:n]
-        dataset = ImageDataset([r.path for r in records], eval_transform(self.input_spec))
-        return make_loader(dataset, self.batch_size, train=True, num_workers=self.num_workers, seed=0)
+    def statistics_loader(self) -> DataLoader:
+        """What this site's BatchNorm statistics are estimated on (`reid.data.statistics_loader`)."""
+        return statistics_loader([r.path for r in self.splits.train], self.input_spec)
 
     def _features(self, model: ReIDModel, split: str, device: torch.device, flip: bool):
         records = getattr(self.splits, split)

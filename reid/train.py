@@ -9,13 +9,15 @@ CDW: the mean over a *fixed* batch of 1 - cos(logits before local training, logi
 eval mode so that it is deterministic. The original used a random augmented batch in train mode.
 
 `estimate_batchnorm` (AdaBN, Li et al. 2016) sets a model's BatchNorm statistics from a site's images
-without training: what a site that keeps its BatchNorm layers but has not trained yet serves with.
+without training; `adapt_to_site` makes the global model of a federation that keeps BatchNorm layers at
+the sites (bn = "local") the model one site scores and serves: its own layers (when it has any) with
+their statistics estimated anew under the global weights.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from reid.model import ReIDModel
+from reid.weights import put_site_batchnorm
 
 Progress = Callable[[int, int], None]  # (batches done, batches total)
 
@@ -105,6 +108,9 @@ def estimate_batchnorm(model: ReIDModel, loader: DataLoader, device: torch.devic
         m.reset_running_stats()
         m.momentum = None  # a cumulative average: every batch counts the same
     model.to(device).train()
+    for m in model.modules():  # (after the last BatchNorm; off, it draws nothing from the global state)
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
     images = 0
     try:
         for batch in loader:
@@ -124,6 +130,22 @@ def estimate_batchnorm(model: ReIDModel, loader: DataLoader, device: torch.devic
                 m.running_var.copy_(var)
                 m.num_batches_tracked.copy_(tracked)
     return images
+
+
+def adapt_to_site(
+    model: ReIDModel,
+    site_bn: Mapping[str, torch.Tensor] | None,
+    loader: DataLoader,
+    device: torch.device | str = "cpu",
+) -> int:
+    """Make `model` (the global weights of a federation with bn = "local") the model a site serves: its
+    own BatchNorm layers put in (`site_bn`, when it has trained; else the global ones' affine weights
+    stay), then their statistics estimated on `loader` (`reid.data.statistics_loader` of its training
+    images) under the weights in use. The site's layers carry the statistics of its training, under
+    the weights it trained, not the aggregated ones. Returns the images seen (0: nothing estimated)."""
+    if site_bn is not None:
+        put_site_batchnorm(model, site_bn)
+    return estimate_batchnorm(model, loader, device)
 
 
 def train_local(

@@ -151,7 +151,7 @@ def load_checkpoint(path: str | Path, num_classes: int | None = None) -> Checkpo
 
 GLOBAL_BATCHNORM_NOTE = (
     "this run kept the BatchNorm layers at the sites, so the global model's own were trained by none of "
-    "them; --site-batchnorm FILE gives the model a site serves"
+    "them; --site-data DIR (with --site-batchnorm FILE) gives the model a site serves"
 )
 
 

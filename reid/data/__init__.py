@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         eval_transform,
         first_readable,
         make_loader,
+        statistics_loader,
         train_transform,
     )
 
@@ -38,6 +39,7 @@ LAZY = (
     "eval_transform",
     "first_readable",
     "make_loader",
+    "statistics_loader",
     "train_transform",
 )
 
@@ -62,5 +64,6 @@ __all__ = [
     "parse_image_name",
     "read_dataset",
     "read_image_folder",
+    "statistics_loader",
     "train_transform",
 ]

@@ -150,3 +150,43 @@ def make_loader(
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+STATISTICS_IMAGES = 512  # what a site's BatchNorm statistics are estimated on: seconds on a CPU
+STATISTICS_BATCH = 16  # the smallest synthetic site has 20 training images
+
+
+class SeededAugmentation(ImageDataset):
+    """`train_transform`'s augmentation (pad, crop, flip) with its draws from a generator seeded by each
+    image's index instead of the global random state: the same views in any thread or process, and no
+    draw taken from a training running beside it."""
+
+    def __init__(self, paths: Sequence[Path], spec: InputSpec) -> None:
+        size = (spec.height, spec.width)
+        resize = T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)
+        super().__init__(paths, T.Compose([resize, T.Pad(spec.pad_pixels), T.ToTensor()]))
+        self.spec = spec
+        self.normalize = T.Normalize(spec.mean, spec.std)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | None:
+        item = super().__getitem__(index)
+        if item is None:
+            return None
+        padded, label, i = item
+        draws = torch.Generator().manual_seed(index)
+        top, left = torch.randint(0, 2 * self.spec.pad_pixels + 1, (2,), generator=draws).tolist()
+        crop = padded[:, top : top + self.spec.height, left : left + self.spec.width]
+        if torch.rand(1, generator=draws).item() < 0.5:
+            crop = crop.flip(-1)
+        return self.normalize(crop), label, i
+
+
+def statistics_loader(paths: Sequence[Path], spec: InputSpec) -> DataLoader:
+    """The first `STATISTICS_IMAGES` of `paths` (a site's training images, in their layout's order) with
+    the training augmentation (seeded: `SeededAugmentation`), in equal seeded batches: what a site's
+    BatchNorm statistics are estimated on (`reid.train.estimate_batchnorm`). The same batches wherever
+    that runs (simulator, agent, deployment, CLI), so each computes the same statistics; augmented as
+    in training, so that they are those training would keep under the weights in use (un-augmented
+    crops of one camera give narrower ones: 3 points lower by camera on the validation split)."""
+    dataset = SeededAugmentation(list(paths)[:STATISTICS_IMAGES], spec)
+    return make_loader(dataset, STATISTICS_BATCH, train=True, seed=0)

@@ -17,11 +17,11 @@ from cloud.simulate import CHECKPOINT, METRICS, SimulationConfig, Simulator
 from cloud.strategy import KDConfig, StrategyConfig
 from edge.cli import app as edge_app
 from export.runtime import FeatureExtractor
-from reid.data import ImageDataset, InputSpec, eval_transform, make_loader
+from reid.data import ImageDataset, InputSpec, eval_transform, make_loader, read_dataset, statistics_loader
 from reid.data.camera_split import split_by_camera
 from reid.evaluate import extract_features
 from reid.model import ModelSpec, batchnorm_keys, load_shared_state, shared_state
-from reid.train import TrainConfig
+from reid.train import TrainConfig, adapt_to_site
 from reid.weights import GLOBAL_BATCHNORM_NOTE, load_checkpoint
 
 
@@ -101,7 +101,9 @@ def test_resume_refuses_another_configuration(tiny_federation, tmp_path):
 
 def test_export_of_a_bn_local_run_takes_a_sites_batchnorm(tiny_federation, tmp_path):
     """Under bn = "local" (the default) the global model's BatchNorm layers are no site's: simulate writes
-    each site's beside the model, and `export --site-batchnorm` exports the model that site serves."""
+    each site's beside the model, and `export --site-batchnorm --site-data` exports the model that site
+    serves (its layers, statistics estimated on its images under the global weights), which
+    `edge-agent evaluate --site-batchnorm` scores as the simulator did."""
     out = tmp_path / "run"
     Simulator(_config("fedpav", rounds=1), _sites(tiny_federation), out).run()
     prefix = "site/site00/private/"
@@ -118,11 +120,16 @@ def test_export_of_a_bn_local_run_takes_a_sites_batchnorm(tiny_federation, tmp_p
     plain = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "global.onnx")])
     assert plain.exit_code == 0 and GLOBAL_BATCHNORM_NOTE in " ".join(plain.output.split())
     bn_file = out / "batchnorm" / "site00.safetensors"
-    site = CliRunner().invoke(
-        app, [*args, "--site-batchnorm", str(bn_file), "--out", str(tmp_path / "s.onnx")]
+    site_dir = tiny_federation / "sites" / "site00"
+    alone = CliRunner().invoke(
+        app, [*args, "--site-batchnorm", str(bn_file), "--out", str(tmp_path / "a.onnx")]
     )
+    assert alone.exit_code != 0 and "needs --site-data" in alone.output
+    site_args = [*args, "--site-batchnorm", str(bn_file), "--site-data", str(site_dir)]
+    site = CliRunner().invoke(app, [*site_args, "--out", str(tmp_path / "s.onnx")])
     assert site.exit_code == 0 and "+site-bn" in site.output and "note" not in site.output, site.output
-    load_shared_state(ckpt.model, {**shared_state(ckpt.model), **written})  # site00's model, in PyTorch
+    train = [r.path for r in read_dataset(site_dir).train]
+    assert adapt_to_site(ckpt.model, written, statistics_loader(train, ckpt.input_spec)) > 0  # in PyTorch
     loader = make_loader(ImageDataset(crops, eval_transform(ckpt.input_spec)), 8, train=False)
     ref = extract_features(ckpt.model.eval(), loader, flip=False)[0].numpy()
     served, global_ = (
@@ -134,15 +141,25 @@ def test_export_of_a_bn_local_run_takes_a_sites_batchnorm(tiny_federation, tmp_p
 
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not safetensors")
-    bad = CliRunner().invoke(app, [*args, "--site-batchnorm", str(broken), "--out", str(tmp_path / "b.onnx")])
+    bad = CliRunner().invoke(
+        app,
+        [
+            *args,
+            "--site-batchnorm",
+            str(broken),
+            "--site-data",
+            str(site_dir),
+            "--out",
+            str(tmp_path / "b.onnx"),
+        ],
+    )
     assert bad.exit_code != 0 and "not a readable safetensors file" in bad.output
 
     # edge-agent evaluate with the site's layers scores what the simulator recorded for site00
     scored = [json.loads(ln) for ln in (out / METRICS).read_text().splitlines()]
     recorded = next(r for r in scored if r.get("model") == "global" and r.get("site") == "site00")
-    site_dir = str(tiny_federation / "sites" / "site00")
     result = CliRunner().invoke(
-        edge_app, ["evaluate", "--data", site_dir, "--model", str(out), "--site-batchnorm", str(bn_file)]
+        edge_app, ["evaluate", "--data", str(site_dir), "--model", str(out), "--site-batchnorm", str(bn_file)]
     )
     assert result.exit_code == 0, result.output
     assert f"{recorded['rank1']:.1f}" in result.output and f"{recorded['mAP']:.1f}" in result.output
@@ -296,7 +313,8 @@ def test_central_over_camera_clients_pools_a_person_into_one_class_and_scores_on
 def test_refreshed_statistics_score_the_global_weights_with_the_sites_affine_layers(tiny_federation):
     """refresh_bn_stats: a site scores the global model with its own BatchNorm affine weights and
     statistics estimated anew on its training images under the global weights (not those of its own
-    training); off, it scores them with its layers as they are."""
+    training); off, it scores them with its layers as they are. A site without layers of its own yet
+    scores the global ones with its statistics (as it would serve a deployment)."""
     from cloud.site_round import SiteJob, SiteWorker
     from reid.model import build_model
     from reid.site import SiteData
@@ -318,20 +336,26 @@ def test_refreshed_statistics_score_the_global_weights_with_the_sites_affine_lay
     job = SiteJob(0, site.name, str(site), 3, private=private)
     refreshed = SiteWorker(cfg).evaluate(job, state)
     as_kept = SiteWorker(cfg.model_copy(update={"refresh_bn_stats": False})).evaluate(job, state)
-    assert refreshed.error is None and as_kept.error is None
+    newcomer = SiteWorker(cfg).evaluate(SiteJob(0, site.name, str(site), 3), state)
+    assert refreshed.error is None and as_kept.error is None and newcomer.error is None
 
     data = SiteData(site, cfg.input, cfg.train.batch_size)
     by_hand = {}
-    for refresh in (False, True):
+    for case, layers, refresh in (
+        ("as_kept", private, False),
+        ("refreshed", private, True),
+        ("new", {}, True),
+    ):
         model = build_model(cfg.model, data.num_classes)
-        load_shared_state(model, {**state, **private})
+        load_shared_state(model, {**state, **layers})
         prepare_model(model, cfg.train)
         if refresh:
             seen = estimate_batchnorm(model, data.statistics_loader())
             assert seen == min(512, data.num_train_images) // 16 * 16  # equal batches
             weight = "backbone.trunk.1.weight"
-            torch.testing.assert_close(model.state_dict()[weight], private[weight])  # affine weights kept
-        by_hand[refresh] = data.evaluate(model).summary()
-    assert refreshed.metrics == pytest.approx(by_hand[True], abs=1e-6)
-    assert as_kept.metrics == pytest.approx(by_hand[False], abs=1e-6)
-    assert refreshed.metrics != as_kept.metrics
+            torch.testing.assert_close(model.state_dict()[weight], {**state, **layers}[weight])  # affine kept
+        by_hand[case] = data.evaluate(model).summary()
+    assert refreshed.metrics == pytest.approx(by_hand["refreshed"], abs=1e-6)
+    assert as_kept.metrics == pytest.approx(by_hand["as_kept"], abs=1e-6)
+    assert newcomer.metrics == pytest.approx(by_hand["new"], abs=1e-6)
+    assert refreshed.metrics != as_kept.metrics and refreshed.metrics != newcomer.metrics

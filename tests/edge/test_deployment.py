@@ -30,15 +30,14 @@ from edge.cli import app as edge_app
 from edge.client import FeatureClient
 from edge.deployment import Deployments, current_model
 from export.contract import load_contract
-from export.site_batchnorm import ESTIMATE_IMAGES
 from protocol.broker import parse_url
 from protocol.chunks import split_blob
 from protocol.messages import BlobRef, Deployment, NodeStatus, encode_message, parse_message
 from protocol.mqtt import Endpoint
 from protocol.topics import Topics
-from reid.data import ImageDataset, InputSpec, eval_transform, make_loader, read_dataset
+from reid.data import ImageDataset, InputSpec, eval_transform, read_dataset, statistics_loader
 from reid.model import ModelSpec, batchnorm_keys, build_model, shared_state
-from reid.train import estimate_batchnorm
+from reid.train import adapt_to_site
 
 FED = "deploytest"
 
@@ -230,8 +229,8 @@ def test_a_site_that_keeps_its_batchnorm_serves_the_deployment_with_it(
     tiny_federation, tmp_path, mosquitto_url
 ):
     """bn=local: the deployment keeps its BatchNorm layers separate; a site with its own serves the shared
-    weights with them; a site without (it has not trained yet), and a site whose own cannot be read, serve
-    them with statistics estimated on their own images (AdaBN)."""
+    weights with them, a site without (it has not trained yet), and a site whose own cannot be read, with
+    the deployed ones; every one with the statistics estimated on its own images (AdaBN)."""
     fed = "deploybn"
     topics = Topics(fed)
     sites = sorted((tiny_federation / "sites").iterdir())
@@ -250,8 +249,11 @@ def test_a_site_that_keeps_its_batchnorm_serves_the_deployment_with_it(
     paths = [r.path for r in read_dataset(sites[1]).train][:32]
     images = torch.stack([ImageDataset(paths, eval_transform(cfg.input))[i][0] for i in range(len(paths))])
     site = copy.deepcopy(model).train()
-    with torch.no_grad():  # the site's own BatchNorm statistics: its images'
+    with torch.no_grad():  # the site's own BatchNorm layers: its images' statistics, other affine weights
         site(images)
+        for key, value in site.state_dict().items():
+            if key.endswith("bn1.bias"):
+                value.add_(0.3)
     site.eval()
     state = shared_state(site)
     own_bn = tmp_path / "own.safetensors"
@@ -274,14 +276,17 @@ def test_a_site_that_keeps_its_batchnorm_serves_the_deployment_with_it(
         assert served["own"].contract.version == f"{fed}/round-0+site-bn"
         stats = f"{fed}/round-0+site-stats"
         assert served["shared"].contract.version == served["corrupt"].contract.version == stats
-        estimated = copy.deepcopy(model)
-        train = [r.path for r in read_dataset(sites[1]).train][:ESTIMATE_IMAGES]
-        loader = make_loader(ImageDataset(train, eval_transform(cfg.input)), 32, train=True, seed=0)
-        assert estimate_batchnorm(estimated, loader) > 0
+        train = [r.path for r in read_dataset(sites[1]).train]
+        estimated, own = copy.deepcopy(model), copy.deepcopy(model)
+        assert adapt_to_site(estimated, None, statistics_loader(train, cfg.input)) > 0
+        assert adapt_to_site(
+            own, {k: state[k] for k in batchnorm_keys(state)}, statistics_loader(train, cfg.input)
+        )
         with torch.no_grad():
             norm = torch.nn.functional.normalize
             want = {
-                "own": norm(site.embed(images), dim=1).numpy(),
+                "own": norm(own.embed(images), dim=1).numpy(),
+                "as_kept": norm(site.embed(images), dim=1).numpy(),
                 "stats": norm(estimated.embed(images), dim=1).numpy(),
                 "global": norm(model.embed(images), dim=1).numpy(),
             }
@@ -290,6 +295,7 @@ def test_a_site_that_keeps_its_batchnorm_serves_the_deployment_with_it(
         assert (got["shared"] * want["stats"]).sum(axis=1).min() >= 0.9999
         assert (got["corrupt"] * want["stats"]).sum(axis=1).min() >= 0.9999
         assert (got["own"] * got["shared"]).sum(axis=1).mean() < 0.99  # the site's layers made a difference
+        assert (got["own"] * want["as_kept"]).sum(axis=1).mean() < 0.999  # its statistics are re-estimated
         assert (want["global"] * got["shared"]).sum(axis=1).mean() < 0.99  # and so did its statistics
     finally:
         for d in deployments.values():

@@ -1,5 +1,6 @@
 """A site serves the deployed model with its own BatchNorm layers (bn=local): the export keeps them
-separate, the site rebuilds the model from the file, checks the rebuild, puts its own in and re-exports."""
+separate, the site rebuilds the model from the file, checks the rebuild, puts its own in, estimates their
+statistics on its images under the deployed weights and re-exports."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import torch
 from export.onnx_export import ExportError, FeatureNet, export_onnx
 from export.runtime import FeatureExtractor
 from export.site_batchnorm import with_site_batchnorm
-from reid.data import ImageDataset, InputSpec, eval_transform, read_dataset
+from reid.data import ImageDataset, InputSpec, eval_transform, read_dataset, statistics_loader
 from reid.model import ModelSpec, batchnorm_keys, build_model, shared_state
+from reid.train import adapt_to_site
 
 SPEC = InputSpec(height=64, width=32)
 
@@ -49,6 +51,8 @@ def federation_models(tiny_federation, tmp_path_factory):
         for key, value in site.state_dict().items():
             if key.endswith("bn1.weight"):
                 value.mul_(1.5)
+            elif key.endswith("bn1.bias"):  # (a scale alone the next layer's statistics would undo)
+                value.add_(0.3)
     site.eval()
     site_bn = {k: v for k, v in shared_state(site).items() if k in batchnorm_keys(shared_state(site))}
     return model, out, site, site_bn, site_paths
@@ -64,15 +68,22 @@ def test_the_site_serves_the_shared_weights_with_its_own_batchnorm(federation_mo
     assert np.sum(_features(model, images) * as_deployed, axis=1).min() >= 0.9999
 
     out = tmp_path / "model.site-bn.onnx"
-    contract, parity = with_site_batchnorm(deployed, site_bn, paths, out)
+    contract, parity, seen = with_site_batchnorm(deployed, site_bn, paths, out)
     assert contract.version == "fed/round-4+site-bn" and contract.precision == "fp32"
-    assert parity.min_cosine >= 0.9999
+    assert parity.min_cosine >= 0.9999 and seen == len(paths) == 32
     assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(out)).graph.node}
     served = FeatureExtractor(out)(paths)
-    # exactly the shared weights with the site's BatchNorm layers ...
-    assert np.sum(_features(site, images) * served, axis=1).min() >= 0.9999
-    # ... which is a different model from the deployed one
+    # exactly the shared weights with the site's affine BatchNorm weights, statistics of its images ...
+    want = copy.deepcopy(model)
+    assert adapt_to_site(want, site_bn, statistics_loader(paths, SPEC)) == 32
+    assert np.sum(_features(want, images) * served, axis=1).min() >= 0.9999
+    # ... which is neither the deployed model nor the site's layers with the statistics of its training
     assert np.sum(as_deployed * served, axis=1).mean() < 0.99
+    assert np.sum(_features(site, images) * served, axis=1).mean() < 0.99
+    # (and its affine weights count: the deployed ones with the same statistics are another model)
+    global_affine = copy.deepcopy(model)
+    adapt_to_site(global_affine, None, statistics_loader(paths, SPEC))
+    assert np.sum(_features(global_affine, images) * served, axis=1).mean() < 0.999
 
 
 def test_what_cannot_take_the_sites_batchnorm_is_refused(federation_models, exported, tmp_path):
@@ -97,25 +108,23 @@ def test_a_site_without_its_own_layers_serves_the_statistics_of_its_images(
 ):
     """A site that has not trained yet (no BatchNorm layers of its own) re-exports the deployment with
     statistics estimated on its own images (AdaBN): exactly the deployed weights with those statistics."""
-    from export.site_batchnorm import keeps_batchnorm, with_estimated_batchnorm
-    from reid.data import make_loader
+    from export.site_batchnorm import keeps_batchnorm
     from reid.train import estimate_batchnorm
 
     model, deployed, _, _, paths = federation_models
     assert keeps_batchnorm(deployed) and not keeps_batchnorm(exported[1])
     out = tmp_path / "model.site-stats.onnx"
-    contract, parity, seen = with_estimated_batchnorm(deployed, paths, out)
+    contract, parity, seen = with_site_batchnorm(deployed, None, paths, out)
     assert contract.version == "fed/round-4+site-stats" and seen == len(paths) == 32
     assert parity.min_cosine >= 0.9999
     assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(out)).graph.node}
     want = copy.deepcopy(model)
-    loader = make_loader(ImageDataset(paths, eval_transform(SPEC)), 32, train=True, seed=0)
-    assert estimate_batchnorm(want, loader) == 32
+    assert estimate_batchnorm(want, statistics_loader(paths, SPEC)) == 32
     served = FeatureExtractor(out)(paths)
     assert np.sum(_features(want, _images(paths)) * served, axis=1).min() >= 0.9999
     as_deployed = FeatureExtractor(deployed)(paths)  # statistics of another site's images
     assert np.sum(as_deployed * served, axis=1).mean() < 0.99
     with pytest.raises(ExportError, match="folded at export"):
-        with_estimated_batchnorm(exported[1], paths, tmp_path / "folded.onnx")
+        with_site_batchnorm(exported[1], None, paths, tmp_path / "folded.onnx")
     with pytest.raises(ExportError, match="no readable image"):
-        with_estimated_batchnorm(deployed, [tmp_path / "missing.jpg"], tmp_path / "none.onnx")
+        with_site_batchnorm(deployed, None, [tmp_path / "missing.jpg"], tmp_path / "none.onnx")

@@ -123,3 +123,38 @@ def test_estimated_batchnorm_statistics_are_the_images_statistics():
         estimate_batchnorm(model, Broken())  # type: ignore[arg-type]
     for key, value in estimated.items():
         torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+
+
+def test_site_statistics_are_the_same_wherever_they_are_estimated(tiny_federation):
+    """`statistics_loader` augments a site's images as training does and `estimate_batchnorm` seeds those
+    draws: two estimates are identical (the agent's score and its deployment agree), they differ from
+    the un-augmented crops' statistics, and the caller's random state is left as it was."""
+    import copy
+
+    from reid.data import (
+        ImageDataset,
+        InputSpec,
+        eval_transform,
+        make_loader,
+        read_dataset,
+        statistics_loader,
+    )
+    from reid.train import estimate_batchnorm
+
+    spec = InputSpec(height=64, width=32)
+    paths = [r.path for r in read_dataset(sorted((tiny_federation / "sites").iterdir())[0]).train]
+    torch.manual_seed(0)
+    first = build_model(ModelSpec(arch="resnet18"), 3).eval()
+    second, plain = copy.deepcopy(first), copy.deepcopy(first)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    assert estimate_batchnorm(first, statistics_loader(paths, spec)) == min(512, len(paths)) // 16 * 16
+    assert torch.equal(torch.rand(3), expected)  # the caller's draws are not consumed
+    estimate_batchnorm(second, statistics_loader(paths, spec))
+    for key, value in first.state_dict().items():
+        assert torch.equal(second.state_dict()[key], value), key
+    unaugmented = make_loader(ImageDataset(paths[:512], eval_transform(spec)), 16, train=True, seed=0)
+    estimate_batchnorm(plain, unaugmented)
+    key = "backbone.trunk.1.running_var"
+    assert not torch.allclose(plain.state_dict()[key], first.state_dict()[key], rtol=1e-3)
