@@ -40,6 +40,25 @@ TINY = {
 }
 
 
+def _served_retrieval(model: Path, site: Path) -> tuple[float, float]:
+    """Rank-1 and mAP of the ONNX model `model` on the site's query/gallery, as the agents score (flip)."""
+    import torch
+
+    from export.runtime import FeatureExtractor
+    from reid.data import read_dataset
+    from reid.evaluate import evaluate_features
+
+    fx, splits = FeatureExtractor(model), read_dataset(site)
+    q, g = (fx([r.path for r in part], flip=True) for part in (splits.query, splits.gallery))
+    ids = [
+        np.array([getattr(r, key) for r in part])
+        for key in ("pid", "camid")
+        for part in (splits.query, splits.gallery)
+    ]
+    summary = evaluate_features(torch.from_numpy(q), torch.from_numpy(g), *ids).summary()
+    return summary["rank1"], summary["mAP"]
+
+
 def test_a_round_on_the_embedded_broker(tiny_federation, tmp_path):
     """The amqtt fallback (`broker = "auto"` without mosquitto) carries a round and the final evaluation:
     retained messages, QoS 1 and chunked blobs all work on it."""
@@ -97,6 +116,13 @@ def test_three_agent_processes_two_rounds(tiny_federation, tmp_path, mosquitto_u
         assert load_contract(serving).version == f"{deployed.version}+site-bn"
         served.add(load_contract(serving).sha256)
     assert len(served) == len(sites) and deployed.sha256 not in served
+    for s in sites:  # what a site reported for the final model is what it serves (statistics included)
+        reported = next(
+            r for r in records if r.get("model") == "global" and (r["round"], r["site"]) == (1, s.name)
+        )
+        assert _served_retrieval(current_model(tmp_path / "edge" / s.name), s) == pytest.approx(
+            (reported["rank1"], reported["mAP"]), abs=0.05
+        )
     assert (
         deployed.version == "e2e/round-1"
         and not (tmp_path / "cloud" / "e2e" / "deployments" / "00000").exists()
