@@ -75,7 +75,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def run_study(args: argparse.Namespace, sites: list[Path], public: Path | None, out: Path) -> dict:
     """Every method x seed on these sites (or clients); the sites' own models are scored when each client is
-    a site (federated by camera, a client's own model is one camera's: not scored, to save the time)."""
+    a site (federated by camera they would be each camera's own model: not scored, to save the time). By
+    camera the simulator scores each site once, each camera's crops embedded by its own client's model
+    (`cloud.camera_scoring`), so every record is a site's."""
     site_of = client_sites(sites)
     base = SimulationConfig(
         rounds=args.rounds,
@@ -110,14 +112,14 @@ def run_study(args: argparse.Namespace, sites: list[Path], public: Path | None, 
                     sys.exit(f"--resume: {err}")
             sim.run()
             records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            evals = merge_clients([r for r in records if r.get("model") == scored(method)], site_of)
+            evals = [r for r in records if r.get("model") == scored(method)]
             per_site: dict[str, list[float]] = {}
             for r in sorted(evals, key=lambda r: r["round"]):
                 per_site.setdefault(r["site"], []).append(r["rank1"])
             curves.setdefault(method, {})[seed] = per_site
             last = max(r["round"] for r in evals)
             finals.setdefault(method, {})[seed] = last_metrics(evals, last)
-            own = merge_clients([r for r in records if r.get("model") == "local"], site_of)
+            own = [r for r in records if r.get("model") == "local"]
             if method not in ("local", "central") and own:
                 site_models.setdefault(method, {})[seed] = last_metrics(own, last)
             print(
@@ -125,22 +127,6 @@ def run_study(args: argparse.Namespace, sites: list[Path], public: Path | None, 
             )
         seconds[method] = time.perf_counter() - start
     return {"curves": curves, "finals": finals, "site_models": site_models, "seconds": seconds}
-
-
-def merge_clients(evals: list[dict], site_of: dict[str, str]) -> list[dict]:
-    """Records of per-camera clients merged into their sites (rank-1 and mAP averaged over the clients
-    scored in a round); records already named by their site pass through."""
-    merged: dict[tuple[int, str], list[dict]] = {}
-    for r in evals:
-        merged.setdefault((r["round"], site_of.get(r["site"], r["site"])), []).append(r)
-    return [
-        {
-            "round": round_,
-            "site": site,
-            **{m: statistics.fmean(r[m] for r in rs) for m in ("rank1", "mAP")},
-        }
-        for (round_, site), rs in merged.items()
-    ]
 
 
 def last_metrics(evals: list[dict], last: int) -> dict[str, dict[str, float]]:

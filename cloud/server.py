@@ -36,6 +36,7 @@ from cloud.strategy import (
     AdmissionConfig,
     FlatLayout,
     KDConfig,
+    KDDiverged,
     LayoutError,
     RoundAggregate,
     StrategyConfig,
@@ -972,22 +973,28 @@ class Aggregator:
             loader = make_loader(
                 self.public, self.cfg.kd.batch_size, train=True, seed=self.cfg.seed + cur.number
             )
-            kd = distill(self.model, loader, cur.teachers.target(), self.cfg.kd)
-            new_flat = self.layout.flatten(shared_state(self.model))
-            log.info(
-                "KD on %d public images: %d batches, MSE %.5f -> %.5f in %.1f s",
-                len(self.public),
-                kd.batches,
-                kd.loss_first,
-                kd.loss_last,
-                kd.seconds,
-            )
-            summary["kd"] = {
-                "batches": kd.batches,
-                "mse_first": kd.loss_first,
-                "mse_last": kd.loss_last,
-                "seconds": round(kd.seconds, 3),
-            }
+            local_bn = self.cfg.strategy.bn == "local"
+            try:
+                kd = distill(self.model, loader, cur.teachers.target(), self.cfg.kd, statistics=local_bn)
+            except KDDiverged as err:  # the aggregate stands
+                log.warning("round %d: KD diverged, the aggregated model is kept: %s", cur.number, err)
+                summary["kd"] = {"diverged": str(err)}
+            else:
+                new_flat = self.layout.flatten(shared_state(self.model))
+                log.info(
+                    "KD on %d public images: %d batches, MSE %.5f -> %.5f in %.1f s",
+                    len(self.public),
+                    kd.batches,
+                    kd.loss_first,
+                    kd.loss_last,
+                    kd.seconds,
+                )
+                summary["kd"] = {
+                    "batches": kd.batches,
+                    "mse_first": kd.loss_first,
+                    "mse_last": kd.loss_last,
+                    "seconds": round(kd.seconds, 3),
+                }
         del result
         self.global_flat = new_flat
         self.global_state = self.layout.unflatten(*new_flat)

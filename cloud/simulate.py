@@ -35,10 +35,12 @@ from safetensors import safe_open
 from safetensors.torch import save, save_file
 from torch.utils.data import ConcatDataset
 
+from cloud.camera_scoring import CameraScores, crops_per_client
 from cloud.executors import ExecutorConfig, LocalExecutor, RayExecutor, make_executor
 from cloud.site_round import SiteJob, private_keys, site_seed
 from cloud.strategy import (
     KDConfig,
+    KDDiverged,
     StrategyConfig,
     StreamingAggregator,
     TeacherMean,
@@ -167,6 +169,7 @@ class Simulator:
         self.strategy = cfg.effective_strategy()
         self.sites = [SimSite(i, Path(d)) for i, d in enumerate(site_dirs)]
         self.site_of = client_sites([s.path for s in self.sites])  # per-camera clients: their sites
+        self.crops = crops_per_client([s.path for s in self.sites])  # ... and the cameras each embeds
         names = [s.name for s in self.sites]
         if len(set(names)) != len(names):
             raise ValueError(f"site names must be unique, got {names}")
@@ -312,6 +315,7 @@ class Simulator:
         summary["selected"] = sorted(selected)  # type: ignore[assignment]
         failed: dict[str, str] = {}
         evaluate = self._eval_round(r) and (cfg.eval_local or not federated)
+        scores = CameraScores(self.site_of)
         jobs = [
             site.job(
                 r,
@@ -319,6 +323,7 @@ class Simulator:
                 teacher=teachers is not None,
                 taken=sum(site.name in cfg.selected(names, q) for q in range(r + 1)) if federated else 0,
                 base=self.clustering.base_of(site.name) if self.clustering else "global",
+                cameras=self.crops.get(site.name),
             )
             for site in self.sites
             if site.name in selected
@@ -346,6 +351,8 @@ class Simulator:
                 summary.setdefault("wire_bytes", {})[site.name] = result.wire_bytes
             if result.metrics is not None:
                 records.append(_metric_record(r, site.name, "local", result.metrics))
+            if result.embedded is not None:
+                scores.add("local", site.name, result.embedded)
             if result.update is not None and self.clustering is not None:
                 if grouped:
                     self.clustering.add(result.update, self.global_state)
@@ -386,7 +393,7 @@ class Simulator:
             jobs, scored_as = self._global_eval_jobs(r)
             if self.clustering is not None and self.clustering.active:  # each site also by its group's model
                 jobs += [
-                    site.job(r, base=self.clustering.base_of(site.name))
+                    site.job(r, base=self.clustering.base_of(site.name), cameras=self.crops.get(site.name))
                     for site in self.sites
                     if site.name in self.clustering.groups
                 ]
@@ -395,10 +402,14 @@ class Simulator:
                 if result.error is not None:
                     failed.setdefault(result.name, f"evaluation: {result.error}")
                     summary["failed"] = failed
+                    continue
+                model = "global" if job.base == "global" else "group"
+                if result.embedded is not None:
+                    scores.add(model, result.name, result.embedded)
                 elif result.metrics is not None:
-                    model = "global" if job.base == "global" else "group"
                     name = scored_as.get(result.name, result.name) if model == "global" else result.name
                     records.append(_metric_record(r, name, model, result.metrics))
+        records += [_metric_record(r, s, model, m.summary()) for s, model, m in scores.scored()]
         if stats := executor.take_stats():
             summary["executor"] = stats  # type: ignore[assignment]
         records.append({"round": r, "kind": "round", "algorithm": cfg.algorithm, **summary})
@@ -407,22 +418,31 @@ class Simulator:
     def _global_eval_jobs(self, r: int) -> tuple[list[SiteJob], dict[str, str]]:
         """Jobs that score the global model, and the name each result is recorded under. Per-camera
         clients of one site share its query/gallery: when no layer is private, one of them scores the
-        global model for the whole site, recorded under the site's name."""
-        if not self.site_of or private_keys(self.cfg, list(self.global_state)):
+        global model for the whole site, recorded under the site's name; otherwise each embeds its
+        cameras' crops with its own layers (`cloud.camera_scoring`)."""
+        if not self.site_of:
             return [site.job(r) for site in self.sites], {}
+        if private_keys(self.cfg, list(self.global_state)):
+            return [site.job(r, cameras=self.crops.get(site.name)) for site in self.sites], {}
         first: dict[str, SimSite] = {}
         for site in self.sites:
             first.setdefault(self.site_of.get(site.name, site.name), site)
         return [site.job(r) for site in first.values()], {s.name: name for name, s in first.items()}
 
-    def _distill(self, r: int, teachers: TeacherMean) -> dict[str, float]:
+    def _distill(self, r: int, teachers: TeacherMean) -> dict[str, float | str]:
         assert self.public is not None
         seed = site_seed(self.cfg.seed, r, len(self.sites))
         torch.manual_seed(seed)
         load_shared_state(self.model, self.global_state)
         prepare_model(self.model, self.train_cfg)  # as the site jobs: the same floats wherever they ran
         loader = make_loader(self.public, self.cfg.kd.batch_size, train=True, seed=seed)
-        result = distill(self.model, loader, teachers.target().to(self.device), self.cfg.kd, self.device)
+        target = teachers.target().to(self.device)
+        try:
+            local_bn = self.strategy.bn == "local"
+            result = distill(self.model, loader, target, self.cfg.kd, self.device, statistics=local_bn)
+        except KDDiverged as err:  # the aggregate stands
+            log.warning("KD diverged, the aggregated model is kept: %s", err)
+            return {"diverged": str(err)}
         self.global_state = shared_state(self.model)
         log.info("KD: %d batches, MSE %.5f -> %.5f", result.batches, result.loss_first, result.loss_last)
         return {

@@ -25,6 +25,7 @@ from cloud.strategy import Update, embed_public
 from cloud.strategy.aggregate import bn_policy_keys
 from protocol.codec import decode_state, encode_state
 from reid.data import ImageDataset, eval_transform, make_loader, read_image_folder
+from reid.evaluate import Embedded
 from reid.logs import log_context
 from reid.model import (
     ReIDModel,
@@ -69,6 +70,9 @@ class SiteJob:
     teacher: bool = False  # after training: embed the public set for KD
     taken: int = 0  # rounds the site took part in so far, this one included (the DP accountant)
     base: str = "global"  # which of the round's models the job starts from (a group's, when clustered)
+    # per-camera scoring (cloud.camera_scoring): embed only these cameras' query/gallery crops and return
+    # them, not metrics; None: score the whole query/gallery
+    cameras: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -81,6 +85,7 @@ class SiteResult:
     classifier: State = field(default_factory=dict)
     private: State = field(default_factory=dict)
     metrics: dict[str, float] | None = None  # the site's own model (train jobs) or the global one
+    embedded: Embedded | None = None  # instead of metrics, for a job with `cameras`
     teacher: torch.Tensor | None = None
     wire_bytes: int | None = None
     dp_epsilon: float | None = None
@@ -94,7 +99,8 @@ class SiteResult:
             tensors += list(self.update.delta.values())
         if self.teacher is not None:
             tensors.append(self.teacher)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        embedded = self.embedded.nbytes if self.embedded is not None else 0
+        return embedded + sum(t.numel() * t.element_size() for t in tensors)
 
 
 class SiteWorker:
@@ -149,10 +155,17 @@ class SiteWorker:
                 self._load(job, data, state)
                 if self.cfg.refresh_bn_stats and self.cfg.effective_strategy().bn == "local":
                     estimate_batchnorm(self.model, data.statistics_loader(), self.device)
-                summary = data.evaluate(self.model, self.device).summary()
-                return SiteResult(job.name, self.node, metrics=summary)
+                return self._scored(job, data, SiteResult(job.name, self.node))
             except Exception as err:
                 return self._failed(job, err)
+
+    def _scored(self, job: SiteJob, data: SiteData, out: SiteResult) -> SiteResult:
+        """`out` with the model's score on the site's query/gallery, or its cameras' crops embedded."""
+        if job.cameras is None:
+            out.metrics = data.evaluate(self.model, self.device).summary()
+        else:
+            out.embedded = data.embed(self.model, self.device, cameras=job.cameras)
+        return out
 
     def _failed(self, job: SiteJob, err: Exception) -> SiteResult:
         reason = f"{type(err).__name__}: {err}".splitlines()[0]
@@ -176,7 +189,7 @@ class SiteWorker:
             private={k: trained[k] for k in private_keys(cfg, list(trained))},
         )
         if job.evaluate:
-            out.metrics = data.evaluate(self.model, self.device).summary()
+            self._scored(job, data, out)
         if cfg.algorithm != "local":
             delta = {k: trained[k] - state[k] for k in trained}
             if cfg.effective_strategy().bn == "local":  # as at a real site: its BatchNorm layers stay there

@@ -15,8 +15,8 @@ of temporaries; `evaluate_features` never builds the full distance matrix at all
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import numpy as np
@@ -195,3 +195,50 @@ def extract_features(
     if not feats:
         raise ValueError("no readable image to extract features from")
     return torch.cat(feats), np.concatenate(indices)
+
+
+@dataclass
+class Embedded:
+    """Query and gallery crops of one site (or of some of its cameras) embedded, with their identities and
+    cameras. Per-camera scoring embeds each camera's crops with that camera's model and scores the union
+    (`union(...).score()`), as cameras that each serve their own model would match across each other."""
+
+    query: torch.Tensor
+    query_pids: np.ndarray
+    query_cams: np.ndarray
+    gallery: torch.Tensor
+    gallery_pids: np.ndarray
+    gallery_cams: np.ndarray
+
+    @classmethod
+    def union(cls, parts: Sequence[Embedded]) -> Embedded:
+        """The crops of all `parts` (of one site, embedded by the models of its cameras) as one set."""
+        joined = []
+        for f in fields(cls):
+            values = [getattr(p, f.name) for p in parts if len(getattr(p, f.name))]
+            if not values:
+                joined.append(getattr(parts[0], f.name))
+            elif isinstance(values[0], torch.Tensor):
+                joined.append(torch.cat(values))
+            else:
+                joined.append(np.concatenate(values))
+        return cls(*joined)
+
+    def score(self, max_rank: int = 50) -> Metrics:
+        """The Market-1501 protocol on these query and gallery crops."""
+        return evaluate_features(
+            self.query,
+            self.gallery,
+            self.query_pids,
+            self.gallery_pids,
+            self.query_cams,
+            self.gallery_cams,
+            max_rank=max_rank,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            v.numel() * v.element_size() if isinstance(v, torch.Tensor) else v.nbytes
+            for v in (getattr(self, f.name) for f in fields(self))
+        )

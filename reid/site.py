@@ -4,7 +4,7 @@ the benchmarks share (read the layout, build loaders, pick the fixed CDW batch, 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from reid.data import (
     statistics_loader,
     train_transform,
 )
-from reid.evaluate import Metrics, evaluate_features, extract_features
+from reid.evaluate import Embedded, Metrics, extract_features
 from reid.model import ReIDModel
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,12 @@ class SiteData:
         """What this site's BatchNorm statistics are estimated on (`reid.data.statistics_loader`)."""
         return statistics_loader([r.path for r in self.splits.train], self.input_spec)
 
-    def _features(self, model: ReIDModel, split: str, device: torch.device, flip: bool):
-        records = getattr(self.splits, split)
+    def _features(
+        self, model: ReIDModel, split: str, device: torch.device, flip: bool, cameras: Collection[int] | None
+    ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        records = [r for r in getattr(self.splits, split) if cameras is None or r.camid in cameras]
+        if not records:  # none of these cameras' crops in this split
+            return torch.empty(0), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
         dataset = ImageDataset([r.path for r in records], eval_transform(self.input_spec))
         loader = make_loader(dataset, self.batch_size * 2, train=False, num_workers=self.num_workers)
         feats, idx = extract_features(model, loader, device, flip=flip)
@@ -95,23 +99,24 @@ class SiteData:
         cams = np.array([records[i].camid for i in idx])
         return feats, pids, cams
 
-    def evaluate(
+    def embed(
         self,
         model: ReIDModel,
         device: torch.device | str = "cpu",
         flip: bool = True,
-        max_rank: int = 50,
-        on_split: Callable[[str], None] | None = None,
+        cameras: Collection[int] | None = None,
+    ) -> Embedded:
+        """This site's query and gallery crops embedded by `model`: all of them, or those of `cameras`."""
+        device = torch.device(device)
+        q = self._features(model, "query", device, flip, cameras)
+        g = self._features(model, "gallery", device, flip, cameras)
+        return Embedded(*q, *g)
+
+    def evaluate(
+        self, model: ReIDModel, device: torch.device | str = "cpu", flip: bool = True, max_rank: int = 50
     ) -> Metrics:
         """Market-1501 protocol on this site's query/gallery with `model`'s embeddings."""
-        device = torch.device(device)
-        q = self._features(model, "query", device, flip)
-        if on_split is not None:
-            on_split("query")
-        g = self._features(model, "gallery", device, flip)
-        if on_split is not None:
-            on_split("gallery")
-        metrics = evaluate_features(q[0], g[0], q[1], g[1], q[2], g[2], max_rank=max_rank)
+        metrics = self.embed(model, device, flip).score(max_rank)
         if metrics.num_valid == 0:
             log.warning(
                 "no valid queries in %s: no query has a true match on another camera; nothing to score",

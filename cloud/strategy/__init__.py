@@ -18,12 +18,13 @@ from cloud.strategy.aggregate import (
 )
 from cloud.strategy.caps import AdmissionConfig
 from cloud.strategy.flat import FlatLayout, LayoutError
-from cloud.strategy.kd import KDConfig, KDResult, TeacherMean, distill, embed_public, kd_target
+from cloud.strategy.kd import KDConfig, KDDiverged, KDResult, TeacherMean, distill, embed_public, kd_target
 
 __all__ = [
     "AdmissionConfig",
     "FlatLayout",
     "KDConfig",
+    "KDDiverged",
     "KDResult",
     "LayoutError",
     "NoUpdatesError",

@@ -12,6 +12,11 @@ Differences from the original (docs/algorithms.md): teachers run in eval mode on
 the same un-augmented images that the targets were computed on, and the student's BatchNorm layers use
 and keep their running statistics (the original let the public set overwrite them, shifting the global
 model's statistics towards the public domain). Dropout stays on in the student, as in the original.
+Under bn=local the global model has no statistics of its own (sites keep their BatchNorm layers; the
+global copy keeps its initial ones), so the student's statistics are first estimated on the public set
+(`statistics=True`): with its initial ones, a student trained from scratch embeds the public set at
+thousands of times the teachers' scale and the distillation diverges. A loss or weight that is not
+finite stops KD with `KDDiverged`: the caller keeps the aggregated model from before KD.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader
 
 from reid.model import ReIDModel
+from reid.train import estimate_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +100,10 @@ def embed_public(
     return out
 
 
+class KDDiverged(RuntimeError):
+    """KD's loss or the student's weights stopped being finite: keep the model from before KD."""
+
+
 @dataclass
 class KDResult:
     loss_first: float
@@ -109,9 +119,13 @@ def distill(
     target: torch.Tensor,
     config: KDConfig,
     device: torch.device | str = "cpu",
+    statistics: bool = False,
 ) -> KDResult:
-    """Train the student's shared part to the target embeddings (MSE). Rows with NaN targets are skipped."""
+    """Train the student's shared part to the target embeddings (MSE). Rows with NaN targets are skipped.
+    With `statistics` (bn=local), the student's BatchNorm statistics are estimated on `loader` first."""
     device = torch.device(device)
+    if statistics:
+        estimate_batchnorm(student, loader, device)
     params = [*student.backbone.parameters(), *student.embedding.parameters()]
     optimizer = torch.optim.SGD(
         params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
@@ -132,6 +146,8 @@ def distill(
             x = batch.images[keep].to(device)
             y = target[batch.indices[keep]].to(device)
             loss = torch.nn.functional.mse_loss(student.embed(x), y)
+            if not torch.isfinite(loss):
+                raise KDDiverged(f"KD loss is {float(loss.detach())} at batch {len(losses) + 1}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -146,4 +162,6 @@ def distill(
             break
     if not losses:
         raise ValueError("no public image could be used for KD")
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise KDDiverged(f"the student's weights are not finite after {len(losses)} KD batches")
     return KDResult(losses[0], losses[-1], len(losses), time.perf_counter() - start, stopped)

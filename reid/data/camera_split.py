@@ -69,12 +69,17 @@ def split_by_camera(
     return clients, skipped
 
 
-def client_sites(clients: list[Path]) -> dict[str, str]:
-    """Client name -> its site, for client folders that `split_by_camera` wrote (its `split.json` beside
-    them); {} for folders that are sites themselves."""
+def camera_clients(clients: list[Path]) -> dict[str, CameraClient]:
+    """Client name -> what `split_by_camera` recorded of it, for client folders it wrote (its `split.json`
+    beside them); {} for folders that are sites themselves."""
     parents = {c.parent for c in clients}
     manifest = next(iter(parents)) / "split.json" if len(parents) == 1 else None
     if manifest is None or not manifest.is_file():
         return {}
-    listed = {c["name"]: c["site"] for c in json.loads(manifest.read_text()).get("clients", [])}
+    listed = {c["name"]: CameraClient(**c) for c in json.loads(manifest.read_text()).get("clients", [])}
     return {c.name: listed[c.name] for c in clients if c.name in listed}
+
+
+def client_sites(clients: list[Path]) -> dict[str, str]:
+    """Client name -> its site (as `camera_clients`)."""
+    return {name: c.site for name, c in camera_clients(clients).items()}

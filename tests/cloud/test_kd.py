@@ -1,13 +1,15 @@
-"""Server-side KD: the target, one step lowers the MSE, the student changes and teachers do not."""
+"""Server-side KD: the target, one step lowers the MSE, the student changes and teachers do not; under
+bn=local the student's statistics come from the public set; a diverging KD leaves the aggregate."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from cloud.strategy import KDConfig, TeacherMean, distill, embed_public, kd_target
+from cloud.strategy import KDConfig, KDDiverged, TeacherMean, distill, embed_public, kd_target
 from reid.data import ImageDataset, InputSpec, eval_transform, make_loader, read_image_folder
 from reid.model import ModelSpec, build_model, shared_state
+from reid.train import TrainConfig, estimate_batchnorm
 
 
 def test_target_is_the_mean_of_normalised_teacher_embeddings():
@@ -53,3 +55,66 @@ def test_kd_step_lowers_mse_changes_student_not_teachers(tiny_federation):
     for t, state in zip(teachers, teacher_before, strict=True):
         for k, v in shared_state(t).items():
             assert torch.equal(v, state[k]), k
+
+
+def test_under_bn_local_the_students_statistics_are_estimated_on_the_public_set_first(tiny_federation):
+    """bn=local: the global copy's BatchNorm statistics are its initial ones (the sites keep theirs), far
+    from the public images' after training; KD estimates them on the public set before it distils."""
+    spec = InputSpec(height=64, width=32)
+    dataset = ImageDataset(read_image_folder(tiny_federation / "public"), eval_transform(spec))
+    ordered = make_loader(dataset, 8, train=False)
+    torch.manual_seed(0)
+    teacher = build_model(ModelSpec(arch="resnet18"), 3)
+    target = kd_target([embed_public(teacher, ordered, len(dataset))])
+    student = build_model(ModelSpec(arch="resnet18"), 3)
+    for m in student.modules():  # statistics that fit no image: what a global copy may carry
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.fill_(0.1)
+    state = shared_state(student)
+    config = KDConfig(lr=1e-5, batch_size=8, max_batches=1)
+    runs = {}
+    for statistics in (False, True):
+        model = build_model(ModelSpec(arch="resnet18"), 3)
+        model.load_state_dict(state, strict=False)
+        runs[statistics] = distill(
+            model, make_loader(dataset, 8, train=True, seed=0), target, config, statistics=statistics
+        )
+        if statistics:
+            estimated = build_model(ModelSpec(arch="resnet18"), 3)
+            estimated.load_state_dict(state, strict=False)
+            estimate_batchnorm(estimated, make_loader(dataset, 8, train=True, seed=0))
+            kept = shared_state(model)  # KD keeps (and uses) the statistics it estimated
+            for k, v in shared_state(estimated).items():
+                if k.endswith("running_mean"):
+                    torch.testing.assert_close(kept[k], v)
+    assert runs[True].loss_first < runs[False].loss_first / 10
+
+
+def test_diverging_kd_raises_and_the_simulator_keeps_the_aggregate(tiny_federation, tmp_path):
+    from cloud.simulate import SimulationConfig, Simulator
+
+    spec = InputSpec(height=64, width=32)
+    dataset = ImageDataset(read_image_folder(tiny_federation / "public"), eval_transform(spec))
+    torch.manual_seed(0)
+    student = build_model(ModelSpec(arch="resnet18"), 3)
+    target = torch.randn(len(dataset), 512)
+    with pytest.raises(KDDiverged):
+        distill(student, make_loader(dataset, 8, train=True, seed=0), target, KDConfig(lr=1e12, batch_size=8))
+
+    cfg = SimulationConfig(
+        algorithm="kd",
+        rounds=1,
+        eval_local=False,
+        model=ModelSpec(arch="resnet18"),
+        input=spec,
+        train=TrainConfig(batch_size=16, lr_head=0.02, lr_backbone=0.02),
+        kd=KDConfig(lr=1e12, batch_size=8, max_batches=4),
+    )
+    sites = sorted((tiny_federation / "sites").iterdir())
+    sim = Simulator(cfg, sites, tmp_path / "run", tiny_federation / "public")
+    records = sim.run()
+    summary = next(r for r in records if r.get("kind") == "round")
+    assert "diverged" in summary["kd"]
+    assert all(bool(torch.isfinite(v).all()) for v in sim.global_state.values() if v.is_floating_point())
+    scored = [r for r in records if r.get("model") == "global"]
+    assert len(scored) == len(sites) and all(r["rank1"] >= 0 for r in scored)

@@ -20,7 +20,7 @@ from export.runtime import FeatureExtractor
 from reid.data import ImageDataset, InputSpec, eval_transform, make_loader, read_dataset, statistics_loader
 from reid.data.camera_split import split_by_camera
 from reid.evaluate import extract_features
-from reid.model import ModelSpec, batchnorm_keys, load_shared_state, shared_state
+from reid.model import ModelSpec, batchnorm_keys, build_model, load_shared_state, shared_state
 from reid.train import TrainConfig, adapt_to_site
 from reid.weights import GLOBAL_BATCHNORM_NOTE, load_checkpoint
 
@@ -289,7 +289,62 @@ def test_per_camera_clients_score_the_global_model_once_per_site(tiny_federation
     for c in clients:  # the same score any of the site's clients gets
         assert per_client[c.name]["rank1"] == per_site[c.site]["rank1"]
         assert per_client[c.name]["mAP"] == per_site[c.site]["mAP"]
-    assert {r["site"] for r in once if r.get("model") == "local"} == {c.name for c in clients}
+    # the clients' own models: each camera's crops by its own client's model, one score per site
+    assert sorted(r["site"] for r in once if r.get("model") == "local") == sorted({c.site for c in clients})
+
+
+def test_per_camera_clients_with_their_own_layers_embed_their_own_cameras_crops(tiny_federation, tmp_path):
+    """bn=local by camera: each camera's query/gallery crops are embedded by the global weights with its
+    own client's BatchNorm layers (statistics estimated anew on that camera's training images), cameras
+    without a client by the site's largest client, and the site is scored once on the union."""
+    from reid.evaluate import Embedded
+    from reid.site import SiteData
+    from reid.train import estimate_batchnorm, prepare_model
+
+    clients, skipped = split_by_camera(_sites(tiny_federation), tmp_path / "cams", min_images=36)
+    assert skipped  # some cameras have no client: their crops go to their site's largest client
+    cfg = _config("fedpav", rounds=1, bn="local").model_copy(update={"eval_local": False})
+    folders = [tmp_path / "cams" / c.name for c in clients]
+    records = Simulator(cfg, folders, tmp_path / "run").run()
+    scored = {r["site"]: r for r in records if r.get("model") == "global"}
+    assert sorted(scored) == sorted({c.site for c in clients})
+
+    tensors = load_file(str(tmp_path / "run" / CHECKPOINT))
+    state = {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}
+    for site in sorted(scored):
+        members = [c for c in clients if c.site == site]
+        largest = min(members, key=lambda c: (-c.train_images, c.name))  # the most training images
+        parts = []
+        for c in members:
+            private = {
+                k.removeprefix(f"site/{c.name}/private/"): v
+                for k, v in tensors.items()
+                if k.startswith(f"site/{c.name}/private/")
+            }
+            data = SiteData(tmp_path / "cams" / c.name, cfg.input, cfg.train.batch_size)
+            model = build_model(cfg.model, 1)
+            load_shared_state(model, {**state, **private})
+            prepare_model(model, cfg.train)
+            estimate_batchnorm(model, data.statistics_loader())
+            everything = data.embed(model)
+            mine = np.isin(everything.query_cams, [c.camera]), np.isin(everything.gallery_cams, [c.camera])
+            if c is largest:  # also every camera of the site that has no client
+                owned = [m.camera for m in members if m is not c]
+                mine = ~np.isin(everything.query_cams, owned), ~np.isin(everything.gallery_cams, owned)
+            parts.append(
+                Embedded(
+                    everything.query[mine[0]],
+                    everything.query_pids[mine[0]],
+                    everything.query_cams[mine[0]],
+                    everything.gallery[mine[1]],
+                    everything.gallery_pids[mine[1]],
+                    everything.gallery_cams[mine[1]],
+                )
+            )
+        by_hand = Embedded.union(parts).score().summary()
+        assert scored[site]["rank1"] == pytest.approx(by_hand["rank1"], abs=1e-3)
+        assert scored[site]["mAP"] == pytest.approx(by_hand["mAP"], abs=1e-3)
+        assert len(Embedded.union(parts).query) == len(everything.query)  # every crop once
 
 
 def test_central_over_camera_clients_pools_a_person_into_one_class_and_scores_once_per_site(
@@ -316,7 +371,6 @@ def test_refreshed_statistics_score_the_global_weights_with_the_sites_affine_lay
     training); off, it scores them with its layers as they are. A site without layers of its own yet
     scores the global ones with its statistics (as it would serve a deployment)."""
     from cloud.site_round import SiteJob, SiteWorker
-    from reid.model import build_model
     from reid.site import SiteData
     from reid.train import estimate_batchnorm, prepare_model
 
