@@ -84,7 +84,7 @@ def run_study(args: argparse.Namespace, sites: list[Path], public: Path | None, 
         local_epochs=args.local_epochs,
         eval_every=args.eval_every,
         refresh_bn_stats=args.refresh_bn_stats,
-        eval_local=args.site_models and not site_of,
+        eval_local="last" if args.site_models and not site_of else False,  # the tables read the last round
         model=ModelSpec(arch=args.arch),
         input=InputSpec(height=args.height, width=args.width),
         train=TrainConfig(lr_head=args.lr, lr_backbone=args.lr, batch_size=args.batch_size),

@@ -73,7 +73,11 @@ class SimulationConfig(BaseModel):
     rounds: int = Field(10, ge=1)
     local_epochs: int = Field(1, ge=1)
     eval_every: int = Field(1, ge=1)
-    eval_local: bool = Field(True, description="also evaluate each site's trained model before upload")
+    eval_local: bool | Literal["last"] = Field(
+        True,
+        description="also evaluate each site's trained model before upload: in every evaluation round, or "
+        'only in the last round ("last")',
+    )
     refresh_bn_stats: bool = Field(
         True,
         description="under bn=local, score the global model with each site's BatchNorm statistics estimated "
@@ -314,7 +318,8 @@ class Simulator:
         selected = cfg.selected(names, r) if federated else names
         summary["selected"] = sorted(selected)  # type: ignore[assignment]
         failed: dict[str, str] = {}
-        evaluate = self._eval_round(r) and (cfg.eval_local or not federated)
+        own_scored = cfg.eval_local is True or (cfg.eval_local == "last" and r + 1 == cfg.rounds)
+        evaluate = self._eval_round(r) and (own_scored or not federated)
         scores = CameraScores(self.site_of)
         jobs = [
             site.job(

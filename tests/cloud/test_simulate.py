@@ -413,3 +413,10 @@ def test_refreshed_statistics_score_the_global_weights_with_the_sites_affine_lay
     assert as_kept.metrics == pytest.approx(by_hand["as_kept"], abs=1e-6)
     assert newcomer.metrics == pytest.approx(by_hand["new"], abs=1e-6)
     assert refreshed.metrics != as_kept.metrics and refreshed.metrics != newcomer.metrics
+
+
+def test_sites_own_models_can_be_scored_in_the_last_round_only(tiny_federation, tmp_path):
+    cfg = _config("fedpav", rounds=2).model_copy(update={"eval_local": "last"})
+    records = Simulator(cfg, _sites(tiny_federation), tmp_path / "run").run()
+    scored = {(r["round"], r["model"]) for r in records if "model" in r}
+    assert scored == {(0, "global"), (1, "global"), (1, "local")}
