@@ -18,7 +18,8 @@ scored on its site's query/gallery). `--validation F` holds out a fraction F of 
 identities as its query/gallery and never reads the test splits: settings are chosen there.
 
 Methods: local (each site alone), fedpav, cdw (FedPav + CDW weights), kd (FedPav + server KD), cdw_kd,
-central (pooled training: the upper bound). Every method gets the same compute: `local_epochs` x
+central (pooled training: the upper bound; trained once, since by camera it pools the same images into
+the same classes when no camera is left out). Every method gets the same compute: `local_epochs` x
 `rounds` epochs per site. The synthetic federation is generated once, with settings fixed before any
 run (seed 0: sizes spread `size_ratio`x, per-site camera styles, a public KD set); the seeds vary
 training. Federated methods are scored with the global model, `local` with each site's own model,
@@ -73,7 +74,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def run_study(args: argparse.Namespace, sites: list[Path], public: Path | None, out: Path) -> dict:
+def run_study(
+    args: argparse.Namespace, sites: list[Path], public: Path | None, out: Path, methods: list[str]
+) -> dict:
     """Every method x seed on these sites (or clients); the sites' own models are scored when each client is
     a site (federated by camera they would be each camera's own model: not scored, to save the time). By
     camera the simulator scores each site once, each camera's crops embedded by its own client's model
@@ -96,7 +99,7 @@ def run_study(args: argparse.Namespace, sites: list[Path], public: Path | None, 
     finals: dict[str, dict[int, dict[str, dict[str, float]]]] = {}  # method -> seed -> site -> metrics
     site_models: dict[str, dict[int, dict[str, dict[str, float]]]] = {}  # federated: the sites' own models
     seconds: dict[str, float] = {}
-    for method in args.methods:
+    for method in methods:
         start = time.perf_counter()
         for seed in args.seeds:
             cfg = base.model_copy(update={"algorithm": method, "seed": seed})
@@ -467,7 +470,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     scenarios = ["dataset", "camera"] if args.scenario == "both" else [args.scenario]
-    summaries, everything = {}, {}
+    summaries, everything, results = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         base_sites, public, data_desc = study_sites(args, Path(tmp), parser)
         if args.from_scratch:
@@ -477,6 +480,7 @@ def main() -> None:
         for scenario in scenarios:
             sites = base_sites
             desc = data_desc
+            skipped: list[dict] = []
             if scenario == "camera":  # each camera of each site a client, scored on its site's query/gallery
                 clients, skipped = split_by_camera(base_sites, Path(tmp) / "cameras", min_images=4)
                 sites = [Path(tmp) / "cameras" / c.name for c in clients]
@@ -488,7 +492,18 @@ def main() -> None:
                 sizes[name] = sizes.get(name, 0) + len(read_dataset(s).train)
             if len(sites) < 2:
                 parser.error(f"a federation needs at least 2 sites; found {len(sites)}")
-            result = run_study(args, sites, public, args.out / scenario)
+            # pooled training does not depend on how the sites are split into clients: when no camera is
+            # left out, central by camera trains on exactly the images and classes it had by data set
+            reuse = (
+                scenario == "camera"
+                and not skipped
+                and "central" in results.get("dataset", {}).get("finals", {})
+            )
+            methods = [m for m in args.methods if not (reuse and m == "central")]
+            result = results[scenario] = run_study(args, sites, public, args.out / scenario, methods)
+            if reuse:
+                for key in ("curves", "finals", "seconds"):
+                    result[key]["central"] = results["dataset"][key]["central"]
             names = list(sizes)
             summary = summarise(result, names, sizes)
             summary["verdicts"] = verdicts(summary, names)

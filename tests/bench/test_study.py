@@ -130,8 +130,9 @@ def test_study_runs_both_scenarios_on_the_validation_split(real_layouts, tmp_pat
     data, _ = real_layouts
     out = tmp_path / "out"
     proc = run_study(
-        "--data", data, "--methods", "local,fedpav", "--seeds", "0", "--rounds", "2", "--validation", "0.3",
-        "--arch", "mobilenet_v3_small", "--batch-size", "8", "--out", out, "--from-scratch",
+        "--data", data, "--methods", "local,fedpav,central", "--seeds", "0", "--rounds", "2",
+        "--validation", "0.3", "--arch", "mobilenet_v3_small", "--batch-size", "8", "--out", out,
+        "--from-scratch",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = json.loads((out / "study.json").read_text())["scenarios"]
@@ -141,11 +142,32 @@ def test_study_runs_both_scenarios_on_the_validation_split(real_layouts, tmp_pat
         assert set(summary["sizes"]) == set(held), scenario  # per site, also when each camera is a client
         for name, site in held.items():  # trained on the kept identities only
             assert summary["sizes"][name] < len(read_dataset(site).train), (scenario, name)
-        assert set(summary["table"]) == {"local", "fedpav"}
+        assert set(summary["table"]) == {"local", "fedpav", "central"}
     assert study["camera"]["site_model_table"] == {}  # a camera's own model is not a site's
+    # a camera was left out (too few images), so pooled training by camera has other images: run again
+    assert "left out [{'site': 'market'" in study["camera"]["data"]
+    assert (out / "camera" / "runs" / "central").is_dir()
     assert set(study["dataset"]["site_model_table"]) == {"fedpav"}
     assert "validation split (30% of training identities)" in (out / "study.md").read_text()
     assert "camera" in study["camera"]["data"] and "validation" in study["camera"]["data"]
+
+
+def test_pooled_training_runs_once_when_every_camera_is_a_client(tmp_path):
+    """By camera with no camera left out, central pools exactly the images and classes it pooled by data
+    set: the study reuses that run instead of training it again."""
+    generate_federation(TINY, tmp_path / "fed")
+    out = tmp_path / "out"
+    proc = run_study(
+        "--data", tmp_path / "fed" / "sites", "--methods", "local,central", "--seeds", "0", "--rounds", "1",
+        "--arch", "mobilenet_v3_small", "--batch-size", "8", "--out", out, "--from-scratch",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = json.loads((out / "study.json").read_text())["scenarios"]
+    assert "left out []" in study["camera"]["data"]
+    assert study["camera"]["table"]["central"] == study["dataset"]["table"]["central"]
+    assert study["camera"]["table"]["local"] != study["dataset"]["table"]["local"]
+    assert (out / "dataset" / "runs" / "central").is_dir()
+    assert not (out / "camera" / "runs" / "central").exists()
 
 
 def test_study_argument_errors_name_the_problem(real_layouts, tmp_path):
