@@ -37,7 +37,7 @@ from reid.model import (
 )
 from reid.privacy import PrivacyLedger, privatize
 from reid.site import SiteData
-from reid.train import estimate_batchnorm, prepare_model, resolve_device, train_local
+from reid.train import adapt_to_site, prepare_model, resolve_device, train_local
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class SiteWorker:
                 data = self._site(job)
                 self._load(job, data, state)
                 if self.cfg.refresh_bn_stats and self.cfg.effective_strategy().bn == "local":
-                    estimate_batchnorm(self.model, data.statistics_loader(), self.device)
+                    adapt_to_site(self.model, job.private or None, data.statistics_loader(), self.device)
                 return self._scored(job, data, SiteResult(job.name, self.node))
             except Exception as err:
                 return self._failed(job, err)

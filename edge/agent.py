@@ -75,7 +75,7 @@ from reid.model import (
 )
 from reid.privacy import DPConfig, PrivacyLedger, privatize
 from reid.site import SiteData
-from reid.train import TrainConfig, estimate_batchnorm, resolve_device, train_local
+from reid.train import TrainConfig, adapt_to_site, resolve_device, train_local
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +436,8 @@ class Agent:
         so that training starts from the layers as kept."""
         if start.training.keep_local_bn:  # (its own layers, when it has them, are in already)
             model = copy.deepcopy(model)
-            estimate_batchnorm(model, site.statistics_loader(), self.device)
+            own = load_file(str(self.private_bn_file)) if self.private_bn_file.is_file() else None
+            adapt_to_site(model, own, site.statistics_loader(), self.device)
         summary = site.evaluate(model.to(self.device), self.device).summary()
         metrics = {k: round(v, 4) for k, v in summary.items()}
         if "rank1" in metrics:

@@ -11,7 +11,8 @@ eval mode so that it is deterministic. The original used a random augmented batc
 `estimate_batchnorm` (AdaBN, Li et al. 2016) sets a model's BatchNorm statistics from a site's images
 without training; `adapt_to_site` makes the global model of a federation that keeps BatchNorm layers at
 the sites (bn = "local") the model one site scores and serves: its own layers (when it has any) with
-their statistics estimated anew under the global weights.
+their statistics estimated anew under the global weights, pooled with those its training kept
+(`SITE_STATISTICS_PRIOR`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ from reid.model import ReIDModel
 from reid.weights import put_site_batchnorm
 
 Progress = Callable[[int, int], None]  # (batches done, batches total)
+
+# What a site's own BatchNorm statistics (those its training kept) count as, in images, when they are
+# estimated anew for serving (`adapt_to_site`): a client with one batch of images keeps most of its own,
+# a site with hundreds gets the estimate. Chosen on the validation split (docs/algorithms.md).
+SITE_STATISTICS_PRIOR = 32
 
 
 class TrainConfig(BaseModel):
@@ -96,10 +102,14 @@ def make_optimizer(model: ReIDModel, config: TrainConfig) -> torch.optim.SGD:
 
 
 @torch.no_grad()
-def estimate_batchnorm(model: ReIDModel, loader: DataLoader, device: torch.device | str = "cpu") -> int:
+def estimate_batchnorm(
+    model: ReIDModel, loader: DataLoader, device: torch.device | str = "cpu", prior: int = 0
+) -> int:
     """Set every BatchNorm layer's running mean and variance to their average over `loader`'s batches
     under the model's current weights (AdaBN); the affine weights and every other weight stay as they
-    are, and so does the model's mode. Returns the number of images seen (0: nothing changed)."""
+    are, and so does the model's mode. With `prior` > 0 the statistics the layers had count as that
+    many images: the result is those of the pooled images (`pool_statistics`). Returns the number of
+    images seen (0: nothing changed)."""
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]
     momenta = [m.momentum for m in layers]
@@ -124,12 +134,28 @@ def estimate_batchnorm(model: ReIDModel, loader: DataLoader, device: torch.devic
         for m, momentum in zip(layers, momenta, strict=True):
             m.momentum = momentum
         model.train(was_training)
-        if images == 0:
-            for m, (mean, var, tracked) in zip(layers, saved, strict=True):
+        for m, (mean, var, tracked) in zip(layers, saved, strict=True):
+            if images == 0:
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
                 m.num_batches_tracked.copy_(tracked)
+            elif prior > 0:
+                pooled = pool_statistics((m.running_mean, m.running_var, images), (mean, var, prior))
+                m.running_mean.copy_(pooled[0])
+                m.running_var.copy_(pooled[1])
     return images
+
+
+Statistics = tuple[torch.Tensor, torch.Tensor, int]  # (mean, variance, images)
+
+
+def pool_statistics(a: Statistics, b: Statistics) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and variance of the union of two sets of images, from each set's own."""
+    (mean_a, var_a, n_a), (mean_b, var_b, n_b) = a, b
+    n = n_a + n_b
+    mean = (n_a * mean_a + n_b * mean_b) / n
+    var = (n_a * var_a + n_b * var_b) / n + (n_a * n_b / n**2) * (mean_a - mean_b) ** 2
+    return mean, var
 
 
 def adapt_to_site(
@@ -141,11 +167,14 @@ def adapt_to_site(
     """Make `model` (the global weights of a federation with bn = "local") the model a site serves: its
     own BatchNorm layers put in (`site_bn`, when it has trained; else the global ones' affine weights
     stay), then their statistics estimated on `loader` (`reid.data.statistics_loader` of its training
-    images) under the weights in use. The site's layers carry the statistics of its training, under
-    the weights it trained, not the aggregated ones. Returns the images seen (0: nothing estimated)."""
+    images) under the weights in use and pooled with the statistics its layers kept, counted as
+    `SITE_STATISTICS_PRIOR` images (a site without layers of its own has none to pool). The kept ones
+    are those of its training, under the weights it trained, not the aggregated ones: a site with
+    hundreds of images gets the estimate, a client with one batch of them mostly keeps its own.
+    Returns the images seen (0: nothing estimated)."""
     if site_bn is not None:
         put_site_batchnorm(model, site_bn)
-    return estimate_batchnorm(model, loader, device)
+    return estimate_batchnorm(model, loader, device, prior=SITE_STATISTICS_PRIOR if site_bn else 0)
 
 
 def train_local(

@@ -299,7 +299,7 @@ def test_per_camera_clients_with_their_own_layers_embed_their_own_cameras_crops(
     without a client by the site's largest client, and the site is scored once on the union."""
     from reid.evaluate import Embedded
     from reid.site import SiteData
-    from reid.train import estimate_batchnorm, prepare_model
+    from reid.train import prepare_model
 
     clients, skipped = split_by_camera(_sites(tiny_federation), tmp_path / "cams", min_images=36)
     assert skipped  # some cameras have no client: their crops go to their site's largest client
@@ -325,7 +325,7 @@ def test_per_camera_clients_with_their_own_layers_embed_their_own_cameras_crops(
             model = build_model(cfg.model, 1)
             load_shared_state(model, {**state, **private})
             prepare_model(model, cfg.train)
-            estimate_batchnorm(model, data.statistics_loader())
+            adapt_to_site(model, private, data.statistics_loader())
             everything = data.embed(model)
             mine = np.isin(everything.query_cams, [c.camera]), np.isin(everything.gallery_cams, [c.camera])
             if c is largest:  # also every camera of the site that has no client
@@ -372,7 +372,7 @@ def test_refreshed_statistics_score_the_global_weights_with_the_sites_affine_lay
     scores the global ones with its statistics (as it would serve a deployment)."""
     from cloud.site_round import SiteJob, SiteWorker
     from reid.site import SiteData
-    from reid.train import estimate_batchnorm, prepare_model
+    from reid.train import prepare_model
 
     cfg = SimulationConfig(
         model=ModelSpec(arch="resnet18"),
@@ -404,7 +404,7 @@ def test_refreshed_statistics_score_the_global_weights_with_the_sites_affine_lay
         load_shared_state(model, {**state, **layers})
         prepare_model(model, cfg.train)
         if refresh:
-            seen = estimate_batchnorm(model, data.statistics_loader())
+            seen = adapt_to_site(model, layers or None, data.statistics_loader())
             assert seen == min(512, data.num_train_images) // 16 * 16  # equal batches
             weight = "backbone.trunk.1.weight"
             torch.testing.assert_close(model.state_dict()[weight], {**state, **layers}[weight])  # affine kept

@@ -125,6 +125,71 @@ def test_estimated_batchnorm_statistics_are_the_images_statistics():
         torch.testing.assert_close(model.state_dict()[key], value, msg=key)
 
 
+def test_pooled_statistics_are_those_of_the_union_and_a_prior_pools_the_kept_ones():
+    """`pool_statistics` gives the mean and (population) variance of the union of two image sets; with a
+    prior, `estimate_batchnorm` pools what it estimates with the statistics the layers had, counted as
+    that many images (no usable batch: nothing changes, prior or not)."""
+    from torch.utils.data import DataLoader
+
+    from reid.data import Batch
+    from reid.train import SITE_STATISTICS_PRIOR, adapt_to_site, estimate_batchnorm, pool_statistics
+    from reid.weights import batchnorm_keys, put_site_batchnorm, shared_state
+
+    torch.manual_seed(0)
+    a, b = torch.randn(30, 5) * 2 + 1, torch.randn(70, 5) * 0.5 - 1
+    union = torch.cat([a, b])
+    mean, var = pool_statistics(
+        (a.mean(0), a.var(0, unbiased=False), 30), (b.mean(0), b.var(0, unbiased=False), 70)
+    )
+    torch.testing.assert_close(mean, union.mean(0))
+    torch.testing.assert_close(var, union.var(0, unbiased=False))
+
+    model = build_model(ModelSpec(arch="resnet18"), 3).eval()
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.rand(32, 3, 64, 32) * 2 + 0.5
+    labels = torch.zeros(16, dtype=torch.long)
+    loader = DataLoader([Batch(images[i : i + 16], labels, labels, 0) for i in (0, 16)], batch_size=None)
+    assert estimate_batchnorm(model, loader) == 32
+    estimated = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(kept)
+    assert estimate_batchnorm(model, loader, prior=96) == 32
+    for layer in ("backbone.trunk.1", "embedding.bn"):
+        expected = pool_statistics(
+            (estimated[f"{layer}.running_mean"], estimated[f"{layer}.running_var"], 32),
+            (kept[f"{layer}.running_mean"], kept[f"{layer}.running_var"], 96),
+        )
+        torch.testing.assert_close(model.state_dict()[f"{layer}.running_mean"], expected[0])
+        torch.testing.assert_close(model.state_dict()[f"{layer}.running_var"], expected[1])
+        assert not torch.allclose(expected[0], estimated[f"{layer}.running_mean"])
+    model.load_state_dict(kept)
+    single = DataLoader([Batch(images[:1], labels[:1], labels[:1], 0)], batch_size=None)
+    assert estimate_batchnorm(model, single, prior=96) == 0
+    for key, value in kept.items():
+        torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+
+    # a site's own layers are pooled with SITE_STATISTICS_PRIOR images; without any, nothing is pooled
+    state = shared_state(model)
+    site_bn = {
+        k: state[k] * 1.5 + 0.1 if state[k].is_floating_point() else state[k] for k in batchnorm_keys(state)
+    }
+    assert adapt_to_site(model, site_bn, loader) == 32
+    mean = "backbone.trunk.1.running_mean"
+    var = mean.replace("mean", "var")
+    model_with_own = build_model(ModelSpec(arch="resnet18"), 3).eval()
+    model_with_own.load_state_dict(kept)
+    put_site_batchnorm(model_with_own, site_bn)
+    estimate_batchnorm(model_with_own, loader)
+    expected = pool_statistics(
+        (model_with_own.state_dict()[mean], model_with_own.state_dict()[var], 32),
+        (site_bn[mean], site_bn[var], SITE_STATISTICS_PRIOR),
+    )
+    torch.testing.assert_close(model.state_dict()[mean], expected[0])
+    torch.testing.assert_close(model.state_dict()[var], expected[1])
+    model.load_state_dict(kept)
+    adapt_to_site(model, None, loader)
+    torch.testing.assert_close(model.state_dict()[mean], estimated[mean])
+
+
 def test_site_statistics_are_the_same_wherever_they_are_estimated(tiny_federation):
     """`statistics_loader` augments a site's images as training does and `estimate_batchnorm` seeds those
     draws: two estimates are identical (the agent's score and its deployment agree), they differ from
