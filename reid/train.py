@@ -11,8 +11,8 @@ eval mode so that it is deterministic. The original used a random augmented batc
 `estimate_batchnorm` (AdaBN, Li et al. 2016) sets a model's BatchNorm statistics from a site's images
 without training; `adapt_to_site` makes the global model of a federation that keeps BatchNorm layers at
 the sites (bn = "local") the model one site scores and serves: its own layers (when it has any) with
-their statistics estimated anew under the global weights, pooled with those its training kept
-(`SITE_STATISTICS_PRIOR`).
+their statistics estimated anew under the global weights and shrunk towards those its training kept by
+as much as the estimate's own sampling noise explains of the gap between them (`shrinkage_weight`).
 """
 
 from __future__ import annotations
@@ -30,11 +30,6 @@ from reid.model import ReIDModel
 from reid.weights import put_site_batchnorm
 
 Progress = Callable[[int, int], None]  # (batches done, batches total)
-
-# What a site's own BatchNorm statistics (those its training kept) count as, in images, when they are
-# estimated anew for serving (`adapt_to_site`): a client with one batch of images keeps most of its own,
-# a site with hundreds gets the estimate. Chosen on the validation split (docs/algorithms.md).
-SITE_STATISTICS_PRIOR = 32
 
 
 class TrainConfig(BaseModel):
@@ -103,13 +98,13 @@ def make_optimizer(model: ReIDModel, config: TrainConfig) -> torch.optim.SGD:
 
 @torch.no_grad()
 def estimate_batchnorm(
-    model: ReIDModel, loader: DataLoader, device: torch.device | str = "cpu", prior: int = 0
+    model: ReIDModel, loader: DataLoader, device: torch.device | str = "cpu", shrink: bool = False
 ) -> int:
     """Set every BatchNorm layer's running mean and variance to their average over `loader`'s batches
     under the model's current weights (AdaBN); the affine weights and every other weight stay as they
-    are, and so does the model's mode. With `prior` > 0 the statistics the layers had count as that
-    many images: the result is those of the pooled images (`pool_statistics`). Returns the number of
-    images seen (0: nothing changed)."""
+    are, and so does the model's mode. With `shrink` each layer's estimate is pooled with the statistics
+    the layer had, those weighted by `shrinkage_weight` (the estimate's sampling noise over its gap to
+    them). Returns the number of images seen (0: nothing changed)."""
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]
     momenta = [m.momentum for m in layers]
@@ -122,6 +117,7 @@ def estimate_batchnorm(
         if isinstance(m, nn.modules.dropout._DropoutNd):
             m.eval()
     images = 0
+    noise = _MeanNoise(layers) if shrink else None
     try:
         for batch in loader:
             if len(batch) >= 2:  # BatchNorm needs two samples
@@ -131,6 +127,8 @@ def estimate_batchnorm(
         images = 0
         raise
     finally:
+        if noise is not None:
+            noise.close()
         for m, momentum in zip(layers, momenta, strict=True):
             m.momentum = momentum
         model.train(was_training)
@@ -139,18 +137,57 @@ def estimate_batchnorm(
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
                 m.num_batches_tracked.copy_(tracked)
-            elif prior > 0:
-                pooled = pool_statistics((m.running_mean, m.running_var, images), (mean, var, prior))
+            elif noise is not None:
+                kept = shrinkage_weight(m.running_mean, mean, noise.of(m))
+                pooled = pool_statistics((m.running_mean, m.running_var, 1 - kept), (mean, var, kept))
                 m.running_mean.copy_(pooled[0])
                 m.running_var.copy_(pooled[1])
     return images
 
 
-Statistics = tuple[torch.Tensor, torch.Tensor, int]  # (mean, variance, images)
+class _MeanNoise:
+    """The sampling variance, per channel, of the means `estimate_batchnorm` takes: the variance across
+    images of each image's own channel mean (its input to the layer, averaged over positions), over the
+    number of images. Recorded by hooks on the layers while the estimate runs."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self._sums: dict[nn.Module, list] = {m: [0, 0.0, 0.0] for m in layers}
+        self._hooks = [m.register_forward_pre_hook(self._record) for m in layers]
+
+    def _record(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0].detach().double()
+        per_image = x.flatten(2).mean(2) if x.dim() > 2 else x
+        sums = self._sums[layer]
+        sums[0] += len(per_image)
+        sums[1] = sums[1] + per_image.sum(0)
+        sums[2] = sums[2] + (per_image**2).sum(0)
+
+    def of(self, layer: nn.Module) -> torch.Tensor:
+        n, total, squares = self._sums[layer]
+        between = (squares / n - (total / n) ** 2).clamp(min=0) * n / max(n - 1, 1)
+        return between / n
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+def shrinkage_weight(estimate: torch.Tensor, kept: torch.Tensor, noise: torch.Tensor) -> float:
+    """The weight of `kept` means against `estimate`d ones whose sampling variance is `noise` (per
+    channel): the positive-part James-Stein weight, all the noise over the squared gap between the two,
+    at most 1. Kept statistics within the estimate's noise are kept; far from it (the weights they were
+    taken under moved), the estimate wins."""
+    gap = float(((estimate.double() - kept.double()) ** 2).sum())
+    total = float(noise.double().sum())
+    return 1.0 if gap <= total else total / gap
+
+
+Statistics = tuple[torch.Tensor, torch.Tensor, float]  # (mean, variance, images or weight)
 
 
 def pool_statistics(a: Statistics, b: Statistics) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean and variance of the union of two sets of images, from each set's own."""
+    """The mean and variance of the union of two sets of images, from each set's own (or of a mixture
+    of the two distributions, with weights in place of the counts)."""
     (mean_a, var_a, n_a), (mean_b, var_b, n_b) = a, b
     n = n_a + n_b
     mean = (n_a * mean_a + n_b * mean_b) / n
@@ -167,14 +204,15 @@ def adapt_to_site(
     """Make `model` (the global weights of a federation with bn = "local") the model a site serves: its
     own BatchNorm layers put in (`site_bn`, when it has trained; else the global ones' affine weights
     stay), then their statistics estimated on `loader` (`reid.data.statistics_loader` of its training
-    images) under the weights in use and pooled with the statistics its layers kept, counted as
-    `SITE_STATISTICS_PRIOR` images (a site without layers of its own has none to pool). The kept ones
-    are those of its training, under the weights it trained, not the aggregated ones: a site with
-    hundreds of images gets the estimate, a client with one batch of them mostly keeps its own.
+    images) under the weights in use and shrunk towards the statistics its layers kept
+    (`shrinkage_weight`; a site without layers of its own has none). The kept ones are those of its
+    training, under the weights it trained, not the aggregated ones: they stay where the estimate
+    cannot tell them from its own noise (a pretrained federation whose weights moved little, a client
+    with one batch of images) and give way where the weights moved (a federation trained from scratch).
     Returns the images seen (0: nothing estimated)."""
     if site_bn is not None:
         put_site_batchnorm(model, site_bn)
-    return estimate_batchnorm(model, loader, device, prior=SITE_STATISTICS_PRIOR if site_bn else 0)
+    return estimate_batchnorm(model, loader, device, shrink=bool(site_bn))
 
 
 def train_local(

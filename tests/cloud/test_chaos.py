@@ -1,5 +1,5 @@
 """Chaos: a seeded schedule kills (SIGKILL or SIGTERM) the aggregator, the broker and the agents at
-random moments of a 15-round federation on mosquitto, and restarts them. The run must finish with
+random moments of a 10-round federation on mosquitto, and restarts them. The run must finish with
 rounds strictly increasing, every acknowledged update aggregated exactly once, no stall longer than the
 deadline rule allows, and a bounded state dir."""
 
@@ -20,7 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from cloud.local_federation import agent_command
 from protocol.broker import LocalBroker, free_port, parse_url
 
-ROUNDS = 15
+ROUNDS = 10
 DEADLINE_S = 12.0
 EXTENSIONS = 1
 RESTART_SLACK_S = 40.0  # a killed process comes back after <= 3 s and needs ~10 s to import torch

@@ -125,14 +125,15 @@ def test_estimated_batchnorm_statistics_are_the_images_statistics():
         torch.testing.assert_close(model.state_dict()[key], value, msg=key)
 
 
-def test_pooled_statistics_are_those_of_the_union_and_a_prior_pools_the_kept_ones():
-    """`pool_statistics` gives the mean and (population) variance of the union of two image sets; with a
-    prior, `estimate_batchnorm` pools what it estimates with the statistics the layers had, counted as
-    that many images (no usable batch: nothing changes, prior or not)."""
+def test_site_statistics_are_shrunk_towards_the_kept_ones_by_the_estimates_noise():
+    """`pool_statistics` gives the mean and (population) variance of the union of two image sets (or of
+    a weighted mixture); `shrinkage_weight` is the positive-part James-Stein weight; with `shrink`,
+    `estimate_batchnorm` mixes each layer's estimate with the statistics it had by that weight, the
+    estimate's noise measured on each image's own channel means (no usable batch: nothing changes)."""
     from torch.utils.data import DataLoader
 
     from reid.data import Batch
-    from reid.train import SITE_STATISTICS_PRIOR, adapt_to_site, estimate_batchnorm, pool_statistics
+    from reid.train import adapt_to_site, estimate_batchnorm, pool_statistics, shrinkage_weight
     from reid.weights import batchnorm_keys, put_site_batchnorm, shared_state
 
     torch.manual_seed(0)
@@ -143,6 +144,9 @@ def test_pooled_statistics_are_those_of_the_union_and_a_prior_pools_the_kept_one
     )
     torch.testing.assert_close(mean, union.mean(0))
     torch.testing.assert_close(var, union.var(0, unbiased=False))
+    two = torch.tensor([1.0, 1.0])
+    assert shrinkage_weight(torch.tensor([2.0, 2.0]), torch.zeros(2), two) == 0.25  # noise 2, gap 8
+    assert shrinkage_weight(torch.tensor([1.0, 0.0]), torch.zeros(2), two) == 1.0  # within the noise
 
     model = build_model(ModelSpec(arch="resnet18"), 3).eval()
     kept = {k: v.clone() for k, v in model.state_dict().items()}
@@ -151,42 +155,45 @@ def test_pooled_statistics_are_those_of_the_union_and_a_prior_pools_the_kept_one
     loader = DataLoader([Batch(images[i : i + 16], labels, labels, 0) for i in (0, 16)], batch_size=None)
     assert estimate_batchnorm(model, loader) == 32
     estimated = {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(kept)
-    assert estimate_batchnorm(model, loader, prior=96) == 32
-    for layer in ("backbone.trunk.1", "embedding.bn"):
+
+    # the first layer's noise, by hand: its input is the first convolution's output
+    with torch.no_grad():
+        per_image = model.backbone.trunk[0](images).double().mean((2, 3))
+    noise = per_image.var(0) / 32
+    layer = "backbone.trunk.1"
+    for shift in (0.0, 0.3, 30.0):  # the kept means: at the estimate, near it, far from it
+        start = {**kept, f"{layer}.running_mean": estimated[f"{layer}.running_mean"] + shift}
+        model.load_state_dict(start)
+        assert estimate_batchnorm(model, loader, shrink=True) == 32
+        weight = shrinkage_weight(estimated[f"{layer}.running_mean"], start[f"{layer}.running_mean"], noise)
         expected = pool_statistics(
-            (estimated[f"{layer}.running_mean"], estimated[f"{layer}.running_var"], 32),
-            (kept[f"{layer}.running_mean"], kept[f"{layer}.running_var"], 96),
+            (estimated[f"{layer}.running_mean"], estimated[f"{layer}.running_var"], 1 - weight),
+            (start[f"{layer}.running_mean"], start[f"{layer}.running_var"], weight),
         )
         torch.testing.assert_close(model.state_dict()[f"{layer}.running_mean"], expected[0])
         torch.testing.assert_close(model.state_dict()[f"{layer}.running_var"], expected[1])
-        assert not torch.allclose(expected[0], estimated[f"{layer}.running_mean"])
+        assert {0.0: weight == 1.0, 0.3: 0.0 < weight < 1.0, 30.0: weight < 1e-3}[shift], (shift, weight)
     model.load_state_dict(kept)
     single = DataLoader([Batch(images[:1], labels[:1], labels[:1], 0)], batch_size=None)
-    assert estimate_batchnorm(model, single, prior=96) == 0
+    assert estimate_batchnorm(model, single, shrink=True) == 0
     for key, value in kept.items():
         torch.testing.assert_close(model.state_dict()[key], value, msg=key)
 
-    # a site's own layers are pooled with SITE_STATISTICS_PRIOR images; without any, nothing is pooled
+    # a site's own layers are shrunk towards; without any, the plain estimate
     state = shared_state(model)
     site_bn = {
         k: state[k] * 1.5 + 0.1 if state[k].is_floating_point() else state[k] for k in batchnorm_keys(state)
     }
     assert adapt_to_site(model, site_bn, loader) == 32
-    mean = "backbone.trunk.1.running_mean"
-    var = mean.replace("mean", "var")
     model_with_own = build_model(ModelSpec(arch="resnet18"), 3).eval()
     model_with_own.load_state_dict(kept)
     put_site_batchnorm(model_with_own, site_bn)
-    estimate_batchnorm(model_with_own, loader)
-    expected = pool_statistics(
-        (model_with_own.state_dict()[mean], model_with_own.state_dict()[var], 32),
-        (site_bn[mean], site_bn[var], SITE_STATISTICS_PRIOR),
-    )
-    torch.testing.assert_close(model.state_dict()[mean], expected[0])
-    torch.testing.assert_close(model.state_dict()[var], expected[1])
+    estimate_batchnorm(model_with_own, loader, shrink=True)
+    for key, value in model_with_own.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, msg=key)
     model.load_state_dict(kept)
     adapt_to_site(model, None, loader)
+    mean = f"{layer}.running_mean"
     torch.testing.assert_close(model.state_dict()[mean], estimated[mean])
 
 
