@@ -24,6 +24,7 @@ Training runs on its own thread; MQTT handlers only parse and hand over.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -32,6 +33,7 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -75,7 +77,7 @@ from reid.model import (
 )
 from reid.privacy import DPConfig, PrivacyLedger, privatize
 from reid.site import SiteData
-from reid.train import TrainConfig, adapt_to_site, resolve_device, train_local
+from reid.train import TrainConfig, TrainResult, adapt_to_site, resolve_device, train_local
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +152,14 @@ class AgentConfig(BaseModel):
         return value
 
 
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """The seconds the block takes, to the millisecond, as `timings[name]` (an update's timings)."""
+    clock = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - clock, 3)
+
+
 @dataclass(frozen=True)
 class Progress:
     """The last round this site trained, persisted in ``progress.json`` (atomic writes)."""
@@ -160,6 +170,17 @@ class Progress:
 
     def same(self, start: RoundStart) -> bool:
         return (self.last_round, self.base_hash) == (start.round, start.base_hash)
+
+
+@dataclass
+class Received:
+    """A round's model as this site trains it: the global weights (`shared`, as received) with its
+    classifier and, under bn=local, the BatchNorm layers it kept (`own_bn`, empty when it has none)."""
+
+    model: ReIDModel
+    shared: dict[str, torch.Tensor]
+    own_bn: dict[str, torch.Tensor]
+    site: SiteData
 
 
 @dataclass
@@ -411,7 +432,7 @@ class Agent:
         self.site_data.batch_size = start.training.batch_size
         return self.site_data
 
-    def _received_model(self, start: RoundStart, blob: bytes) -> tuple[ReIDModel, dict, SiteData]:
+    def _received_model(self, start: RoundStart, blob: bytes) -> Received:
         """The round's model with this site's classifier (and own BN layers when kept local)."""
         try:
             received = {k: torch.from_numpy(v) for k, v in decode_state(blob).items()}
@@ -426,18 +447,18 @@ class Agent:
         if self.classifier_file.is_file():
             load_local_state(model, load_file(str(self.classifier_file)))
         private = self.private_bn_file
-        overrides = load_file(str(private)) if start.training.keep_local_bn and private.is_file() else {}
-        load_shared_state(model, {**received, **overrides})
-        return model, received, site
+        own = load_file(str(private)) if start.training.keep_local_bn and private.is_file() else {}
+        load_shared_state(model, {**received, **own})
+        return Received(model, received, own, site)
 
-    def _evaluate(self, model: ReIDModel, site: SiteData, start: RoundStart) -> dict[str, float]:
+    def _evaluate(self, received: Received, start: RoundStart) -> dict[str, float]:
         """Score the round's model as this site serves it: under bn=local with its BatchNorm statistics
         estimated under the global weights (as its deployments: `reid.train.adapt_to_site`), on a copy
         so that training starts from the layers as kept."""
-        if start.training.keep_local_bn:  # (its own layers, when it has them, are in already)
+        model, site = received.model, received.site
+        if start.training.keep_local_bn:
             model = copy.deepcopy(model)
-            own = load_file(str(self.private_bn_file)) if self.private_bn_file.is_file() else None
-            adapt_to_site(model, own, site.statistics_loader(), self.device)
+            adapt_to_site(model, received.own_bn or None, site.statistics_loader(), self.device)
         summary = site.evaluate(model.to(self.device), self.device).summary()
         metrics = {k: round(v, 4) for k, v in summary.items()}
         if "rank1" in metrics:
@@ -450,8 +471,7 @@ class Agent:
         metrics: dict[str, float] = {}
         self.metrics.phase("evaluating")
         if self.cfg.evaluate != "never":
-            model, _, site = self._received_model(start, blob)
-            metrics = self._evaluate(model, site, start)
+            metrics = self._evaluate(self._received_model(start, blob), start)
         report = EvalReport(site=self.cfg.site, round=start.round, base_hash=start.base_hash, metrics=metrics)
         atomic_write(self.dir / "eval_report.json", encode_message(report))  # (progress is about training)
         self.endpoint.send(self.topics.site(self.cfg.site, "eval"), encode_message(report))
@@ -469,53 +489,86 @@ class Agent:
         return True
 
     def _train_round(self, start: RoundStart, blob: bytes, fetch_seconds: float) -> None:
+        """One training round: load the round's model, evaluate it when asked, train, privatize and
+        encode the delta, keep it on disk as pending, then announce and upload it."""
         if not start.train:
             self._evaluation_round(start, blob)
             return
-        r = start.round
         self.metrics.phase("training")
         self.metrics.progress.set(0)
         timings = {"fetch": round(fetch_seconds, 3)}
-        clock = time.perf_counter()
-        model, received, site = self._received_model(start, blob)
+        with _timed(timings, "load"):
+            got = self._received_model(start, blob)
         metrics: dict[str, float] = {}
-        timings["load"] = round(time.perf_counter() - clock, 3)
-        clock = time.perf_counter()
-        if self.cfg.evaluate == "always" or (self.cfg.evaluate == "round" and start.evaluate):
-            metrics = self._evaluate(model, site, start)
+        with _timed(timings, "evaluate"):
+            if self.cfg.evaluate == "always" or (self.cfg.evaluate == "round" and start.evaluate):
+                metrics = self._evaluate(got, start)
+        config = self._train_config(start)
+        with _timed(timings, "train"):
+            result = self._train(got, config)
+        with _timed(timings, "encode"):
+            delta, dp_epsilon = self._delta(got, start, config.seed)
+            encoding = self.cfg.upload_encoding or start.upload_encoding
+            compressed = (
+                start.upload_compressed if self.cfg.upload_compressed is None else self.cfg.upload_compressed
+            )
+            upload = encode_state(delta, encoding, compress=compressed)
+            ref = blob_ref(upload, self.cfg.chunk_bytes, encoding, compressed)
+        manifest = UpdateManifest(
+            site=self.cfg.site,
+            round=start.round,
+            base_hash=start.base_hash,
+            blob=ref,
+            n_samples=got.site.num_train_images,
+            cdw=min(2.0, max(0.0, result.cdw or 0.0)),
+            loss=result.loss,
+            train_seconds=result.seconds,
+            timings=timings,
+            metrics=metrics,
+            dp_epsilon=dp_epsilon,
+        )
+        self._keep_local_layers(got.model, start)
+        self._keep_pending(manifest, upload)
+        self._save_progress(Progress(start.round, start.base_hash, False))
+        self._upload(start, manifest, upload, result)
+
+    def _train_config(self, start: RoundStart) -> TrainConfig:
         t = start.training
-        config = TrainConfig(
+        return TrainConfig(
             epochs=self.cfg.local_epochs or t.local_epochs,
             batch_size=t.batch_size,
             lr_head=t.lr_head,
             lr_backbone=t.lr_backbone,
             device=self.cfg.device,
             num_workers=self.cfg.workers,
-            seed=self.cfg.seed * 100_003 + r,
+            seed=self.cfg.seed * 100_003 + start.round,
         )
-        site.seed = config.seed
-        timings["evaluate"] = round(time.perf_counter() - clock, 3)
-        clock = time.perf_counter()
+
+    def _train(self, got: Received, config: TrainConfig) -> TrainResult:
+        """E local epochs on the site's images (the model in `got` is trained in place)."""
+        got.site.seed = config.seed
         result = train_local(
-            model,
-            site.train_loader(),
+            got.model,
+            got.site.train_loader(),
             config,
             progress=lambda done, total: self.metrics.progress.set(done / max(1, total)),
-            cdw_images=site.cdw_images(),
+            cdw_images=got.site.cdw_images(),
         )
         self.metrics.images_per_s.set(result.images_per_s)
         if not math.isfinite(result.loss):
             raise RoundFailed(f"training diverged (loss {result.loss}): the global model is not usable here")
-        timings["train"] = round(time.perf_counter() - clock, 3)
-        clock = time.perf_counter()
-        trained = shared_state(model)
-        delta_t = {k: trained[k] - received[k] for k in received}
+        return result
+
+    def _delta(self, got: Received, start: RoundStart, seed: int) -> tuple[dict, float | None]:
+        """What leaves the site: trained - received shared state (without BatchNorm layers under
+        bn=local), clipped and noised when DP is on; and the privacy spent so far (None without DP)."""
+        trained = shared_state(got.model)
+        delta_t = {k: trained[k] - got.shared[k] for k in got.shared}
         if start.training.keep_local_bn:
             delta_t = without_batchnorm(delta_t)
         dp_epsilon = None
         if self.cfg.dp.enabled:
-            generator = torch.Generator().manual_seed(config.seed)
-            delta_t, norm = privatize(delta_t, self.cfg.dp, generator)
+            delta_t, norm = privatize(delta_t, self.cfg.dp, torch.Generator().manual_seed(seed))
             dp_epsilon = self._spend_privacy()
             log.info(
                 "DP: delta norm %.4f clipped to %.4f, noise sigma %.2f; epsilon so far %.2f (delta %g)",
@@ -525,58 +578,45 @@ class Agent:
                 dp_epsilon,
                 self.cfg.dp.delta,
             )
-        delta = {k: v.numpy() for k, v in delta_t.items()}
-        encoding = self.cfg.upload_encoding or start.upload_encoding
-        compressed = (
-            start.upload_compressed if self.cfg.upload_compressed is None else self.cfg.upload_compressed
-        )
-        upload = encode_state(delta, encoding, compress=compressed)
-        ref = blob_ref(upload, self.cfg.chunk_bytes, encoding, compressed)
-        timings["encode"] = round(time.perf_counter() - clock, 3)
-        manifest = UpdateManifest(
-            site=self.cfg.site,
-            round=r,
-            base_hash=start.base_hash,
-            blob=ref,
-            n_samples=site.num_train_images,
-            cdw=min(2.0, max(0.0, result.cdw or 0.0)),
-            loss=result.loss,
-            train_seconds=result.seconds,
-            timings=timings,
-            metrics=metrics,
-            dp_epsilon=dp_epsilon,
-        )
-        atomic_write(self.classifier_file, save(local_state(model)))  # a kill mid-write leaves the old one
+        return {k: v.numpy() for k, v in delta_t.items()}, dp_epsilon
+
+    def _keep_local_layers(self, model: ReIDModel, start: RoundStart) -> None:
+        """The classifier (always) and, under bn=local, the BatchNorm layers: what the next round
+        trains from. Atomic writes: a kill mid-write leaves the old files."""
+        atomic_write(self.classifier_file, save(local_state(model)))
         if start.training.keep_local_bn:
+            trained = shared_state(model)
             atomic_write(self.private_bn_file, save({k: trained[k] for k in batchnorm_keys(trained)}))
         else:  # the federation shares BatchNorm layers (again): the site's deployments are as exported
             self.private_bn_file.unlink(missing_ok=True)
-        self._keep_pending(manifest, upload)
-        self._save_progress(Progress(r, start.base_hash, False))
+
+    def _upload(
+        self, start: RoundStart, manifest: UpdateManifest, upload: bytes, result: TrainResult
+    ) -> None:
         if time.time() > start.deadline:
             log.warning("training finished after the round's deadline; uploading anyway")
         self.endpoint.send(self.topics.site(self.cfg.site, "update"), encode_message(manifest))
         self.republished = time.monotonic()
         self.metrics.phase("uploading")
         self.metrics.rounds.inc()
-        self.metrics.last_round.set(r)
+        self.metrics.last_round.set(start.round)
         try:
             self.endpoint.publish_blob(
-                self.topics.site(self.cfg.site, "chunks"), upload, ref.blob_id, self.cfg.chunk_bytes
+                self.topics.site(self.cfg.site, "chunks"), upload, manifest.blob.blob_id, self.cfg.chunk_bytes
             )
         except TimeoutError as err:  # the update stays pending on disk; the aggregator asks for it again
-            log.warning("upload of round %d interrupted (%s); it is sent again when asked", r, err)
+            log.warning("upload of round %d interrupted (%s); it is sent again when asked", start.round, err)
             return
         self.metrics.upload_bytes.inc(len(upload))
         log.info(
             "round %d: trained %.1f s (%.1f img/s, loss %.3f, CDW %.4f), uploaded %.2f MB (%s)",
-            r,
+            start.round,
             result.seconds,
             result.images_per_s,
             result.loss,
             manifest.cdw,
             len(upload) / 1e6,
-            encoding,
+            manifest.blob.encoding,
         )
 
     def _trainer(self) -> None:
