@@ -709,7 +709,7 @@ class Aggregator:
             )
         selected = saved["selected"] if resumed else self._select(r) if train else self._eligible(r)
         now = time.time()
-        kd_due = train and self.public is not None and (r + 1) % self.cfg.kd.every == 0
+        kd_due = train and self.public is not None and self.cfg.kd.due(r)
         cur = OpenRound(
             r,
             selected,

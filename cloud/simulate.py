@@ -307,7 +307,7 @@ class Simulator:
         cfg, executor = self.cfg, self.executor
         assert executor is not None
         federated = cfg.algorithm != "local"
-        kd_due = cfg.uses_kd and (r + 1) % cfg.kd.every == 0
+        kd_due = cfg.uses_kd and cfg.kd.due(r)
         grouped = self.clustering is not None and self.clustering.active
         agg = StreamingAggregator(self.global_state, self.strategy) if federated and not grouped else None
         bases = {"global": self.global_state, **(self.clustering.bases() if self.clustering else {})}

@@ -49,6 +49,10 @@ class KDConfig(BaseModel):
     max_batches: int | None = Field(None, ge=1, description="stop KD after this many batches")
     max_seconds: float | None = Field(None, gt=0, description="stop KD after this much wall time")
 
+    def due(self, r: int) -> bool:
+        """Whether KD runs after training round `r` (0-based): after every `every`-th round."""
+        return (r + 1) % self.every == 0
+
 
 def kd_target(teacher_embeddings: Sequence[torch.Tensor], normalize: bool = True) -> torch.Tensor:
     """The KD target: mean over teachers of their (N x D) embeddings, each L2-normalised per sample."""

@@ -29,6 +29,12 @@ def test_target_is_the_mean_of_normalised_teacher_embeddings():
     assert running.count == 3  # the bad teachers changed nothing
 
 
+def test_kd_runs_after_every_nth_training_round():
+    """The one schedule the simulator and the aggregator share: after rounds every-1, 2*every-1, ..."""
+    assert [r for r in range(10) if KDConfig(every=3).due(r)] == [2, 5, 8]
+    assert all(KDConfig().due(r) for r in range(5))
+
+
 def test_kd_step_lowers_mse_changes_student_not_teachers(tiny_federation):
     spec = InputSpec(height=64, width=32)
     paths = read_image_folder(tiny_federation / "public")
