@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from cloud.cli import app
 from cloud.local_federation import agent_command, run_local_federation
 from cloud.server import Aggregator, ServeConfig
+from cloud.strategy import KDConfig
 from edge.deployment import current_model
 from export.contract import load_contract
 from protocol.broker import EmbeddedBroker, LocalBroker, find_mosquitto, free_port, parse_url
@@ -59,16 +60,28 @@ def _served_retrieval(model: Path, site: Path) -> tuple[float, float]:
     return summary["rank1"], summary["mAP"]
 
 
-def test_a_round_on_the_embedded_broker(tiny_federation, tmp_path):
+def test_a_round_on_the_embedded_broker_with_server_side_kd(tiny_federation, tmp_path):
     """The amqtt fallback (`broker = "auto"` without mosquitto) carries a round and the final evaluation:
-    retained messages, QoS 1 and chunked blobs all work on it."""
+    retained messages, QoS 1 and chunked blobs all work on it. The aggregator distils the round's
+    teachers into the global model on the public set (`kd_enabled`), as the simulator does."""
     sites = sorted((tiny_federation / "sites").iterdir())[:2]
-    cfg = ServeConfig(federation="amqtt", state_dir=tmp_path / "cloud", rounds=1, min_sites=2, **TINY)
+    cfg = ServeConfig(
+        federation="amqtt",
+        state_dir=tmp_path / "cloud",
+        rounds=1,
+        min_sites=2,
+        kd_enabled=True,
+        public=tiny_federation / "public",
+        kd=KDConfig(batch_size=8, max_batches=2),
+        **TINY,
+    )
     with EmbeddedBroker() as broker:
         metrics = run_local_federation(cfg, sites, tmp_path, broker_url=broker.url)
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     rounds = [r for r in records if r.get("kind") == "round"]
     assert [(r["round"], r["accepted"]) for r in rounds] == [(0, [s.name for s in sites])]
+    kd = rounds[0]["kd"]
+    assert kd["batches"] == 2 and np.isfinite(kd["mse_first"]) and np.isfinite(kd["mse_last"]), kd
     final = [r for r in records if r.get("kind") == "evaluation"]
     assert len(final) == 1 and final[0]["reported"] == [s.name for s in sites]
 
