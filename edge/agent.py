@@ -507,7 +507,8 @@ class Agent:
         with _timed(timings, "train"):
             result = self._train(got, config)
         with _timed(timings, "encode"):
-            delta, dp_epsilon = self._delta(got, start, config.seed)
+            trained = shared_state(got.model)
+            delta, dp_epsilon = self._delta(got, trained, start, config.seed)
             encoding = self.cfg.upload_encoding or start.upload_encoding
             compressed = (
                 start.upload_compressed if self.cfg.upload_compressed is None else self.cfg.upload_compressed
@@ -527,7 +528,7 @@ class Agent:
             metrics=metrics,
             dp_epsilon=dp_epsilon,
         )
-        self._keep_local_layers(got.model, start)
+        self._keep_local_layers(got.model, trained, start)
         self._keep_pending(manifest, upload)
         self._save_progress(Progress(start.round, start.base_hash, False))
         self._upload(start, manifest, upload, result)
@@ -559,10 +560,11 @@ class Agent:
             raise RoundFailed(f"training diverged (loss {result.loss}): the global model is not usable here")
         return result
 
-    def _delta(self, got: Received, start: RoundStart, seed: int) -> tuple[dict, float | None]:
+    def _delta(
+        self, got: Received, trained: dict[str, torch.Tensor], start: RoundStart, seed: int
+    ) -> tuple[dict, float | None]:
         """What leaves the site: trained - received shared state (without BatchNorm layers under
         bn=local), clipped and noised when DP is on; and the privacy spent so far (None without DP)."""
-        trained = shared_state(got.model)
         delta_t = {k: trained[k] - got.shared[k] for k in got.shared}
         if start.training.keep_local_bn:
             delta_t = without_batchnorm(delta_t)
@@ -580,12 +582,13 @@ class Agent:
             )
         return {k: v.numpy() for k, v in delta_t.items()}, dp_epsilon
 
-    def _keep_local_layers(self, model: ReIDModel, start: RoundStart) -> None:
+    def _keep_local_layers(
+        self, model: ReIDModel, trained: dict[str, torch.Tensor], start: RoundStart
+    ) -> None:
         """The classifier (always) and, under bn=local, the BatchNorm layers: what the next round
         trains from. Atomic writes: a kill mid-write leaves the old files."""
         atomic_write(self.classifier_file, save(local_state(model)))
         if start.training.keep_local_bn:
-            trained = shared_state(model)
             atomic_write(self.private_bn_file, save({k: trained[k] for k in batchnorm_keys(trained)}))
         else:  # the federation shares BatchNorm layers (again): the site's deployments are as exported
             self.private_bn_file.unlink(missing_ok=True)
