@@ -2,12 +2,15 @@
 floor, side by side in one run, and gallery search latency by gallery size.
 
     .venv/bin/python bench/serve.py [--arch resnet50 --height 256 --width 128] [--clients 16]
-        [--seconds 15] [--precisions fp32 int8] [--gallery 10000 100000 1000000] [--quick]
+        [--seconds 15] [--precisions fp32 int8] [--payload person|noise] [--gallery 10000 100000 1000000]
+        [--quick]
 
 * ceiling: the same ONNX model through a bare ONNX Runtime session at batch 32 in a loop (crops
   already preprocessed: no HTTP, no decoding), measured right before and after ours, the higher kept;
 * ours: `edge-agent serve-features` (its own process) with dynamic batching (max batch 32, 5 ms),
-  `--clients` concurrent clients each sending single JPEG crops over HTTP keep-alive (closed loop),
+  `--clients` concurrent clients each sending single JPEG crops over HTTP keep-alive (closed loop; crops
+  of people from a synthetic site, resized to the model's input, JPEG quality 90; `--payload noise`:
+  uniform noise instead, six times the bytes and twice the decoding time),
   from a light asyncio load generator in this process (bench/loadgen.py: about a tenth of a Python HTTP
   client's CPU per request, which on a 2-core machine the service would otherwise lose to it);
 * floor: the same service with batching off (max batch 1: one model run per request);
@@ -61,15 +64,21 @@ from reid.model import ModelSpec, build_model
 from reid.synthetic import SyntheticConfig, generate_federation
 
 
-def crops(count: int, spec: InputSpec) -> list[bytes]:
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(count):
-        img = Image.fromarray(rng.integers(0, 255, (spec.height, spec.width, 3), dtype=np.uint8))
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
+def _jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def crops(count: int, spec: InputSpec, folder: Path, payload: str = "person") -> list[bytes]:
+    """`count` JPEG crops at the model's input size: people of a synthetic site ("person", about 5 KB
+    each), or uniform noise ("noise", about 30 KB: the worst case for the JPEG decoder)."""
+    if payload == "noise":
+        rng = np.random.default_rng(0)
+        shape = (spec.height, spec.width, 3)
+        return [_jpeg(Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8))) for _ in range(count)]
+    records = read_dataset(synthetic_site(spec, folder)).train[:count]
+    return [_jpeg(Image.open(r.path).convert("RGB").resize((spec.width, spec.height))) for r in records]
 
 
 def ceiling(model: Path, seconds: float) -> float:
@@ -161,15 +170,22 @@ def export_model(arch: str, spec: InputSpec, path: Path, seed: int) -> Path:
     return path
 
 
+def synthetic_site(spec: InputSpec, folder: Path) -> Path:
+    """A small synthetic site (64 training images) under `folder`, generated once."""
+    site = folder / "fed" / "sites" / "site00"
+    if not site.is_dir():
+        synth = SyntheticConfig(
+            sites=1, train_images_max=64, public_images=0, height=spec.height, width=spec.width
+        )
+        generate_federation(synth, folder / "fed")
+    return site
+
+
 def int8_model(fp32: Path, spec: InputSpec, folder: Path) -> Path:
     """`fp32` quantised on a small synthetic site (gate opened: only the speed matters here)."""
-    synth = SyntheticConfig(
-        sites=1, train_images_max=64, public_images=0, height=spec.height, width=spec.width
-    )
-    generate_federation(synth, folder / "fed")
     out = folder / "model.int8.onnx"
     loose = RetrievalBudget(max_rank1_drop=100, max_map_drop=100, min_mean_cosine=-1)
-    quantize_int8(fp32, read_dataset(folder / "fed" / "sites" / "site00"), out, loose, calibration_images=64)
+    quantize_int8(fp32, read_dataset(synthetic_site(spec, folder)), out, loose, calibration_images=64)
     return out
 
 
@@ -253,6 +269,12 @@ def main() -> None:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--seconds", type=float, default=15)
+    p.add_argument(
+        "--payload",
+        choices=["person", "noise"],
+        default="person",
+        help="what clients send: people from a synthetic site, or uniform noise (the decoder's worst case)",
+    )
     p.add_argument("--precisions", nargs="+", choices=["fp32", "int8"], default=["fp32", "int8"])
     p.add_argument("--reembed", type=int, default=256, help="gallery entries re-embedded under traffic")
     p.add_argument("--gallery", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -277,7 +299,12 @@ def main() -> None:
         models = {"fp32": export_model(args.arch, spec, folder / "model.onnx", seed=0)}
         if "int8" in args.precisions:
             models["int8"] = int8_model(models["fp32"], spec, folder)
-        payloads = crops(64, spec)
+        payloads = crops(64, spec, folder, args.payload)
+        results["payload"] = {"kind": args.payload, "mean_bytes": sum(map(len, payloads)) / len(payloads)}
+        print(
+            f"payload: {args.payload} crops, {results['payload']['mean_bytes'] / 1000:.1f} KB each",
+            flush=True,
+        )
         for precision in args.precisions:
             r = precision_run(models[precision], payloads, args.clients, args.seconds)
             results[precision] = r

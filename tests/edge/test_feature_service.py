@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from edge import feature_service
 from edge.client import FeatureClient, ServiceError
 from edge.feature_api import ServiceConfig
 from edge.feature_service import FeatureService, running
@@ -70,7 +71,7 @@ def _deploy(state: Path, model: Path, name: str) -> None:
     staged.replace(state / "models" / "current.json")
 
 
-def test_embed_batches_concurrent_clients_and_matches_the_extractor(exported, crops, tmp_path):
+def test_embed_batches_concurrent_clients_and_matches_the_extractor(exported, crops, tmp_path, monkeypatch):
     model_path = exported[1]
     cfg = ServiceConfig(max_batch=16, max_delay_ms=30)
     service = FeatureService(model_path, tmp_path / "gallery.db", cfg)
@@ -94,6 +95,10 @@ def test_embed_batches_concurrent_clients_and_matches_the_extractor(exported, cr
             crops_run = _metric(url, "fedreid_edge_batch_size_sum")
             assert crops_run == 48 and batches < 48 / 2  # batches formed: more than 2 crops per model run
             assert _metric(url, "fedreid_edge_requests_total") >= 48
+            with FeatureClient(url) as client:  # many crops in one request: decoded on the event loop
+                np.testing.assert_allclose(client.embed(crops).features, expected, atol=1e-4)
+                monkeypatch.setattr(feature_service, "INLINE_DECODE_PIXELS", 0)  # now in a worker thread
+                np.testing.assert_allclose(client.embed(crops).features, expected, atol=1e-4)
             openapi = httpx.get(f"{url}/openapi.json").json()
             assert {"/v1/embed", "/v1/gallery", "/v1/search"} <= set(openapi["paths"])
     finally:
