@@ -34,7 +34,8 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from cloud.server import Aggregator, ServeConfig
+from cloud.config import ServeConfig
+from cloud.server import Aggregator
 from protocol.broker import LocalBroker, parse_url
 from protocol.chunks import blob_ref
 from protocol.messages import UpdateManifest, encode_message

@@ -37,8 +37,8 @@ import paho.mqtt.client as paho
 import torch
 from paho.mqtt.enums import CallbackAPIVersion
 
+from cloud.config import ServeConfig
 from cloud.local_federation import agent_command, run_local_federation
-from cloud.server import ServeConfig
 from protocol.broker import LocalBroker, free_port, parse_url
 from protocol.chunks import split_blob
 from protocol.codec import encode_state

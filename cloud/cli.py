@@ -368,8 +368,8 @@ def _simulate_mqtt(
     config: SimulationConfig, sites: list[Path], public: Path | None, out_dir: Path, fresh: bool
 ) -> Path:
     """The same study as a real federation: broker, aggregator and one agent process per site."""
+    from cloud.config import ServeConfig
     from cloud.local_federation import run_local_federation
-    from cloud.server import ServeConfig
     from cloud.strategy import AdmissionConfig
     from reid.data import read_dataset
 
@@ -445,9 +445,10 @@ def serve(
     metrics_host: str = typer.Option(None, help="listen address of --metrics-port (default 127.0.0.1)"),
 ) -> None:
     """Run the federation's rounds (resumes from --state-dir after a stop or a crash)."""
+    from cloud.config import ServeConfig
     from cloud.journal import StateDirError
     from cloud.provision import mosquitto_conf
-    from cloud.server import Aggregator, ServeConfig
+    from cloud.server import Aggregator
     from protocol.broker import BrokerError, LocalBroker, auto_broker, free_port
 
     overrides = {

@@ -12,7 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cloud.server import Aggregator, ServeConfig
+from cloud.config import ServeConfig
+from cloud.server import Aggregator
 from protocol.broker import auto_broker
 
 log = logging.getLogger(__name__)

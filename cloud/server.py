@@ -9,7 +9,9 @@ false) sends the final model to every online site and records what they report (
 
 Every accepted update is journaled to disk before it is acknowledged; killing the process at any moment
 and starting it again on the same state dir resumes the open round with every acknowledged update.
-MQTT handlers run on the endpoint's worker thread; the round loop runs on the caller's thread.
+MQTT handlers run on the endpoint's worker thread; the round loop runs on the caller's thread. The
+round's own state and the rule admitting a manifest are in cloud/round.py (pure), the settings in
+cloud/config.py; this module wires them to MQTT and the journal.
 """
 
 from __future__ import annotations
@@ -22,24 +24,21 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
+from cloud.config import ServeConfig, model_info
 from cloud.deploy import DeploymentSource, deploy_round
 from cloud.journal import Journal, StateDirError
 from cloud.monitoring import AggregatorMetrics, RunHistory, SiteFacts, View
+from cloud.round import GroupBlob, OpenRound, admit, update_limit
 from cloud.strategy import (
-    AdmissionConfig,
     FlatLayout,
-    KDConfig,
     KDDiverged,
     LayoutError,
     RoundAggregate,
-    StrategyConfig,
     StreamingAggregator,
     TeacherMean,
     distill,
@@ -54,18 +53,21 @@ from cloud.strategy.caps import (
     norm_bound,
     share_capped,
 )
-from cloud.strategy.clustering import ClusterConfig, Clustering
+from cloud.strategy.clustering import Clustering
 from cloud.strategy.flat import l2_norm
 from cloud.strategy.selection import sample_sites, sites_per_round
-from protocol.chunks import DEFAULT_CHUNK_BYTES, ChunkError, Reassembler, blob_ref, check_ref, parse_chunk
-from protocol.codec import CodecError, Encoding, encode_state, iter_state_file
+from protocol.chunks import (
+    ChunkError,
+    ForeignChunk,
+    InboundBlob,
+    blob_ref,
+    parse_chunk,
+)
+from protocol.codec import CodecError, encode_state, iter_state_file
 from protocol.messages import (
-    BlobRef,
     ChunkRequest,
     EvalReport,
-    GroupBase,
     MessageError,
-    ModelInfo,
     NodeStatus,
     RoundStart,
     RunEnd,
@@ -78,200 +80,16 @@ from protocol.messages import (
 from protocol.mqtt import Endpoint
 from protocol.resend import ChunkResender
 from protocol.topics import Topics
-from reid.data import ImageDataset, InputSpec, eval_transform, make_loader, read_image_folder
+from reid.data import ImageDataset, eval_transform, make_loader, read_image_folder
 from reid.logs import log_context
-from reid.model import ModelSpec, build_model, load_shared_state, shared_state
+from reid.model import build_model, load_shared_state, shared_state
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 15.0  # a waiting round says what it waits for this often
 
 
-class ServeConfig(BaseModel):
-    """Settings of `cloud-aggregator serve` (TOML file + flags)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    federation: str = Field("default", description="federation name: the topic root fedreid/v1/<federation>/")
-    broker: str = Field("auto", description="auto (a private local mosquitto) or mqtt(s)://host:port")
-    identity_dir: Path | None = Field(None, description="provisioned identity (mutual TLS with mqtts://)")
-    state_dir: Path = Field(
-        Path("state/cloud"), description="checkpoints, journal and metrics (resumes from here)"
-    )
-    rounds: int = Field(
-        10, ge=1, description="rounds to run (a finished run can be extended by raising this)"
-    )
-    min_sites: int = Field(1, ge=1, description="sites needed online to start a round")
-    fraction: float = Field(1.0, gt=0, le=1, description="fraction of online sites selected per round")
-    deadline_s: float = Field(600.0, gt=0, description="collection time per round")
-    quorum: int = Field(1, ge=1, description="accepted updates needed to close a round at its deadline")
-    max_extensions: int = Field(3, ge=0, description="deadline extensions without quorum before a restart")
-    transfer_idle_s: float = Field(5.0, gt=0, description="re-request missing chunks after this idle time")
-    wait_for_sites_s: float = Field(
-        3600.0, gt=0, description="how long to wait for min_sites online before giving up"
-    )
-    eval_every: int = Field(1, ge=1, description="sites evaluate the global model every N rounds")
-    seed: int = Field(0, description="seeds the initial model and the per-round site selection")
-    model: ModelSpec = ModelSpec()
-    input: InputSpec = InputSpec()
-    pretrained: str | None = Field(
-        None,
-        description="initial backbone: local ImageNet weights or a FedReID model file (never downloaded)",
-    )
-    local_epochs: int = Field(1, ge=1, description="local epochs per round at each site")
-    batch_size: int = Field(
-        32, ge=2, description="the sites' training batch size (a smaller site trains with one smaller batch)"
-    )
-    lr_head: float = Field(
-        0.02, gt=0, description="0.02/0.02 train from scratch; the paper's 0.05/0.005 suit a pretrained start"
-    )
-    lr_backbone: float = Field(0.02, gt=0, description="the sites' backbone learning rate")
-    strategy: StrategyConfig = Field(
-        StrategyConfig(),
-        description="aggregation (the default, FedPav weights with each site's BatchNorm kept local, won the "
-        "learning study's validation split)",
-    )
-    kd: KDConfig = KDConfig()
-    kd_enabled: bool = Field(
-        False,
-        description="server-side knowledge distillation on `public` after aggregation (off by default: it "
-        "added nothing in the learning study)",
-    )
-    public: Path | None = Field(
-        None, description="public unlabeled images for KD (and parity images for deployments)"
-    )
-    upload_encoding: Encoding = Field("fp16", description="delta encoding the sites use: fp32, fp16 or int8")
-    upload_compressed: bool = Field(False, description="zstd on the sites' delta blobs")
-    chunk_bytes: int = Field(
-        DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20, description="chunk size of the global model's blob"
-    )
-    max_update_bytes: int = Field(1 << 30, ge=1024, description="also capped by the model's own size")
-    admission: AdmissionConfig = AdmissionConfig()
-    keep_checkpoints: int = Field(5, ge=1, description="newest global checkpoints kept in the state dir")
-    min_resend_interval_s: float = Field(
-        2.0,
-        ge=0,
-        description="chunk requests (global model, deployment) closer together per site are "
-        "dropped, and a blob is resent at most once per interval",
-    )
-    deploy_every: int = Field(
-        0, ge=0, description="export and deploy the global model every N rounds; 0: off"
-    )
-    deploy_precision: Literal["fp32", "fp16"] = Field(
-        "fp32", description="precision of deployed ONNX models: fp32 or fp16"
-    )
-    deploy_images: Path | None = Field(None, description="parity-gate images to deploy (default: public)")
-    metrics_port: int | None = Field(
-        None,
-        ge=0,
-        le=65535,
-        description="serve Prometheus /metrics and the dashboard page on this port (off when unset)",
-    )
-    metrics_host: str = Field("127.0.0.1", description="listen address of metrics_port (loopback by default)")
-    cluster: ClusterConfig | None = Field(
-        None,
-        description="client clustering: after `cluster.after` rounds the sites are grouped by the similarity "
-        "of their updates and each group trains its own model (off when unset; not with KD)",
-    )
-    final_eval: bool = Field(
-        True,
-        description="after the last round, every online site evaluates the final model "
-        "(an evaluation round of at most deadline_s)",
-    )
-
-    def identity(self) -> dict:
-        """What must not change when a run is resumed."""
-        fields = {"federation", "model", "input", "seed", "strategy", "pretrained"}
-        return self.model_dump(mode="json", include=fields | ({"cluster"} if self.cluster else set()))
-
-
-def model_info(cfg: ServeConfig) -> ModelInfo:
-    m, i = cfg.model, cfg.input
-    return ModelInfo(
-        arch=m.arch,
-        embed_dim=m.embed_dim,
-        last_stride=m.last_stride,
-        dropout=m.dropout,
-        height=i.height,
-        width=i.width,
-    )
-
-
 class Stopped(Exception):
     """The aggregator was asked to stop; its state on disk lets it resume."""
-
-
-@dataclass(frozen=True)
-class GroupBlob:
-    """A group's model as the round sends it (client clustering)."""
-
-    base_hash: str
-    blob: bytes
-    ref: BlobRef
-
-
-@dataclass
-class OpenRound:
-    """One round being collected: who is selected, what arrived, what was accepted, failed or rejected.
-
-    Accepted updates are journaled and validated (decoded, shapes, finite, norm); they are folded only
-    at close, when the aggregator knows every claim of the round and can decide the weights.
-    """
-
-    number: int
-    selected: list[str]
-    base_hash: str
-    blob: bytes
-    blob_ref: BlobRef
-    deadline: float
-    started: float
-    kd_due: bool
-    teachers: TeacherMean | None
-    limit: int  # the largest update blob (and decoded payload) this round accepts, in bytes
-    train: bool = True  # False: the evaluation round after the last round (reports, no updates)
-    restarts: int = 0
-    extensions: int = 0
-    manifests: dict[str, UpdateManifest] = field(default_factory=dict)
-    transfers: dict[str, Reassembler] = field(default_factory=dict)
-    accepted: dict[str, UpdateManifest] = field(default_factory=dict)
-    norms: dict[str, float] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
-    rejections: list[dict[str, str]] = field(default_factory=list)
-    last_resend: dict[str, float] = field(default_factory=dict)
-    reports: dict[str, dict[str, float]] = field(default_factory=dict)  # evaluation round: site -> metrics
-    said: float = field(default_factory=time.monotonic)  # when progress was last logged
-    group_of: dict[str, int] = field(default_factory=dict)  # client clustering: placed site -> group
-    group_bases: dict[int, GroupBlob] = field(default_factory=dict)  # every group's model, as a blob
-
-    def base_of(self, site: str) -> str:
-        """The base hash `site` trains from this round: its group's model, or the round's own."""
-        group = self.group_of.get(site)
-        return self.base_hash if group is None else self.group_bases[group].base_hash
-
-    def blob_by_id(self, blob_id: str) -> tuple[bytes, BlobRef] | None:
-        """A model blob of this round (its own or a group's) by blob id."""
-        for blob, ref in [(self.blob, self.blob_ref), *((g.blob, g.ref) for g in self.group_bases.values())]:
-            if ref.blob_id == blob_id:
-                return blob, ref
-        return None
-
-    def groups(self) -> list[GroupBase]:
-        """The RoundStart's groups: each group with a selected site, and its selected sites."""
-        out = []
-        for g, base in sorted(self.group_bases.items()):
-            sites = [s for s in self.selected if self.group_of.get(s) == g]
-            if sites:
-                out.append(GroupBase(group=g, base_hash=base.base_hash, blob=base.ref, sites=sites))
-        return out
-
-    def waiting(self) -> set[str]:
-        """Selected sites that have neither an accepted update (or evaluation report) nor failed."""
-        return set(self.selected) - set(self.accepted) - set(self.reports) - set(self.failed)
-
-
-def update_limit(global_blob_bytes: int, tensors: int, max_update_bytes: int) -> int:
-    """The largest update this model can honestly produce in any encoding (fp32 + int8 scales + zstd
-    framing), capped by the configured `max_update_bytes`: a manifest announcing more is refused."""
-    return min(max_update_bytes, int(global_blob_bytes * 1.01) + 256 * tensors + 65536)
 
 
 def _libc_malloc_tuning() -> Callable[[], None]:
@@ -404,28 +222,6 @@ class Aggregator:
         ack = UpdateAck(site=site, round=round_, blob_id=blob_id, accepted=accepted, reason=reason[:1000])
         self.endpoint.publish(self.topics.site(site, "ack"), encode_message(ack))
 
-    def _admit(self, cur: OpenRound | None, site: str, m: UpdateManifest) -> tuple[str, str] | None:
-        """(kind, why) a manifest that came on `site`'s topic cannot be collected, kind one of
-        cloud.monitoring.REJECT_KINDS or "duplicate" (already accepted); None when it can."""
-        if m.site != site:
-            return "wrong_site", f"the manifest names site {m.site} but came on the topic of site {site}"
-        if cur is None:
-            return "no_round", "no round is open"
-        if m.round != cur.number:
-            return "no_round", f"stale round {m.round} (current round {cur.number})"
-        if not cur.train:
-            return "evaluation_round", f"round {cur.number} is an evaluation round: it takes no updates"
-        if m.base_hash != cur.base_of(site):
-            return "wrong_base", "update computed against another base model (wrong base hash)"
-        if site not in cur.selected:
-            return "not_selected", f"site {site} is not selected for round {cur.number}"
-        if site in cur.accepted:
-            if cur.accepted[site].blob.blob_id == m.blob.blob_id:
-                return "duplicate", ""
-            return "conflict", "a different update of this site was already accepted this round"
-        why = check_ref(m.blob, cur.limit)
-        return ("bad_manifest", why) if why else None
-
     def _on_manifest(self, topic: str, payload: bytes) -> None:
         site = self.topics.site_of(topic)
         if site is None:
@@ -438,7 +234,7 @@ class Aggregator:
         with self.lock:
             self._heard(site)
             cur = self.current
-            refusal = self._admit(cur, site, m)
+            refusal = admit(cur, site, m)
             if refusal is not None and refusal[0] == "duplicate":
                 self._ack(site, m.round, m.blob.blob_id, True, "duplicate")
                 return
@@ -454,6 +250,9 @@ class Aggregator:
             old = cur.transfers.pop(site, None)
             if old is not None:
                 old.close()
+            # (spooled to a file beside the journal from the first byte: many uploads in flight hold one
+            # chunk each in memory)
+            cur.transfers[site] = InboundBlob(m.blob, cur.limit, spool_bytes=0, spool_dir=self.journal.root)
 
     def _on_chunk(self, topic: str, payload: bytes) -> None:
         site = self.topics.site_of(topic) or "?"
@@ -466,31 +265,23 @@ class Aggregator:
             self._heard(site)
             cur = self.current
             m = cur.manifests.get(site) if cur else None
-            if cur is None or m is None or header.blob_id != m.blob.blob_id or site in cur.accepted:
+            transfer = cur.transfers.get(site) if cur and m else None
+            if cur is None or m is None or transfer is None or header.blob_id != m.blob.blob_id:
                 log.debug("chunk of blob %s from %s matches no pending update", header.blob_id, site)
                 return
-            if (header.blob_size, header.blob_sha256, header.count) != (
-                m.blob.size,
-                m.blob.sha256,
-                m.blob.chunks,
-            ):
-                log.warning("dropped chunk from %s: it disagrees with the manifest", site)
-                return
             try:
-                transfer = cur.transfers.get(site)
-                if transfer is None:
-                    transfer = cur.transfers[site] = Reassembler(
-                        header, max_bytes=cur.limit, spool_bytes=0, spool_dir=self.journal.root
-                    )
                 transfer.add(header, data)
                 if not transfer.complete:
                     return
                 blob = transfer.result()
+            except ForeignChunk as err:
+                log.warning("dropped chunk from %s, it disagrees with the manifest: %s", site, err)
+                return
             except ChunkError as err:
                 self._reject(cur, site, m, str(err), "bad_transfer")
                 return
             finally:
-                if site in cur.transfers and cur.transfers[site].complete:
+                if transfer.complete and cur.transfers.get(site) is transfer:
                     cur.transfers.pop(site).close()
             try:
                 self.journal.journal_update(cur.number, site, blob, encode_message(m))
@@ -565,6 +356,9 @@ class Aggregator:
         if cur is not None:
             if cur.manifests.get(site) is m:
                 cur.manifests.pop(site, None)
+                transfer = cur.transfers.pop(site, None)
+                if transfer is not None:
+                    transfer.close()
             if m.round == cur.number:
                 cur.rejections.append({"site": site, "reason": reason})
         self._ack(site, m.round, m.blob.blob_id, False, reason)
@@ -795,13 +589,15 @@ class Aggregator:
         """Ask each site with an incomplete upload for its missing chunks after `transfer_idle_s`."""
         for site, m in cur.manifests.items():
             t = cur.transfers.get(site)
-            idle = t.idle_seconds() if t else now - cur.last_resend.get(site, now)
+            if t is None:
+                continue
             if site not in cur.last_resend:
                 cur.last_resend[site] = now
                 continue
-            if idle <= self.cfg.transfer_idle_s or now - cur.last_resend[site] <= self.cfg.transfer_idle_s:
+            idle = self.cfg.transfer_idle_s
+            if t.idle_seconds() <= idle or now - cur.last_resend[site] <= idle:
                 continue
-            missing = t.missing() if t else list(range(m.blob.chunks))
+            missing = t.missing()
             req = ChunkRequest.first_of("aggregator", m.blob.blob_id, missing)
             self.endpoint.publish(self.topics.site(site, "resend"), encode_message(req))
             cur.last_resend[site] = now
@@ -817,7 +613,7 @@ class Aggregator:
         for site in sorted(cur.waiting()):
             m, t = cur.manifests.get(site), cur.transfers.get(site)
             if m is not None:
-                got = m.blob.chunks - len(t.missing()) if t is not None else 0
+                got = t.received() if t is not None else 0
                 doing.append(f"{site} uploading {got}/{m.blob.chunks} chunks")
             else:
                 doing.append(f"{site} {self.online.get(site, ('offline', None))[0]}")
@@ -1095,7 +891,7 @@ class Aggregator:
             uploading = {}
             for site, m in cur.manifests.items() if cur else ():
                 t = cur.transfers.get(site)
-                uploading[site] = [m.blob.chunks - len(t.missing()) if t else 0, m.blob.chunks]
+                uploading[site] = [t.received() if t else 0, m.blob.chunks]
             run = {
                 "rounds": self.cfg.rounds,
                 "completed": self.completed,

@@ -46,7 +46,7 @@ from edge.agent_metrics import AgentMetrics
 from edge.deployment import Deployments
 from edge.feature_api import ServiceConfig
 from protocol.broker import parse_url
-from protocol.chunks import DEFAULT_CHUNK_BYTES, ChunkError, Reassembler, blob_ref, parse_chunk
+from protocol.chunks import DEFAULT_CHUNK_BYTES, ChunkError, ForeignChunk, InboundBlob, blob_ref, parse_chunk
 from protocol.codec import CodecError, Encoding, decode_state, encode_state
 from protocol.messages import (
     ChunkRequest,
@@ -186,7 +186,7 @@ class Received:
 @dataclass
 class Fetch:
     start: RoundStart
-    transfer: Reassembler | None = None
+    transfer: InboundBlob
     requested: float = 0.0
     began: float = field(default_factory=time.monotonic)
 
@@ -325,9 +325,9 @@ class Agent:
         if self.progress.same(msg) and upload is None:
             return  # trained and settled (acknowledged or rejected): nothing to do for this round
         with self.lock:
-            if self.fetch and self.fetch.transfer:
+            if self.fetch:
                 self.fetch.transfer.close()
-            self.fetch = Fetch(msg, requested=time.monotonic())
+            self.fetch = Fetch(msg, InboundBlob(msg.blob), requested=time.monotonic())
             self.working = (msg.round, msg.base_hash)
         self.metrics.phase("fetching")
         with log_context(site=self.cfg.site, round=msg.round):
@@ -359,20 +359,18 @@ class Agent:
             f = self.fetch
             if f is None or header.blob_id != f.start.blob.blob_id:
                 return
-            ref = f.start.blob
-            if (header.blob_size, header.blob_sha256, header.count) != (ref.size, ref.sha256, ref.chunks):
-                log.warning("dropped global-model chunk: it disagrees with the round announcement")
-                return
             try:
-                if f.transfer is None:
-                    f.transfer = Reassembler(header)
                 f.transfer.add(header, data)
                 if not f.transfer.complete:
                     return
                 blob = f.transfer.result()
+            except ForeignChunk as err:
+                log.warning("dropped global-model chunk, it disagrees with the round announcement: %s", err)
+                return
             except ChunkError as err:
                 log.warning("global model transfer failed (%s); fetching it again", err)
-                f.transfer = None
+                f.transfer.close()
+                f.transfer = InboundBlob(f.start.blob)
                 return
             f.transfer.close()
             self.fetch = None
@@ -652,10 +650,10 @@ class Agent:
             f = self.fetch
             if f is None:
                 return
-            idle = f.transfer.idle_seconds() if f.transfer else time.monotonic() - f.requested
-            if idle < self.cfg.transfer_idle_s or time.monotonic() - f.requested < self.cfg.transfer_idle_s:
+            idle = self.cfg.transfer_idle_s
+            if f.transfer.idle_seconds() < idle or time.monotonic() - f.requested < idle:
                 return
-            missing = f.transfer.missing() if f.transfer else list(range(f.start.blob.chunks))
+            missing = f.transfer.missing()
             f.requested = time.monotonic()
             req = ChunkRequest(requester=self.cfg.site, blob_id=f.start.blob.blob_id, indices=missing)
         log.info("asking the aggregator to resend %d chunks of the global model", len(missing))

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from export.contract import Contract, ContractError, load_contract, write_contract
 from export.runtime import FeatureExtractor
-from protocol.chunks import ChunkError, Reassembler, parse_chunk, sha256_hex
+from protocol.chunks import ChunkError, ForeignChunk, InboundBlob, parse_chunk, sha256_hex
 from protocol.messages import ChunkRequest, Deployment, MessageError, encode_message, parse_message
 from protocol.mqtt import Endpoint
 from reid.logs import bound, log_context
@@ -86,7 +86,7 @@ class Deployments:
         self.site_batchnorm = site_batchnorm  # served in place of the deployed ones when the file exists
         self.site_data = site_data  # the site's data set: parity images (and statistics) for BatchNorm
         self.lock = threading.Lock()
-        self.pending: tuple[Deployment, Reassembler | None] | None = None
+        self.pending: tuple[Deployment, InboundBlob] | None = None
         self.pending_since = 0.0  # when the pending transfer last made progress (or was announced)
         self.queued_sha: str | None = None  # fetched, waiting for or in the installer
         self.jobs: queue.Queue[tuple[Deployment, bytes] | None] = queue.Queue()
@@ -152,9 +152,9 @@ class Deployments:
                     msg.version,
                 )
                 return
-            if self.pending and self.pending[1] is not None:
+            if self.pending:
                 self.pending[1].close()
-            self.pending = (msg, None)
+            self.pending = (msg, InboundBlob(msg.blob, max_bytes=self.max_bytes))
             self.pending_since = time.monotonic()
         log.info("deployment %s announced: fetching %d chunks", msg.version, msg.blob.chunks)
 
@@ -168,28 +168,26 @@ class Deployments:
             if self.pending is None:
                 return
             manifest, transfer = self.pending
-            ref = manifest.blob
-            if header.blob_id != ref.blob_id:
+            if header.blob_id != manifest.blob.blob_id:
                 return  # a chunk of another (older or newer) deployment
-            if (header.blob_size, header.blob_sha256, header.count) != (ref.size, ref.sha256, ref.chunks):
-                log.warning(
-                    "dropped deployment chunk: it disagrees with the manifest of %s", manifest.version
-                )
-                return
             try:
-                if transfer is None:
-                    transfer = Reassembler(header, max_bytes=self.max_bytes)
-                    self.pending = (manifest, transfer)
                 if transfer.add(header, data):
                     self.pending_since = time.monotonic()
                 if not transfer.complete:
                     return
                 blob = transfer.result()
+            except ForeignChunk as err:
+                log.warning(
+                    "dropped deployment chunk, it disagrees with the manifest of %s: %s",
+                    manifest.version,
+                    err,
+                )
+                return
             except ChunkError as err:
                 log.warning("deployment %s transfer failed: %s", manifest.version, err)
                 return
             finally:
-                if transfer is not None and transfer.complete:
+                if transfer.complete:
                     transfer.close()
             self.pending = None
             self.queued_sha = manifest.blob.sha256
@@ -202,7 +200,7 @@ class Deployments:
                 return
             self.pending_since = time.monotonic()
             manifest, transfer = self.pending
-            missing = transfer.missing() if transfer else list(range(manifest.blob.chunks))
+            missing = transfer.missing()
         request = ChunkRequest(requester=self.endpoint.node, blob_id=manifest.blob.blob_id, indices=missing)
         with log_context(site=self.endpoint.node):
             log.info("deployment %s: asking for %d missing chunks", manifest.version, len(missing))

@@ -12,6 +12,11 @@ A chunk message is ``b"FRC1" + uint32 big-endian header length + header JSON + d
 * tells which chunks are missing (for a re-request) and how long since the last progress (timeouts
   are about lack of progress, not wall-clock);
 * verifies the whole-blob sha256 before handing the bytes out.
+
+`InboundBlob` is what every receiver keeps (a site fetching the global model, the aggregator collecting
+an update, a site fetching a deployment): the signed reference that announced the blob, against which
+each chunk's header is checked first (`ForeignChunk`: dropped, the transfer goes on), and a reassembler
+started by the first chunk that agrees; it says which chunks are missing and for how long nothing came.
 """
 
 from __future__ import annotations
@@ -207,3 +212,66 @@ class Reassembler:
         self._buffer = bytearray()
         if self._file is not None:
             self._file.close()
+
+
+class ForeignChunk(ChunkError):
+    """A chunk whose header disagrees with the announced blob: drop it, the transfer goes on."""
+
+
+class InboundBlob:
+    """One announced blob being received: `ref` (from a signed manifest or announcement) checks every
+    chunk, a `Reassembler` (started by the first chunk that agrees) collects them."""
+
+    def __init__(
+        self,
+        ref: BlobRef,
+        max_bytes: int = 1 << 30,
+        spool_bytes: int = 64 << 20,
+        spool_dir: Path | None = None,
+    ) -> None:
+        self.ref = ref
+        self._limits = (max_bytes, spool_bytes, spool_dir)
+        self._parts: Reassembler | None = None
+        self._announced = time.monotonic()
+
+    def add(self, header: ChunkHeader, data: memoryview) -> bool:
+        """Store a chunk of the blob; False for a duplicate. ForeignChunk when its header is not the
+        announced blob's; ChunkError when it is but cannot be kept (over the size limit)."""
+        ref = self.ref
+        if (header.blob_id, header.blob_size, header.blob_sha256, header.count) != (
+            ref.blob_id,
+            ref.size,
+            ref.sha256,
+            ref.chunks,
+        ):
+            raise ForeignChunk(
+                f"chunk {header.index} of blob {ref.blob_id} has another size, sha256 or count"
+            )
+        if self._parts is None:
+            self._parts = Reassembler(header, *self._limits)
+        return self._parts.add(header, data)
+
+    @property
+    def complete(self) -> bool:
+        return self._parts is not None and self._parts.complete
+
+    def missing(self) -> list[int]:
+        return self._parts.missing() if self._parts is not None else list(range(self.ref.chunks))
+
+    def received(self) -> int:
+        """Chunks received so far."""
+        return self._parts.done if self._parts is not None else 0
+
+    def idle_seconds(self) -> float:
+        """Since the last chunk that made progress (or the announcement, before any)."""
+        return self._parts.idle_seconds() if self._parts is not None else time.monotonic() - self._announced
+
+    def result(self) -> bytes:
+        """The whole blob, its sha256 checked (ChunkError if incomplete or wrong)."""
+        if self._parts is None:
+            raise ChunkError(f"blob {self.ref.blob_id}: no chunk received")
+        return self._parts.result()
+
+    def close(self) -> None:
+        if self._parts is not None:
+            self._parts.close()

@@ -14,8 +14,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from cloud.config import ServeConfig
 from cloud.local_federation import agent_command
-from cloud.server import Aggregator, ServeConfig
+from cloud.server import Aggregator
 from cloud.strategy.clustering import ClusterConfig
 from protocol.messages import GroupBase, RoundStart, encode_message, parse_message
 from protocol.topics import Topics

@@ -16,7 +16,8 @@ import zstandard
 from paho.mqtt.enums import CallbackAPIVersion
 from safetensors.numpy import load, save
 
-from cloud.server import Aggregator, ServeConfig
+from cloud.config import ServeConfig
+from cloud.server import Aggregator
 from cloud.strategy.clustering import ClusterConfig
 from tests.cloud.test_federation import TINY, _wait
 

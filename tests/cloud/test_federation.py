@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cloud.cli import app
+from cloud.config import ServeConfig
 from cloud.local_federation import agent_command, run_local_federation
-from cloud.server import Aggregator, ServeConfig
+from cloud.server import Aggregator
 from cloud.strategy import KDConfig
 from edge.deployment import current_model
 from export.contract import load_contract

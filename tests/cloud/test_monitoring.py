@@ -22,8 +22,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
+from cloud.config import ServeConfig
 from cloud.local_federation import agent_command
-from cloud.server import Aggregator, ServeConfig
+from cloud.server import Aggregator
 from protocol.broker import free_port, parse_url
 from protocol.messages import BlobRef, UpdateManifest, encode_message
 from protocol.topics import Topics

@@ -126,8 +126,9 @@ def test_no_certificate_and_revoked_site_are_refused(provisioned, tmp_path):
 def test_a_round_over_mutual_tls_with_signing(provisioned, tiny_federation, tmp_path, caplog):
     import subprocess
 
+    from cloud.config import ServeConfig
     from cloud.local_federation import agent_command
-    from cloud.server import Aggregator, ServeConfig
+    from cloud.server import Aggregator
     from reid.data import InputSpec
     from reid.model import ModelSpec
 
@@ -235,7 +236,8 @@ def test_revocation_takes_effect_in_the_aggregator_without_a_restart(provisioned
     wait for the deadline) and never selects it again; the other sites' signed updates are aggregated."""
     import numpy as np
 
-    from cloud.server import Aggregator, ServeConfig
+    from cloud.config import ServeConfig
+    from cloud.server import Aggregator
     from protocol.chunks import blob_ref
     from protocol.codec import encode_state
     from protocol.messages import RoundStart, UpdateManifest, encode_message, parse_message

@@ -15,8 +15,9 @@ import zstandard
 from paho.mqtt.enums import CallbackAPIVersion
 from safetensors.torch import load_file
 
+from cloud.config import ServeConfig
 from cloud.journal import StateDirError
-from cloud.server import Aggregator, ServeConfig
+from cloud.server import Aggregator
 from cloud.strategy import AdmissionConfig, StrategyConfig
 from protocol.broker import parse_url
 from protocol.chunks import blob_ref, check_ref, parse_chunk, split_blob

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cloud.server import ServeConfig
+from cloud.config import ServeConfig
 from edge.agent import AgentConfig
 from reid.config import keys_table
 

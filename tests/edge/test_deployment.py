@@ -22,9 +22,9 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from cloud.cli import app as cloud_app
+from cloud.config import ServeConfig
 from cloud.journal import Journal
 from cloud.local_federation import agent_command
-from cloud.server import ServeConfig
 from cloud.strategy import StrategyConfig
 from edge.cli import app as edge_app
 from edge.client import FeatureClient

@@ -10,8 +10,9 @@ import time
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from cloud.config import ServeConfig
 from cloud.local_federation import agent_command
-from cloud.server import Aggregator, ServeConfig
+from cloud.server import Aggregator
 from protocol.broker import parse_url
 from protocol.chunks import split_blob
 from protocol.messages import BlobRef, ModelInfo, RoundStart, RunEnd, TrainingInfo, UpdateAck, encode_message

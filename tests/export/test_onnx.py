@@ -74,8 +74,8 @@ def test_cloud_aggregator_export_from_a_run(tiny_federation, tmp_path):
     from typer.testing import CliRunner
 
     from cloud.cli import app
+    from cloud.config import ServeConfig
     from cloud.journal import Journal
-    from cloud.server import ServeConfig
     from reid.model import shared_state
 
     cfg = ServeConfig(federation="fx", state_dir=tmp_path, model=ModelSpec(arch="resnet18"), input=SPEC)

@@ -10,7 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.chunks import ChunkError, Reassembler, parse_chunk, split_blob
+from protocol.chunks import (
+    ChunkError,
+    ForeignChunk,
+    InboundBlob,
+    Reassembler,
+    blob_ref,
+    parse_chunk,
+    split_blob,
+)
 
 
 def _blob(n: int = 10_000) -> bytes:
@@ -64,6 +72,30 @@ def test_corrupt_foreign_and_malformed_chunks_are_rejected():
     other = next(iter(split_blob(_blob(), "12" * 16, chunk_size=1000)))
     with pytest.raises(ChunkError, match="disagrees"):
         r.add(*parse_chunk(other))
+
+
+def test_an_inbound_blob_checks_chunks_against_its_announcement(tmp_path):
+    blob = _blob(5000)
+    ref = blob_ref(blob, 1000)
+    messages = list(split_blob(blob, ref.blob_id, chunk_size=1000))
+    inbound = InboundBlob(ref, spool_bytes=0, spool_dir=tmp_path)
+    assert inbound.missing() == [0, 1, 2, 3, 4] and inbound.received() == 0 and not inbound.complete
+    with pytest.raises(ChunkError, match="no chunk"):
+        inbound.result()
+    # the same id, but another size: the header agrees with itself, not with the announcement
+    liar = next(iter(split_blob(_blob(6000), ref.blob_id, chunk_size=1000)))
+    with pytest.raises(ForeignChunk, match="another size"):
+        inbound.add(*parse_chunk(liar))
+    assert inbound.received() == 0 and list(tmp_path.iterdir()) == []  # nothing kept for it
+    for m in messages[1:]:
+        assert inbound.add(*parse_chunk(m))
+    assert not inbound.add(*parse_chunk(messages[1]))  # a duplicate
+    assert inbound.missing() == [0] and inbound.received() == 4 and inbound.idle_seconds() < 5
+    inbound.add(*parse_chunk(messages[0]))
+    assert inbound.complete and inbound.result() == blob
+    inbound.close()
+    with pytest.raises(ChunkError, match="exceeds"):  # the receiver's limit, at the first chunk
+        InboundBlob(ref, max_bytes=4000).add(*parse_chunk(messages[0]))
 
 
 def test_oversize_blob_is_refused_and_large_blobs_spool_to_disk(tmp_path):

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cloud.cli import app as cloud_app
-from cloud.server import Aggregator, ServeConfig
+from cloud.config import ServeConfig
+from cloud.server import Aggregator
 from edge.cli import app as edge_app
 from reid.data import InputSpec
 from reid.model import ModelError, ModelSpec, build_model

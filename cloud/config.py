@@ -1,0 +1,127 @@
+"""The settings of `cloud-aggregator serve` (`ServeConfig`: the TOML file and the flags), and the model
+description they give the sites (`model_info`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cloud.strategy import AdmissionConfig, KDConfig, StrategyConfig
+from cloud.strategy.clustering import ClusterConfig
+from protocol.chunks import DEFAULT_CHUNK_BYTES
+from protocol.codec import Encoding
+from protocol.messages import ModelInfo
+from reid.data import InputSpec
+from reid.model import ModelSpec
+
+
+class ServeConfig(BaseModel):
+    """Settings of `cloud-aggregator serve` (TOML file + flags)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    federation: str = Field("default", description="federation name: the topic root fedreid/v1/<federation>/")
+    broker: str = Field("auto", description="auto (a private local mosquitto) or mqtt(s)://host:port")
+    identity_dir: Path | None = Field(None, description="provisioned identity (mutual TLS with mqtts://)")
+    state_dir: Path = Field(
+        Path("state/cloud"), description="checkpoints, journal and metrics (resumes from here)"
+    )
+    rounds: int = Field(
+        10, ge=1, description="rounds to run (a finished run can be extended by raising this)"
+    )
+    min_sites: int = Field(1, ge=1, description="sites needed online to start a round")
+    fraction: float = Field(1.0, gt=0, le=1, description="fraction of online sites selected per round")
+    deadline_s: float = Field(600.0, gt=0, description="collection time per round")
+    quorum: int = Field(1, ge=1, description="accepted updates needed to close a round at its deadline")
+    max_extensions: int = Field(3, ge=0, description="deadline extensions without quorum before a restart")
+    transfer_idle_s: float = Field(5.0, gt=0, description="re-request missing chunks after this idle time")
+    wait_for_sites_s: float = Field(
+        3600.0, gt=0, description="how long to wait for min_sites online before giving up"
+    )
+    eval_every: int = Field(1, ge=1, description="sites evaluate the global model every N rounds")
+    seed: int = Field(0, description="seeds the initial model and the per-round site selection")
+    model: ModelSpec = ModelSpec()
+    input: InputSpec = InputSpec()
+    pretrained: str | None = Field(
+        None,
+        description="initial backbone: local ImageNet weights or a FedReID model file (never downloaded)",
+    )
+    local_epochs: int = Field(1, ge=1, description="local epochs per round at each site")
+    batch_size: int = Field(
+        32, ge=2, description="the sites' training batch size (a smaller site trains with one smaller batch)"
+    )
+    lr_head: float = Field(
+        0.02, gt=0, description="0.02/0.02 train from scratch; the paper's 0.05/0.005 suit a pretrained start"
+    )
+    lr_backbone: float = Field(0.02, gt=0, description="the sites' backbone learning rate")
+    strategy: StrategyConfig = Field(
+        StrategyConfig(),
+        description="aggregation (the default, FedPav weights with each site's BatchNorm kept local, won the "
+        "learning study's validation split)",
+    )
+    kd: KDConfig = KDConfig()
+    kd_enabled: bool = Field(
+        False,
+        description="server-side knowledge distillation on `public` after aggregation (off by default: it "
+        "added nothing in the learning study)",
+    )
+    public: Path | None = Field(
+        None, description="public unlabeled images for KD (and parity images for deployments)"
+    )
+    upload_encoding: Encoding = Field("fp16", description="delta encoding the sites use: fp32, fp16 or int8")
+    upload_compressed: bool = Field(False, description="zstd on the sites' delta blobs")
+    chunk_bytes: int = Field(
+        DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20, description="chunk size of the global model's blob"
+    )
+    max_update_bytes: int = Field(1 << 30, ge=1024, description="also capped by the model's own size")
+    admission: AdmissionConfig = AdmissionConfig()
+    keep_checkpoints: int = Field(5, ge=1, description="newest global checkpoints kept in the state dir")
+    min_resend_interval_s: float = Field(
+        2.0,
+        ge=0,
+        description="chunk requests (global model, deployment) closer together per site are "
+        "dropped, and a blob is resent at most once per interval",
+    )
+    deploy_every: int = Field(
+        0, ge=0, description="export and deploy the global model every N rounds; 0: off"
+    )
+    deploy_precision: Literal["fp32", "fp16"] = Field(
+        "fp32", description="precision of deployed ONNX models: fp32 or fp16"
+    )
+    deploy_images: Path | None = Field(None, description="parity-gate images to deploy (default: public)")
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="serve Prometheus /metrics and the dashboard page on this port (off when unset)",
+    )
+    metrics_host: str = Field("127.0.0.1", description="listen address of metrics_port (loopback by default)")
+    cluster: ClusterConfig | None = Field(
+        None,
+        description="client clustering: after `cluster.after` rounds the sites are grouped by the similarity "
+        "of their updates and each group trains its own model (off when unset; not with KD)",
+    )
+    final_eval: bool = Field(
+        True,
+        description="after the last round, every online site evaluates the final model "
+        "(an evaluation round of at most deadline_s)",
+    )
+
+    def identity(self) -> dict:
+        """What must not change when a run is resumed."""
+        fields = {"federation", "model", "input", "seed", "strategy", "pretrained"}
+        return self.model_dump(mode="json", include=fields | ({"cluster"} if self.cluster else set()))
+
+
+def model_info(cfg: ServeConfig) -> ModelInfo:
+    m, i = cfg.model, cfg.input
+    return ModelInfo(
+        arch=m.arch,
+        embed_dim=m.embed_dim,
+        last_stride=m.last_stride,
+        dropout=m.dropout,
+        height=i.height,
+        width=i.width,
+    )
