@@ -17,7 +17,8 @@ benchmark: federated by data set (each site a client) and by camera (each camera
 scored on its site's query/gallery). `--validation F` holds out a fraction F of each site's training
 identities as its query/gallery and never reads the test splits: settings are chosen there.
 
-Methods: local (each site alone), fedpav, cdw (FedPav + CDW weights), kd (FedPav + server KD), cdw_kd,
+Methods: local (each site alone), fedpav, fednova (FedPav with each delta normalised by its site's path
+length: the shipped default), cdw (FedPav + CDW weights), kd (FedPav + server KD), cdw_kd,
 central (pooled training: the upper bound; trained once, since by camera it pools the same images into
 the same classes when no camera is left out). Every method gets the same compute: `local_epochs` x
 `rounds` epochs per site. The synthetic federation is generated once, with settings fixed before any
@@ -59,8 +60,8 @@ from reid.model import ModelSpec
 from reid.synthetic import SyntheticConfig, generate_federation
 from reid.train import TrainConfig
 
-METHODS = ("local", "fedpav", "cdw", "kd", "cdw_kd", "cluster", "central")
-SHIPPED = "fedpav"  # what `serve` runs by default: FedPav weights, no KD (and --bn local, as here)
+METHODS = ("local", "fedpav", "fednova", "cdw", "kd", "cdw_kd", "cluster", "central")
+SHIPPED = "fednova"  # what `serve` runs by default: FedPav weights + fednova, no KD (and --bn local, as here)
 ROUNDS = 5  # from a pretrained start the curves are flat after 2-3 rounds (docs/benchmarks.md)
 # federated methods: the global model; clustering: each site's group model (what its site trains from)
 SCORED_AS = {"local": "local", "central": "global", "cluster": "group"}

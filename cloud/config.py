@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cloud.strategy import AdmissionConfig, KDConfig, StrategyConfig
 from cloud.strategy.clustering import ClusterConfig
@@ -15,6 +15,10 @@ from protocol.codec import Encoding
 from protocol.messages import ModelInfo
 from reid.data import InputSpec
 from reid.model import ModelSpec
+
+# what `serve` aggregates with unless told otherwise: FedPav weights normalised by each site's path length
+# (fednova) with each site's BatchNorm kept local, the winner of the learning study's validation split
+SERVE_STRATEGY = StrategyConfig(fednova=True)
 
 
 class ServeConfig(BaseModel):
@@ -57,9 +61,9 @@ class ServeConfig(BaseModel):
     )
     lr_backbone: float = Field(0.02, gt=0, description="the sites' backbone learning rate")
     strategy: StrategyConfig = Field(
-        StrategyConfig(),
-        description="aggregation (the default, FedPav weights with each site's BatchNorm kept local, won the "
-        "learning study's validation split)",
+        SERVE_STRATEGY,
+        description="aggregation (the default, FedPav weights normalised by each site's path length "
+        "(fednova) with each site's BatchNorm kept local, won the learning study's validation split)",
     )
     kd: KDConfig = KDConfig()
     kd_enabled: bool = Field(
@@ -109,10 +113,27 @@ class ServeConfig(BaseModel):
         "(an evaluation round of at most deadline_s)",
     )
 
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _over_the_shipped_strategy(cls, value: object) -> object:
+        """A [strategy] table (or --bn) sets its keys over the shipped default, not over the library's."""
+        if isinstance(value, dict):
+            return {**SERVE_STRATEGY.model_dump(), **value}
+        return value
+
     def identity(self) -> dict:
         """What must not change when a run is resumed."""
         fields = {"federation", "model", "input", "seed", "strategy", "pretrained"}
         return self.model_dump(mode="json", include=fields | ({"cluster"} if self.cluster else set()))
+
+    @classmethod
+    def stored_identity(cls, stored: dict) -> dict:
+        """A run.json as this version reads it: a setting added since it was written takes its model's
+        default, which is what the version that wrote it ran (e.g. ``strategy.fednova``: off)."""
+        stored = dict(stored)
+        if isinstance(stored.get("strategy"), dict):  # the library's defaults, not today's shipped ones
+            stored["strategy"] = StrategyConfig.model_validate(stored["strategy"]).model_dump(mode="json")
+        return cls.model_validate(stored).identity()
 
 
 def model_info(cfg: ServeConfig) -> ModelInfo:

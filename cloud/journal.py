@@ -20,9 +20,10 @@ it could not journal).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -48,11 +49,16 @@ class Journal:
         except OSError as err:
             raise StateDirError(f"state dir {root} is not writable: {err}") from None
 
-    def check_identity(self, identity: dict) -> None:
-        """Refuse to resume a run that was started with another model or federation settings."""
+    def check_identity(self, identity: dict, normalise: Callable[[dict], dict] | None = None) -> None:
+        """Refuse to resume a run that was started with another model or federation settings. `normalise`
+        reads the stored identity as the current version would (settings added since at the default
+        that version ran: `ServeConfig.stored_identity`)."""
         path = self.root / "run.json"
         if path.is_file():
             stored = json.loads(path.read_text())
+            if normalise is not None:
+                with contextlib.suppress(ValueError):  # not a configuration this version reads: another run
+                    stored = normalise(stored)
             if stored != identity:
                 raise ValueError(f"{path} belongs to another run configuration: use another --state-dir")
         else:

@@ -83,6 +83,7 @@ from protocol.topics import Topics
 from reid.data import ImageDataset, eval_transform, make_loader, read_image_folder
 from reid.logs import log_context
 from reid.model import build_model, load_shared_state, shared_state
+from reid.train import TrainConfig
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 15.0  # a waiting round says what it waits for this often
@@ -115,7 +116,7 @@ class Aggregator:
         self.trim_heap = _libc_malloc_tuning()
         self.topics = Topics(cfg.federation)
         self.journal = Journal(cfg.state_dir / cfg.federation)
-        self.journal.check_identity(cfg.identity())
+        self.journal.check_identity(cfg.identity(), ServeConfig.stored_identity)
         self.lock = threading.RLock()
         self.online: dict[str, tuple[str, int | None]] = {}  # site -> (state, round) of its status
         self.facts: dict[str, SiteFacts] = {}  # site -> what the dashboard shows of it
@@ -682,13 +683,18 @@ class Aggregator:
         sites = sorted(cur.accepted)
         samples = {s: capped_samples(s, cur.accepted[s].n_samples, adm) for s in sites}
         allowance = allowances(samples, adm)
-        bound = norm_bound({s: cur.norms[s] for s in sites}, adm, self.reference_norm)
-        scales = clip_scales({s: cur.norms[s] for s in sites}, bound, allowance)
+        clustering = self.clustering
+        grouped = clustering is not None and clustering.active  # (each group folds its own sites)
+        # fednova: each delta is divided by the path length of the round's training at the site's
+        # (capped) size, so the norm bound applies to the normalised deltas, the steps the fold adds
+        steps = {s: 1.0 if grouped else self.path_length(samples[s]) for s in sites}
+        norms = {s: cur.norms[s] / steps[s] for s in sites}
+        bound = norm_bound(norms, adm, self.reference_norm)
+        scales = clip_scales(norms, bound, allowance)
         raw = {s: raw_weight(self.cfg.strategy.weighting, samples[s], cur.accepted[s].cdw) for s in sites}
         shares = share_capped(raw, max_share(adm, len(sites)), allowance)
-        clustering = self.clustering
-        agg: StreamingAggregator | None = None  # (active groups: each group folds its own sites)
-        if clustering is None or not clustering.active:
+        agg: StreamingAggregator | None = None
+        if not grouped:
             strategy = self.cfg.strategy
             agg = StreamingAggregator(self.global_state, strategy, base_flat=self.global_flat, group=1)
         for site in sites:
@@ -708,11 +714,13 @@ class Aggregator:
                 continue
             if clustering is not None and clustering.grouping_round(cur.number):
                 clustering.observe_flat(site, floats * scales[site], samples[site], self.global_state)
-            agg.add_flat(site, floats, ints, samples[site], cdw, weight=shares[site], scale=scales[site])
-        self.reference_norm = statistics.median(cur.norms[s] for s in sites) if sites else None
+            agg.add_flat(
+                site, floats, ints, samples[site], cdw, shares[site], scales[site], steps=steps[site]
+            )
+        self.reference_norm = statistics.median(norms.values()) if sites else None
         caps = {
             "norm_bound": bound,
-            "norms": {s: round(cur.norms[s], 6) for s in sites},
+            "norms": {s: round(norms[s], 6) for s in sites},
             "allowances": {s: round(a, 4) for s, a in allowance.items() if a > 1.0},
             "clipped": sorted(s for s in sites if scales[s] < 1.0),
             "n_samples_capped": sorted(s for s in sites if samples[s] < cur.accepted[s].n_samples),
@@ -735,6 +743,14 @@ class Aggregator:
         flat = self.layout.flatten(new_global)
         state = self.layout.unflatten(*flat)
         return RoundAggregate(state, flat, weights, dict(cur.norms), rejected=list(clustering.rejected)), caps
+
+    def path_length(self, n_samples: int) -> float:
+        """What fednova divides a site's delta by: the round's training (epochs, batch size, the recipe's
+        momentum) at its size; 1 without fednova (and in grouped rounds: groups fold by plain weights)."""
+        if not self.cfg.strategy.fednova:
+            return 1.0
+        training = TrainConfig(epochs=self.cfg.local_epochs, batch_size=self.cfg.batch_size)
+        return training.path_length(n_samples)
 
     def _close(self, cur: OpenRound) -> None:
         clock = time.perf_counter()
@@ -764,6 +780,8 @@ class Aggregator:
                 s: m.dp_epsilon for s, m in sorted(cur.accepted.items()) if m.dp_epsilon is not None
             },
         }
+        if result.path_length is not None:  # fednova: the mean path length the average was taken to
+            summary["path_length"] = round(result.path_length, 4)
         if cur.teachers is not None and cur.teachers.count and self.public is not None:
             load_shared_state(self.model, result.state)
             loader = make_loader(

@@ -1,7 +1,8 @@
 """The in-process simulator: a whole federation in one process, with the same strategy code as the
 networked aggregator (only the transport differs).
 
-Algorithms: ``local`` (each site alone), ``fedpav``, ``cdw`` (FedPav + CDW weights), ``kd`` (FedPav +
+Algorithms: ``local`` (each site alone), ``fedpav``, ``fednova`` (FedPav with each delta normalised by
+its site's local path length, `cloud.strategy.aggregate`), ``cdw`` (FedPav + CDW weights), ``kd`` (FedPav +
 server KD), ``cdw_kd`` (both), ``cluster`` (FedPav within groups of sites with similar updates,
 `cloud.strategy.clustering`), and ``central`` (pooled training on all sites' data, the upper bound).
 Where the sites' jobs run is the executor's business (`cloud.executors`: this process, or Ray).
@@ -110,13 +111,17 @@ class SimulationConfig(BaseModel):
         return names if k == len(names) else sample_sites(names, k, self.seed, round_)
 
     def effective_strategy(self) -> StrategyConfig:
-        """The algorithm decides FedPav vs CDW weights; the rest of the strategy is as configured."""
+        """The algorithm decides FedPav vs CDW weights (and ``fednova`` normalised averaging); the rest of
+        the strategy is as configured."""
         weighting = self.strategy.weighting
         if self.algorithm in ("cdw", "cdw_kd"):
             weighting = weighting if weighting != "fedpav" else "cdw"
         else:
             weighting = "fedpav"
-        return self.strategy.model_copy(update={"weighting": weighting})
+        fednova = self.strategy.fednova or self.algorithm == "fednova"
+        return StrategyConfig.model_validate(
+            {**self.strategy.model_dump(), "weighting": weighting, "fednova": fednova}
+        )
 
     @property
     def uses_kd(self) -> bool:
@@ -199,13 +204,27 @@ class Simulator:
         )
 
     # -- state on disk -------------------------------------------------------------------------------
-    def _config_json(self) -> str:
+    def _config_json(self, cfg: SimulationConfig | None = None) -> str:
         """The identity of a run: everything but the number of rounds (a run can be extended)."""
+        cfg = cfg or self.cfg
         # (refresh_bn_stats changes scoring only, and only under bn=local; left out when it changes
         # nothing or is off, so that the runs from before it resume)
-        refreshed = self.cfg.refresh_bn_stats and self.strategy.bn == "local"
+        refreshed = cfg.refresh_bn_stats and cfg.effective_strategy().bn == "local"
         exclude = {"rounds"} if refreshed else {"rounds", "refresh_bn_stats"}
-        return self.cfg.model_dump_json(exclude=exclude)
+        return cfg.model_dump_json(exclude=exclude)
+
+    def _same_run(self, stored: str | None) -> bool:
+        """Whether a checkpoint's configuration is this run's: a setting added since it was written
+        counts as its default."""
+        try:
+            data = json.loads(stored or "")
+            if not isinstance(data, dict):
+                return False
+            data.setdefault("rounds", self.cfg.rounds)
+            data.setdefault("refresh_bn_stats", False)  # left out when it changes nothing or is off
+            return self._config_json(SimulationConfig.model_validate(data)) == self._config_json()
+        except ValueError:  # not JSON, or not a configuration (pydantic's ValidationError)
+            return False
 
     def save(self) -> None:
         tensors = {f"global/{k}": v for k, v in self.global_state.items()}
@@ -239,7 +258,7 @@ class Simulator:
             return False
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            if meta.get("config") != self._config_json():
+            if not self._same_run(meta.get("config")):
                 raise ValueError(f"{path} was written with another configuration; use a new --out or --fresh")
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
 
@@ -386,6 +405,8 @@ class Simulator:
                 rejected=[r_.__dict__ for r_ in aggregate.rejected],
                 clipped=aggregate.clipped,
             )
+            if aggregate.path_length is not None:
+                summary["path_length"] = round(aggregate.path_length, 3)
             if self.clustering is not None and self.clustering.grouping_round(r):
                 summary["groups"] = self.clustering.group(self.global_state)
                 log.info("sites grouped: %s", summary["groups"])

@@ -205,7 +205,8 @@ class SiteWorker:
                 )
                 out.wire_bytes = len(blob)
                 delta = {k: torch.from_numpy(v) for k, v in decode_state(blob).items()}
-            out.update = Update(job.name, delta, data.num_train_images, result.cdw)
+            n = data.num_train_images
+            out.update = Update(job.name, delta, n, result.cdw, steps=self.train_cfg.path_length(n))
         if job.teacher:
             public = self._public()
             loader = make_loader(public, cfg.kd.batch_size * 2, train=False)

@@ -10,5 +10,5 @@ Weighting = Literal["fedpav", "cdw", "cdw_x_size"]  # n_k, d_k or n_k * d_k
 BNPolicy = Literal["first", "average", "local"]
 Estimator = Literal["mean", "median", "trimmed_mean"]
 OutlierRule = Literal["none", "norm", "cdw", "norm_or_cdw"]
-Algorithm = Literal["local", "fedpav", "cdw", "kd", "cdw_kd", "cluster", "central"]
+Algorithm = Literal["local", "fedpav", "fednova", "cdw", "kd", "cdw_kd", "cluster", "central"]
 Transport = Literal["none", "mqtt"]

@@ -13,6 +13,9 @@ without training; `adapt_to_site` makes the global model of a federation that ke
 the sites (bn = "local") the model one site scores and serves: its own layers (when it has any) with
 their statistics estimated anew under the global weights and shrunk towards those its training kept by
 as much as the estimate's own sampling noise explains of the gap between them (`shrinkage_weight`).
+
+`sgd_path_length` / `TrainConfig.path_length`: how far one round of local training moves a site's
+weights per unit gradient (FedNova's normaliser, cloud.strategy.aggregate).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader
 
+from reid.data.loading import train_steps
 from reid.model import ReIDModel
 from reid.weights import put_site_batchnorm
 
@@ -49,6 +53,12 @@ class TrainConfig(BaseModel):
     channels_last: bool = True
     num_workers: int = Field(0, ge=0)
     seed: int | None = None
+
+    def path_length(self, n_images: int) -> float:
+        """How far a site of `n_images` moves in one round of this training, in units of lr * gradient
+        (`sgd_path_length` over its steps): what FedNova divides its delta by."""
+        steps = self.epochs * train_steps(n_images, self.batch_size)
+        return sgd_path_length(steps, self.momentum, self.nesterov)
 
 
 @dataclass
@@ -94,6 +104,19 @@ def make_optimizer(model: ReIDModel, config: TrainConfig) -> torch.optim.SGD:
         weight_decay=config.weight_decay,
         nesterov=config.nesterov,
     )
+
+
+def sgd_path_length(steps: int, momentum: float, nesterov: bool) -> float:
+    """How far `steps` SGD steps move the weights along a constant gradient g, in units of lr * g (FedNova's
+    ||a||_1, Wang et al. 2020): `steps` without momentum; with momentum the velocity builds up, so a site
+    that takes 20 steps moves far more than 10 times one that takes 2. Heavy ball: sum_t (1 - m^t) / (1 - m);
+    Nesterov (PyTorch's form, each step g + m * velocity): steps + m * that sum."""
+    if steps < 1 or not 0.0 <= momentum < 1.0:
+        raise ValueError(f"need steps >= 1 and momentum in [0, 1), got {steps}, {momentum}")
+    if momentum == 0.0:
+        return float(steps)
+    heavy_ball = (steps - momentum * (1 - momentum**steps) / (1 - momentum)) / (1 - momentum)
+    return steps + momentum * heavy_ball if nesterov else heavy_ball
 
 
 @torch.no_grad()

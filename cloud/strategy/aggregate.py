@@ -13,6 +13,16 @@ the weights are only normalised at the end (CDW).
 Weights a_k: ``fedpav`` = training images n_k; ``cdw`` = the site's cosine distance d_k (replaces the
 sizes, as the original); ``cdw_x_size`` = n_k * d_k (our extension).
 
+``fednova`` (normalised averaging, Wang et al. 2020; our addition, not in FedReID): a site of n_k images
+takes about n_k / batch local steps, and with momentum the distance it moves grows faster still, so under
+plain averaging a large site counts once by its weight and again by the length of its step. Each delta
+is divided by its path length tau_k (`reid.train.sgd_path_length`, given by the caller with the update)
+and the average is taken back to the weighted mean path length:
+
+    new = base + (sum_k a_k tau_k / sum_k a_k) * (sum_k a_k * delta_k / tau_k) / (sum_k a_k)
+
+so every site moves the model by its weight's share of one common step length.
+
 BatchNorm policy: ``first`` (the original code) copies the BN running statistics of the first accepted
 update of the round and averages everything else; ``average`` averages running mean/var too; ``local``
 (FedBN-style) keeps whole BN layers (affine + statistics) at the sites: the global copy is taken from
@@ -33,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cloud.strategy.flat import FlatLayout, LayoutError, l2_norm
 from reid.choices import BNPolicy, Estimator, OutlierRule, Weighting
@@ -62,6 +72,17 @@ class StrategyConfig(BaseModel):
         "none", description="none, norm, cdw or norm_or_cdw (MAD rule on the round's updates)"
     )
     mad_threshold: float = Field(3.5, gt=0, description="robust z-score above which an update is rejected")
+    fednova: bool = Field(
+        False,
+        description="normalised averaging: each delta divided by its site's local path length (steps, "
+        "momentum), the average taken back to the mean path length (FedNova)",
+    )
+
+    @model_validator(mode="after")
+    def _fednova_averages(self) -> StrategyConfig:
+        if self.fednova and self.estimator != "mean":
+            raise ValueError("fednova normalises a weighted mean: it needs estimator = mean")
+        return self
 
     @property
     def needs_all_updates(self) -> bool:
@@ -78,21 +99,24 @@ class Update:
     delta: Mapping[str, torch.Tensor]  # trained shared state - the round's base
     n_samples: int
     cdw: float | None = None
+    steps: float | None = None  # its path length this round (`reid.train.sgd_path_length`): fednova
 
 
 @dataclass
 class _Pending:
-    """An accepted update waiting to be folded: its delta buffers, its weight and its clip scale."""
+    """An accepted update waiting to be folded: its delta buffers, its weight, its clip scale and its path
+    length (1 unless fednova)."""
 
     site: str
     floats: torch.Tensor
     ints: torch.Tensor
     weight: float
     scale: float
+    steps: float = 1.0
 
     @property
     def alpha(self) -> float:
-        return self.weight * self.scale
+        return self.weight * self.scale / self.steps
 
 
 @dataclass
@@ -107,6 +131,7 @@ class RoundAggregate:
     flat: tuple[torch.Tensor, torch.Tensor]  # the (float, int) buffers that `state` views: keep, not copy
     weights: dict[str, float]  # normalised, of the sites that made it into the average
     norms: dict[str, float]
+    path_length: float | None = None  # fednova: the weighted mean path length the average was taken to
     clipped: list[str] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
 
@@ -169,6 +194,7 @@ class StreamingAggregator:
         self.acc: torch.Tensor | None = None
         self.out = out
         self.total_weight = 0.0
+        self.total_steps = 0.0  # sum of weight * path length (fednova)
         self.first: tuple[torch.Tensor, torch.Tensor] | None = None  # BN-copy values and ints of update 1
         self.held: list[_Pending] = []
         self.raw_weights: dict[str, float] = {}
@@ -199,7 +225,9 @@ class StreamingAggregator:
             floats, ints = self.layout.flatten(update.delta, out=self.pool[slot])
         except LayoutError as err:
             return self.reject(update.site, str(err))
-        return self.add_flat(update.site, floats, ints, update.n_samples, update.cdw, weight, scale)
+        return self.add_flat(
+            update.site, floats, ints, update.n_samples, update.cdw, weight, scale, steps=update.steps
+        )
 
     def add_flat(
         self,
@@ -210,12 +238,14 @@ class StreamingAggregator:
         cdw: float | None = None,
         weight: float | None = None,
         scale: float = 1.0,
+        steps: float | None = None,
     ) -> Rejection | None:
         """Validate and fold one update given as flat delta buffers (as the wire codec decodes them).
 
         `weight` replaces the weight of the strategy's weighting, `scale` multiplies the delta (a clip
-        decided by the caller). Returns the rejection (also logged and recorded) or None. A second update
-        from the same site in the same round is ignored (idempotent). The buffers are only read.
+        decided by the caller), `steps` is the site's path length (needed by fednova, ignored otherwise).
+        Returns the rejection (also logged and recorded) or None. A second update from the same site in
+        the same round is ignored (idempotent). The buffers are only read.
         """
         if site in self.raw_weights:
             log.info("duplicate update from %s ignored", site)
@@ -239,6 +269,10 @@ class StreamingAggregator:
         clip = self.config.clip_norm
         if not (math.isfinite(scale) and 0 < scale <= 1):
             return self.reject(site, f"invalid scale {scale}")
+        if not self.config.fednova:
+            steps = 1.0
+        elif steps is None or not math.isfinite(steps) or steps < 1:
+            return self.reject(site, f"fednova needs the update's path length (>= 1), got {steps!r}")
         if self.config.needs_all_updates or clip is not None:
             norm = l2_norm(floats) * scale
             if not math.isfinite(norm):
@@ -252,9 +286,9 @@ class StreamingAggregator:
             self.cdws[site] = float(cdw)
         self.raw_weights[site] = w
         if self.config.needs_all_updates:
-            self.held.append(_Pending(site, floats * scale, ints.clone(), w, 1.0))
+            self.held.append(_Pending(site, floats * scale, ints.clone(), w, 1.0, steps))
         else:
-            self.pending.append(_Pending(site, floats, ints, w, scale))
+            self.pending.append(_Pending(site, floats, ints, w, scale, steps))
             if len(self.pending) >= self.group:
                 self._fold_pending()
         return None
@@ -288,6 +322,7 @@ class StreamingAggregator:
         acc, base = self.acc, self.base_floats
         live = list(group)
         total = self.total_weight + sum(p.weight for p in live)
+        divisor = self._divisor(total, self.total_steps + sum(p.weight * p.steps for p in live))
         final = final and total > 0
         for start in range(0, n, self.BLOCK):
             end = min(n, start + self.BLOCK)
@@ -299,7 +334,7 @@ class StreamingAggregator:
                     if not math.isfinite(float(torch.dot(p.floats[start:end], p.floats[start:end])))
                 ]
                 if final:  # turn the finished prefix back into a plain sum; finish() divides later
-                    acc[:start].sub_(base[:start]).mul_(total)
+                    acc[:start].sub_(base[:start]).mul_(divisor)
                     final = False
                 for p in bad:
                     acc[:start].sub_(p.floats[:start], alpha=p.alpha)
@@ -311,14 +346,22 @@ class StreamingAggregator:
             if not fresh:
                 block.add_(target)
             if final:
-                torch.add(base[start:end], block, alpha=1.0 / total, out=target)
+                torch.add(base[start:end], block, alpha=1.0 / divisor, out=target)
             else:
                 target.copy_(block)
         for p in live:
             self.total_weight += p.weight
+            self.total_steps += p.weight * p.steps
             if self.first is None:
                 self.first = (p.floats.index_select(0, self.copy_index) * p.scale, p.ints.clone())
         return final
+
+    def _divisor(self, total: float, total_steps: float) -> float:
+        """What the weighted sum of (path-normalised) deltas is divided by: the total weight, and under
+        fednova the total over the weighted mean path length (total_steps / total)."""
+        if not self.config.fednova or total <= 0:
+            return total
+        return total * total / total_steps
 
     def _screen_outliers(self) -> None:
         rule = self.config.outlier_rule
@@ -348,18 +391,22 @@ class StreamingAggregator:
         finished = self._fold_pending(final=self.config.estimator == "mean")
         if self.acc is None or self.first is None:
             raise NoUpdatesError("no accepted update in this round")
+        path_length = None
         if self.config.estimator == "mean":
-            total = self.total_weight
+            total = divisor = self.total_weight
             if total <= 0:  # e.g. every CDW is 0: no site's model changed; keep the base
                 log.warning("all update weights are zero: the global model stays unchanged this round")
                 self.acc.zero_()
-                total = 1.0
+                total = divisor = 1.0
+            elif self.config.fednova:
+                divisor = self._divisor(total, self.total_steps)
+                path_length = self.total_steps / total
             weights = {s: w / total for s, w in self.raw_weights.items()}
         else:
-            total = 1.0
+            divisor = 1.0
             weights = {p.site: 1.0 / len(self.held) for p in self.held}
         new_floats = (
-            self.acc if finished else torch.add(self.base_floats, self.acc, alpha=1.0 / total, out=self.acc)
+            self.acc if finished else torch.add(self.base_floats, self.acc, alpha=1.0 / divisor, out=self.acc)
         )
         first_floats, first_ints = self.first
         new_floats.index_copy_(
@@ -368,7 +415,13 @@ class StreamingAggregator:
         new_ints = self.base_ints + first_ints
         state = self.layout.unflatten(new_floats, new_ints, like=self.base)
         return RoundAggregate(
-            state, (new_floats, new_ints), weights, dict(self.norms), list(self.clipped), list(self.rejected)
+            state,
+            (new_floats, new_ints),
+            weights,
+            dict(self.norms),
+            clipped=list(self.clipped),
+            rejected=list(self.rejected),
+            path_length=path_length,
         )
 
     def _robust_estimate(self) -> None:

@@ -116,7 +116,10 @@ class Clustering:
     """
 
     def __init__(self, config: ClusterConfig, strategy: StrategyConfig, seed: int) -> None:
-        self.config, self.strategy, self.seed = config, strategy, seed
+        # groups fold by plain weights: a site re-based onto its group carries a term that is not a
+        # step, which fednova's path normalisation would scale (rounds before grouping use it)
+        self.config, self.seed = config, seed
+        self.strategy = strategy.model_copy(update={"fednova": False})
         self.groups: dict[str, int] = {}
         self.samples: dict[str, int] = {}  # each placed site's training images, as last reported
         self.centroids: torch.Tensor | None = None

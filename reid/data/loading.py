@@ -126,6 +126,12 @@ def collate_skipping(items: list[tuple[torch.Tensor, int, int] | None]) -> Batch
     return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(indices), skipped)
 
 
+def train_steps(n_images: int, batch_size: int) -> int:
+    """Optimizer steps in one training epoch of `make_loader` over `n_images` (drop-last batches; a set no
+    larger than one batch is one step)."""
+    return n_images // batch_size if n_images > batch_size else 1
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,

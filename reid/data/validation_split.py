@@ -3,12 +3,13 @@ looking at the test queries.
 
 `hold_out` writes a Market-1501 folder per site (links, as `camera_split` writes them): a seeded
 fraction of the site's training identities (at least `min_ids`) is taken out of training and becomes
-the site's query/gallery: for every held-out identity seen by two or more cameras, the first image of
-each camera that has two or more of its images is a query (of one camera only if none has), and the
-rest are gallery, so every query keeps a match in another camera; identities seen by one camera only go
-to the gallery whole (they cannot be matched across cameras, so they act as distractors). The site's
-real query/gallery are not used. A study run on these folders ranks methods and settings; the test run
-then uses the real splits.
+the site's query/gallery, all against all: the gallery holds every held-out image, and every image of a
+held-out identity seen by two or more cameras is also a query (the evaluation drops a query's own camera
+from its gallery, itself included, so each query is matched in the other cameras); identities seen by
+one camera only are gallery distractors. Every held-out image that can be scored is scored: a small
+site gives several times the queries of one query per camera and identity, so the split separates
+settings that a handful of queries would tie. The site's real query/gallery are not used. A study run
+on these folders ranks methods and settings; the test run then uses the real splits.
 """
 
 from __future__ import annotations
@@ -41,19 +42,13 @@ def hold_out(
                 f"{site.name}: {len(pids)} training identities cannot spare {take} for validation"
             )
         held = set(random.Random(f"{seed}:{site.name}").sample(pids, take))
-        query, gallery = [], []
+        query: list[ImageRecord] = []
+        gallery: list[ImageRecord] = []
         for pid in sorted(held):
             mine = [r for r in train if r.pid == pid]
-            by_camera: dict[int, list[ImageRecord]] = {}
-            for r in mine:
-                by_camera.setdefault(r.camid, []).append(r)
-            picked = [rs[0] for rs in by_camera.values() if len(rs) > 1]
-            if len(by_camera) < 2:
-                picked = []
-            elif not picked:
-                picked = [mine[0]]
-            query += picked
-            gallery += [r for r in mine if r not in picked]
+            if len({r.camid for r in mine}) > 1:
+                query += mine
+            gallery += mine
         if not query:
             raise ValueError(f"{site.name}: no held-out identity is seen by two cameras; hold out more")
         root = out / site.name

@@ -74,7 +74,7 @@ def test_study_runs_on_real_layouts(real_layouts, tmp_path):
     assert {s.layout for s in layouts.values()} == {"market1501", "fedreid", "msmt17"}
     out = tmp_path / "out"
     proc = run_study(
-        "--data", data, "--public", public, "--methods", "local,fedpav,cdw_kd", "--seeds", "0,1",
+        "--data", data, "--public", public, "--methods", "local,fedpav,fednova,cdw_kd", "--seeds", "0,1",
         "--rounds", "2", "--arch", "mobilenet_v3_small", "--batch-size", "8", "--kd-seconds", "5",
         "--out", out, "--scenario", "dataset", "--from-scratch",
     )  # fmt: skip
@@ -82,7 +82,7 @@ def test_study_runs_on_real_layouts(real_layouts, tmp_path):
     study = json.loads((out / "study.json").read_text())["scenarios"]["dataset"]
     names = sorted(layouts)
     assert study["sizes"] == {name: len(s.train) for name, s in layouts.items()}
-    assert set(study["table"]) == {"local", "fedpav", "cdw_kd"}
+    assert set(study["table"]) == {"local", "fedpav", "fednova", "cdw_kd"}
     for method, row in study["table"].items():
         assert set(row) == {*names, "mean"}
         for site in names:
@@ -91,18 +91,18 @@ def test_study_runs_on_real_layouts(real_layouts, tmp_path):
         means = [study["table"][method][n]["rank1"][0] for n in names]
         assert row["mean"]["rank1"][0] == pytest.approx(sum(means) / len(means))
     # every run logged one global (or local) evaluation per round and site, for both seeds
-    for method in ("fedpav", "cdw_kd"):
+    for method in ("fedpav", "fednova", "cdw_kd"):
         assert all(len(curve) == 2 for seed in study["curves"][method].values() for curve in seed.values())
         assert set(study["site_model_table"][method]) == {*names, "mean"}
     assert "local" not in study["site_model_table"]
-    assert set(study["beats_local"]) == {"fedpav", "cdw_kd"}
+    assert set(study["beats_local"]) == {"fedpav", "fednova", "cdw_kd"}
     verdict, mean = study["verdicts"], {m: row["mean"]["rank1"][0] for m, row in study["table"].items()}
     assert verdict["ranking"] == sorted(mean, key=mean.get, reverse=True)
     assert verdict["margin_over_fedpav"]["cdw_kd"] == pytest.approx(mean["cdw_kd"] - mean["fedpav"], abs=0.01)
-    local, shipped, own = (  # the shipped default: FedPav weights (bench/federated.py SHIPPED)
+    local, shipped, own = (  # the shipped default: FedPav weights + fednova (bench/federated.py SHIPPED)
         study["table"]["local"],
-        study["table"]["fedpav"],
-        study["site_model_table"]["fedpav"],
+        study["table"]["fednova"],
+        study["site_model_table"]["fednova"],
     )
     below = [n for n in names if max(shipped[n]["rank1"][0], own[n]["rank1"][0]) < local[n]["rank1"][0]]
     assert verdict["shipped_below_local"] == below

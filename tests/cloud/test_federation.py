@@ -22,7 +22,7 @@ from cloud.cli import app
 from cloud.config import ServeConfig
 from cloud.local_federation import agent_command, run_local_federation
 from cloud.server import Aggregator
-from cloud.strategy import KDConfig
+from cloud.strategy import KDConfig, StrategyConfig
 from edge.deployment import current_model
 from export.contract import load_contract
 from protocol.broker import EmbeddedBroker, LocalBroker, find_mosquitto, free_port, parse_url
@@ -30,8 +30,9 @@ from protocol.chunks import parse_chunk, split_blob
 from protocol.codec import decode_state, encode_state
 from protocol.messages import BlobRef, EvalReport, RoundStart, UpdateManifest, encode_message, parse_message
 from protocol.topics import Topics
-from reid.data import InputSpec
+from reid.data import InputSpec, read_dataset
 from reid.model import ModelSpec
+from reid.train import TrainConfig
 
 TINY = {
     "model": ModelSpec(arch="resnet18"),
@@ -63,14 +64,16 @@ def _served_retrieval(model: Path, site: Path) -> tuple[float, float]:
 
 def test_a_round_on_the_embedded_broker_with_server_side_kd(tiny_federation, tmp_path):
     """The amqtt fallback (`broker = "auto"` without mosquitto) carries a round and the final evaluation:
-    retained messages, QoS 1 and chunked blobs all work on it. The aggregator distils the round's
-    teachers into the global model on the public set (`kd_enabled`), as the simulator does."""
+    retained messages, QoS 1 and chunked blobs all work on it. The aggregator averages with fednova
+    (each delta over its site's path length, from its size and the round's training) and distils the
+    round's teachers into the global model on the public set (`kd_enabled`), as the simulator does."""
     sites = sorted((tiny_federation / "sites").iterdir())[:2]
     cfg = ServeConfig(
         federation="amqtt",
         state_dir=tmp_path / "cloud",
         rounds=1,
         min_sites=2,
+        strategy=StrategyConfig(fednova=True),
         kd_enabled=True,
         public=tiny_federation / "public",
         kd=KDConfig(batch_size=8, max_batches=2),
@@ -81,6 +84,11 @@ def test_a_round_on_the_embedded_broker_with_server_side_kd(tiny_federation, tmp
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     rounds = [r for r in records if r.get("kind") == "round"]
     assert [(r["round"], r["accepted"]) for r in rounds] == [(0, [s.name for s in sites])]
+    sizes = [len(read_dataset(s).train) for s in sites]
+    paths = [TrainConfig(batch_size=TINY["batch_size"]).path_length(n) for n in sizes]
+    assert paths[0] != paths[1]
+    want = sum(n * p for n, p in zip(sizes, paths, strict=True)) / sum(sizes)
+    assert rounds[0]["path_length"] == pytest.approx(want, abs=1e-3)
     kd = rounds[0]["kd"]
     assert kd["batches"] == 2 and np.isfinite(kd["mse_first"]) and np.isfinite(kd["mse_last"]), kd
     final = [r for r in records if r.get("kind") == "evaluation"]

@@ -4,8 +4,14 @@ duplicate that is acknowledged again, and the manifest that is collected."""
 from __future__ import annotations
 
 import hashlib
+import json
 
+import pytest
+
+from cloud.config import ServeConfig
+from cloud.journal import Journal
 from cloud.round import OpenRound, admit, update_limit
+from cloud.strategy import StrategyConfig
 from protocol.chunks import blob_ref
 from protocol.messages import UpdateManifest
 
@@ -45,3 +51,32 @@ def test_the_update_limit_fits_the_whole_model_with_framing_unless_the_setting_i
     limit = update_limit(1_000_000, 10, 1 << 30)
     assert 1_000_000 + 10 * 256 < limit < 1_100_000  # a full fp32 delta with int8 scales fits; 10 % more not
     assert update_limit(1_000_000, 10, 500_000) == 500_000
+
+
+def test_a_run_written_before_a_strategy_setting_existed_resumes_at_what_it_ran(tmp_path):
+    """run.json of an earlier version lacks settings added since: it resumes when they are at the value
+    that version ran (strategy.fednova off), and is another run otherwise."""
+    journal = Journal(tmp_path / "fed")
+    plain = ServeConfig(federation="fed", strategy=StrategyConfig(fednova=False))
+    journal.check_identity(plain.identity(), ServeConfig.stored_identity)
+    path = tmp_path / "fed" / "run.json"
+    stored = json.loads(path.read_text())
+    del stored["strategy"]["fednova"]
+    path.write_text(json.dumps(stored))
+    journal.check_identity(plain.identity(), ServeConfig.stored_identity)  # resumes
+    with pytest.raises(ValueError, match="another run configuration"):
+        journal.check_identity(plain.identity())  # compared as written, it is not the same
+    for other in (
+        ServeConfig(federation="fed", strategy=StrategyConfig(fednova=True)),
+        ServeConfig(federation="fed", strategy=StrategyConfig(fednova=False, bn="average")),
+        ServeConfig(federation="other", strategy=StrategyConfig(fednova=False)),
+    ):
+        with pytest.raises(ValueError, match="another run configuration"):
+            journal.check_identity(other.identity(), ServeConfig.stored_identity)
+    path.write_text(json.dumps({"federation": "fed", "strategy": {"no_such_setting": 1}}))
+    with pytest.raises(ValueError, match="another run configuration"):
+        journal.check_identity(plain.identity(), ServeConfig.stored_identity)
+    # a [strategy] table of today sets its keys over the shipped default (fednova on), not the library's
+    partial = ServeConfig.model_validate({"federation": "fed", "strategy": {"bn": "average"}})
+    assert partial.strategy.fednova and partial.strategy.bn == "average"
+    assert ServeConfig().strategy.fednova and not StrategyConfig().fednova

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from cloud.cli import app
@@ -97,6 +97,33 @@ def test_resume_refuses_another_configuration(tiny_federation, tmp_path):
     other = Simulator(_config("fedpav", rounds=1, bn="first"), _sites(tiny_federation), tmp_path)
     with pytest.raises(ValueError, match="another configuration"):
         other.try_resume()
+    nova = Simulator(_config("fednova", rounds=1), _sites(tiny_federation), tmp_path)
+    with pytest.raises(ValueError, match="another configuration"):
+        nova.try_resume()
+    # a checkpoint written before a setting existed resumes when the setting is at its default
+    path = tmp_path / CHECKPOINT
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    stored = json.loads(meta["config"])
+    del stored["strategy"]["fednova"]
+    save_file(tensors, str(path), metadata={**meta, "config": json.dumps(stored)})
+    assert Simulator(_config("fedpav", rounds=2), _sites(tiny_federation), tmp_path).try_resume()
+    with pytest.raises(ValueError, match="another configuration"):
+        nova.try_resume()
+
+
+def test_fednova_takes_each_sites_delta_back_to_the_mean_path_length(tiny_federation, tmp_path):
+    cfg = _config("fednova", rounds=1)
+    records = Simulator(cfg, _sites(tiny_federation), tmp_path).run()
+    summary = next(r for r in records if r.get("kind") == "round")
+    sizes = {p.name: len(read_dataset(p).train) for p in _sites(tiny_federation)}
+    train = cfg.train.model_copy(update={"epochs": cfg.local_epochs})
+    mean_path = sum(n * train.path_length(n) for n in sizes.values()) / sum(sizes.values())
+    assert summary["path_length"] == pytest.approx(mean_path, abs=1e-3)
+    assert len({train.path_length(n) for n in sizes.values()}) > 1  # the sites' paths differ
+    assert summary["weights"] == pytest.approx({s: n / sum(sizes.values()) for s, n in sizes.items()})
+    grouped = Simulator(_config("cluster", rounds=1, fednova=True), _sites(tiny_federation), tmp_path / "c")
+    assert grouped.clustering is not None and not grouped.clustering.strategy.fednova  # groups: plain
 
 
 def test_export_of_a_bn_local_run_takes_a_sites_batchnorm(tiny_federation, tmp_path):

@@ -84,6 +84,44 @@ def test_streaming_deltas_equal_the_batch_result(weighting):
     assert result.weights["site0"] == pytest.approx(raw[0] / sum(raw))
 
 
+@pytest.mark.parametrize("group", [1, 4])
+def test_fednova_divides_each_delta_by_its_path_length_and_rescales_to_the_mean_path(group):
+    states = _states(5, seed=4)
+    base = _states(1, seed=98)[0]
+    sizes, paths, clip = [400, 35, 20, 216, 112], [180.0, 4.6, 1.9, 95.2, 42.0], [1.0, 1.0, 0.5, 1.0, 1.0]
+    agg = StreamingAggregator(base, StrategyConfig(bn="average", fednova=True), group=group)
+    agg.BLOCK = 5000  # several blocks, and a NaN update rolled back from a late one
+    for i, s in enumerate(states):
+        delta = {key: s[key] - base[key] for key in base}
+        assert agg.add(Update(f"site{i}", delta, sizes[i], steps=paths[i]), scale=clip[i]) is None
+    nan = {key: torch.full_like(v, float("nan")) if v.is_floating_point() else v for key, v in delta.items()}
+    assert agg.add(Update("nan", nan, 50, steps=7.0)) is None
+    assert "path length" in agg.add(Update("unsized", delta, 10)).reason
+    assert "path length" in agg.add(Update("zero", delta, 10, steps=0.0)).reason
+    result = agg.finish()
+    assert sorted(r.site for r in result.rejected) == ["nan", "unsized", "zero"]
+    p = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
+    mean_path = float((p * torch.tensor(paths, dtype=torch.float64)).sum())
+    assert result.path_length == pytest.approx(mean_path)
+    for key in ("embedding.linear.weight", "backbone.trunk.0.weight", "embedding.bn.running_var"):
+        want = base[key].double() + mean_path * sum(
+            p[i] * clip[i] * (states[i][key].double() - base[key].double()) / paths[i] for i in range(5)
+        )
+        torch.testing.assert_close(result.state[key], want.float(), rtol=1e-5, atol=1e-5, msg=key)
+    # equal path lengths: exactly FedPav
+    fedpav = StreamingAggregator(base, StrategyConfig(bn="average"))
+    nova = StreamingAggregator(base, StrategyConfig(bn="average", fednova=True))
+    for i, s in enumerate(states):
+        delta = {key: s[key] - base[key] for key in base}
+        fedpav.add(Update(f"site{i}", delta, sizes[i]))
+        nova.add(Update(f"site{i}", delta, sizes[i], steps=13.0))
+    a, b = fedpav.finish().state, nova.finish().state
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    with pytest.raises(ValueError, match="estimator = mean"):
+        StrategyConfig(fednova=True, estimator="median")
+
+
 def test_duplicate_bad_and_nan_updates_are_rejected_and_the_rest_kept():
     states = _states(3, seed=5)
     base = states[0]

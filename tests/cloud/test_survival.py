@@ -24,6 +24,7 @@ from protocol.chunks import blob_ref, check_ref, parse_chunk, split_blob
 from protocol.codec import encode_state
 from protocol.messages import UpdateManifest, encode_message
 from protocol.topics import Topics
+from reid.train import TrainConfig
 from tests.cloud.test_federation import TINY, RawSite, _wait
 
 
@@ -139,11 +140,15 @@ def test_no_site_controls_the_model(tmp_path, mosquitto_url, weighting, claims):
     assert "x" in _summaries(cfg)[0]["share_capped"]
 
 
-@pytest.mark.parametrize("vouched", [False, True])
-def test_a_vouched_large_site_moves_the_model_as_far_as_its_data(tmp_path, mosquitto_url, vouched, caplog):
+@pytest.mark.parametrize("vouched,fednova", [(False, False), (True, False), (False, True)])
+def test_a_vouched_large_site_moves_the_model_as_far_as_its_data(
+    tmp_path, mosquitto_url, vouched, fednova, caplog
+):
     """An honest federation of 800 / 176 / 40 images whose largest site takes an 8 x longer step (as
     measured on the demo's data under bn=local): with sizes only claimed the defaults clip it and cap its
-    share, and say so in one line; with the sizes vouched for (site_samples) the round is plain FedPav."""
+    share, and say so in one line; with the sizes vouched for (site_samples) the round is plain FedPav.
+    Under fednova the norm bound sees each delta over its path length: the large site's normalised step
+    is the others', so it is not clipped even unvouched (its share is still capped)."""
     caplog.set_level(logging.WARNING, logger="cloud.server")
     samples = {"big": 800, "mid": 176, "small": 40}
     admission = AdmissionConfig(site_samples=samples if vouched else {})
@@ -155,6 +160,7 @@ def test_a_vouched_large_site_moves_the_model_as_far_as_its_data(tmp_path, mosqu
         deadline_s=60,
         final_eval=False,
         admission=admission,
+        strategy=StrategyConfig(fednova=fednova),
         **TINY,
     )
     agg, raw, thread = _start(cfg, mosquitto_url, list(samples))
@@ -171,7 +177,16 @@ def test_a_vouched_large_site_moves_the_model_as_far_as_its_data(tmp_path, mosqu
     (summary,) = _summaries(cfg)
     fedpav = {s: n / sum(samples.values()) for s, n in samples.items()}
     floats = [k for k, v in deltas["big"].items() if v.dtype.kind == "f"]
-    if vouched:
+    if fednova:
+        assert summary["clipped"] == [] and summary["share_capped"] == ["big"]
+        shares = {"big": 2 / 3, **{s: samples[s] / 216 / 3 for s in ("mid", "small")}}
+        assert summary["weights"] == pytest.approx(shares)
+        paths = {s: TrainConfig(batch_size=TINY["batch_size"]).path_length(n) for s, n in samples.items()}
+        mean_path = sum(shares[s] * paths[s] for s in samples)
+        assert summary["path_length"] == pytest.approx(mean_path, abs=1e-3)
+        moved = {k: mean_path * sum(shares[s] * deltas[s][k] / paths[s] for s in samples) for k in floats}
+        assert _change(cfg, 0) == pytest.approx(np.sqrt(sum(np.sum(v**2) for v in moved.values())), rel=1e-2)
+    elif vouched:
         assert summary["clipped"] == [] and summary["share_capped"] == []
         assert summary["allowances"] == {"big": pytest.approx(800 / 176, abs=1e-4)}
         assert summary["weights"] == pytest.approx(fedpav)

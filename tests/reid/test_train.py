@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from reid.data import InputSpec
+from reid.data.loading import make_loader, train_steps
 from reid.model import ModelSpec, build_model
 from reid.site import SiteData
-from reid.train import TrainConfig, cosine_distance, train_local
+from reid.train import TrainConfig, cosine_distance, sgd_path_length, train_local
 
 TINY_INPUT = InputSpec(height=64, width=32)
 
@@ -230,3 +231,29 @@ def test_site_statistics_are_the_same_wherever_they_are_estimated(tiny_federatio
     estimate_batchnorm(plain, unaugmented)
     key = "backbone.trunk.1.running_var"
     assert not torch.allclose(plain.state_dict()[key], first.state_dict()[key], rtol=1e-3)
+
+
+@pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True), (0.5, True)])
+@pytest.mark.parametrize("steps", [1, 2, 7, 30])
+def test_sgd_path_length_is_how_far_torch_sgd_moves_along_a_constant_gradient(momentum, nesterov, steps):
+    weight = torch.zeros(3, requires_grad=True)
+    gradient = torch.tensor([1.0, -2.0, 0.5])
+    optimizer = torch.optim.SGD([weight], lr=0.01, momentum=momentum, nesterov=nesterov)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (weight * gradient).sum().backward()
+        optimizer.step()
+    moved = -weight.detach() / (0.01 * gradient)
+    torch.testing.assert_close(moved, torch.full((3,), sgd_path_length(steps, momentum, nesterov)))
+
+
+@pytest.mark.parametrize("n,batch,epochs", [(20, 16, 1), (35, 16, 1), (406, 16, 3), (16, 16, 2), (3, 32, 1)])
+def test_a_rounds_path_length_counts_the_steps_its_loader_takes(n, batch, epochs):
+    loader = make_loader(list(range(n)), batch, train=True)
+    assert train_steps(n, batch) == len(loader) == sum(1 for _ in loader.batch_sampler)
+    config = TrainConfig(epochs=epochs, batch_size=batch)
+    assert config.path_length(n) == sgd_path_length(epochs * len(loader), 0.9, True)
+    # the recipe's momentum: a site with 10x the steps moves more than 10x as far
+    assert TrainConfig(batch_size=batch).path_length(10 * batch + 1) > 10 * TrainConfig(
+        batch_size=batch
+    ).path_length(batch)

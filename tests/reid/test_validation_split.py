@@ -26,13 +26,18 @@ def test_held_out_identities_leave_training_and_form_a_cross_camera_query_galler
         got = Counter((r.pid, r.camid, r.path.resolve().read_bytes()) for r in val.train)
         want = Counter((r.pid, r.camid, r.path.read_bytes()) for r in source.train if r.pid not in held)
         assert got == want
-        # query + gallery are exactly the held-out identities' training images: no test image is read
+        # the gallery is exactly the held-out identities' training images: no test image is read
         test_bytes = {r.path.read_bytes() for r in [*source.query, *source.gallery]}
-        evaluated = [*val.query, *val.gallery]
-        assert Counter((r.pid, r.path.resolve().read_bytes()) for r in evaluated) == Counter(
-            (r.pid, r.path.read_bytes()) for r in source.train if r.pid in held
+        held_images = [r for r in source.train if r.pid in held]
+        assert Counter((r.pid, r.camid, r.path.resolve().read_bytes()) for r in val.gallery) == Counter(
+            (r.pid, r.camid, r.path.read_bytes()) for r in held_images
         )
-        assert not {r.path.resolve().read_bytes() for r in evaluated} & test_bytes
+        assert not {r.path.resolve().read_bytes() for r in [*val.query, *val.gallery]} & test_bytes
+        # all against all: every image of an identity seen by two cameras is a query, none other
+        seen_twice = {p for p in held if len({r.camid for r in held_images if r.pid == p}) > 1}
+        assert Counter((r.pid, r.camid, r.path.resolve().read_bytes()) for r in val.query) == Counter(
+            (r.pid, r.camid, r.path.read_bytes()) for r in held_images if r.pid in seen_twice
+        )
         assert val.query and len(val.query) == manifest[site.name]["query"]
         for q in val.query:  # every query can be matched in another camera
             assert any(g.pid == q.pid and g.camid != q.camid for g in val.gallery), (site.name, q)
