@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -103,24 +101,26 @@ def pretrain(
     from cloud.simulate import MODEL, SimulationConfig, Simulator
     from reid.data import DatasetLayoutError, InputSpec, detect_layout
     from reid.model import ModelSpec
-    from reid.synthetic import SyntheticConfig, generate_federation
+    from reid.synthetic import SyntheticConfig, cached_federation
     from reid.train import TrainConfig
 
     work = out_file.with_name(out_file.name + ".work")  # the source and the training run, resumable
     if data is None:
-        data = work / "source" / "sites"
-        if not data.is_dir():
-            source = SyntheticConfig(
-                seed=seed,
-                sites=4,
-                train_images_max=source_images,
-                public_images=0,
-                height=height,
-                width=width,
-                domains=True,
-            )
-            out.print(f"building the synthetic source domain (seed {seed}, its own styles) in {data.parent}")
-            generate_federation(source, data.parent)
+        source = SyntheticConfig(
+            seed=seed,
+            sites=4,
+            train_images_max=source_images,
+            public_images=0,
+            height=height,
+            width=width,
+            domains=True,
+        )
+        if not (work / "source" / "federation.json").is_file():
+            out.print(f"building the synthetic source domain (seed {seed}, its own styles) in {work}")
+        try:
+            data = cached_federation(source, work / "source") / "sites"
+        except FileExistsError as err:
+            raise typer.BadParameter(str(err), param_hint="--out") from None
     config = SimulationConfig(
         algorithm="central",
         rounds=epochs,
@@ -275,24 +275,24 @@ def simulate(
     from reid.data import DatasetLayoutError, InputSpec
     from reid.model import ModelError, ModelSpec
     from reid.privacy import DPConfig
-    from reid.synthetic import SyntheticConfig, generate_federation
+    from reid.synthetic import SyntheticConfig, cached_federation
     from reid.train import TrainConfig
 
     if fresh and out_dir.exists():
         for name in (CHECKPOINT, METRICS, MODEL):
             (out_dir / name).unlink(missing_ok=True)
     if sites_dir is None:
-        federation = out_dir / "federation"
-        if not (federation / "federation.json").is_file():
-            cfg = SyntheticConfig(
-                seed=seed,
-                sites=synthetic_sites,
-                train_images_max=synthetic_images,
-                height=max(height, 32),
-                width=max(width, 16),
-            )
-            shutil.rmtree(federation, ignore_errors=True)
-            generate_federation(cfg, federation)
+        synthetic = SyntheticConfig(
+            seed=seed,
+            sites=synthetic_sites,
+            train_images_max=synthetic_images,
+            height=max(height, 32),
+            width=max(width, 16),
+        )
+        try:
+            federation = cached_federation(synthetic, out_dir / "federation")
+        except FileExistsError as err:
+            raise typer.BadParameter(str(err), param_hint="--out") from None
         sites_dir, public_dir = federation / "sites", public_dir or federation / "public"
     config = SimulationConfig(
         algorithm=algorithm,
@@ -447,9 +447,9 @@ def serve(
     """Run the federation's rounds (resumes from --state-dir after a stop or a crash)."""
     from cloud.config import ServeConfig
     from cloud.journal import StateDirError
-    from cloud.provision import mosquitto_conf
+    from cloud.provision import aggregator_broker
     from cloud.server import Aggregator
-    from protocol.broker import BrokerError, LocalBroker, auto_broker, free_port
+    from protocol.broker import BrokerError
 
     overrides = {
         "federation": federation,
@@ -481,17 +481,9 @@ def serve(
     }
     try:
         cfg = load_config(ServeConfig, config, overrides)
-        with contextlib.ExitStack() as stack:
-            url = cfg.broker
-            provisioned = cfg.identity_dir.parent / "broker" if cfg.identity_dir else None
-            if url == "auto" and provisioned is not None and (provisioned / "mosquitto.conf").is_file():
-                port = free_port()  # the provisioned mutual-TLS configuration, on loopback
-                broker = LocalBroker(port=port, config=mosquitto_conf(provisioned, port, "127.0.0.1"))
-                url = stack.enter_context(broker).url
-                out.print(f"broker: {url}, mutual TLS + ACL from {provisioned}")
-            elif url == "auto":
-                url = stack.enter_context(auto_broker()).url
-                out.print(f"broker: {url} (agents: edge-agent start --broker {url} ...)")
+        with aggregator_broker(cfg.broker, cfg.identity_dir) as (url, which):
+            if cfg.broker == "auto":
+                out.print(which)
             aggregator = Aggregator(cfg, url)
             signal.signal(signal.SIGTERM, lambda *_: aggregator.stop())
             aggregator.run()
@@ -519,6 +511,8 @@ def status(
     """Show the run: rounds done, the open round, who reported, and (with --broker) who is online and
     which deployed model each site serves."""
     from cloud.journal import Journal
+    from cloud.observer import observe
+    from protocol.broker import BrokerError
 
     root = _run_dir(state_dir, federation)
     journal = Journal(root)
@@ -535,7 +529,10 @@ def status(
         answer = {s: "-" if evaluation else "yes" if s in reported else "no" for s in open_round["selected"]}
         rows = [{"site": s, "selected": "yes", "reported": answer[s]} for s in open_round["selected"]]
     if broker:
-        live = _live_status(broker, federation, identity_dir)
+        try:
+            live = observe(broker, federation, identity_dir)
+        except BrokerError as err:
+            fail(out, str(err))
         names = {str(r["site"]) for r in rows} | {n for n, (role, *_) in live.items() if role == "site"}
         by_site = {str(r["site"]): r for r in rows}
         rows = [
@@ -558,57 +555,6 @@ def status(
     out.print(title)
     if rows:
         out.print(metrics_table("sites", rows))
-
-
-def _live_status(
-    url: str, federation: str, identity_dir: Path | None = None, seconds: float = 1.5
-) -> dict[str, tuple[str, str, str]]:
-    """{node: (role, state, deployed)} from the retained status documents; "round": ("deadline", text, "")."""
-    from protocol.messages import NodeStatus, RoundStart, parse_message
-    from protocol.mqtt import Endpoint
-    from protocol.topics import Topics
-
-    seen: dict[str, tuple[str, str, str]] = {}
-    topics = Topics(federation)
-
-    def on_message(topic: str, payload: bytes) -> None:
-        if not payload:
-            return
-        msg = parse_message(payload)
-        if isinstance(msg, NodeStatus):
-            state = f"failed (round {msg.round}: {msg.reason})" if msg.state == "failed" else msg.state
-            seen[msg.node] = (msg.role, state, msg.deployed or "")
-        elif isinstance(msg, RoundStart):
-            left = msg.deadline - time.time()
-            seen["round"] = (
-                "deadline",
-                f"round {msg.round}, deadline in {left:.0f} s"
-                if left > 0
-                else f"round {msg.round}, deadline passed {-left:.0f} s ago",
-                "",
-            )
-
-    handlers = {topics.status_all: on_message, topics.round: on_message}
-    endpoint = Endpoint(
-        url, topics, f"status-{os.getpid()}", "observer", handlers, announce=False, identity_dir=identity_dir
-    )
-    endpoint.start()
-    if not endpoint.connected.is_set():
-        endpoint.stop()
-        fail(out, no_broker(url, identity_dir))
-    time.sleep(seconds)
-    endpoint.stop()
-    return seen
-
-
-def no_broker(url: str, identity_dir: Path | None) -> str:
-    """Why a connection may have failed, pointing at the likely cause."""
-    if identity_dir is None:
-        return (
-            f"could not connect to {url}: nothing listens there, or it is a provisioned broker (mutual TLS), "
-            "which needs mqtts://host:port and --identity-dir with a provisioned folder"
-        )
-    return f"could not connect to {url} with the identity in {identity_dir} (wrong host/port, or revoked)"
 
 
 @app.command()
@@ -750,6 +696,7 @@ def deploy(
 ) -> None:
     """Export a round's global model and publish it for the sites to serve inference with."""
     from cloud.deploy import DeployError, DeploymentSource, deploy_round
+    from cloud.observer import no_broker
     from protocol.mqtt import Endpoint
     from protocol.topics import Topics
     from reid.data import DatasetLayoutError, read_image_folder

@@ -19,11 +19,13 @@ apply to the holder of that site's key. Adding a site and revoking one are one c
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import getpass
 import ipaddress
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography import x509
@@ -31,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from protocol.broker import LocalBroker, auto_broker, free_port
 from protocol.topics import PREFIX, check_name
 
 AGGREGATOR = "aggregator"
@@ -146,6 +149,25 @@ def mosquitto_conf(broker_dir: Path, port: int, bind: str) -> str:
         "max_queued_messages 10000\n"
         "log_dest stdout\nlog_type error\nlog_type warning\nlog_type notice\n"
     )
+
+
+@contextlib.contextmanager
+def aggregator_broker(url: str, identity_dir: Path | None) -> Iterator[tuple[str, str]]:
+    """The broker `serve` connects to, and a line saying which: `url` itself, unless it is "auto". Then a
+    private broker on a free loopback port, started here and stopped on exit: mosquitto with the
+    provisioned mutual TLS + ACL when `identity_dir` sits in a provisioning folder (its
+    ../broker/mosquitto.conf), else mosquitto or amqtt (`protocol.broker.auto_broker`)."""
+    if url != "auto":
+        yield url, f"broker: {url}"
+        return
+    provisioned = identity_dir.parent / "broker" if identity_dir else None
+    if provisioned is not None and (provisioned / "mosquitto.conf").is_file():
+        port = free_port()
+        with LocalBroker(port=port, config=mosquitto_conf(provisioned, port, "127.0.0.1")) as broker:
+            yield broker.url, f"broker: {broker.url}, mutual TLS + ACL from {provisioned}"
+        return
+    with auto_broker() as broker:
+        yield broker.url, f"broker: {broker.url} (agents: edge-agent start --broker {broker.url} ...)"
 
 
 class Provisioning:

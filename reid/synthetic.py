@@ -23,6 +23,7 @@ import colorsys
 import dataclasses
 import json
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -524,3 +525,17 @@ def generate_federation(
     manifest = {"config": cfg.model_dump(), "sites": [s.__dict__ for s in summaries]}
     (out / "federation.json").write_text(json.dumps(manifest, indent=2))
     return summaries
+
+
+def cached_federation(cfg: SyntheticConfig, out: Path, progress: Progress | None = None) -> Path:
+    """`out`, holding the federation of `cfg`: generated unless a complete one is there. federation.json
+    is written last, so a generation stopped halfway is discarded and started again; one of other
+    settings is refused (a cache, not a place to overwrite)."""
+    manifest = out / "federation.json"
+    if manifest.is_file():
+        if json.loads(manifest.read_text()).get("config") != json.loads(json.dumps(cfg.model_dump())):
+            raise FileExistsError(f"{out} holds a synthetic federation of other settings: use another folder")
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    generate_federation(cfg, out, progress)
+    return out

@@ -73,3 +73,12 @@ def test_pretrain_builds_a_disjoint_source_once_and_its_weights_start_a_federati
     again = runner.invoke(app, args)  # the source is built once; the finished run is resumed, not redone
     assert again.exit_code == 0 and "building the synthetic source" not in again.output
     assert torch.equal(load_file(str(out))["backbone.trunk.0.weight"], weights["backbone.trunk.0.weight"])
+
+
+def test_status_names_why_it_cannot_reach_the_broker(tmp_path):
+    (tmp_path / "fed").mkdir()
+    (tmp_path / "fed" / "run.json").write_text("{}")
+    args = ["status", "--state-dir", str(tmp_path), "--federation", "fed", "--broker", "mqtt://127.0.0.1:1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code != 0
+    assert "could not connect to mqtt://127.0.0.1:1" in result.output and "--identity-dir" in result.output

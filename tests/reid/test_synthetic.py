@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from reid.data import read_dataset, read_image_folder
-from reid.synthetic import SyntheticConfig, generate_federation, site_plan, total_images
+from reid.synthetic import SyntheticConfig, cached_federation, generate_federation, site_plan, total_images
 
 from ..conftest import TINY
 
@@ -124,3 +124,20 @@ def test_domains_make_sites_differ_as_data_sets_do(tmp_path):
     assert [s.domain for s in again] == [s.domain for s in summaries]
     first = sorted((tmp_path / "a" / "sites" / "site01" / "query").iterdir())[0]
     assert (tmp_path / "b" / "sites" / "site01" / "query" / first.name).read_bytes() == first.read_bytes()
+
+
+def test_a_cached_federation_is_reused_regenerated_when_incomplete_and_refused_when_other(tmp_path):
+    cfg = TINY.model_copy(update={"sites": 2, "train_images_max": 40, "public_images": 0})
+    out = tmp_path / "cache"
+    assert cached_federation(cfg, out) == out
+    first = _digest(out)
+    marker = out / "sites" / "site00" / "kept.txt"
+    marker.write_text("a file the cache keeps")
+    cached_federation(cfg, out)  # complete and of these settings: reused as it is
+    assert marker.is_file() and _digest(out) == first
+    (out / "federation.json").unlink()  # a generation stopped before its last write
+    cached_federation(cfg, out)
+    assert not marker.exists() and _digest(out) == first and (out / "federation.json").is_file()
+    with pytest.raises(FileExistsError, match="other settings"):
+        cached_federation(cfg.model_copy(update={"seed": 9}), out)
+    assert _digest(out) == first
