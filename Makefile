@@ -45,7 +45,7 @@ browser:
 demo: setup
 	rm -rf $(DEMO_DIR)
 	$(BIN)/cloud-aggregator simulate --transport mqtt --sites 3 --synthetic-images 800 --rounds 5 \
-		--algorithm fedpav --arch resnet18 --height 128 --width 64 --out $(DEMO_DIR)
+		--algorithm fednova --arch resnet18 --height 128 --width 64 --out $(DEMO_DIR)
 
 test: setup lint
 	$(BIN)/pytest $(PYTEST_ARGS)
