@@ -393,14 +393,14 @@ class StreamingAggregator:
             raise NoUpdatesError("no accepted update in this round")
         path_length = None
         if self.config.estimator == "mean":
-            total = divisor = self.total_weight
+            total = self.total_weight
             if total <= 0:  # e.g. every CDW is 0: no site's model changed; keep the base
                 log.warning("all update weights are zero: the global model stays unchanged this round")
                 self.acc.zero_()
-                total = divisor = 1.0
+                total = 1.0
             elif self.config.fednova:
-                divisor = self._divisor(total, self.total_steps)
                 path_length = self.total_steps / total
+            divisor = self._divisor(total, self.total_steps)
             weights = {s: w / total for s, w in self.raw_weights.items()}
         else:
             divisor = 1.0
