@@ -2,7 +2,7 @@
 KD add? The FedReID paper's comparison (reference/fedreid-seed-code.md section 8), reproduced on the
 synthetic federation through the in-process simulator, with several seeds.
 
-    .venv/bin/python bench/federated.py                      # the paper's setting: <= 60 min on 2 CPU cores
+    .venv/bin/python bench/federated.py                      # the paper's setting: ~64 min on 2 CPU cores
     .venv/bin/python bench/federated.py --validation 0.25    # the same on held-out training identities
     .venv/bin/python bench/federated.py --from-scratch       # without the pretrained start
     .venv/bin/python bench/federated.py --quick              # a smoke version (<= 10 min)
@@ -17,10 +17,13 @@ benchmark: federated by data set (each site a client) and by camera (each camera
 scored on its site's query/gallery). `--validation F` holds out a fraction F of each site's training
 identities as its query/gallery and never reads the test splits: settings are chosen there.
 
-Methods: local (each site alone), fedpav, fednova (FedPav with each delta normalised by its site's path
-length: the shipped default), cdw (FedPav + CDW weights), kd (FedPav + server KD), cdw_kd,
-central (pooled training: the upper bound; trained once, since by camera it pools the same images into
-the same classes when no camera is left out). Every method gets the same compute: `local_epochs` x
+Methods: direct (the federation's start model, no training, each site's BatchNorm statistics estimated
+on its training images, AdaBN: what any training has to beat), local (each site alone), fedpav, fednova
+(FedPav with each delta normalised by its site's path length: the shipped default), cdw (FedPav + CDW
+weights), kd (FedPav + server KD), cdw_kd, cluster (client clustering), central (pooled training: the
+upper bound; trained once, since by camera it pools the same images into the same classes when no
+camera is left out). `--ditto L` also trains each site a personal model (Ditto, lambda L) and scores it
+as the site's own model. Every method gets the same compute: `local_epochs` x
 `rounds` epochs per site. The synthetic federation is generated once, with settings fixed before any
 run (seed 0: sizes spread `size_ratio`x, per-site camera styles, a public KD set); the seeds vary
 training. Federated methods are scored with the global model, `local` with each site's own model,
@@ -56,11 +59,12 @@ from cloud.strategy import KDConfig, StrategyConfig
 from reid.data import DatasetLayoutError, InputSpec, read_dataset
 from reid.data.camera_split import client_sites, split_by_camera
 from reid.data.validation_split import hold_out
-from reid.model import ModelSpec
+from reid.model import ModelSpec, build_model
+from reid.site import SiteData
 from reid.synthetic import SyntheticConfig, generate_federation
-from reid.train import TrainConfig
+from reid.train import TrainConfig, adapt_to_site
 
-METHODS = ("local", "fedpav", "fednova", "cdw", "kd", "cdw_kd", "cluster", "central")
+METHODS = ("direct", "local", "fedpav", "fednova", "cdw", "kd", "cdw_kd", "cluster", "central")
 SHIPPED = "fednova"  # what `serve` runs by default: FedPav weights + fednova, no KD (and --bn local, as here)
 ROUNDS = 5  # from a pretrained start the curves are flat after 2-3 rounds (docs/benchmarks.md)
 # federated methods: the global model; clustering: each site's group model (what its site trains from)
@@ -91,7 +95,7 @@ def run_study(
         eval_local="last" if args.site_models and not site_of else False,  # the tables read the last round
         model=ModelSpec(arch=args.arch),
         input=InputSpec(height=args.height, width=args.width),
-        train=TrainConfig(lr_head=args.lr, lr_backbone=args.lr, batch_size=args.batch_size),
+        train=TrainConfig(lr_head=args.lr, lr_backbone=args.lr_backbone, batch_size=args.batch_size),
         strategy=StrategyConfig(bn=args.bn),
         kd=KDConfig(every=args.kd_every, epochs=1, max_seconds=args.kd_seconds),
         pretrained=args.pretrained,
@@ -103,7 +107,8 @@ def run_study(
     for method in methods:
         start = time.perf_counter()
         for seed in args.seeds:
-            cfg = base.model_copy(update={"algorithm": method, "seed": seed})
+            personal = args.ditto if method not in ("local", "central") else None
+            cfg = base.model_copy(update={"algorithm": method, "seed": seed, "ditto": personal})
             run_dir = out / "runs" / method / f"seed{seed}"
             if not args.resume:
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -131,6 +136,31 @@ def run_study(
             )
         seconds[method] = time.perf_counter() - start
     return {"curves": curves, "finals": finals, "site_models": site_models, "seconds": seconds}
+
+
+def direct_transfer(args: argparse.Namespace, sites: list[Path]) -> dict:
+    """The "direct" row: each site scored, per seed, by the federated runs' start model (the same seeded
+    init: the pretrained backbone, a new embedding block) with its BatchNorm statistics estimated on the
+    site's training images, as a site serves a model (`reid.train.adapt_to_site`). No training: the same in
+    both scenarios (scored per site)."""
+    start = time.perf_counter()
+    spec = InputSpec(height=args.height, width=args.width)
+    data = {path.name: SiteData(path, spec, args.batch_size) for path in sites}
+    finals: dict[int, dict[str, dict[str, float]]] = {}
+    for seed in args.seeds:
+        torch.manual_seed(seed)  # as `cloud.simulate.Simulator` builds its start
+        init = build_model(ModelSpec(arch=args.arch), 1, args.pretrained).state_dict()
+        finals[seed] = {}
+        for name, site in data.items():
+            model = build_model(ModelSpec(arch=args.arch), 1)
+            model.load_state_dict(init)
+            adapt_to_site(model, None, site.statistics_loader())
+            summary = site.evaluate(model).summary()
+            finals[seed][name] = {"rank1": summary["rank1"], "mAP": summary["mAP"]}
+        mean = statistics.fmean(s["rank1"] for s in finals[seed].values())
+        print(f"direct seed {seed}: mean rank-1 {mean:.1f}")
+    curves = {seed: {name: [m["rank1"]] for name, m in by_site.items()} for seed, by_site in finals.items()}
+    return {"finals": finals, "curves": curves, "seconds": time.perf_counter() - start}
 
 
 def last_metrics(evals: list[dict], last: int) -> dict[str, dict[str, float]]:
@@ -205,7 +235,7 @@ def table_lines(table: dict, site_names: list[str], extra: dict[str, list[str]] 
     return lines
 
 
-def markdown(summary: dict, site_names: list[str], header: str) -> str:
+def markdown(summary: dict, site_names: list[str], header: str, ditto: float | None = None) -> str:
     sizes = summary["sizes"]
     cols = [f"{n} ({sizes[n]})" for n in site_names] + ["mean"]
     lines = [header, "", "rank-1 / mAP (%), mean +- std over seeds; columns: site (training images)", ""]
@@ -229,7 +259,9 @@ def markdown(summary: dict, site_names: list[str], header: str) -> str:
     if summary["site_model_table"]:
         lines += [
             "",
-            "Federated methods scored with each site's own model after the last round's local training:",
+            "Federated methods scored with each site's own model after the last round's local training:"
+            if ditto is None
+            else f"Federated methods scored with each site's personal model (Ditto, lambda {ditto}):",
             "",
             "| method | " + " | ".join(cols) + " |",
             "| --- | " + " | ".join("---" for _ in cols) + " |",
@@ -380,7 +412,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16, help="16: the smallest site has 20 images")
-    parser.add_argument("--lr", type=float, default=0.02, help="head and backbone")
+    parser.add_argument("--lr", type=float, default=0.02, help="the head's learning rate")
+    parser.add_argument("--lr-backbone", type=float, help="the backbone's (default: --lr)")
     parser.add_argument("--bn", default="local", choices=["first", "average", "local"])
     parser.add_argument("--kd-every", type=int, default=1)
     parser.add_argument("--kd-seconds", type=float, default=30.0)
@@ -424,6 +457,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="real data: a folder with one data set folder per site")
     parser.add_argument("--public", type=Path, help="with --data: the public unlabeled images for KD")
     parser.add_argument(
+        "--ditto",
+        type=float,
+        help="Ditto personalisation of the federated methods with this lambda: the sites' own models are "
+        "their personal models",
+    )
+    parser.add_argument(
         "--no-site-models",
         dest="site_models",
         action="store_false",
@@ -453,6 +492,8 @@ def main() -> None:
             40,
         )
         args.public_images = 1000
+    if args.lr_backbone is None:
+        args.lr_backbone = args.lr
     args.methods = [m for m in args.methods.split(",") if m]
     args.seeds = [int(s) for s in args.seeds.split(",")]
     unknown = set(args.methods) - set(METHODS)
@@ -478,6 +519,7 @@ def main() -> None:
             args.pretrained = None
         elif not args.pretrained:  # built once per architecture and size, then reused by every study
             args.pretrained = str(pretrained_backbone(args))
+        direct = direct_transfer(args, base_sites) if "direct" in args.methods else None
         for scenario in scenarios:
             sites = base_sites
             desc = data_desc
@@ -500,8 +542,11 @@ def main() -> None:
                 and not skipped
                 and "central" in results.get("dataset", {}).get("finals", {})
             )
-            methods = [m for m in args.methods if not (reuse and m == "central")]
+            methods = [m for m in args.methods if m != "direct" and not (reuse and m == "central")]
             result = results[scenario] = run_study(args, sites, public, args.out / scenario, methods)
+            if direct is not None:  # first in every table
+                for key in ("curves", "finals", "seconds"):
+                    result[key] = {"direct": direct[key], **result[key]}
             if reuse:
                 for key in ("curves", "finals", "seconds"):
                     result[key]["central"] = results["dataset"][key]["central"]
@@ -533,7 +578,12 @@ def main() -> None:
     for scenario, summary in summaries.items():
         names = list(summary["sizes"])
         sections.append(
-            markdown(summary, names, f"### Federated by {'data set' if scenario == 'dataset' else 'camera'}")
+            markdown(
+                summary,
+                names,
+                f"### Federated by {'data set' if scenario == 'dataset' else 'camera'}",
+                args.ditto,
+            )
         )
     (args.out / "study.md").write_text("\n".join(sections))
     (args.out / "study.json").write_text(

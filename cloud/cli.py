@@ -249,6 +249,12 @@ def simulate(
     cluster_after: int = typer.Option(
         1, min=1, help="with --algorithm cluster: rounds of one global model before the sites are grouped"
     ),
+    ditto: float = typer.Option(
+        None,
+        min=0.0,
+        help="Ditto: each site also trains a personal model pulled towards the global one with this "
+        "lambda, scored as its own model (docs/algorithms.md)",
+    ),
     executor: str = typer.Option(
         "local", help="where the sites run: local (this process) or ray (a local Ray instance or a cluster)"
     ),
@@ -278,6 +284,12 @@ def simulate(
     from reid.synthetic import SyntheticConfig, cached_federation
     from reid.train import TrainConfig
 
+    if ditto is not None and algorithm in ("local", "central"):
+        raise typer.BadParameter(
+            f"personalises a federation's sites, not {algorithm} training", param_hint="--ditto"
+        )
+    if ditto is not None and transport == "mqtt":
+        raise typer.BadParameter("personal models are simulated with --transport none", param_hint="--ditto")
     if fresh and out_dir.exists():
         for name in (CHECKPOINT, METRICS, MODEL):
             (out_dir / name).unlink(missing_ok=True)
@@ -315,6 +327,7 @@ def simulate(
         sites_per_round=sites_per_round,
         quorum=quorum,
         cluster=ClusterConfig(groups=groups, after=cluster_after),
+        ditto=ditto,
     )
     if executor not in ("local", "ray"):
         raise typer.BadParameter(f"unknown executor {executor!r}: local or ray", param_hint="--executor")

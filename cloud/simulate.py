@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 from torch.utils.data import ConcatDataset
@@ -54,7 +54,7 @@ from reid.data import ImageDataset, InputSpec, eval_transform, make_loader, read
 from reid.data.camera_split import client_sites
 from reid.files import atomic_write
 from reid.logs import log_context
-from reid.model import ModelSpec, ReIDModel, build_model, load_shared_state, shared_state
+from reid.model import ModelSpec, ReIDModel, build_model, is_shared_key, load_shared_state, shared_state
 from reid.privacy import DPConfig
 from reid.site import SiteData
 from reid.train import TrainConfig, prepare_model, resolve_device, train_local
@@ -104,6 +104,19 @@ class SimulationConfig(BaseModel):
         1, ge=1, description="site results a round needs to close (fewer: the run stops, resumable)"
     )
     cluster: ClusterConfig = ClusterConfig()
+    ditto: float | None = Field(
+        None,
+        ge=0,
+        description="Ditto personalisation: each site also trains a personal model of its own, pulled "
+        "towards each round's global model with this strength (lambda; 0: its own training alone), and is "
+        "scored with it as its own model; None: off",
+    )
+
+    @model_validator(mode="after")
+    def _personal_needs_a_federation(self) -> SimulationConfig:
+        if self.ditto is not None and self.algorithm in ("local", "central"):
+            raise ValueError(f"ditto personalises a federation's sites, not {self.algorithm!r} training")
+        return self
 
     def selected(self, names: list[str], round_: int) -> list[str]:
         """The sites that train in `round_`: the networked aggregator's seeded draw."""
@@ -136,13 +149,23 @@ class SimSite:
     path: Path
     classifier: dict[str, torch.Tensor] = field(default_factory=dict)  # empty until it first trains
     private: dict[str, torch.Tensor] = field(default_factory=dict)
+    personal: dict[str, torch.Tensor] = field(default_factory=dict)  # Ditto's personal model
 
     @property
     def name(self) -> str:
         return self.path.name
 
     def job(self, round_: int, **kw) -> SiteJob:
-        return SiteJob(self.index, self.name, str(self.path), round_, self.classifier, self.private, **kw)
+        return SiteJob(
+            self.index,
+            self.name,
+            str(self.path),
+            round_,
+            self.classifier,
+            self.private,
+            personal=self.personal,
+            **kw,
+        )
 
 
 class RoundFailed(RuntimeError):
@@ -231,6 +254,7 @@ class Simulator:
         for site in self.sites:
             tensors.update({f"site/{site.name}/classifier/{k}": v for k, v in site.classifier.items()})
             tensors.update({f"site/{site.name}/private/{k}": v for k, v in site.private.items()})
+            tensors.update({f"site/{site.name}/personal/{k}": v for k, v in site.personal.items()})
         if self.cfg.algorithm == "central":
             tensors.update({f"central/{k}": v for k, v in self.model.classifier.state_dict().items()})
         meta = {"config": self._config_json(), "completed_rounds": str(self.completed)}
@@ -246,6 +270,16 @@ class Simulator:
         model_meta = {"round": str(self.completed), "algorithm": self.cfg.algorithm, "bn": bn}
         save_state(self.out / MODEL, self.global_state, self.cfg.model, self.cfg.input, model_meta)
         for site in self.sites:
+            if site.personal:  # Ditto: the model the site serves, a model file of its own
+                shared = {k: v for k, v in site.personal.items() if is_shared_key(k)}
+                (self.out / "personal").mkdir(exist_ok=True)
+                save_state(
+                    self.out / "personal" / f"{site.name}.safetensors",
+                    shared,
+                    self.cfg.model,
+                    self.cfg.input,
+                    {**model_meta, "site": site.name, "ditto": str(self.cfg.ditto)},
+                )
             if bn == "local" and site.private:  # a site not sampled yet has none
                 path = self.out / "batchnorm" / f"{site.name}.safetensors"
                 path.parent.mkdir(exist_ok=True)
@@ -269,6 +303,7 @@ class Simulator:
         for site in self.sites:
             site.classifier = part(f"site/{site.name}/classifier/")
             site.private = part(f"site/{site.name}/private/")
+            site.personal = part(f"site/{site.name}/personal/")
         if self.cfg.algorithm == "central":
             self.model.classifier.load_state_dict(part("central/"))
         if self.clustering is not None:
@@ -358,7 +393,7 @@ class Simulator:
                 failed[result.name] = result.error
                 continue
             site = by_name[result.name]
-            site.classifier, site.private = result.classifier, result.private
+            site.classifier, site.private, site.personal = result.classifier, result.private, result.personal
             if result.update is not None:
                 for key, value in {
                     "loss": result.loss,

@@ -30,14 +30,17 @@ from reid.logs import log_context
 from reid.model import (
     ReIDModel,
     build_model,
+    is_shared_key,
+    load_local_state,
     load_shared_state,
+    local_state,
     new_classifier,
     shared_state,
     without_batchnorm,
 )
 from reid.privacy import PrivacyLedger, privatize
 from reid.site import SiteData
-from reid.train import adapt_to_site, prepare_model, resolve_device, train_local
+from reid.train import Proximal, adapt_to_site, prepare_model, resolve_device, train_local
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,7 @@ class SiteJob:
     # per-camera scoring (cloud.camera_scoring): embed only these cameras' query/gallery crops and return
     # them, not metrics; None: score the whole query/gallery
     cameras: tuple[int, ...] | None = None
+    personal: State = field(default_factory=dict)  # Ditto: the site's personal model; empty until its first
 
 
 @dataclass
@@ -84,6 +88,7 @@ class SiteResult:
     train_seconds: float | None = None
     classifier: State = field(default_factory=dict)
     private: State = field(default_factory=dict)
+    personal: State = field(default_factory=dict)
     metrics: dict[str, float] | None = None  # the site's own model (train jobs) or the global one
     embedded: Embedded | None = None  # instead of metrics, for a job with `cameras`
     teacher: torch.Tensor | None = None
@@ -94,7 +99,7 @@ class SiteResult:
     @property
     def nbytes(self) -> int:
         """Bytes of tensors this result carries back to the driver."""
-        tensors = [*self.classifier.values(), *self.private.values()]
+        tensors = [*self.classifier.values(), *self.private.values(), *self.personal.values()]
         if self.update is not None:
             tensors += list(self.update.delta.values())
         if self.teacher is not None:
@@ -188,8 +193,6 @@ class SiteWorker:
             classifier={k: v.detach().cpu().clone() for k, v in self.model.classifier.state_dict().items()},
             private={k: trained[k] for k in private_keys(cfg, list(trained))},
         )
-        if job.evaluate:
-            self._scored(job, data, out)
         if cfg.algorithm != "local":
             delta = {k: trained[k] - state[k] for k in trained}
             if cfg.effective_strategy().bn == "local":  # as at a real site: its BatchNorm layers stay there
@@ -211,7 +214,25 @@ class SiteWorker:
             public = self._public()
             loader = make_loader(public, cfg.kd.batch_size * 2, train=False)
             out.teacher = embed_public(self.model, loader, len(public), self.device)
+        if cfg.ditto is not None:
+            out.personal = self._train_personal(job, data, state, seed)
+        if job.evaluate:  # the site's own model: the one it trained, or its personal one
+            self._scored(job, data, out)
         return out
+
+    def _train_personal(self, job: SiteJob, data: SiteData, state: State, seed: int) -> State:
+        """Ditto: the site's personal model (its own backbone and classifier; the global model and the
+        site's classifier of its first round to begin with) trained on its images, pulled towards this
+        round's global model as the site holds it (its private layers in). Returns the personal model."""
+        if job.personal:
+            load_shared_state(self.model, {k: v for k, v in job.personal.items() if is_shared_key(k)})
+            load_local_state(self.model, {k: v for k, v in job.personal.items() if not is_shared_key(k)})
+        else:
+            self._load(job, data, state)
+        torch.manual_seed(seed)
+        anchor = Proximal({**state, **job.private}, self.cfg.ditto)
+        train_local(self.model, data.train_loader(), self.train_cfg, proximal=anchor)
+        return {**shared_state(self.model), **local_state(self.model)}
 
     def _public(self) -> ImageDataset:
         if self.public is None:

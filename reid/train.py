@@ -75,6 +75,17 @@ class TrainResult:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
+@dataclass
+class Proximal:
+    """A pull of strength `mu` towards `anchor` (parameter name -> tensor; names outside it are free): each
+    step adds mu * (w - anchor) to the gradient of every anchored parameter, the gradient of
+    mu / 2 * ||w - anchor||^2. Ditto's personal objective (Li et al. 2021), anchored at the round's global
+    model."""
+
+    anchor: Mapping[str, torch.Tensor]
+    mu: float
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -244,11 +255,12 @@ def train_local(
     config: TrainConfig,
     progress: Progress | None = None,
     cdw_images: torch.Tensor | None = None,
+    proximal: Proximal | None = None,
 ) -> TrainResult:
     """Train `model` in place for `config.epochs` epochs on a loader of `reid.data.Batch` batches.
 
     With `cdw_images` (a fixed, un-augmented batch) the result also carries the CDW distance between
-    the model's logits before and after training.
+    the model's logits before and after training; with `proximal`, every step is pulled towards its anchor.
     """
     if config.seed is not None:
         torch.manual_seed(config.seed)
@@ -260,6 +272,11 @@ def train_local(
     old_logits = logits_on(model, cdw_images, device) if cdw_images is not None else None
 
     optimizer = make_optimizer(model, config)
+    pulled = [
+        (p, proximal.anchor[name].to(device=device, dtype=p.dtype))
+        for name, p in model.named_parameters()
+        if proximal is not None and name in proximal.anchor
+    ]
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     criterion = nn.CrossEntropyLoss()
     total = config.epochs * len(loader)
@@ -280,6 +297,12 @@ def train_local(
                     loss = criterion(model(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                if pulled:
+                    scaler.unscale_(optimizer)  # the pull is added to the true gradient
+                    with torch.no_grad():
+                        for p, anchor in pulled:
+                            if p.grad is not None:
+                                p.grad.add_(p - anchor, alpha=proximal.mu)  # type: ignore[union-attr]
                 scaler.step(optimizer)
                 scaler.update()
                 loss_sum += loss.detach()

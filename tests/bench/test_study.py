@@ -11,10 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
-from reid.data import parse_image_name, read_dataset
+from reid.data import InputSpec, parse_image_name, read_dataset
+from reid.model import ModelSpec, build_model
+from reid.site import SiteData
 from reid.synthetic import generate_federation
+from reid.train import adapt_to_site
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,17 +156,33 @@ def test_study_runs_both_scenarios_on_the_validation_split(real_layouts, tmp_pat
     assert "camera" in study["camera"]["data"] and "validation" in study["camera"]["data"]
 
 
-def test_pooled_training_runs_once_when_every_camera_is_a_client(tmp_path):
+def test_pooled_training_runs_once_when_every_camera_is_a_client_and_direct_transfer_scores_the_start(
+    tmp_path,
+):
     """By camera with no camera left out, central pools exactly the images and classes it pooled by data
-    set: the study reuses that run instead of training it again."""
+    set: the study reuses that run instead of training it again. The direct row is the federation's start
+    model served at each site (its BatchNorm statistics estimated there), the same in both scenarios."""
     generate_federation(TINY, tmp_path / "fed")
     out = tmp_path / "out"
     proc = run_study(
-        "--data", tmp_path / "fed" / "sites", "--methods", "local,central", "--seeds", "0", "--rounds", "1",
-        "--arch", "mobilenet_v3_small", "--batch-size", "8", "--out", out, "--from-scratch",
+        "--data", tmp_path / "fed" / "sites", "--methods", "direct,local,central", "--seeds", "0",
+        "--rounds", "1", "--arch", "mobilenet_v3_small", "--batch-size", "8", "--out", out, "--from-scratch",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = json.loads((out / "study.json").read_text())["scenarios"]
+    assert list(study["dataset"]["table"]) == ["direct", "local", "central"]
+    assert study["camera"]["table"]["direct"] == study["dataset"]["table"]["direct"]
+    torch.manual_seed(0)
+    start = build_model(ModelSpec(arch="mobilenet_v3_small"), 1).state_dict()
+    for site_dir in sorted((tmp_path / "fed" / "sites").iterdir()):
+        site = SiteData(site_dir, InputSpec(height=64, width=32), 8)
+        model = build_model(ModelSpec(arch="mobilenet_v3_small"), 1)
+        model.load_state_dict(start)
+        adapt_to_site(model, None, site.statistics_loader())
+        expected = site.evaluate(model).summary()
+        row = study["dataset"]["table"]["direct"][site_dir.name]
+        assert row["rank1"][0] == pytest.approx(expected["rank1"], abs=0.01), site_dir.name
+        assert row["mAP"][0] == pytest.approx(expected["mAP"], abs=0.01), site_dir.name
     assert "left out []" in study["camera"]["data"]
     assert study["camera"]["table"]["central"] == study["dataset"]["table"]["central"]
     assert study["camera"]["table"]["local"] != study["dataset"]["table"]["local"]

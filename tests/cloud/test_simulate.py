@@ -447,3 +447,38 @@ def test_sites_own_models_can_be_scored_in_the_last_round_only(tiny_federation, 
     records = Simulator(cfg, _sites(tiny_federation), tmp_path / "run").run()
     scored = {(r["round"], r["model"]) for r in records if "model" in r}
     assert scored == {(0, "global"), (1, "global"), (1, "local")}
+
+
+def test_ditto_personal_models_are_the_sites_own_training_at_lambda_zero_and_survive_a_resume(
+    tiny_federation, tmp_path
+):
+    """At lambda 0 nothing pulls a site's personal model: it is exactly what training alone makes of the
+    site (same start, seeds and images), round after round, also across a stop and resume; a pull makes
+    it another model."""
+    alone = Simulator(_config("local", rounds=2), _sites(tiny_federation), tmp_path / "local").run()
+    personal = _config("fedpav", rounds=2).model_copy(update={"ditto": 0.0})
+    out = tmp_path / "ditto"
+    Simulator(personal.model_copy(update={"rounds": 1}), _sites(tiny_federation), out).run()
+    resumed = Simulator(personal, _sites(tiny_federation), out)
+    assert resumed.try_resume() and resumed.completed == 1
+    resumed.run()
+    records = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+
+    def scores(recs, model):
+        return {(r["round"], r["site"]): (r["rank1"], r["mAP"]) for r in recs if r.get("model") == model}
+
+    assert len(scores(records, "local")) == 6
+    assert scores(records, "local") == scores(alone, "local")
+    served = load_file(str(out / "personal" / "site00.safetensors"))  # the model file the site would serve
+    with safe_open(str(out / CHECKPOINT), framework="pt") as f:
+        prefix = "site/site00/personal/"
+        kept = {k.removeprefix(prefix): f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118
+    global_ = _global(out)
+    assert served.keys() == {k.removeprefix("global/") for k in global_}
+    assert all(torch.equal(served[k], kept[k]) for k in served)
+    assert not torch.equal(served["embedding.linear.weight"], global_["global/embedding.linear.weight"])
+    pulled = personal.model_copy(update={"ditto": 50.0, "rounds": 1})
+    records = Simulator(pulled, _sites(tiny_federation), tmp_path / "pulled").run()
+    assert scores(records, "local") != {k: v for k, v in scores(alone, "local").items() if k[0] == 0}
+    with pytest.raises(ValueError, match="personalises a federation"):
+        SimulationConfig(algorithm="local", ditto=0.1)

@@ -11,7 +11,7 @@ from reid.data import InputSpec
 from reid.data.loading import make_loader, train_steps
 from reid.model import ModelSpec, build_model
 from reid.site import SiteData
-from reid.train import TrainConfig, cosine_distance, sgd_path_length, train_local
+from reid.train import Proximal, TrainConfig, cosine_distance, sgd_path_length, train_local
 
 TINY_INPUT = InputSpec(height=64, width=32)
 
@@ -257,3 +257,29 @@ def test_a_rounds_path_length_counts_the_steps_its_loader_takes(n, batch, epochs
     assert TrainConfig(batch_size=batch).path_length(10 * batch + 1) > 10 * TrainConfig(
         batch_size=batch
     ).path_length(batch)
+
+
+def test_a_proximal_pull_adds_mu_times_the_distance_to_its_anchor_to_each_step(tiny_federation):
+    site = SiteData(tiny_federation / "sites" / "site01", TINY_INPUT, batch_size=16, seed=0)
+    one_step = TrainConfig(
+        epochs=1, batch_size=site.num_train_images, momentum=0.0, weight_decay=0.0, nesterov=False, seed=3
+    )
+    torch.manual_seed(0)
+    start = build_model(ModelSpec(arch="resnet18"), site.num_classes)
+    anchor = {
+        k: v + torch.randn_like(v) for k, v in start.named_parameters() if not k.startswith("classifier")
+    }
+    models = {}
+    for mu in (None, 0.5):
+        loader = make_loader(site.train_loader().dataset, site.num_train_images, train=True, seed=0)
+        model = build_model(ModelSpec(arch="resnet18"), site.num_classes)
+        model.load_state_dict(start.state_dict())
+        train_local(model, loader, one_step, proximal=None if mu is None else Proximal(anchor, mu))
+        models[mu] = dict(model.named_parameters())
+    w0 = dict(start.named_parameters())
+    first_conv = next(name for name in w0 if name.startswith("backbone."))
+    for name, lr in ((first_conv, one_step.lr_backbone), ("embedding.linear.weight", one_step.lr_head)):
+        pull = models[0.5][name] - models[None][name]
+        assert torch.allclose(pull, -lr * 0.5 * (w0[name] - anchor[name]), atol=1e-6)
+    free = "classifier.weight"  # not anchored: the same step with and without the pull
+    assert torch.equal(models[0.5][free], models[None][free])
