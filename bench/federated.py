@@ -108,7 +108,13 @@ def run_study(
         start = time.perf_counter()
         for seed in args.seeds:
             personal = args.ditto if method not in ("local", "central") else None
-            cfg = base.model_copy(update={"algorithm": method, "seed": seed, "ditto": personal})
+            update = {
+                "algorithm": method,
+                "seed": seed,
+                "ditto": personal,
+                "eval_global": method != "cluster",
+            }
+            cfg = base.model_copy(update=update)  # (clustering's global model is not in the tables)
             run_dir = out / "runs" / method / f"seed{seed}"
             if not args.resume:
                 shutil.rmtree(run_dir, ignore_errors=True)

@@ -104,6 +104,11 @@ class SimulationConfig(BaseModel):
         1, ge=1, description="site results a round needs to close (fewer: the run stops, resumable)"
     )
     cluster: ClusterConfig = ClusterConfig()
+    eval_global: bool = Field(
+        True,
+        description="with clustering: also score the global model once the sites are grouped (off: only each "
+        "site's group model, the one it trains from and serves, as the study reads it)",
+    )
     ditto: float | None = Field(
         None,
         ge=0,
@@ -116,6 +121,11 @@ class SimulationConfig(BaseModel):
     def _personal_needs_a_federation(self) -> SimulationConfig:
         if self.ditto is not None and self.algorithm in ("local", "central"):
             raise ValueError(f"ditto personalises a federation's sites, not {self.algorithm!r} training")
+        if not self.eval_global and self.algorithm != "cluster":
+            raise ValueError(
+                f"eval_global off leaves {self.algorithm!r} nothing to score (only clustering has "
+                "group models)"
+            )
         return self
 
     def selected(self, names: list[str], round_: int) -> list[str]:
@@ -451,8 +461,9 @@ class Simulator:
         if teachers is not None and self.public is not None:
             summary["kd"] = self._distill(r, teachers)
         if federated and self._eval_round(r):
-            jobs, scored_as = self._global_eval_jobs(r)
-            if self.clustering is not None and self.clustering.active:  # each site also by its group's model
+            by_group = self.clustering is not None and self.clustering.active
+            jobs, scored_as = self._global_eval_jobs(r) if cfg.eval_global or not by_group else ([], {})
+            if by_group and self.clustering is not None:  # each site also (or only) by its group's model
                 jobs += [
                     site.job(r, base=self.clustering.base_of(site.name), cameras=self.crops.get(site.name))
                     for site in self.sites

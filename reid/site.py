@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from reid.data import (
     ImageDataset,
@@ -19,13 +19,18 @@ from reid.data import (
     first_readable,
     make_loader,
     read_dataset,
-    statistics_loader,
     train_transform,
 )
+from reid.data.loading import InMemoryDataset, statistics_batches, statistics_images
 from reid.evaluate import Embedded, Metrics, extract_features
 from reid.model import ReIDModel
 
 log = logging.getLogger(__name__)
+
+# images read again and again the same (the query and gallery crops, the BatchNorm statistics' views),
+# decoded and resized, are kept in memory up to this size per set (the synthetic study's sites: ~10 MB;
+# Market-1501's gallery at 256x128, 6 GB, is read from disk every time)
+KEEP_BYTES = 512 * 2**20
 
 
 class SiteData:
@@ -45,6 +50,7 @@ class SiteData:
         self.num_workers = num_workers
         self.seed = seed
         self.labels = self.splits.train_labels()
+        self._kept: dict[str, Dataset] = {}
 
     @property
     def name(self) -> str:
@@ -84,20 +90,45 @@ class SiteData:
 
     def statistics_loader(self) -> DataLoader:
         """What this site's BatchNorm statistics are estimated on (`reid.data.statistics_loader`)."""
-        return statistics_loader([r.path for r in self.splits.train], self.input_spec)
+        images = self._kept.get("statistics")
+        if images is None:
+            images = self._keep(
+                "statistics", statistics_images([r.path for r in self.splits.train], self.input_spec)
+            )
+        return statistics_batches(images)
 
     def _features(
         self, model: ReIDModel, split: str, device: torch.device, flip: bool, cameras: Collection[int] | None
     ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        records = [r for r in getattr(self.splits, split) if cameras is None or r.camid in cameras]
-        if not records:  # none of these cameras' crops in this split
+        records = getattr(self.splits, split)
+        keep = [i for i, r in enumerate(records) if cameras is None or r.camid in cameras]
+        if not keep:  # none of these cameras' crops in this split
             return torch.empty(0), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-        dataset = ImageDataset([r.path for r in records], eval_transform(self.input_spec))
+        dataset = self._eval_set(split)
+        if len(keep) < len(records):
+            dataset = Subset(dataset, keep)  # (its items keep their index in the whole split)
         loader = make_loader(dataset, self.batch_size * 2, train=False, num_workers=self.num_workers)
         feats, idx = extract_features(model, loader, device, flip=flip)
         pids = np.array([records[i].pid for i in idx])
         cams = np.array([records[i].camid for i in idx])
         return feats, pids, cams
+
+    def _eval_set(self, split: str) -> Dataset:
+        """The split's crops as the model sees them (kept in memory when they fit)."""
+        kept = self._kept.get(split)
+        if kept is None:
+            records = getattr(self.splits, split)
+            kept = self._keep(split, ImageDataset([r.path for r in records], eval_transform(self.input_spec)))
+        return kept
+
+    def _keep(self, name: str, images: ImageDataset) -> Dataset:
+        """`images` (whose transform draws nothing at random) read once and kept when they fit `KEEP_BYTES`,
+        else as they are. The splits are fixed when this object is made: kept files are not read again."""
+        if len(images) * 3 * self.input_spec.height * self.input_spec.width * 4 <= KEEP_BYTES:
+            self._kept[name] = InMemoryDataset(images)
+        else:
+            self._kept[name] = images
+        return self._kept[name]
 
     def embed(
         self,

@@ -104,6 +104,20 @@ def first_readable(dataset: ImageDataset, n: int) -> torch.Tensor:
     return torch.stack(images)
 
 
+class InMemoryDataset(Dataset):
+    """Every item of a dataset with a deterministic transform, read once and kept: evaluation crops that are
+    scored again every round are decoded and resized once (corrupt ones stay None, logged once)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.items = [dataset[i] for i in range(len(dataset))]  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | None:
+        return self.items[index]
+
+
 @dataclass
 class Batch:
     images: torch.Tensor
@@ -194,5 +208,14 @@ def statistics_loader(paths: Sequence[Path], spec: InputSpec) -> DataLoader:
     that runs (simulator, agent, deployment, CLI), so each computes the same statistics; augmented as
     in training, so that they are those training would keep under the weights in use (un-augmented
     crops of one camera give narrower ones: 3 points lower by camera on the validation split)."""
-    dataset = SeededAugmentation(list(paths)[:STATISTICS_IMAGES], spec)
-    return make_loader(dataset, STATISTICS_BATCH, train=True, seed=0)
+    return statistics_batches(statistics_images(paths, spec))
+
+
+def statistics_images(paths: Sequence[Path], spec: InputSpec) -> SeededAugmentation:
+    """The images of `statistics_loader` (the same views every time they are read: they may be kept)."""
+    return SeededAugmentation(list(paths)[:STATISTICS_IMAGES], spec)
+
+
+def statistics_batches(images: Dataset) -> DataLoader:
+    """`statistics_images` (or those kept in memory) in `statistics_loader`'s batches."""
+    return make_loader(images, STATISTICS_BATCH, train=True, seed=0)

@@ -88,7 +88,7 @@ def test_a_sketch_estimates_the_cosine_of_two_updates():
     assert abs(estimate - exact) < 0.03
 
 
-def _config(rounds: int) -> SimulationConfig:
+def _config(rounds: int, eval_global: bool = True) -> SimulationConfig:
     return SimulationConfig(
         algorithm="cluster",
         rounds=rounds,
@@ -97,6 +97,7 @@ def _config(rounds: int) -> SimulationConfig:
         train=TrainConfig(batch_size=16, lr_head=0.02, lr_backbone=0.02),
         cluster=ClusterConfig(groups=2, after=1, sketch_size=4096),
         eval_local=False,
+        eval_global=eval_global,
     )
 
 
@@ -119,3 +120,19 @@ def test_a_clustered_simulation_scores_group_models_and_resumes_identically(tiny
     with safe_open(str(tmp_path / "straight" / CHECKPOINT), framework="pt") as f:
         keys = list(f.keys())
     assert any(k.startswith("group/0/") for k in keys) and "cluster/centroids" in keys
+
+
+def test_group_models_alone_score_as_they_do_beside_the_global_model(tiny_federation, tmp_path):
+    sites = sorted((tiny_federation / "sites").iterdir())
+    Simulator(_config(2), sites, tmp_path / "both").run()
+    Simulator(_config(2, eval_global=False), sites, tmp_path / "groups").run()
+
+    def scores(run: str) -> dict[tuple[int, str, str], float]:
+        records = map(json.loads, (tmp_path / run / METRICS).read_text().splitlines())
+        return {(r["round"], r["site"], r["model"]): r["rank1"] for r in records if "rank1" in r}
+
+    both, groups = scores("both"), scores("groups")
+    assert {k: v for k, v in both.items() if k[2] == "group"} == groups  # the same models, the same scores
+    assert {m for _, _, m in groups} == {"group"} and any(k[0] == 0 and k[2] == "global" for k in both)
+    with pytest.raises(ValueError, match="nothing to score"):
+        SimulationConfig(algorithm="fedpav", eval_global=False)
