@@ -2,7 +2,7 @@
 KD add? The FedReID paper's comparison (reference/fedreid-seed-code.md section 8), reproduced on the
 synthetic federation through the in-process simulator, with several seeds.
 
-    .venv/bin/python bench/federated.py                      # the paper's setting: ~64 min on 2 CPU cores
+    .venv/bin/python bench/federated.py                      # the paper's setting: ~57 min on 2 CPU cores
     .venv/bin/python bench/federated.py --validation 0.25    # the same on held-out training identities
     .venv/bin/python bench/federated.py --from-scratch       # without the pretrained start
     .venv/bin/python bench/federated.py --quick              # a smoke version (<= 10 min)

@@ -28,8 +28,9 @@ from reid.model import ReIDModel
 log = logging.getLogger(__name__)
 
 # images read again and again the same (the query and gallery crops, the BatchNorm statistics' views),
-# decoded and resized, are kept in memory up to this size per set (the synthetic study's sites: ~10 MB;
-# Market-1501's gallery at 256x128, 6 GB, is read from disk every time)
+# decoded and resized, are kept in memory up to this size per site, a set at a time as first read (the
+# synthetic study's sites: ~10 MB; Market-1501 at 256x128 keeps its 512 statistics views, 200 MB, and reads
+# its query and gallery, 1.3 and 6 GB, from disk every time): bounded for a camera site's small machine
 KEEP_BYTES = 512 * 2**20
 
 
@@ -51,6 +52,7 @@ class SiteData:
         self.seed = seed
         self.labels = self.splits.train_labels()
         self._kept: dict[str, Dataset] = {}
+        self._kept_bytes = 0
 
     @property
     def name(self) -> str:
@@ -122,10 +124,13 @@ class SiteData:
         return kept
 
     def _keep(self, name: str, images: ImageDataset) -> Dataset:
-        """`images` (whose transform draws nothing at random) read once and kept when they fit `KEEP_BYTES`,
-        else as they are. The splits are fixed when this object is made: kept files are not read again."""
-        if len(images) * 3 * self.input_spec.height * self.input_spec.width * 4 <= KEEP_BYTES:
+        """`images` (whose transform draws nothing at random) read once and kept when they fit what is left
+        of `KEEP_BYTES`, else as they are. The splits are fixed when this object is made: kept files are not
+        read again."""
+        size = len(images) * 3 * self.input_spec.height * self.input_spec.width * 4
+        if self._kept_bytes + size <= KEEP_BYTES:
             self._kept[name] = InMemoryDataset(images)
+            self._kept_bytes += size
         else:
             self._kept[name] = images
         return self._kept[name]

@@ -46,11 +46,15 @@ def test_evaluation_crops_are_read_once_and_a_cameras_crops_are_rows_of_the_whol
     assert np.array_equal(one.gallery_pids, first.gallery_pids[rows])
 
 
-def test_crops_over_the_memory_budget_are_read_from_disk_every_time(tiny_federation, tmp_path, monkeypatch):
+@pytest.mark.parametrize("budget", ["none", "the query's"])
+def test_crops_over_the_memory_budget_are_read_from_disk_every_time(
+    tiny_federation, tmp_path, monkeypatch, budget
+):
     shutil.copytree(tiny_federation / "sites" / "site01", tmp_path / "site")
-    monkeypatch.setattr(reid.site, "KEEP_BYTES", 0)
     model = build_model(ModelSpec(arch="resnet18"), 1)
     site = SiteData(tmp_path / "site", TINY_INPUT, batch_size=8)
+    query_bytes = len(site.splits.query) * 3 * 64 * 32 * 4  # one site's budget, for all its sets together
+    monkeypatch.setattr(reid.site, "KEEP_BYTES", 0 if budget == "none" else query_bytes)
     site.embed(model)
     assert _batches(site)
     _corrupt_query_and_gallery(site)
