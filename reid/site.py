@@ -4,7 +4,7 @@ the benchmarks share (read the layout, build loaders, pick the fixed CDW batch, 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
@@ -92,12 +92,10 @@ class SiteData:
 
     def statistics_loader(self) -> DataLoader:
         """What this site's BatchNorm statistics are estimated on (`reid.data.statistics_loader`)."""
-        images = self._kept.get("statistics")
-        if images is None:
-            images = self._keep(
-                "statistics", statistics_images([r.path for r in self.splits.train], self.input_spec)
-            )
-        return statistics_batches(images)
+        paths = [r.path for r in self.splits.train]
+        return statistics_batches(
+            self._kept_set("statistics", lambda: statistics_images(paths, self.input_spec))
+        )
 
     def _features(
         self, model: ReIDModel, split: str, device: torch.device, flip: bool, cameras: Collection[int] | None
@@ -106,33 +104,30 @@ class SiteData:
         keep = [i for i, r in enumerate(records) if cameras is None or r.camid in cameras]
         if not keep:  # none of these cameras' crops in this split
             return torch.empty(0), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-        dataset = self._eval_set(split)
+        dataset = self._kept_set(
+            split, lambda: ImageDataset([r.path for r in records], eval_transform(self.input_spec))
+        )
+        workers = 0 if isinstance(dataset, InMemoryDataset) else self.num_workers  # nothing left to read
         if len(keep) < len(records):
             dataset = Subset(dataset, keep)  # (its items keep their index in the whole split)
-        loader = make_loader(dataset, self.batch_size * 2, train=False, num_workers=self.num_workers)
+        loader = make_loader(dataset, self.batch_size * 2, train=False, num_workers=workers)
         feats, idx = extract_features(model, loader, device, flip=flip)
         pids = np.array([records[i].pid for i in idx])
         cams = np.array([records[i].camid for i in idx])
         return feats, pids, cams
 
-    def _eval_set(self, split: str) -> Dataset:
-        """The split's crops as the model sees them (kept in memory when they fit)."""
-        kept = self._kept.get(split)
-        if kept is None:
-            records = getattr(self.splits, split)
-            kept = self._keep(split, ImageDataset([r.path for r in records], eval_transform(self.input_spec)))
-        return kept
-
-    def _keep(self, name: str, images: ImageDataset) -> Dataset:
-        """`images` (whose transform draws nothing at random) read once and kept when they fit what is left
-        of `KEEP_BYTES`, else as they are. The splits are fixed when this object is made: kept files are not
-        read again."""
-        size = len(images) * 3 * self.input_spec.height * self.input_spec.width * 4
-        if self._kept_bytes + size <= KEEP_BYTES:
-            self._kept[name] = InMemoryDataset(images)
-            self._kept_bytes += size
-        else:
-            self._kept[name] = images
+    def _kept_set(self, name: str, images: Callable[[], ImageDataset]) -> Dataset:
+        """The set `name` of `images()` (whose transform draws nothing at random): made on first use, read
+        once and kept when it fits what is left of `KEEP_BYTES`, else read from disk each time. The splits
+        are fixed when this object is made: kept files are not read again."""
+        if name not in self._kept:
+            dataset = images()
+            size = len(dataset) * 3 * self.input_spec.height * self.input_spec.width * 4
+            if self._kept_bytes + size <= KEEP_BYTES:
+                self._kept_bytes += size
+                self._kept[name] = InMemoryDataset(dataset)
+            else:
+                self._kept[name] = dataset
         return self._kept[name]
 
     def embed(
