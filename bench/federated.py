@@ -23,7 +23,8 @@ on its training images, AdaBN: what any training has to beat), local (each site 
 weights), kd (FedPav + server KD), cdw_kd, cluster (client clustering), central (pooled training: the
 upper bound; trained once, since by camera it pools the same images into the same classes when no
 camera is left out). `--ditto L` also trains each site a personal model (Ditto, lambda L) and scores it
-as the site's own model. Every method gets the same compute: `local_epochs` x
+as the site's own model; `--start-mix A,B` also scores each federated method's final global model mixed
+with the start model in weight space (by data set). Every method gets the same compute: `local_epochs` x
 `rounds` epochs per site. The synthetic federation is generated once, with settings fixed before any
 run (seed 0: sizes spread `size_ratio`x, per-site camera styles, a public KD set); the seeds vary
 training. Federated methods are scored with the global model, `local` with each site's own model,
@@ -53,16 +54,17 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-from cloud.simulate import SimulationConfig, Simulator
+from cloud.simulate import CHECKPOINT, SimulationConfig, Simulator
 from cloud.strategy import KDConfig, StrategyConfig
 from reid.data import DatasetLayoutError, InputSpec, read_dataset
 from reid.data.camera_split import client_sites, split_by_camera
 from reid.data.validation_split import hold_out
-from reid.model import ModelSpec, build_model
+from reid.model import ModelSpec, build_model, load_shared_state
 from reid.site import SiteData
 from reid.synthetic import SyntheticConfig, generate_federation
-from reid.train import TrainConfig, adapt_to_site
+from reid.train import TrainConfig, adapt_to_site, prepare_model
 
 METHODS = ("direct", "local", "fedpav", "fednova", "cdw", "kd", "cdw_kd", "cluster", "central")
 SHIPPED = "fednova"  # what `serve` runs by default: FedPav weights + fednova, no KD (and --bn local, as here)
@@ -154,8 +156,7 @@ def direct_transfer(args: argparse.Namespace, sites: list[Path]) -> dict:
     data = {path.name: SiteData(path, spec, args.batch_size) for path in sites}
     finals: dict[int, dict[str, dict[str, float]]] = {}
     for seed in args.seeds:
-        torch.manual_seed(seed)  # as `cloud.simulate.Simulator` builds its start
-        init = build_model(ModelSpec(arch=args.arch), 1, args.pretrained).state_dict()
+        init = start_state(args, seed)
         finals[seed] = {}
         for name, site in data.items():
             model = build_model(ModelSpec(arch=args.arch), 1)
@@ -167,6 +168,50 @@ def direct_transfer(args: argparse.Namespace, sites: list[Path]) -> dict:
         print(f"direct seed {seed}: mean rank-1 {mean:.1f}")
     curves = {seed: {name: [m["rank1"]] for name, m in by_site.items()} for seed, by_site in finals.items()}
     return {"finals": finals, "curves": curves, "seconds": time.perf_counter() - start}
+
+
+def start_state(args: argparse.Namespace, seed: int) -> dict[str, torch.Tensor]:
+    """The federated runs' start model of `seed` (the same seeded init as `cloud.simulate.Simulator`'s)."""
+    torch.manual_seed(seed)
+    return build_model(ModelSpec(arch=args.arch), 1, args.pretrained).state_dict()
+
+
+def start_mixes(args: argparse.Namespace, sites: list[Path], out: Path, methods: list[str]) -> dict:
+    """`--start-mix`: each federated method's final global model mixed with the start model in weight
+    space (WiSE-FT, Wortsman et al. 2022: alpha x start + (1 - alpha) x global, every float weight, the
+    site's own BatchNorm layers included), served at each site as the study scores a global model (its
+    BatchNorm statistics estimated anew, `reid.train.adapt_to_site`). Alpha 0 is the global model's own
+    score. Returns "<method> mixed <alpha>" -> seed -> site -> metrics."""
+    spec = InputSpec(height=args.height, width=args.width)
+    data = {path.name: SiteData(path, spec, args.batch_size) for path in sites}
+    adapt = args.bn == "local" and args.refresh_bn_stats  # as `cloud.site_round.SiteWorker.evaluate`
+    mixes: dict[str, dict[int, dict[str, dict[str, float]]]] = {}
+    for method in methods:
+        for seed in args.seeds:
+            start = start_state(args, seed)
+            saved = load_file(str(out / "runs" / method / f"seed{seed}" / CHECKPOINT))
+            final = {k.removeprefix("global/"): v for k, v in saved.items() if k.startswith("global/")}
+            for name, site in data.items():
+                mine = f"site/{name}/private/"
+                private = {k.removeprefix(mine): v for k, v in saved.items() if k.startswith(mine)}
+                state = {**final, **private}
+                for alpha in args.start_mix:
+                    mixed = {  # BatchNorm statistics stay the site's: the estimate's prior
+                        k: alpha * start[k] + (1 - alpha) * v
+                        if v.is_floating_point() and ".running_" not in k
+                        else v
+                        for k, v in state.items()
+                    }
+                    model = build_model(ModelSpec(arch=args.arch), 1)
+                    load_shared_state(model, mixed)
+                    device = prepare_model(model, TrainConfig())  # the simulator's memory format: its floats
+                    if adapt:
+                        private_now = {k: mixed[k] for k in private} or None
+                        adapt_to_site(model, private_now, site.statistics_loader(), device)
+                    summary = site.evaluate(model, device).summary()
+                    row = mixes.setdefault(f"{method} mixed {alpha:.2f}", {}).setdefault(seed, {})
+                    row[name] = {"rank1": summary["rank1"], "mAP": summary["mAP"]}
+    return mixes
 
 
 def last_metrics(evals: list[dict], last: int) -> dict[str, dict[str, float]]:
@@ -218,10 +263,12 @@ def summarise(result: dict, site_names: list[str], sizes: dict[str, int]) -> dic
         ]
         jumps[method] = statistics.fmean(steps) if steps else float("nan")
     site_table = {m: metric_table(by_seed, site_names) for m, by_seed in result["site_models"].items()}
+    mix_table = {m: metric_table(by_seed, site_names) for m, by_seed in result.get("start_mixes", {}).items()}
     local = table.get("local")
     return {
         "table": table,
         "site_model_table": site_table,
+        "start_mix_table": mix_table,
         "fluctuation": fluctuation,
         "jumps": jumps,
         "beats_local": beating(table, local, site_names) if local else {},
@@ -279,6 +326,16 @@ def markdown(summary: dict, site_names: list[str], header: str, ditto: float | N
                 f"- {method}, sites' own models, beat local training (rank-1) at "
                 f"{len(sites)}/{len(site_names)} sites: {sites}"
             )
+    if summary["start_mix_table"]:
+        lines += [
+            "",
+            "Final global models mixed with the start model in weight space (alpha x start + (1 - alpha) x "
+            "global; --start-mix):",
+            "",
+            "| method | " + " | ".join(cols) + " |",
+            "| --- | " + " | ".join("---" for _ in cols) + " |",
+            *table_lines(summary["start_mix_table"], site_names),
+        ]
     verdict = summary.get("verdicts", {})
     if verdict:
         ranked = ", ".join(f"{m} {verdict['mean_rank1'][m]:.1f}" for m in verdict["ranking"])
@@ -475,6 +532,11 @@ def main() -> None:
         help="do not score federated methods with each site's own model (saves one evaluation per round)",
     )
     parser.add_argument(
+        "--start-mix",
+        help="by data set: also score each federated method's final global model mixed with the start model "
+        "in weight space at these alphas (comma-separated, 0 to 1: the share of the start; WiSE-FT)",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="keep the runs an interrupted study of the same settings left in --out and run only the rest "
@@ -505,6 +567,12 @@ def main() -> None:
     unknown = set(args.methods) - set(METHODS)
     if unknown or len(args.seeds) < 1:
         parser.error(f"unknown methods {sorted(unknown)}")
+    try:
+        args.start_mix = [float(a) for a in args.start_mix.split(",") if a] if args.start_mix else []
+    except ValueError:
+        parser.error(f"--start-mix: comma-separated numbers, got {args.start_mix!r}")
+    if not all(0.0 <= a <= 1.0 for a in args.start_mix) or (args.start_mix and args.scenario == "camera"):
+        parser.error("--start-mix: alphas from 0 to 1, for the scenario by data set")
     if not 0.0 <= args.validation < 1.0:
         parser.error("--validation: a fraction in (0, 1), or 0 for the test splits")
     if args.data:
@@ -550,6 +618,9 @@ def main() -> None:
             )
             methods = [m for m in args.methods if m != "direct" and not (reuse and m == "central")]
             result = results[scenario] = run_study(args, sites, public, args.out / scenario, methods)
+            if scenario == "dataset" and args.start_mix:
+                mixed = [m for m in methods if m not in ("local", "central", "cluster")]
+                result["start_mixes"] = start_mixes(args, sites, args.out / scenario, mixed)
             if direct is not None:  # first in every table
                 for key in ("curves", "finals", "seconds"):
                     result[key] = {"direct": direct[key], **result[key]}

@@ -80,7 +80,7 @@ def test_study_runs_on_real_layouts(real_layouts, tmp_path):
     proc = run_study(
         "--data", data, "--public", public, "--methods", "local,fedpav,fednova,cdw_kd", "--seeds", "0,1",
         "--rounds", "2", "--arch", "mobilenet_v3_small", "--batch-size", "8", "--kd-seconds", "5",
-        "--out", out, "--scenario", "dataset", "--from-scratch",
+        "--out", out, "--scenario", "dataset", "--from-scratch", "--start-mix", "0,1",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = json.loads((out / "study.json").read_text())["scenarios"]["dataset"]
@@ -110,8 +110,18 @@ def test_study_runs_on_real_layouts(real_layouts, tmp_path):
     )
     below = [n for n in names if max(shipped[n]["rank1"][0], own[n]["rank1"][0]) < local[n]["rank1"][0]]
     assert verdict["shipped_below_local"] == below
+    # alpha 0 of the start mix is the final global model, served as the study serves it: the same scores
+    mixes = study["start_mix_table"]
+    assert set(mixes) == {f"{m} mixed {a}" for m in ("fedpav", "fednova", "cdw_kd") for a in ("0.00", "1.00")}
+    for method in ("fedpav", "fednova", "cdw_kd"):
+        for site in [*names, "mean"]:  # (the runs' metrics are written to 4 decimals)
+            for metric in ("rank1", "mAP"):
+                mixed = mixes[f"{method} mixed 0.00"][site][metric]
+                assert mixed == pytest.approx(study["table"][method][site][metric], abs=1e-3), (method, site)
+    assert mixes["fednova mixed 1.00"] != mixes["fednova mixed 0.00"]  # the start's weights, not the global's
     md = (out / "study.md").read_text()
     assert all(name in md for name in names) and "sites' own model" in md and "from scratch" in md
+    assert "mixed with the start model in weight space" in md
     with Image.open(out / "study-dataset.png") as png:
         assert png.format == "PNG" and png.size[0] > 500
     # --resume keeps finished rounds (a run's identity is its settings but the number of rounds): one
@@ -202,3 +212,6 @@ def test_study_argument_errors_name_the_problem(real_layouts, tmp_path):
     assert proc.returncode == 2 and "unknown data set layout" in proc.stderr and "notes" in proc.stderr
     proc = run_study("--data", tmp_path / "missing", "--methods", "local", "--out", tmp_path)
     assert proc.returncode == 2 and "not a folder" in proc.stderr
+    for mix in ("0.5,1.5", "half"):
+        proc = run_study("--data", data, "--methods", "fedpav", "--start-mix", mix, "--out", tmp_path)
+        assert proc.returncode == 2 and "--start-mix" in proc.stderr, proc.stderr
