@@ -437,10 +437,13 @@ def study_sites(
         desc = f"synthetic federation {synth.model_dump()}"
     if args.validation:
         try:
-            sites = hold_out(sites, tmp / "validation", fraction=args.validation)
+            sites = hold_out(
+                sites, tmp / "validation", fraction=args.validation, distractors=args.validation_distractors
+            )
         except (ValueError, DatasetLayoutError) as err:
             parser.error(f"--validation: {err}")
         desc += f"; validation: {args.validation:.0%} of each site's training identities as query/gallery"
+        desc += ", the others' images as gallery distractors" if args.validation_distractors else ""
     return sites, public, desc
 
 
@@ -516,6 +519,12 @@ def main() -> None:
         default=0.0,
         help="hold out this fraction of each site's training identities as its query/gallery (the test "
         "splits are not read): for choosing settings",
+    )
+    parser.add_argument(
+        "--validation-distractors",
+        action="store_true",
+        help="with --validation: the identities that stay in training join each site's gallery as "
+        "distractors (a small site's held-out people are otherwise searched among themselves)",
     )
     parser.add_argument("--data", type=Path, help="real data: a folder with one data set folder per site")
     parser.add_argument("--public", type=Path, help="with --data: the public unlabeled images for KD")

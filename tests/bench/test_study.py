@@ -145,8 +145,8 @@ def test_study_runs_both_scenarios_on_the_validation_split(real_layouts, tmp_pat
     out = tmp_path / "out"
     proc = run_study(
         "--data", data, "--methods", "local,fedpav,central", "--seeds", "0", "--rounds", "2",
-        "--validation", "0.3", "--arch", "mobilenet_v3_small", "--batch-size", "8", "--out", out,
-        "--from-scratch",
+        "--validation", "0.3", "--validation-distractors", "--arch", "mobilenet_v3_small",
+        "--batch-size", "8", "--out", out, "--from-scratch",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = json.loads((out / "study.json").read_text())["scenarios"]
@@ -164,6 +164,7 @@ def test_study_runs_both_scenarios_on_the_validation_split(real_layouts, tmp_pat
     assert set(study["dataset"]["site_model_table"]) == {"fedpav"}
     assert "validation split (30% of training identities)" in (out / "study.md").read_text()
     assert "camera" in study["camera"]["data"] and "validation" in study["camera"]["data"]
+    assert "the others' images as gallery distractors" in study["dataset"]["data"]
 
 
 def test_pooled_training_runs_once_when_every_camera_is_a_client_and_direct_transfer_scores_the_start(

@@ -60,3 +60,21 @@ def test_impossible_splits_are_refused_with_the_reason(tiny_federation, tmp_path
     hold_out(sites, tmp_path / "c")
     with pytest.raises(FileExistsError, match="not empty"):
         hold_out(sites, tmp_path / "c")
+
+
+def test_distractors_put_the_training_identities_in_the_gallery_and_change_nothing_else(
+    tiny_federation, tmp_path
+):
+    sites = sorted((tiny_federation / "sites").iterdir())
+    plain = hold_out(sites, tmp_path / "plain", fraction=0.25, seed=3)
+    hard = hold_out(sites, tmp_path / "hard", fraction=0.25, seed=3, distractors=True)
+    assert json.loads((tmp_path / "hard" / "validation.json").read_text())["distractors"] is True
+
+    def images(records) -> Counter:
+        return Counter((r.pid, r.camid, r.path.resolve().read_bytes()) for r in records)
+
+    for a, b in zip(plain, hard, strict=True):
+        before, after = read_dataset(a), read_dataset(b)
+        assert images(after.train) == images(before.train) and images(after.query) == images(before.query)
+        assert images(after.gallery) == images(before.gallery) + images(before.train)
+        assert {r.pid for r in after.query}.isdisjoint(r.pid for r in after.train)
