@@ -584,6 +584,8 @@ def main() -> None:
         parser.error("--start-mix: alphas from 0 to 1, for the scenario by data set")
     if not 0.0 <= args.validation < 1.0:
         parser.error("--validation: a fraction in (0, 1), or 0 for the test splits")
+    if args.validation_distractors and not args.validation:
+        parser.error("--validation-distractors: only with --validation (the test splits are as they are)")
     if args.data:
         if not args.data.is_dir():
             parser.error(f"--data: not a folder: {args.data}")

@@ -213,6 +213,8 @@ def test_study_argument_errors_name_the_problem(real_layouts, tmp_path):
     assert proc.returncode == 2 and "unknown data set layout" in proc.stderr and "notes" in proc.stderr
     proc = run_study("--data", tmp_path / "missing", "--methods", "local", "--out", tmp_path)
     assert proc.returncode == 2 and "not a folder" in proc.stderr
+    proc = run_study("--data", data, "--methods", "local", "--validation-distractors", "--out", tmp_path)
+    assert proc.returncode == 2 and "only with --validation" in proc.stderr
     for mix in ("0.5,1.5", "half"):
         proc = run_study("--data", data, "--methods", "fedpav", "--start-mix", mix, "--out", tmp_path)
         assert proc.returncode == 2 and "--start-mix" in proc.stderr, proc.stderr
