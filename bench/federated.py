@@ -57,14 +57,15 @@ import torch
 from safetensors.torch import load_file
 
 from cloud.simulate import CHECKPOINT, SimulationConfig, Simulator
+from cloud.site_round import SiteJob, SiteWorker
 from cloud.strategy import KDConfig, StrategyConfig
 from reid.data import DatasetLayoutError, InputSpec, read_dataset
 from reid.data.camera_split import client_sites, split_by_camera
 from reid.data.validation_split import hold_out
-from reid.model import ModelSpec, build_model, load_shared_state
+from reid.model import ModelSpec, build_model
 from reid.site import SiteData
 from reid.synthetic import SyntheticConfig, generate_federation
-from reid.train import TrainConfig, adapt_to_site, prepare_model
+from reid.train import TrainConfig, adapt_to_site
 
 METHODS = ("direct", "local", "fedpav", "fednova", "cdw", "kd", "cdw_kd", "cluster", "central")
 SHIPPED = "fednova"  # what `serve` runs by default: FedPav weights + fednova, no KD (and --bn local, as here)
@@ -89,19 +90,7 @@ def run_study(
     camera the simulator scores each site once, each camera's crops embedded by its own client's model
     (`cloud.camera_scoring`), so every record is a site's."""
     site_of = client_sites(sites)
-    base = SimulationConfig(
-        rounds=args.rounds,
-        local_epochs=args.local_epochs,
-        eval_every=args.eval_every,
-        refresh_bn_stats=args.refresh_bn_stats,
-        eval_local="last" if args.site_models and not site_of else False,  # the tables read the last round
-        model=ModelSpec(arch=args.arch),
-        input=InputSpec(height=args.height, width=args.width),
-        train=TrainConfig(lr_head=args.lr, lr_backbone=args.lr_backbone, batch_size=args.batch_size),
-        strategy=StrategyConfig(bn=args.bn),
-        kd=KDConfig(every=args.kd_every, epochs=1, max_seconds=args.kd_seconds),
-        pretrained=args.pretrained,
-    )
+    base = study_config(args, site_models=args.site_models and not site_of)
     curves: dict[str, dict[int, dict[str, list[float]]]] = {}  # method -> seed -> site -> rank-1 per round
     finals: dict[str, dict[int, dict[str, dict[str, float]]]] = {}  # method -> seed -> site -> metrics
     site_models: dict[str, dict[int, dict[str, dict[str, float]]]] = {}  # federated: the sites' own models
@@ -146,6 +135,23 @@ def run_study(
     return {"curves": curves, "finals": finals, "site_models": site_models, "seconds": seconds}
 
 
+def study_config(args: argparse.Namespace, site_models: bool = False) -> SimulationConfig:
+    """Every run's settings but its method and seed; `site_models`: score the sites' own models too."""
+    return SimulationConfig(
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        eval_every=args.eval_every,
+        refresh_bn_stats=args.refresh_bn_stats,
+        eval_local="last" if site_models else False,  # the tables read the last round
+        model=ModelSpec(arch=args.arch),
+        input=InputSpec(height=args.height, width=args.width),
+        train=TrainConfig(lr_head=args.lr, lr_backbone=args.lr_backbone, batch_size=args.batch_size),
+        strategy=StrategyConfig(bn=args.bn),
+        kd=KDConfig(every=args.kd_every, epochs=1, max_seconds=args.kd_seconds),
+        pretrained=args.pretrained,
+    )
+
+
 def direct_transfer(args: argparse.Namespace, sites: list[Path]) -> dict:
     """The "direct" row: each site scored, per seed, by the federated runs' start model (the same seeded
     init: the pretrained backbone, a new embedding block) with its BatchNorm statistics estimated on the
@@ -179,38 +185,34 @@ def start_state(args: argparse.Namespace, seed: int) -> dict[str, torch.Tensor]:
 def start_mixes(args: argparse.Namespace, sites: list[Path], out: Path, methods: list[str]) -> dict:
     """`--start-mix`: each federated method's final global model mixed with the start model in weight
     space (WiSE-FT, Wortsman et al. 2022: alpha x start + (1 - alpha) x global, every float weight, the
-    site's own BatchNorm layers included), served at each site as the study scores a global model (its
-    BatchNorm statistics estimated anew, `reid.train.adapt_to_site`). Alpha 0 is the global model's own
-    score. Returns "<method> mixed <alpha>" -> seed -> site -> metrics."""
-    spec = InputSpec(height=args.height, width=args.width)
-    data = {path.name: SiteData(path, spec, args.batch_size) for path in sites}
-    adapt = args.bn == "local" and args.refresh_bn_stats  # as `cloud.site_round.SiteWorker.evaluate`
+    site's own BatchNorm layers included), scored at each site by the simulator's own scoring of a global
+    model (`cloud.site_round.SiteWorker.evaluate`). Alpha 0 is the global model's own score. Returns
+    "<method> mixed <alpha>" -> seed -> site -> metrics."""
+    worker = SiteWorker(study_config(args))  # (scoring reads only the model, input and BatchNorm settings)
     mixes: dict[str, dict[int, dict[str, dict[str, float]]]] = {}
     for method in methods:
         for seed in args.seeds:
             start = start_state(args, seed)
             saved = load_file(str(out / "runs" / method / f"seed{seed}" / CHECKPOINT))
             final = {k.removeprefix("global/"): v for k, v in saved.items() if k.startswith("global/")}
-            for name, site in data.items():
-                mine = f"site/{name}/private/"
+            for index, site in enumerate(sites):
+                mine = f"site/{site.name}/private/"
                 private = {k.removeprefix(mine): v for k, v in saved.items() if k.startswith(mine)}
-                state = {**final, **private}
                 for alpha in args.start_mix:
                     mixed = {  # BatchNorm statistics stay the site's: the estimate's prior
                         k: alpha * start[k] + (1 - alpha) * v
                         if v.is_floating_point() and ".running_" not in k
                         else v
-                        for k, v in state.items()
+                        for k, v in {**final, **private}.items()
                     }
-                    model = build_model(ModelSpec(arch=args.arch), 1)
-                    load_shared_state(model, mixed)
-                    device = prepare_model(model, TrainConfig())  # the simulator's memory format: its floats
-                    if adapt:
-                        private_now = {k: mixed[k] for k in private} or None
-                        adapt_to_site(model, private_now, site.statistics_loader(), device)
-                    summary = site.evaluate(model, device).summary()
+                    job = SiteJob(
+                        index, site.name, str(site), args.rounds, private={k: mixed[k] for k in private}
+                    )
+                    result = worker.evaluate(job, mixed)
+                    if result.metrics is None:
+                        sys.exit(f"--start-mix: {method} seed {seed} at {site.name}: {result.error}")
                     row = mixes.setdefault(f"{method} mixed {alpha:.2f}", {}).setdefault(seed, {})
-                    row[name] = {"rank1": summary["rank1"], "mAP": summary["mAP"]}
+                    row[site.name] = {"rank1": result.metrics["rank1"], "mAP": result.metrics["mAP"]}
     return mixes
 
 
