@@ -24,7 +24,11 @@ weights), kd (FedPav + server KD), cdw_kd, cluster (client clustering), central 
 upper bound; trained once, since by camera it pools the same images into the same classes when no
 camera is left out). `--ditto L` also trains each site a personal model (Ditto, lambda L) and scores it
 as the site's own model; `--start-mix A,B` also scores each federated method's final global model mixed
-with the start model in weight space (by data set). Every method gets the same compute: `local_epochs` x
+with the start model in weight space (by data set); `--gate-from DIR` adds the shipped default with the
+adoption gate (`reid.adoption`): per seed and site, the model a site serves when it chooses between the
+federation's global model and its own locally trained one on DIR's validation runs of the same settings
+(`--validation ... --validation-distractors --methods local,fednova`), scored on this study's test
+runs. Every method gets the same compute: `local_epochs` x
 `rounds` epochs per site. The synthetic federation is generated once, with settings fixed before any
 run (seed 0: sizes spread `size_ratio`x, per-site camera styles, a public KD set); the seeds vary
 training. Federated methods are scored with the global model, `local` with each site's own model,
@@ -41,6 +45,7 @@ KD set (required by the kd methods).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -59,6 +64,7 @@ from safetensors.torch import load_file
 from cloud.simulate import CHECKPOINT, SimulationConfig, Simulator
 from cloud.site_round import SiteJob, SiteWorker
 from cloud.strategy import KDConfig, StrategyConfig
+from reid.adoption import prefer_own
 from reid.data import DatasetLayoutError, InputSpec, read_dataset
 from reid.data.camera_split import client_sites, split_by_camera
 from reid.data.validation_split import hold_out
@@ -117,7 +123,7 @@ def run_study(
                 except ValueError as err:  # a run of other settings in the same place
                     sys.exit(f"--resume: {err}")
             sim.run()
-            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            records = run_records(run_dir)
             evals = [r for r in records if r.get("model") == scored(method)]
             per_site: dict[str, list[float]] = {}
             for r in sorted(evals, key=lambda r: r["round"]):
@@ -133,6 +139,31 @@ def run_study(
             )
         seconds[method] = time.perf_counter() - start
     return {"curves": curves, "finals": finals, "site_models": site_models, "seconds": seconds}
+
+
+def run_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def gated(result: dict, runs: Path, seeds: list[int]) -> dict:
+    """The adoption gate on a study's test runs: per seed, each site's choice between the shipped global
+    model and its own locally trained one, made on the validation runs in `runs` (`reid.adoption`, the
+    agent's rule), and the test scores of the chosen model."""
+    finals: dict[int, dict[str, dict[str, float]]] = {}
+    choices: dict[int, dict[str, str]] = {}
+    for seed in seeds:
+        chosen = {}
+        for method in ("local", SHIPPED):
+            records = run_records(runs / method / f"seed{seed}")
+            evals = [r for r in records if r.get("model") == scored(method)]
+            chosen[method] = {r["site"]: r for r in evals if r["round"] == max(e["round"] for e in evals)}
+        test_own, test_fed = result["finals"]["local"][seed], result["finals"][SHIPPED][seed]
+        if set(chosen["local"]) != set(test_own):
+            sys.exit(f"--gate-from: sites {sorted(chosen['local'])}, this study's {sorted(test_own)}")
+        own = {s: prefer_own(chosen["local"][s], chosen[SHIPPED][s]) for s in test_own}
+        choices[seed] = {s: "own" if own[s] else "federation" for s in test_own}
+        finals[seed] = {s: (test_own if own[s] else test_fed)[s] for s in test_own}
+    return {"finals": finals, "choices": choices}
 
 
 def study_config(args: argparse.Namespace, site_models: bool = False) -> SimulationConfig:
@@ -266,11 +297,16 @@ def summarise(result: dict, site_names: list[str], sizes: dict[str, int]) -> dic
         jumps[method] = statistics.fmean(steps) if steps else float("nan")
     site_table = {m: metric_table(by_seed, site_names) for m, by_seed in result["site_models"].items()}
     mix_table = {m: metric_table(by_seed, site_names) for m, by_seed in result.get("start_mixes", {}).items()}
+    gate = result.get("gate")
+    gate_table = {f"{SHIPPED} + gate": metric_table(gate["finals"], site_names)} if gate else {}
     local = table.get("local")
     return {
         "table": table,
         "site_model_table": site_table,
         "start_mix_table": mix_table,
+        "gate_table": gate_table,
+        "gate_choices": gate["choices"] if gate else {},
+        "gate_beats_local": beating(gate_table, local, site_names) if gate and local else {},
         "fluctuation": fluctuation,
         "jumps": jumps,
         "beats_local": beating(table, local, site_names) if local else {},
@@ -338,6 +374,25 @@ def markdown(summary: dict, site_names: list[str], header: str, ditto: float | N
             "| --- | " + " | ".join("---" for _ in cols) + " |",
             *table_lines(summary["start_mix_table"], site_names),
         ]
+    if summary.get("gate_table"):
+        own = {s: sum(c[s] == "own" for c in summary["gate_choices"].values()) for s in site_names}
+        lines += [
+            "",
+            f"The shipped default with the adoption gate: each site serves whichever of the {SHIPPED} global "
+            "model and its own locally trained model scores higher on its validation runs (--gate-from), "
+            "scored here:",
+            "",
+            "| method | " + " | ".join(cols) + " |",
+            "| --- | " + " | ".join("---" for _ in cols) + " |",
+            *table_lines(summary["gate_table"], site_names),
+            "",
+            "- seeds in which the site chose its own model: "
+            + ", ".join(f"{s} {own[s]}/{len(summary['gate_choices'])}" for s in site_names),
+        ]
+        for method, sites in summary["gate_beats_local"].items():
+            lines.append(
+                f"- {method} beats local training (rank-1) at {len(sites)}/{len(site_names)} sites: {sites}"
+            )
     verdict = summary.get("verdicts", {})
     if verdict:
         ranked = ", ".join(f"{m} {verdict['mean_rank1'][m]:.1f}" for m in verdict["ranking"])
@@ -352,6 +407,12 @@ def markdown(summary: dict, site_names: list[str], header: str, ditto: float | N
             lines.append(
                 f"- the shipped default ({SHIPPED}, global or site model) is below local training at "
                 f"{len(below)}/{len(site_names)} sites{': ' + str(below) if below else ''}"
+            )
+        if "gated_below_local" in verdict:
+            below = verdict["gated_below_local"]
+            lines.append(
+                f"- with the adoption gate it is below local training at {len(below)}/{len(site_names)} "
+                f"sites{': ' + str(below) if below else ''}"
             )
         if "shipped_gap_to_central" in verdict:
             lines.append(
@@ -404,6 +465,8 @@ def verdicts(summary: dict, site_names: list[str]) -> dict:
             for site in site_names
         }
         out["shipped_below_local"] = [s for s in site_names if best[s] < local[s]["rank1"][0]]
+        for row in summary.get("gate_table", {}).values():
+            out["gated_below_local"] = [s for s in site_names if row[s]["rank1"][0] < local[s]["rank1"][0]]
     if SHIPPED in mean and "central" in mean:
         out["shipped_gap_to_central"] = round(mean["central"] - mean[SHIPPED], 2)
     return out
@@ -548,6 +611,13 @@ def main() -> None:
         "in weight space at these alphas (comma-separated, 0 to 1: the share of the start; WiSE-FT)",
     )
     parser.add_argument(
+        "--gate-from",
+        type=Path,
+        help="also score the shipped default with the adoption gate, each site choosing between the "
+        "global model and its own on the validation runs of this folder (a study of the same settings "
+        "with --validation, --methods local,fednova at least)",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="keep the runs an interrupted study of the same settings left in --out and run only the rest "
@@ -586,6 +656,18 @@ def main() -> None:
         parser.error("--start-mix: alphas from 0 to 1, for the scenario by data set")
     if not 0.0 <= args.validation < 1.0:
         parser.error("--validation: a fraction in (0, 1), or 0 for the test splits")
+    if args.gate_from is not None and (
+        args.validation or not {"local", SHIPPED} <= set(args.methods) or not args.gate_from.is_dir()
+    ):
+        parser.error(
+            f"--gate-from: a folder of validation runs, for a test-split study whose methods include local "
+            f"and {SHIPPED}"
+        )
+    scenarios = ["dataset", "camera"] if args.scenario == "both" else [args.scenario]
+    for scenario, method, seed in itertools.product(scenarios, ("local", SHIPPED), args.seeds):
+        run = (args.gate_from or Path()) / scenario / "runs" / method / f"seed{seed}"
+        if args.gate_from is not None and not (run / "metrics.jsonl").is_file():
+            parser.error(f"--gate-from: no validation run of {method}, seed {seed}, by {scenario}: {run}")
     if args.validation_distractors and not args.validation:
         parser.error("--validation-distractors: only with --validation (the test splits are as they are)")
     if args.data:
@@ -598,7 +680,6 @@ def main() -> None:
         args.out = Path(__file__).parent / "results" / f"federated{suffix}"
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    scenarios = ["dataset", "camera"] if args.scenario == "both" else [args.scenario]
     summaries, everything, results = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         base_sites, public, data_desc = study_sites(args, Path(tmp), parser)
@@ -634,6 +715,8 @@ def main() -> None:
             if scenario == "dataset" and args.start_mix:
                 mixed = [m for m in methods if m not in ("local", "central", "cluster")]
                 result["start_mixes"] = start_mixes(args, sites, args.out / scenario, mixed)
+            if args.gate_from is not None:
+                result["gate"] = gated(result, args.gate_from / scenario / "runs", args.seeds)
             if direct is not None:  # first in every table
                 for key in ("curves", "finals", "seconds"):
                     result[key] = {"direct": direct[key], **result[key]}

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file, save
 
 from edge.agent_metrics import AgentMetrics
-from edge.deployment import Deployments
+from edge.deployment import AdoptionConfig, Deployments
 from edge.feature_api import ServiceConfig
 from protocol.broker import parse_url
 from protocol.chunks import DEFAULT_CHUNK_BYTES, ChunkError, ForeignChunk, InboundBlob, blob_ref, parse_chunk
@@ -124,6 +124,11 @@ class AgentConfig(BaseModel):
     deploy_engine: bool = Field(False, description="build a TensorRT engine for deployed models (GPU sites)")
     dp: DPConfig = Field(
         DPConfig(), description="differential privacy on the uploaded delta (off by default)"
+    )
+    adoption: AdoptionConfig | None = Field(
+        None,
+        description="serve this site's own model instead of a deployment when it scores higher on a "
+        "validation set of the site's (off when unset)",
     )
     deploy_drain_s: float = Field(60.0, ge=0, description="on exit, let a deployment in progress finish")
     metrics_port: int | None = Field(
@@ -233,8 +238,11 @@ class Agent:
             engine=cfg.deploy_engine,
             site_batchnorm=self.private_bn_file,
             site_data=cfg.data,
+            adoption=cfg.adoption,
         )
-        self.metrics = AgentMetrics(lambda: self.deployments.version, self.progress.last_round)
+        self.metrics = AgentMetrics(
+            lambda: (self.deployments.version, self.deployments.adopted), self.progress.last_round
+        )
 
     # -- persistent site state -------------------------------------------------------------------------
     def _load_progress(self) -> Progress:

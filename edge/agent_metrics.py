@@ -16,16 +16,19 @@ PHASES = ("waiting", "fetching", "training", "uploading", "evaluating", "failed"
 
 
 class _ServedModel(Collector):
-    def __init__(self, version: Callable[[], str | None]) -> None:
-        self.version = version
+    def __init__(self, served: Callable[[], tuple[str | None, str]]) -> None:
+        self.served = served
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         g = GaugeMetricFamily(
-            "fedreid_agent_model_info", "the deployed model serving inference", labels=["version"]
+            "fedreid_agent_model_info",
+            "the deployment serving inference; model: federation, or own (the adoption gate kept the "
+            "site's own model)",
+            labels=["version", "model"],
         )
-        version = self.version()
+        version, model = self.served()
         if version:
-            g.add_metric([version], 1.0)
+            g.add_metric([version, model], 1.0)
         yield g
 
 
@@ -34,7 +37,7 @@ class MetricsPortError(RuntimeError):
 
 
 class AgentMetrics:
-    def __init__(self, served_version: Callable[[], str | None], last_round: int) -> None:
+    def __init__(self, served: Callable[[], tuple[str | None, str]], last_round: int) -> None:
         self.registry = r = CollectorRegistry()
         self._phase = Gauge("fedreid_agent_phase", "1 for what the agent is doing", ["phase"], registry=r)
         self.progress = Gauge(
@@ -58,7 +61,7 @@ class AgentMetrics:
         )
         self.last_round = Gauge("fedreid_agent_last_round", "the last round this site trained", registry=r)
         self.last_round.set(last_round)
-        r.register(_ServedModel(served_version))
+        r.register(_ServedModel(served))
         self.phase("waiting")
         self._server = None
 

@@ -13,8 +13,11 @@ deployment time gets the model this way). The complete file goes to one installe
    weights (AdaBN; `export.site_batchnorm`, parity-gated: what the agent scores, too);
    optionally quantises it to int8 on this site's own images with the retrieval gate (``deploy_int8``)
    and builds a TensorRT engine (``deploy_engine``, when TensorRT and a GPU are present),
-3. opens it with `FeatureExtractor` (which enforces the contract), and only then
-4. swaps: ``models/current.json`` is replaced atomically and `current()` returns the new extractor.
+3. with the adoption gate (``[adoption]``: the site's own model and a labelled validation set of its own),
+   scores the result and the site's own model on that set and keeps the better (`reid.adoption`; the
+   federation's on a tie); the choice and both scores go into ``current.json`` and one log line,
+4. opens it with `FeatureExtractor` (which enforces the contract), and only then
+5. swaps: ``models/current.json`` is replaced atomically and `current()` returns the new extractor.
 
 Until the swap the previous model keeps serving; a failed check, gate or build never replaces it (one
 log line says why). A manifest created before the one of the model now served is refused: a replayed
@@ -35,7 +38,9 @@ import threading
 import time
 from pathlib import Path
 
-from export.contract import Contract, ContractError, load_contract, write_contract
+from pydantic import BaseModel, ConfigDict, Field
+
+from export.contract import Contract, ContractError, contract_path, load_contract, write_contract
 from export.runtime import FeatureExtractor
 from protocol.chunks import ChunkError, ForeignChunk, InboundBlob, parse_chunk, sha256_hex
 from protocol.messages import ChunkRequest, Deployment, MessageError, encode_message, parse_message
@@ -63,6 +68,57 @@ class DeploymentRejected(RuntimeError):
     pass
 
 
+class AdoptionConfig(BaseModel):
+    """The adoption gate (docs/operations.md, "The adoption gate")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    own_model: Path = Field(
+        description="this site's own model: an ONNX file with its contract sidecar (edge-agent train, then "
+        "cloud-aggregator export --model)"
+    )
+    validation: Path = Field(
+        description="a labelled data set folder (query + gallery) that neither model trained on"
+    )
+
+
+def adopt(serving: Path, gate: AdoptionConfig, folder: Path) -> tuple[Path, dict[str, object]]:
+    """The file to serve, the federation's `serving` or a copy of the site's own model put into `folder`,
+    chosen on the validation set by `reid.adoption.prefer_own`, and what was measured (for current.json).
+    The federation's model when the gate cannot decide (one log line says why)."""
+    from export.quantize import site_retrieval
+    from reid.adoption import prefer_own
+    from reid.data import read_dataset
+
+    try:
+        splits = read_dataset(gate.validation)
+        scores = {
+            "federation": site_retrieval(FeatureExtractor(serving), splits)[0].summary(),
+            "own": site_retrieval(FeatureExtractor(gate.own_model), splits)[0].summary(),
+        }
+    except Exception as err:  # a missing or broken file or folder: the federation's model still serves
+        log.warning(
+            "adoption gate not applied (%s); serving the federation's model",
+            str(err).splitlines()[0] if str(err) else type(err).__name__,
+        )
+        return serving, {"adopted": "federation", "gate_error": str(err).splitlines()[0] if str(err) else ""}
+    own = prefer_own(scores["own"], scores["federation"])
+    fed, mine = scores["federation"], scores["own"]
+    log.info(
+        "adoption gate on %d validation queries: %s model serves (rank-1 / mAP: federation %s, own %s)",
+        int(fed.get("valid_queries", 0)),
+        "this site's own" if own else "the federation's",
+        *(f"{s['rank1']:.1f} / {s['mAP']:.1f}" if "rank1" in s else "-" for s in (fed, mine)),
+    )
+    record: dict[str, object] = {"adopted": "own" if own else "federation", "validation": scores}
+    if not own:
+        return serving, record
+    copy = folder / "model.own.onnx"
+    shutil.copyfile(gate.own_model, copy)
+    shutil.copyfile(contract_path(gate.own_model), contract_path(copy))
+    return copy, record
+
+
 class Deployments:
     def __init__(
         self,
@@ -74,6 +130,7 @@ class Deployments:
         max_bytes: int = 1 << 30,
         site_batchnorm: Path | None = None,
         site_data: Path | None = None,
+        adoption: AdoptionConfig | None = None,
     ) -> None:
         self.dir = state_dir / "models"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -85,6 +142,7 @@ class Deployments:
         self.max_bytes = max_bytes
         self.site_batchnorm = site_batchnorm  # served in place of the deployed ones when the file exists
         self.site_data = site_data  # the site's data set: parity images (and statistics) for BatchNorm
+        self.adoption = adoption
         self.lock = threading.Lock()
         self.pending: tuple[Deployment, InboundBlob] | None = None
         self.pending_since = 0.0  # when the pending transfer last made progress (or was announced)
@@ -94,6 +152,7 @@ class Deployments:
         self.installed_created = 0.0  # the served manifest's creation time: older manifests are replays
         self._current: FeatureExtractor | None = None
         self.version: str | None = None
+        self.adopted = "federation"  # or "own": the adoption gate serves the site's own model
         self._load_current()
         endpoint.handlers[self.topics.deploy] = bound(self._on_manifest, endpoint.node)
         endpoint.handlers[self.topics.deploy_chunks] = bound(self._on_chunk, endpoint.node)
@@ -118,6 +177,7 @@ class Deployments:
         pointer = json.loads((self.dir / POINTER).read_text())
         self._current, self.version = fx, fx.contract.version
         self.installed_sha, self.installed_created = pointer.get("source_sha256"), pointer.get("created", 0.0)
+        self.adopted = "own" if pointer.get("adopted") == "own" else "federation"
         self.endpoint.deployed = self.version
         log.info("serving deployed model %s (%s)", self.version, fx.path.name)
 
@@ -242,6 +302,9 @@ class Deployments:
             model.write_bytes(blob)
             write_contract(model, contract)
             serving = self._prepare(model)
+            gate: dict[str, object] = {}
+            if self.adoption is not None:
+                serving, gate = adopt(serving, self.adoption, tmp)
             fx = FeatureExtractor(serving)  # loads and enforces the contract: the last check before the swap
         except Exception:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -257,6 +320,7 @@ class Deployments:
             "created": manifest.created,
             "precision": fx.contract.precision,
             "installed": time.time(),
+            **gate,
         }
         staged = self.dir / (POINTER + ".tmp")
         staged.write_text(json.dumps(pointer, indent=2))
@@ -265,9 +329,16 @@ class Deployments:
             staged.replace(self.dir / POINTER)
             self._current, self.version, self.installed_sha = fx, manifest.version, manifest.blob.sha256
             self.installed_created = manifest.created
+            self.adopted = "own" if gate.get("adopted") == "own" else "federation"
         self.endpoint.deployed = manifest.version
         self.endpoint.set_state(self.endpoint.state)
-        log.info("now serving %s (%s, %s)", manifest.version, fx.contract.precision, ", ".join(fx.providers))
+        log.info(
+            "now serving %s%s (%s, %s)",
+            manifest.version,
+            ": this site's own model (adoption gate)" if gate.get("adopted") == "own" else "",
+            fx.contract.precision,
+            ", ".join(fx.providers),
+        )
         kept = previous.path.relative_to(self.dir).parts[0] if previous else ""
         self._prune(keep={folder.name, kept})
 

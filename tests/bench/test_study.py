@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from reid.adoption import prefer_own
 from reid.data import InputSpec, parse_image_name, read_dataset
 from reid.model import ModelSpec, build_model
 from reid.site import SiteData
@@ -218,3 +219,45 @@ def test_study_argument_errors_name_the_problem(real_layouts, tmp_path):
     for mix in ("0.5,1.5", "half"):
         proc = run_study("--data", data, "--methods", "fedpav", "--start-mix", mix, "--out", tmp_path)
         assert proc.returncode == 2 and "--start-mix" in proc.stderr, proc.stderr
+
+
+def test_the_adoption_gate_serves_each_site_the_model_its_validation_runs_chose(real_layouts, tmp_path):
+    """--gate-from: per seed and site, the test scores of the model the site's validation runs chose by the
+    agent's rule (`reid.adoption.prefer_own`): its own locally trained one or the shipped global model."""
+    data, _ = real_layouts
+    common = (
+        "--data", data, "--methods", "local,fednova", "--seeds", "0,1", "--rounds", "1", "--scenario",
+        "dataset", "--arch", "mobilenet_v3_small", "--batch-size", "8", "--from-scratch", "--no-site-models",
+    )  # fmt: skip
+    val, test = tmp_path / "val", tmp_path / "test"
+    proc = run_study(*common, "--validation", "0.4", "--validation-distractors", "--out", val)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_study(*common, "--gate-from", val, "--out", test)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = json.loads((test / "study.json").read_text())["scenarios"]["dataset"]
+    names = sorted(s.name for s in data.iterdir())
+
+    def finals(root: Path, method: str, seed: int) -> dict[str, dict]:
+        run = root / "dataset" / "runs" / method / f"seed{seed}"
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        evals = [r for r in records if r.get("model") == ("local" if method == "local" else "global")]
+        return {r["site"]: r for r in evals}  # one round: one evaluation per site
+
+    cells: dict[str, list[float]] = {n: [] for n in names}
+    for seed in (0, 1):
+        for name in names:
+            own = prefer_own(finals(val, "local", seed)[name], finals(val, "fednova", seed)[name])
+            assert study["gate_choices"][str(seed)][name] == ("own" if own else "federation")
+            cells[name].append(finals(test, "local" if own else "fednova", seed)[name]["rank1"])
+    gate = study["gate_table"]["fednova + gate"]
+    for name in names:
+        assert gate[name]["rank1"][0] == pytest.approx(sum(cells[name]) / 2, abs=1e-3), name
+    local = study["table"]["local"]
+    below = [n for n in names if gate[n]["rank1"][0] < local[n]["rank1"][0]]
+    assert study["verdicts"]["gated_below_local"] == below
+    assert "with the adoption gate" in (test / "study.md").read_text()
+    # the gate reads validation runs of every seed the study has, and only for a test-split study
+    proc = run_study(*common[:5], "0,2", *common[6:], "--gate-from", val, "--out", tmp_path / "other")
+    assert proc.returncode == 2 and "no validation run of local, seed 2" in proc.stderr, proc.stderr[-2000:]
+    proc = run_study(*common, "--validation", "0.4", "--gate-from", val, "--out", tmp_path / "other")
+    assert proc.returncode == 2 and "--gate-from" in proc.stderr

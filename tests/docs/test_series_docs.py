@@ -31,7 +31,7 @@ SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), 
 
 def exposed() -> dict[str, set[str]]:
     """Family name -> the sample names it exposes, for the aggregator's and the agent's registries."""
-    registries = [AggregatorMetrics(lambda: VIEW).registry, AgentMetrics(lambda: "v1", 0).registry]
+    registries = [AggregatorMetrics(lambda: VIEW).registry, AgentMetrics(lambda: ("v1", "own"), 0).registry]
     out: dict[str, set[str]] = {}
     for registry in registries:
         for family in registry.collect():

@@ -35,6 +35,7 @@ from protocol.chunks import split_blob
 from protocol.messages import BlobRef, Deployment, NodeStatus, encode_message, parse_message
 from protocol.mqtt import Endpoint
 from protocol.topics import Topics
+from reid.adoption import prefer_own
 from reid.data import ImageDataset, InputSpec, eval_transform, read_dataset, statistics_loader
 from reid.model import ModelSpec, batchnorm_keys, build_model, shared_state
 from reid.train import adapt_to_site
@@ -204,11 +205,27 @@ def test_deploy_verify_swap_reject_and_late_join(tiny_federation, tmp_path, mosq
         assert gallery.entries == 1 and gallery.model.version == f"{FED}/round-1"
         assert features.search(crop=crop, top_k=1).hits[0].id == added[0]
 
-        # a site that connects later gets the retained deployment from the broker alone
-        start_agent(sites[2])
-        assert _wait(lambda: _deployed_version(edge / "site02") == f"{FED}/round-1"), logs[
-            "site02"
-        ].read_text()
+        # a site that connects later gets the retained deployment from the broker alone; this one has the
+        # adoption gate on, with round 0's model as its own: it serves whichever scores higher on its
+        # validation set, and says which
+        gate = tmp_path / "edge02.toml"
+        gate.write_text(f'[adoption]\nown_model = "{exported}"\nvalidation = "{sites[0]}"\n')
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            metrics_port = s.getsockname()[1]
+        start_agent(sites[2], "--config", str(gate), "--metrics-port", str(metrics_port))
+        site02 = edge / "site02"
+        assert _wait(lambda: (site02 / "models" / "current.json").is_file()), logs["site02"].read_text()
+        pointer = json.loads((site02 / "models" / "current.json").read_text())
+        assert pointer["version"] == f"{FED}/round-1" and "adoption gate on" in logs["site02"].read_text()
+        own = pointer["adopted"] == "own"
+        assert own == prefer_own(pointer["validation"]["own"], pointer["validation"]["federation"])
+        round1 = run_dir / FED / "deployments" / "00001" / "model.fp32.onnx"
+        served = load_contract(current_model(site02)).sha256
+        assert served == load_contract(exported if own else round1).sha256
+        series = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        model = "own" if own else "federation"
+        assert f'fedreid_agent_model_info{{model="{model}",version="{FED}/round-1"}} 1.0' in series, series
 
         # the camera commands use the deployed model through the state folder
         query = sorted((sites[1] / "query").glob("*.jpg"))[0]

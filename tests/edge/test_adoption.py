@@ -1,0 +1,81 @@
+"""The adoption gate: a site serves the deployment or its own model, whichever retrieves better on a
+validation set of its own (real ONNX Runtime sessions on the tiny federation's crops)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from edge.deployment import AdoptionConfig, adopt
+from export.quantize import site_retrieval
+from export.runtime import FeatureExtractor
+from reid.adoption import prefer_own
+from reid.data import read_dataset
+
+
+def test_the_rule_prefers_the_federation_unless_the_site_model_is_strictly_better():
+    fed = {"rank1": 80.0, "mAP": 60.0, "valid_queries": 10.0}
+    assert prefer_own({"rank1": 90.0, "mAP": 10.0}, fed)
+    assert prefer_own({"rank1": 80.0, "mAP": 60.1}, fed)
+    assert not prefer_own({"rank1": 80.0, "mAP": 60.0}, fed)  # a tie keeps the federation's
+    assert not prefer_own({"rank1": 79.9, "mAP": 99.0}, fed)
+    assert not prefer_own({"valid_queries": 0.0}, fed)  # nothing to decide on
+    assert not prefer_own({"rank1": 90.0, "mAP": 90.0}, {"valid_queries": 0.0})
+
+
+@pytest.fixture(scope="module")
+def two_models(exported, tmp_path_factory):
+    """The session's exported model and another one (other weights), both real ONNX files."""
+    import torch
+
+    from export.onnx_export import export_onnx
+    from reid.data import ImageDataset, InputSpec, eval_transform
+    from reid.model import ModelSpec, build_model
+
+    _, first, _, _, paths = exported
+    spec = InputSpec(height=64, width=32)
+    torch.manual_seed(5)
+    model = build_model(ModelSpec(arch="resnet18"), 5)
+    images = torch.stack([ImageDataset(paths, eval_transform(spec))[i][0] for i in range(len(paths))])
+    model.train()
+    with torch.no_grad():
+        model(images)
+    second = tmp_path_factory.mktemp("other") / "model.onnx"
+    export_onnx(model.eval(), spec, second, images, version="own")
+    return first, second
+
+
+def test_the_better_model_on_validation_serves_whichever_side_it_is_on(two_models, tiny_federation, tmp_path):
+    validation = tiny_federation / "sites" / "site00"
+    splits = read_dataset(validation)
+    a, b = two_models
+    score = {p: site_retrieval(FeatureExtractor(p), splits)[0].summary() for p in (a, b)}
+    key = {p: (score[p]["rank1"], score[p]["mAP"]) for p in (a, b)}
+    assert key[a] != key[b]
+    served_sha = []
+    for fed, own in ((a, b), (b, a)):
+        folder = tmp_path / own.parent.name
+        folder.mkdir()
+        served, record = adopt(fed, AdoptionConfig(own_model=own, validation=validation), folder)
+        assert record["validation"] == {"federation": score[fed], "own": score[own]}
+        if prefer_own(score[own], score[fed]):
+            assert record["adopted"] == "own" and served.parent == folder  # a copy the folder keeps
+            assert FeatureExtractor(served).contract.sha256 == FeatureExtractor(own).contract.sha256
+        else:
+            assert record["adopted"] == "federation" and served == fed
+        served_sha.append(FeatureExtractor(served).contract.sha256)
+    # whichever side the better model is on, it is the one that serves
+    better = a if key[a] > key[b] else b
+    assert served_sha == [FeatureExtractor(better).contract.sha256] * 2
+
+
+def test_a_gate_that_cannot_score_keeps_the_federation_model(two_models, tmp_path, caplog):
+    fed = two_models[0]
+    gate = AdoptionConfig(own_model=tmp_path / "missing.onnx", validation=fed.parent)
+    with caplog.at_level(logging.WARNING):
+        served, record = adopt(fed, gate, tmp_path)
+    assert served == fed and record["adopted"] == "federation"
+    assert "adoption gate not applied" in caplog.text
+    json.dumps(record)  # goes into current.json as it is
