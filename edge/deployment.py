@@ -19,6 +19,10 @@ deployment time gets the model this way). The complete file goes to one installe
 4. opens it with `FeatureExtractor` (which enforces the contract), and only then
 5. swaps: ``models/current.json`` is replaced atomically and `current()` returns the new extractor.
 
+The gate decides again when the agent starts with other adoption settings than those of the choice in
+``current.json`` (the gate turned on or off, another own model or validation folder): the deployment's
+own file stays in its folder for this.
+
 Until the swap the previous model keeps serving; a failed check, gate or build never replaces it (one
 log line says why). A manifest created before the one of the model now served is refused: a replayed
 old (validly signed) manifest cannot roll a site back; a deliberate rollback is a new `deploy` of the
@@ -40,7 +44,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from export.contract import Contract, ContractError, contract_path, load_contract, write_contract
+from export.contract import (
+    Contract,
+    ContractError,
+    contract_path,
+    file_sha256,
+    load_contract,
+    write_contract,
+)
 from export.runtime import FeatureExtractor
 from protocol.chunks import ChunkError, ForeignChunk, InboundBlob, parse_chunk, sha256_hex
 from protocol.messages import ChunkRequest, Deployment, MessageError, encode_message, parse_message
@@ -165,21 +176,62 @@ class Deployments:
         with self.lock:
             return self._current
 
+    def _gate_key(self) -> dict[str, str] | None:
+        """What a choice of the adoption gate was made with (None: the gate is off)."""
+        if self.adoption is None:
+            return None
+        own = self.adoption.own_model
+        return {
+            "own_sha256": file_sha256(own) if own.is_file() else "",
+            "validation": str(self.adoption.validation.resolve()),
+        }
+
+    def _gated(self, federation: Path, folder: Path) -> tuple[Path, dict[str, object]]:
+        """The file to serve of a deployment whose own (verified, prepared) file is `federation`, and the
+        gate's fields of current.json (none when the gate is off)."""
+        if self.adoption is None:
+            return federation, {}
+        serving, record = adopt(federation, self.adoption, folder)
+        return serving, {**record, "gate": self._gate_key()}
+
+    def _write_pointer(self, pointer: dict[str, object]) -> None:
+        staged = self.dir / (POINTER + ".tmp")
+        staged.write_text(json.dumps(pointer, indent=2))
+        staged.replace(self.dir / POINTER)
+
     def _load_current(self) -> None:
         path = current_model(self.dir.parent)
         if path is None:
             return
+        pointer = json.loads((self.dir / POINTER).read_text())
+        federation = self.dir / pointer.get("federation_path", pointer["path"])
+        if pointer.get("gate") != self._gate_key() and federation.is_file():
+            log.info("the adoption settings changed since this deployment was installed: choosing again")
+            try:
+                path, fields = self._gated(federation, federation.parent)
+            except OSError as err:  # (a full disk: the choice on file keeps serving)
+                log.warning("adoption gate not applied again: %s", err)
+            else:
+                gate_fields = ("adopted", "validation", "gate_error", "gate")
+                kept = {k: v for k, v in pointer.items() if k not in gate_fields}
+                pointer = {**kept, **fields, "path": path.relative_to(self.dir).as_posix()}
+                pointer["federation_path"] = federation.relative_to(self.dir).as_posix()
+                self._write_pointer(pointer)
         try:
             fx = FeatureExtractor(path)
         except (ContractError, RuntimeError) as err:
             log.warning("the deployed model %s does not load (%s); waiting for a new deployment", path, err)
             return
-        pointer = json.loads((self.dir / POINTER).read_text())
-        self._current, self.version = fx, fx.contract.version
+        self._current, self.version = fx, pointer.get("version", fx.contract.version)
         self.installed_sha, self.installed_created = pointer.get("source_sha256"), pointer.get("created", 0.0)
         self.adopted = "own" if pointer.get("adopted") == "own" else "federation"
         self.endpoint.deployed = self.version
-        log.info("serving deployed model %s (%s)", self.version, fx.path.name)
+        log.info(
+            "serving deployed model %s%s (%s)",
+            self.version,
+            ": this site's own model (adoption gate)" if self.adopted == "own" else "",
+            fx.path.name,
+        )
 
     # -- receiving (endpoint worker thread) -----------------------------------------------------------
     def _on_manifest(self, topic: str, payload: bytes) -> None:
@@ -301,10 +353,8 @@ class Deployments:
             model = tmp / "model.onnx"
             model.write_bytes(blob)
             write_contract(model, contract)
-            serving = self._prepare(model)
-            gate: dict[str, object] = {}
-            if self.adoption is not None:
-                serving, gate = adopt(serving, self.adoption, tmp)
+            federation = self._prepare(model)
+            serving, gate = self._gated(federation, tmp)
             fx = FeatureExtractor(serving)  # loads and enforces the contract: the last check before the swap
         except Exception:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -320,13 +370,12 @@ class Deployments:
             "created": manifest.created,
             "precision": fx.contract.precision,
             "installed": time.time(),
+            "federation_path": f"{folder.name}/{federation.relative_to(tmp).as_posix()}",
             **gate,
         }
-        staged = self.dir / (POINTER + ".tmp")
-        staged.write_text(json.dumps(pointer, indent=2))
         with self.lock:
             previous = self._current
-            staged.replace(self.dir / POINTER)
+            self._write_pointer(pointer)
             self._current, self.version, self.installed_sha = fx, manifest.version, manifest.blob.sha256
             self.installed_created = manifest.created
             self.adopted = "own" if gate.get("adopted") == "own" else "federation"

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 
-from edge.deployment import AdoptionConfig, adopt
+from edge.deployment import AdoptionConfig, Deployments, adopt
+from export.contract import contract_path, load_contract
 from export.quantize import site_retrieval
 from export.runtime import FeatureExtractor
+from protocol.mqtt import Endpoint
+from protocol.topics import Topics
 from reid.adoption import prefer_own
 from reid.data import read_dataset
 
@@ -79,3 +83,50 @@ def test_a_gate_that_cannot_score_keeps_the_federation_model(two_models, tmp_pat
     assert served == fed and record["adopted"] == "federation"
     assert "adoption gate not applied" in caplog.text
     json.dumps(record)  # goes into current.json as it is
+
+
+def test_the_gate_decides_again_when_the_agent_starts_with_other_adoption_settings(
+    two_models, tiny_federation, tmp_path, mosquitto_url, caplog
+):
+    """A deployment installed before the gate was turned on is judged at the next start; turning the gate
+    off again serves the deployment; unchanged settings keep the choice on file (no new scoring)."""
+    validation = tiny_federation / "sites" / "site00"
+    splits = read_dataset(validation)
+    score = {p: site_retrieval(FeatureExtractor(p), splits)[0].summary() for p in two_models}
+    a, b = two_models  # the deployment is the worse of the two on validation, the site's own the better
+    fed_model, own_model = (a, b) if prefer_own(score[b], score[a]) else (b, a)
+    assert prefer_own(score[own_model], score[fed_model])
+    folder = tmp_path / "edge" / "models" / "f_round-1-0123456789ab"
+    folder.mkdir(parents=True)
+    shutil.copyfile(fed_model, folder / "model.onnx")
+    shutil.copyfile(contract_path(fed_model), contract_path(folder / "model.onnx"))
+    rel = f"{folder.name}/model.onnx"
+    pointer = {"path": rel, "version": "f/round-1", "source_sha256": "ab" * 32, "created": 1.0}
+    (folder.parent / "current.json").write_text(json.dumps(pointer))
+    gate = AdoptionConfig(own_model=own_model, validation=validation)
+
+    def started(adoption: AdoptionConfig | None) -> tuple[str, str, dict]:
+        endpoint = Endpoint(mosquitto_url, Topics("f"), "s", "site")  # (never started: no broker needed)
+        deployments = Deployments(tmp_path / "edge", endpoint, adoption=adoption)
+        try:
+            served = deployments.current()
+            assert served is not None and deployments.version == "f/round-1"
+            written = json.loads((folder.parent / "current.json").read_text())
+            return served.contract.sha256, deployments.adopted, written
+        finally:
+            deployments.stop()
+
+    sha = {p: load_contract(p).sha256 for p in (fed_model, own_model)}
+    with caplog.at_level(logging.INFO):
+        served, adopted, written = started(gate)  # the gate turned on: it decides
+    assert "choosing again" in caplog.text
+    assert (served, adopted) == (sha[own_model], "own")
+    assert written["validation"] == {"federation": score[fed_model], "own": score[own_model]}
+    assert written["federation_path"] == rel and written["version"] == "f/round-1"
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert started(gate)[:2] == (served, adopted)  # the same settings: the choice on file
+    assert "choosing again" not in caplog.text and "adoption gate on" not in caplog.text
+    served, adopted, written = started(None)  # the gate turned off: the deployment serves
+    assert (served, adopted) == (sha[fed_model], "federation")
+    assert "adopted" not in written and "gate" not in written and written["path"] == rel
