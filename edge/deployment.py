@@ -42,7 +42,7 @@ import threading
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from export.contract import (
     Contract,
@@ -91,6 +91,20 @@ class AdoptionConfig(BaseModel):
     validation: Path = Field(
         description="a labelled data set folder (query + gallery) that neither model trained on"
     )
+
+    @field_validator("own_model")
+    @classmethod
+    def _model_file(cls, value: Path) -> Path:
+        if not value.is_file() or not contract_path(value).is_file():
+            raise ValueError(f"no ONNX model with its contract sidecar (<model>.json) at {value}")
+        return value
+
+    @field_validator("validation")
+    @classmethod
+    def _validation_folder(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"validation folder not found: {value}")
+        return value
 
 
 def adopt(serving: Path, gate: AdoptionConfig, folder: Path) -> tuple[Path, dict[str, object]]:

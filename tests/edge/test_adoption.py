@@ -8,6 +8,7 @@ import logging
 import shutil
 
 import pytest
+from pydantic import ValidationError
 
 from edge.deployment import AdoptionConfig, Deployments, adopt
 from export.contract import contract_path, load_contract
@@ -75,9 +76,24 @@ def test_the_better_model_on_validation_serves_whichever_side_it_is_on(two_model
     assert served_sha == [FeatureExtractor(better).contract.sha256] * 2
 
 
+def test_adoption_settings_name_a_missing_model_or_folder(two_models, tmp_path):
+    fed = two_models[0]
+    with pytest.raises(ValidationError, match="no ONNX model with its contract sidecar"):
+        AdoptionConfig(own_model=tmp_path / "missing.onnx", validation=fed.parent)
+    (tmp_path / "bare.onnx").write_bytes(fed.read_bytes())  # the model without its contract
+    with pytest.raises(ValidationError, match="contract sidecar"):
+        AdoptionConfig(own_model=tmp_path / "bare.onnx", validation=fed.parent)
+    with pytest.raises(ValidationError, match="validation folder not found"):
+        AdoptionConfig(own_model=fed, validation=tmp_path / "nowhere")
+
+
 def test_a_gate_that_cannot_score_keeps_the_federation_model(two_models, tmp_path, caplog):
     fed = two_models[0]
-    gate = AdoptionConfig(own_model=tmp_path / "missing.onnx", validation=fed.parent)
+    gone = tmp_path / "own.onnx"  # valid when the agent started, removed since
+    shutil.copyfile(fed, gone)
+    shutil.copyfile(contract_path(fed), contract_path(gone))
+    gate = AdoptionConfig(own_model=gone, validation=fed.parent)
+    gone.unlink()
     with caplog.at_level(logging.WARNING):
         served, record = adopt(fed, gate, tmp_path)
     assert served == fed and record["adopted"] == "federation"
