@@ -122,11 +122,9 @@ def adopt(serving: Path, gate: AdoptionConfig, folder: Path) -> tuple[Path, dict
             "own": site_retrieval(FeatureExtractor(gate.own_model), splits)[0].summary(),
         }
     except Exception as err:  # a missing or broken file or folder: the federation's model still serves
-        log.warning(
-            "adoption gate not applied (%s); serving the federation's model",
-            str(err).splitlines()[0] if str(err) else type(err).__name__,
-        )
-        return serving, {"adopted": "federation", "gate_error": str(err).splitlines()[0] if str(err) else ""}
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        log.warning("adoption gate not applied (%s); serving the federation's model", reason)
+        return serving, {"adopted": "federation", "gate_error": reason}
     own = prefer_own(scores["own"], scores["federation"])
     fed, mine = scores["federation"], scores["own"]
     log.info(
@@ -202,11 +200,12 @@ class Deployments:
 
     def _gated(self, federation: Path, folder: Path) -> tuple[Path, dict[str, object]]:
         """The file to serve of a deployment whose own (verified, prepared) file is `federation`, and the
-        gate's fields of current.json (none when the gate is off)."""
+        gate's fields of current.json (none when the gate is off). A gate that could not decide records no
+        settings: the next start tries again."""
         if self.adoption is None:
             return federation, {}
         serving, record = adopt(federation, self.adoption, folder)
-        return serving, {**record, "gate": self._gate_key()}
+        return serving, record if "gate_error" in record else {**record, "gate": self._gate_key()}
 
     def _write_pointer(self, pointer: dict[str, object]) -> None:
         staged = self.dir / (POINTER + ".tmp")

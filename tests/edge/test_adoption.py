@@ -133,6 +133,11 @@ def test_the_gate_decides_again_when_the_agent_starts_with_other_adoption_settin
             deployments.stop()
 
     sha = {p: load_contract(p).sha256 for p in (fed_model, own_model)}
+    empty = tmp_path / "empty"
+    empty.mkdir()  # a validation folder that holds no data set: the gate cannot decide, and tries again
+    served, adopted, written = started(AdoptionConfig(own_model=own_model, validation=empty))
+    assert (served, adopted) == (sha[fed_model], "federation") and "gate_error" in written
+    assert "gate" not in written
     with caplog.at_level(logging.INFO):
         served, adopted, written = started(gate)  # the gate turned on: it decides
     assert "choosing again" in caplog.text
