@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import httpx
@@ -223,7 +224,8 @@ def test_deploy_verify_swap_reject_and_late_join(tiny_federation, tmp_path, mosq
         round1 = run_dir / FED / "deployments" / "00001" / "model.fp32.onnx"
         served = load_contract(current_model(site02)).sha256
         assert served == load_contract(exported if own else round1).sha256
-        series = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+            series = response.read().decode()
         model = "own" if own else "federation"
         assert f'fedreid_agent_model_info{{model="{model}",version="{FED}/round-1"}} 1.0' in series, series
 
