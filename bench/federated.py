@@ -156,7 +156,7 @@ def gated(result: dict, runs: Path, seeds: list[int]) -> dict:
         for method in ("local", SHIPPED):
             records = run_records(runs / method / f"seed{seed}")
             evals = [r for r in records if r.get("model") == scored(method)]
-            chosen[method] = {r["site"]: r for r in evals if r["round"] == max(e["round"] for e in evals)}
+            chosen[method] = last_metrics(evals, max(r["round"] for r in evals))
         test_own, test_fed = result["finals"]["local"][seed], result["finals"][SHIPPED][seed]
         if set(chosen["local"]) != set(test_own):
             sys.exit(f"--gate-from: sites {sorted(chosen['local'])}, this study's {sorted(test_own)}")
