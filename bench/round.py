@@ -157,7 +157,7 @@ def aggregator_memory(k: int, workdir: Path, arch: str = "resnet50") -> dict:
         started = threading.Event()
         host, port, _ = parse_url(broker.url)
         watcher = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{k}")
-        watcher.on_message = lambda *_: started.set()
+        watcher.on_message = lambda c, u, m: m.payload and started.set()  # (empty: the topic cleared)
         watcher.connect(host, port)
         watcher.subscribe(Topics("bench").round, qos=1)
         watcher.loop_start()

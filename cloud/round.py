@@ -12,6 +12,8 @@ from cloud.strategy import TeacherMean
 from protocol.chunks import InboundBlob, check_ref
 from protocol.messages import BlobRef, GroupBase, UpdateManifest
 
+MAX_REJECTION_ENTRIES = 256  # distinct (site, reason) entries a round's summary lists; the rest are counted
+
 
 @dataclass(frozen=True)
 class GroupBlob:
@@ -48,7 +50,7 @@ class OpenRound:
     accepted: dict[str, UpdateManifest] = field(default_factory=dict)
     norms: dict[str, float] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
-    rejections: list[dict[str, str]] = field(default_factory=list)
+    rejections: list[dict] = field(default_factory=list)  # {"site", "reason", "count"}, by note_rejection
     last_resend: dict[str, float] = field(default_factory=dict)
     reports: dict[str, dict[str, float]] = field(default_factory=dict)  # evaluation round: site -> metrics
     said: float = field(default_factory=time.monotonic)  # when progress was last logged
@@ -76,6 +78,22 @@ class OpenRound:
                 out.append(GroupBase(group=g, base_hash=base.base_hash, blob=base.ref, sites=sites))
         return out
 
+    def note_rejection(self, site: str, reason: str) -> bool:
+        """Record a rejection in the round's summary: one entry per site and reason with a count, so a
+        message replayed thousands of times is one entry; past MAX_REJECTION_ENTRIES distinct entries
+        the rest are counted in one last entry (site "*"). Returns whether the entry is new."""
+        for entry in self.rejections:
+            if entry["site"] == site and entry["reason"] == reason:
+                entry["count"] += 1
+                return False
+        if len(self.rejections) >= MAX_REJECTION_ENTRIES:
+            if self.rejections[-1]["site"] != "*":
+                self.rejections.append({"site": "*", "reason": "more rejections, not itemised", "count": 0})
+            self.rejections[-1]["count"] += 1
+            return False
+        self.rejections.append({"site": site, "reason": reason, "count": 1})
+        return True
+
     def waiting(self) -> set[str]:
         """Selected sites that have neither an accepted update (or evaluation report) nor failed."""
         return set(self.selected) - set(self.accepted) - set(self.reports) - set(self.failed)
@@ -95,7 +113,8 @@ def admit(cur: OpenRound | None, site: str, m: UpdateManifest) -> tuple[str, str
     if cur is None:
         return "no_round", "no round is open"
     if m.round != cur.number:
-        return "no_round", f"stale round {m.round} (current round {cur.number})"
+        which = "stale" if m.round < cur.number else "future"
+        return "no_round", f"{which} round {m.round} (current round {cur.number})"
     if not cur.train:
         return "evaluation_round", f"round {cur.number} is an evaluation round: it takes no updates"
     if m.base_hash != cur.base_of(site):

@@ -51,6 +51,7 @@ from cloud.strategy.caps import (
     clip_scales,
     max_share,
     norm_bound,
+    path_claims,
     share_capped,
 )
 from cloud.strategy.clustering import Clustering
@@ -124,6 +125,8 @@ class Aggregator:
         self.history = RunHistory(self.journal.root / "metrics.jsonl")
         self.metrics = AggregatorMetrics(lambda: self.view(history=False))
         self.current: OpenRound | None = None
+        # (site, reason) of rejections outside the open round already logged since it opened (bounded)
+        self.said_rejections: set[tuple[str, str]] = set()
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, 1, cfg.pretrained)
         last = self.journal.last_global()
@@ -225,7 +228,7 @@ class Aggregator:
 
     def _on_manifest(self, topic: str, payload: bytes) -> None:
         site = self.topics.site_of(topic)
-        if site is None:
+        if site is None or not payload:  # (empty: a retained message being cleared)
             return
         try:
             m = parse_message(payload, UpdateManifest)
@@ -294,7 +297,7 @@ class Aggregator:
 
     def _on_eval(self, topic: str, payload: bytes) -> None:
         site = self.topics.site_of(topic)
-        if site is None:
+        if site is None or not payload:  # (empty: a retained message being cleared)
             return
         try:
             report = parse_message(payload, EvalReport)
@@ -351,17 +354,22 @@ class Aggregator:
             self.history.rejected(round_, site, reason, time.time())
 
     def _reject(self, cur: OpenRound | None, site: str, m: UpdateManifest, reason: str, kind: str) -> None:
+        """Refuse an update: one log line per site and reason per round (repeats at debug level: a
+        replayed message costs a count, not a line), the round's summary and an ack with the reason."""
+        if cur is not None and m.round == cur.number:
+            new = cur.note_rejection(site, reason)
+        else:
+            new = (site, reason) not in self.said_rejections and len(self.said_rejections) < 1024
+            if new:
+                self.said_rejections.add((site, reason))
         with log_context(site=site, round=m.round):
-            log.warning("update rejected: %s", reason)
+            log.log(logging.WARNING if new else logging.DEBUG, "update rejected: %s", reason)
         self._count_rejection(m.round, site, reason, kind)
-        if cur is not None:
-            if cur.manifests.get(site) is m:
-                cur.manifests.pop(site, None)
-                transfer = cur.transfers.pop(site, None)
-                if transfer is not None:
-                    transfer.close()
-            if m.round == cur.number:
-                cur.rejections.append({"site": site, "reason": reason})
+        if cur is not None and cur.manifests.get(site) is m:
+            cur.manifests.pop(site, None)
+            transfer = cur.transfers.pop(site, None)
+            if transfer is not None:
+                transfer.close()
         self._ack(site, m.round, m.blob.blob_id, False, reason)
 
     def _decode(self, cur: OpenRound, site: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -378,6 +386,10 @@ class Aggregator:
                 norm = l2_norm(floats)
             except (CodecError, LayoutError) as err:
                 self._reject(cur, site, m, str(err), "bad_payload")
+                self.journal.drop_update(cur.number, site)
+                return
+            except Exception as err:  # a decoder's bug on hostile bytes costs this update, not the round
+                self._reject(cur, site, m, f"undecodable: {type(err).__name__}: {err}", "bad_payload")
                 self.journal.drop_update(cur.number, site)
                 return
             cur.norms[site] = norm
@@ -531,6 +543,7 @@ class Aggregator:
         self._save_open(cur)
         with self.lock:
             self.current = cur
+            self.said_rejections.clear()
             for site, manifest in self.journal.journaled_updates(r) if resumed else []:
                 try:
                     m = parse_message(manifest, UpdateManifest)
@@ -686,8 +699,11 @@ class Aggregator:
         clustering = self.clustering
         grouped = clustering is not None and clustering.active  # (each group folds its own sites)
         # fednova: each delta is divided by the path length of the round's training at the site's
-        # (capped) size, so the norm bound applies to the normalised deltas, the steps the fold adds
-        steps = {s: 1.0 if grouped else self.path_length(samples[s]) for s in sites}
+        # (capped) size, so the norm bound applies to the normalised deltas, the steps the fold adds; a
+        # size nobody vouched for counts there as at most the round's lower median one (path_claims)
+        paths = path_claims(samples, adm)
+        normalised = self.cfg.strategy.fednova and not grouped
+        steps = {s: 1.0 if grouped else self.path_length(paths[s]) for s in sites}
         norms = {s: cur.norms[s] / steps[s] for s in sites}
         bound = norm_bound(norms, adm, self.reference_norm)
         scales = clip_scales(norms, bound, allowance)
@@ -702,8 +718,9 @@ class Aggregator:
                 floats, ints = self._decode(cur, site)
             except (CodecError, LayoutError) as err:  # only if the state dir was damaged since the ack
                 log.error("journaled update of %s unreadable at close, left out: %s", site, err)
-                cur.rejections.append({"site": site, "reason": f"journaled update unreadable: {err}"})
-                self._count_rejection(cur.number, site, cur.rejections[-1]["reason"], "bad_payload")
+                reason = f"journaled update unreadable: {err}"
+                cur.note_rejection(site, reason)
+                self._count_rejection(cur.number, site, reason, "bad_payload")
                 continue
             cdw = cur.accepted[site].cdw
             if agg is None:
@@ -724,6 +741,7 @@ class Aggregator:
             "allowances": {s: round(a, 4) for s, a in allowance.items() if a > 1.0},
             "clipped": sorted(s for s in sites if scales[s] < 1.0),
             "n_samples_capped": sorted(s for s in sites if samples[s] < cur.accepted[s].n_samples),
+            "path_capped": sorted(s for s in sites if normalised and paths[s] < samples[s]),
             "share_capped": sorted(
                 s for s in sites if raw[s] > 0 and shares[s] < raw[s] / sum(raw.values()) - 1e-12
             ),
@@ -760,13 +778,14 @@ class Aggregator:
         result, caps = self._fold(cur)
         new_flat = result.flat  # the new global model lives in the fold's buffers: no copy
         for rejection in result.rejected:
+            cur.note_rejection(rejection.site, rejection.reason)
             self._count_rejection(cur.number, rejection.site, rejection.reason, "bad_payload")
         aggregate_seconds = time.perf_counter() - clock
         summary: dict = {
             "round": cur.number,
             "kind": "round",
             "weights": result.weights,
-            "rejected": [*cur.rejections, *(r.__dict__ for r in result.rejected)],
+            "rejected": cur.rejections,
             "failed": dict(sorted(cur.failed.items())),
             "selected": cur.selected,
             "accepted": sorted(cur.accepted),
@@ -976,6 +995,9 @@ class Aggregator:
         self.endpoint.start()
         self.resender.start()
         self.deployments.start()
+        if self.completed + 1 < self.cfg.rounds:  # the last run's RunEnd, retained, would tell sites that
+            # start before the first round opens that this run is over (they would leave): clear it
+            self.endpoint.send(self.topics.round, b"", retain=True, timeout=30)
         try:
             for r in range(self.completed + 1, self.cfg.rounds):
                 with log_context(round=r):

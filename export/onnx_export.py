@@ -175,7 +175,7 @@ def export_onnx(
         report.min_cosine,
         report.max_abs_diff,
     )
-    if report.min_cosine < MIN_COSINE[precision]:
+    if not report.min_cosine >= MIN_COSINE[precision]:  # (NaN fails too)
         out.unlink(missing_ok=True)
         raise ExportError(f"parity gate failed: min cosine {report.min_cosine:.6f} < {MIN_COSINE[precision]}")
     contract = Contract(

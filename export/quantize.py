@@ -89,7 +89,7 @@ def retrieval_gate(
         )
     if fp32["mAP"] - int8["mAP"] > budget.max_map_drop:
         reasons.append(f"mAP drops {fp32['mAP'] - int8['mAP']:.2f} points (budget {budget.max_map_drop})")
-    if mean_cosine < budget.min_mean_cosine:
+    if not mean_cosine >= budget.min_mean_cosine:  # (NaN fails too)
         reasons.append(f"mean cosine to fp32 {mean_cosine:.4f} is below {budget.min_mean_cosine}")
     return reasons
 

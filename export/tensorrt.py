@@ -180,7 +180,7 @@ def build_engine_cached(
         np.linalg.norm(reference, axis=1) * np.linalg.norm(got, axis=1) + 1e-12
     )
     min_cos = float(cos.min())
-    if min_cos < MIN_COSINE[precision]:
+    if not min_cos >= MIN_COSINE[precision]:  # (NaN fails too)
         tmp.unlink(missing_ok=True)
         raise TensorRTError(
             f"{precision} engine rejected: min cosine to ONNX Runtime {min_cos:.5f} < {MIN_COSINE[precision]}"

@@ -15,13 +15,14 @@ are checked. Every failure is a `CodecError`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import zstandard
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.numpy import load, save
 
 Encoding = Literal["fp32", "fp16", "int8"]
@@ -31,6 +32,7 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB: far above a ResNet-50 fp32 state (98 MB)
 _FP16_MAX = float(np.finfo(np.float16).max)
 _INT_DTYPES = {np.dtype(np.int64), np.dtype(np.int32)}
+_WIRE_DTYPES = {"F32", "F16", "I8", "I32", "I64"}  # safetensors' names of the dtypes a blob may hold
 
 
 class CodecError(ValueError):
@@ -95,6 +97,22 @@ def _decompress(blob: bytes, max_bytes: int) -> bytes:
     return bytes(out)
 
 
+def _check_dtypes(read: Callable[[int, int], bytes], size: int) -> None:
+    """Refuse a safetensors payload holding a dtype a blob never has (bfloat16, float8, bool, ...) from
+    its header alone, before the parser converts anything (some of those it cannot convert to numpy).
+    `read(offset, n)` reads n bytes of the payload, which is `size` bytes long."""
+    try:
+        length = int.from_bytes(read(0, 8), "little")
+        if not 0 < length <= size - 8:
+            raise ValueError(f"header length {length} does not fit a payload of {size} bytes")
+        header = json.loads(read(8, length))
+        dtypes = {v.get("dtype") for k, v in header.items() if k != "__metadata__"}
+    except (ValueError, AttributeError) as err:  # (json's errors are ValueErrors)
+        raise CodecError(f"not a safetensors payload: {err}") from None
+    if not dtypes <= _WIRE_DTYPES:
+        raise CodecError(f"unsupported dtype {sorted(map(str, dtypes - _WIRE_DTYPES))[0]}")
+
+
 def _decoded(names: list[str], get: Callable[[str], np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
     """The checks and conversions of decoding, reading one raw tensor at a time through `get`."""
     present = set(names)
@@ -138,10 +156,11 @@ def iter_state(blob: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[tupl
         raise CodecError(f"blob of {len(blob)} bytes exceeds the limit of {max_bytes}")
     if blob[:4] == ZSTD_MAGIC:
         blob = _decompress(blob, max_bytes)
+    _check_dtypes(lambda offset, n, payload=blob: payload[offset : offset + n], len(blob))
     try:
         raw = load(bytes(blob))
-    except (SafetensorError, ValueError, TypeError, OverflowError) as err:
-        raise CodecError(f"not a safetensors payload: {err}") from None
+    except Exception as err:  # the parser's failure on any input is the input's fault
+        raise CodecError(f"not a safetensors payload: {type(err).__name__}: {err}") from None
     del blob
     yield from _decoded(list(raw), raw.__getitem__)
 
@@ -161,12 +180,19 @@ def iter_state_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[
         yield from iter_state(path.read_bytes(), max_bytes)
         return
     try:
+        with open(path, "rb") as f:
+
+            def read(offset: int, n: int) -> bytes:
+                f.seek(offset)
+                return f.read(n)
+
+            _check_dtypes(read, size)
         with safe_open(str(path), framework="numpy") as f:
             yield from _decoded(list(f.keys()), f.get_tensor)
     except CodecError:
         raise
-    except (SafetensorError, ValueError, TypeError, OverflowError, OSError) as err:
-        raise CodecError(f"not a safetensors payload: {err}") from None
+    except Exception as err:  # the parser's failure on any input is the input's fault
+        raise CodecError(f"not a safetensors payload: {type(err).__name__}: {err}") from None
 
 
 def decode_state(blob: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, np.ndarray]:

@@ -21,7 +21,8 @@ Sha256 = Annotated[str, Field(pattern=SHA256)]
 Encoding = Literal["fp32", "fp16", "int8"]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Metric = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-Metrics = Annotated[dict[str, Metric], Field(max_length=32)]
+Metrics = Annotated[dict[Name, Metric], Field(max_length=32)]
+MAX_SAMPLES = 2**31 - 1  # far above any data set; the float arithmetic of weights never overflows
 
 
 class MessageError(ValueError):
@@ -148,11 +149,11 @@ class UpdateManifest(_Message):
     round: int = Field(ge=0)
     base_hash: Sha256
     blob: BlobRef
-    n_samples: int = Field(ge=1)
+    n_samples: int = Field(ge=1, le=MAX_SAMPLES)
     cdw: float = Field(ge=0.0, le=2.0)
     loss: Finite
     train_seconds: Metric
-    timings: dict[str, Metric] = Field(default_factory=dict, max_length=32)
+    timings: Metrics = Field(default_factory=dict)
     metrics: Metrics = Field(default_factory=dict)
     dp_epsilon: Metric | None = None  # privacy spent so far by this site, when it uses DP
 
@@ -166,6 +167,15 @@ class EvalReport(_Message):
     round: int = Field(ge=0)
     base_hash: Sha256
     metrics: Metrics = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _scores_together(self) -> EvalReport:
+        scores = {k: v for k, v in self.metrics.items() if k in ("rank1", "mAP")}
+        if len(scores) == 1:
+            raise ValueError("metrics carry rank1 and mAP together or neither")
+        if any(v > 100 for v in scores.values()):
+            raise ValueError("rank1 and mAP are percentages (0 to 100)")
+        return self
 
 
 class UpdateAck(_Message):

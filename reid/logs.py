@@ -1,7 +1,9 @@
 """Logging with the site and the round in every line.
 
 `configure_logging()` installs one stderr handler whose records carry ``site`` and ``round`` fields,
-filled from context variables that the runtimes set with `log_context(site=..., round=...)`.
+filled from context variables that the runtimes set with `log_context(site=..., round=...)`. Every record
+is one line: control characters in a message (a peer's text, such as a site's failure reason) are
+escaped, so no remote input can forge a log line.
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ _site: contextvars.ContextVar[str] = contextvars.ContextVar("site", default="-")
 _round: contextvars.ContextVar[str] = contextvars.ContextVar("round", default="-")
 
 FORMAT = "%(asctime)s %(levelname)-7s [site=%(site)s round=%(round)s] %(name)s: %(message)s"
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(32), 127) if c != 9} | {10: "\\n", 13: "\\r"}
+
+
+class OneLineFormatter(logging.Formatter):
+    """FORMAT with control characters escaped in the line; a traceback still follows on its own lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).translate(_ESCAPES)
 
 
 class ContextFilter(logging.Filter):
@@ -67,7 +77,7 @@ def configure_logging(level: str | int = "INFO") -> None:
             root.removeHandler(handler)
     handler = _StderrHandler()
     handler.addFilter(ContextFilter())
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(OneLineFormatter(FORMAT))
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
     for chatty in QUIET_LIBRARIES:  # their INFO lines (ONNX rewrites, HTTP, ...) are not ours to show

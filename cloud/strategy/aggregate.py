@@ -188,6 +188,7 @@ class StreamingAggregator:
             base_flat if base_flat is not None else self.layout.flatten(self.base)
         )
         self.copy_index = self.layout.positions(bn_policy_keys(self.layout.keys, self.config.bn))
+        self.var_index = self.layout.positions(k for k in self.layout.keys if k.endswith(".running_var"))
         self.pool: list[tuple[torch.Tensor, torch.Tensor]] = []  # flat buffers for add() of state dicts
         self.pending: list[_Pending] = []
         self.block_sum = torch.empty(0)
@@ -409,10 +410,14 @@ class StreamingAggregator:
             self.acc if finished else torch.add(self.base_floats, self.acc, alpha=1.0 / divisor, out=self.acc)
         )
         first_floats, first_ints = self.first
+        if self.config.bn == "local":  # the sites' own layers: nothing any update sends changes them
+            first_floats, first_ints = first_floats.zero_(), first_ints.zero_()
         new_floats.index_copy_(
             0, self.copy_index, self.base_floats.index_select(0, self.copy_index) + first_floats
         )
         new_ints = self.base_ints + first_ints
+        # a variance is never negative (an update can push an averaged or copied one below 0: NaN features)
+        new_floats.index_copy_(0, self.var_index, new_floats.index_select(0, self.var_index).clamp_(min=0))
         state = self.layout.unflatten(new_floats, new_ints, like=self.base)
         return RoundAggregate(
             state,

@@ -5,7 +5,10 @@ networked aggregator decides the weights from those claims within server-side bo
 update of the round has been validated (the fold happens at close, see cloud/server.py):
 
 1. ``n_samples`` is capped by a server-side value: per site (``site_samples``, e.g. from provisioning)
-   or for every site (``max_samples``).
+   or for every site (``max_samples``). Under fednova the path length a delta is divided by, and the
+   round's step is taken back to (their weighted mean), comes from the claim too: a claim nobody vouched
+   for counts there as at most the round's lower median claim (`path_claims`), or one insider could
+   lengthen every site's step as far as it liked.
 2. Each delta is clipped to ``norm_bound_factor`` x the median delta norm of the round (with the
    previous round's median as one more value, so the bound holds also with fewer than 3 updates).
 3. No site's share of the weight exceeds ``max_share_factor`` / K (K = updates aggregated), found by
@@ -52,6 +55,16 @@ def capped_samples(site: str, claimed: int, config: AdmissionConfig) -> int:
     """The n_samples the aggregator uses for a site's claim."""
     caps = [c for c in (config.site_samples.get(site), config.max_samples) if c is not None]
     return min([claimed, *caps])
+
+
+def path_claims(samples: Mapping[str, int], config: AdmissionConfig) -> dict[str, int]:
+    """The sizes fednova's path lengths come from: a vouched site's (capped) claim; any other at most the
+    round's lower median claim (the lower: with two sites, the other one's). The norm bound's view of a
+    site nobody vouched for (allowance 1): an honest larger site's longer step is clipped unless vouched."""
+    if not samples:
+        return {}
+    median = statistics.median_low(samples.values())
+    return {s: n if s in config.site_samples else min(n, median) for s, n in samples.items()}
 
 
 def norm_bound(

@@ -81,6 +81,8 @@ def test_sites_train_from_their_group_model_and_a_restart_keeps_the_groups(
 
     starts = {}
     for _, payload in recorder.messages:
+        if not payload:  # the restarted aggregator clearing the round topic as it starts
+            continue
         msg = parse_message(payload)
         if isinstance(msg, RoundStart) and msg.train:
             starts[msg.round] = msg

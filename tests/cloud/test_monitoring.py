@@ -90,9 +90,9 @@ def watched(tiny_federation, tmp_path_factory, mosquitto_url) -> Iterator[Watche
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
-    try:  # one refused update while round 0 is open (a stale round, on site 0's topic)
+    try:  # one refused update while round 0 is open (a future round, on site 0's topic)
         assert _wait(lambda: agg.current is not None, 120)
-        _publish(mosquitto_url, Topics(FED).site(run.sites[0], "update"), _stale_manifest(run.sites[0]))
+        _publish(mosquitto_url, Topics(FED).site(run.sites[0], "update"), _future_manifest(run.sites[0]))
         yield run
     finally:
         agg.stop()
@@ -102,7 +102,7 @@ def watched(tiny_federation, tmp_path_factory, mosquitto_url) -> Iterator[Watche
             proc.wait(timeout=20)
 
 
-def _stale_manifest(site: str) -> bytes:
+def _future_manifest(site: str) -> bytes:
     blob = BlobRef(blob_id="ab" * 16, size=10, sha256="0" * 64, chunks=1)
     m = UpdateManifest(
         site=site, round=77, base_hash="0" * 64, blob=blob, n_samples=1, cdw=0, loss=0, train_seconds=0
@@ -217,7 +217,7 @@ def test_metrics_move_as_the_rounds_do(watched):
         assert rank1 is not None and rank1 == pytest.approx(final_eval[-1]["rank1"] / 100)
         assert value(final, "fedreid_site_last_update_round", site=site) == ROUNDS - 1
     assert value(final, "fedreid_updates_rejected_total", site=sites[0], reason="no_round") == 1
-    assert any("stale round 77" in r["reason"] for r in agg.view()["rejections"])
+    assert any("future round 77" in r["reason"] for r in agg.view()["rejections"])
 
     # the agent: it trained, uploaded what the aggregator received from it, and ended waiting
     assert agent, "the agent's /metrics never answered"

@@ -37,6 +37,7 @@ def test_admission_names_every_reason_and_collects_the_rest():
     assert admit(cur, "b", _manifest("a"))[0] == "wrong_site"
     kind, why = admit(cur, "a", _manifest(round_=2))
     assert (kind, why) == ("no_round", "stale round 2 (current round 3)")
+    assert admit(cur, "a", _manifest(round_=4)) == ("no_round", "future round 4 (current round 3)")
     assert admit(cur, "a", _manifest(base="0" * 64))[0] == "wrong_base"
     assert admit(cur, "c", _manifest("c"))[0] == "not_selected"
     assert admit(cur, "a", _manifest(blob=b"x" * 20_000))[0] == "bad_manifest"  # over the round's limit

@@ -17,8 +17,10 @@ def _states(k: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     for i in range(k):
         state = {}
         for key, v in ref.items():
-            if v.dtype.is_floating_point:
-                state[key] = torch.randn_like(v) + (i if "running_var" in key else 0)
+            if "running_var" in key:  # (a variance is never negative: the aggregator keeps it so)
+                state[key] = torch.rand_like(v) + i
+            elif v.dtype.is_floating_point:
+                state[key] = torch.randn_like(v)
             else:
                 state[key] = v + 10 * (i + 1)
         states.append(state)
@@ -59,6 +61,32 @@ def test_bn_policies_pick_the_right_keys():
     assert "embedding.bn.weight" in local and "embedding.bn.running_var" in local
     assert "embedding.linear.weight" not in local
     assert bn_policy_keys(keys, "average") == set()
+
+
+def test_no_update_moves_the_sites_own_batchnorm_layers_or_makes_a_variance_negative():
+    """Under bn=local the global BatchNorm layers are nobody's to change: an update that sends values
+    there (honest sites send zeros) changes nothing, whichever site comes first. Under the shared
+    policies an update can push a variance below 0 (NaN features); the aggregate keeps it at 0."""
+    base = _states(1, seed=5)[0]
+    bn_keys = bn_policy_keys(list(base), "local")
+    hostile = {
+        k: (torch.full_like(v, -1e3) if k in bn_keys else torch.zeros_like(v)) for k, v in base.items()
+    }
+    honest = {k: torch.zeros_like(v) if k in bn_keys else torch.randn_like(v) * 0.01 for k, v in base.items()}
+    agg = StreamingAggregator(base, StrategyConfig(bn="local"))
+    assert agg.add(Update("a0", hostile, n_samples=10)) is None and agg.add(Update("b", honest, 10)) is None
+    state = agg.finish().state
+    for key in bn_keys:
+        assert torch.equal(state[key], base[key]), key
+    moved = [k for k in base if k not in bn_keys and base[k].dtype.is_floating_point]
+    assert any(not torch.equal(state[k], base[k]) for k in moved)  # the rest is averaged as before
+    for bn in ("average", "first"):
+        agg = StreamingAggregator(base, StrategyConfig(bn=bn))
+        assert agg.add(Update("a0", hostile, n_samples=10)) is None
+        state = agg.finish().state
+        variances = [k for k in base if k.endswith(".running_var")]
+        assert all(bool((state[k] >= 0).all()) for k in variances), bn
+        assert any(bool((state[k] == 0).any()) for k in variances), bn  # (it did push them below 0)
 
 
 @pytest.mark.parametrize("weighting", ["fedpav", "cdw", "cdw_x_size"])

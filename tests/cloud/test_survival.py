@@ -11,9 +11,10 @@ import time
 import numpy as np
 import paho.mqtt.client as paho
 import pytest
+import torch
 import zstandard
 from paho.mqtt.enums import CallbackAPIVersion
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save
 
 from cloud.config import ServeConfig
 from cloud.journal import StateDirError
@@ -22,7 +23,7 @@ from cloud.strategy import AdmissionConfig, StrategyConfig
 from protocol.broker import parse_url
 from protocol.chunks import blob_ref, check_ref, parse_chunk, split_blob
 from protocol.codec import encode_state
-from protocol.messages import UpdateManifest, encode_message
+from protocol.messages import MAX_SAMPLES, RunEnd, UpdateManifest, encode_message
 from protocol.topics import Topics
 from reid.train import TrainConfig
 from tests.cloud.test_federation import TINY, RawSite, _wait
@@ -80,14 +81,19 @@ def _change(cfg: ServeConfig, r: int) -> float:
 
 
 @pytest.mark.parametrize(
-    ("weighting", "claims"),
-    [("fedpav", ({"n_samples": 10**12}, {"n_samples": 1})), ("cdw", ({"cdw": 2.0}, {"cdw": 2.0}))],
+    ("weighting", "fednova", "claims"),
+    [
+        ("fedpav", False, ({"n_samples": MAX_SAMPLES}, {"n_samples": 1})),
+        ("fedpav", True, ({"n_samples": MAX_SAMPLES}, {"n_samples": 1})),
+        ("cdw", False, ({"cdw": 2.0}, {"cdw": 2.0})),
+    ],
 )
-def test_no_site_controls_the_model(tmp_path, mosquitto_url, weighting, claims):
-    """Weight hijack (10^12 images under FedPav, the largest CDW distance under CDW against honest
-    0.5), a 1e13 constant and a 1e30 constant, from 2 colluding sites of 5: every update is acknowledged
-    and aggregated, and the global model moves about as far as in an honest round (the defaults: share
-    cap 2/K, clip at 3x the median norm)."""
+def test_no_site_controls_the_model(tmp_path, mosquitto_url, weighting, fednova, claims):
+    """Weight hijack (the most images a manifest may claim under FedPav, the largest CDW distance under
+    CDW against honest 0.5), a 1e13 constant and a 1e30 constant, from 2 colluding sites of 5: every
+    update is acknowledged and aggregated, and the global model moves about as far as in an honest round
+    (the defaults: share cap 2/K, clip at 3x the median norm). Under fednova the huge claim would also
+    make every site's step as long as its path: an unvouched claim counts there as the median one."""
     cfg = ServeConfig(
         federation="caps",
         state_dir=tmp_path,
@@ -95,10 +101,11 @@ def test_no_site_controls_the_model(tmp_path, mosquitto_url, weighting, claims):
         min_sites=5,
         deadline_s=60,
         final_eval=False,
-        strategy=StrategyConfig(weighting=weighting),
+        strategy=StrategyConfig(weighting=weighting, fednova=fednova),
         **TINY,
     )
     sites = ["a", "b", "c", "x", "y"]
+    honest_path = TrainConfig(batch_size=TINY["batch_size"]).path_length(100) if fednova else 1.0
     agg, raw, thread = _start(cfg, mosquitto_url, sites)
     honest_means = []
     try:
@@ -134,21 +141,25 @@ def test_no_site_controls_the_model(tmp_path, mosquitto_url, weighting, claims):
         assert max(summary["weights"].values()) <= 2 / 5 + 1e-9  # nobody above 2 x the fair share
         assert "y" in summary["clipped"]
         change = _change(cfg, r)
-        median_norm = summary["norm_bound"] / 3
+        median_norm = summary["norm_bound"] / 3 * honest_path  # (fednova: the bound is per unit of path)
+        assert summary.get("path_length", 1.0) <= honest_path + 1e-6
         assert np.isfinite(change) and change <= median_norm  # no more than one honest site's step
         assert change < 2 * honest_means[r]  # the order of the honest sites' mean step
     assert "x" in _summaries(cfg)[0]["share_capped"]
+    assert _summaries(cfg)[0]["path_capped"] == (["x"] if fednova else [])
 
 
-@pytest.mark.parametrize("vouched,fednova", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("vouched,fednova", [(False, False), (True, False), (False, True), (True, True)])
 def test_a_vouched_large_site_moves_the_model_as_far_as_its_data(
     tmp_path, mosquitto_url, vouched, fednova, caplog
 ):
     """An honest federation of 800 / 176 / 40 images whose largest site takes an 8 x longer step (as
     measured on the demo's data under bn=local): with sizes only claimed the defaults clip it and cap its
     share, and say so in one line; with the sizes vouched for (site_samples) the round is plain FedPav.
-    Under fednova the norm bound sees each delta over its path length: the large site's normalised step
-    is the others', so it is not clipped even unvouched (its share is still capped)."""
+    Under fednova the norm bound sees each delta over its path length: vouched, the large site's
+    normalised step is the others' and the round is plain FedNova; claimed only, its path counts as the
+    median site's (an insider's claim must not lengthen every site's step), so it is clipped as under
+    FedPav."""
     caplog.set_level(logging.WARNING, logger="cloud.server")
     samples = {"big": 800, "mid": 176, "small": 40}
     admission = AdmissionConfig(site_samples=samples if vouched else {})
@@ -178,13 +189,26 @@ def test_a_vouched_large_site_moves_the_model_as_far_as_its_data(
     fedpav = {s: n / sum(samples.values()) for s, n in samples.items()}
     floats = [k for k, v in deltas["big"].items() if v.dtype.kind == "f"]
     if fednova:
-        assert summary["clipped"] == [] and summary["share_capped"] == ["big"]
-        shares = {"big": 2 / 3, **{s: samples[s] / 216 / 3 for s in ("mid", "small")}}
+        claims = samples if vouched else {**samples, "big": 176}  # the lower median claim
+        paths = {s: TrainConfig(batch_size=TINY["batch_size"]).path_length(n) for s, n in claims.items()}
+        norms = {s: np.sqrt(sum(np.sum(deltas[s][k] ** 2) for k in floats)) / paths[s] for s in samples}
+        if vouched:
+            assert summary["clipped"] == summary["share_capped"] == summary["path_capped"] == []
+            shares, scales = fedpav, dict.fromkeys(samples, 1.0)
+        else:
+            assert summary["clipped"] == summary["share_capped"] == summary["path_capped"] == ["big"]
+            shares = {"big": 2 / 3, **{s: samples[s] / 216 / 3 for s in ("mid", "small")}}
+            scales = {
+                **dict.fromkeys(samples, 1.0),
+                "big": 3 * np.median(list(norms.values())) / norms["big"],
+            }
         assert summary["weights"] == pytest.approx(shares)
-        paths = {s: TrainConfig(batch_size=TINY["batch_size"]).path_length(n) for s, n in samples.items()}
         mean_path = sum(shares[s] * paths[s] for s in samples)
         assert summary["path_length"] == pytest.approx(mean_path, abs=1e-3)
-        moved = {k: mean_path * sum(shares[s] * deltas[s][k] / paths[s] for s in samples) for k in floats}
+        moved = {
+            k: mean_path * sum(shares[s] * scales[s] * deltas[s][k] / paths[s] for s in samples)
+            for k in floats
+        }
         assert _change(cfg, 0) == pytest.approx(np.sqrt(sum(np.sum(v**2) for v in moved.values())), rel=1e-2)
     elif vouched:
         assert summary["clipped"] == [] and summary["share_capped"] == []
@@ -250,14 +274,21 @@ def test_hostile_manifests_cannot_stop_or_bloat_the_aggregator(tmp_path, mosquit
             )
             return encode_message(m)
 
-        raw.publish(topics.site("a", "update"), manifest("a", chunks=150_000))  # the crash of the issue
+        for _ in range(300):  # the crash of the issue, replayed: one log line, one summary entry
+            raw.publish(topics.site("a", "update"), manifest("a", chunks=150_000))
         # (seen before the next one: a newer manifest of a site supersedes one still waiting)
-        assert _wait(lambda: sum("chunks must hold" in a["reason"] for a in raw.acks) == 1)
+        assert _wait(lambda: sum("chunks must hold" in a["reason"] for a in raw.acks) >= 1)
         raw.publish(topics.site("a", "update"), manifest("a", size=50 << 30, chunks=51_200))  # 50 GB
         assert _wait(lambda: any("exceeds the limit" in a["reason"] for a in raw.acks))
+        replays = sum("chunks must hold" in a["reason"] for a in raw.acks)  # (the inbox skips some)
+        assert replays > 1
         bomb = zstandard.ZstdCompressor().compress(b"\0" * (limit * 4))  # a few KB, 4x the model
         raw.blob_update("b", bomb)
         assert _wait(lambda: any(a["site"] == "b" and "over the limit" in a["reason"] for a in raw.acks))
+        # a dtype numpy cannot hold (the parser raised KeyError, the update stayed journaled, unacked)
+        raw.blob_update("c", save({k: torch.zeros(1, dtype=torch.bfloat16) for k in list(zeros)[:1]}))
+        assert _wait(lambda: any(a["site"] == "c" and "dtype BF16" in a["reason"] for a in raw.acks))
+        assert not list((tmp_path / "bounds").rglob("updates/c.*"))  # nothing of it kept
         # a resend flood from one selected site: coalesced and rate-limited, off the message thread
         request = {
             "schema_version": 1,
@@ -286,6 +317,11 @@ def test_hostile_manifests_cannot_stop_or_bloat_the_aggregator(tmp_path, mosquit
         spy.disconnect()
         raw.stop()
     assert _summaries(cfg)[0]["accepted"] == ["a", "b", "c"]
+    (replayed,) = [r for r in _summaries(cfg)[0]["rejected"] if "chunks must hold" in r["reason"]]
+    assert replayed["site"] == "a" and replayed["count"] == replays
+    assert (
+        sum("chunks must hold" in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING) == 1
+    )
     assert "never retained" in caplog.text
     # the aggregator cleared the retained junk: a new subscriber gets nothing on that topic
     got: list[bytes] = []
@@ -405,3 +441,43 @@ def test_a_chunk_count_or_size_attack_is_a_clear_reason_not_a_crash():
     assert "exceeds the limit" in (check_ref(big, 100 << 20) or "")
     chunks = list(split_blob(b"y" * 5000, "ab" * 16, 1024))
     assert len(chunks) == 5
+
+
+def test_an_earlier_runs_retained_run_end_is_cleared_when_a_run_starts(tmp_path, mosquitto_url):
+    """A new run (or one extended by raising `rounds`) waits for its sites before round 0 opens; the last
+    run's retained RunEnd would meanwhile tell every site that starts that the run is over (agents with
+    exit_when_done left, and the run waited for them). The aggregator clears it as it starts."""
+    topics = Topics("ended")
+    host, port, _ = parse_url(mosquitto_url)
+    seen: list[bytes] = []
+    watcher = paho.Client(CallbackAPIVersion.VERSION2, client_id="watcher")
+    watcher.on_message = lambda c, u, m: seen.append(m.payload)
+    watcher.connect(host, port)
+    watcher.loop_start()
+    old = encode_message(RunEnd(federation="ended", rounds=3))
+    watcher.publish(topics.round, old, qos=1, retain=True).wait_for_publish(10)
+    watcher.subscribe(topics.round, qos=1)
+    assert _wait(lambda: seen == [old])
+    cfg = ServeConfig(federation="ended", state_dir=tmp_path, rounds=2, min_sites=3, deadline_s=60, **TINY)
+    agg = Aggregator(cfg, mosquitto_url)
+    thread = threading.Thread(target=agg.run, daemon=True)
+    thread.start()
+    try:
+        assert _wait(lambda: seen[-1:] == [b""], timeout=30)  # cleared, while it waits for 3 sites
+        assert agg.current is None
+        late: list[bytes] = []
+        other = paho.Client(CallbackAPIVersion.VERSION2, client_id="late-site")
+        other.on_message = lambda c, u, m: late.append(m.payload)
+        other.connect(host, port)
+        other.subscribe(topics.round, qos=1)
+        other.loop_start()
+        time.sleep(1.0)
+        other.loop_stop()
+        other.disconnect()
+        assert late == []  # a site starting now sees no RunEnd
+    finally:
+        agg.stop()
+        thread.join(timeout=30)
+        watcher.loop_stop()
+        watcher.disconnect()
+    assert not thread.is_alive()

@@ -175,3 +175,20 @@ def test_search_renders_refuses_other_models_and_reindexes(exported, tiny_federa
     broken_args = [*again[:3], "--gallery", str(tmp_path / "broken.npz"), "--query", str(query)]
     broken = runner.invoke(app, broken_args, env={"COLUMNS": "300"})
     assert broken.exit_code != 0 and "not a features file" in broken.output, broken.output
+
+
+def test_a_model_whose_features_are_nan_fails_the_parity_gate(exported, tmp_path):
+    """Negative BatchNorm variances (what a hostile update could once set in the global copy) make every
+    feature NaN in both runtimes; a NaN cosine must fail the gate, not pass it (NaN < x is false)."""
+    from export.onnx_export import ExportError
+
+    model, _out, _contract, _parity, paths = exported
+    broken = build_model(ModelSpec(arch="resnet18"), 5)
+    broken.load_state_dict(model.state_dict())
+    for name, buffer in broken.named_buffers():
+        if name.endswith("running_var"):
+            buffer.fill_(-1.0)
+    images = torch.stack([ImageDataset(paths[:4], eval_transform(SPEC))[i][0] for i in range(4)])
+    with pytest.raises(ExportError, match="parity gate failed: min cosine nan"):
+        export_onnx(broken, SPEC, tmp_path / "broken.onnx", images)
+    assert not (tmp_path / "broken.onnx").exists()

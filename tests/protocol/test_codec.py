@@ -6,6 +6,7 @@ import contextlib
 
 import numpy as np
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -78,6 +79,26 @@ def test_nan_size_limit_and_bad_scales_are_rejected():
         decode_state(negative)
     with pytest.raises(CodecError, match="dtype"):
         decode_state(save({"w": np.ones(3, dtype=np.uint8)}))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn", "float8_e5m2", "bool", "float64", "uint8"])
+@pytest.mark.parametrize("where", ["bytes", "zstd", "file"])
+def test_a_dtype_no_blob_holds_is_a_codec_error_before_any_parsing(dtype, where, tmp_path):
+    """safetensors can carry dtypes numpy cannot hold (bfloat16, float8: the parser raised KeyError /
+    AttributeError, which escaped the aggregator's checks and left a journaled update that crashed every
+    restart). The header is checked first, in every way a blob is read."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save
+
+    from protocol.codec import iter_state_file
+
+    blob = save({"w": torch.zeros(3, dtype=getattr(torch, dtype))})
+    with pytest.raises(CodecError, match="unsupported dtype"):
+        if where == "file":
+            (tmp_path / "u.blob").write_bytes(blob)
+            list(iter_state_file(tmp_path / "u.blob"))
+        else:
+            decode_state(zstandard.ZstdCompressor().compress(blob) if where == "zstd" else blob)
 
 
 @settings(max_examples=200, deadline=None)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from protocol.messages import (
     BlobRef,
+    EvalReport,
     MessageError,
     RoundStart,
     UpdateManifest,
@@ -60,6 +61,7 @@ def test_round_trip_and_expected_kind():
             "schema_version",
         ),
         (json.dumps(_update(kind="nope")).encode(), "invalid nope"),
+        (json.dumps({k: v for k, v in _update().items() if k != "kind"}).encode(), "kind"),
         (json.dumps(_update(cdw=float("nan"))).encode(), "cdw"),
         (json.dumps(_update(cdw=7)).encode(), "cdw"),
         (json.dumps(_update(loss=float("nan"))).encode(), "loss"),
@@ -67,6 +69,9 @@ def test_round_trip_and_expected_kind():
         (json.dumps(_update(metrics={"mAP": -1.0})).encode(), "metrics.mAP"),
         (json.dumps(_update(timings={"train": float("nan")})).encode(), "timings.train"),
         (json.dumps(_update(n_samples=0)).encode(), "n_samples"),
+        (json.dumps(_update(n_samples=10**400)).encode(), "n_samples"),  # (float(n) overflowed at close)
+        (json.dumps(_update(n_samples=2**31)).encode(), "n_samples"),
+        (json.dumps(_update(metrics={"a\nb": 1.0})).encode(), "metrics"),
         (json.dumps(_update(site="../etc")).encode(), "site"),
         (json.dumps(_update(extra=1)).encode(), "extra"),
         (json.dumps(_update(base_hash="xyz")).encode(), "base_hash"),
@@ -76,6 +81,23 @@ def test_round_trip_and_expected_kind():
 def test_bad_messages(payload, match):
     with pytest.raises(MessageError, match=match):
         parse_message(payload)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "match"),
+    [
+        ({"rank1": 50.0}, "together"),
+        ({"mAP": 50.0}, "together"),
+        ({"rank1": 150.0, "mAP": 1.0}, "percentages"),
+    ],
+)
+def test_an_evaluation_report_carries_both_scores_or_neither(metrics, match):
+    """(A report with rank1 and no mAP raised KeyError in the aggregator's handler.)"""
+    doc = {"kind": "eval", "schema_version": 1, "site": "s1", "round": 2, "base_hash": SHA}
+    with pytest.raises(MessageError, match=match):
+        parse_message(json.dumps({**doc, "metrics": metrics}).encode(), EvalReport)
+    for fine in ({}, {"mINP": 3.0}, {"rank1": 50.0, "mAP": 40.0, "mINP": 3.0}):
+        assert parse_message(json.dumps({**doc, "metrics": fine}).encode(), EvalReport).metrics == fine
 
 
 @settings(max_examples=300, deadline=None)
