@@ -177,6 +177,7 @@ def test_search_renders_refuses_other_models_and_reindexes(exported, tiny_federa
     assert broken.exit_code != 0 and "not a features file" in broken.output, broken.output
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in sqrt:RuntimeWarning")  # (the point)
 def test_a_model_whose_features_are_nan_fails_the_parity_gate(exported, tmp_path):
     """Negative BatchNorm variances (what a hostile update could once set in the global copy) make every
     feature NaN in both runtimes; a NaN cosine must fail the gate, not pass it (NaN < x is false)."""
