@@ -36,10 +36,10 @@ from reid.model import (
     local_state,
     new_classifier,
     shared_state,
-    without_batchnorm,
 )
-from reid.privacy import PrivacyLedger, privatize
+from reid.privacy import PrivacyLedger
 from reid.site import SiteData
+from reid.site_delta import site_delta
 from reid.train import Proximal, adapt_to_site, prepare_model, resolve_device, train_local
 
 log = logging.getLogger(__name__)
@@ -194,11 +194,9 @@ class SiteWorker:
             private={k: trained[k] for k in private_keys(cfg, list(trained))},
         )
         if cfg.algorithm != "local":
-            delta = {k: trained[k] - state[k] for k in trained}
-            if cfg.effective_strategy().bn == "local":  # as at a real site: its BatchNorm layers stay there
-                delta = without_batchnorm(delta)
+            # as at a real site: its BatchNorm layers stay there under bn=local
+            delta, _ = site_delta(trained, state, cfg.effective_strategy().bn == "local", cfg.dp, seed)
             if cfg.dp.enabled:  # one mechanism per round the site took part in so far
-                delta, _ = privatize(delta, cfg.dp, torch.Generator().manual_seed(seed))
                 out.dp_epsilon = PrivacyLedger(cfg.dp, job.taken).epsilon()
             if cfg.wire != "none":  # exactly what the networked aggregator would decode
                 blob = encode_state(

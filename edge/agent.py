@@ -73,10 +73,10 @@ from reid.model import (
     load_shared_state,
     local_state,
     shared_state,
-    without_batchnorm,
 )
-from reid.privacy import DPConfig, PrivacyLedger, privatize
+from reid.privacy import DPConfig, PrivacyLedger
 from reid.site import SiteData
+from reid.site_delta import site_delta
 from reid.train import TrainConfig, TrainResult, adapt_to_site, resolve_device, train_local
 
 log = logging.getLogger(__name__)
@@ -571,12 +571,9 @@ class Agent:
     ) -> tuple[dict, float | None]:
         """What leaves the site: trained - received shared state (without BatchNorm layers under
         bn=local), clipped and noised when DP is on; and the privacy spent so far (None without DP)."""
-        delta_t = {k: trained[k] - got.shared[k] for k in got.shared}
-        if start.training.keep_local_bn:
-            delta_t = without_batchnorm(delta_t)
+        delta_t, norm = site_delta(trained, got.shared, start.training.keep_local_bn, self.cfg.dp, seed)
         dp_epsilon = None
-        if self.cfg.dp.enabled:
-            delta_t, norm = privatize(delta_t, self.cfg.dp, torch.Generator().manual_seed(seed))
+        if norm is not None:
             dp_epsilon = self._spend_privacy()
             log.info(
                 "DP: delta norm %.4f clipped to %.4f, noise sigma %.2f; epsilon so far %.2f (delta %g)",

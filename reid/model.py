@@ -194,13 +194,6 @@ def batchnorm_keys(keys: Iterable[str]) -> set[str]:
     return {k for k in keys if k.rsplit(".", 1)[0] in layers}
 
 
-def without_batchnorm(delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`delta` with zeros for every BatchNorm key: what a site that keeps its BatchNorm layers (FedBN)
-    sends, so that their values never leave it."""
-    bn = batchnorm_keys(delta)
-    return {k: torch.zeros_like(v) if k in bn else v for k, v in delta.items()}
-
-
 def shared_state(model: ReIDModel) -> dict[str, torch.Tensor]:
     """Backbone + embedding block, parameters and BN buffers, detached copies on CPU."""
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if is_shared_key(k)}

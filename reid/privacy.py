@@ -3,15 +3,17 @@ deviation sigma * C, and account the privacy spent with an RDP accountant (opacu
 
 The Gaussian mechanism runs once per round the site takes part in, on the whole delta (every float
 tensor of the shared state, BatchNorm statistics included: they are computed from the site's images
-too), with sampling rate 1: the delta depends on the site's entire data set. Epsilon is reported at
-`delta` for the rounds spent so far. This bounds what the cloud (or anyone who sees the updates)
-can learn about the site's data set as a whole from its deltas -- site-level DP in the sense of the
-bound, at the price of accuracy (docs/security.md has the measured cost). Off by default.
+too; a site that keeps its BatchNorm layers sends their deltas as zeros, which carry nothing of its
+data and stay zeros), with sampling rate 1: the delta depends on the site's entire data set. Epsilon
+is reported at `delta` for the rounds spent so far. This bounds what the cloud (or anyone who sees
+the updates) can learn about the site's data set as a whole from its deltas -- site-level DP in the
+sense of the bound, at the price of accuracy (docs/security.md has the measured cost). Off by default.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,10 +29,15 @@ class DPConfig(BaseModel):
 
 
 def privatize(
-    delta: dict[str, torch.Tensor], cfg: DPConfig, generator: torch.Generator | None = None
+    delta: dict[str, torch.Tensor],
+    cfg: DPConfig,
+    generator: torch.Generator | None = None,
+    unchanged: Collection[str] = (),
 ) -> tuple[dict[str, torch.Tensor], float]:
-    """(clipped + noised delta, its L2 norm before clipping); integer buffers pass unchanged."""
-    floats = [k for k, v in delta.items() if v.is_floating_point()]
+    """(clipped + noised delta, its L2 norm before clipping); integer buffers and the `unchanged` keys
+    (constants that depend on no data: the zero BatchNorm deltas of a site that keeps its layers) pass
+    as they are."""
+    floats = [k for k, v in delta.items() if v.is_floating_point() and k not in unchanged]
     norm = math.sqrt(sum(float(delta[k].double().pow(2).sum()) for k in floats))
     scale = min(1.0, cfg.clip_norm / norm) if norm > 0 else 1.0
     std = cfg.noise_multiplier * cfg.clip_norm

@@ -8,7 +8,9 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
+from reid.model import ModelSpec, batchnorm_keys, build_model, shared_state
 from reid.privacy import DPConfig, PrivacyLedger, privatize
+from reid.site_delta import site_delta
 
 
 def _norm(state: dict[str, torch.Tensor]) -> float:
@@ -36,6 +38,18 @@ def test_noise_has_standard_deviation_sigma_times_c():
     assert torch.equal(out["w"], again["w"])  # seeded: reproducible
 
 
+def test_kept_batchnorm_zeros_stay_zeros_and_do_not_count_towards_the_norm():
+    delta = {"w": torch.full((100,), 0.5), "bn.running_mean": torch.zeros(8), "bn.weight": torch.zeros(8)}
+    cfg = DPConfig(enabled=True, clip_norm=1.0, noise_multiplier=1.0)
+    kept = {"bn.running_mean", "bn.weight"}
+    out, norm = privatize(delta, cfg, torch.Generator().manual_seed(0), unchanged=kept)
+    assert norm == pytest.approx(5.0)
+    assert all(torch.equal(out[k], delta[k]) for k in kept)
+    assert out["w"].std().item() > 0.5  # the rest is noised as before
+    noised, _ = privatize(delta, cfg, torch.Generator().manual_seed(0))
+    assert noised["bn.weight"].abs().sum().item() > 0  # without `unchanged` every float tensor is noised
+
+
 def test_epsilon_comes_from_the_rdp_accountant_and_grows_with_rounds():
     cfg = DPConfig(enabled=True, noise_multiplier=1.5, delta=1e-5)
     ledger = PrivacyLedger(cfg)
@@ -47,3 +61,23 @@ def test_epsilon_comes_from_the_rdp_accountant_and_grows_with_rounds():
     assert spent[-1] == pytest.approx(reference.get_epsilon(delta=1e-5))
     assert PrivacyLedger(cfg.model_copy(update={"noise_multiplier": 3.0}), 5).epsilon() < spent[-1]
     assert PrivacyLedger(cfg, 0).epsilon() == 0.0
+
+
+@pytest.mark.parametrize("dp_on", [False, True])
+def test_what_leaves_a_site_that_keeps_its_batchnorm_layers_is_zero_there_with_or_without_dp(dp_on):
+    model = build_model(ModelSpec(arch="resnet18"), 1)
+    received = shared_state(model)
+    trained = {k: v + 1 if v.is_floating_point() else v + 3 for k, v in received.items()}
+    bn = batchnorm_keys(received)
+    dp = DPConfig(enabled=dp_on, clip_norm=1.0, noise_multiplier=1.0)
+    delta, norm = site_delta(trained, received, True, dp, seed=0)
+    assert set(delta) == set(received) and bn
+    assert all(not delta[k].any() for k in bn)  # nothing of the kept layers leaves, noise included
+    others = [k for k in received if k not in bn and received[k].is_floating_point()]
+    if dp_on:  # the norm is of what is sent: the other weights' ones, 1 each
+        assert norm == pytest.approx(math.sqrt(sum(received[k].numel() for k in others)), rel=1e-6)
+        assert all(not torch.allclose(delta[k], torch.ones_like(delta[k])) for k in others)  # clipped, noised
+    else:
+        assert norm is None and all(torch.allclose(delta[k], torch.ones_like(delta[k])) for k in others)
+    shared, _ = site_delta(trained, received, False, dp, seed=0)
+    assert all(shared[k].any() for k in bn)  # shared BatchNorm layers are sent (and noised under DP)
