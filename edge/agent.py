@@ -106,6 +106,9 @@ class AgentConfig(BaseModel):
         5.0, gt=0, description="re-request missing global chunks after this idle time"
     )
     chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20, description="chunk size of uploads")
+    ack_wait_s: float = Field(
+        30.0, gt=0, description="announce an update again when it has no acknowledgement after this long"
+    )
     exit_when_done: bool = Field(False, description="stop when the aggregator announces the end of the run")
     local_epochs: int | None = Field(None, ge=1, description="override the round's local epochs")
     evaluate: Literal["round", "always", "never"] = Field(
@@ -216,6 +219,7 @@ class Agent:
         self.upload = self._load_pending()
         self.working: tuple[int, str] | None = None  # (round, base hash) being fetched or trained
         self.republished = 0.0  # when the pending update was last announced again
+        self.started = time.monotonic()  # (a pending update found at start waits for the round first)
         t = self.topics
         self.endpoint = Endpoint(
             cfg.broker,
@@ -356,6 +360,23 @@ class Agent:
             self.topics.site(self.cfg.site, "chunks"), blob, manifest.blob.blob_id, self.cfg.chunk_bytes
         )
         self.metrics.upload_bytes.inc(len(blob))
+
+    def _announce_unacknowledged(self) -> None:
+        """An update still without an acknowledgement `ack_wait_s` after it was last announced: announce
+        its manifest again. Whatever was lost (the manifest, chunks or the ack, in a broker restart or a
+        reconnect of either side), the aggregator answers: it acks an update it holds, asks for the chunks
+        it misses, or rejects an update of a closed round, which drops it here."""
+        with self.lock:
+            upload = self.upload
+        if upload is None or time.monotonic() - max(self.republished, self.started) < self.cfg.ack_wait_s:
+            return
+        if not self.endpoint.connected.is_set():
+            return
+        self.republished = time.monotonic()
+        manifest = upload[0]
+        with log_context(site=self.cfg.site, round=manifest.round):
+            log.info("update for round %d has no acknowledgement yet: announcing it again", manifest.round)
+        self.endpoint.publish(self.topics.site(self.cfg.site, "update"), encode_message(manifest))
 
     def _on_global_chunk(self, topic: str, payload: bytes) -> None:
         try:
@@ -690,6 +711,7 @@ class Agent:
             try:
                 while not self.done.wait(0.5) and not self.stopping.is_set():
                     self._request_missing()
+                    self._announce_unacknowledged()
                     self.deployments.poll(self.cfg.transfer_idle_s)
                 if self.stopping.is_set():
                     log.info("stopping (signal); a pending update stays on disk and is sent after a restart")

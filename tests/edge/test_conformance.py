@@ -103,9 +103,9 @@ def test_an_agent_follows_the_spec(tiny_federation, tmp_path, mosquitto_url):
         "status/aggregator", json.dumps({**status, "state": "online", "time": time.time()}).encode(), True
     )
     log = open(tmp_path / "agent.log", "wb")  # noqa: SIM115 (closed below)
-    agent = subprocess.Popen(
-        agent_command(site, mosquitto_url, FED, tmp_path / "edge", device="cpu"), stdout=log, stderr=log
-    )
+    (tmp_path / "edge.toml").write_text("ack_wait_s = 3.0\n")  # (flags give the rest)
+    command = agent_command(site, mosquitto_url, FED, tmp_path / "edge", device="cpu")
+    agent = subprocess.Popen([*command, "--config", str(tmp_path / "edge.toml")], stdout=log, stderr=log)
     try:
         # "registers a last will ... state offline" and announces itself online
         assert _wait(
@@ -177,8 +177,13 @@ def test_an_agent_follows_the_spec(tiny_federation, tmp_path, mosquitto_url):
         assert all(delta[k].any() for k in floats if k not in bn)  # every other weight trained
         assert (tmp_path / "edge" / site.name / "private_bn.safetensors").is_file()
 
+        # "while it has no ack, publish its manifest again every ack_wait_s", and no more once acked
+        assert _wait(lambda: len(agg.docs(f"sites/{site.name}/update")) >= 2, 30)
+        assert all(d == manifest for d in agg.docs(f"sites/{site.name}/update"))
         ack = {"schema_version": 1, "kind": "ack", "site": site.name, "round": 0, "blob_id": ref["blob_id"]}
         agg.publish(f"sites/{site.name}/ack", json.dumps({**ack, "accepted": True}).encode())
+        assert _wait(lambda: b"acknowledged by the aggregator" in (tmp_path / "agent.log").read_bytes(), 30)
+        announced = len(agg.docs(f"sites/{site.name}/update"))
 
         # the evaluation round: "fetch the blob, ... evaluate ..., publish an EvalReport"
         final = {
@@ -193,7 +198,8 @@ def test_an_agent_follows_the_spec(tiny_federation, tmp_path, mosquitto_url):
         report = agg.docs(f"sites/{site.name}/eval")[0]
         assert report["round"] == 1 and report["base_hash"] == hashlib.sha256(final_blob).hexdigest()
         assert report["metrics"]["valid_queries"] > 0 and 0 <= report["metrics"]["rank1"] <= 100
-        assert len(agg.docs(f"sites/{site.name}/update")) == 1  # no training in an evaluation round
+        # no training in an evaluation round, and the acknowledged update is not announced again
+        assert len(agg.docs(f"sites/{site.name}/update")) == announced
 
         agg.publish("round", json.dumps({"schema_version": 1, "kind": "run_end", "federation": FED,
                                          "rounds": 1}).encode(), retain=True)  # fmt: skip
