@@ -519,7 +519,11 @@ def status(
     state_dir: Path = typer.Option(Path("state/cloud"), help="the aggregator's --state-dir"),
     federation: str = typer.Option("default"),
     broker: str = typer.Option(None, help="also show live site status from this broker (mqtt://...)"),
-    identity_dir: Path = typer.Option(None, help="a provisioned identity folder (mqtts:// with signing)"),
+    identity_dir: Path = typer.Option(
+        None,
+        help="a provisioned identity folder for mqtts://: the operator's (the aggregator's would take over "
+        "the running aggregator's session)",
+    ),
 ) -> None:
     """Show the run: rounds done, the open round, who reported, and (with --broker) who is online and
     which deployed model each site serves."""
@@ -705,7 +709,11 @@ def deploy(
     linger: float = typer.Option(
         0.0, min=0, help="then answer sites' requests for the model this long (a running serve always does)"
     ),
-    identity_dir: Path = typer.Option(None, help="the provisioned aggregator folder (mqtts:// with signing)"),
+    identity_dir: Path = typer.Option(
+        None,
+        help="the provisioned aggregator folder (mqtts:// with signing); it takes over a running serve's "
+        "session: deploy by hand while serve is stopped",
+    ),
 ) -> None:
     """Export a round's global model and publish it for the sites to serve inference with."""
     from cloud.deploy import DeployError, DeploymentSource, deploy_round
@@ -774,7 +782,8 @@ def provision(
         fail(out, err)
     out.print(
         f"provisioned {federation} in {out_dir}: CA, broker ({broker_host}:{port}), "
-        f"aggregator and {len(prov.sites)} sites; give each node only its own folder"
+        f"aggregator, operator (read-only: `status --identity-dir`) and {len(prov.sites)} sites; give each "
+        "node only its own folder"
     )
     out.print(f"broker: mosquitto -c {out_dir / 'broker' / 'mosquitto.conf'}")
 

@@ -1,6 +1,7 @@
 """Provisioning a federation's trust material: a CA, the broker's TLS certificate, one client
-certificate and one Ed25519 signing key per identity (the aggregator and every site), a mosquitto
-configuration with a mutual-TLS listener, and an ACL that confines each site to its own topics.
+certificate and one Ed25519 signing key per identity (the aggregator and every site), a read-only
+``operator`` identity for watching a run (`cloud-aggregator status`), a mosquitto configuration with a
+mutual-TLS listener, and an ACL that confines each site to its own topics.
 
 Layout of ``--out DIR``::
 
@@ -8,6 +9,7 @@ Layout of ``--out DIR``::
     broker/                          ca.crt, server.crt, server.key, mosquitto.conf, acl, crl.pem
     <identity>/                      what that node needs, and nothing else: ca.crt, client.crt,
                                      client.key, signing.key, keys.json (every identity's public key)
+    operator/                        the same without signing.key: it reads the federation, writes nothing
     federation.json                  federation, broker host/port, identities, revoked serials
 
 The broker authenticates every client by certificate (``require_certificate``) and uses the
@@ -37,6 +39,9 @@ from protocol.broker import LocalBroker, auto_broker, free_port
 from protocol.topics import PREFIX, check_name
 
 AGGREGATOR = "aggregator"
+# Watching a run with the aggregator's certificate would take over the running aggregator's session
+# (the broker's client id is the certificate's CN): tools that only read connect as this identity.
+OPERATOR = "operator"
 VALIDITY_DAYS = 825
 
 
@@ -107,6 +112,7 @@ def acl_text(federation: str, sites: list[str]) -> str:
     root = f"{PREFIX}/{federation}"
     lines = [f"# FedReID Edge ACL for federation {federation} (generated; re-run provisioning to change)"]
     lines += [f"user {AGGREGATOR}", f"topic readwrite {root}/#", ""]
+    lines += [f"user {OPERATOR}", f"topic read {root}/#", ""]
     for site in sites:
         lines += [
             f"user {site}",
@@ -206,13 +212,14 @@ class Provisioning:
         names = sorted({broker_host, "localhost", "127.0.0.1"})
         prov._broker_files(server_key, _issue(ca_key, ca_cert, broker_host, server_key, server_names=names))
         prov._add_identity(AGGREGATOR, "aggregator")
+        prov._add_identity(OPERATOR, "operator", signs=False)
         for site in sites:
             prov._add_identity(site, "site")
         prov._write_shared()
         return prov
 
     # -- identities -----------------------------------------------------------------------------------
-    def _add_identity(self, name: str, role: str) -> None:
+    def _add_identity(self, name: str, role: str, signs: bool = True) -> None:
         check_name(name, "identity")
         if name in self.meta["identities"]:
             raise ProvisionError(f"identity {name} already exists")
@@ -221,14 +228,14 @@ class Provisioning:
         cert = _issue(self.ca_key, self.ca_cert, name, tls_key)
         _write_key(folder / "client.key", tls_key)
         _write_cert(folder / "client.crt", cert)
-        signing = ed25519.Ed25519PrivateKey.generate()
-        _write_key(folder / "signing.key", signing)
-        public = signing.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        self.meta["identities"][name] = {
-            "role": role,
-            "serial": str(cert.serial_number),
-            "signing_key": base64.b64encode(public).decode(),
-        }
+        self.meta["identities"][name] = {"role": role, "serial": str(cert.serial_number)}
+        if signs:
+            signing = ed25519.Ed25519PrivateKey.generate()
+            _write_key(folder / "signing.key", signing)
+            public = signing.public_key().public_bytes(
+                serialization.Encoding.Raw, serialization.PublicFormat.Raw
+            )
+            self.meta["identities"][name]["signing_key"] = base64.b64encode(public).decode()
 
     def add_site(self, site: str) -> None:
         self._add_identity(site, "site")
@@ -254,10 +261,12 @@ class Provisioning:
         _write_cert(broker / "server.crt", cert)
 
     def keyring(self) -> dict[str, dict[str, str]]:
-        """identity -> {role, signing_key}: what every node verifies signatures against."""
+        """identity -> {role, signing_key}: what every node verifies signatures against (the operator
+        signs nothing)."""
         return {
             n: {"role": i["role"], "signing_key": i["signing_key"]}
             for n, i in self.meta["identities"].items()
+            if "signing_key" in i
         }
 
     def _write_shared(self) -> None:

@@ -53,9 +53,9 @@ class Endpoint:
 
         `identity_dir`: a provisioned identity (``ca.crt``, ``client.crt``, ``client.key``) for mutual TLS
         with an ``mqtts://`` broker; without it, ``mqtts://`` checks the server against the system CAs.
-        With an identity that has ``signing.key`` and ``keys.json``, every JSON message this endpoint
-        publishes is signed, and every one it receives must carry a valid signature of an identity
-        allowed on that topic (protocol.signing); anything else is dropped with one log line.
+        With an identity that has ``keys.json``, every JSON message it receives must carry a valid
+        signature of an identity allowed on that topic (protocol.signing); anything else is dropped with
+        one log line. With ``signing.key`` too, every JSON message this endpoint publishes is signed.
         """
         self.topics = topics
         self.node = node
@@ -82,9 +82,10 @@ class Endpoint:
         self.deployed: str | None = None  # reported in the status document
         self.signer: Signer | None = None
         self.keyring: Keyring | None = None
-        if identity_dir is not None and (identity_dir / "signing.key").is_file():
+        if identity_dir is not None and (identity_dir / "keys.json").is_file():
             self.keyring = Keyring.load(identity_dir / "keys.json", topics)
-            self.signer = Signer.load(identity_dir / "signing.key", self.keyring)
+            if (identity_dir / "signing.key").is_file():  # (the operator's identity reads, signs nothing)
+                self.signer = Signer.load(identity_dir / "signing.key", self.keyring)
         if announce:
             self.client.will_set(topics.status(node), self._status("offline"), qos=1, retain=True)
         self.client.on_connect = self._on_connect

@@ -14,7 +14,7 @@ from cryptography import x509
 from typer.testing import CliRunner
 
 from cloud.cli import app
-from cloud.provision import AGGREGATOR, Provisioning, mosquitto_conf
+from cloud.provision import AGGREGATOR, OPERATOR, Provisioning, mosquitto_conf
 from protocol.broker import LocalBroker, find_mosquitto, free_port
 from protocol.mqtt import Endpoint
 from protocol.topics import Topics
@@ -61,7 +61,9 @@ def _node(broker, out, name, handlers=None) -> Endpoint:
 def test_provisioned_files_and_keyring(provisioned):
     out, _ = provisioned
     meta = json.loads((out / "federation.json").read_text())
-    assert set(meta["identities"]) == {AGGREGATOR, "site-a", "site-b", "site-c"}
+    assert set(meta["identities"]) == {AGGREGATOR, OPERATOR, "site-a", "site-b", "site-c"}
+    assert not (out / OPERATOR / "signing.key").exists()  # it reads; it signs nothing
+    assert OPERATOR not in json.loads((out / "site-a" / "keys.json").read_text())["identities"]
     cert = x509.load_pem_x509_certificate((out / "site-a" / "client.crt").read_bytes())
     assert cert.subject.rfc4514_string() == "CN=site-a"
     keys = json.loads((out / "site-b" / "keys.json").read_text())["identities"]
@@ -93,6 +95,35 @@ def test_tls_acl_confine_each_site_to_its_own_topics(provisioned):
     assert cloud_inbox.messages == [(t.site("site-a", "update"), b"from a")]  # the impersonation was dropped
     assert b_inbox.topics() == {t.site("site-b", "ack")}  # no update of site-a, no ack of site-a
     for node in (cloud, site_a, site_b):
+        node.stop()
+
+
+def test_the_operator_watches_a_run_without_taking_over_the_aggregators_session(provisioned):
+    from cloud.observer import observe
+
+    out, broker = provisioned
+    t = Topics(FED)
+    connects = []
+    cloud_inbox = Inbox()
+    cloud = _node(broker, out, AGGREGATOR, {t.round: cloud_inbox})
+    cloud.on_connected = lambda: connects.append(time.monotonic())
+    site_a = _node(broker, out, "site-a")
+    assert cloud.connected.wait(10) and site_a.connected.wait(10)
+    cloud.publish(t.round, b"", retain=True).wait_for_publish(5)
+    time.sleep(0.5)
+    before = len(connects)
+    # `cloud-aggregator status --identity-dir <pki>/operator`: signed status documents, verified
+    seen = observe(broker.url, FED, out / OPERATOR)
+    assert seen[AGGREGATOR][:2] == ("aggregator", "online") and seen["site-a"][:2] == ("site", "online")
+    operator = Endpoint(
+        broker.url, Topics(FED), OPERATOR, "observer", announce=False, identity_dir=out / OPERATOR
+    )
+    assert operator.start().connected.wait(10)
+    operator.publish(t.round, b"from the operator").wait_for_publish(5)  # the ACL: it reads only
+    time.sleep(1.5)
+    assert cloud.connected.is_set() and len(connects) == before  # the aggregator was never knocked off
+    assert all(payload != b"from the operator" for _, payload in cloud_inbox.messages)
+    for node in (operator, cloud, site_a):
         node.stop()
 
 
