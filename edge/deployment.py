@@ -102,8 +102,12 @@ class AdoptionConfig(BaseModel):
     @field_validator("validation")
     @classmethod
     def _validation_folder(cls, value: Path) -> Path:
-        if not value.is_dir():
-            raise ValueError(f"validation folder not found: {value}")
+        from reid.data import DatasetLayoutError, read_dataset
+
+        try:  # at start, not at the first deployment: a query and a gallery in any supported layout
+            read_dataset(value, need_train=False)
+        except DatasetLayoutError as err:
+            raise ValueError(f"not a labelled validation folder (a query and a gallery): {err}") from None
         return value
 
 
@@ -116,7 +120,7 @@ def adopt(serving: Path, gate: AdoptionConfig, folder: Path) -> tuple[Path, dict
     from reid.data import read_dataset
 
     try:
-        splits = read_dataset(gate.validation)
+        splits = read_dataset(gate.validation, need_train=False)
         scores = {
             "federation": site_retrieval(FeatureExtractor(serving), splits)[0].summary(),
             "own": site_retrieval(FeatureExtractor(gate.own_model), splits)[0].summary(),

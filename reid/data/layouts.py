@@ -101,17 +101,24 @@ def _read_named_folder(folder: Path, recursive: bool = False) -> tuple[list[Imag
     return records, junk
 
 
-def _read_market(root: Path) -> ReIDSplits:
-    train, j1 = _read_named_folder(root / "bounding_box_train")
+def _read_train(folder: Path, need_train: bool, recursive: bool = False) -> tuple[list[ImageRecord], int]:
+    """The training split; without `need_train` (a validation set: query and gallery) it may be absent."""
+    if not need_train and not folder.exists():
+        return [], 0
+    return _read_named_folder(folder, recursive)
+
+
+def _read_market(root: Path, need_train: bool = True) -> ReIDSplits:
+    train, j1 = _read_train(root / "bounding_box_train", need_train)
     query, j2 = _read_named_folder(root / "query")
     gallery, j3 = _read_named_folder(root / "bounding_box_test")
     return ReIDSplits(root, "market1501", train, query, gallery, j1 + j2 + j3)
 
 
-def _read_fedreid(root: Path) -> ReIDSplits:
+def _read_fedreid(root: Path, need_train: bool = True) -> ReIDSplits:
     base = root / "pytorch" if (root / "pytorch").is_dir() else root
     train_dir = base / "train_all" if (base / "train_all").is_dir() else base / "train"
-    train, j1 = _read_named_folder(train_dir, recursive=True)
+    train, j1 = _read_train(train_dir, need_train, recursive=True)
     query, j2 = _read_named_folder(base / "query", recursive=True)
     gallery, j3 = _read_named_folder(base / "gallery", recursive=True)
     return ReIDSplits(root, "fedreid", train, query, gallery, j1 + j2 + j3)
@@ -133,8 +140,9 @@ def _read_msmt_list(root: Path, image_dir: str, list_name: str) -> list[ImageRec
     return records
 
 
-def _read_msmt17(root: Path) -> ReIDSplits:
-    train = _read_msmt_list(root, "train", "list_train.txt")
+def _read_msmt17(root: Path, need_train: bool = True) -> ReIDSplits:
+    has_train = need_train or (root / "list_train.txt").exists()
+    train = _read_msmt_list(root, "train", "list_train.txt") if has_train else []
     if (root / "list_val.txt").is_file():
         train += _read_msmt_list(root, "train", "list_val.txt")
     query = _read_msmt_list(root, "test", "list_query.txt")
@@ -162,21 +170,24 @@ def detect_layout(root: Path) -> Layout:
     )
 
 
-def read_dataset(root: str | Path, cuhk03_variant: Literal["detected", "labeled"] = "detected") -> ReIDSplits:
-    """Read a site's train/query/gallery splits from any supported layout (auto-detected)."""
+def read_dataset(
+    root: str | Path, cuhk03_variant: Literal["detected", "labeled"] = "detected", need_train: bool = True
+) -> ReIDSplits:
+    """Read a site's train/query/gallery splits from any supported layout (auto-detected). Without
+    `need_train` (a labelled validation set) the training split may be missing: then it is empty."""
     root = Path(root)
     layout = detect_layout(root)
     if layout == "market1501":
-        return _read_market(root)
+        return _read_market(root, need_train)
     if layout == "cuhk03-np":
         variant = root / cuhk03_variant
         if not variant.is_dir():
             raise DatasetLayoutError(f"CUHK03-NP variant folder not found: {variant}")
-        splits = _read_market(variant)
+        splits = _read_market(variant, need_train)
         return ReIDSplits(root, "cuhk03-np", splits.train, splits.query, splits.gallery, splits.junk_dropped)
     if layout == "msmt17":
-        return _read_msmt17(root)
-    return _read_fedreid(root)
+        return _read_msmt17(root, need_train)
+    return _read_fedreid(root, need_train)
 
 
 def read_image_folder(folder: str | Path) -> list[Path]:

@@ -76,23 +76,33 @@ def test_the_better_model_on_validation_serves_whichever_side_it_is_on(two_model
     assert served_sha == [FeatureExtractor(better).contract.sha256] * 2
 
 
-def test_adoption_settings_name_a_missing_model_or_folder(two_models, tmp_path):
+def test_adoption_settings_name_a_missing_model_or_folder(two_models, tiny_federation, tmp_path):
     fed = two_models[0]
+    site = tiny_federation / "sites" / "site00"
     with pytest.raises(ValidationError, match="no ONNX model with its contract sidecar"):
-        AdoptionConfig(own_model=tmp_path / "missing.onnx", validation=fed.parent)
+        AdoptionConfig(own_model=tmp_path / "missing.onnx", validation=site)
     (tmp_path / "bare.onnx").write_bytes(fed.read_bytes())  # the model without its contract
     with pytest.raises(ValidationError, match="contract sidecar"):
-        AdoptionConfig(own_model=tmp_path / "bare.onnx", validation=fed.parent)
-    with pytest.raises(ValidationError, match="validation folder not found"):
+        AdoptionConfig(own_model=tmp_path / "bare.onnx", validation=site)
+    with pytest.raises(ValidationError, match=r"not a labelled validation folder.*not found"):
         AdoptionConfig(own_model=fed, validation=tmp_path / "nowhere")
+    with pytest.raises(ValidationError, match=r"not a labelled validation folder.*unknown data set layout"):
+        AdoptionConfig(own_model=fed, validation=fed.parent)  # a folder of models
+    # "a query and a gallery, any supported layout": no training split needed
+    val = tmp_path / "val"
+    for split in ("query", "bounding_box_test"):
+        shutil.copytree(site / split, val / split)
+    assert AdoptionConfig(own_model=fed, validation=val).validation == val
+    splits = read_dataset(val, need_train=False)
+    assert splits.train == [] and splits.query and splits.gallery
 
 
-def test_a_gate_that_cannot_score_keeps_the_federation_model(two_models, tmp_path, caplog):
+def test_a_gate_that_cannot_score_keeps_the_federation_model(two_models, tiny_federation, tmp_path, caplog):
     fed = two_models[0]
     gone = tmp_path / "own.onnx"  # valid when the agent started, removed since
     shutil.copyfile(fed, gone)
     shutil.copyfile(contract_path(fed), contract_path(gone))
-    gate = AdoptionConfig(own_model=gone, validation=fed.parent)
+    gate = AdoptionConfig(own_model=gone, validation=tiny_federation / "sites" / "site00")
     gone.unlink()
     with caplog.at_level(logging.WARNING):
         served, record = adopt(fed, gate, tmp_path)
@@ -133,9 +143,11 @@ def test_the_gate_decides_again_when_the_agent_starts_with_other_adoption_settin
             deployments.stop()
 
     sha = {p: load_contract(p).sha256 for p in (fed_model, own_model)}
-    empty = tmp_path / "empty"
-    empty.mkdir()  # a validation folder that holds no data set: the gate cannot decide, and tries again
-    served, adopted, written = started(AdoptionConfig(own_model=own_model, validation=empty))
+    gone = tmp_path / "gone"  # a validation folder removed since the agent started: the gate cannot decide,
+    shutil.copytree(validation, gone)  # and tries again at the next start
+    settings = AdoptionConfig(own_model=own_model, validation=gone)
+    shutil.rmtree(gone)
+    served, adopted, written = started(settings)
     assert (served, adopted) == (sha[fed_model], "federation") and "gate_error" in written
     assert "gate" not in written
     with caplog.at_level(logging.INFO):
