@@ -2,12 +2,16 @@
 
 A private broker (mosquitto), the aggregator in this process, and one `edge-agent start` subprocess per
 site, talking MQTT exactly as they would across a network. Agent logs go to `<out>/agents/<site>.log`.
+After the run, `<out>/model.safetensors` is the final global model and `<out>/batchnorm/<site>.safetensors`
+the BatchNorm layers each site kept (under bn=local): the files `simulate --transport none` writes, so
+`evaluate`, `export --model --site-batchnorm` take either run's folder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +19,8 @@ from pathlib import Path
 from cloud.config import ServeConfig
 from cloud.server import Aggregator
 from protocol.broker import auto_broker
+from reid.files import atomic_write
+from reid.weights import find_model
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,7 @@ def run_local_federation(
                 procs.append((site_dir.name, subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT)))
             log.info("broker %s, %d edge agents started", url, len(procs))
             Aggregator(cfg.model_copy(update={"broker": url}), url).run()
+            _write_outputs(cfg, site_dirs, out)
             for name, proc in procs:
                 try:
                     proc.wait(timeout=120)
@@ -77,3 +84,13 @@ def run_local_federation(
                     except subprocess.TimeoutExpired:
                         proc.kill()
     return cfg.state_dir / cfg.federation / "metrics.jsonl"
+
+
+def _write_outputs(cfg: ServeConfig, site_dirs: list[Path], out: Path) -> None:
+    """The final global model and the sites' kept BatchNorm layers, where `simulate` puts them."""
+    atomic_write(out / "model.safetensors", find_model(cfg.state_dir / cfg.federation).read_bytes())
+    shutil.rmtree(out / "batchnorm", ignore_errors=True)
+    for site in site_dirs:
+        kept = out / "edge" / site.name / "private_bn.safetensors"  # (the agents' state dir: out / "edge")
+        if kept.is_file():
+            atomic_write(out / "batchnorm" / f"{site.name}.safetensors", kept.read_bytes())

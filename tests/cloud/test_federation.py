@@ -130,6 +130,12 @@ def test_three_agent_processes_two_rounds(tiny_federation, tmp_path, mosquitto_u
         load_file(str(root / "00001" / "global.safetensors")),
     )
     assert any(not np.array_equal(init[k].numpy(), last[k].numpy()) for k in init)
+    # where `simulate` writes them: the final global model and each site's kept BatchNorm layers
+    last_file = (root / "00001" / "global.safetensors").read_bytes()
+    assert (tmp_path / "model.safetensors").read_bytes() == last_file
+    for s in sites:
+        kept = (tmp_path / "edge" / s.name / "private_bn.safetensors").read_bytes()
+        assert (tmp_path / "batchnorm" / f"{s.name}.safetensors").read_bytes() == kept
     deployed = load_contract(tmp_path / "cloud" / "e2e" / "deployments" / "00001" / "model.fp32.onnx")
     served = set()
     for s in sites:
