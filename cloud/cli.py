@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from reid.choices import Algorithm, Arch, BNPolicy, Estimator, OutlierRule, Transport, Weighting
 from reid.config import ConfigError, load_config
-from reid.console import fail, metrics_table, progress_bar
+from reid.console import device_option, fail, metrics_table, progress_bar
 from reid.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def pretrain(
     source_images: int = typer.Option(
         1200, min=16, help="training images of the synthetic source's largest site"
     ),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", callback=device_option),
 ) -> None:
     """Train a backbone on a source domain disjoint from every site, as ImageNet weights stand in where
     they cannot be downloaded; `--pretrained FILE` of `simulate` / `serve` then starts from it."""
@@ -268,7 +268,7 @@ def simulate(
     threads: int = typer.Option(
         None, min=1, help="torch threads per site (equal threads give bit-identical results on any executor)"
     ),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", callback=device_option),
     fresh: bool = typer.Option(False, help="discard a previous run in --out instead of resuming it"),
 ) -> None:
     """Run a whole federation in one process, or its sites on Ray (resumes an interrupted run in --out)."""

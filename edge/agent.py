@@ -77,7 +77,7 @@ from reid.model import (
 from reid.privacy import DPConfig, PrivacyLedger
 from reid.site import SiteData
 from reid.site_delta import site_delta
-from reid.train import TrainConfig, TrainResult, adapt_to_site, resolve_device, train_local
+from reid.train import DeviceName, TrainConfig, TrainResult, adapt_to_site, resolve_device, train_local
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class AgentConfig(BaseModel):
         Path("state/edge"),
         description="classifier, progress, pending upload and deployed models of this site",
     )
-    device: str = Field("auto", description="auto (CUDA when present), cpu or cuda")
+    device: DeviceName = Field("auto", description="auto (CUDA when present), cpu or cuda")
     workers: int = Field(0, ge=0, description="data loader worker processes")
     transfer_idle_s: float = Field(
         5.0, gt=0, description="re-request missing global chunks after this idle time"

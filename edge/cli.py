@@ -14,10 +14,12 @@ from rich.console import Console
 from edge import inference_commands
 from reid.choices import Arch
 from reid.config import ConfigError, load_config
-from reid.console import metrics_table, progress_bar
+from reid.console import device_option, metrics_table, progress_bar
 from reid.logs import configure_logging, log_context
 
 if TYPE_CHECKING:
+    import torch
+
     from reid.data import InputSpec
     from reid.site import SiteData
 
@@ -42,6 +44,15 @@ def _site(data: Path, spec: InputSpec, batch_size: int, workers: int = 0, seed: 
         return SiteData(data, spec, batch_size, workers, seed)
     except DatasetLayoutError as err:
         raise typer.BadParameter(str(err), param_hint="--data") from None
+
+
+def _device(name: str) -> torch.device:
+    from reid.train import DeviceError, resolve_device
+
+    try:
+        return resolve_device(name)
+    except DeviceError as err:
+        raise typer.BadParameter(str(err), param_hint="--device") from None
 
 
 def _metric_row(stage: str, metrics, **extra: object) -> dict[str, object]:
@@ -77,16 +88,17 @@ def train(
         0.02, help="the federation's default; the paper's 0.005 suits ImageNet weights"
     ),
     eval_every: int = typer.Option(1, min=0, help="evaluate every N epochs (0: only at the end)"),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", callback=device_option),
     workers: int = typer.Option(0, min=0, help="data loader worker processes"),
     seed: int = typer.Option(0),
 ) -> None:
     """Train a model on the site's data alone (the paper's "local training" baseline) and evaluate it."""
     from reid.data import InputSpec
     from reid.model import ModelError, ModelSpec, build_model
-    from reid.train import TrainConfig, resolve_device, train_local
+    from reid.train import TrainConfig, train_local
     from reid.weights import save_checkpoint
 
+    dev = _device(device)
     site = _site(data, InputSpec(height=height, width=width), batch_size, workers, seed)
     with log_context(site=site.name):
         config = TrainConfig(
@@ -102,7 +114,6 @@ def train(
             model = build_model(ModelSpec(arch=arch, last_stride=last_stride), site.num_classes, pretrained)
         except ModelError as err:
             raise typer.BadParameter(str(err)) from None
-        dev = resolve_device(device)
         log.info(
             "%d training images, %d identities, %s on %s", site.num_train_images, site.num_classes, arch, dev
         )
@@ -155,7 +166,7 @@ def evaluate(
     width: int = typer.Option(128, min=16, help="input width, when no --model is given"),
     batch_size: int = typer.Option(64, min=1),
     flip: bool = typer.Option(True, help="sum the features of the image and its mirror"),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", callback=device_option),
     site_batchnorm: Path = typer.Option(
         None,
         "--site-batchnorm",
@@ -169,7 +180,7 @@ def evaluate(
     (--site-batchnorm; else the global ones), their statistics estimated on its training images."""
     from reid.data import InputSpec
     from reid.model import ModelError, ModelSpec, build_model
-    from reid.train import adapt_to_site, resolve_device
+    from reid.train import adapt_to_site
     from reid.weights import load_checkpoint, read_site_batchnorm
 
     site_bn, bn_local = None, False
@@ -189,8 +200,8 @@ def evaluate(
                 log.warning("no --model and no --pretrained: evaluating a randomly initialised network")
     except ModelError as err:
         raise typer.BadParameter(str(err)) from None
+    dev = _device(device)
     site = _site(data, spec, batch_size)
-    dev = resolve_device(device)
     with log_context(site=site.name):
         if model_path is not None and bn_local:  # the model this site serves (as its deployments)
             try:
@@ -216,7 +227,7 @@ def start(
     broker: str = typer.Option(None, help="mqtt://host:port or mqtts://host:port"),
     identity_dir: Path = typer.Option(None, help="this site's provisioned folder (mutual TLS with mqtts://)"),
     state_dir: Path = typer.Option(None, help="classifier, progress and models of this site"),
-    device: str = typer.Option(None, help="auto (CUDA when present), cpu, cuda"),
+    device: str = typer.Option(None, help="auto (CUDA when present), cpu, cuda", callback=device_option),
     workers: int = typer.Option(None, min=0),
     exit_when_done: bool = typer.Option(None, "--exit-when-done/--keep-running"),
     local_epochs: int = typer.Option(None, min=1, help="override the aggregator's local epochs"),
@@ -231,6 +242,7 @@ def start(
     """Join the federation: train on local data when a round selects this site, upload deltas."""
     from edge.agent import Agent, AgentConfig
     from edge.agent_metrics import MetricsPortError
+    from reid.train import DeviceError
 
     overrides = {
         "site": site,
@@ -254,7 +266,10 @@ def start(
     except ConfigError as err:
         raise typer.BadParameter(str(err)) from None
     with log_context(site=cfg.site):
-        agent = Agent(cfg)
+        try:
+            agent = Agent(cfg)
+        except DeviceError as err:
+            raise typer.BadParameter(str(err), param_hint="device") from None
         signal.signal(signal.SIGTERM, lambda *_: agent.stop())
         try:
             agent.run()

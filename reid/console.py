@@ -1,4 +1,4 @@
-"""Rich progress bars and result tables shared by the edge and cloud command lines."""
+"""Rich progress bars, result tables and option checks shared by the edge and cloud command lines."""
 
 from __future__ import annotations
 
@@ -14,8 +14,19 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from typer import BadParameter
 
 console = Console(stderr=True)
+
+
+def device_option(value: str | None) -> str | None:
+    """A `--device` flag's callback: an unknown device name is a one-line usage error."""
+    from reid.train import DeviceError, check_device_name
+
+    try:
+        return value if value is None else check_device_name(value)
+    except DeviceError as err:
+        raise BadParameter(str(err)) from None
 
 
 def progress_bar(transient: bool = True) -> Progress:

@@ -23,9 +23,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -34,6 +35,24 @@ from reid.model import ReIDModel
 from reid.weights import put_site_batchnorm
 
 Progress = Callable[[int, int], None]  # (batches done, batches total)
+
+
+class DeviceError(ValueError):
+    """A device name torch does not know, or a device this machine does not have."""
+
+
+def check_device_name(name: str) -> str:
+    """`name` when it is "auto" or a device torch knows (cpu, cuda, cuda:N, ...); whether this machine has
+    it is `resolve_device`'s question (a configuration may be written for another machine)."""
+    if name != "auto":
+        try:
+            torch.device(name)
+        except (RuntimeError, ValueError):
+            raise DeviceError(f"unknown device {name!r}: auto, cpu, cuda or cuda:N") from None
+    return name
+
+
+DeviceName = Annotated[str, AfterValidator(check_device_name)]
 
 
 class TrainConfig(BaseModel):
@@ -48,7 +67,7 @@ class TrainConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     nesterov: bool = True
-    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
+    device: DeviceName = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
     channels_last: bool = True
     num_workers: int = Field(0, ge=0)
@@ -87,11 +106,14 @@ class Proximal:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device `name` means on this machine; DeviceError when it names none it has."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    device = torch.device(check_device_name(name))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+        raise DeviceError(f"device {name!r} requested but this machine has no CUDA (use auto or cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DeviceError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} GPUs")
     return device
 
 

@@ -74,3 +74,25 @@ def test_a_taken_metrics_port_is_a_clear_error(tiny_federation, tmp_path):
         result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert f"cannot serve metrics on 127.0.0.1:{port}" in " ".join(result.output.replace("│", " ").split())
+
+
+def test_a_device_that_does_not_exist_or_is_not_here_is_a_clear_error(tiny_federation, tmp_path):
+    import torch
+
+    site = str(tiny_federation / "sites" / "site00")
+
+    def said(result) -> str:
+        assert result.exit_code == 2, result.output
+        return " ".join(result.output.replace("│", " ").split())
+
+    assert "unknown device 'tpu': auto, cpu, cuda or cuda:N" in said(
+        runner.invoke(app, ["train", "--data", site, "--device", "tpu"])
+    )
+    config = tmp_path / "edge.toml"
+    config.write_text(f'site = "s1"\ndata = "{site}"\ndevice = "tpu"\n')
+    text = said(runner.invoke(app, ["start", "--config", str(config), "--state-dir", str(tmp_path)]))
+    assert "edge.toml: device" in text and "unknown device 'tpu'" in text  # the file and the key
+    if not torch.cuda.is_available():
+        args = ["evaluate", "--data", site, "--arch", "resnet18", "--device", "cuda"]
+        text = said(runner.invoke(app, args))
+        assert "device 'cuda' requested but this machine has no CUDA" in text
