@@ -548,7 +548,7 @@ def status(
     if broker:
         try:
             live = observe(broker, federation, identity_dir)
-        except BrokerError as err:
+        except (BrokerError, ValueError) as err:  # (ValueError: not a provisioned identity folder)
             fail(out, str(err))
         names = {str(r["site"]) for r in rows} | {n for n, (role, *_) in live.items() if role == "site"}
         by_site = {str(r["site"]): r for r in rows}
@@ -723,9 +723,12 @@ def deploy(
     from reid.data import DatasetLayoutError, read_image_folder
 
     root = _run_dir(state_dir, federation)
-    endpoint = Endpoint(
-        broker, Topics(federation), "deployer", "aggregator", announce=False, identity_dir=identity_dir
-    )
+    try:
+        endpoint = Endpoint(
+            broker, Topics(federation), "deployer", "aggregator", announce=False, identity_dir=identity_dir
+        )
+    except ValueError as err:  # a broker URL or an identity folder that is not one
+        fail(out, str(err))
     source = DeploymentSource(endpoint, root)
     endpoint.start()
     source.start()

@@ -13,6 +13,7 @@ from cloud.strategy.clustering import ClusterConfig
 from protocol.chunks import DEFAULT_CHUNK_BYTES
 from protocol.codec import Encoding
 from protocol.messages import ModelInfo
+from protocol.mqtt import IdentityDir
 from reid.data import InputSpec
 from reid.model import ModelSpec
 
@@ -28,7 +29,9 @@ class ServeConfig(BaseModel):
 
     federation: str = Field("default", description="federation name: the topic root fedreid/v1/<federation>/")
     broker: str = Field("auto", description="auto (a private local mosquitto) or mqtt(s)://host:port")
-    identity_dir: Path | None = Field(None, description="provisioned identity (mutual TLS with mqtts://)")
+    identity_dir: IdentityDir | None = Field(
+        None, description="provisioned identity (mutual TLS with mqtts://)"
+    )
     state_dir: Path = Field(
         Path("state/cloud"), description="checkpoints, journal and metrics (resumes from here)"
     )

@@ -59,7 +59,7 @@ from protocol.messages import (
     encode_message,
     parse_message,
 )
-from protocol.mqtt import Endpoint
+from protocol.mqtt import Endpoint, IdentityDir
 from protocol.topics import Topics, check_name
 from reid.data import InputSpec
 from reid.files import atomic_write
@@ -95,7 +95,9 @@ class AgentConfig(BaseModel):
     data: Path = Field(description="the site's data set folder (any supported layout)")
     federation: str = Field("default", description="federation name (the aggregator's)")
     broker: str = Field("mqtt://127.0.0.1:1883", description="mqtt://host:port or mqtts://host:port")
-    identity_dir: Path | None = Field(None, description="provisioned identity (mutual TLS with mqtts://)")
+    identity_dir: IdentityDir | None = Field(
+        None, description="provisioned identity (mutual TLS with mqtts://)"
+    )
     state_dir: Path = Field(
         Path("state/edge"),
         description="classifier, progress, pending upload and deployed models of this site",

@@ -20,9 +20,11 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import AfterValidator
 
 from protocol.broker import parse_url
 from protocol.chunks import DEFAULT_CHUNK_BYTES, split_blob
@@ -33,6 +35,23 @@ from protocol.topics import Topics
 
 log = logging.getLogger(__name__)
 Handler = Callable[[str, bytes], None]
+
+
+IDENTITY_FILES = ("ca.crt", "client.crt", "client.key")
+
+
+def check_identity_dir(path: Path) -> Path:
+    """`path` when it holds a provisioned identity (`cloud-aggregator provision`), else ValueError saying
+    what is missing: at start, not as a connection that fails for no stated reason."""
+    if not path.is_dir():
+        raise ValueError(f"identity folder not found: {path}")
+    missing = [name for name in IDENTITY_FILES if not (path / name).is_file()]
+    if missing:
+        raise ValueError(f"{path} is not a provisioned identity folder: no {', '.join(missing)}")
+    return path
+
+
+IdentityDir = Annotated[Path, AfterValidator(check_identity_dir)]
 
 
 class Endpoint:
@@ -62,6 +81,8 @@ class Endpoint:
         self.role = role
         self.handlers = dict(handlers or {})
         self.host, self.port, tls = parse_url(url)
+        if identity_dir is not None:
+            check_identity_dir(identity_dir)
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=f"{role}-{node}-{uuid.uuid4().hex[:8]}",

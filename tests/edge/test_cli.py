@@ -96,3 +96,17 @@ def test_a_device_that_does_not_exist_or_is_not_here_is_a_clear_error(tiny_feder
         args = ["evaluate", "--data", site, "--arch", "resnet18", "--device", "cuda"]
         text = said(runner.invoke(app, args))
         assert "device 'cuda' requested but this machine has no CUDA" in text
+
+
+def test_an_identity_folder_that_is_not_one_is_named_at_start(tiny_federation, tmp_path):
+    site = str(tiny_federation / "sites" / "site00")
+    config = tmp_path / "edge.toml"
+    (tmp_path / "id").mkdir()
+    (tmp_path / "id" / "ca.crt").write_text("x")
+    cases = ((tmp_path / "nope", "identity folder not found"), (tmp_path / "id", "no client.crt"))
+    for folder, said in cases:
+        config.write_text(f'site = "s1"\ndata = "{site}"\nidentity_dir = "{folder}"\n')
+        result = runner.invoke(app, ["start", "--config", str(config), "--state-dir", str(tmp_path)])
+        assert result.exit_code == 2, result.output
+        text = "".join(result.output.replace("│", " ").split())  # (the panel wraps long paths)
+        assert "identity_dir" in text and said.replace(" ", "") in text
