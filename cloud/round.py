@@ -50,6 +50,7 @@ class OpenRound:
     accepted: dict[str, UpdateManifest] = field(default_factory=dict)
     norms: dict[str, float] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    retried: dict[str, int] = field(default_factory=dict)  # site -> times selected again after failing
     rejections: list[dict] = field(default_factory=list)  # {"site", "reason", "count"}, by note_rejection
     last_resend: dict[str, float] = field(default_factory=dict)
     reports: dict[str, dict[str, float]] = field(default_factory=dict)  # evaluation round: site -> metrics

@@ -23,7 +23,7 @@ import logging
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict
 from pathlib import Path
 
@@ -88,6 +88,7 @@ from reid.train import TrainConfig
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 15.0  # a waiting round says what it waits for this often
+FAILED_RETRIES = 2  # a restarted round selects a site that failed in it again at most this often
 
 
 class Stopped(Exception):
@@ -426,22 +427,29 @@ class Aggregator:
         self.stopping.set()
 
     # -- the round loop (caller thread) ----------------------------------------------------------------
-    def _eligible(self, r: int) -> list[str]:
-        """Sites that may be selected for round r: not offline, not failed in round r and, with signing,
-        not revoked (a failure excludes a site from the round it names only)."""
+    def _eligible(self, r: int, retry: Collection[str] = ()) -> list[str]:
+        """Sites that may be selected for round r: not offline, not failed in round r unless in `retry`
+        and, with signing, not revoked (a failure excludes a site from the round it names only)."""
         with self.lock:
             return sorted(
                 s
                 for s, (state, failed_round) in self.online.items()
                 if state != "offline"
-                and not (state == "failed" and failed_round == r)
+                and not (state == "failed" and failed_round == r and s not in retry)
                 and self.endpoint.knows(s)
             )
 
-    def _select(self, r: int, draw: int = 0, keep: set[str] | None = None) -> list[str]:
+    def _select(
+        self, r: int, draw: int = 0, keep: set[str] | None = None, retry: Collection[str] = ()
+    ) -> list[str]:
+        """Sample round r's sites once `min_sites` are eligible; sites in `retry` that failed in round r
+        count only when the others are too few (a restarted round gives a transient failure one more
+        chance rather than waiting for a site that is not coming)."""
         waited = time.monotonic()
         while True:
             online = self._eligible(r)
+            if len(online) < self.cfg.min_sites and retry:
+                online = self._eligible(r, retry)
             if len(online) >= self.cfg.min_sites:
                 break
             if time.monotonic() - waited > self.cfg.wait_for_sites_s:
@@ -571,8 +579,13 @@ class Aggregator:
         self.metrics.restarts.inc()
         with self.lock:
             keep = set(cur.accepted) | set(cur.manifests)
-        selected = self._select(cur.number, draw=cur.restarts, keep=keep)
+            retry = {s for s in cur.failed if cur.retried.get(s, 0) < FAILED_RETRIES}
+        selected = self._select(cur.number, draw=cur.restarts, keep=keep, retry=retry)
         with self.lock:
+            for site in retry & set(selected):
+                cur.retried[site] = cur.retried.get(site, 0) + 1
+                with log_context(site=site, round=cur.number):
+                    log.info("selected again after failing in this round (try %d)", cur.retried[site] + 1)
             cur.selected = selected
             cur.failed = {s: why for s, why in cur.failed.items() if s not in selected}
             cur.deadline = time.time() + self.cfg.deadline_s

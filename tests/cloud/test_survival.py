@@ -415,6 +415,49 @@ def test_a_failed_site_is_dropped_at_once_and_disk_stays_bounded(tmp_path, mosqu
     assert rounds == ["00000", "00001"]  # keep_checkpoints = 2, no journaled updates left
 
 
+def test_a_site_that_failed_for_a_moment_is_selected_again_when_the_round_needs_it(tmp_path, mosquitto_url):
+    """quorum = min_sites = 3: site c fails round 0 (a data folder briefly missing); the round restarts and
+    selects c again at once, instead of waiting `wait_for_sites_s` for a third site and giving up."""
+    cfg = ServeConfig(
+        federation="again",
+        state_dir=tmp_path,
+        rounds=1,
+        min_sites=3,
+        quorum=3,
+        deadline_s=120,
+        wait_for_sites_s=20,
+        final_eval=False,
+        **TINY,
+    )
+    topics = Topics("again")
+    agg, raw, thread = _start(cfg, mosquitto_url, ["a", "b", "c"])
+    try:
+        d = _deltas(agg, 1)
+        failed = {
+            "schema_version": 1,
+            "kind": "status",
+            "node": "c",
+            "role": "site",
+            "state": "failed",
+            "round": 0,
+            "time": 0,
+            "reason": "DatasetLayoutError: data set folder not found",
+        }
+        raw.publish(topics.status("c"), json.dumps(failed).encode(), retain=True)
+        raw.update("a", d)
+        raw.update("b", d)
+        assert _wait(lambda: any(a["site"] == "b" for a in raw.acks), timeout=30)
+        # the restarted round's RoundStart selects c again: the agent, failed, goes online and trains
+        assert _wait(lambda: agg.current is not None and agg.current.restarts >= 1, timeout=30)
+        raw.update("c", d)
+        thread.join(timeout=60)
+        assert not thread.is_alive() and not thread.errors
+    finally:
+        raw.stop()
+    summary = _summaries(cfg)[0]
+    assert summary["accepted"] == ["a", "b", "c"] and summary["restarts"] == 1
+
+
 def test_unwritable_state_dir_stops_cleanly_without_acking(tmp_path, mosquitto_url, caplog):
     cfg = ServeConfig(
         federation="ro", state_dir=tmp_path, rounds=1, min_sites=1, deadline_s=60, final_eval=False, **TINY
