@@ -89,6 +89,9 @@ from reid.train import TrainConfig
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 15.0  # a waiting round says what it waits for this often
 FAILED_RETRIES = 2  # a restarted round selects a site that failed in it again at most this often
+# the retained statuses reach a process that has just (re)connected over a slow link after a moment:
+# "no site is online" is concluded only after waiting this long for them
+STATUS_SETTLE_S = 10.0
 
 
 class Stopped(Exception):
@@ -888,6 +891,10 @@ class Aggregator:
         r, last = self.cfg.rounds, self.cfg.rounds - 1
         if not self.cfg.final_eval or self.journal.has_summary("evaluation", last):
             return
+        settle = time.monotonic() + min(self.cfg.wait_for_sites_s, STATUS_SETTLE_S)
+        while len(self._eligible(r)) < self.cfg.min_sites and time.monotonic() < settle:
+            if self.stopping.wait(0.2):
+                raise Stopped
         if not self._eligible(r):
             log.warning("no site online: the final model is not evaluated")
             return

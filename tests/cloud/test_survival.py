@@ -458,6 +458,40 @@ def test_a_site_that_failed_for_a_moment_is_selected_again_when_the_round_needs_
     assert summary["accepted"] == ["a", "b", "c"] and summary["restarts"] == 1
 
 
+def test_the_final_evaluation_waits_for_statuses_that_arrive_after_the_aggregator_starts(
+    tmp_path, mosquitto_url
+):
+    """A restart after the last round, over a slow link: the sites' retained statuses arrive a moment after
+    the aggregator connected. It waits for them (up to STATUS_SETTLE_S) instead of deciding at once that
+    no site is online and skipping the evaluation."""
+    cfg = ServeConfig(
+        federation="late", state_dir=tmp_path, rounds=1, min_sites=1, deadline_s=60, final_eval=False, **TINY
+    )
+    topics = Topics("late")
+    agg, raw, thread = _start(cfg, mosquitto_url, ["a"])
+    try:
+        raw.update("a", _deltas(agg, 1))
+        thread.join(timeout=60)
+        assert not thread.is_alive() and not thread.errors
+        raw.publish(topics.status("a"), b"", retain=True)  # no status on the broker when it starts again
+        again = Aggregator(cfg.model_copy(update={"final_eval": True}), mosquitto_url)
+        thread = threading.Thread(target=again.run, daemon=True)
+        thread.start()
+        time.sleep(2.0)
+        raw.status("a")
+        assert _wait(lambda: raw.round is not None and raw.round.round == 1 and not raw.round.train, 30)
+        metrics = {"rank1": 50.0, "mAP": 40.0, "valid_queries": 4}
+        doc = {"schema_version": 1, "kind": "eval", "site": "a", "round": 1, "base_hash": raw.round.base_hash}
+        raw.publish(topics.site("a", "eval"), json.dumps({**doc, "metrics": metrics}).encode())
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    finally:
+        raw.stop()
+    records = [json.loads(line) for line in (tmp_path / "late" / "metrics.jsonl").read_text().splitlines()]
+    [evaluation] = [r for r in records if r.get("kind") == "evaluation"]
+    assert evaluation["reported"] == ["a"] and evaluation["round"] == 0
+
+
 def test_unwritable_state_dir_stops_cleanly_without_acking(tmp_path, mosquitto_url, caplog):
     cfg = ServeConfig(
         federation="ro", state_dir=tmp_path, rounds=1, min_sites=1, deadline_s=60, final_eval=False, **TINY
