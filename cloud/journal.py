@@ -6,6 +6,8 @@ metrics.jsonl                    per-site metrics and per-round summaries
 rounds/<r>/global.safetensors    global model after round r (r = -1: the initial one), a reid.weights file
 rounds/<r>/groups.safetensors    client clustering: the group models and the grouping after round r
                                  (written before global.safetensors, which commits the round)
+rounds/<r>/records.json          round r's metrics records (summary included), written before the commit:
+                                 a restart appends them to metrics.jsonl when the kill came between
 rounds/<r>/updates/<site>.blob   accepted update r of a site, as received (journaled before the ack)
 rounds/<r>/updates/<site>.json   its manifest
 open.json                        the round being collected (number, selection, base hash)
@@ -87,6 +89,21 @@ class Journal:
             atomic_write(path, save(dict(tensors), metadata))
         except OSError as err:
             raise StateDirError(f"cannot write the group models {path}: {err}") from None
+
+    def save_records(self, r: int, records: list[dict]) -> None:
+        """Round r's metrics records, kept before the round commits (`pending_records`)."""
+        try:
+            atomic_write(self.round_dir(r) / "records.json", json.dumps(records).encode())
+        except OSError as err:
+            raise StateDirError(f"cannot write the records of round {r}: {err}") from None
+
+    def pending_records(self, r: int) -> list[dict]:
+        """The records of committed round r that metrics.jsonl lacks (a kill between the commit and the
+        append): [] when they are in it, or were never kept."""
+        path = self.round_dir(r) / "records.json"
+        if self.has_summary("round", r) or not path.is_file():
+            return []
+        return json.loads(path.read_text())
 
     def load_groups(self, r: int) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
         """(tensors, metadata) saved by `save_groups` for round r; None if that round had no groups."""

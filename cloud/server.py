@@ -139,6 +139,7 @@ class Aggregator:
             self.journal.save_global(-1, state, cfg.model, cfg.input, cfg.strategy.bn)
         else:
             self.completed, state = last
+            self._finish_close()
         self.layout = FlatLayout(state)
         self.global_flat = self.layout.flatten(state)
         self.global_state = self.layout.unflatten(*self.global_flat)  # views: one copy of the model
@@ -853,9 +854,6 @@ class Aggregator:
             if self.clustering.active:  # the groups first: the global checkpoint commits the round
                 summary["groups"] = dict(sorted(self.clustering.groups.items()))
                 self.journal.save_groups(cur.number, self.clustering.tensors(), self.clustering.metadata())
-        self.journal.save_global(
-            cur.number, self.global_state, self.cfg.model, self.cfg.input, self.cfg.strategy.bn
-        )
         summary["round_seconds"] = round(time.time() - cur.started, 3)
         records = [  # what each site scored before training: the model it trained from
             {
@@ -867,6 +865,10 @@ class Aggregator:
             for s, m in sorted(cur.accepted.items())
             if m.metrics
         ]
+        self.journal.save_records(cur.number, [*records, summary])  # (kept for a kill after the commit)
+        self.journal.save_global(
+            cur.number, self.global_state, self.cfg.model, self.cfg.input, self.cfg.strategy.bn
+        )
         self._record([*records, summary])
         self.metrics.round_closed(summary)
         self.journal.prune(cur.number, self.cfg.keep_checkpoints)
@@ -933,6 +935,15 @@ class Aggregator:
             len(cur.selected),
             f" (no report from: {', '.join(summary['missing'])})" if summary["missing"] else "",
         )
+
+    def _finish_close(self) -> None:
+        """What the last committed round's close did not get to before a kill: its records into
+        metrics.jsonl, its journaled updates deleted."""
+        pending = self.journal.pending_records(self.completed)
+        if pending:
+            self._record(pending)
+            log.info("round %d: its summary recorded after a restart", self.completed)
+        self.journal.prune(self.completed, self.cfg.keep_checkpoints)
 
     def _record(self, records: list[dict]) -> None:
         """Append to metrics.jsonl, and to what the dashboard shows."""

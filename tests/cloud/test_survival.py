@@ -492,6 +492,40 @@ def test_the_final_evaluation_waits_for_statuses_that_arrive_after_the_aggregato
     assert evaluation["reported"] == ["a"] and evaluation["round"] == 0
 
 
+def test_a_kill_between_the_commit_and_the_metrics_keeps_the_rounds_summary(tmp_path, mosquitto_url):
+    """The aggregator dies after round 0's checkpoint is committed, before its summary reaches
+    metrics.jsonl: the restart records the summary (once) and deletes the round's journaled updates."""
+    cfg = ServeConfig(
+        federation="kp", state_dir=tmp_path, rounds=1, min_sites=1, deadline_s=60, final_eval=False, **TINY
+    )
+
+    class Killed(BaseException):
+        pass
+
+    def killed(records: list[dict]) -> None:
+        raise Killed
+
+    agg, raw, thread = _start(cfg, mosquitto_url, ["a"])
+    agg._record = killed  # type: ignore[method-assign] (the kill point: after save_global)
+    try:
+        raw.update("a", _deltas(agg, 1))
+        thread.join(timeout=60)
+        assert not thread.is_alive() and isinstance(thread.errors[0], Killed)
+    finally:
+        raw.stop()
+    run = tmp_path / "kp"
+    assert (run / "rounds" / "00000" / "global.safetensors").is_file()  # committed
+    assert any((run / "rounds" / "00000" / "updates").iterdir())
+    assert not (run / "metrics.jsonl").exists()  # nothing recorded before the kill
+    again = Aggregator(cfg, mosquitto_url)
+    assert again.completed == 0
+    summaries = _summaries(cfg)
+    assert len(summaries) == 1 and summaries[0]["accepted"] == ["a"]
+    assert not (run / "rounds" / "00000" / "updates").exists()
+    Aggregator(cfg, mosquitto_url)  # a second restart adds nothing
+    assert len(_summaries(cfg)) == 1
+
+
 def test_unwritable_state_dir_stops_cleanly_without_acking(tmp_path, mosquitto_url, caplog):
     cfg = ServeConfig(
         federation="ro", state_dir=tmp_path, rounds=1, min_sites=1, deadline_s=60, final_eval=False, **TINY
