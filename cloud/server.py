@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from cloud.config import ServeConfig, model_info
-from cloud.deploy import DeploymentSource, deploy_round
+from cloud.deploy import DeploymentSource, deploy_round, latest_deployment
 from cloud.journal import Journal, StateDirError
 from cloud.monitoring import AggregatorMetrics, RunHistory, SiteFacts, View
 from cloud.round import GroupBlob, OpenRound, admit, update_limit
@@ -997,9 +997,12 @@ class Aggregator:
                 doc["rejections"] = list(self.history.rejections)
             return doc
 
-    def _maybe_deploy(self, r: int) -> None:
+    def _deploy_due(self, r: int) -> bool:
         every = self.cfg.deploy_every
-        if not every or ((r + 1) % every and r != self.cfg.rounds - 1):
+        return bool(every) and r >= 0 and ((r + 1) % every == 0 or r == self.cfg.rounds - 1)
+
+    def _maybe_deploy(self, r: int) -> None:
+        if not self._deploy_due(r):
             return
         try:
             deploy_round(self.endpoint, self.journal.root, self.deploy_images, r, self.cfg.deploy_precision)
@@ -1030,6 +1033,10 @@ class Aggregator:
             # start before the first round opens that this run is over (they would leave): clear it
             self.endpoint.send(self.topics.round, b"", retain=True, timeout=30)
         try:
+            last = latest_deployment(self.journal.root)
+            if self._deploy_due(self.completed) and (last is None or last.round < self.completed):
+                log.info("round %d's deployment did not finish before a restart: now", self.completed)
+                self._maybe_deploy(self.completed)
             for r in range(self.completed + 1, self.cfg.rounds):
                 with log_context(round=r):
                     self._run_round(r)

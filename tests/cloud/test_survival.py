@@ -526,6 +526,42 @@ def test_a_kill_between_the_commit_and_the_metrics_keeps_the_rounds_summary(tmp_
     assert len(_summaries(cfg)) == 1
 
 
+def test_a_deployment_cut_short_by_a_kill_is_made_at_the_restart(tiny_federation, tmp_path, mosquitto_url):
+    from cloud.deploy import latest_deployment
+
+    cfg = ServeConfig(
+        federation="dk",
+        state_dir=tmp_path,
+        rounds=1,
+        min_sites=1,
+        deadline_s=60,
+        final_eval=False,
+        deploy_every=1,
+        deploy_images=tiny_federation / "sites" / "site00" / "query",
+        **TINY,
+    )
+
+    class Killed(BaseException):
+        pass
+
+    def killed(r: int) -> None:
+        raise Killed
+
+    agg, raw, thread = _start(cfg, mosquitto_url, ["a"])
+    agg._maybe_deploy = killed  # type: ignore[method-assign] (killed as round 0's deployment began)
+    try:
+        raw.update("a", _deltas(agg, 1))
+        thread.join(timeout=60)
+        assert not thread.is_alive() and isinstance(thread.errors[0], Killed)
+        assert latest_deployment(tmp_path / "dk") is None
+        again = Aggregator(cfg, mosquitto_url)
+        again.run()  # no round left: it deploys round 0, then ends the run
+    finally:
+        raw.stop()
+    deployed = latest_deployment(tmp_path / "dk")
+    assert deployed is not None and deployed.round == 0 and deployed.version == "dk/round-0"
+
+
 def test_unwritable_state_dir_stops_cleanly_without_acking(tmp_path, mosquitto_url, caplog):
     cfg = ServeConfig(
         federation="ro", state_dir=tmp_path, rounds=1, min_sites=1, deadline_s=60, final_eval=False, **TINY
