@@ -11,6 +11,8 @@ rounds/<r>/records.json          round r's metrics records (summary included), w
 rounds/<r>/updates/<site>.blob   accepted update r of a site, as received (journaled before the ack)
 rounds/<r>/updates/<site>.json   its manifest
 open.json                        the round being collected (number, selection, base hash)
+run_id                           the run's id in every RoundStart: new when the run starts, and again when
+                                 the aggregator goes back on acknowledged work (`renew_run_id`)
 ```
 
 Resume: the last ``global.safetensors`` is the base; the journaled updates of the open round are folded
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import secrets
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -37,6 +41,8 @@ from reid.files import atomic_write
 from reid.model import ModelSpec
 from reid.weights import save_state
 
+log = logging.getLogger(__name__)
+
 
 class StateDirError(OSError):
     """The state dir cannot be written (read-only, full, gone): the aggregator must stop."""
@@ -45,6 +51,7 @@ class StateDirError(OSError):
 class Journal:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.went_back = False  # `last_global` skipped a damaged checkpoint
         try:
             root.mkdir(parents=True, exist_ok=True)
             atomic_write(root / ".writable", b"ok")  # fail now, not at the first acknowledged update
@@ -114,17 +121,44 @@ class Journal:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
 
     def last_global(self) -> tuple[int, dict[str, torch.Tensor]] | None:
-        """(round, state) of the newest checkpoint; round -1 is the initial model."""
+        """(round, state) of the newest readable checkpoint; round -1 is the initial model. A damaged one
+        (a disk that lost writes) is moved aside as ``rounds/<r>.damaged`` with one log line, and the one
+        before it is used."""
         folder = self.root / "rounds"
         rounds = (
             sorted(folder.glob("*/global.safetensors"), key=lambda p: int(p.parent.name))
             if folder.is_dir()
             else []
         )
-        if not rounds:
-            return None
-        path = rounds[-1]
-        return int(path.parent.name), load_file(str(path))
+        for path in reversed(rounds):
+            try:
+                return int(path.parent.name), load_file(str(path))
+            except Exception as err:  # safetensors' own error type, or an OSError
+                log.error("checkpoint %s unreadable (%s): moved aside, using the one before", path, err)
+                aside = path.parent.with_name(path.parent.name + ".damaged")
+                shutil.rmtree(aside, ignore_errors=True)
+                path.parent.rename(aside)
+                self.went_back = True
+        return None
+
+    def run_id(self) -> str:
+        """The run's id (made when the run starts)."""
+        path = self.root / "run_id"
+        if path.is_file():
+            text = path.read_text().strip()
+            if len(text) == 16 and all(c in "0123456789abcdef" for c in text):
+                return text
+        return self.renew_run_id()
+
+    def renew_run_id(self) -> str:
+        """A new run id: the sites drop the progress they made under the old one and train the open
+        round again (after the aggregator lost work it had acknowledged)."""
+        new = secrets.token_hex(8)
+        try:
+            atomic_write(self.root / "run_id", new.encode())
+        except OSError as err:
+            raise StateDirError(f"cannot write the run id in {self.root}: {err}") from None
+        return new
 
     def journal_update(self, r: int, site: str, blob: bytes, manifest: bytes) -> None:
         updates = self.round_dir(r) / "updates"
@@ -142,6 +176,9 @@ class Journal:
         shutil.rmtree(self.round_dir(closed) / "updates", ignore_errors=True)
         folder = self.root / "rounds"
         rounds = sorted((int(p.name) for p in folder.iterdir() if p.name.lstrip("-").isdigit()), reverse=True)
+        for damaged in folder.glob("*.damaged"):  # kept until the run has moved past it
+            if int(damaged.name.removesuffix(".damaged")) < closed:
+                shutil.rmtree(damaged, ignore_errors=True)
         for r in rounds[keep:]:
             if r < closed:
                 shutil.rmtree(self.round_dir(r), ignore_errors=True)

@@ -38,6 +38,7 @@ from cloud.strategy import (
     FlatLayout,
     KDDiverged,
     LayoutError,
+    NoUpdatesError,
     RoundAggregate,
     StreamingAggregator,
     TeacherMean,
@@ -140,6 +141,15 @@ class Aggregator:
         else:
             self.completed, state = last
             self._finish_close()
+        self.run_id = self.journal.run_id()
+        opened = self.journal.open_round()
+        if self.journal.went_back or (opened is not None and opened["round"] > self.completed + 1):
+            log.warning(
+                "the state dir went back to round %d (rounds after it were acknowledged and are lost): a new "
+                "run id, so that the sites train from there again",
+                self.completed,
+            )
+            self.run_id = self.journal.renew_run_id()
         self.layout = FlatLayout(state)
         self.global_flat = self.layout.flatten(state)
         self.global_state = self.layout.unflatten(*self.global_flat)  # views: one copy of the model
@@ -484,6 +494,7 @@ class Aggregator:
             ),
             evaluate=not cur.train or cur.number % cfg.eval_every == 0,
             upload_encoding=cfg.upload_encoding,
+            run_id=self.run_id,
             upload_compressed=cfg.upload_compressed,
             train=cur.train,
             groups=cur.groups(),
@@ -556,13 +567,23 @@ class Aggregator:
         with self.lock:
             self.current = cur
             self.said_rejections.clear()
+            lost = []
             for site, manifest in self.journal.journaled_updates(r) if resumed else []:
                 try:
-                    m = parse_message(manifest, UpdateManifest)
+                    self._accept(cur, site, parse_message(manifest, UpdateManifest))
                 except MessageError as err:
-                    log.warning("journaled manifest of %s unreadable (%s); the site will resend", site, err)
-                    continue
-                self._accept(cur, site, m)
+                    log.warning("journaled manifest of %s unreadable (%s)", site, err)
+                    self.journal.drop_update(r, site)
+                if site not in cur.accepted:
+                    lost.append(site)
+            if lost:  # acknowledged, so these sites will not send them again unless the run id changes
+                log.warning(
+                    "round %d: journaled updates of %s lost (the state dir was damaged): a new run id, so "
+                    "that the sites train this round again",
+                    r,
+                    ", ".join(lost),
+                )
+                self.run_id = self.journal.renew_run_id()
         log.info(
             "%s %d open (base %s): %d sites selected (%s)%s",
             "round" if train else "evaluation round",
@@ -771,10 +792,15 @@ class Aggregator:
                 cur.number,
                 ", ".join(f"{s} (step x{scales[s]:.2f}, share {shares[s]:.2f})" for s in bound_on),
             )
-        if agg is not None:
-            return agg.finish(), caps
-        assert clustering is not None
-        new_global, weights = clustering.finish()
+        try:
+            if agg is not None:
+                return agg.finish(), caps
+            assert clustering is not None
+            new_global, weights = clustering.finish()
+        except NoUpdatesError:  # every acknowledged update unreadable: stop; a restart asks for them again
+            raise StateDirError(
+                f"no journaled update of round {cur.number} is readable: the state dir was damaged"
+            ) from None
         flat = self.layout.flatten(new_global)
         state = self.layout.unflatten(*flat)
         return RoundAggregate(state, flat, weights, dict(cur.norms), rejected=list(clustering.rejected)), caps

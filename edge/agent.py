@@ -172,11 +172,13 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Progress:
-    """The last round this site trained, persisted in ``progress.json`` (atomic writes)."""
+    """The last round this site trained in the run `run_id`, persisted in ``progress.json`` (atomic
+    writes)."""
 
     last_round: int = -1
     base_hash: str = ""
     acked: bool = False
+    run_id: str = ""
 
     def same(self, start: RoundStart) -> bool:
         return (self.last_round, self.base_hash) == (start.round, start.base_hash)
@@ -256,7 +258,10 @@ class Agent:
         try:
             doc = json.loads(path.read_text()) if path.is_file() else {}
             return Progress(
-                int(doc.get("last_round", -1)), str(doc.get("base_hash", "")), bool(doc.get("acked"))
+                int(doc.get("last_round", -1)),
+                str(doc.get("base_hash", "")),
+                bool(doc.get("acked")),
+                str(doc.get("run_id", "")),
             )
         except (ValueError, TypeError, AttributeError) as err:
             log.warning("%s unreadable (%s): starting from no progress", path, err)
@@ -287,6 +292,22 @@ class Agent:
         atomic_write(self.dir / "pending.json", encode_message(manifest))
         with self.lock:
             self.upload = (manifest, blob)
+
+    def _new_run(self, run_id: str) -> None:
+        """A round of another run (a new run, or the aggregator went back on work it acknowledged):
+        what this site settled or holds unacknowledged belongs to the old one and is dropped."""
+        with self.lock:
+            upload = self.upload
+        if self.progress.last_round >= 0 or upload is not None:
+            log.info(
+                "a new run (%s): dropping this site's progress of the previous one (last round %d%s)",
+                run_id,
+                self.progress.last_round,
+                ", an unacknowledged update" if upload is not None else "",
+            )
+        if upload is not None:
+            self._drop_pending()
+        self._save_progress(Progress(run_id=run_id))
 
     def _drop_pending(self) -> None:
         with self.lock:
@@ -321,6 +342,8 @@ class Agent:
         if not isinstance(msg, RoundStart) or msg.federation != self.cfg.federation:
             return
         msg = msg.for_site(self.cfg.site)  # client clustering: this site's group model is its base
+        if msg.run_id and msg.run_id != self.progress.run_id:
+            self._new_run(msg.run_id)
         if self.endpoint.state == "failed" and not self.progress.same(msg):
             self.endpoint.set_state("online", msg.round)  # a new round: this site may be selected again
         if self.cfg.site not in msg.selected or msg.round < self.progress.last_round:
@@ -427,7 +450,8 @@ class Agent:
             if ours:  # settled either way: a rejected update is never accepted later
                 self._drop_pending()
                 if self.progress.last_round == ack.round:
-                    self._save_progress(Progress(ack.round, self.progress.base_hash, ack.accepted))
+                    done = Progress(ack.round, self.progress.base_hash, ack.accepted, self.progress.run_id)
+                    self._save_progress(done)
 
     def _on_resend(self, topic: str, payload: bytes) -> None:
         try:
@@ -559,7 +583,7 @@ class Agent:
         )
         self._keep_local_layers(got.model, trained, start)
         self._keep_pending(manifest, upload)
-        self._save_progress(Progress(start.round, start.base_hash, False))
+        self._save_progress(Progress(start.round, start.base_hash, False, start.run_id))
         self._upload(start, manifest, upload, result)
 
     def _train_config(self, start: RoundStart) -> TrainConfig:

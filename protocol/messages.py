@@ -113,6 +113,9 @@ class RoundStart(_Message):
     upload_encoding: Encoding = "fp16"
     upload_compressed: bool = False
     train: bool = True  # False: the evaluation round after the last one (evaluate, send an EvalReport)
+    # the run this round belongs to: it changes with a new run and when the aggregator had to go back on
+    # work it acknowledged (a damaged state dir); a site then drops the progress it made in another run
+    run_id: str = Field("", pattern=r"^[0-9a-f]{0,32}$")
     groups: list[GroupBase] = Field(default_factory=list, max_length=64)  # sent only when not empty
 
     @model_validator(mode="after")

@@ -562,6 +562,59 @@ def test_a_deployment_cut_short_by_a_kill_is_made_at_the_restart(tiny_federation
     assert deployed is not None and deployed.round == 0 and deployed.version == "dk/round-0"
 
 
+def test_a_damaged_checkpoint_is_set_aside_and_the_sites_are_told_by_a_new_run_id(tmp_path, mosquitto_url):
+    cfg = ServeConfig(
+        federation="dmg", state_dir=tmp_path, rounds=2, min_sites=1, deadline_s=60, final_eval=False, **TINY
+    )
+    agg, raw, thread = _start(cfg, mosquitto_url, ["a"])
+    first_id = raw.round.run_id
+    try:
+        raw.update("a", _deltas(agg, 1))
+        assert _wait(lambda: raw.round.round == 1, 30)
+        agg.stop()
+        thread.join(timeout=30)
+    finally:
+        raw.stop()
+    assert len(first_id) == 16 and raw.round.run_id == first_id  # one run: one id
+    ckpt = tmp_path / "dmg" / "rounds" / "00000" / "global.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # a disk that lost writes
+    again = Aggregator(cfg, mosquitto_url)
+    assert again.completed == -1  # the initial model: round 0 is trained again
+    assert (tmp_path / "dmg" / "rounds" / "00000.damaged" / "global.safetensors").is_file()
+    assert again.run_id != first_id  # round 0 was acknowledged to site a: it must train it again
+
+
+def test_a_lost_journaled_update_makes_the_sites_train_the_round_again(tmp_path, mosquitto_url):
+    cfg = ServeConfig(
+        federation="lost", state_dir=tmp_path, rounds=1, min_sites=2, quorum=2, deadline_s=60, **TINY
+    )
+    cfg = cfg.model_copy(update={"final_eval": False})
+    agg, raw, thread = _start(cfg, mosquitto_url, ["a", "b"])
+    first_id = raw.round.run_id
+    try:
+        d = _deltas(agg, 1)
+        raw.update("a", d)
+        assert _wait(lambda: any(a["site"] == "a" and a["accepted"] for a in raw.acks), 30)
+        agg.stop()
+        thread.join(timeout=30)
+        blob = tmp_path / "lost" / "rounds" / "00000" / "updates" / "a.blob"
+        blob.write_bytes(blob.read_bytes()[:100])  # damaged after the ack
+        again = Aggregator(cfg, mosquitto_url)
+        thread = threading.Thread(target=again.run, daemon=True)
+        thread.start()
+        # site a's acknowledged update is gone: the round is announced under a new run id, which tells
+        # a to train it again (docs/protocol.md, rule 0)
+        assert _wait(lambda: raw.round.run_id != first_id, 30)
+        assert not (tmp_path / "lost" / "rounds" / "00000" / "updates" / "a.blob").exists()
+        raw.update("a", d)
+        raw.update("b", d)
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    finally:
+        raw.stop()
+    assert _summaries(cfg)[0]["accepted"] == ["a", "b"]
+
+
 def test_unwritable_state_dir_stops_cleanly_without_acking(tmp_path, mosquitto_url, caplog):
     cfg = ServeConfig(
         federation="ro", state_dir=tmp_path, rounds=1, min_sites=1, deadline_s=60, final_eval=False, **TINY

@@ -201,6 +201,21 @@ def test_an_agent_follows_the_spec(tiny_federation, tmp_path, mosquitto_url):
         # no training in an evaluation round, and the acknowledged update is not announced again
         assert len(agg.docs(f"sites/{site.name}/update")) == announced
 
+        # rule 0: round 0 again under another run_id (the aggregator lost the acknowledged update):
+        # the site drops its progress and trains it again
+        agg.publish("round", round_start(0, base, site.name, training=training, run_id="0123abcd" * 2), True)
+        for frame in frames:
+            agg.publish("global/chunks", frame)
+        assert _wait(lambda: len(agg.docs(f"sites/{site.name}/update")) > announced, 120)
+        again = agg.docs(f"sites/{site.name}/update")[-1]
+        assert again["round"] == 0 and again["base_hash"] == manifest["base_hash"]
+        assert (
+            json.loads((tmp_path / "edge" / site.name / "progress.json").read_text())["run_id"]
+            == "0123abcd" * 2
+        )
+        ack = {**ack, "blob_id": again["blob"]["blob_id"]}
+        agg.publish(f"sites/{site.name}/ack", json.dumps({**ack, "accepted": True}).encode())
+
         agg.publish("round", json.dumps({"schema_version": 1, "kind": "run_end", "federation": FED,
                                          "rounds": 1}).encode(), retain=True)  # fmt: skip
         assert agent.wait(timeout=60) == 0  # "--exit-when-done": RunEnd ends it
