@@ -141,6 +141,11 @@ class Aggregator:
         else:
             self.completed, state = last
             self._finish_close()
+        if self.completed + 1 > cfg.rounds:
+            raise ValueError(
+                f"{self.completed + 1} rounds are done in {self.journal.root}, more than rounds = "
+                f"{cfg.rounds}: raise rounds to go on, or give another state dir"
+            )
         self.run_id = self.journal.run_id()
         opened = self.journal.open_round()
         if self.journal.went_back or (opened is not None and opened["round"] > self.completed + 1):

@@ -571,17 +571,20 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_sites_are_told_by_a_new_run_i
     try:
         raw.update("a", _deltas(agg, 1))
         assert _wait(lambda: raw.round.round == 1, 30)
-        agg.stop()
+        raw.update("a", _deltas(agg, 2))
         thread.join(timeout=30)
+        assert not thread.is_alive() and not thread.errors
     finally:
         raw.stop()
     assert len(first_id) == 16 and raw.round.run_id == first_id  # one run: one id
-    ckpt = tmp_path / "dmg" / "rounds" / "00000" / "global.safetensors"
+    with pytest.raises(ValueError, match=r"2 rounds are done .* more than rounds = 1"):
+        Aggregator(cfg.model_copy(update={"rounds": 1}), mosquitto_url)  # (a config edited down)
+    ckpt = tmp_path / "dmg" / "rounds" / "00001" / "global.safetensors"
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # a disk that lost writes
     again = Aggregator(cfg, mosquitto_url)
-    assert again.completed == -1  # the initial model: round 0 is trained again
-    assert (tmp_path / "dmg" / "rounds" / "00000.damaged" / "global.safetensors").is_file()
-    assert again.run_id != first_id  # round 0 was acknowledged to site a: it must train it again
+    assert again.completed == 0  # round 1 is trained again
+    assert (tmp_path / "dmg" / "rounds" / "00001.damaged" / "global.safetensors").is_file()
+    assert again.run_id != first_id  # round 1 was acknowledged to site a: it must train it again
 
 
 def test_a_lost_journaled_update_makes_the_sites_train_the_round_again(tmp_path, mosquitto_url):
