@@ -61,7 +61,7 @@ from protocol.messages import (
 )
 from protocol.mqtt import Endpoint, IdentityDir
 from protocol.topics import Topics, check_name
-from reid.data import InputSpec
+from reid.data import DatasetLayoutError, InputSpec, detect_layout
 from reid.files import atomic_write
 from reid.logs import bound, log_context
 from reid.model import (
@@ -159,6 +159,7 @@ class AgentConfig(BaseModel):
     def _data_folder(cls, value: Path) -> Path:
         if not value.is_dir():
             raise ValueError(f"data folder not found: {value}")
+        detect_layout(value)  # at start, not when the site is first selected (a ValueError)
         return value
 
 
@@ -686,7 +687,7 @@ class Agent:
                     self.metrics.phase("waiting")
                 except Exception as err:  # the agent keeps running for the next round
                     reason = f"{type(err).__name__}: {err}"
-                    if isinstance(err, RoundFailed):
+                    if isinstance(err, (RoundFailed, DatasetLayoutError)):  # one line says it all
                         log.warning("cannot take part in round %d: %s", start.round, err)
                     else:
                         log.exception("round %d failed at this site: %s", start.round, err)

@@ -110,3 +110,11 @@ def test_an_identity_folder_that_is_not_one_is_named_at_start(tiny_federation, t
         assert result.exit_code == 2, result.output
         text = "".join(result.output.replace("│", " ").split())  # (the panel wraps long paths)
         assert "identity_dir" in text and said.replace(" ", "") in text
+
+
+def test_a_data_folder_of_no_known_layout_is_an_error_at_start_not_when_selected(tmp_path):
+    (tmp_path / "crops" / "x").mkdir(parents=True)
+    args = ["start", "--site", "s1", "--data", str(tmp_path / "crops"), "--state-dir", str(tmp_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "unknown data set layout" in " ".join(result.output.replace("│", " ").split())
