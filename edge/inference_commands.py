@@ -28,6 +28,8 @@ ModelOpt = typer.Option(
 
 def resolve_model(path: Path) -> Path:
     """A model file as given, or the deployed model of an agent's state folder."""
+    if not path.exists():
+        raise typer.BadParameter(f"model not found: {path}", param_hint="--model")
     if path.is_dir():
         from edge.deployment import current_model
 
@@ -205,6 +207,8 @@ def serve_features(
     retention_days: float = typer.Option(None, min=0, help="delete gallery entries older than this"),
 ) -> None:
     """Embeddings and gallery search over HTTP (docs/serving.md), with dynamic batching."""
+    import socket
+
     import uvicorn
 
     from edge.feature_api import ServiceConfig
@@ -226,8 +230,16 @@ def serve_features(
     except (ContractError, GalleryStoreError, OSError) as err:
         fail(out, err)
     ref = service.served.ref
-    out.print(f"serving {ref.version} ({ref.sha256[:12]}) on http://{host}:{port}, gallery {gallery}")
+    try:  # bound here: a taken port is one line, and port 0 is printed as the port it got
+        listener = socket.create_server((host, port))
+    except OSError as err:
+        service.close()
+        fail(out, f"cannot listen on {host}:{port}: {err}")
+    bound = listener.getsockname()[1]
+    out.print(f"serving {ref.version} ({ref.sha256[:12]}) on http://{host}:{bound}, gallery {gallery}")
     try:
-        uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+        server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
+        server.run(sockets=[listener])
     finally:
+        listener.close()
         service.close()

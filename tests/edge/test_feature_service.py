@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -368,3 +369,30 @@ def test_a_crash_while_embedding_again_resumes_where_it_stopped(exported, crops,
             ]
             == 0
         )
+
+
+def test_the_command_prints_the_port_it_got_and_names_a_missing_model(exported, tmp_path):
+    command = [sys.executable, "-m", "edge.cli", "serve-features", "--gallery", str(tmp_path / "g.db")]
+    missing = subprocess.run(
+        [*command, "--model", str(tmp_path / "none.onnx")], capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and "model not found" in " ".join(missing.stderr.replace("│", " ").split())
+    proc = subprocess.Popen(
+        [*command, "--model", str(exported[1]), "--port", "0"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        line = proc.stdout.readline()  # "serving <version> (<sha>) on http://127.0.0.1:<port>, gallery ..."
+        port = int(line.split("http://127.0.0.1:")[1].split(",")[0])
+        assert port > 0
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+                    assert answer.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait(30)
