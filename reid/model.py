@@ -138,14 +138,31 @@ def load_pretrained_backbone(backbone: Backbone, arch: str, path: str | Path) ->
     if not path.exists():
         raise ModelError(f"pretrained weights not found: {path} (weights are never downloaded)")
     path = find_model(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, Mapping) and "state_dict" in state:
-            state = state["state_dict"]
+            with safe_open(str(path), framework="pt") as f:
+                header = dict(f.metadata() or {})
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no __iter__)
+            if "model" in header:  # a FedReID model file: its architecture is in its header
+                built = ModelSpec.model_validate_json(header["model"]).arch
+                if built != arch:
+                    raise ModelError(
+                        f"{path} is a {built} model file; this model is a {arch}: use --arch {built}"
+                    )
+        else:  # tensors only: a file that needs unpickling arbitrary objects is refused
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, Mapping) and "state_dict" in state:
+                state = state["state_dict"]
+    except ModelError:
+        raise
+    except Exception as err:  # safetensors' and pickle's own error types, a truncated file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ModelError(
+            f"{path}: not a readable weights file (torchvision .pth/.safetensors state dict, or a FedReID "
+            f"model file): {type(err).__name__}{': ' + first[:200] if first else ''}"
+        ) from None
     if not isinstance(state, Mapping):
         raise ModelError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
     mapping = _torchvision_to_trunk_keys(arch)

@@ -123,6 +123,21 @@ def test_pretrained_errors(tmp_path):
     torch.save(tvm.resnet34(weights=None).state_dict(), path34)
     with pytest.raises(ModelError, match="unexpected"):
         build_model(ModelSpec(arch="resnet18"), 4, pretrained=path34)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(bytes(range(256)) * 8)  # never unpickled: one line, no traceback
+    with pytest.raises(ModelError, match="not a readable weights file"):
+        build_model(ModelSpec(arch="resnet18"), 4, pretrained=garbage)
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(ModelError, match="not a readable weights file"):
+        build_model(ModelSpec(arch="resnet18"), 4, pretrained=truncated)
+    own = save_checkpoint(
+        tmp_path / "own.safetensors", build_model(ModelSpec(arch="resnet18"), 2), InputSpec()
+    )
+    with pytest.raises(
+        ModelError, match="is a resnet18 model file; this model is a resnet34: use --arch resnet18"
+    ):
+        build_model(ModelSpec(arch="resnet34"), 4, pretrained=own)
 
 
 def test_checkpoint_round_trip_with_and_without_classifier(tmp_path):
