@@ -218,7 +218,12 @@ class Endpoint:
         self.client.connect_async(self.host, self.port, keepalive=self.keepalive)
         self.client.loop_start()
         if not self.connected.wait(timeout):
-            log.warning("no broker at %s:%d yet; still trying", self.host, self.port)
+            log.warning(
+                "no broker at %s:%d yet, or it refuses this client (a provisioned broker takes mqtts:// with "
+                "this node's identity folder, and refuses a revoked certificate); still trying",
+                self.host,
+                self.port,
+            )
         return self
 
     def stop(self) -> None:
