@@ -653,7 +653,13 @@ def export_model(
         if model_path is not None:
             ckpt = load_checkpoint(model_path)
             model, input_spec = ckpt.model.eval(), ckpt.input_spec
-            version = f"{federation}/round-{ckpt.meta['round']}" if "round" in ckpt.meta else model_path.stem
+            version = (
+                f"{federation}/round-{ckpt.meta['round']}"
+                if "round" in ckpt.meta
+                else f"{ckpt.meta['site']}/own"  # a site's own model (edge-agent train)
+                if "site" in ckpt.meta
+                else model_path.stem
+            )
             bn_local = ckpt.batchnorm_kept_local
         else:
             run_dir = _run_dir(state_dir, federation)

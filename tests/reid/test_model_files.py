@@ -4,6 +4,7 @@ simulate` and `serve` write is read by `edge-agent evaluate`, `cloud-aggregator 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,11 @@ def test_every_consumer_reads_every_producer(produced, producer, tiny_federation
     )
     assert result.exit_code == 0, result.output
     assert onnx.is_file() and "parity" in result.output
+    version = json.loads(onnx.with_name(onnx.name + ".json").read_text())["version"]
+    assert (
+        version
+        == {"train": "site01/own", "simulate": "default/round-1", "serve": "default/round--1"}[producer]
+    )
     # extract runs exported models only, and says how to get one
     result = runner.invoke(edge_app, ["extract", "--model", str(file), "--images", str(images)])
     said = " ".join(result.output.replace("│", " ").split())
