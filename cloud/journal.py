@@ -226,6 +226,28 @@ class Journal:
                 return True
         return False
 
+    def forget_metrics_after(self, r: int) -> int:
+        """Drop the records of rounds after r (the state went back to round r: they will be made again):
+        summaries of later rounds and the sites' scores recorded when they closed (a close of round q
+        records the scores of model q-1). Returns how many were dropped."""
+        path = self.root / "metrics.jsonl"
+        if not path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                later = rec["round"] > r or ("kind" not in rec and rec["round"] == r)
+            except (ValueError, KeyError, TypeError):
+                later = False
+            if later:
+                dropped += 1
+            else:
+                kept.append(line)
+        if dropped:
+            atomic_write(path, "".join(line + "\n" for line in kept).encode())
+        return dropped
+
     def append_metrics(self, records: list[dict]) -> None:
         with open(self.root / "metrics.jsonl", "a") as f:
             for rec in records:

@@ -155,6 +155,8 @@ class Aggregator:
                 self.completed,
             )
             self.run_id = self.journal.renew_run_id()
+            if self.journal.forget_metrics_after(self.completed):  # made again as the rounds are redone
+                self.history = RunHistory(self.journal.root / "metrics.jsonl")
         self.layout = FlatLayout(state)
         self.global_flat = self.layout.flatten(state)
         self.global_state = self.layout.unflatten(*self.global_flat)  # views: one copy of the model

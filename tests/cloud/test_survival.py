@@ -585,6 +585,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_sites_are_told_by_a_new_run_i
     assert again.completed == 0  # round 1 is trained again
     assert (tmp_path / "dmg" / "rounds" / "00001.damaged" / "global.safetensors").is_file()
     assert again.run_id != first_id  # round 1 was acknowledged to site a: it must train it again
+    assert [s["round"] for s in _summaries(cfg)] == [0]  # round 1's summary goes: it is made again
 
 
 def test_a_lost_journaled_update_makes_the_sites_train_the_round_again(tmp_path, mosquitto_url):
