@@ -274,7 +274,8 @@ class RawSite:
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
 
-    def status(self, site: str) -> None:
+    def status(self, site: str, **fields) -> None:
+        """A retained status document of `site`: online, unless `fields` say otherwise."""
         doc = {
             "schema_version": 1,
             "kind": "status",
@@ -282,6 +283,7 @@ class RawSite:
             "role": "site",
             "state": "online",
             "time": 0,
+            **fields,
         }
         self.publish(self.topics.status(site), json.dumps(doc).encode(), retain=True)
 

@@ -379,21 +379,10 @@ def test_a_failed_site_is_dropped_at_once_and_disk_stays_bounded(tmp_path, mosqu
         final_eval=False,
         **TINY,
     )
-    topics = Topics("failed")
     agg, raw, thread = _start(cfg, mosquitto_url, ["a", "b", "c"])
     try:
         d = _deltas(agg, 1)
-        failed = {
-            "schema_version": 1,
-            "kind": "status",
-            "node": "c",
-            "role": "site",
-            "state": "failed",
-            "round": 0,
-            "time": 0,
-            "reason": "ValueError: disk full",
-        }
-        raw.publish(topics.status("c"), json.dumps(failed).encode(), retain=True)
+        raw.status("c", state="failed", round=0, reason="ValueError: disk full")
         opened = time.monotonic()
         raw.update("a", d)
         raw.update("b", d)
@@ -429,21 +418,10 @@ def test_a_site_that_failed_for_a_moment_is_selected_again_when_the_round_needs_
         final_eval=False,
         **TINY,
     )
-    topics = Topics("again")
     agg, raw, thread = _start(cfg, mosquitto_url, ["a", "b", "c"])
     try:
         d = _deltas(agg, 1)
-        failed = {
-            "schema_version": 1,
-            "kind": "status",
-            "node": "c",
-            "role": "site",
-            "state": "failed",
-            "round": 0,
-            "time": 0,
-            "reason": "DatasetLayoutError: data set folder not found",
-        }
-        raw.publish(topics.status("c"), json.dumps(failed).encode(), retain=True)
+        raw.status("c", state="failed", round=0, reason="DatasetLayoutError: data set folder not found")
         raw.update("a", d)
         raw.update("b", d)
         assert _wait(lambda: any(a["site"] == "b" for a in raw.acks), timeout=30)
