@@ -99,6 +99,20 @@ class OpenRound:
         """Selected sites that have neither an accepted update (or evaluation report) nor failed."""
         return set(self.selected) - set(self.accepted) - set(self.reports) - set(self.failed)
 
+    def doing(self, states: dict[str, str]) -> list[str]:
+        """What each waiting site is doing, for the progress line: its upload's progress, or the state
+        of its last status (`states`: site -> state). A site's status says "training" for any round it
+        works on; in an evaluation round that work is the evaluation."""
+        out = []
+        for site in sorted(self.waiting()):
+            m, t = self.manifests.get(site), self.transfers.get(site)
+            if m is not None:
+                out.append(f"{site} uploading {t.received() if t is not None else 0}/{m.blob.chunks} chunks")
+                continue
+            state = states.get(site, "offline")
+            out.append(f"{site} {'evaluating' if state == 'training' and not self.train else state}")
+        return out
+
 
 def update_limit(global_blob_bytes: int, tensors: int, max_update_bytes: int) -> int:
     """The largest update this model can honestly produce in any encoding (fp32 + int8 scales + zstd

@@ -668,14 +668,7 @@ class Aggregator:
         if time.monotonic() - cur.said < PROGRESS_EVERY_S:
             return
         cur.said = time.monotonic()
-        doing = []
-        for site in sorted(cur.waiting()):
-            m, t = cur.manifests.get(site), cur.transfers.get(site)
-            if m is not None:
-                got = t.received() if t is not None else 0
-                doing.append(f"{site} uploading {got}/{m.blob.chunks} chunks")
-            else:
-                doing.append(f"{site} {self.online.get(site, ('offline', None))[0]}")
+        states = {site: state for site, (state, _) in self.online.items()}
         log.info(
             "%s %d: %d/%d in, deadline in %.0f s; waiting for %s",
             "round" if cur.train else "evaluation round",
@@ -683,7 +676,7 @@ class Aggregator:
             len(cur.accepted) + len(cur.reports),
             len(cur.selected),
             cur.deadline - time.time(),
-            ", ".join(doing),
+            ", ".join(cur.doing(states)),
         )
 
     def _collect(self, cur: OpenRound) -> bool:

@@ -1,5 +1,5 @@
-"""The round's admission rule on its own (no broker, no disk): every reason a manifest is refused, the
-duplicate that is acknowledged again, and the manifest that is collected."""
+"""The round on its own (no broker, no disk): every reason a manifest is refused, the
+duplicate that is acknowledged again, the manifest that is collected, and the progress line."""
 
 from __future__ import annotations
 
@@ -81,3 +81,13 @@ def test_a_run_written_before_a_strategy_setting_existed_resumes_at_what_it_ran(
     partial = ServeConfig.model_validate({"federation": "fed", "strategy": {"bn": "average"}})
     assert partial.strategy.fednova and partial.strategy.bn == "average"
     assert ServeConfig().strategy.fednova and not StrategyConfig().fednova
+
+
+def test_the_progress_line_says_what_each_waiting_site_does():
+    cur = _round()
+    cur.manifests["a"] = _manifest()
+    assert cur.doing({"b": "training"}) == ["a uploading 0/1 chunks", "b training"]
+    cur.accepted["a"] = cur.manifests.pop("a")
+    assert cur.doing({}) == ["b offline"]  # no status yet
+    cur.train = False
+    assert cur.doing({"b": "training"}) == ["b evaluating"]  # the evaluation round's work
