@@ -41,7 +41,9 @@ def synthesize(
     public_images: int = typer.Option(400, help="unlabeled images for server-side KD"),
     height: int = typer.Option(256, min=32),
     width: int = typer.Option(128, min=16),
-    domains: bool = typer.Option(False, help="sites differ as real data sets do (docs/datasets.md)"),
+    domains: bool = typer.Option(
+        False, "--domains", help="sites differ as real data sets do (docs/datasets.md)"
+    ),
     min_queries: int = typer.Option(0, min=0, help="queries per site at least (50: 1 query <= 2 points)"),
 ) -> None:
     """Write a synthetic non-IID federation (Market-1501 layout per site + a public KD set)."""
