@@ -404,7 +404,7 @@ class Aggregator:
         """Validate the journaled update fully, then ack: an acknowledged update is aggregated at close."""
         with log_context(site=site, round=cur.number):
             try:
-                floats, ints = self._decode(cur, site)
+                floats, _ = self._decode(cur, site)
                 norm = l2_norm(floats)
             except (CodecError, LayoutError) as err:
                 self._reject(cur, site, m, str(err), "bad_payload")
@@ -424,11 +424,6 @@ class Aggregator:
             cur.accepted[site] = m
             cur.failed.pop(site, None)
             cur.manifests.pop(site, None)
-            if cur.teachers is not None and self.public is not None:
-                delta = self.layout.unflatten(floats, ints)
-                load_shared_state(self.model, {k: self.global_state[k] + delta[k] for k in self.global_state})
-                loader = make_loader(self.public, 64, train=False)
-                cur.teachers.add(embed_public(self.model, loader, len(self.public)))
             log.info(
                 "update accepted (%d/%d): %d images, CDW %.4f, loss %.3f, delta norm %.4g",
                 len(cur.accepted),
@@ -772,6 +767,8 @@ class Aggregator:
             agg.add_flat(
                 site, floats, ints, samples[site], cdw, shares[site], scales[site], steps=steps[site]
             )
+            if cur.teachers is not None:
+                self._add_teacher(cur.teachers, site, floats * scales[site], ints)
         self.reference_norm = statistics.median(norms.values()) if sites else None
         caps = {
             "norm_bound": bound,
@@ -804,6 +801,27 @@ class Aggregator:
         flat = self.layout.flatten(new_global)
         state = self.layout.unflatten(*flat)
         return RoundAggregate(state, flat, weights, dict(cur.norms), rejected=list(clustering.rejected)), caps
+
+    def _add_teacher(
+        self, teachers: TeacherMean, site: str, floats: torch.Tensor, ints: torch.Tensor
+    ) -> None:
+        """KD's teacher of `site`: the global model plus its delta as clipped for the fold (so a site's
+        pull on the KD target is bounded like its pull on the average), embedding the public set."""
+        if self.public is None:
+            return
+        delta = self.layout.unflatten(floats, ints)
+        load_shared_state(self.model, {k: self.global_state[k] + delta[k] for k in self.global_state})
+        rows = teachers.add(
+            embed_public(self.model, make_loader(self.public, 64, train=False), len(self.public))
+        )
+        if rows < len(self.public):
+            with log_context(site=site):
+                log.warning(
+                    "KD teacher of %s not finite on %d of %d public images: left out there",
+                    site,
+                    len(self.public) - rows,
+                    len(self.public),
+                )
 
     def path_length(self, n_samples: int) -> float:
         """What fednova divides a site's delta by: the round's training (epochs, batch size, the recipe's

@@ -63,30 +63,39 @@ def kd_target(teacher_embeddings: Sequence[torch.Tensor], normalize: bool = True
 
 
 class TeacherMean:
-    """Running mean of teacher embeddings: O(N x D) memory whatever the number of teachers."""
+    """Running mean of teacher embeddings, per public image: O(N x D) memory whatever the number of
+    teachers. A row that is not finite (a corrupt public image, or a model that is not finite on it) is
+    left out of that image's mean; an image no teacher covers gets a NaN target, which KD skips."""
 
     def __init__(self, normalize: bool = True) -> None:
         self.normalize = normalize
         self.total: torch.Tensor | None = None
-        self.count = 0
+        self.counts: torch.Tensor | None = None  # per image: teachers whose row was finite
+        self.count = 0  # teachers added (with at least one finite row)
 
-    def add(self, embeddings: torch.Tensor) -> None:
+    def add(self, embeddings: torch.Tensor) -> int:
+        """Add one teacher's (N x D) embeddings; returns its finite rows (0: nothing was added)."""
         if embeddings.ndim != 2:
             raise ValueError(f"teacher embeddings must be (N, D), got {tuple(embeddings.shape)}")
         if self.total is not None and embeddings.shape != self.total.shape:
             raise ValueError(f"teacher embeddings {tuple(embeddings.shape)} != {tuple(self.total.shape)}")
-        if not torch.isfinite(embeddings).all():
-            raise ValueError("teacher embeddings contain NaN or Inf")
         e = embeddings.double()
+        finite = torch.isfinite(e).all(dim=1)
+        rows = int(finite.sum())
+        if rows == 0:
+            return 0
         if self.normalize:
             e = torch.nn.functional.normalize(e, dim=1)
+        e = torch.where(finite[:, None], e, torch.zeros((), dtype=e.dtype))
         self.total = e if self.total is None else self.total + e
+        self.counts = finite.double() if self.counts is None else self.counts + finite.double()
         self.count += 1
+        return rows
 
     def target(self) -> torch.Tensor:
-        if self.total is None:
+        if self.total is None or self.counts is None:
             raise ValueError("no teacher embeddings")
-        return (self.total / self.count).float()
+        return (self.total / self.counts[:, None]).float()  # (0 / 0: NaN where no teacher was finite)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save
 from cloud.config import ServeConfig
 from cloud.journal import StateDirError
 from cloud.server import Aggregator
-from cloud.strategy import AdmissionConfig, StrategyConfig
+from cloud.strategy import AdmissionConfig, KDConfig, StrategyConfig
 from protocol.broker import parse_url
 from protocol.chunks import blob_ref, check_ref, parse_chunk, split_blob
 from protocol.codec import encode_state
@@ -663,3 +663,58 @@ def test_an_earlier_runs_retained_run_end_is_cleared_when_a_run_starts(tmp_path,
         watcher.loop_stop()
         watcher.disconnect()
     assert not thread.is_alive()
+
+
+def test_a_finite_but_huge_delta_spoils_neither_kd_nor_a_restart(tiny_federation, tmp_path, mosquitto_url):
+    """Under KD, an insider's delta of 3e38 (finite, so valid on the wire; a model that is not finite on
+    the public set) is acknowledged, clipped like any delta, and its teacher is the clipped model: KD runs
+    and the global model stays finite. Teachers are made at close, so a restart that finds the update
+    journaled resumes (it used to exit at every start: the teacher was made when the update came in)."""
+    cfg = ServeConfig(
+        federation="kdx",
+        state_dir=tmp_path,
+        rounds=2,
+        min_sites=3,
+        quorum=3,
+        deadline_s=60,
+        final_eval=False,
+        kd_enabled=True,
+        public=tiny_federation / "public",
+        kd=KDConfig(batch_size=8, max_batches=2),
+        **TINY,
+    )
+    agg, raw, thread = _start(cfg, mosquitto_url, ["a", "b", "x"])
+    first_id = raw.round.run_id
+    try:
+        raw.update("a", _deltas(agg, 1))
+        raw.update("b", _deltas(agg, 2))
+        huge = {
+            k: np.full_like(v, 3e38)
+            if k.startswith("embedding") and v.dtype.kind == "f"
+            else np.zeros_like(v)
+            for k, v in _deltas(agg, 3).items()
+        }
+        raw.blob_update("x", encode_state(huge, "fp32"))
+        assert _wait(lambda: agg.completed == 0, 60)
+        raw.update("a", _deltas(agg, 4))
+        raw.blob_update("x", encode_state(huge, "fp32"))
+        assert _wait(lambda: sum(a["accepted"] and a["round"] == 1 for a in raw.acks) == 2, 30)
+        agg.stop()  # a restart with the hostile update journaled
+        thread.join(timeout=30)
+        assert not thread.errors
+        again = Aggregator(cfg, mosquitto_url)
+        thread = threading.Thread(target=again.run, daemon=True)
+        thread.start()
+        assert _wait(lambda: again.current is not None and sorted(again.current.accepted) == ["a", "x"], 30)
+        raw.update("b", _deltas(again, 5))
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    finally:
+        raw.stop()
+    assert raw.round.run_id == first_id  # nothing acknowledged was lost
+    summaries = _summaries(cfg)
+    assert [s["accepted"] for s in summaries] == [["a", "b", "x"]] * 2
+    for s in summaries:
+        assert s["clipped"] == ["x"] and s["kd"]["batches"] == 2, s
+    final = load_file(str(tmp_path / "kdx" / "rounds" / "00001" / "global.safetensors"))
+    assert all(torch.isfinite(v).all() for v in final.values() if v.dtype.is_floating_point)
