@@ -12,6 +12,8 @@ set of kinds, so label cardinality stays bounded.
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -177,6 +179,7 @@ class RunHistory:
         self.latest: dict[str, dict] = {}  # site -> its evaluation of the newest global model
         self.rounds: list[dict] = []  # {"round", "bytes", "seconds", "accepted", "rejected"}
         self.rejections: deque[dict] = deque(maxlen=RECENT_REJECTIONS)  # {"round", "site", "reason", "time"}
+        self._median_norms: dict[int, float] = {}  # round -> lower median of its (normalised) delta norms
         if metrics_file.is_file():
             records = []
             for line in metrics_file.read_text().splitlines():
@@ -194,6 +197,9 @@ class RunHistory:
                 if rec["round"] >= self.latest.get(rec["site"], {"round": rec["round"]})["round"]:
                     self.latest[rec["site"]] = entry
             elif rec.get("kind") == "round":
+                norms = [v for v in (rec.get("norms") or {}).values() if isinstance(v, float) and v > 0]
+                if norms and math.isfinite(max(norms)):
+                    self._median_norms[rec["round"]] = statistics.median_low(norms)
                 self.rounds.append(
                     {
                         "round": rec["round"],
@@ -209,6 +215,11 @@ class RunHistory:
 
     def rejected(self, round_: int | None, site: str, reason: str, when: float | None = None) -> None:
         self.rejections.append({"round": round_, "site": site, "reason": reason[:300], "time": when})
+
+    def median_norm(self, round_: int) -> float | None:
+        """The lower median of round `round_`'s delta norms as its summary recorded them (None: no such
+        round, or no norm): the norm bound's reference for the round after it."""
+        return self._median_norms.get(round_)
 
     @property
     def metrics(self) -> list[dict]:

@@ -162,7 +162,8 @@ class Aggregator:
         self.global_state = self.layout.unflatten(*self.global_flat)  # views: one copy of the model
         del state
         self.scratch = self.layout.empty()  # validation buffer: one update at a time
-        self.reference_norm: float | None = None  # the previous round's median delta norm
+        # the previous round's lower median delta norm (the norm bound's reference), also after a restart
+        self.reference_norm = self.history.median_norm(self.completed)
         self.clustering = Clustering(cfg.cluster, cfg.strategy, cfg.seed) if cfg.cluster else None
         if self.clustering is not None:
             if cfg.kd_enabled:
@@ -769,7 +770,7 @@ class Aggregator:
             )
             if cur.teachers is not None:
                 self._add_teacher(cur.teachers, site, floats * scales[site], ints)
-        self.reference_norm = statistics.median(norms.values()) if sites else None
+        self.reference_norm = statistics.median_low(norms.values()) if sites else None
         caps = {
             "norm_bound": bound,
             "norms": {s: round(norms[s], 6) for s in sites},

@@ -9,8 +9,11 @@ update of the round has been validated (the fold happens at close, see cloud/ser
    round's step is taken back to (their weighted mean), comes from the claim too: a claim nobody vouched
    for counts there as at most the round's lower median claim (`path_claims`), or one insider could
    lengthen every site's step as far as it liked.
-2. Each delta is clipped to ``norm_bound_factor`` x the median delta norm of the round (with the
-   previous round's median as one more value, so the bound holds also with fewer than 3 updates).
+2. Each delta is clipped to ``norm_bound_factor`` x the lower median delta norm of the round, with the
+   previous round's as one more value (kept across restarts, from metrics.jsonl). The lower median of
+   an even count is the smaller middle value, so one outsized delta never sets its own bound: with one
+   update and the reference, the bound comes from the smaller of the two; with two updates and none,
+   from the smaller delta. Only the run's first round with a single update has nothing to compare to.
 3. No site's share of the weight exceeds ``max_share_factor`` / K (K = updates aggregated), found by
    water-filling: capped sites sit at the cap, the rest keep their proportions.
 
@@ -70,11 +73,11 @@ def path_claims(samples: Mapping[str, int], config: AdmissionConfig) -> dict[str
 def norm_bound(
     norms: Mapping[str, float], config: AdmissionConfig, reference: float | None = None
 ) -> float | None:
-    """The L2 bound for this round's deltas (None: no bound), from their median (+ a reference)."""
+    """The L2 bound for this round's deltas (None: no bound), from their lower median (+ a reference)."""
     if config.norm_bound_factor is None or not norms:
         return None
     values = [*norms.values(), *([reference] if reference is not None and reference > 0 else [])]
-    median = statistics.median(values)
+    median = statistics.median_low(values)
     return config.norm_bound_factor * median if median > 0 else None
 
 

@@ -289,7 +289,9 @@ def test_share_cap_water_fills_and_keeps_honest_proportions():
     assert share_capped({"a": 0.0, "b": 0.0}, 0.5) == {"a": 0.0, "b": 0.0}
 
 
-def test_norm_bound_uses_the_median_and_the_previous_round():
+def test_norm_bound_uses_the_lower_median_and_the_previous_round():
+    """One outsized delta never sets its own bound, however few the updates: alone with the previous
+    round's reference, or one of two (the lower median of an even count is the smaller middle value)."""
     from cloud.strategy.caps import AdmissionConfig, capped_samples, clip_scales, norm_bound
 
     cfg = AdmissionConfig()
@@ -297,6 +299,9 @@ def test_norm_bound_uses_the_median_and_the_previous_round():
     assert bound == pytest.approx(6.0)
     assert clip_scales({"a": 1.0, "liar": 1e30}, bound) == {"a": 1.0, "liar": pytest.approx(6e-30)}
     assert norm_bound({"a": 1.0, "liar": 1e30}, cfg, reference=1.0) == pytest.approx(3.0)  # 2 updates
+    assert norm_bound({"liar": 1e8}, cfg, reference=2.0) == pytest.approx(6.0)  # 1 update
+    assert norm_bound({"a": 1.0, "liar": 1e8}, cfg) == pytest.approx(3.0)  # 2 updates, no reference
+    assert norm_bound({"a": 1.0, "b": 4.0, "c": 5.0, "liar": 1e8}, cfg) == pytest.approx(12.0)
     assert norm_bound({"a": 1.0}, AdmissionConfig(norm_bound_factor=None)) is None
     capped = AdmissionConfig(max_samples=5000, site_samples={"a": 100})
     assert capped_samples("a", 10**12, capped) == 100 and capped_samples("b", 10**12, capped) == 5000

@@ -703,6 +703,8 @@ def test_a_finite_but_huge_delta_spoils_neither_kd_nor_a_restart(tiny_federation
         thread.join(timeout=30)
         assert not thread.errors
         again = Aggregator(cfg, mosquitto_url)
+        # the norm bound's reference survives the restart: round 0's lower median norm, from its summary
+        assert again.reference_norm == pytest.approx(sorted(_summaries(cfg)[0]["norms"].values())[1])
         thread = threading.Thread(target=again.run, daemon=True)
         thread.start()
         assert _wait(lambda: again.current is not None and sorted(again.current.accepted) == ["a", "x"], 30)
