@@ -13,6 +13,14 @@ from protocol.chunks import InboundBlob, check_ref
 from protocol.messages import BlobRef, GroupBase, UpdateManifest
 
 MAX_REJECTION_ENTRIES = 256  # distinct (site, reason) entries a round's summary lists; the rest are counted
+MAX_REASON_CHARS = 500  # a rejection's reason as kept and said: a peer's text (a tensor name) can be any size
+
+
+def short_reason(reason: str) -> str:
+    """`reason` cut to MAX_REASON_CHARS, saying how much was cut."""
+    if len(reason) <= MAX_REASON_CHARS:
+        return reason
+    return f"{reason[:MAX_REASON_CHARS]}... ({len(reason) - MAX_REASON_CHARS} more characters)"
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,7 @@ class OpenRound:
         """Record a rejection in the round's summary: one entry per site and reason with a count, so a
         message replayed thousands of times is one entry; past MAX_REJECTION_ENTRIES distinct entries
         the rest are counted in one last entry (site "*"). Returns whether the entry is new."""
+        reason = short_reason(reason)
         for entry in self.rejections:
             if entry["site"] == site and entry["reason"] == reason:
                 entry["count"] += 1

@@ -33,7 +33,7 @@ from cloud.config import ServeConfig, model_info
 from cloud.deploy import DeploymentSource, deploy_round, latest_deployment
 from cloud.journal import Journal, StateDirError
 from cloud.monitoring import AggregatorMetrics, RunHistory, SiteFacts, View
-from cloud.round import GroupBlob, OpenRound, admit, update_limit
+from cloud.round import GroupBlob, OpenRound, admit, short_reason, update_limit
 from cloud.strategy import (
     FlatLayout,
     KDDiverged,
@@ -339,12 +339,15 @@ class Aggregator:
             elif site not in cur.selected:
                 why = f"site {site} is not selected for evaluation round {cur.number}"
             else:
+                again = site in cur.reports
                 cur.reports[site] = dict(report.metrics)
                 cur.failed.pop(site, None)
                 why = ""
         with log_context(site=site, round=report.round):
             if why:
                 log.warning("evaluation report dropped: %s", why)
+            elif again:  # (a report sent again replaces the first: no new line)
+                log.debug("evaluation report received again")
             elif "rank1" in report.metrics:
                 log.info("final model: rank-1 %.1f, mAP %.1f", report.metrics["rank1"], report.metrics["mAP"])
             else:
@@ -379,6 +382,7 @@ class Aggregator:
     def _reject(self, cur: OpenRound | None, site: str, m: UpdateManifest, reason: str, kind: str) -> None:
         """Refuse an update: one log line per site and reason per round (repeats at debug level: a
         replayed message costs a count, not a line), the round's summary and an ack with the reason."""
+        reason = short_reason(reason)
         if cur is not None and m.round == cur.number:
             new = cur.note_rejection(site, reason)
         else:

@@ -6,7 +6,11 @@ bury the messages of others under a flood.
   holds one slot and the worker sees the latest (``Topics.is_state``).
 * Requests (the resend topics, ``Topics.is_request``) may be pending at most `max_requests` at a time;
   more are dropped (a requester asks again after its idle time).
-* Everything else (chunks, acks, run-end) is kept in arrival order.
+* Everything else (chunks, acks, run-end, evaluation reports) is kept in arrival order, within a byte
+  budget: at most `max_topic_bytes` waiting per topic (`max_chunk_topic_bytes` for a chunk topic; a
+  message always fits an empty topic) and `max_bytes` in all. A message over the budget is dropped and
+  counted in a warning (once per 10 s): a lost chunk is asked for again by its receiver's resend, so a
+  sender that floods its own topic loses its own messages, and memory stays bounded.
 
 A topic other than chunks that brings more than `flood_per_10s` messages in 10 s is named in a warning
 (once per 10 s): a site flooding faster than this node's MQTT client reads delays every message behind
@@ -28,10 +32,27 @@ Item = tuple[str, bytes, bool]  # topic, payload, retained
 
 
 class Inbox:
-    def __init__(self, topics: Topics, max_requests: int = 256, flood_per_10s: int = 2000) -> None:
+    def __init__(
+        self,
+        topics: Topics,
+        max_requests: int = 256,
+        flood_per_10s: int = 2000,
+        max_topic_bytes: int = 8 << 20,
+        max_chunk_topic_bytes: int = 256 << 20,
+        max_bytes: int = 1 << 30,
+    ) -> None:
         self.topics = topics
         self.max_requests = max_requests
         self.flood_per_10s = flood_per_10s
+        self.max_topic_bytes, self.max_chunk_topic_bytes, self.max_bytes = (
+            max_topic_bytes,
+            max_chunk_topic_bytes,
+            max_bytes,
+        )
+        self._bytes: collections.Counter[str] = collections.Counter()  # waiting bytes per ordered topic
+        self._total = 0
+        self._over: collections.Counter[str] = collections.Counter()  # dropped over budget since the warning
+        self._last_over = 0.0
         self._counts: collections.Counter[str] = collections.Counter()
         self._window = time.monotonic()
         self._order: collections.deque[tuple[str, Item | None]] = collections.deque()
@@ -56,8 +77,32 @@ class Inbox:
                 self._requests += 1
                 self._order.append((topic, item))
             else:
+                if not self._fits(topic, len(payload)):
+                    self._drop_over(topic)
+                    return
+                self._bytes[topic] += len(payload)
+                self._total += len(payload)
                 self._order.append((topic, item))
             self._ready.notify()
+
+    def _fits(self, topic: str, size: int) -> bool:
+        waiting = self._bytes[topic]
+        limit = self.max_chunk_topic_bytes if topic.endswith("/chunks") else self.max_topic_bytes
+        return (waiting == 0 or waiting + size <= limit) and (
+            self._total == 0 or self._total + size <= self.max_bytes
+        )
+
+    def _drop_over(self, topic: str) -> None:
+        self._over[topic] += 1
+        now = time.monotonic()
+        if now - self._last_over > 10:
+            log.warning(
+                "inbox over its byte budget: dropped %s (a chunk is asked for again; a sender flooding "
+                "its topic loses its own messages)",
+                ", ".join(f"{n} on {t}" for t, n in self._over.most_common(5)),
+            )
+            self._over.clear()
+            self._last_over = now
 
     def _count(self, topic: str) -> None:
         if topic.endswith("/chunks"):
@@ -95,6 +140,11 @@ class Inbox:
                 return self._latest.pop(topic) if topic in self._latest else None
             if self.topics.is_request(topic):
                 self._requests -= 1
+            elif not self.topics.is_state(topic):
+                self._bytes[topic] -= len(item[1])
+                self._total -= len(item[1])
+                if not self._bytes[topic]:
+                    del self._bytes[topic]
             return item
 
     def __len__(self) -> int:

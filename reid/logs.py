@@ -3,7 +3,10 @@
 `configure_logging()` installs one stderr handler whose records carry ``site`` and ``round`` fields,
 filled from context variables that the runtimes set with `log_context(site=..., round=...)`. Every record
 is one line: control characters in a message (a peer's text, such as a site's failure reason) are
-escaped, so no remote input can forge a log line.
+escaped, so no remote input can forge a log line, and a line is cut at MAX_LINE_CHARS. Lines of one kind
+(the same message template and first argument, in the same site context) are shown at most
+REPEATS_SHOWN times per REPEAT_WINDOW_S; the next one shown after a pause says how many were held back,
+so a flood of bad messages costs a count, not a disk of log lines.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -24,13 +28,55 @@ _round: contextvars.ContextVar[str] = contextvars.ContextVar("round", default="-
 
 FORMAT = "%(asctime)s %(levelname)-7s [site=%(site)s round=%(round)s] %(name)s: %(message)s"
 _ESCAPES = {c: f"\\x{c:02x}" for c in (*range(32), 127) if c != 9} | {10: "\\n", 13: "\\r"}
+MAX_LINE_CHARS = 8000
+REPEATS_SHOWN = 10
+REPEAT_WINDOW_S = 60.0
+
+
+def one_line(text: str) -> str:
+    """`text` with control characters escaped (for a log line or a terminal)."""
+    return text.translate(_ESCAPES)
 
 
 class OneLineFormatter(logging.Formatter):
-    """FORMAT with control characters escaped in the line; a traceback still follows on its own lines."""
+    """FORMAT with control characters escaped in the line and the line cut at MAX_LINE_CHARS; a
+    traceback still follows on its own lines."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        return super().formatMessage(record).translate(_ESCAPES)
+        line = one_line(super().formatMessage(record))
+        if len(line) > MAX_LINE_CHARS:
+            line = f"{line[:MAX_LINE_CHARS]}... ({len(line) - MAX_LINE_CHARS} more characters)"
+        return line
+
+
+class RepeatFilter(logging.Filter):
+    """Shows at most REPEATS_SHOWN lines of one kind per REPEAT_WINDOW_S (kind: logger, message template,
+    first argument, site); the first line of that kind after the window says how many were held back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._seen: dict[tuple, list] = {}  # kind -> [window start, lines shown, lines held back]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        first = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        kind = (record.name, str(record.msg), str(first)[:200], getattr(record, "site", None))
+        now = time.monotonic()
+        with self._lock:
+            seen = self._seen.get(kind)
+            if seen is None or now - seen[0] > REPEAT_WINDOW_S:
+                held = seen[2] if seen is not None else 0
+                if len(self._seen) >= 4096:  # kinds from long ago go (bounded, whatever the input)
+                    self._seen = {k: v for k, v in self._seen.items() if now - v[0] <= REPEAT_WINDOW_S}
+                self._seen[kind] = [now, 1, 0]
+                if held:
+                    record.msg, record.args = f"{record.getMessage()} ({held} more like this held back)", None
+                return True
+            if seen[1] < REPEATS_SHOWN:
+                seen[1] += 1
+                return True
+            seen[2] += 1
+            return False
 
 
 class ContextFilter(logging.Filter):
@@ -77,6 +123,7 @@ def configure_logging(level: str | int = "INFO") -> None:
             root.removeHandler(handler)
     handler = _StderrHandler()
     handler.addFilter(ContextFilter())
+    handler.addFilter(RepeatFilter())
     handler.setFormatter(OneLineFormatter(FORMAT))
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)

@@ -53,3 +53,30 @@ def test_a_flooded_topic_is_named_in_a_warning(caplog):
     inbox.put(T.status("y"), b"{}", False)
     assert f"flood: 200 messages on {T.status('x')}" in caplog.text
     assert "chunks" not in caplog.text
+
+
+def test_ordered_topics_stay_within_a_byte_budget_and_the_flooder_loses_its_own(caplog):
+    """An insider's 8 MiB of evaluation reports or chunks while the worker is busy: its topic holds at
+    most its budget (a message always fits an empty topic), the rest of it is dropped and counted in one
+    warning; another site's messages still fit, and room comes back as the worker takes messages."""
+    inbox = Inbox(T, max_topic_bytes=1000, max_chunk_topic_bytes=4000, max_bytes=6000)
+    for _ in range(100):
+        inbox.put(T.site("evil", "eval"), b"e" * 300, False)
+        inbox.put(T.site("evil", "chunks"), b"c" * 1000, False)
+    inbox.put(T.site("honest", "eval"), b"h" * 300, False)
+    inbox.put(T.site("honest", "chunks"), b"x" * 900, False)  # 6,000 would be over the total: dropped
+    assert len(inbox) == 3 + 4 + 1
+    assert f"inbox over its byte budget: dropped 1 on {T.site('evil', 'eval')}" in caplog.text  # at once
+    inbox._last_over -= 11  # (10 s later: the next drop says how many went since)
+    inbox.put(T.site("evil", "eval"), b"e" * 300, False)
+    said = caplog.records[-1].getMessage()
+    assert f"97 on {T.site('evil', 'eval')}" in said and f"96 on {T.site('evil', 'chunks')}" in said
+    items = [inbox.get() for _ in range(len(inbox))]
+    assert [t for t, *_ in items].count(T.site("evil", "eval")) == 3
+    assert [t for t, *_ in items].count(T.site("evil", "chunks")) == 4
+    assert items[-1] == (T.site("honest", "eval"), b"h" * 300, False)
+    inbox.put(T.site("big", "chunks"), b"b" * 10_000, False)  # over every budget, but the queue is empty
+    inbox.put(T.site("evil", "eval"), b"e" * 300, False)  # the total is over now: dropped
+    assert inbox.get() == (T.site("big", "chunks"), b"b" * 10_000, False) and len(inbox) == 0
+    inbox.put(T.site("evil", "eval"), b"e" * 300, False)
+    assert len(inbox) == 1

@@ -1,4 +1,4 @@
-"""Log lines: one record is one line, whatever text a peer put into it."""
+"""Log lines: one record is one line, whatever text a peer put into it, and a flood of one line is a count."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import io
 import logging
 import sys
 
+from reid import logs
 from reid.logs import configure_logging, log_context
 
 
@@ -29,3 +30,31 @@ def test_a_peers_text_cannot_forge_a_log_line(monkeypatch):
     assert "[site=b" not in "".join(lines[1:])
     assert lines[1].endswith("with a traceback") and lines[2].startswith("Traceback")
     assert lines[-1] == "RuntimeError: boom"
+
+
+def test_a_flood_of_one_line_costs_a_count_and_a_huge_text_is_cut(monkeypatch):
+    """A peer that makes the same warning 1,000 times (an invalid message replayed) gets REPEATS_SHOWN
+    lines; another kind of line, or another site's, still shows; after the window the next line says how
+    many were held back. A 5 MB text (a tensor name) is cut to MAX_LINE_CHARS."""
+    clock = [1000.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    configure_logging("INFO")
+    log = logging.getLogger("flood")
+    with log_context(site="evil"):
+        for _ in range(1000):
+            log.warning("dropped evaluation report from %s: %s", "evil", "bad")
+    with log_context(site="honest"):
+        log.warning("dropped evaluation report from %s: %s", "honest", "bad")
+    log.info("round %d closed", 3)
+    log.warning("update rejected: %s", "x" * 5_000_000)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == logs.REPEATS_SHOWN + 3
+    assert "[site=honest" in lines[-3] and lines[-2].endswith("round 3 closed")
+    assert len(lines[-1]) < logs.MAX_LINE_CHARS + 200 and lines[-1].endswith("more characters)")
+    clock[0] += logs.REPEAT_WINDOW_S + 1
+    with log_context(site="evil"):
+        log.warning("dropped evaluation report from %s: %s", "evil", "bad")
+    last = out.getvalue().splitlines()[-1]
+    assert last.endswith(f"bad ({1000 - logs.REPEATS_SHOWN} more like this held back)")
