@@ -4,6 +4,7 @@ connection to a broker failed (`no_broker`, shared by the commands that connect)
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -12,6 +13,9 @@ from protocol.broker import BrokerError
 from protocol.messages import NodeStatus, RoundStart, parse_message
 from protocol.mqtt import Endpoint
 from protocol.topics import Topics
+from reid.logs import one_line
+
+log = logging.getLogger(__name__)
 
 Seen = dict[str, tuple[str, str, str]]  # node -> (role, state, deployed); "round" -> ("deadline", text, "")
 
@@ -37,8 +41,11 @@ def observe(url: str, federation: str, identity_dir: Path | None = None, seconds
             return
         msg = parse_message(payload)
         if isinstance(msg, NodeStatus):
+            if topic != topics.status(msg.node):  # a node speaks for itself only (as the aggregator checks)
+                log.warning("dropped a status on %s that names node %s", topic, msg.node)
+                return
             state = f"failed (round {msg.round}: {msg.reason})" if msg.state == "failed" else msg.state
-            seen[msg.node] = (msg.role, state, msg.deployed or "")
+            seen[msg.node] = (msg.role, one_line(state), one_line(msg.deployed or ""))
         elif isinstance(msg, RoundStart):
             left = msg.deadline - time.time()
             seen["round"] = (

@@ -228,7 +228,10 @@ class Aggregator:
         except MessageError as err:
             log.warning("dropped status on %s: %s", topic, err)
             return
-        if status.role != "site" or topic != self.topics.status(status.node):
+        if topic != self.topics.status(status.node):  # a node speaks for itself only
+            log.warning("dropped a status on %s that names node %s", topic, status.node)
+            return
+        if status.role != "site":
             return
         with self.lock:
             self.online[status.node] = (status.state, status.round)
@@ -905,11 +908,11 @@ class Aggregator:
                 self.journal.save_groups(cur.number, self.clustering.tensors(), self.clustering.metadata())
         summary["round_seconds"] = round(time.time() - cur.started, 3)
         records = [  # what each site scored before training: the model it trained from
-            {
+            {  # (the record's own keys last: a site's metrics cannot overwrite them)
+                **m.metrics,
                 "round": cur.number - 1,
                 "site": s,
                 "model": "group" if s in cur.group_of else "global",
-                **m.metrics,
             }
             for s, m in sorted(cur.accepted.items())
             if m.metrics
@@ -965,7 +968,7 @@ class Aggregator:
         with self.lock:
             self.current = None
         records = [
-            {"round": last, "site": s, "model": "global", **m} for s, m in sorted(cur.reports.items()) if m
+            {**m, "round": last, "site": s, "model": "global"} for s, m in sorted(cur.reports.items()) if m
         ]
         summary = {
             "round": last,

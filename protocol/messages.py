@@ -9,7 +9,15 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 256 * 1024
@@ -22,6 +30,21 @@ Encoding = Literal["fp32", "fp16", "int8"]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Metric = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Metrics = Annotated[dict[Name, Metric], Field(max_length=32)]
+PERCENTAGES = ("rank1", "rank5", "rank10", "mAP", "mINP")
+RESERVED_METRICS = ("round", "site", "model", "kind")  # the aggregator's record keys (metrics.jsonl)
+
+
+def _check_scores(scores: dict[str, float]) -> dict[str, float]:
+    reserved = [k for k in RESERVED_METRICS if k in scores]
+    if reserved:
+        raise ValueError(f"metrics name {reserved[0]!r} is reserved ({', '.join(RESERVED_METRICS)})")
+    over = [k for k in PERCENTAGES if scores.get(k, 0.0) > 100]
+    if over:
+        raise ValueError(f"{over[0]} is a percentage (0 to 100)")
+    return scores
+
+
+Scores = Annotated[Metrics, AfterValidator(_check_scores)]  # a site's evaluation of a model
 MAX_SAMPLES = 2**31 - 1  # far above any data set; the float arithmetic of weights never overflows
 
 
@@ -157,7 +180,7 @@ class UpdateManifest(_Message):
     loss: Finite
     train_seconds: Metric
     timings: Metrics = Field(default_factory=dict)
-    metrics: Metrics = Field(default_factory=dict)
+    metrics: Scores = Field(default_factory=dict)
     dp_epsilon: Metric | None = None  # privacy spent so far by this site, when it uses DP
 
 
@@ -169,15 +192,13 @@ class EvalReport(_Message):
     site: Name
     round: int = Field(ge=0)
     base_hash: Sha256
-    metrics: Metrics = Field(default_factory=dict)
+    metrics: Scores = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _scores_together(self) -> EvalReport:
         scores = {k: v for k, v in self.metrics.items() if k in ("rank1", "mAP")}
         if len(scores) == 1:
             raise ValueError("metrics carry rank1 and mAP together or neither")
-        if any(v > 100 for v in scores.values()):
-            raise ValueError("rank1 and mAP are percentages (0 to 100)")
         return self
 
 

@@ -14,6 +14,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 from typer import BadParameter
 
 console = Console(stderr=True)
@@ -43,7 +44,8 @@ def progress_bar(transient: bool = True) -> Progress:
 
 
 def metrics_table(title: str, rows: Iterable[Mapping[str, object]]) -> Table:
-    """A table whose columns are the keys of the first row; floats are printed with one decimal."""
+    """A table whose columns are the keys of the first row; floats are printed with one decimal. Cells
+    are plain text (no markup: a value may be a peer's text)."""
     rows = list(rows)
     table = Table(title=title)
     if not rows:
@@ -51,7 +53,7 @@ def metrics_table(title: str, rows: Iterable[Mapping[str, object]]) -> Table:
     for key in rows[0]:
         table.add_column(str(key), justify="left" if key in {"site", "model", "stage"} else "right")
     for row in rows:
-        table.add_row(*(f"{v:.1f}" if isinstance(v, float) else str(v) for v in row.values()))
+        table.add_row(*(Text(f"{v:.1f}" if isinstance(v, float) else str(v)) for v in row.values()))
     return table
 
 

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from cloud.cli import app
 from cloud.provision import AGGREGATOR, OPERATOR, Provisioning, mosquitto_conf
 from protocol.broker import LocalBroker, find_mosquitto, free_port
+from protocol.messages import NodeStatus, encode_message
 from protocol.mqtt import Endpoint
 from protocol.topics import Topics
 
@@ -110,11 +111,25 @@ def test_the_operator_watches_a_run_without_taking_over_the_aggregators_session(
     site_a = _node(broker, out, "site-a")
     assert cloud.connected.wait(10) and site_a.connected.wait(10)
     cloud.publish(t.round, b"", retain=True).wait_for_publish(5)
+    site_b = _node(broker, out, "site-b")  # an insider: on its own status topic, it speaks for others
+    assert site_b.connected.wait(10)
     time.sleep(0.5)
     before = len(connects)
     # `cloud-aggregator status --identity-dir <pki>/operator`: signed status documents, verified
-    seen = observe(broker.url, FED, out / OPERATOR)
+    watched: dict = {}
+    watch = threading.Thread(target=lambda: watched.update(observe(broker.url, FED, out / OPERATOR, 3.0)))
+    watch.start()
+    time.sleep(1.5)  # (connected and subscribed)
+    for node, role, state in ((AGGREGATOR, "aggregator", "idle"), ("ghost", "site", "training")):
+        spoof = NodeStatus(node=node, role=role, state=state, time=time.time())
+        site_b.publish(t.status("site-b"), encode_message(spoof)).wait_for_publish(5)
+    failed = NodeStatus(node="site-b", role="site", state="failed", round=7, reason="[red]x\x1b[31m", time=0)
+    site_b.publish(t.status("site-b"), encode_message(failed)).wait_for_publish(5)
+    watch.join(timeout=10)
+    seen = watched
     assert seen[AGGREGATOR][:2] == ("aggregator", "online") and seen["site-a"][:2] == ("site", "online")
+    assert "ghost" not in seen  # a node speaks for itself only
+    assert seen["site-b"][1] == "failed (round 7: [red]x\\x1b[31m)"  # escaped: no terminal control
     operator = Endpoint(
         broker.url, Topics(FED), OPERATOR, "observer", announce=False, identity_dir=out / OPERATOR
     )
@@ -123,7 +138,7 @@ def test_the_operator_watches_a_run_without_taking_over_the_aggregators_session(
     time.sleep(1.5)
     assert cloud.connected.is_set() and len(connects) == before  # the aggregator was never knocked off
     assert all(payload != b"from the operator" for _, payload in cloud_inbox.messages)
-    for node in (operator, cloud, site_a):
+    for node in (operator, cloud, site_a, site_b):
         node.stop()
 
 

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protocol.chunks import blob_ref
 from protocol.messages import (
     BlobRef,
     EvalReport,
@@ -88,14 +89,25 @@ def test_bad_messages(payload, match):
     [
         ({"rank1": 50.0}, "together"),
         ({"mAP": 50.0}, "together"),
-        ({"rank1": 150.0, "mAP": 1.0}, "percentages"),
+        ({"rank1": 150.0, "mAP": 1.0}, "rank1 is a percentage"),
+        ({"rank1": 50.0, "mAP": 1.0, "mINP": 1e300}, "mINP is a percentage"),
+        ({"round": 1e15}, "'round' is reserved"),
+        ({"site": 0.0}, "'site' is reserved"),
     ],
 )
 def test_an_evaluation_report_carries_both_scores_or_neither(metrics, match):
-    """(A report with rank1 and no mAP raised KeyError in the aggregator's handler.)"""
+    """(A report with rank1 and no mAP raised KeyError in the aggregator's handler; an insider's metrics
+    named round or site overwrote its records' keys in metrics.jsonl, which then broke `report`.) The
+    same rules hold for the metrics of an update manifest."""
     doc = {"kind": "eval", "schema_version": 1, "site": "s1", "round": 2, "base_hash": SHA}
     with pytest.raises(MessageError, match=match):
         parse_message(json.dumps({**doc, "metrics": metrics}).encode(), EvalReport)
+    if "together" not in match:
+        with pytest.raises(ValueError, match=match):
+            UpdateManifest(
+                site="s1", round=2, base_hash=SHA, blob=blob_ref(b"d", 1024), n_samples=1, cdw=0.5, loss=1.0,
+                train_seconds=1.0, metrics=metrics,
+            )  # fmt: skip
     for fine in ({}, {"mINP": 3.0}, {"rank1": 50.0, "mAP": 40.0, "mINP": 3.0}):
         assert parse_message(json.dumps({**doc, "metrics": fine}).encode(), EvalReport).metrics == fine
 
