@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cloud.strategy import AdmissionConfig, KDConfig, StrategyConfig
 from cloud.strategy.clustering import ClusterConfig
-from protocol.chunks import DEFAULT_CHUNK_BYTES
+from protocol.chunks import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from protocol.codec import Encoding
 from protocol.messages import ModelInfo
 from protocol.mqtt import IdentityDir
@@ -83,7 +83,10 @@ class ServeConfig(BaseModel):
     upload_encoding: Encoding = Field("fp16", description="delta encoding the sites use: fp32, fp16 or int8")
     upload_compressed: bool = Field(False, description="zstd on the sites' delta blobs")
     chunk_bytes: int = Field(
-        DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20, description="chunk size of the global model's blob"
+        DEFAULT_CHUNK_BYTES,
+        ge=MIN_CHUNK_BYTES,
+        le=MAX_CHUNK_BYTES,
+        description="chunk size of the global model's blob",
     )
     max_update_bytes: int = Field(1 << 30, ge=1024, description="also capped by the model's own size")
     admission: AdmissionConfig = AdmissionConfig()

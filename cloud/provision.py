@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protocol.broker import LocalBroker, auto_broker, free_port
+from protocol.chunks import MAX_CHUNK_BYTES, MAX_HEADER_BYTES
 from protocol.topics import PREFIX, check_name
 
 AGGREGATOR = "aggregator"
@@ -153,6 +154,11 @@ def mosquitto_conf(broker_dir: Path, port: int, bind: str) -> str:
         "allow_anonymous false\n"
         "persistence false\n"
         "max_queued_messages 10000\n"
+        # a message larger than any chunk our nodes send disconnects its sender; a client that reads
+        # slowly has at most 1 GiB queued for it (the rest of its QoS 1 messages are dropped and asked
+        # for again): a site flooding the broker cannot exhaust its memory (docs/operations.md)
+        f"max_packet_size {MAX_CHUNK_BYTES + MAX_HEADER_BYTES + 65536}\n"
+        "max_queued_bytes 1073741824\n"
         "log_dest stdout\nlog_type error\nlog_type warning\nlog_type notice\n"
     )
 

@@ -46,7 +46,16 @@ from edge.agent_metrics import AgentMetrics
 from edge.deployment import AdoptionConfig, Deployments
 from edge.feature_api import ServiceConfig
 from protocol.broker import parse_url
-from protocol.chunks import DEFAULT_CHUNK_BYTES, ChunkError, ForeignChunk, InboundBlob, blob_ref, parse_chunk
+from protocol.chunks import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
+    MIN_CHUNK_BYTES,
+    ChunkError,
+    ForeignChunk,
+    InboundBlob,
+    blob_ref,
+    parse_chunk,
+)
 from protocol.codec import CodecError, Encoding, decode_state, encode_state
 from protocol.messages import (
     ChunkRequest,
@@ -107,7 +116,9 @@ class AgentConfig(BaseModel):
     transfer_idle_s: float = Field(
         5.0, gt=0, description="re-request missing global chunks after this idle time"
     )
-    chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20, description="chunk size of uploads")
+    chunk_bytes: int = Field(
+        DEFAULT_CHUNK_BYTES, ge=MIN_CHUNK_BYTES, le=MAX_CHUNK_BYTES, description="chunk size of uploads"
+    )
     ack_wait_s: float = Field(
         30.0, gt=0, description="announce an update again when it has no acknowledgement after this long"
     )

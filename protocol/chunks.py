@@ -37,6 +37,7 @@ from protocol.messages import BlobRef, Encoding
 MAGIC = b"FRC1"
 DEFAULT_CHUNK_BYTES = 1 << 20
 MIN_CHUNK_BYTES = 1024  # the smallest chunk (but the last) a sender may use: bounds a blob's chunk count
+MAX_CHUNK_BYTES = 16 << 20  # the largest chunk our nodes send (the provisioned broker's packet limit)
 MAX_HEADER_BYTES = 4096
 _LEN = struct.Struct(">I")
 _HEX64 = r"^[0-9a-f]{64}$"

@@ -229,7 +229,8 @@ class Deployment(_Message):
     created: Finite
 
 
-MAX_REQUEST_INDICES = 100_000
+# a request for the most indices, each of up to 8 digits (100 GB in 1 KiB chunks), fits MAX_MESSAGE_BYTES
+MAX_REQUEST_INDICES = 25_000
 
 
 class ChunkRequest(_Message):

@@ -229,9 +229,12 @@ class Endpoint:
     def stop(self) -> None:
         """Publish the offline status (a clean disconnect suppresses the will), then disconnect."""
         if self.announce and self.connected.is_set():
-            self.client.publish(
-                self.topics.status(self.node), self._status("offline"), qos=1, retain=True
-            ).wait_for_publish(5)
+            try:
+                self.client.publish(
+                    self.topics.status(self.node), self._status("offline"), qos=1, retain=True
+                ).wait_for_publish(5)
+            except (RuntimeError, ValueError) as err:  # the connection dropped meanwhile: the will says it
+                log.info("offline status not sent (%s); the broker publishes the last will", err)
         self.client.disconnect()
         self.client.loop_stop()
         self.inbox.close()

@@ -362,3 +362,36 @@ def test_revocation_takes_effect_in_the_aggregator_without_a_restart(provisioned
     assert summaries[0]["accepted"] == ["site-a", "site-b"]
     assert summaries[0]["failed"] == {"site-c": "identity revoked"}
     assert summaries[1]["selected"] == ["site-a", "site-b"]
+
+
+def test_the_provisioned_broker_refuses_a_message_larger_than_any_chunk(provisioned):
+    """A site flooding 17 MiB messages took mosquitto from 12 MB to 3.4 GB (2026-12-04 audit): the
+    provisioned broker now drops the connection of a client sending more than the largest chunk our
+    nodes send (16 MiB + framing); a chunk of the largest size goes through."""
+    from protocol.chunks import MAX_CHUNK_BYTES
+
+    out, broker = provisioned
+    t = Topics(FED)
+    cloud_inbox = Inbox()
+    cloud = _node(broker, out, AGGREGATOR, {t.any_site("chunks"): cloud_inbox})
+    site_a = _node(broker, out, "site-a")
+    assert cloud.connected.wait(10) and site_a.connected.wait(10)
+    reconnects = []
+    site_a.on_connected = lambda: reconnects.append(time.monotonic())
+    site_a.publish(t.site("site-a", "chunks"), b"x" * (MAX_CHUNK_BYTES + 200_000))
+    deadline = time.monotonic() + 20
+    while not reconnects and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert reconnects, "the broker kept the connection of a client sending an oversized message"
+    site_a.stop()  # (its MQTT client would send the message again at every reconnect)
+    site_b = _node(broker, out, "site-b")
+    assert site_b.connected.wait(10)
+    site_b.publish(t.site("site-b", "chunks"), b"y" * MAX_CHUNK_BYTES).wait_for_publish(10)
+    deadline = time.monotonic() + 10
+    while not cloud_inbox.messages and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [(topic, len(p)) for topic, p in cloud_inbox.messages] == [
+        (t.site("site-b", "chunks"), MAX_CHUNK_BYTES)
+    ]
+    for node in (cloud, site_b):
+        node.stop()

@@ -133,3 +133,22 @@ def test_topics_are_versioned_and_names_checked():
     for bad in ("a/b", "+", "#", "", "x" * 65):
         with pytest.raises(ValueError):
             t.site(bad, "update")
+
+
+def test_the_largest_chunk_request_fits_a_control_message_signed_or_not():
+    """A request for 100,000 indices did not fit the 256 KiB limit (726 KB signed): every receiver
+    refused it, and a large transfer that lost its chunks could never be asked for again."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from protocol.messages import MAX_MESSAGE_BYTES, MAX_REQUEST_INDICES, ChunkRequest
+    from protocol.signing import Keyring, Signer
+
+    req = ChunkRequest.first_of("aggregator", "ab" * 32, list(range(99_999_999 - 40_000, 99_999_999)))
+    assert len(req.indices) == MAX_REQUEST_INDICES
+    payload = encode_message(req)
+    assert len(payload) <= MAX_MESSAGE_BYTES and parse_message(payload) == req
+    key = ed25519.Ed25519PrivateKey.generate()
+    topics = Topics("big")
+    keyring = Keyring({"aggregator": ("aggregator", key.public_key())}, topics)
+    signer, inner = keyring.open(Signer("aggregator", key).wrap(payload), topics.site("s1", "resend"))
+    assert signer == "aggregator" and parse_message(inner) == req
