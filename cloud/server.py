@@ -125,6 +125,9 @@ class Aggregator:
         self.journal.check_identity(cfg.identity(), ServeConfig.stored_identity)
         self.lock = threading.RLock()
         self.online: dict[str, tuple[str, int | None]] = {}  # site -> (state, round) of its status
+        # site -> the last round it reported failed in: not selected for that round again (unless a
+        # restarted round retries it, FAILED_RETRIES), whatever status it sends after
+        self.failed_in: dict[str, int] = {}
         self.facts: dict[str, SiteFacts] = {}  # site -> what the dashboard shows of it
         self.phase = "starting"
         self.history = RunHistory(self.journal.root / "metrics.jsonl")
@@ -238,6 +241,8 @@ class Aggregator:
             facts = self.facts.setdefault(status.node, SiteFacts())
             facts.last_seen, facts.deployed = time.time(), status.deployed
             cur = self.current
+            if status.state == "failed" and status.round is not None:
+                self.failed_in[status.node] = status.round
             if (
                 status.state == "failed"
                 and cur is not None
@@ -245,6 +250,7 @@ class Aggregator:
                 and status.node in cur.waiting()
             ):
                 cur.failed[status.node] = status.reason or "no reason given"
+                self._save_open(cur)  # (a restart keeps the failure)
                 with log_context(site=status.node, round=cur.number):
                     log.warning("site cannot take part in this round: %s", cur.failed[status.node])
 
@@ -408,18 +414,25 @@ class Aggregator:
         path = self.journal.update_path(cur.number, site)
         return self.layout.fill(iter_state_file(path, cur.limit), out=self.scratch, what="update")
 
-    def _accept(self, cur: OpenRound, site: str, m: UpdateManifest) -> None:
-        """Validate the journaled update fully, then ack: an acknowledged update is aggregated at close."""
+    def _accept(self, cur: OpenRound, site: str, m: UpdateManifest, resumed: bool = False) -> None:
+        """Validate the journaled update fully, then ack: an acknowledged update is aggregated at close.
+        `resumed`: the update was journaled before a restart (and perhaps acknowledged): if it is
+        unreadable now, the state dir was damaged, and the site is not blamed with a rejection; it
+        trains the round again under a new run id (the caller renews it)."""
         with log_context(site=site, round=cur.number):
             try:
                 floats, _ = self._decode(cur, site)
                 norm = l2_norm(floats)
-            except (CodecError, LayoutError) as err:
-                self._reject(cur, site, m, str(err), "bad_payload")
-                self.journal.drop_update(cur.number, site)
-                return
             except Exception as err:  # a decoder's bug on hostile bytes costs this update, not the round
-                self._reject(cur, site, m, f"undecodable: {type(err).__name__}: {err}", "bad_payload")
+                why = (
+                    str(err)
+                    if isinstance(err, CodecError | LayoutError)
+                    else f"undecodable: {type(err).__name__}: {err}"
+                )
+                if resumed:
+                    log.warning("journaled update unreadable at the restart, dropped: %s", short_reason(why))
+                else:
+                    self._reject(cur, site, m, why, "bad_payload")
                 self.journal.drop_update(cur.number, site)
                 return
             cur.norms[site] = norm
@@ -457,9 +470,9 @@ class Aggregator:
         with self.lock:
             return sorted(
                 s
-                for s, (state, failed_round) in self.online.items()
+                for s, (state, _) in self.online.items()
                 if state != "offline"
-                and not (state == "failed" and failed_round == r and s not in retry)
+                and not (self.failed_in.get(s) == r and s not in retry)
                 and self.endpoint.knows(s)
             )
 
@@ -547,6 +560,9 @@ class Aggregator:
                 saved["base_hash"][:12],
                 base_hash[:12],
             )
+        if resumed:  # failures in this round and its retries, as journaled before the restart
+            for site in saved.get("failed", []):
+                self.failed_in[site] = r
         selected = saved["selected"] if resumed else self._select(r) if train else self._eligible(r)
         now = time.time()
         kd_due = train and self.public is not None and self.cfg.kd.due(r)
@@ -564,6 +580,8 @@ class Aggregator:
             train=train,
             restarts=saved.get("restarts", 0) if resumed else 0,
         )
+        if resumed:
+            cur.retried = dict(saved.get("retried", {}))
         if train and self.clustering is not None and self.clustering.active:
             cur.group_of = dict(self.clustering.groups)
             for g, state in sorted(self.clustering.states.items()):
@@ -580,7 +598,7 @@ class Aggregator:
             lost = []
             for site, manifest in self.journal.journaled_updates(r) if resumed else []:
                 try:
-                    self._accept(cur, site, parse_message(manifest, UpdateManifest))
+                    self._accept(cur, site, parse_message(manifest, UpdateManifest), resumed=True)
                 except MessageError as err:
                     log.warning("journaled manifest of %s unreadable (%s)", site, err)
                     self.journal.drop_update(r, site)
@@ -637,7 +655,10 @@ class Aggregator:
 
     def _save_open(self, cur: OpenRound) -> None:
         info = {"round": cur.number, "selected": cur.selected, "base_hash": cur.base_hash}
-        self.journal.save_open_round({**info, "restarts": cur.restarts, "train": cur.train})
+        failed = sorted(s for s, r in self.failed_in.items() if r == cur.number)
+        self.journal.save_open_round(
+            {**info, "restarts": cur.restarts, "train": cur.train, "failed": failed, "retried": cur.retried}
+        )
 
     def _drop_revoked(self, cur: OpenRound) -> None:
         for site in cur.waiting():

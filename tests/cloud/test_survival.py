@@ -436,6 +436,35 @@ def test_a_site_that_failed_for_a_moment_is_selected_again_when_the_round_needs_
     assert summary["accepted"] == ["a", "b", "c"] and summary["restarts"] == 1
 
 
+def test_a_site_that_failed_a_round_is_not_selected_for_it_again_by_saying_online(tmp_path, mosquitto_url):
+    """A site that failed round 0 and then sends "online" (a crashing site reconnecting) was selected for
+    round 0 again without limit (2026-12-04 audit); now only the retry rule brings it back (at most
+    twice), and the failure is journaled with the open round, so a restarted aggregator keeps it."""
+    cfg = ServeConfig(
+        federation="flap", state_dir=tmp_path, rounds=2, min_sites=2, deadline_s=60, final_eval=False, **TINY
+    )
+    agg, raw, thread = _start(cfg, mosquitto_url, ["a", "b", "c"])
+    try:
+        raw.status("c", state="failed", round=0, reason="disk full")
+        assert _wait(lambda: "c" in agg.current.failed, 10)
+        raw.status("c", state="online", round=0)
+        assert _wait(lambda: agg.online.get("c", ("",))[0] == "online", 10)
+        assert agg._eligible(0) == ["a", "b"] and agg._eligible(0, retry={"c"}) == ["a", "b", "c"]
+        assert agg._eligible(1) == ["a", "b", "c"]
+        assert json.loads((tmp_path / "flap" / "open.json").read_text())["failed"] == ["c"]
+        agg.stop()
+        thread.join(timeout=30)
+        again = Aggregator(cfg, mosquitto_url)
+        thread = threading.Thread(target=again.run, daemon=True)
+        thread.start()
+        assert _wait(lambda: again.current is not None, 30)
+        assert again.failed_in == {"c": 0} and again._eligible(0) == ["a", "b"]
+        again.stop()
+        thread.join(timeout=30)
+    finally:
+        raw.stop()
+
+
 def test_the_final_evaluation_waits_for_statuses_that_arrive_after_the_aggregator_starts(
     tmp_path, mosquitto_url
 ):
@@ -588,13 +617,14 @@ def test_a_lost_journaled_update_makes_the_sites_train_the_round_again(tmp_path,
         # a to train it again (docs/protocol.md, rule 0)
         assert _wait(lambda: raw.round.run_id != first_id, 30)
         assert not (tmp_path / "lost" / "rounds" / "00000" / "updates" / "a.blob").exists()
+        assert all(ack["accepted"] for ack in raw.acks)  # the aggregator's damage is not blamed on site a
         raw.update("a", d)
         raw.update("b", d)
         thread.join(timeout=60)
         assert not thread.is_alive()
     finally:
         raw.stop()
-    assert _summaries(cfg)[0]["accepted"] == ["a", "b"]
+    assert _summaries(cfg)[0]["accepted"] == ["a", "b"] and _summaries(cfg)[0]["rejected"] == []
 
 
 def test_unwritable_state_dir_stops_cleanly_without_acking(tmp_path, mosquitto_url, caplog):
