@@ -122,7 +122,7 @@ def parse_chunk(payload: bytes) -> tuple[ChunkHeader, memoryview]:
     if head_len > MAX_HEADER_BYTES or 8 + head_len > len(view):
         raise ChunkError(f"bad chunk header length {head_len}")
     try:
-        header = ChunkHeader.model_validate(json.loads(bytes(view[8 : 8 + head_len])))
+        header = ChunkHeader.model_validate(json.loads(bytes(view[8 : 8 + head_len])), strict=True)
     except (ValueError, ValidationError) as err:
         raise ChunkError(f"bad chunk header: {str(err).splitlines()[0]}") from None
     if header.index >= header.count:

@@ -264,12 +264,12 @@ def parse_message(payload: bytes, expected: type[_Message] | None = None) -> _Me
         raise MessageError(f"not JSON: {err}") from None
     if not isinstance(data, dict):
         raise MessageError("not a JSON object")
-    if data.get("schema_version") != SCHEMA_VERSION:
+    if type(data.get("schema_version")) is not int or data["schema_version"] != SCHEMA_VERSION:
         raise MessageError(
             f"unsupported schema_version {data.get('schema_version')!r} (expected {SCHEMA_VERSION})"
         )
     try:
-        message = _ADAPTER.validate_python(data)
+        message = _ADAPTER.validate_python(data, strict=True)  # JSON types as they are: no coercion
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "message"

@@ -65,6 +65,12 @@ def test_corrupt_foreign_and_malformed_chunks_are_rejected():
         parse_chunk(b"FRC1\xff\xff\xff\xff")
     with pytest.raises(ChunkError, match="bad chunk header"):
         parse_chunk(b"FRC1\x00\x00\x00\x02{}")
+    for index in ('"0"', "0.0", "true"):  # "a JSON integer": nothing is coerced
+        head_len = int.from_bytes(messages[0][4:8], "big")
+        header = messages[0][8 : 8 + head_len].replace(b'"index":0', b'"index":' + index.encode())
+        assert header != messages[0][8 : 8 + head_len]
+        with pytest.raises(ChunkError, match="bad chunk header"):
+            parse_chunk(b"FRC1" + len(header).to_bytes(4, "big") + header + messages[0][8 + head_len :])
     truncated = messages[1][:-10]
     with pytest.raises(ChunkError, match="bytes, expected"):
         parse_chunk(truncated)

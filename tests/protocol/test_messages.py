@@ -77,6 +77,15 @@ def test_round_trip_and_expected_kind():
         (json.dumps(_update(extra=1)).encode(), "extra"),
         (json.dumps(_update(base_hash="xyz")).encode(), "base_hash"),
         (b"{" + b" " * 300_000 + b"}", "exceeds"),
+        # JSON types as they are (a strict receiver would refuse what a lax one coerced; 2026-12-04 audit)
+        (json.dumps(_update(schema_version=1.0)).encode(), "schema_version"),
+        (json.dumps(_update(schema_version=True)).encode(), "schema_version"),
+        (json.dumps(_update(n_samples=True)).encode(), "n_samples"),
+        (json.dumps(_update(n_samples=10.0)).encode(), "n_samples"),
+        (json.dumps(_update(round=True)).encode(), "round"),
+        (json.dumps(_update(cdw="0.5")).encode(), "cdw"),
+        (json.dumps(_update(dp_epsilon="1")).encode(), "dp_epsilon"),
+        (json.dumps(_update(blob={**BLOB.model_dump(), "size": "10"})).encode(), "blob.size"),
     ],
 )
 def test_bad_messages(payload, match):
