@@ -719,7 +719,7 @@ class Agent:
                 return
             missing = f.transfer.missing()
             f.requested = time.monotonic()
-            req = ChunkRequest(requester=self.cfg.site, blob_id=f.start.blob.blob_id, indices=missing)
+            req = ChunkRequest.first_of(self.cfg.site, f.start.blob.blob_id, missing)
         log.info("asking the aggregator to resend %d chunks of the global model", len(missing))
         self.endpoint.publish(self.topics.global_resend, encode_message(req))
 

@@ -60,6 +60,7 @@ from reid.logs import bound, log_context
 
 log = logging.getLogger(__name__)
 POINTER = "current.json"
+UNANSWERED_WAIT_S = 60.0  # the longest wait between requests for a deployment nobody answers
 
 
 def current_model(state_dir: Path) -> Path | None:
@@ -173,6 +174,7 @@ class Deployments:
         self.lock = threading.Lock()
         self.pending: tuple[Deployment, InboundBlob] | None = None
         self.pending_since = 0.0  # when the pending transfer last made progress (or was announced)
+        self.unanswered = 0  # requests for the pending transfer since a chunk last came
         self.queued_sha: str | None = None  # fetched, waiting for or in the installer
         self.jobs: queue.Queue[tuple[Deployment, bytes] | None] = queue.Queue()
         self.installed_sha: str | None = None
@@ -285,6 +287,7 @@ class Deployments:
                 self.pending[1].close()
             self.pending = (msg, InboundBlob(msg.blob, max_bytes=self.max_bytes))
             self.pending_since = time.monotonic()
+            self.unanswered = 0
         log.info("deployment %s announced: fetching %d chunks", msg.version, msg.blob.chunks)
 
     def _on_chunk(self, topic: str, payload: bytes) -> None:
@@ -302,6 +305,7 @@ class Deployments:
             try:
                 if transfer.add(header, data):
                     self.pending_since = time.monotonic()
+                    self.unanswered = 0
                 if not transfer.complete:
                     return
                 blob = transfer.result()
@@ -323,15 +327,27 @@ class Deployments:
             self.jobs.put((manifest, blob))
 
     def poll(self, idle_s: float) -> None:
-        """Called periodically: a transfer without progress for `idle_s` asks for its missing chunks."""
+        """Called periodically: a transfer without progress for `idle_s` asks for its missing chunks.
+        Unanswered requests double the wait (up to a minute): nobody may be there to answer (a retained
+        deployment outlives the `serve` that made it), which one line says after the third."""
         with self.lock:
-            if self.pending is None or time.monotonic() - self.pending_since < idle_s:
+            wait = min(idle_s * 2**self.unanswered, max(idle_s, UNANSWERED_WAIT_S))
+            if self.pending is None or time.monotonic() - self.pending_since < wait:
                 return
             self.pending_since = time.monotonic()
+            self.unanswered += 1
             manifest, transfer = self.pending
             missing = transfer.missing()
-        request = ChunkRequest(requester=self.endpoint.node, blob_id=manifest.blob.blob_id, indices=missing)
+            unanswered = self.unanswered
+        request = ChunkRequest.first_of(self.endpoint.node, manifest.blob.blob_id, missing)
         with log_context(site=self.endpoint.node):
+            if unanswered == 4:
+                log.warning(
+                    "deployment %s: no chunk came for 3 requests; nobody may be sending it (after a run, "
+                    "`cloud-aggregator deploy --linger` does); still serving %s, asking less often",
+                    manifest.version,
+                    self.version or "nothing",
+                )
             log.info("deployment %s: asking for %d missing chunks", manifest.version, len(missing))
         self.endpoint.publish(self.topics.deploy_resend, encode_message(request))
 

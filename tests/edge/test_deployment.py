@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import socket
 import subprocess
@@ -322,3 +323,50 @@ def test_a_site_that_keeps_its_batchnorm_serves_the_deployment_with_it(
         for endpoint in endpoints:
             endpoint.stop()
         _clear_retained(mosquitto_url, topics.deploy)
+
+
+def test_a_deployment_nobody_sends_is_asked_for_less_often_and_said_once(tmp_path, mosquitto_url, caplog):
+    """A retained deployment outlives the `serve` that made it: a site that joins later asked for it every
+    5 s forever, silently (2026-12-04 audit). Unanswered requests now double the wait (to a minute),
+    and after the third one line says that nobody may be sending it."""
+    from export.contract import Contract
+    from protocol.chunks import blob_ref
+
+    topics = Topics("nobody")
+    blob = b"m" * 5000
+    contract = Contract(
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), height=64, width=32, output_dim=512, exporter="test",
+        opset=18, model=ModelSpec(arch="resnet18"), sha256=hashlib.sha256(blob).hexdigest(),
+    )  # fmt: skip
+    host, port, _ = parse_url(mosquitto_url)
+    asked: list[float] = []
+    listener = paho.Client(CallbackAPIVersion.VERSION2)
+    listener.on_message = lambda c, u, m: asked.append(time.monotonic())
+    listener.connect(host, port)
+    listener.subscribe(topics.deploy_resend, qos=1)
+    listener.loop_start()
+    endpoint = Endpoint(mosquitto_url, topics, "late", "site")
+    deployments = Deployments(tmp_path / "late", endpoint)
+    endpoint.start()
+    try:
+        assert endpoint.connected.wait(10)
+        manifest = Deployment(
+            federation="nobody", version="nobody/round-3", round=3, blob=blob_ref(blob, 1024),
+            contract=contract.model_dump(mode="json"), created=time.time(),
+        )  # fmt: skip
+        listener.publish(topics.deploy, encode_message(manifest), qos=1).wait_for_publish(5)
+        assert _wait(lambda: deployments.pending is not None, 10)
+        start = time.monotonic()
+        while time.monotonic() - start < 3.5:
+            deployments.poll(0.2)
+            time.sleep(0.02)
+    finally:
+        endpoint.stop()
+        listener.loop_stop()
+        listener.disconnect()
+    # at 0.2, 0.6, 1.4, 3.0 s (waits 0.2, 0.4, 0.8, 1.6): 4 requests, where a fixed wait made 17
+    assert 3 <= len(asked) <= 5, asked
+    gaps = [b - a for a, b in itertools.pairwise(asked)]
+    assert all(later > 1.5 * earlier for earlier, later in itertools.pairwise(gaps)), gaps
+    said = [r.getMessage() for r in caplog.records if "nobody may be sending it" in r.getMessage()]
+    assert len(said) == 1 and "still serving nothing" in said[0]
