@@ -83,6 +83,15 @@ class ChunkResender:
         count = self.chunks_for(req)
         if count is None:
             return
+        outside = sum(1 for i in req.indices if not 0 <= i < count)
+        if outside:  # (the rest of the request is served)
+            log.warning(
+                "chunk request of %s for the %s: %d indices outside 0-%d ignored",
+                req.requester,
+                self.what,
+                outside,
+                count - 1,
+            )
         now = time.monotonic()
         with self.lock:
             if now - self.last_request.get(req.requester, -math.inf) < self.min_interval_s:

@@ -29,7 +29,7 @@ def _request(requester: str, indices: list[int], blob_id: str = BLOB_ID) -> byte
     return json.dumps(doc).encode()
 
 
-def test_requests_are_answered_coalesced_and_bounded_under_a_forged_flood(mosquitto_url):
+def test_requests_are_answered_coalesced_and_bounded_under_a_forged_flood(mosquitto_url, caplog):
     topics = Topics("resend")
     got: list[int] = []
     asked: list[str] = []
@@ -54,8 +54,9 @@ def test_requests_are_answered_coalesced_and_bounded_under_a_forged_flood(mosqui
     resender.start()
     try:
         assert _wait(lambda: server.connected.is_set() and client.connected.is_set())
-        client.publish(topics.global_resend, _request("site-a", [3, 4]))
-        assert _wait(lambda: sorted(got) == [3, 4])
+        client.publish(topics.global_resend, _request("site-a", [3, 4, 999, -1]))
+        assert _wait(lambda: sorted(got) == [3, 4])  # the rest is served, and what is not is said
+        assert "chunk request of site-a for the blob: 2 indices outside 0-9 ignored" in caplog.text
         client.publish(topics.global_resend, _request("site-a", [5]))  # same requester within 1 s: dropped
         client.publish(topics.global_resend, _request("site-b", [9], blob_id="cd" * 16))  # not served
         time.sleep(1.5)
