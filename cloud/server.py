@@ -125,8 +125,10 @@ class Aggregator:
         self.journal.check_identity(cfg.identity(), ServeConfig.stored_identity)
         self.lock = threading.RLock()
         self.online: dict[str, tuple[str, int | None]] = {}  # site -> (state, round) of its status
-        # site -> the last round it reported failed in: not selected for that round again (unless a
-        # restarted round retries it, FAILED_RETRIES), whatever status it sends after
+        # site -> the open round it reported failed in: not selected for that round again (unless a
+        # restarted round retries it, FAILED_RETRIES), whatever status it sends after. Only failures in
+        # the open round count (and those journaled with it): a retained "failed" of an earlier run's
+        # round 0 must not keep a site out of this run's round 0.
         self.failed_in: dict[str, int] = {}
         self.facts: dict[str, SiteFacts] = {}  # site -> what the dashboard shows of it
         self.phase = "starting"
@@ -241,7 +243,7 @@ class Aggregator:
             facts = self.facts.setdefault(status.node, SiteFacts())
             facts.last_seen, facts.deployed = time.time(), status.deployed
             cur = self.current
-            if status.state == "failed" and status.round is not None:
+            if status.state == "failed" and cur is not None and status.round == cur.number:
                 self.failed_in[status.node] = status.round
             if (
                 status.state == "failed"

@@ -415,7 +415,8 @@ class StreamingAggregator:
         new_floats.index_copy_(
             0, self.copy_index, self.base_floats.index_select(0, self.copy_index) + first_floats
         )
-        new_ints = self.base_ints + first_ints
+        # (counters: an update's are counts of batches, never negative; bounded so no claim can wrap them)
+        new_ints = self.base_ints + first_ints.clamp(0, 2**31 - 1)
         # a variance is never negative (an update can push an averaged or copied one below 0: NaN features)
         new_floats.index_copy_(0, self.var_index, new_floats.index_select(0, self.var_index).clamp_(min=0))
         state = self.layout.unflatten(new_floats, new_ints, like=self.base)

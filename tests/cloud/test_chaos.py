@@ -111,7 +111,7 @@ def test_chaos_kills_at_random_moments_never_stall_the_federation(tiny_federatio
     seen_at: dict[int, float] = {}
     kills: list[str] = []
     started = time.monotonic()
-    next_kill = started + rng.uniform(4, 12)
+    next_kill = started + rng.uniform(3, 8)
     stall_bound = DEADLINE_S * (EXTENSIONS + 1) + RESTART_SLACK_S
     last_progress = started
     try:
@@ -139,7 +139,7 @@ def test_chaos_kills_at_random_moments_never_stall_the_federation(tiny_federatio
                     child.kill(sig)
                     time.sleep(rng.uniform(0.2, 2.0))
                     child.start()
-                next_kill = time.monotonic() + rng.uniform(4, 12)
+                next_kill = time.monotonic() + rng.uniform(3, 8)
             time.sleep(0.2)
         for summary in _summaries(metrics):
             seen_at.setdefault(summary["round"], time.monotonic())

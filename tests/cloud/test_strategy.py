@@ -381,3 +381,21 @@ def test_a_blob_decodes_straight_into_flat_buffers_or_not_at_all():
     for reason, case in bad.items():
         with pytest.raises(LayoutError, match=reason):
             layout.fill(iter(case))
+
+
+@pytest.mark.parametrize("bn", ["first", "average"])
+def test_the_first_updates_counters_are_bounded(bn):
+    """num_batches_tracked comes from the first accepted update: a hostile one could make it negative or
+    wrap it (int64). The counter's delta is a count of batches: kept within [0, 2^31 - 1]."""
+    base = _states(1, seed=5)[0]
+    counters = [k for k, v in base.items() if not v.dtype.is_floating_point]
+    for first_delta, want in ((-5, 0), (2**62, 2**31 - 1), (7, 7)):
+        agg = StreamingAggregator(base, StrategyConfig(bn=bn))
+        delta = {
+            k: torch.full_like(v, first_delta) if k in counters else torch.zeros_like(v)
+            for k, v in base.items()
+        }
+        assert agg.add(Update("first", delta, 10)) is None
+        assert agg.add(Update("second", {k: torch.zeros_like(v) for k, v in base.items()}, 10)) is None
+        state = agg.finish().state
+        assert all(torch.equal(state[k], base[k] + want) for k in counters), first_delta
