@@ -155,10 +155,10 @@ def mosquitto_conf(broker_dir: Path, port: int, bind: str) -> str:
         "persistence false\n"
         "max_queued_messages 10000\n"
         # a message larger than any chunk our nodes send disconnects its sender; a client that reads
-        # slowly has at most 1 GiB queued for it (the rest of its QoS 1 messages are dropped and asked
+        # slowly has at most 256 MiB queued for it (the rest of its QoS 1 messages are dropped and asked
         # for again): a site flooding the broker cannot exhaust its memory (docs/operations.md)
         f"max_packet_size {MAX_CHUNK_BYTES + MAX_HEADER_BYTES + 65536}\n"
-        "max_queued_bytes 1073741824\n"
+        "max_queued_bytes 268435456\n"
         "log_dest stdout\nlog_type error\nlog_type warning\nlog_type notice\n"
     )
 
