@@ -244,17 +244,12 @@ class Aggregator:
             facts.last_seen, facts.deployed = time.time(), status.deployed
             cur = self.current
             if status.state == "failed" and cur is not None and status.round == cur.number:
-                self.failed_in[status.node] = status.round
-            if (
-                status.state == "failed"
-                and cur is not None
-                and status.round == cur.number
-                and status.node in cur.waiting()
-            ):
-                cur.failed[status.node] = status.reason or "no reason given"
-                self._save_open(cur)  # (a restart keeps the failure)
-                with log_context(site=status.node, round=cur.number):
-                    log.warning("site cannot take part in this round: %s", cur.failed[status.node])
+                self.failed_in[status.node] = cur.number
+                if status.node in cur.waiting():
+                    cur.failed[status.node] = status.reason or "no reason given"
+                    self._save_open(cur)  # (a restart keeps the failure)
+                    with log_context(site=status.node, round=cur.number):
+                        log.warning("site cannot take part in this round: %s", cur.failed[status.node])
 
     def _ack(self, site: str, round_: int, blob_id: str, accepted: bool, reason: str = "") -> None:
         ack = UpdateAck(site=site, round=round_, blob_id=blob_id, accepted=accepted, reason=reason[:1000])
