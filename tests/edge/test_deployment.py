@@ -354,7 +354,8 @@ def test_a_deployment_nobody_sends_is_asked_for_less_often_and_said_once(tmp_pat
             federation="nobody", version="nobody/round-3", round=3, blob=blob_ref(blob, 1024),
             contract=contract.model_dump(mode="json"), created=time.time(),
         )  # fmt: skip
-        listener.publish(topics.deploy, encode_message(manifest), qos=1).wait_for_publish(5)
+        # retained, as the aggregator publishes it (and so whenever the site's subscription lands)
+        listener.publish(topics.deploy, encode_message(manifest), qos=1, retain=True).wait_for_publish(5)
         assert _wait(lambda: deployments.pending is not None, 10)
         start = time.monotonic()
         while time.monotonic() - start < 3.5:
@@ -362,6 +363,7 @@ def test_a_deployment_nobody_sends_is_asked_for_less_often_and_said_once(tmp_pat
             time.sleep(0.02)
     finally:
         endpoint.stop()
+        listener.publish(topics.deploy, b"", qos=1, retain=True).wait_for_publish(5)
         listener.loop_stop()
         listener.disconnect()
     # at 0.2, 0.6, 1.4, 3.0 s (waits 0.2, 0.4, 0.8, 1.6): 4 requests, where a fixed wait made 17
