@@ -57,7 +57,10 @@ class OpenRound:
     transfers: dict[str, InboundBlob] = field(default_factory=dict)  # pending manifests' uploads
     accepted: dict[str, UpdateManifest] = field(default_factory=dict)
     norms: dict[str, float] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # waiting sites that failed: site -> reason
+    # every site that reported failing this round, also one selected again since: only the retry rule of a
+    # restarted round (FAILED_RETRIES) selects it again, whatever status it sends after; journaled
+    failed_once: set[str] = field(default_factory=set)
     retried: dict[str, int] = field(default_factory=dict)  # site -> times selected again after failing
     rejections: list[dict] = field(default_factory=list)  # {"site", "reason", "count"}, by note_rejection
     last_resend: dict[str, float] = field(default_factory=dict)

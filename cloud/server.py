@@ -125,11 +125,6 @@ class Aggregator:
         self.journal.check_identity(cfg.identity(), ServeConfig.stored_identity)
         self.lock = threading.RLock()
         self.online: dict[str, tuple[str, int | None]] = {}  # site -> (state, round) of its status
-        # site -> the open round it reported failed in: not selected for that round again (unless a
-        # restarted round retries it, FAILED_RETRIES), whatever status it sends after. Only failures in
-        # the open round count (and those journaled with it): a retained "failed" of an earlier run's
-        # round 0 must not keep a site out of this run's round 0.
-        self.failed_in: dict[str, int] = {}
         self.facts: dict[str, SiteFacts] = {}  # site -> what the dashboard shows of it
         self.phase = "starting"
         self.history = RunHistory(self.journal.root / "metrics.jsonl")
@@ -243,8 +238,10 @@ class Aggregator:
             facts = self.facts.setdefault(status.node, SiteFacts())
             facts.last_seen, facts.deployed = time.time(), status.deployed
             cur = self.current
+            # only failures in the open round count: a retained "failed" of an earlier run's round 0 must
+            # not keep a site out of this run's round 0
             if status.state == "failed" and cur is not None and status.round == cur.number:
-                self.failed_in[status.node] = cur.number
+                cur.failed_once.add(status.node)
                 if status.node in cur.waiting():
                     cur.failed[status.node] = status.reason or "no reason given"
                     self._save_open(cur)  # (a restart keeps the failure)
@@ -461,29 +458,32 @@ class Aggregator:
         self.stopping.set()
 
     # -- the round loop (caller thread) ----------------------------------------------------------------
-    def _eligible(self, r: int, retry: Collection[str] = ()) -> list[str]:
-        """Sites that may be selected for round r: not offline, not failed in round r unless in `retry`
-        and, with signing, not revoked (a failure excludes a site from the round it names only)."""
+    def _eligible(self, failed: Collection[str] = (), retry: Collection[str] = ()) -> list[str]:
+        """Sites that may be selected: not offline, not `failed` (in the open round) unless in `retry` and,
+        with signing, not revoked."""
         with self.lock:
             return sorted(
                 s
                 for s, (state, _) in self.online.items()
-                if state != "offline"
-                and not (self.failed_in.get(s) == r and s not in retry)
-                and self.endpoint.knows(s)
+                if state != "offline" and (s not in failed or s in retry) and self.endpoint.knows(s)
             )
 
     def _select(
-        self, r: int, draw: int = 0, keep: set[str] | None = None, retry: Collection[str] = ()
+        self,
+        r: int,
+        draw: int = 0,
+        keep: set[str] | None = None,
+        failed: Collection[str] = (),
+        retry: Collection[str] = (),
     ) -> list[str]:
-        """Sample round r's sites once `min_sites` are eligible; sites in `retry` that failed in round r
-        count only when the others are too few (a restarted round gives a transient failure one more
-        chance rather than waiting for a site that is not coming)."""
+        """Sample round r's sites once `min_sites` are eligible, leaving out the sites that `failed` it;
+        those in `retry` count only when the others are too few (a restarted round gives a transient
+        failure one more chance rather than waiting for a site that is not coming)."""
         waited = time.monotonic()
         while True:
-            online = self._eligible(r)
+            online = self._eligible(failed)
             if len(online) < self.cfg.min_sites and retry:
-                online = self._eligible(r, retry)
+                online = self._eligible(failed, retry)
             if len(online) >= self.cfg.min_sites:
                 break
             if time.monotonic() - waited > self.cfg.wait_for_sites_s:
@@ -557,10 +557,7 @@ class Aggregator:
                 saved["base_hash"][:12],
                 base_hash[:12],
             )
-        if resumed:  # failures in this round and its retries, as journaled before the restart
-            for site in saved.get("failed", []):
-                self.failed_in[site] = r
-        selected = saved["selected"] if resumed else self._select(r) if train else self._eligible(r)
+        selected = saved["selected"] if resumed else self._select(r) if train else self._eligible()
         now = time.time()
         kd_due = train and self.public is not None and self.cfg.kd.due(r)
         cur = OpenRound(
@@ -577,7 +574,8 @@ class Aggregator:
             train=train,
             restarts=saved.get("restarts", 0) if resumed else 0,
         )
-        if resumed:
+        if resumed:  # failures in this round and its retries, as journaled before the restart
+            cur.failed_once = set(saved.get("failed", []))
             cur.retried = dict(saved.get("retried", {}))
         if train and self.clustering is not None and self.clustering.active:
             cur.group_of = dict(self.clustering.groups)
@@ -630,7 +628,7 @@ class Aggregator:
         with self.lock:
             keep = set(cur.accepted) | set(cur.manifests)
             retry = {s for s in cur.failed if cur.retried.get(s, 0) < FAILED_RETRIES}
-        selected = self._select(cur.number, draw=cur.restarts, keep=keep, retry=retry)
+        selected = self._select(cur.number, cur.restarts, keep, failed=cur.failed_once, retry=retry)
         with self.lock:
             for site in retry & set(selected):
                 cur.retried[site] = cur.retried.get(site, 0) + 1
@@ -651,10 +649,11 @@ class Aggregator:
         self._publish_round(cur)
 
     def _save_open(self, cur: OpenRound) -> None:
-        info = {"round": cur.number, "selected": cur.selected, "base_hash": cur.base_hash}
-        failed = sorted(s for s, r in self.failed_in.items() if r == cur.number)
+        with self.lock:  # the status thread adds failures
+            info = {"round": cur.number, "selected": cur.selected, "base_hash": cur.base_hash}
+            failed, retried = sorted(cur.failed_once), dict(cur.retried)
         self.journal.save_open_round(
-            {**info, "restarts": cur.restarts, "train": cur.train, "failed": failed, "retried": cur.retried}
+            {**info, "restarts": cur.restarts, "train": cur.train, "failed": failed, "retried": retried}
         )
 
     def _drop_revoked(self, cur: OpenRound) -> None:
@@ -964,10 +963,10 @@ class Aggregator:
         if not self.cfg.final_eval or self.journal.has_summary("evaluation", last):
             return
         settle = time.monotonic() + min(self.cfg.wait_for_sites_s, STATUS_SETTLE_S)
-        while len(self._eligible(r)) < self.cfg.min_sites and time.monotonic() < settle:
+        while len(self._eligible()) < self.cfg.min_sites and time.monotonic() < settle:
             if self.stopping.wait(0.2):
                 raise Stopped
-        if not self._eligible(r):
+        if not self._eligible():
             log.warning("no site online: the final model is not evaluated")
             return
         cur = self._open_round(r, train=False)

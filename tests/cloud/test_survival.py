@@ -449,20 +449,24 @@ def test_a_site_that_failed_a_round_is_not_selected_for_it_again_by_saying_onlin
         assert _wait(lambda: "c" in agg.current.failed, 10)
         raw.status("c", state="online", round=0)
         assert _wait(lambda: agg.online.get("c", ("",))[0] == "online", 10)
-        assert agg._eligible(0) == ["a", "b"] and agg._eligible(0, retry={"c"}) == ["a", "b", "c"]
-        assert agg._eligible(1) == ["a", "b", "c"]
+        failed = agg.current.failed_once
+        assert agg._eligible(failed) == ["a", "b"] and agg._eligible(failed, retry={"c"}) == ["a", "b", "c"]
         assert json.loads((tmp_path / "flap" / "open.json").read_text())["failed"] == ["c"]
         # a failure for a round that is not open (a retained status of an earlier run) counts for nothing
         raw.status("d", state="failed", round=1, reason="an earlier run")
         assert _wait(lambda: "d" in agg.online, 10)
-        assert agg._eligible(1) == ["a", "b", "c", "d"] and agg.failed_in == {"c": 0}
+        assert agg._eligible(failed) == ["a", "b", "d"] and agg.current.failed_once == {"c"}
         agg.stop()
         thread.join(timeout=30)
         again = Aggregator(cfg, mosquitto_url)
         thread = threading.Thread(target=again.run, daemon=True)
         thread.start()
         assert _wait(lambda: again.current is not None, 30)
-        assert again.failed_in == {"c": 0} and again._eligible(0) == ["a", "b", "d"]
+        assert again.current.failed_once == {"c"} and again._eligible(again.current.failed_once) == [
+            "a",
+            "b",
+            "d",
+        ]
         again.stop()
         thread.join(timeout=30)
     finally:
