@@ -54,6 +54,7 @@ from protocol.chunks import (
     ForeignChunk,
     InboundBlob,
     blob_ref,
+    check_ref,
     parse_chunk,
 )
 from protocol.codec import CodecError, Encoding, decode_state, encode_state
@@ -89,6 +90,7 @@ from reid.site_delta import site_delta
 from reid.train import DeviceName, TrainConfig, TrainResult, adapt_to_site, resolve_device, train_local
 
 log = logging.getLogger(__name__)
+MAX_MODEL_BYTES = 1 << 30  # the largest global model a site fetches (a ResNet-50 in fp32 is 98 MB)
 
 
 class RoundFailed(RuntimeError):
@@ -354,6 +356,9 @@ class Agent:
         if not isinstance(msg, RoundStart) or msg.federation != self.cfg.federation:
             return
         msg = msg.for_site(self.cfg.site)  # client clustering: this site's group model is its base
+        if why := check_ref(msg.blob, MAX_MODEL_BYTES):
+            log.warning("dropped round %d announcement: %s", msg.round, why)
+            return
         if msg.run_id and msg.run_id != self.progress.run_id:
             self._new_run(msg.run_id)
         if self.endpoint.state == "failed" and not self.progress.same(msg):
@@ -376,7 +381,7 @@ class Agent:
         with self.lock:
             if self.fetch:
                 self.fetch.transfer.close()
-            self.fetch = Fetch(msg, InboundBlob(msg.blob), requested=time.monotonic())
+            self.fetch = Fetch(msg, InboundBlob(msg.blob, MAX_MODEL_BYTES), requested=time.monotonic())
             self.working = (msg.round, msg.base_hash)
         self.metrics.phase("fetching")
         with log_context(site=self.cfg.site, round=msg.round):
@@ -436,7 +441,7 @@ class Agent:
             except ChunkError as err:
                 log.warning("global model transfer failed (%s); fetching it again", err)
                 f.transfer.close()
-                f.transfer = InboundBlob(f.start.blob)
+                f.transfer = InboundBlob(f.start.blob, MAX_MODEL_BYTES)
                 return
             f.transfer.close()
             self.fetch = None
@@ -684,30 +689,43 @@ class Agent:
             manifest.blob.encoding,
         )
 
+    def _next_job(self) -> tuple[RoundStart, bytes, float] | None:
+        """The newest round's model waiting to be trained (None: stop). Models of rounds that arrived
+        while this site was still training an older one are dropped: the aggregator has moved on, and
+        the queue never holds more than what arrived during one round."""
+        job = self.jobs.get()
+        while job is not None:
+            try:
+                newer = self.jobs.get_nowait()
+            except queue.Empty:
+                return job
+            if newer is None:
+                return None
+            with log_context(site=self.cfg.site, round=job[0].round):
+                log.info("round %d skipped: round %d's model arrived meanwhile", job[0].round, newer[0].round)
+            job = newer
+        return None
+
     def _trainer(self) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
+        while (job := self._next_job()) is not None:
             start, blob, fetch_seconds = job
             with log_context(site=self.cfg.site, round=start.round):
                 try:
                     self.endpoint.set_state("training", start.round)  # seen in `status` and the round's log
                     self._train_round(start, blob, fetch_seconds)
-                    self.endpoint.set_state("online", start.round)
-                    self.metrics.phase("waiting")
+                    state, reason = "online", ""
                 except Exception as err:  # the agent keeps running for the next round
                     reason = f"{type(err).__name__}: {err}"
                     if isinstance(err, (RoundFailed, DatasetLayoutError)):  # one line says it all
                         log.warning("cannot take part in round %d: %s", start.round, err)
                     else:
                         log.exception("round %d failed at this site: %s", start.round, err)
-                    self.endpoint.set_state("failed", start.round, reason)
-                    self.metrics.phase("failed")
-                finally:
-                    with self.lock:
-                        if self.working == (start.round, start.base_hash):
-                            self.working = None
+                    state = "failed"
+                with self.lock:  # before the state goes out: a restart of this round must find the site idle
+                    if self.working == (start.round, start.base_hash):
+                        self.working = None
+                self.endpoint.set_state(state, start.round, reason)
+                self.metrics.phase("waiting" if state == "online" else "failed")
 
     def _request_missing(self) -> None:
         with self.lock:
@@ -722,6 +740,15 @@ class Agent:
             req = ChunkRequest.first_of(self.cfg.site, f.start.blob.blob_id, missing)
         log.info("asking the aggregator to resend %d chunks of the global model", len(missing))
         self.endpoint.publish(self.topics.global_resend, encode_message(req))
+
+    def _tick(self) -> None:
+        """The periodic work of the main loop; an error in it is one log line, not the end of the agent."""
+        try:
+            self._request_missing()
+            self._announce_unacknowledged()
+            self.deployments.poll(self.cfg.transfer_idle_s)
+        except Exception as err:
+            log.exception("periodic work failed (the agent keeps running): %s", err)
 
     def stop(self) -> None:
         """Ask `run()` to return (from a signal handler or another thread)."""
@@ -748,9 +775,7 @@ class Agent:
             log.info("site %s up: %s, state in %s", self.cfg.site, self.cfg.data, self.dir)
             try:
                 while not self.done.wait(0.5) and not self.stopping.is_set():
-                    self._request_missing()
-                    self._announce_unacknowledged()
-                    self.deployments.poll(self.cfg.transfer_idle_s)
+                    self._tick()
                 if self.stopping.is_set():
                     log.info("stopping (signal); a pending update stays on disk and is sent after a restart")
             except KeyboardInterrupt:

@@ -53,7 +53,7 @@ from export.contract import (
     write_contract,
 )
 from export.runtime import FeatureExtractor
-from protocol.chunks import ChunkError, ForeignChunk, InboundBlob, parse_chunk, sha256_hex
+from protocol.chunks import ChunkError, ForeignChunk, InboundBlob, check_ref, parse_chunk, sha256_hex
 from protocol.messages import ChunkRequest, Deployment, MessageError, encode_message, parse_message
 from protocol.mqtt import Endpoint
 from reid.logs import bound, log_context
@@ -266,10 +266,11 @@ class Deployments:
         if msg.federation != self.topics.federation:
             log.warning("dropped deployment manifest for federation %s", msg.federation)
             return
-        if contract.sha256 != msg.blob.sha256 or msg.blob.size > self.max_bytes:
-            log.warning(
-                "dropped deployment %s: its contract and blob disagree or it is too large", msg.version
-            )
+        if contract.sha256 != msg.blob.sha256:
+            log.warning("dropped deployment %s: its contract and blob disagree", msg.version)
+            return
+        if why := check_ref(msg.blob, self.max_bytes):
+            log.warning("dropped deployment %s: %s", msg.version, why)
             return
         with self.lock:
             if msg.blob.sha256 in (self.installed_sha, self.queued_sha):

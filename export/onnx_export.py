@@ -18,7 +18,6 @@ passes `onnx.checker` and the parity gate: ONNX Runtime against PyTorch on real 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch import nn
 from export.contract import Contract, file_sha256, write_contract
 from reid.data import ImageDataset, InputSpec, eval_transform, first_readable
 from reid.model import ReIDModel
+from reid.tracing import TRACING
 
 log = logging.getLogger(__name__)
 MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999}
@@ -52,11 +52,8 @@ class FeatureNet(nn.Module):
         return nn.functional.normalize(self.model.embed(images), dim=1)
 
 
-_EXPORT_LOCK = threading.Lock()  # torch.export traces with process-wide state: one export at a time
-
-
 def _export(net: FeatureNet, example: torch.Tensor, out: Path, keep_batchnorm: bool) -> tuple[str, int]:
-    with _EXPORT_LOCK:
+    with TRACING:  # process-wide tracing state: no other export, no training step meanwhile
         return _export_unlocked(net, example, out, keep_batchnorm)
 
 

@@ -221,7 +221,8 @@ class ForeignChunk(ChunkError):
 
 class InboundBlob:
     """One announced blob being received: `ref` (from a signed manifest or announcement) checks every
-    chunk, a `Reassembler` (started by the first chunk that agrees) collects them."""
+    chunk, a `Reassembler` (started by the first chunk that agrees) collects them. A `ref` that
+    `check_ref` refuses raises ChunkError here."""
 
     def __init__(
         self,
@@ -230,6 +231,8 @@ class InboundBlob:
         spool_bytes: int = 64 << 20,
         spool_dir: Path | None = None,
     ) -> None:
+        if why := check_ref(ref, max_bytes):  # before anything sized by the announcement is kept
+            raise ChunkError(why)
         self.ref = ref
         self._limits = (max_bytes, spool_bytes, spool_dir)
         self._parts: Reassembler | None = None

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from reid.data.loading import train_steps
 from reid.model import ReIDModel
+from reid.tracing import TRACING
 from reid.weights import put_site_batchnorm
 
 Progress = Callable[[int, int], None]  # (batches done, batches total)
@@ -315,18 +316,19 @@ def train_local(
             if len(batch) >= 2:  # BatchNorm needs two samples; a batch emptied by corrupt images is skipped
                 x = batch.images.to(device, memory_format=memory_format, non_blocking=True)
                 y = batch.labels.to(device, non_blocking=True)
-                with torch.autocast(device.type, enabled=use_amp):
-                    loss = criterion(model(x), y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if pulled:
-                    scaler.unscale_(optimizer)  # the pull is added to the true gradient
-                    with torch.no_grad():
-                        for p, anchor in pulled:
-                            if p.grad is not None:
-                                p.grad.add_(p - anchor, alpha=proximal.mu)  # type: ignore[union-attr]
-                scaler.step(optimizer)
-                scaler.update()
+                with TRACING:  # never beside an ONNX export in this process (reid.tracing)
+                    with torch.autocast(device.type, enabled=use_amp):
+                        loss = criterion(model(x), y)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if pulled:
+                        scaler.unscale_(optimizer)  # the pull is added to the true gradient
+                        with torch.no_grad():
+                            for p, anchor in pulled:
+                                if p.grad is not None:
+                                    p.grad.add_(p - anchor, alpha=proximal.mu)  # type: ignore[union-attr]
+                    scaler.step(optimizer)
+                    scaler.update()
                 loss_sum += loss.detach()
                 batches += 1
                 images += len(batch)

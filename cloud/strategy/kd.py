@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader
 
 from reid.model import ReIDModel
+from reid.tracing import TRACING
 from reid.train import estimate_batchnorm
 
 log = logging.getLogger(__name__)
@@ -158,12 +159,13 @@ def distill(
                 continue
             x = batch.images[keep].to(device)
             y = target[batch.indices[keep]].to(device)
-            loss = torch.nn.functional.mse_loss(student.embed(x), y)
-            if not torch.isfinite(loss):
-                raise KDDiverged(f"KD loss is {float(loss.detach())} at batch {len(losses) + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            with TRACING:  # never beside an ONNX export in this process (reid.tracing)
+                loss = torch.nn.functional.mse_loss(student.embed(x), y)
+                if not torch.isfinite(loss):
+                    raise KDDiverged(f"KD loss is {float(loss.detach())} at batch {len(losses) + 1}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
             losses.append(float(loss.detach()))
             over_batches = config.max_batches is not None and len(losses) >= config.max_batches
             over_time = config.max_seconds is not None and time.perf_counter() - start >= config.max_seconds

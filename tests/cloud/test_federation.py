@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -565,6 +566,50 @@ def test_agent_killed_mid_round_closes_at_deadline_and_rejoins_next_round(
     rounds = [r for r in rounds if r.get("kind") == "round"]
     assert rounds[0]["accepted"] == [sites[0].name]
     assert rounds[1]["accepted"] == sorted(s.name for s in sites)
+
+
+def test_a_site_whose_round_failed_trains_when_the_restarted_round_selects_it(
+    tiny_federation, tmp_path, mosquitto_url
+):
+    """Site a's training images vanish after it started (a disk unmounted for a moment): round 0 fails
+    there. They come back; the round, short of its quorum, restarts and selects a again, and a trains it
+    at once: it must not take the restart for a repeat of the round it failed and sit idle."""
+    sites = []
+    for src, name in zip(sorted((tiny_federation / "sites").iterdir())[1:], ("a", "b"), strict=True):
+        shutil.copytree(src, tmp_path / "sites" / name)
+        sites.append(tmp_path / "sites" / name)
+    logs = {s.name: tmp_path / f"{s.name}.log" for s in sites}
+    procs = {s.name: _agent(s, mosquitto_url, "again", tmp_path / "edge", logs[s.name]) for s in sites}
+    try:
+        assert _wait(lambda: all(" up: " in p.read_text() for p in logs.values() if p.exists()), timeout=120)
+        train, away = sites[0] / "bounding_box_train", tmp_path / "away"
+        train.rename(away)
+        cfg = ServeConfig(
+            federation="again",
+            state_dir=tmp_path / "cloud",
+            rounds=1,
+            min_sites=2,
+            quorum=2,
+            deadline_s=90,
+            **TINY,
+        )
+        agg = Aggregator(cfg, mosquitto_url)
+        thread = threading.Thread(target=agg.run, daemon=True)
+        thread.start()
+        assert _wait(lambda: agg.current is not None and "a" in agg.current.failed_once, timeout=120)
+        away.rename(train)
+        thread.join(timeout=150)
+        assert not thread.is_alive()
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    rounds = [
+        json.loads(line) for line in (tmp_path / "cloud" / "again" / "metrics.jsonl").read_text().splitlines()
+    ]
+    summary = next(r for r in rounds if r.get("kind") == "round")
+    assert summary["accepted"] == ["a", "b"] and summary["restarts"] == 1
+    assert summary["round_seconds"] < cfg.deadline_s  # a trained at once, not after the deadline
 
 
 def test_broker_restart_mid_transfer_completes_after_reconnect(tmp_path):

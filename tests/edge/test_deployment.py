@@ -164,6 +164,20 @@ def test_deploy_verify_swap_reject_and_late_join(tiny_federation, tmp_path, mosq
         )
         evil.publish(topics.deploy, encode_message(mismatched), retain=True).wait_for_publish(5)
         assert _wait(lambda: "contract and blob disagree" in logs["site01"].read_text(), 30)
+        # a manifest whose blob claims 10^12 chunks (a retained one came back at every start and the
+        # site built a list of every index it missed): refused before anything is kept
+        endless = mismatched.model_copy(
+            update={
+                "version": "evil/0",
+                "blob": ref.model_copy(update={"chunks": 10**12}),
+                "contract": {**contract, "sha256": sha},
+                "created": time.time(),
+            }
+        )
+        evil.publish(topics.deploy, encode_message(endless), retain=True).wait_for_publish(5)
+        assert _wait(
+            lambda: "dropped deployment evil/0: 1000000000000 chunks" in logs["site01"].read_text(), 30
+        )
         broken = mismatched.model_copy(
             update={"version": "evil/2", "contract": {**contract, "sha256": sha}, "created": time.time()}
         )

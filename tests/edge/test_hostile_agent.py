@@ -58,7 +58,11 @@ def test_agent_survives_hostile_input_then_trains_a_round(tiny_federation, tmp_p
             deadline=time.time() + 60,
             selected=[site.name],
         )
+        endless = other_fed.model_copy(  # this federation's round, its model in 10^12 chunks
+            update={"federation": FED, "blob": ref.model_copy(update={"size": 10**6, "chunks": 10**12})}
+        )
         hostile = [
+            (t.round, encode_message(endless)),
             (t.round, b"\x00\xff not json"),
             (t.round, b'{"schema_version": 2, "kind": "round_start"}'),
             (t.round, encode_message(other_fed)),  # another federation's round: ignored
@@ -72,8 +76,9 @@ def test_agent_survives_hostile_input_then_trains_a_round(tiny_federation, tmp_p
             (t.deploy_chunks, b"\x00" * 64),
         ]
         logged = {
-            0: "dropped round message: not JSON",
-            1: "dropped round message: unsupported schema_version",
+            0: "dropped round 0 announcement: 1000000000000 chunks for 1000000 bytes",
+            1: "dropped round message: not JSON",
+            2: "dropped round message: unsupported schema_version",
         }
         for i, (topic, payload) in enumerate(hostile):
             send(topic, payload)
@@ -90,6 +95,7 @@ def test_agent_survives_hostile_input_then_trains_a_round(tiny_federation, tmp_p
         log = text()
         for expected in (
             "[site=site02 round=-] edge.agent: dropped round message: not JSON",
+            "dropped round 0 announcement: 1000000000000 chunks for 1000000 bytes",
             "dropped round message: unsupported schema_version 2",
             "dropped global-model chunk: bad chunk header length",
             "dropped ack: unsupported schema_version None",

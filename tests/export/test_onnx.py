@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -193,3 +194,36 @@ def test_a_model_whose_features_are_nan_fails_the_parity_gate(exported, tmp_path
     with pytest.raises(ExportError, match="parity gate failed: min cosine nan"):
         export_onnx(broken, SPEC, tmp_path / "broken.onnx", images)
     assert not (tmp_path / "broken.onnx").exists()
+
+
+def test_an_export_beside_a_training_thread_breaks_neither(exported, tiny_federation, tmp_path):
+    """A site installs a deployment (an export) while it trains a round in another thread: torch.export's
+    process-wide tracing state met autograd's backward there (KeyError: 'custom'), failing the round or
+    the export. Both complete, and the export is still the dynamo one (opset 18)."""
+    from reid.site import SiteData
+    from reid.train import TrainConfig, train_local
+
+    model, _, _, _, paths = exported
+    site = SiteData(tiny_federation / "sites" / "site01", SPEC, batch_size=8, seed=0)
+    student = build_model(ModelSpec(arch="resnet18"), site.num_classes)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def train() -> None:
+        try:
+            while not stop.is_set():
+                train_local(student, site.train_loader(), TrainConfig(epochs=1, seed=0))
+        except BaseException as err:
+            errors.append(err)
+
+    trainer = threading.Thread(target=train, daemon=True)
+    trainer.start()
+    images = torch.stack([ImageDataset(paths, eval_transform(SPEC))[i][0] for i in range(8)])
+    try:
+        for i in range(3):
+            contract, _ = export_onnx(model, SPEC, tmp_path / f"m{i}.onnx", images, keep_batchnorm=True)
+            assert contract.opset == 18
+    finally:
+        stop.set()
+        trainer.join(timeout=120)
+    assert not errors, errors

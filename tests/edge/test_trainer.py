@@ -1,0 +1,76 @@
+"""The agent's trainer thread: what it says about a round it failed, and which queued model it trains."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from edge.agent import Agent, AgentConfig, RoundFailed
+from protocol.messages import BlobRef, ModelInfo, RoundStart, TrainingInfo
+
+
+def _start(round_: int) -> RoundStart:
+    ref = BlobRef(blob_id="ab" * 16, size=10, sha256="e" * 64, chunks=1)
+    return RoundStart(
+        federation="default",
+        round=round_,
+        base_hash=f"{round_:064x}",
+        blob=ref,
+        model=ModelInfo(arch="resnet18"),
+        training=TrainingInfo(),
+        deadline=time.time() + 60,
+        selected=["s"],
+    )
+
+
+def _agent(tiny_federation, tmp_path) -> tuple[Agent, list[tuple[str, int | None, object]], list[int]]:
+    """An agent that never connects: its states (with what it was working on at that moment) and the
+    rounds it trains are recorded; training fails."""
+    cfg = AgentConfig(site="s", data=tiny_federation / "sites" / "site01", state_dir=tmp_path)
+    agent = Agent(cfg)
+    states: list[tuple[str, int | None, object]] = []
+    trained: list[int] = []
+
+    def set_state(state: str, round_: int | None = None, reason: str = "") -> None:
+        states.append((state, round_, agent.working))
+
+    def train_round(start: RoundStart, blob: bytes, fetch_seconds: float) -> None:
+        trained.append(start.round)
+        raise RoundFailed("the data set folder is gone")
+
+    agent.endpoint.set_state = set_state  # type: ignore[method-assign]
+    agent._train_round = train_round  # type: ignore[method-assign]
+    return agent, states, trained
+
+
+def test_a_site_is_idle_before_it_says_it_failed_a_round(tiny_federation, tmp_path):
+    """The aggregator restarts a round the moment a needed site fails and selects that site again: the
+    restart must find the site idle, not still `working` on the round (it ignored the restart and sat
+    out the deadline)."""
+    agent, states, trained = _agent(tiny_federation, tmp_path)
+    start = _start(3)
+    agent.working = (start.round, start.base_hash)
+    agent.jobs.put((start, b"", 0.0))
+    trainer = threading.Thread(target=agent._trainer, daemon=True)
+    trainer.start()
+    deadline = time.monotonic() + 30
+    while len(states) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    agent.jobs.put(None)
+    trainer.join(timeout=30)
+    assert trained == [3] and not trainer.is_alive()
+    assert states == [("training", 3, (3, start.base_hash)), ("failed", 3, None)]
+
+
+def test_models_that_queued_while_the_site_trained_leave_only_the_newest(tiny_federation, tmp_path):
+    """A slow site: rounds 1, 2 and 3 arrived while it trained round 0. It trains round 3 next and keeps
+    none of the older models (the queue held one global model per round, without limit)."""
+    agent, _, _ = _agent(tiny_federation, tmp_path)
+    for r in (1, 2, 3):
+        agent.jobs.put((_start(r), b"model %d" % r, 0.0))
+    job = agent._next_job()
+    assert job is not None and job[0].round == 3 and job[1] == b"model 3"
+    assert agent.jobs.empty()
+    agent.jobs.put((_start(4), b"", 0.0))
+    agent.jobs.put(None)  # stopping wins over a model still waiting
+    assert agent._next_job() is None
