@@ -31,6 +31,7 @@ from protocol.resend import ChunkResender
 from protocol.topics import Topics
 from reid.data import InputSpec
 from reid.model import ModelSpec, ReIDModel, build_model, load_shared_state
+from reid.weights import round_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,12 @@ def load_round(run_dir: Path, round_: int | Literal["latest"] = "latest") -> tup
         ModelSpec.model_validate(identity["model"]),
         InputSpec.model_validate(identity["input"]),
     )
-    rounds = sorted((run_dir / "rounds").glob("*/global.safetensors"), key=lambda p: int(p.parent.name))
-    chosen = [p for p in rounds if round_ == "latest" or int(p.parent.name) == int(round_)]
+    chosen = [(r, p) for r, p in round_checkpoints(run_dir) if round_ == "latest" or r == int(round_)]
     if not chosen:
         raise DeployError(f"no global model for round {round_} in {run_dir / 'rounds'}")
     model = build_model(spec, 1)
-    load_shared_state(model, load_file(str(chosen[-1])))
-    return int(chosen[-1].parent.name), model.eval(), input_spec
+    load_shared_state(model, load_file(str(chosen[-1][1])))
+    return chosen[-1][0], model.eval(), input_spec
 
 
 def keeps_batchnorm_local(run_dir: Path) -> bool:

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save
 from reid.data import InputSpec
 from reid.files import atomic_write
 from reid.model import ModelSpec
-from reid.weights import save_state
+from reid.weights import round_checkpoints, save_state
 
 log = logging.getLogger(__name__)
 
@@ -124,15 +124,9 @@ class Journal:
         """(round, state) of the newest readable checkpoint; round -1 is the initial model. A damaged one
         (a disk that lost writes) is moved aside as ``rounds/<r>.damaged`` with one log line, and the one
         before it is used."""
-        folder = self.root / "rounds"
-        rounds = (
-            sorted(folder.glob("*/global.safetensors"), key=lambda p: int(p.parent.name))
-            if folder.is_dir()
-            else []
-        )
-        for path in reversed(rounds):
+        for r, path in reversed(round_checkpoints(self.root)):
             try:
-                return int(path.parent.name), load_file(str(path))
+                return r, load_file(str(path))
             except Exception as err:  # safetensors' own error type, or an OSError
                 log.error("checkpoint %s unreadable (%s): moved aside, using the one before", path, err)
                 aside = path.parent.with_name(path.parent.name + ".damaged")

@@ -96,6 +96,18 @@ def save_checkpoint(
     return _write(Path(path), tensors, _header(model.spec, input_spec, num_classes, meta))
 
 
+def round_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(round, file) of every ``rounds/<r>/global.safetensors`` of a `serve` run, oldest first. Only
+    folders named by a round number count: ``rounds/<r>.damaged`` (a checkpoint moved aside) never does."""
+    found = []
+    for path in (run_dir / "rounds").glob("*/global.safetensors"):
+        try:
+            found.append((int(path.parent.name), path))
+        except ValueError:
+            continue
+    return sorted(found)
+
+
 def find_model(path: str | Path) -> Path:
     """The model file a path means: the file itself, or in a folder `model.safetensors` (an `edge-agent
     train` or `simulate` output) or the newest ``rounds/<r>/global.safetensors`` (a `serve` run, also
@@ -108,12 +120,11 @@ def find_model(path: str | Path) -> Path:
     if (path / "model.safetensors").is_file():
         return path / "model.safetensors"
     for runs in ([path], sorted(p for p in path.iterdir() if p.is_dir())):
-        found = [r for r in runs if any(r.glob("rounds/*/global.safetensors"))]
+        found = [r for r in runs if round_checkpoints(r)]
         if len(found) > 1:
             raise ModelError(f"{path} holds several runs ({', '.join(r.name for r in found)}): name one")
         if found:
-            rounds = found[0].glob("rounds/*/global.safetensors")
-            return max(rounds, key=lambda p: int(p.parent.name))
+            return round_checkpoints(found[0])[-1][1]
     raise ModelError(
         f"{path}: a folder without a model (looked for model.safetensors and rounds/*/global.safetensors)"
     )

@@ -17,6 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from safetensors.torch import load_file, save
 
 from cloud.config import ServeConfig
+from cloud.deploy import load_round
 from cloud.journal import StateDirError
 from cloud.server import Aggregator
 from cloud.strategy import AdmissionConfig, KDConfig, StrategyConfig
@@ -26,6 +27,7 @@ from protocol.codec import encode_state
 from protocol.messages import MAX_SAMPLES, RunEnd, UpdateManifest, encode_message
 from protocol.topics import Topics
 from reid.train import TrainConfig
+from reid.weights import find_model
 from tests.cloud.test_federation import TINY, RawSite, _wait
 
 
@@ -601,6 +603,11 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_sites_are_told_by_a_new_run_i
     assert (tmp_path / "dmg" / "rounds" / "00001.damaged" / "global.safetensors").is_file()
     assert again.run_id != first_id  # round 1 was acknowledged to site a: it must train it again
     assert [s["round"] for s in _summaries(cfg)] == [0]  # round 1's summary goes: it is made again
+    # a second start (and every later one) reads past the folder set aside; so do the model finders
+    third = Aggregator(cfg, mosquitto_url)
+    assert third.completed == 0 and third.run_id == again.run_id
+    assert find_model(tmp_path / "dmg") == tmp_path / "dmg" / "rounds" / "00000" / "global.safetensors"
+    assert load_round(tmp_path / "dmg")[0] == 0
 
 
 def test_a_lost_journaled_update_makes_the_sites_train_the_round_again(tmp_path, mosquitto_url):
