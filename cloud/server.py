@@ -268,6 +268,13 @@ class Aggregator:
             if refusal is not None and refusal[0] == "duplicate":
                 self._ack(site, m.round, m.blob.blob_id, True, "duplicate")
                 return
+            if cur is None and m.round > self.completed:  # starting (or between rounds): not settled now
+                with log_context(site=site, round=m.round):
+                    log.info(
+                        "update manifest before round %d is open: judged when the site announces it again",
+                        m.round,
+                    )
+                return
             if refusal is not None:
                 self._reject(cur, site, m, refusal[1], refusal[0])
                 return

@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import paho.mqtt.client as paho
@@ -765,3 +766,37 @@ def test_a_finite_but_huge_delta_spoils_neither_kd_nor_a_restart(tiny_federation
         assert s["clipped"] == ["x"] and s["kd"]["batches"] == 2, s
     final = load_file(str(tmp_path / "kdx" / "rounds" / "00001" / "global.safetensors"))
     assert all(torch.isfinite(v).all() for v in final.values() if v.dtype.is_floating_point)
+
+
+def test_an_update_announced_before_the_round_opens_is_not_settled_then(tmp_path, mosquitto_url):
+    """A site re-announces its unacknowledged update while a restarted aggregator is up but has not
+    opened the round yet (it waits for its sites, or resumes). A rejection then would settle the update
+    (the site drops it and sits the round out); no answer is the answer, and the update announced again
+    once the round is open is accepted."""
+    cfg = ServeConfig(
+        federation="early", state_dir=tmp_path, rounds=1, min_sites=2, deadline_s=60, final_eval=False, **TINY
+    )
+    agg = Aggregator(cfg, mosquitto_url)
+    raw = RawSite(mosquitto_url, Topics(cfg.federation))
+    raw.status("a")
+    thread = threading.Thread(target=agg.run, daemon=True)
+    thread.start()
+    try:
+        assert _wait(lambda: agg.endpoint.connected.is_set(), 30)
+        raw.round = SimpleNamespace(round=0, base_hash="0" * 64)  # (no RoundStart seen yet)
+        early = raw.update("a", _deltas(agg, 3))
+        raw.round = None
+        time.sleep(2)
+        assert agg.current is None and not any(a["blob_id"] == early for a in raw.acks)
+        raw.status("b")
+        assert _wait(lambda: raw.round is not None and raw.round.round == 0, 30)
+        blob = raw.update("a", _deltas(agg, 1))
+        assert _wait(lambda: any(a["blob_id"] == blob and a["accepted"] for a in raw.acks), 30)
+        raw.update("b", _deltas(agg, 2))
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    finally:
+        agg.stop()
+        raw.stop()
+    assert not any(a["blob_id"] == early for a in raw.acks)
+    assert _summaries(cfg)[0]["accepted"] == ["a", "b"]
