@@ -30,6 +30,7 @@ from protocol.mqtt import Endpoint
 from protocol.resend import ChunkResender
 from protocol.topics import Topics
 from reid.data import InputSpec
+from reid.files import atomic_write
 from reid.model import ModelSpec, ReIDModel, build_model, load_shared_state
 from reid.weights import round_checkpoints
 
@@ -78,6 +79,21 @@ def latest_deployment(run_dir: Path) -> Deployment | None:
     return message
 
 
+def scheduled_round(run_dir: Path) -> int:
+    """The round of the last deployment `serve` made on its schedule (`deploy_every`; -1: none). One made
+    by hand (`deploy --round k`, a rollback) does not count, so a restart of `serve` does not undo it.
+    A state dir from before this record: the round of the latest deployment."""
+    try:
+        return int(json.loads((run_dir / "deployments" / "scheduled.json").read_text())["round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        last = latest_deployment(run_dir)
+        return last.round if last is not None else -1
+
+
+def record_scheduled(run_dir: Path, round_: int) -> None:
+    atomic_write(run_dir / "deployments" / "scheduled.json", json.dumps({"round": round_}).encode())
+
+
 def model_file(run_dir: Path, manifest: Deployment) -> Path:
     return run_dir / "deployments" / f"{manifest.round:05d}" / f"model.{manifest.blob.encoding}.onnx"
 
@@ -99,21 +115,21 @@ def publish_model(
         chunks=max(1, math.ceil(len(blob) / DEFAULT_CHUNK_BYTES)),
         encoding=contract.precision,
     )
+    previous = latest_deployment(run_dir)
     manifest = Deployment(
         federation=topics.federation,
         version=contract.version,
         round=round_,
         blob=ref,
         contract=contract.model_dump(mode="json"),
-        created=time.time(),
+        # after the one before whatever the clock says: sites refuse a manifest not newer than theirs,
+        # so a clock stepped back must not make every later deployment look like a replay
+        created=max(time.time(), previous.created + 1e-3) if previous is not None else time.time(),
     )
     if model_file(run_dir, manifest) != model_path:
         raise DeployError(f"{model_path}: deployed models live in {model_file(run_dir, manifest)}")
     payload = encode_message(manifest)
-    latest = _latest_path(run_dir)
-    latest.parent.mkdir(parents=True, exist_ok=True)
-    latest.with_suffix(".tmp").write_bytes(payload)
-    latest.with_suffix(".tmp").replace(latest)  # recorded first: resend requests are answered from it
+    atomic_write(_latest_path(run_dir), payload)  # recorded first: resend requests are answered from it
     info = endpoint.publish(topics.deploy, payload, retain=True)  # first: receivers then expect the chunks
     info.wait_for_publish(60)
     if not info.is_published():

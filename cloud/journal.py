@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import secrets
 import shutil
 from collections.abc import Callable, Mapping
@@ -167,7 +168,7 @@ class Journal:
 
     def prune(self, closed: int, keep: int) -> None:
         """After round `closed` is checkpointed: drop its updates and all but the `keep` newest globals."""
-        shutil.rmtree(self.round_dir(closed) / "updates", ignore_errors=True)
+        self.drop_updates(closed)
         folder = self.root / "rounds"
         rounds = sorted((int(p.name) for p in folder.iterdir() if p.name.lstrip("-").isdigit()), reverse=True)
         for damaged in folder.glob("*.damaged"):  # kept until the run has moved past it
@@ -180,6 +181,10 @@ class Journal:
     def disk_bytes(self) -> int:
         """Bytes under the run's folder (tests and the chaos check bound it)."""
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+
+    def drop_updates(self, r: int) -> None:
+        """Every update journaled in round r."""
+        shutil.rmtree(self.round_dir(r) / "updates", ignore_errors=True)
 
     def drop_update(self, r: int, site: str) -> None:
         for suffix in (".blob", ".json"):
@@ -203,8 +208,19 @@ class Journal:
             raise StateDirError(f"cannot record the open round in {self.root}: {err}") from None
 
     def open_round(self) -> dict | None:
+        """The journaled open round; None when there is none or it cannot be read (logged: the round
+        opens afresh, and updates journaled for it are treated as lost)."""
         path = self.root / "open.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            saved = json.loads(path.read_text())
+            if not isinstance(saved, dict) or not {"round", "selected", "base_hash"} <= saved.keys():
+                raise ValueError("not a journaled round")
+            return saved
+        except (OSError, ValueError) as err:
+            log.error("journal of the open round %s unreadable (%s): the round opens afresh", path, err)
+            return None
 
     def has_summary(self, kind: str, r: int) -> bool:
         """Whether metrics.jsonl holds the summary record of `kind` ("round", "evaluation") for round r."""
@@ -243,6 +259,14 @@ class Journal:
         return dropped
 
     def append_metrics(self, records: list[dict]) -> None:
-        with open(self.root / "metrics.jsonl", "a") as f:
+        path = self.root / "metrics.jsonl"
+        torn = False  # a line torn by a kill must not swallow the next record
+        if path.is_file() and path.stat().st_size > 0:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+        with open(path, "a") as f:
+            if torn:
+                f.write("\n")
             for rec in records:
                 f.write(json.dumps(rec) + "\n")

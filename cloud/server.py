@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from cloud.config import ServeConfig, model_info
-from cloud.deploy import DeploymentSource, deploy_round, latest_deployment
+from cloud.deploy import DeploymentSource, deploy_round, record_scheduled, scheduled_round
 from cloud.journal import Journal, StateDirError
 from cloud.monitoring import AggregatorMetrics, RunHistory, SiteFacts, View
 from cloud.round import GroupBlob, OpenRound, admit, short_reason, update_limit
@@ -215,7 +215,12 @@ class Aggregator:
 
     # -- handlers (endpoint worker thread) -------------------------------------------------------------
     def _republish_round(self) -> None:
-        """After a reconnect (e.g. the broker restarted and lost its retained messages)."""
+        """After a reconnect (e.g. the broker restarted and lost its retained messages). What the sites
+        said before is stale: a site that died meanwhile left no will on a broker that restarted, and
+        would be selected forever. Each is "unknown" (not selectable) until its status comes again: its
+        retained one (a broker that kept them) or the one it sends when it reconnects."""
+        with self.lock:
+            self.online = {site: ("unknown", r) for site, (_, r) in self.online.items()}
         if self.round_payload is not None:
             self.endpoint.publish(self.topics.round, self.round_payload, retain=True)
         self.deployments.republish()
@@ -466,13 +471,15 @@ class Aggregator:
 
     # -- the round loop (caller thread) ----------------------------------------------------------------
     def _eligible(self, failed: Collection[str] = (), retry: Collection[str] = ()) -> list[str]:
-        """Sites that may be selected: not offline, not `failed` (in the open round) unless in `retry` and,
-        with signing, not revoked."""
+        """Sites that may be selected: not offline or unknown (since a reconnect), not `failed` (in the open
+        round) unless in `retry` and, with signing, not revoked."""
         with self.lock:
             return sorted(
                 s
                 for s, (state, _) in self.online.items()
-                if state != "offline" and (s not in failed or s in retry) and self.endpoint.knows(s)
+                if state not in ("offline", "unknown")
+                and (s not in failed or s in retry)
+                and self.endpoint.knows(s)
             )
 
     def _select(
@@ -598,13 +605,27 @@ class Aggregator:
             self.current = cur
             self.said_rejections.clear()
             lost = []
+            if not resumed:  # updates journaled for another base (an older run, a rollback) never count;
+                # ones for this base (the open round's record was lost) were acknowledged: trained again
+                lost = [
+                    s for s, manifest in self.journal.journaled_updates(r) if base_hash.encode() in manifest
+                ]
+                self.journal.drop_updates(r)
             for site, manifest in self.journal.journaled_updates(r) if resumed else []:
                 try:
-                    self._accept(cur, site, parse_message(manifest, UpdateManifest), resumed=True)
+                    m = parse_message(manifest, UpdateManifest)
+                    assert isinstance(m, UpdateManifest)
+                    refusal = admit(cur, site, m)  # the same rules as when it came (a journal is input too)
+                    if refusal is None:
+                        self._accept(cur, site, m, resumed=True)
+                    else:
+                        log.warning(
+                            "journaled update of %s not for this round, dropped: %s", site, refusal[1]
+                        )
                 except MessageError as err:
                     log.warning("journaled manifest of %s unreadable (%s)", site, err)
-                    self.journal.drop_update(r, site)
                 if site not in cur.accepted:
+                    self.journal.drop_update(r, site)
                     lost.append(site)
             if lost:  # acknowledged, so these sites will not send them again unless the run id changes
                 log.warning(
@@ -656,12 +677,12 @@ class Aggregator:
         self._publish_round(cur)
 
     def _save_open(self, cur: OpenRound) -> None:
-        with self.lock:  # the status thread adds failures
+        with self.lock:  # the status thread adds failures: snapshot and write in one step (newest wins)
             info = {"round": cur.number, "selected": cur.selected, "base_hash": cur.base_hash}
             failed, retried = sorted(cur.failed_once), dict(cur.retried)
-        self.journal.save_open_round(
-            {**info, "restarts": cur.restarts, "train": cur.train, "failed": failed, "retried": retried}
-        )
+            self.journal.save_open_round(
+                {**info, "restarts": cur.restarts, "train": cur.train, "failed": failed, "retried": retried}
+            )
 
     def _drop_revoked(self, cur: OpenRound) -> None:
         for site in cur.waiting():
@@ -1082,6 +1103,7 @@ class Aggregator:
             return
         try:
             deploy_round(self.endpoint, self.journal.root, self.deploy_images, r, self.cfg.deploy_precision)
+            record_scheduled(self.journal.root, r)
         except Exception as err:  # the run goes on; the sites keep their current model
             log.warning("round %d not deployed: %s", r, err)
 
@@ -1109,8 +1131,7 @@ class Aggregator:
             # start before the first round opens that this run is over (they would leave): clear it
             self.endpoint.send(self.topics.round, b"", retain=True, timeout=30)
         try:
-            last = latest_deployment(self.journal.root)
-            if self._deploy_due(self.completed) and (last is None or last.round < self.completed):
+            if self._deploy_due(self.completed) and scheduled_round(self.journal.root) < self.completed:
                 log.info("round %d's deployment did not finish before a restart: now", self.completed)
                 self._maybe_deploy(self.completed)
             for r in range(self.completed + 1, self.cfg.rounds):

@@ -16,6 +16,7 @@ blocks of `BLOCK` rows with a running top-k, so its temporary memory does not gr
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sqlite3
 import threading
@@ -88,6 +89,17 @@ class GalleryStore:
         self.path = path
         self.dim = dim
         self.lock = threading.RLock()
+        # one process per gallery: each keeps the features in memory, so a second process would answer
+        # from an index that misses the first one's additions and deletions
+        self._owner = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 (closed in close())
+        try:
+            fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._owner.close()
+            raise GalleryStoreError(
+                f"{path} is in use by another process (a running agent's service, or another "
+                "serve-features): give this one its own --gallery, or query that one"
+            ) from None
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -293,3 +305,4 @@ class GalleryStore:
     def close(self) -> None:
         with self.lock:
             self.db.close()
+            self._owner.close()  # (releases the gallery to the next process)

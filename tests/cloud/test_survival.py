@@ -26,6 +26,7 @@ from protocol.broker import parse_url
 from protocol.chunks import blob_ref, check_ref, parse_chunk, split_blob
 from protocol.codec import encode_state
 from protocol.messages import MAX_SAMPLES, RunEnd, UpdateManifest, encode_message
+from protocol.mqtt import Endpoint
 from protocol.topics import Topics
 from reid.train import TrainConfig
 from reid.weights import find_model
@@ -544,7 +545,9 @@ def test_a_kill_between_the_commit_and_the_metrics_keeps_the_rounds_summary(tmp_
     assert len(_summaries(cfg)) == 1
 
 
-def test_a_deployment_cut_short_by_a_kill_is_made_at_the_restart(tiny_federation, tmp_path, mosquitto_url):
+def test_a_deployment_cut_short_by_a_kill_is_made_at_the_restart(
+    tiny_federation, tmp_path, mosquitto_url, monkeypatch
+):
     from cloud.deploy import latest_deployment
 
     cfg = ServeConfig(
@@ -578,6 +581,23 @@ def test_a_deployment_cut_short_by_a_kill_is_made_at_the_restart(tiny_federation
         raw.stop()
     deployed = latest_deployment(tmp_path / "dk")
     assert deployed is not None and deployed.round == 0 and deployed.version == "dk/round-0"
+
+    # a rollback by hand to the initial model, with the aggregator's clock stepped back a day: the
+    # manifest is still newer than the one the sites serve, and a restart of `serve` does not undo it
+    import cloud.deploy
+
+    day_ago = deployed.created - 86400
+    monkeypatch.setattr(cloud.deploy, "time", SimpleNamespace(time=lambda: day_ago))
+    operator = Endpoint(mosquitto_url, Topics("dk"), "aggregator", "aggregator", announce=False).start()
+    try:
+        images = sorted((tiny_federation / "sites" / "site00" / "query").iterdir())
+        rollback = cloud.deploy.deploy_round(operator, tmp_path / "dk", images, -1)
+    finally:
+        operator.stop()
+    assert rollback.round == -1 and rollback.created > deployed.created
+    monkeypatch.undo()
+    Aggregator(cfg, mosquitto_url).run()
+    assert latest_deployment(tmp_path / "dk") == rollback
 
 
 def test_a_damaged_checkpoint_is_set_aside_and_the_sites_are_told_by_a_new_run_id(tmp_path, mosquitto_url):
@@ -800,3 +820,68 @@ def test_an_update_announced_before_the_round_opens_is_not_settled_then(tmp_path
         raw.stop()
     assert not any(a["blob_id"] == early for a in raw.acks)
     assert _summaries(cfg)[0]["accepted"] == ["a", "b"]
+
+
+def test_a_journal_is_input_too_updates_are_judged_again_and_stale_ones_never_count(tmp_path, mosquitto_url):
+    """The journaled updates of the open round pass the same rules at a resume as when they came (one
+    filed under another site's name is dropped); updates journaled for a round whose record is lost
+    or for another base are dropped when it opens afresh, and acknowledged ones among them make the
+    sites train it again (a new run id)."""
+    cfg = ServeConfig(
+        federation="judged", state_dir=tmp_path, rounds=1, min_sites=2, quorum=2, deadline_s=60, **TINY
+    )
+    cfg = cfg.model_copy(update={"final_eval": False})
+    agg, raw, thread = _start(cfg, mosquitto_url, ["a", "b"])
+    try:
+        blob = raw.update("a", _deltas(agg, 1))
+        assert _wait(lambda: any(a["blob_id"] == blob and a["accepted"] for a in raw.acks), 30)
+        agg.stop()
+        thread.join(timeout=30)
+        updates = tmp_path / "judged" / "rounds" / "00000" / "updates"
+        for suffix in (".json", ".blob"):  # a's update filed under a site round 0 never selected
+            (updates / f"zz{suffix}").write_bytes((updates / f"a{suffix}").read_bytes())
+        first_id = agg.run_id
+        again = Aggregator(cfg, mosquitto_url)
+        thread = threading.Thread(target=again.run, daemon=True)
+        thread.start()
+        assert _wait(lambda: again.current is not None and "a" in again.current.accepted, 30)
+        assert set(again.current.accepted) == {"a"} and not (updates / "zz.json").exists()
+        assert again.run_id != first_id  # (the journal was not what this aggregator wrote)
+        again.stop()
+        thread.join(timeout=30)
+        (tmp_path / "judged" / "open.json").write_text('{"round": 0, "sel')  # the round's record, torn
+        metrics = tmp_path / "judged" / "metrics.jsonl"
+        with open(metrics, "a") as f:
+            f.write('{"round": -1, "kind": "rou')  # and a torn metrics line
+        third = Aggregator(cfg, mosquitto_url)
+        thread = threading.Thread(target=third.run, daemon=True)
+        thread.start()
+        assert _wait(lambda: third.current is not None, 30)
+        assert third.current.accepted == {} and not updates.exists()  # a's update: acknowledged, then lost
+        assert third.run_id != again.run_id  # so a trains round 0 again
+        raw.update("a", _deltas(agg, 1))
+        raw.update("b", _deltas(agg, 2))
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    finally:
+        raw.stop()
+    lines = (tmp_path / "judged" / "metrics.jsonl").read_text().splitlines()
+    assert lines[0] == '{"round": -1, "kind": "rou' and json.loads(lines[1])["accepted"] == ["a", "b"]
+
+
+def test_after_a_reconnect_only_sites_that_speak_again_are_selected(tmp_path, mosquitto_url):
+    """A broker restarted without persistence loses the will of a site that died meanwhile: the site's
+    last word stays "online" at the aggregator. After the aggregator's reconnect, a site counts again
+    only once its status comes again (live sites send it when they reconnect)."""
+    cfg = ServeConfig(federation="ghost", state_dir=tmp_path, rounds=1, min_sites=2, deadline_s=60, **TINY)
+    agg, raw, thread = _start(cfg, mosquitto_url, ["a", "b"])
+    try:
+        assert agg._eligible() == ["a", "b"]
+        agg._republish_round()  # what the endpoint runs after every (re)connect
+        assert agg._eligible() == []
+        raw.status("a")  # a reconnects; b died while the broker was down
+        assert _wait(lambda: agg._eligible() == ["a"], 10)
+    finally:
+        agg.stop()
+        thread.join(timeout=30)
+        raw.stop()

@@ -310,6 +310,24 @@ def test_a_deployment_while_searching_never_mixes_models_or_fails_a_request(
         store.close()
 
 
+def test_a_gallery_serves_one_process_at_a_time(exported, crops, tmp_path):
+    """Each service keeps the gallery's features in memory: a second process on the same file (a
+    serve-features beside the agent's own service) would search an index that misses the first one's
+    additions. The second is refused with a clear error while the first holds it, and gets it after."""
+    db, contract = tmp_path / "gallery.db", exported[2]
+    first = GalleryStore(db, contract.output_dim)
+    feats = FeatureExtractor(exported[1])([Image.open(io.BytesIO(crops[0]))])
+    first.add([NewEntry(crop=crops[0], camera="c1")], feats, (contract.version, contract.sha256))
+    code = f"import pathlib, edge.gallery_store as g; g.GalleryStore(pathlib.Path({str(db)!r}), 512)"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert other.returncode != 0 and "is in use by another process" in other.stderr
+    first.close()
+    other = subprocess.run(
+        [sys.executable, "-c", code + "; print('ok')"], capture_output=True, text=True, timeout=120
+    )
+    assert other.returncode == 0 and "ok" in other.stdout, other.stderr
+
+
 def _staged(db: Path, sha: str) -> int:
     with sqlite3.connect(db) as con:
         return con.execute("SELECT COUNT(*) FROM features WHERE model = ?", (sha,)).fetchone()[0]
