@@ -497,8 +497,8 @@ def serve(
     try:
         cfg = load_config(ServeConfig, config, overrides)
         with aggregator_broker(cfg.broker, cfg.identity_dir) as (url, which):
-            if cfg.broker == "auto":
-                out.print(which)
+            if cfg.broker == "auto":  # (plain: a command to copy must not be wrapped or marked up)
+                out.print(which, soft_wrap=True, markup=False, highlight=False)
             aggregator = Aggregator(cfg, url)
             signal.signal(signal.SIGTERM, lambda *_: aggregator.stop())
             aggregator.run()
@@ -565,8 +565,12 @@ def status(
         phase = live.get("aggregator", ("", "not connected"))[1]
         if "round" in live:
             phase += f"; {live['round'][1]}"
+    elif open_round:
+        phase = "evaluating" if evaluation else "collecting"
+    elif journal.complete() is not None:
+        phase = "run complete"
     else:
-        phase = ("evaluating" if evaluation else "collecting") if open_round else "between rounds"
+        phase = "between rounds"
     what = "evaluation round" if evaluation else "round"
     title = f"{federation}: {done + 1} rounds done; " + (
         f"{what} {open_round['round']} open ({phase})" if open_round else phase

@@ -11,6 +11,7 @@ rounds/<r>/records.json          round r's metrics records (summary included), w
 rounds/<r>/updates/<site>.blob   accepted update r of a site, as received (journaled before the ack)
 rounds/<r>/updates/<site>.json   its manifest
 open.json                        the round being collected (number, selection, base hash)
+complete.json                    {"rounds": N} once the run finished its N rounds (for `status`)
 run_id                           the run's id in every RoundStart: new when the run starts, and again when
                                  the aggregator goes back on acknowledged work (`renew_run_id`)
 ```
@@ -135,6 +136,22 @@ class Journal:
                 path.parent.rename(aside)
                 self.went_back = True
         return None
+
+    def mark_complete(self, rounds: int | None) -> None:
+        """Record that the run finished its `rounds` (None: it has rounds to run again, after `rounds`
+        was raised), for `cloud-aggregator status`."""
+        path = self.root / "complete.json"
+        if rounds is None:
+            path.unlink(missing_ok=True)
+        else:
+            atomic_write(path, json.dumps({"rounds": rounds}).encode())
+
+    def complete(self) -> int | None:
+        """The rounds of the finished run (`mark_complete`), None while it has rounds to run."""
+        try:
+            return int(json.loads((self.root / "complete.json").read_text())["rounds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def run_id(self) -> str:
         """The run's id (made when the run starts)."""

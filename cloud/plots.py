@@ -89,11 +89,16 @@ def markdown_report(records: list[dict]) -> str:
         lines.append(f"| {rnd} | " + " | ".join(cells) + f" | {mean:.1f} |")
     rounds = [r for r in records if r.get("kind") == "round"]
     if rounds:
-        lines += ["", "| round | accepted | rejected | collect s |", "| --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "| round | accepted | rejected | failed | restarts | collect s |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for r in rounds:
             rejected = ", ".join(f"{x['site']} ({x['reason']})" for x in r.get("rejected", [])) or "-"
+            failed = ", ".join(f"{site} ({why})" for site, why in sorted(r.get("failed", {}).items())) or "-"
             lines.append(
-                f"| {r['round']} | {len(r.get('accepted', r.get('weights', {})))} | {rejected} | "
-                f"{r.get('collect_seconds', '-')} |"
+                f"| {r['round']} | {len(r.get('accepted', r.get('weights', {})))} | {rejected} | {failed} | "
+                f"{r.get('restarts', 0)} | {r.get('collect_seconds', '-')} |"
             )
     return "\n".join(lines) + "\n"

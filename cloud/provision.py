@@ -179,7 +179,13 @@ def aggregator_broker(url: str, identity_dir: Path | None) -> Iterator[tuple[str
             yield broker.url, f"broker: {broker.url}, mutual TLS + ACL from {provisioned}"
         return
     with auto_broker() as broker:
-        yield broker.url, f"broker: {broker.url} (agents: edge-agent start --broker {broker.url} ...)"
+        yield (
+            broker.url,
+            (
+                f"broker: {broker.url} (agents: edge-agent start --broker {broker.url} --exit-when-done ...; "
+                "the broker ends with this process)"
+            ),
+        )
 
 
 class Provisioning:

@@ -122,7 +122,11 @@ class OpenRound:
                 out.append(f"{site} uploading {t.received() if t is not None else 0}/{m.blob.chunks} chunks")
                 continue
             state = states.get(site, "offline")
-            out.append(f"{site} {'evaluating' if state == 'training' and not self.train else state}")
+            if state == "training" and not self.train:
+                state = "evaluating"
+            elif state == "online":  # connected, work not begun: fetching the model, or idle
+                state = "online, not started yet"
+            out.append(f"{site} {state}")
         return out
 
 

@@ -1130,6 +1130,7 @@ class Aggregator:
         if self.completed + 1 < self.cfg.rounds:  # the last run's RunEnd, retained, would tell sites that
             # start before the first round opens that this run is over (they would leave): clear it
             self.endpoint.send(self.topics.round, b"", retain=True, timeout=30)
+            self.journal.mark_complete(None)
         try:
             if self._deploy_due(self.completed) and scheduled_round(self.journal.root) < self.completed:
                 log.info("round %d's deployment did not finish before a restart: now", self.completed)
@@ -1144,6 +1145,7 @@ class Aggregator:
             self.endpoint.send(self.topics.round, self.round_payload, retain=True, timeout=30)
             self.endpoint.set_state("idle", self.completed)
             self.phase = "done"
+            self.journal.mark_complete(self.cfg.rounds)
             log.info("run complete: %d rounds", self.cfg.rounds)
         except Stopped:
             done = f"after round {self.completed}" if self.completed >= 0 else "before the first round closed"

@@ -73,10 +73,18 @@ class Gallery:
 
     def check_model(self, fx: FeatureExtractor, source: Path) -> None:
         if self.model_sha256 != fx.contract.sha256:
+            same_label = bool(self.version) and self.version == fx.contract.version
             raise GalleryError(
                 f"{source} was extracted with model {self.version or '?'} ({self.model_sha256[:12]}), "
                 f"not with {fx.contract.version or '?'} ({fx.contract.sha256[:12]}): features of different "
                 "models cannot be compared; extract it again or pass --reindex"
+                + (
+                    ". (One version, two files: every export of a round is its own file, e.g. the agent's "
+                    "re-export with its BatchNorm layers and an `export --site-data` by hand; extract and "
+                    "search with the same file.)"
+                    if same_label
+                    else ""
+                )
             )
         if self.features.shape[1] != fx.contract.output_dim:
             raise GalleryError(

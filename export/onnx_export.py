@@ -72,6 +72,7 @@ def _export_unlocked(
             output_names=["features"],
             dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=4096)}},
             optimize=not keep_batchnorm,  # its graph optimiser is what folds BatchNorm
+            verbose=False,  # (its progress lines are bare prints; our log lines say what was exported)
         )
         return "dynamo", 18
     except Exception as err:  # the dynamo exporter is young: fall back to the legacy one

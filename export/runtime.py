@@ -98,7 +98,9 @@ class OrtBackend:
         if not spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         chosen = choose_providers(ort.get_available_providers(), contract, providers, cache_dir, max_batch)
-        if cache_dir is not None:
+        if cache_dir is not None and any(
+            isinstance(p, tuple) for p in chosen
+        ):  # only the TensorRT EP uses it
             cache_dir.mkdir(parents=True, exist_ok=True)
         self.session = ort.InferenceSession(str(path), options, providers=chosen)
         self.providers = self.session.get_providers()

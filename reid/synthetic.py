@@ -42,7 +42,9 @@ class SyntheticConfig(BaseModel):
 
     seed: int = 0
     sites: int = Field(6, ge=1, le=64)
-    train_images_max: int = Field(1200, ge=8, description="training images of the largest site")
+    train_images_max: int = Field(
+        1200, ge=8, description="training images of the largest site (to the nearest whole identity)"
+    )
     size_ratio: float = Field(20.0, ge=1.0, description="largest / smallest site, in training images")
     images_per_id_max: int = Field(16, ge=2, description="training images per identity at the largest site")
     images_per_id_min: int = Field(4, ge=2, description="training images per identity at the smallest site")

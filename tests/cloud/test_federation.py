@@ -171,6 +171,8 @@ def test_three_agent_processes_two_rounds(tiny_federation, tmp_path, mosquitto_u
     assert "2 rounds done; offline" in status.output  # the aggregator has stopped: its retained status
     assert all(s.name in status.output and "offline" in status.output for s in sites)
     assert status.output.count("e2e/round-1") == len(sites)  # each site's status names the model it serves
+    offline = runner.invoke(app, ["status", "--state-dir", str(tmp_path / "cloud"), "--federation", "e2e"])
+    assert offline.exit_code == 0 and "2 rounds done; run complete" in offline.output, offline.output
     report = runner.invoke(
         app,
         [

@@ -24,3 +24,21 @@ def test_a_report_leaves_out_records_whose_keys_a_site_overwrote(tmp_path):
     table = markdown_report(records)
     assert "| 1 | 51.0 / 40.0 | 51.0 / 40.0 | 51.0 |" in table and "1e+30" not in table
     assert plot_rounds(records, tmp_path / "rounds.png", "t").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_round_table_shows_failures_and_restarts():
+    rounds = [
+        {"round": 0, "kind": "round", "accepted": ["a", "b"], "rejected": [], "failed": {}, "restarts": 0},
+        {
+            "round": 1,
+            "kind": "round",
+            "accepted": ["a"],
+            "rejected": [{"site": "c", "reason": "wrong base hash"}],
+            "failed": {"b": "DatasetLayoutError: missing split folder"},
+            "restarts": 1,
+            "collect_seconds": 12.5,
+        },
+    ]
+    table = markdown_report(rounds)
+    assert "| 0 | 2 | - | - | 0 | - |" in table
+    assert "| 1 | 1 | c (wrong base hash) | b (DatasetLayoutError: missing split folder) | 1 | 12.5 |" in table

@@ -89,5 +89,6 @@ def test_the_progress_line_says_what_each_waiting_site_does():
     assert cur.doing({"b": "training"}) == ["a uploading 0/1 chunks", "b training"]
     cur.accepted["a"] = cur.manifests.pop("a")
     assert cur.doing({}) == ["b offline"]  # no status yet
+    assert cur.doing({"b": "online"}) == ["b online, not started yet"]  # fetching the model, or idle
     cur.train = False
     assert cur.doing({"b": "training"}) == ["b evaluating"]  # the evaluation round's work

@@ -168,7 +168,14 @@ def test_search_renders_refuses_other_models_and_reindexes(exported, tiny_federa
     again = ["search", "--model", str(other_path), "--gallery", str(npz), "--query", str(query)]
     refused = runner.invoke(app, again)
     assert refused.exit_code != 0 and "extracted with model round-3" in refused.output
-    assert "--reindex" in refused.output
+    assert "--reindex" in refused.output and "One version, two files" not in refused.output
+    # the same version label on another file (two exports of one round): the message says why
+    export_onnx(other, SPEC, tmp_path / "same-label.onnx", images, version="round-3")
+    same = runner.invoke(
+        app, ["search", "--model", str(tmp_path / "same-label.onnx"), *again[3:]], env={"COLUMNS": "300"}
+    )
+    words = " ".join(same.output.replace("│", " ").split())  # (rich wraps the message in a box)
+    assert same.exit_code != 0 and "One version, two files" in words, same.output
     redone = runner.invoke(app, [*again, "--reindex"])
     assert redone.exit_code == 0, redone.output
     assert "re-indexed" in redone.output and Gallery.load(npz).version == "round-9"
