@@ -429,6 +429,7 @@ def serve(
     identity_dir: Path = typer.Option(None, help="the provisioned aggregator folder (mutual TLS)"),
     state_dir: Path = typer.Option(None, help="checkpoints, journal and metrics"),
     rounds: int = typer.Option(None, min=1),
+    device: str = typer.Option(None, callback=device_option, help="where KD runs (default auto)"),
     min_sites: int = typer.Option(None, min=1),
     fraction: float = typer.Option(None),
     deadline: float = typer.Option(None, help="seconds of collection per round"),
@@ -493,6 +494,7 @@ def serve(
         "upload_encoding": upload_encoding,
         "metrics_port": metrics_port,
         "metrics_host": metrics_host,
+        "device": device,
     }
     try:
         cfg = load_config(ServeConfig, config, overrides)

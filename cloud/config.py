@@ -16,6 +16,7 @@ from protocol.messages import ModelInfo
 from protocol.mqtt import IdentityDir
 from reid.data import InputSpec
 from reid.model import ModelSpec
+from reid.train import DeviceName
 
 # what `serve` aggregates with unless told otherwise: FedPav weights normalised by each site's path length
 # (fednova) with each site's BatchNorm kept local, the winner of the learning study's validation split
@@ -37,6 +38,9 @@ class ServeConfig(BaseModel):
     )
     rounds: int = Field(
         10, ge=1, description="rounds to run (a finished run can be extended by raising this)"
+    )
+    device: DeviceName = Field(
+        "auto", description="where KD's teachers and distillation run: auto (CUDA when present), cpu, cuda:N"
     )
     min_sites: int = Field(1, ge=1, description="sites needed online to start a round")
     fraction: float = Field(1.0, gt=0, le=1, description="fraction of online sites selected per round")

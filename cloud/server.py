@@ -85,7 +85,7 @@ from protocol.topics import Topics
 from reid.data import ImageDataset, eval_transform, make_loader, read_image_folder
 from reid.logs import log_context
 from reid.model import build_model, load_shared_state, shared_state
-from reid.train import TrainConfig
+from reid.train import TrainConfig, on_device, resolve_device
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 15.0  # a waiting round says what it waits for this often
@@ -133,7 +133,8 @@ class Aggregator:
         # (site, reason) of rejections outside the open round already logged since it opened (bounded)
         self.said_rejections: set[tuple[str, str]] = set()
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model, 1, cfg.pretrained)
+        self.model = build_model(cfg.model, 1, cfg.pretrained)  # on the CPU between KD's uses of `device`
+        self.device = resolve_device(cfg.device)
         last = self.journal.last_global()
         if last is None:
             self.completed, state = -1, shared_state(self.model)
@@ -864,9 +865,9 @@ class Aggregator:
             return
         delta = self.layout.unflatten(floats, ints)
         load_shared_state(self.model, {k: self.global_state[k] + delta[k] for k in self.global_state})
-        rows = teachers.add(
-            embed_public(self.model, make_loader(self.public, 64, train=False), len(self.public))
-        )
+        loader = make_loader(self.public, 64, train=False)
+        with on_device(self.model, self.device):
+            rows = teachers.add(embed_public(self.model, loader, len(self.public), self.device))
         if rows < len(self.public):
             with log_context(site=site):
                 log.warning(
@@ -922,7 +923,9 @@ class Aggregator:
             )
             local_bn = self.cfg.strategy.bn == "local"
             try:
-                kd = distill(self.model, loader, cur.teachers.target(), self.cfg.kd, statistics=local_bn)
+                with on_device(self.model, self.device):
+                    target = cur.teachers.target()
+                    kd = distill(self.model, loader, target, self.cfg.kd, self.device, statistics=local_bn)
             except KDDiverged as err:  # the aggregate stands
                 log.warning("round %d: KD diverged, the aggregated model is kept: %s", cur.number, err)
                 summary["kd"] = {"diverged": str(err)}
