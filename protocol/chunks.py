@@ -253,6 +253,8 @@ class InboundBlob:
             )
         if self._parts is None:
             self._parts = Reassembler(header, *self._limits)
+        elif header.chunk_size != self._parts.header.chunk_size:  # (a chunk of another sender's split)
+            raise ForeignChunk(f"chunk {header.index} of blob {ref.blob_id} has another chunk size")
         return self._parts.add(header, data)
 
     @property

@@ -96,12 +96,19 @@ def test_an_inbound_blob_checks_chunks_against_its_announcement(tmp_path):
     for m in messages[1:]:
         assert inbound.add(*parse_chunk(m))
     assert not inbound.add(*parse_chunk(messages[1]))  # a duplicate
+    # the same blob cut at another chunk size (the same count): not this transfer's chunk, dropped, and the
+    # transfer goes on (a ChunkError here failed the whole upload)
+    resized = list(split_blob(blob, ref.blob_id, chunk_size=1200))
+    with pytest.raises(ForeignChunk, match="another chunk size"):
+        inbound.add(*parse_chunk(resized[0]))
     assert inbound.missing() == [0] and inbound.received() == 4 and inbound.idle_seconds() < 5
     inbound.add(*parse_chunk(messages[0]))
     assert inbound.complete and inbound.result() == blob
     inbound.close()
-    with pytest.raises(ChunkError, match="exceeds"):  # the receiver's limit, at the first chunk
-        InboundBlob(ref, max_bytes=4000).add(*parse_chunk(messages[0]))
+    with pytest.raises(ChunkError, match="exceeds"):  # the receiver's limit, before anything is kept
+        InboundBlob(ref, max_bytes=4000)
+    with pytest.raises(ChunkError, match="chunks for"):  # an announcement of more chunks than bytes allow
+        InboundBlob(ref.model_copy(update={"chunks": 10**12}))
 
 
 def test_oversize_blob_is_refused_and_large_blobs_spool_to_disk(tmp_path):
