@@ -730,11 +730,12 @@ def deploy(
     ),
 ) -> None:
     """Export a round's global model and publish it for the sites to serve inference with."""
-    from cloud.deploy import DeployError, DeploymentSource, deploy_round
+    from cloud.deploy import DeployError, DeploymentSource, deploy_round, record_scheduled, scheduled_round
     from cloud.observer import no_broker
     from protocol.mqtt import Endpoint
     from protocol.topics import Topics
     from reid.data import DatasetLayoutError, read_image_folder
+    from reid.weights import round_checkpoints
 
     root = _run_dir(state_dir, federation)
     try:
@@ -756,6 +757,9 @@ def deploy(
             "latest" if round_ == "latest" else int(round_),
             "fp16" if fp16 else "fp32",
         )
+        # the operator decided what the sites serve as of the newest round: a restart of `serve` does not
+        # redo a scheduled deployment of those rounds over it (also not one that failed before)
+        record_scheduled(root, max(scheduled_round(root), round_checkpoints(root)[-1][0]))
         out.print(
             f"deployed {manifest.version} ({manifest.blob.encoding}, {manifest.blob.size / 1e6:.1f} MB, "
             f"sha256 {manifest.blob.sha256[:12]}) on {broker}"

@@ -80,9 +80,10 @@ def latest_deployment(run_dir: Path) -> Deployment | None:
 
 
 def scheduled_round(run_dir: Path) -> int:
-    """The round of the last deployment `serve` made on its schedule (`deploy_every`; -1: none). One made
-    by hand (`deploy --round k`, a rollback) does not count, so a restart of `serve` does not undo it.
-    A state dir from before this record: the round of the latest deployment."""
+    """The round up to which `serve`'s scheduled deployments (`deploy_every`) are settled (-1: none): the
+    round of the last one it made, or the newest round when an operator deployed by hand (`deploy
+    --round k`, a rollback), so that a restart of `serve` does not undo that. A state dir from before
+    this record: the round of the latest deployment."""
     try:
         return int(json.loads((run_dir / "deployments" / "scheduled.json").read_text())["round"])
     except (OSError, ValueError, KeyError, TypeError):

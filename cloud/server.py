@@ -125,6 +125,8 @@ class Aggregator:
         self.journal.check_identity(cfg.identity(), ServeConfig.stored_identity)
         self.lock = threading.RLock()
         self.online: dict[str, tuple[str, int | None]] = {}  # site -> (state, round) of its status
+        self.connection = 0  # connections to the broker so far (`_republish_round` counts them)
+        self.heard_on: dict[str, int] = {}  # site -> the connection its last status came on
         self.facts: dict[str, SiteFacts] = {}  # site -> what the dashboard shows of it
         self.phase = "starting"
         self.history = RunHistory(self.journal.root / "metrics.jsonl")
@@ -218,10 +220,10 @@ class Aggregator:
     def _republish_round(self) -> None:
         """After a reconnect (e.g. the broker restarted and lost its retained messages). What the sites
         said before is stale: a site that died meanwhile left no will on a broker that restarted, and
-        would be selected forever. Each is "unknown" (not selectable) until its status comes again: its
-        retained one (a broker that kept them) or the one it sends when it reconnects."""
-        with self.lock:
-            self.online = {site: ("unknown", r) for site, (_, r) in self.online.items()}
+        would be selected forever. A site is selectable again once its status comes on this connection:
+        its retained one (a broker that kept them) or the one it sends when it reconnects. (Paho's network
+        thread runs this: it takes no lock, it only counts the connection.)"""
+        self.connection += 1
         if self.round_payload is not None:
             self.endpoint.publish(self.topics.round, self.round_payload, retain=True)
         self.deployments.republish()
@@ -241,6 +243,7 @@ class Aggregator:
             return
         with self.lock:
             self.online[status.node] = (status.state, status.round)
+            self.heard_on[status.node] = self.connection
             facts = self.facts.setdefault(status.node, SiteFacts())
             facts.last_seen, facts.deployed = time.time(), status.deployed
             cur = self.current
@@ -274,12 +277,13 @@ class Aggregator:
             if refusal is not None and refusal[0] == "duplicate":
                 self._ack(site, m.round, m.blob.blob_id, True, "duplicate")
                 return
-            if cur is None and m.round > self.completed:  # starting (or between rounds): not settled now
-                with log_context(site=site, round=m.round):
-                    log.info(
-                        "update manifest before round %d is open: judged when the site announces it again",
-                        m.round,
-                    )
+            if refusal is not None and refusal[0] == "no_round" and cur is None and m.round > self.completed:
+                # starting, resuming or closing a round: not settled now (once per site and round in the log)
+                said = (site, f"early {m.round}")
+                if said not in self.said_rejections and len(self.said_rejections) < 1024:
+                    self.said_rejections.add(said)
+                    with log_context(site=site, round=m.round):
+                        log.info("update manifest while no round is open: judged when it is announced again")
                 return
             if refusal is not None:
                 self._reject(cur, site, m, refusal[1], refusal[0])
@@ -436,11 +440,11 @@ class Aggregator:
                     if isinstance(err, CodecError | LayoutError)
                     else f"undecodable: {type(err).__name__}: {err}"
                 )
-                if resumed:
-                    log.warning("journaled update unreadable at the restart, dropped: %s", short_reason(why))
+                if resumed:  # (the caller drops it once the sites are told to train again)
+                    log.warning("journaled update unreadable at the restart: %s", short_reason(why))
                 else:
                     self._reject(cur, site, m, why, "bad_payload")
-                self.journal.drop_update(cur.number, site)
+                    self.journal.drop_update(cur.number, site)
                 return
             cur.norms[site] = norm
             self.metrics.accepted.labels(site).inc()
@@ -472,13 +476,14 @@ class Aggregator:
 
     # -- the round loop (caller thread) ----------------------------------------------------------------
     def _eligible(self, failed: Collection[str] = (), retry: Collection[str] = ()) -> list[str]:
-        """Sites that may be selected: not offline or unknown (since a reconnect), not `failed` (in the open
-        round) unless in `retry` and, with signing, not revoked."""
+        """Sites that may be selected: not offline and heard since the last reconnect, not `failed` (in the
+        open round) unless in `retry` and, with signing, not revoked."""
         with self.lock:
             return sorted(
                 s
                 for s, (state, _) in self.online.items()
-                if state not in ("offline", "unknown")
+                if state != "offline"
+                and self.heard_on.get(s) == self.connection
                 and (s not in failed or s in retry)
                 and self.endpoint.knows(s)
             )
@@ -605,29 +610,29 @@ class Aggregator:
         with self.lock:
             self.current = cur
             self.said_rejections.clear()
-            lost = []
-            if not resumed:  # updates journaled for another base (an older run, a rollback) never count;
-                # ones for this base (the open round's record was lost) were acknowledged: trained again
-                lost = [
-                    s for s, manifest in self.journal.journaled_updates(r) if base_hash.encode() in manifest
-                ]
-                self.journal.drop_updates(r)
-            for site, manifest in self.journal.journaled_updates(r) if resumed else []:
+            # every update journaled for round r is judged again (a journal is input too): kept if it
+            # passes the rules it came under, lost if it was acknowledged for this base and cannot count
+            # (unreadable, or a round opened afresh did not select its site), ignored if it is of another
+            # base (an older run, a rollback: its site sees the new base and trains again)
+            lost, dropped = [], []
+            for site, manifest in self.journal.journaled_updates(r):
                 try:
                     m = parse_message(manifest, UpdateManifest)
                     assert isinstance(m, UpdateManifest)
-                    refusal = admit(cur, site, m)  # the same rules as when it came (a journal is input too)
-                    if refusal is None:
-                        self._accept(cur, site, m, resumed=True)
-                    else:
-                        log.warning(
-                            "journaled update of %s not for this round, dropped: %s", site, refusal[1]
-                        )
                 except MessageError as err:
                     log.warning("journaled manifest of %s unreadable (%s)", site, err)
-                if site not in cur.accepted:
-                    self.journal.drop_update(r, site)
                     lost.append(site)
+                    continue
+                refusal = admit(cur, site, m)  # (a round opened afresh may have selected it again)
+                if refusal is None:
+                    self._accept(cur, site, m, resumed=True)
+                    if site not in cur.accepted:
+                        lost.append(site)  # (unreadable now)
+                elif m.base_hash == cur.base_of(site):
+                    log.warning("journaled update of %s cannot count: %s", site, refusal[1])
+                    lost.append(site)
+                else:
+                    dropped.append(site)
             if lost:  # acknowledged, so these sites will not send them again unless the run id changes
                 log.warning(
                     "round %d: journaled updates of %s lost (the state dir was damaged): a new run id, so "
@@ -636,6 +641,8 @@ class Aggregator:
                     ", ".join(lost),
                 )
                 self.run_id = self.journal.renew_run_id()
+            for site in lost + dropped:  # only now: a kill before the new run id must find them again
+                self.journal.drop_update(r, site)
         log.info(
             "%s %d open (base %s): %d sites selected (%s)%s",
             "round" if train else "evaluation round",
@@ -643,7 +650,7 @@ class Aggregator:
             base_hash[:12],
             len(selected),
             ", ".join(selected),
-            f", {len(cur.accepted)} journaled updates restored" if resumed else "",
+            f", {len(cur.accepted)} journaled updates restored" if cur.accepted else "",
         )
         self.endpoint.set_state("training", r)
         self.phase = "collecting" if train else "evaluating"

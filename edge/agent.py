@@ -247,6 +247,7 @@ class Agent:
         self.working: tuple[int, str] | None = None  # (round, base hash) being fetched or trained
         self.republished = 0.0  # when the pending update was last announced again
         self.started = time.monotonic()  # (a pending update found at start waits for the round first)
+        self.tick_error = ("", 0.0)  # the last error of the periodic work, and when it was logged
         t = self.topics
         self.endpoint = Endpoint(
             cfg.broker,
@@ -757,7 +758,10 @@ class Agent:
             self._announce_unacknowledged()
             self.deployments.poll(self.cfg.transfer_idle_s)
         except Exception as err:
-            log.exception("periodic work failed (the agent keeps running): %s", err)
+            said, when = self.tick_error
+            if str(err) != said or time.monotonic() - when > 60:  # one traceback a minute for a lasting error
+                self.tick_error = (str(err), time.monotonic())
+                log.exception("periodic work failed (the agent keeps running): %s", err)
 
     def stop(self) -> None:
         """Ask `run()` to return (from a signal handler or another thread)."""

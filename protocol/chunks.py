@@ -251,10 +251,13 @@ class InboundBlob:
             raise ForeignChunk(
                 f"chunk {header.index} of blob {ref.blob_id} has another size, sha256 or count"
             )
+        if self._parts is not None and header.chunk_size != self._parts.header.chunk_size:
+            # the announced blob, cut at another chunk size (a sender restarted with other settings):
+            # the newest cut wins, and the sha256 of the whole blob still decides at the end
+            self._parts.close()
+            self._parts = None
         if self._parts is None:
             self._parts = Reassembler(header, *self._limits)
-        elif header.chunk_size != self._parts.header.chunk_size:  # (a chunk of another sender's split)
-            raise ForeignChunk(f"chunk {header.index} of blob {ref.blob_id} has another chunk size")
         return self._parts.add(header, data)
 
     @property

@@ -7,12 +7,18 @@ import os
 import threading
 from pathlib import Path
 
+_swept: set[Path] = set()  # folders whose temporaries left by killed processes are gone
+
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace `path` with `data`: readers see the old or the new content, never a torn file. The
-    temporary file is the writing thread's own, so two threads writing the same path leave one whole
-    version, never a mix or an error."""
+    temporary file is the writing thread's own (``.<name>.<pid>.<thread>.tmp``), so two threads writing
+    the same path leave one whole version, never a mix or an error; the first write into a folder
+    removes the temporaries that killed processes left there."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.parent not in _swept:
+        _swept.add(path.parent)
+        _sweep(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -23,3 +29,19 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _sweep(folder: Path) -> None:
+    for stale in folder.glob(".*.tmp"):
+        parts = stale.name.split(".")
+        if len(parts) < 5 or not (parts[-3].isdigit() and parts[-2].isdigit()):
+            continue  # not one of ours
+        pid = int(parts[-3])
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:  # its writer is gone: the rename never came
+            stale.unlink(missing_ok=True)
+        except OSError:  # (alive, another user's)
+            continue

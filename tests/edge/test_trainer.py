@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -74,3 +75,19 @@ def test_models_that_queued_while_the_site_trained_leave_only_the_newest(tiny_fe
     agent.jobs.put((_start(4), b"", 0.0))
     agent.jobs.put(None)  # stopping wins over a model still waiting
     assert agent._next_job() is None
+
+
+def test_the_main_loop_survives_an_error_in_its_periodic_work_and_says_it_once(
+    tiny_federation, tmp_path, caplog
+):
+    agent, _, _ = _agent(tiny_federation, tmp_path)
+
+    def broken() -> None:
+        raise MemoryError("a list of 10^12 missing chunks")
+
+    agent._request_missing = broken  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, logger="edge.agent"):
+        for _ in range(3):
+            agent._tick()  # (it used to end the agent's main loop, at every start)
+    said = [r for r in caplog.records if "periodic work failed" in r.getMessage()]
+    assert len(said) == 1 and "10^12" in said[0].getMessage()

@@ -96,11 +96,16 @@ def test_an_inbound_blob_checks_chunks_against_its_announcement(tmp_path):
     for m in messages[1:]:
         assert inbound.add(*parse_chunk(m))
     assert not inbound.add(*parse_chunk(messages[1]))  # a duplicate
-    # the same blob cut at another chunk size (the same count): not this transfer's chunk, dropped, and the
-    # transfer goes on (a ChunkError here failed the whole upload)
+    # the same blob cut at another chunk size (the same count; its sender restarted with other settings):
+    # the newest cut wins, and it completes (a ChunkError here failed the whole transfer, for good)
     resized = list(split_blob(blob, ref.blob_id, chunk_size=1200))
-    with pytest.raises(ForeignChunk, match="another chunk size"):
-        inbound.add(*parse_chunk(resized[0]))
+    assert inbound.add(*parse_chunk(resized[0])) and inbound.received() == 1
+    for m in resized[1:]:
+        inbound.add(*parse_chunk(m))
+    assert inbound.complete and inbound.result() == blob
+    inbound = InboundBlob(ref, spool_bytes=0, spool_dir=tmp_path)
+    for m in messages[1:]:
+        inbound.add(*parse_chunk(m))
     assert inbound.missing() == [0] and inbound.received() == 4 and inbound.idle_seconds() < 5
     inbound.add(*parse_chunk(messages[0]))
     assert inbound.complete and inbound.result() == blob

@@ -138,3 +138,38 @@ def test_what_is_not_a_model_says_so(produced, tmp_path):
         find_model(tmp_path)
     with pytest.raises(ModelError, match="model not found"):
         find_model(tmp_path / "missing")
+
+
+def test_atomic_writes_from_threads_leave_one_whole_version_and_no_leftovers(tmp_path):
+    """Two threads writing one state file (the aggregator's open round) each use their own temporary
+    file: the result is one whole version, never an error or a mix. A temporary that a killed process
+    left behind is removed by the next process's first write into the folder."""
+    import json
+    import subprocess
+    import sys
+    import threading
+
+    from reid.files import atomic_write
+
+    path = tmp_path / "open.json"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    leftover = tmp_path / f".open.json.{int(dead.stdout)}.1234.tmp"
+    leftover.write_bytes(b"torn")
+    errors: list[BaseException] = []
+
+    def write(n: int) -> None:
+        try:
+            for i in range(200):
+                atomic_write(path, json.dumps({"writer": n, "i": i, "pad": "x" * (1000 * n)}).encode())
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and json.loads(path.read_text())["i"] == 199
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["open.json"]
