@@ -583,7 +583,7 @@ def test_a_site_whose_round_failed_trains_when_the_restarted_round_selects_it(
     logs = {s.name: tmp_path / f"{s.name}.log" for s in sites}
     procs = {s.name: _agent(s, mosquitto_url, "again", tmp_path / "edge", logs[s.name]) for s in sites}
     try:
-        assert _wait(lambda: all(" up: " in p.read_text() for p in logs.values() if p.exists()), timeout=120)
+        assert _wait(lambda: all(" up: " in p.read_text() for p in logs.values()), timeout=120)
         train, away = sites[0] / "bounding_box_train", tmp_path / "away"
         train.rename(away)
         cfg = ServeConfig(
