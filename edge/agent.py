@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import queue
 import threading
 import time
@@ -88,7 +87,15 @@ from reid.model import (
 from reid.privacy import DPConfig, PrivacyLedger
 from reid.site import SiteData
 from reid.site_delta import site_delta
-from reid.train import DeviceName, TrainConfig, TrainResult, adapt_to_site, resolve_device, train_local
+from reid.train import (
+    DeviceName,
+    TrainConfig,
+    TrainResult,
+    adapt_to_site,
+    loader_workers,
+    resolve_device,
+    train_local,
+)
 
 log = logging.getLogger(__name__)
 MAX_MODEL_BYTES = 1 << 30  # the largest global model a site fetches (a ResNet-50 in fp32 is 98 MB)
@@ -233,9 +240,7 @@ class Agent:
         self.classifier_file = self.dir / "classifier.safetensors"  # the site's own, never sent
         self.private_bn_file = self.dir / "private_bn.safetensors"  # its BN layers when kept local
         self.device = resolve_device(cfg.device)
-        cores = os.cpu_count() or 1
-        default_workers = min(8, cores - 1) if self.device.type == "cuda" else 0  # (1.7x on an H200)
-        self.workers = cfg.workers if cfg.workers is not None else default_workers
+        self.workers = loader_workers(cfg.workers, self.device)
         self.lock = threading.Lock()
         self.fetch: Fetch | None = None
         self.jobs: queue.Queue[tuple[RoundStart, bytes, float] | None] = queue.Queue()

@@ -89,16 +89,19 @@ def train(
     ),
     eval_every: int = typer.Option(1, min=0, help="evaluate every N epochs (0: only at the end)"),
     device: str = typer.Option("auto", callback=device_option),
-    workers: int = typer.Option(0, min=0, help="data loader worker processes"),
+    workers: int = typer.Option(
+        None, min=0, help="data loader worker processes (default: none on a CPU, up to 8 with CUDA)"
+    ),
     seed: int = typer.Option(0),
 ) -> None:
     """Train a model on the site's data alone (the paper's "local training" baseline) and evaluate it."""
     from reid.data import InputSpec
     from reid.model import ModelError, ModelSpec, build_model
-    from reid.train import TrainConfig, train_local
+    from reid.train import TrainConfig, loader_workers, train_local
     from reid.weights import save_checkpoint
 
     dev = _device(device)
+    workers = loader_workers(workers, dev)
     site = _site(data, InputSpec(height=height, width=width), batch_size, workers, seed)
     with log_context(site=site.name):
         config = TrainConfig(
