@@ -126,6 +126,7 @@ class Aggregator:
         self.lock = threading.RLock()
         self.online: dict[str, tuple[str, int | None]] = {}  # site -> (state, round) of its status
         self.connection = 0  # connections to the broker so far (`_republish_round` counts them)
+        self.closed: tuple[int, dict[str, str]] = (-2, {})  # the last closed round: site -> accepted blob id
         self.heard_on: dict[str, int] = {}  # site -> the connection its last status came on
         self.facts: dict[str, SiteFacts] = {}  # site -> what the dashboard shows of it
         self.phase = "starting"
@@ -274,7 +275,13 @@ class Aggregator:
             self._heard(site)
             cur = self.current
             refusal = admit(cur, site, m)
-            if refusal is not None and refusal[0] == "duplicate":
+            closed_round, closed_accepted = self.closed
+            accepted_before = (
+                m.site == site and m.round == closed_round and closed_accepted.get(site) == m.blob.blob_id
+            )
+            if refusal is not None and (refusal[0] == "duplicate" or accepted_before):
+                # (an update of the round that closed or is closing, announced again by a site that missed
+                # its ack: it was aggregated, and the answer says so)
                 self._ack(site, m.round, m.blob.blob_id, True, "duplicate")
                 return
             if refusal is not None and refusal[0] == "no_round" and cur is None and m.round > self.completed:
@@ -897,6 +904,7 @@ class Aggregator:
         with self.lock:
             self.current = None
             self.phase = "aggregating"
+            self.closed = (cur.number, {site: m.blob.blob_id for site, m in cur.accepted.items()})
         result, caps = self._fold(cur)
         new_flat = result.flat  # the new global model lives in the fold's buffers: no copy
         for rejection in result.rejected:

@@ -885,3 +885,27 @@ def test_after_a_reconnect_only_sites_that_speak_again_are_selected(tmp_path, mo
         agg.stop()
         thread.join(timeout=30)
         raw.stop()
+
+
+def test_an_aggregated_update_announced_after_its_round_closed_is_acknowledged_again(tmp_path, mosquitto_url):
+    """A site that missed the ack of its accepted update announces it again after the round closed: the
+    answer must say accepted (it was aggregated), not "stale round" (which settles it as refused)."""
+    cfg = ServeConfig(
+        federation="late", state_dir=tmp_path, rounds=2, min_sites=1, deadline_s=60, final_eval=False, **TINY
+    )
+    agg, raw, thread = _start(cfg, mosquitto_url, ["a"])
+    try:
+        round0 = raw.round
+        blob = raw.update("a", _deltas(agg, 1))
+        assert _wait(lambda: raw.round.round == 1, 30)
+        current, raw.round = raw.round, round0
+        assert raw.update("a", _deltas(agg, 1)) == blob  # the same update, announced again
+        assert _wait(lambda: len([a for a in raw.acks if a["blob_id"] == blob]) == 2, 30)
+        assert all(a["accepted"] for a in raw.acks if a["blob_id"] == blob)
+        stale = raw.update("a", _deltas(agg, 2))  # another update of round 0: never accepted
+        raw.round = current
+        assert _wait(lambda: any(a["blob_id"] == stale and not a["accepted"] for a in raw.acks), 30)
+    finally:
+        agg.stop()
+        thread.join(timeout=30)
+        raw.stop()
