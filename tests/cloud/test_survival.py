@@ -844,9 +844,10 @@ def test_a_journal_is_input_too_updates_are_judged_again_and_stale_ones_never_co
         again = Aggregator(cfg, mosquitto_url)
         thread = threading.Thread(target=again.run, daemon=True)
         thread.start()
-        assert _wait(lambda: again.current is not None and "a" in again.current.accepted, 30)
-        assert set(again.current.accepted) == {"a"} and not (updates / "zz.json").exists()
-        assert again.run_id != first_id  # (the journal was not what this aggregator wrote)
+        # (the resumed round is set up under the aggregator's lock: wait for all of it)
+        assert _wait(lambda: again.current is not None and again.run_id != first_id, 30)
+        with again.lock:
+            assert set(again.current.accepted) == {"a"} and not (updates / "zz.json").exists()
         again.stop()
         thread.join(timeout=30)
         (tmp_path / "judged" / "open.json").write_text('{"round": 0, "sel')  # the round's record, torn
@@ -856,9 +857,9 @@ def test_a_journal_is_input_too_updates_are_judged_again_and_stale_ones_never_co
         third = Aggregator(cfg, mosquitto_url)
         thread = threading.Thread(target=third.run, daemon=True)
         thread.start()
-        assert _wait(lambda: third.current is not None and "a" in third.current.accepted, 30)
-        # a's update, journaled for this base and a selected again: it counts, nobody trains again
-        assert set(third.current.accepted) == {"a"} and third.run_id == again.run_id
+        assert _wait(lambda: third.current is not None, 30)
+        with third.lock:  # a's update, journaled for this base and a selected again: it counts
+            assert set(third.current.accepted) == {"a"} and third.run_id == again.run_id
         raw.update("a", _deltas(agg, 1))  # (announced again: a duplicate, acknowledged)
         raw.update("b", _deltas(agg, 2))
         thread.join(timeout=60)
