@@ -42,6 +42,7 @@ from cloud.site_round import SiteJob, private_keys, site_seed
 from cloud.strategy import (
     KDConfig,
     KDDiverged,
+    NoUpdatesError,
     StrategyConfig,
     StreamingAggregator,
     TeacherMean,
@@ -442,7 +443,10 @@ class Simulator:
                 + detail
             )
         if agg is not None:
-            aggregate = agg.finish()
+            try:
+                aggregate = agg.finish()
+            except NoUpdatesError as err:  # every update rejected: the run stops after the previous round
+                raise RoundFailed(f"round {r}: {err}") from None
             self.global_state = aggregate.state
             summary.update(
                 weights=aggregate.weights,

@@ -391,7 +391,8 @@ class StreamingAggregator:
                 self._robust_estimate()
         finished = self._fold_pending(final=self.config.estimator == "mean")
         if self.acc is None or self.first is None:
-            raise NoUpdatesError("no accepted update in this round")
+            why = "; ".join(f"{r.site}: {r.reason}" for r in self.rejected)
+            raise NoUpdatesError("no accepted update in this round" + (f" ({why})" if why else ""))
         path_length = None
         if self.config.estimator == "mean":
             total = self.total_weight

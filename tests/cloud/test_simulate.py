@@ -25,11 +25,13 @@ from reid.train import TrainConfig, adapt_to_site
 from reid.weights import GLOBAL_BATCHNORM_NOTE, load_checkpoint
 
 
-def _config(algorithm: str, rounds: int = 2, **strategy) -> SimulationConfig:
+def _config(algorithm: str, rounds: int = 2, arch: str = "resnet18", **strategy) -> SimulationConfig:
+    """A tiny run; `arch="mobilenet_v3_small"` trains about twice as fast where the test is not about
+    the architecture."""
     return SimulationConfig(
         algorithm=algorithm,
         rounds=rounds,
-        model=ModelSpec(arch="resnet18"),
+        model=ModelSpec(arch=arch),
         input=InputSpec(height=64, width=32),
         train=TrainConfig(batch_size=16, lr_head=0.02, lr_backbone=0.02),
         strategy=StrategyConfig(**strategy),
@@ -305,7 +307,8 @@ def test_per_camera_clients_score_the_global_model_once_per_site(tiny_federation
     plain.mkdir()
     for c in clients:
         shutil.copytree(tmp_path / "cams" / c.name, plain / c.name, symlinks=True)
-    cfg = _config("fedpav", rounds=1, bn="average")  # no private layer: one model for the whole site
+    # no private layer: one model for the whole site
+    cfg = _config("fedpav", rounds=1, arch="mobilenet_v3_small", bn="average")
     once = Simulator(cfg, [tmp_path / "cams" / c.name for c in clients], tmp_path / "once").run()
     each = Simulator(cfg, [plain / c.name for c in clients], tmp_path / "each").run()
 
@@ -443,7 +446,7 @@ def test_refreshed_statistics_score_the_global_weights_with_the_sites_affine_lay
 
 
 def test_sites_own_models_can_be_scored_in_the_last_round_only(tiny_federation, tmp_path):
-    cfg = _config("fedpav", rounds=2).model_copy(update={"eval_local": "last"})
+    cfg = _config("fedpav", rounds=2, arch="mobilenet_v3_small").model_copy(update={"eval_local": "last"})
     records = Simulator(cfg, _sites(tiny_federation), tmp_path / "run").run()
     scored = {(r["round"], r["model"]) for r in records if "model" in r}
     assert scored == {(0, "global"), (1, "global"), (1, "local")}
@@ -455,8 +458,9 @@ def test_ditto_personal_models_are_the_sites_own_training_at_lambda_zero_and_sur
     """At lambda 0 nothing pulls a site's personal model: it is exactly what training alone makes of the
     site (same start, seeds and images), round after round, also across a stop and resume; a pull makes
     it another model."""
-    alone = Simulator(_config("local", rounds=2), _sites(tiny_federation), tmp_path / "local").run()
-    personal = _config("fedpav", rounds=2).model_copy(update={"ditto": 0.0})
+    small = "mobilenet_v3_small"
+    alone = Simulator(_config("local", 2, small), _sites(tiny_federation), tmp_path / "local").run()
+    personal = _config("fedpav", rounds=2, arch=small).model_copy(update={"ditto": 0.0})
     out = tmp_path / "ditto"
     Simulator(personal.model_copy(update={"rounds": 1}), _sites(tiny_federation), out).run()
     resumed = Simulator(personal, _sites(tiny_federation), out)

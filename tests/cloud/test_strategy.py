@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cloud.strategy import StrategyConfig, StreamingAggregator, Update, bn_policy_keys, weighted_average
+from cloud.strategy import (
+    NoUpdatesError,
+    StrategyConfig,
+    StreamingAggregator,
+    Update,
+    bn_policy_keys,
+    weighted_average,
+)
 from reid.model import ModelSpec, build_model, is_bn_buffer, shared_state
 
 
@@ -110,6 +117,17 @@ def test_streaming_deltas_equal_the_batch_result(weighting):
             torch.testing.assert_close(result.state[key], want[key], rtol=1e-5, atol=1e-5, msg=key)
     assert sum(result.weights.values()) == pytest.approx(1.0)
     assert result.weights["site0"] == pytest.approx(raw[0] / sum(raw))
+
+
+def test_a_round_whose_every_update_is_rejected_says_why():
+    states = _states(2, seed=3)
+    base = _states(1, seed=99)[0]
+    agg = StreamingAggregator(base, StrategyConfig(weighting="cdw", bn="average"))
+    for i, s in enumerate(states):
+        delta = {key: s[key] - base[key] for key in base}
+        assert agg.add(Update(f"site{i}", delta, 10, float("nan"))) is not None
+    with pytest.raises(NoUpdatesError, match=r"site0: CDW distance .*nan; site1: CDW"):
+        agg.finish()
 
 
 @pytest.mark.parametrize("group", [1, 4])
