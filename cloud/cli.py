@@ -179,13 +179,29 @@ def split(
 
 
 def _site_dirs(sites_dir: Path) -> list[Path]:
+    """The site folders of a folder of sites; their names are the sites' ids (as on the wire)."""
+    from protocol.topics import check_name
+    from reid.data import DatasetLayoutError, detect_layout
+
     if not sites_dir.is_dir():
         raise typer.BadParameter(f"folder not found: {sites_dir}", param_hint="--data")
+    with contextlib.suppress(DatasetLayoutError):
+        layout = detect_layout(sites_dir)
+        raise typer.BadParameter(
+            f"{sites_dir} is one site's data set ({layout}); --data takes a folder with one data set folder "
+            "per site",
+            param_hint="--data",
+        )
     dirs = sorted(p for p in sites_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not dirs:
         raise typer.BadParameter(
             f"no site folders in {sites_dir} (expected one data set folder per site)", param_hint="--data"
         )
+    for p in dirs:
+        try:
+            check_name(p.name, "site folder name")
+        except ValueError as err:
+            raise typer.BadParameter(f"{err} (the site's id): rename {p}", param_hint="--data") from None
     return dirs
 
 

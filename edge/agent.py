@@ -59,6 +59,7 @@ from protocol.chunks import (
 )
 from protocol.codec import CodecError, Encoding, decode_state, encode_state
 from protocol.messages import (
+    NAME,
     ChunkRequest,
     EvalReport,
     MessageError,
@@ -71,7 +72,7 @@ from protocol.messages import (
 )
 from protocol.mqtt import Endpoint, IdentityDir
 from protocol.topics import Topics, check_name
-from reid.data import DatasetLayoutError, InputSpec, detect_layout
+from reid.data import DatasetLayoutError, InputSpec, read_dataset
 from reid.files import atomic_write
 from reid.logs import bound, log_context
 from reid.model import (
@@ -110,9 +111,11 @@ class AgentConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    site: str = Field(description="this site's id (A-Z a-z 0-9 _ . -; its certificate's CN when provisioned)")
+    site: str = Field(
+        pattern=NAME, description="this site's id (A-Z a-z 0-9 _ . -; its certificate's CN when provisioned)"
+    )
     data: Path = Field(description="the site's data set folder (any supported layout)")
-    federation: str = Field("default", description="federation name (the aggregator's)")
+    federation: str = Field("default", pattern=NAME, description="federation name (the aggregator's)")
     broker: str = Field("mqtt://127.0.0.1:1883", description="mqtt://host:port or mqtts://host:port")
     identity_dir: IdentityDir | None = Field(
         None, description="provisioned identity (mutual TLS with mqtts://)"
@@ -185,7 +188,7 @@ class AgentConfig(BaseModel):
     def _data_folder(cls, value: Path) -> Path:
         if not value.is_dir():
             raise ValueError(f"data folder not found: {value}")
-        detect_layout(value)  # at start, not when the site is first selected (a ValueError)
+        read_dataset(value)  # every split, at start, not when the site is first selected (a ValueError)
         return value
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
-from PIL import Image, ImageOps
+from PIL import Image
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -49,6 +49,7 @@ from edge.feature_api import (
 )
 from edge.gallery_store import GalleryStore, GalleryStoreError, NewEntry, OtherModel
 from export.runtime import FeatureExtractor
+from reid.data.images import to_rgb
 
 log = logging.getLogger(__name__)
 GAP_WAIT_S = 1.0  # how long a re-embedding batch waits for the live queue to empty
@@ -121,6 +122,8 @@ def open_crop(data: bytes, index: int, cfg: ServiceConfig) -> Image.Image:
         raise CropError(f"crop {index}: {len(data)} bytes, more than {cfg.max_crop_bytes}")
     try:
         img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:  # a header claiming ~180 M pixels or more
+        raise CropError(f"crop {index}: more than {cfg.max_crop_pixels} pixels ({err})") from None
     except Exception as err:  # PIL raises many kinds for hostile bytes
         raise _undecodable(index, err) from None
     if img.width * img.height > cfg.max_crop_pixels:
@@ -131,7 +134,7 @@ def open_crop(data: bytes, index: int, cfg: ServiceConfig) -> Image.Image:
 def load_crop(img: Image.Image, index: int) -> Image.Image:
     """An opened crop decoded, turned upright by its EXIF orientation, in RGB."""
     try:
-        return ImageOps.exif_transpose(img).convert("RGB")
+        return to_rgb(img)
     except Exception as err:  # truncated or corrupt image data
         raise _undecodable(index, err) from None
 

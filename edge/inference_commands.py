@@ -107,15 +107,17 @@ def search(
     png: Path = typer.Option(None, "--png", help="write the query and its top-k crops to this PNG"),
 ) -> None:
     """Rank the gallery for each query crop by cosine similarity."""
-    from export.gallery import image_files
     from export.gallery import search as rank_gallery
     from export.render import render_html, render_png
+    from reid.data.layouts import read_image_folder
 
     fx = _extractor(model_path)
     gallery = _load_gallery(fx, gallery_path, reindex)
     try:
-        queries = [query] if query.is_file() else image_files(query)
-        order, sims = rank_gallery(gallery, fx(queries), top_k)
+        queries = [query] if query.is_file() else read_image_folder(query)
+        features, readable = fx.extract(queries)  # an unreadable crop: one warning, the others searched
+        queries = [queries[i] for i in readable]
+        order, sims = rank_gallery(gallery, features, top_k)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--query") from None
     ranked = []
@@ -182,11 +184,11 @@ def build_engine(
 ) -> None:
     """Build (or reuse from the cache) a TensorRT engine for this GPU, checked against ONNX Runtime."""
     from export.contract import ContractError
-    from export.gallery import image_files
     from export.tensorrt import TensorRTError, build_engine_cached
+    from reid.data.layouts import read_image_folder
 
     try:
-        parity_images = image_files(images)[:16] if images else None
+        parity_images = read_image_folder(images)[:16] if images else None
         result = build_engine_cached(model_path, fp16, int8, max_batch, cache_dir, parity_images)
     except (ContractError, TensorRTError, ValueError) as err:
         fail(out, err)

@@ -15,19 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from export.runtime import FeatureExtractor
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+from reid.data.layouts import read_image_folder
 
 
 class GalleryError(ValueError):
     """A gallery file is unreadable or belongs to another model."""
-
-
-def image_files(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise ValueError(f"no images in {folder}")
-    return files
 
 
 @dataclass
@@ -99,7 +91,7 @@ class Gallery:
 
 
 def extract_folder(fx: FeatureExtractor, folder: Path, flip: bool = False) -> Gallery:
-    files = image_files(folder)
+    files = read_image_folder(folder)
     feats, kept = fx.extract(files, flip=flip)
     return Gallery(
         feats.astype(np.float32),

@@ -195,7 +195,8 @@ class FeatureExtractor:
                 kept.extend(i for i, _ in good)
                 feats.append(self.run(self.preprocess([img for _, img in good]), flip=flip))
         if not feats:
-            raise ValueError("no readable image among the given files")
+            named = f": {paths[0]}" if len(paths) == 1 else ""
+            raise ValueError(f"no readable image among the {len(paths)} given files{named}")
         return np.concatenate(feats), np.asarray(kept, dtype=np.int64)
 
     def __call__(self, images: Sequence[Image.Image | str | Path], flip: bool = False) -> np.ndarray:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import os
+import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from protocol.broker import LocalBroker, find_mosquitto
 from reid.synthetic import SyntheticConfig, generate_federation
@@ -29,6 +33,16 @@ def tiny_federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("federation")
     generate_federation(TINY, root)
     return root
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims `width` x `height` pixels (a decompression bomb's header)."""
+    out = io.BytesIO()
+    Image.new("L", (1, 1)).save(out, format="PNG")
+    data = bytearray(out.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # the IHDR chunk's width and height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # and its checksum
+    return bytes(data)
 
 
 def missing(message: str) -> None:

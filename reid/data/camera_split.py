@@ -44,13 +44,14 @@ def split_by_camera(
     sites: list[Path], out: Path, copy: bool = False, min_images: int = 8, min_ids: int = 2
 ) -> tuple[list[CameraClient], list[dict]]:
     """Write one client folder per (site, camera) under `out` (which must not hold clients yet); returns
-    the clients and the cameras left out with the reason. `split.json` in `out` records both."""
-    out.mkdir(parents=True, exist_ok=True)
-    if any(out.iterdir()):
+    the clients and the cameras left out with the reason. `split.json` in `out` records both. Every site
+    is read before anything is written: a site that cannot be read leaves no half-written `out`."""
+    if out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty: choose a new folder for the per-camera clients")
+    read = [(site, read_dataset(site)) for site in sites]
+    out.mkdir(parents=True, exist_ok=True)
     clients, skipped = [], []
-    for site in sites:
-        splits = read_dataset(site)
+    for site, splits in read:
         for camera in sorted({r.camid for r in splits.train}):
             mine = [r for r in splits.train if r.camid == camera]
             ids = len({r.pid for r in mine})

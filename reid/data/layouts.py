@@ -6,16 +6,19 @@ Supported layouts (see docs/datasets.md):
   reads DukeMTMC-reID (``0005_c2_f0046985.jpg``), MSMT17 converted to Market-style names (two-digit
   cameras such as ``0012_c14_...`` are camera 14) and one CUHK03-NP variant folder.
 * ``cuhk03-np``: a root holding ``detected/`` and/or ``labeled/``, each in Market layout.
-* ``msmt17``: ``train/ test/`` plus ``list_{train,val,query,gallery}.txt``.
+* ``msmt17``: ``train/ test/`` (MSMT17_V2: ``mask_train_v2/ mask_test_v2/``) plus
+  ``list_{train,val,query,gallery}.txt``.
 * ``fedreid``: the FedReID preprocessed layout ``pytorch/{train_all|train, query, gallery}/<id>/``,
   including the small-data-set names ``cam_<v>_<id5>_<idx5>.<ext>``.
 
 pid -1 images are junk and are dropped at load time (equivalent to removing them from every ranking);
-pid 0 images are distractors and stay in the gallery.
+pid 0 images are distractors and stay in the gallery. Hidden files (``.*``, among them macOS's ``._*``
+copies of every image) are not images; symlinked folders are followed.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,9 +78,24 @@ def parse_image_name(name: str) -> tuple[int, int]:
     raise ValueError(f"cannot parse person id and camera from file name {name!r}")
 
 
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+
+
 def _images_in(folder: Path, recursive: bool) -> list[Path]:
-    pattern = "**/*" if recursive else "*"
-    return sorted(p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """The image files in `folder` (and below it with `recursive`, following symlinked folders once each)."""
+    if not recursive:
+        return sorted(p for p in folder.iterdir() if _is_image(p))
+    found, seen = [], set()
+    for here, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:  # a link back up the tree
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [p for name in files if _is_image(p := Path(here) / name)]
+    return sorted(found)
 
 
 def _read_named_folder(folder: Path, recursive: bool = False) -> tuple[list[ImageRecord], int]:
@@ -124,8 +142,21 @@ def _read_fedreid(root: Path, need_train: bool = True) -> ReIDSplits:
     return ReIDSplits(root, "fedreid", train, query, gallery, j1 + j2 + j3)
 
 
-def _read_msmt_list(root: Path, image_dir: str, list_name: str) -> list[ImageRecord]:
+def _msmt_images(root: Path, split: str) -> Path:
+    """The image folder of MSMT17's `split` ("train" or "test"): V1 names it `train/`, V2 `mask_train_v2/`."""
+    for name in (split, f"mask_{split}_v2"):
+        if (root / name).is_dir():
+            return root / name
+    raise DatasetLayoutError(f"missing image folder: {root / split} (MSMT17_V2: {root / f'mask_{split}_v2'})")
+
+
+def _read_msmt_list(root: Path, split: str, list_name: str, optional: bool = False) -> list[ImageRecord]:
     list_path = root / list_name
+    if not list_path.is_file():
+        if optional:
+            return []
+        raise DatasetLayoutError(f"missing split list: {list_path}")
+    images = _msmt_images(root, split)
     records = []
     for lineno, line in enumerate(list_path.read_text().splitlines(), 1):
         if not line.strip():
@@ -134,26 +165,28 @@ def _read_msmt_list(root: Path, image_dir: str, list_name: str) -> list[ImageRec
         match = _MSMT_NAME.match(Path(parts[0]).name) if len(parts) == 2 else None
         if match is None or not parts[1].lstrip("-").isdigit():
             raise DatasetLayoutError(f"{list_path}:{lineno}: expected '<dir>/<pid>_<idx>_<cam>_... <pid>'")
-        records.append(ImageRecord(root / image_dir / parts[0], int(parts[1]), int(match.group(1))))
-    if not records:
+        records.append(ImageRecord(images / parts[0], int(parts[1]), int(match.group(1))))
+    if not records and not optional:
         raise DatasetLayoutError(f"empty split list: {list_path}")
+    missing = [r.path for r in records if not r.path.is_file()]
+    if missing:
+        raise DatasetLayoutError(
+            f"{len(missing)} of the {len(records)} images listed in {list_path} are not in {images}, "
+            f"e.g. {missing[0]}"
+        )
     return records
 
 
 def _read_msmt17(root: Path, need_train: bool = True) -> ReIDSplits:
     has_train = need_train or (root / "list_train.txt").exists()
     train = _read_msmt_list(root, "train", "list_train.txt") if has_train else []
-    if (root / "list_val.txt").is_file():
-        train += _read_msmt_list(root, "train", "list_val.txt")
+    train += _read_msmt_list(root, "train", "list_val.txt", optional=True)
     query = _read_msmt_list(root, "test", "list_query.txt")
     gallery = _read_msmt_list(root, "test", "list_gallery.txt")
     return ReIDSplits(root, "msmt17", train, query, gallery)
 
 
-def detect_layout(root: Path) -> Layout:
-    """Name the layout of `root`, or raise DatasetLayoutError saying what was expected."""
-    if not root.is_dir():
-        raise DatasetLayoutError(f"data set folder not found: {root}")
+def _layout_of(root: Path) -> Layout | None:
     if (root / "bounding_box_train").is_dir() or (root / "bounding_box_test").is_dir():
         return "market1501"
     if (root / "detected").is_dir() or (root / "labeled").is_dir():
@@ -161,26 +194,42 @@ def detect_layout(root: Path) -> Layout:
     if (root / "list_train.txt").is_file() or (root / "list_query.txt").is_file():
         return "msmt17"
     base = root / "pytorch" if (root / "pytorch").is_dir() else root
-    if (base / "query").is_dir() and (base / "gallery").is_dir():
+    if any((base / name).is_dir() for name in ("query", "gallery", "train_all")):
         return "fedreid"
+    return None
+
+
+def detect_layout(root: Path) -> Layout:
+    """Name the layout of `root`, or raise DatasetLayoutError saying what was expected (and naming the
+    data sets one level down, when `root` is the folder an archive was unpacked into)."""
+    if not root.is_dir():
+        what = "not a folder" if root.exists() else "data set folder not found"
+        raise DatasetLayoutError(f"{what}: {root}")
+    layout = _layout_of(root)
+    if layout is not None:
+        return layout
+    inside = sorted(p.name for p in root.iterdir() if p.is_dir() and _layout_of(p) is not None)
+    hint = f"; data sets one level down: {', '.join(inside[:5])}{' ...' if len(inside) > 5 else ''}"
     raise DatasetLayoutError(
         f"unknown data set layout in {root}: expected bounding_box_train/query/bounding_box_test "
         "(Market-1501, Duke, MSMT17 Market-style), detected|labeled/ (CUHK03-NP), list_*.txt (MSMT17), or "
-        "pytorch/{train_all,query,gallery} (FedReID)"
+        "pytorch/{train_all,query,gallery} (FedReID)" + (hint if inside else "")
     )
 
 
 def read_dataset(
-    root: str | Path, cuhk03_variant: Literal["detected", "labeled"] = "detected", need_train: bool = True
+    root: str | Path, cuhk03_variant: Literal["detected", "labeled"] | None = None, need_train: bool = True
 ) -> ReIDSplits:
     """Read a site's train/query/gallery splits from any supported layout (auto-detected). Without
-    `need_train` (a labelled validation set) the training split may be missing: then it is empty."""
+    `need_train` (a labelled validation set) the training split may be missing: then it is empty.
+    CUHK03-NP: `cuhk03_variant`, by default `detected/` where it exists, else `labeled/`."""
     root = Path(root)
     layout = detect_layout(root)
     if layout == "market1501":
         return _read_market(root, need_train)
     if layout == "cuhk03-np":
-        variant = root / cuhk03_variant
+        default = "detected" if (root / "detected").is_dir() else "labeled"
+        variant = root / (cuhk03_variant or default)
         if not variant.is_dir():
             raise DatasetLayoutError(f"CUHK03-NP variant folder not found: {variant}")
         splits = _read_market(variant, need_train)

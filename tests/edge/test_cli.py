@@ -119,3 +119,16 @@ def test_a_data_folder_of_no_known_layout_is_an_error_at_start_not_when_selected
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert "unknown data set layout" in " ".join(result.output.replace("│", " ").split())
+    (tmp_path / "crops" / "bounding_box_train").mkdir()  # a Market layout with no image in it
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "no images in" in " ".join(result.output.replace("│", " ").split())
+
+
+def test_a_site_id_that_cannot_go_on_the_wire_is_refused_at_start(tiny_federation, tmp_path):
+    site = str(tiny_federation / "sites" / "site00")
+    result = runner.invoke(
+        app, ["start", "--site", "Märkt 1501", "--data", site, "--state-dir", str(tmp_path)]
+    )
+    assert result.exit_code == 2, result.output  # (was a traceback from the topic builder)
+    assert "site: String should match pattern" in " ".join(result.output.replace("│", " ").split())

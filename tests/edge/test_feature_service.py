@@ -32,6 +32,7 @@ from export.onnx_export import export_onnx
 from export.runtime import FeatureExtractor
 from reid.data import ImageDataset, InputSpec, eval_transform
 from reid.model import ModelSpec, build_model
+from tests.conftest import png_claiming
 
 JSON = {"content-type": "application/json"}
 
@@ -153,6 +154,7 @@ def test_bad_input_is_a_clear_4xx_and_the_service_goes_on(exported, crops, tmp_p
                 (post("/v1/embed", content=b""), 400, "crop 0: empty"),
                 (post("/v1/embed", content=crops[0][:200]), 400, "not a decodable image"),
                 (post("/v1/embed", content=big.getvalue()), 413, "400x400 pixels"),
+                (post("/v1/embed", content=png_claiming(20000, 10000)), 413, "more than 10000 pixels"),
                 (post("/v1/embed", content=b"x" * 300_000), 413, "300000 bytes"),
                 (post("/v1/embed", files=[("c", c) for c in crops[:5]]), 413, "5 crops in one request"),
                 (post("/v1/search", json={"feature": [0.1] * 7}), 422, "feature of 7 values"),

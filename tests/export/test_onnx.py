@@ -102,6 +102,8 @@ def test_cloud_aggregator_export_from_a_run(tiny_federation, tmp_path):
 
 
 def test_edge_agent_extract_and_search(exported, tiny_federation, tmp_path):
+    import shutil
+
     from typer.testing import CliRunner
 
     from edge.cli import app
@@ -126,6 +128,28 @@ def test_edge_agent_extract_and_search(exported, tiny_federation, tmp_path):
     assert result.exit_code == 0, result.output
     first = next(line for line in result.output.splitlines() if "│ 1 " in line or "│    1 " in line)
     assert query.name in first and "1.0000" in first
+    queries = tmp_path / "queries"  # one unreadable crop among the queries: skipped, the others searched
+    queries.mkdir()
+    shutil.copy(query, queries / query.name)
+    (queries / "0001_c1s1_000000_00.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    result = runner.invoke(
+        app, ["search", "--model", str(out), "--gallery", str(npz), "--query", str(queries)]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"query {query.name}" in result.output and "query 0001_c1s1" not in result.output
+    result = runner.invoke(
+        app,
+        [
+            "search",
+            "--model",
+            str(out),
+            "--gallery",
+            str(npz),
+            "--query",
+            str(queries / "0001_c1s1_000000_00.jpg"),
+        ],
+    )
+    assert result.exit_code == 2 and "no readable image" in result.output
     bad = runner.invoke(app, ["extract", "--model", str(tmp_path / "nope.onnx"), "--images", str(site)])
     assert bad.exit_code != 0 and "Invalid value for --model" in bad.output
 

@@ -80,3 +80,25 @@ def test_a_list_file_layout_splits_into_market_named_clients(tmp_path):
     assert not (tmp_path / "out" / "msmt-c7" / "query").iterdir().__next__().is_symlink()  # --copy
     clients, skipped = split_by_camera([source], tmp_path / "strict", min_images=7)
     assert not clients and len(skipped) == 2 and "6 images of 3 identities" in skipped[0]["reason"]
+
+
+def test_what_split_refuses_it_refuses_before_writing_anything(tiny_federation, tmp_path):
+    """One site's data set given as the folder of sites, a site folder whose name is no site id (the
+    clients could not join over MQTT), and a site that cannot be read after a good one: each is one line
+    naming the problem, and the output folder stays empty (a rerun works once the problem is fixed)."""
+    site = tiny_federation / "sites" / "site00"
+
+    def split(data, out):
+        result = CliRunner().invoke(app, ["split", "--data", str(data), "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        assert not out.exists() or not any(out.iterdir())
+        return " ".join(result.output.replace("│", " ").split())
+
+    assert "is one site's data set (market1501)" in split(site, tmp_path / "a")
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "Märkt 1501 (copy)").symlink_to(site)
+    assert "invalid site folder name 'Märkt 1501 (copy)'" in split(tmp_path / "odd", tmp_path / "b")
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "a").symlink_to(site)
+    (tmp_path / "two" / "b").mkdir()  # no known layout
+    assert "unknown data set layout" in split(tmp_path / "two", tmp_path / "c")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -20,6 +22,8 @@ from reid.data import (
     read_dataset,
     train_transform,
 )
+from reid.data.images import open_rgb
+from tests.conftest import png_claiming
 
 
 @pytest.mark.parametrize(
@@ -110,6 +114,8 @@ def test_cuhk03_np_variants(tmp_path):
     assert detect_layout(tmp_path) == "cuhk03-np"
     assert len(read_dataset(tmp_path).gallery) == 1
     assert len(read_dataset(tmp_path, cuhk03_variant="labeled").gallery) == 2
+    shutil.rmtree(tmp_path / "detected")  # only the labeled crops copied: they are the default then
+    assert len(read_dataset(tmp_path).gallery) == 2
 
 
 def test_msmt17_list_files(tmp_path):
@@ -132,6 +138,53 @@ def test_msmt17_list_files(tmp_path):
     (tmp_path / "list_query.txt").write_text("garbage\n")
     with pytest.raises(DatasetLayoutError, match=r"list_query\.txt:1"):
         read_dataset(tmp_path)
+
+
+def test_msmt17_v2_folders_and_what_a_partial_copy_is_told(tmp_path):
+    """MSMT17_V2 keeps its images in mask_train_v2/ and mask_test_v2/ under the same list files; a missing
+    list or listed images that are not on disk are one-line errors naming the file (were tracebacks, or
+    a run whose every image was "corrupt")."""
+    listed = {
+        "list_train.txt": ("train", "0000/0000_000_01_0303morning_0015_0.jpg 0"),
+        "list_query.txt": ("test", "0003/0003_000_03_0113morning_0001_0.jpg 3"),
+        "list_gallery.txt": ("test", "0003/0003_010_12_0113noon_0500_0.jpg 3"),
+    }
+    for list_name, (split, line) in listed.items():
+        _img(tmp_path / f"mask_{split}_v2" / line.split()[0])
+        (tmp_path / list_name).write_text(line + "\n")
+    (tmp_path / "list_val.txt").write_text("")  # optional, and may be empty
+    splits = read_dataset(tmp_path)
+    folders = [r.path.parent.parent.name for r in (*splits.train, *splits.query)]
+    assert folders == ["mask_train_v2", "mask_test_v2"]
+    (tmp_path / "list_gallery.txt").write_text(listed["list_gallery.txt"][1] + "\n0004/0004_1_2_x.jpg 4\n")
+    with pytest.raises(DatasetLayoutError, match=r"1 of the 2 images listed in .*list_gallery\.txt"):
+        read_dataset(tmp_path)
+    (tmp_path / "list_gallery.txt").unlink()
+    with pytest.raises(DatasetLayoutError, match=r"missing split list: .*list_gallery\.txt"):
+        read_dataset(tmp_path)
+    (tmp_path / "mask_test_v2").rename(tmp_path / "elsewhere")
+    with pytest.raises(DatasetLayoutError, match=r"missing image folder: .*test"):
+        read_dataset(tmp_path)
+
+
+def test_hidden_files_are_not_images_and_symlinked_folders_are_followed(tmp_path):
+    _market(tmp_path / "m", MARKET)
+    _img(tmp_path / "m" / "bounding_box_train" / "._0002_c1s1_000451_03.jpg")  # a macOS copy's metadata
+    _img(tmp_path / "m" / "query" / ".hidden.jpg")
+    assert len(read_dataset(tmp_path / "m").train) == 3
+    base = tmp_path / "f" / "pytorch"
+    _img(tmp_path / "ids" / "7" / "cam_0_00007_00000.jpg")
+    _img(base / "query" / "5" / "cam_0_00005_00000.jpg")
+    _img(base / "gallery" / "5" / "cam_1_00005_00001.jpg")
+    (base / "train_all").mkdir()
+    (base / "train_all" / "7").symlink_to(tmp_path / "ids" / "7")  # identities linked in, not copied
+    (base / "train_all" / "loop").symlink_to(base / "train_all")  # a link back up: read once
+    assert [r.pid for r in read_dataset(tmp_path / "f").train] == [7]
+    (base / "gallery").rename(tmp_path / "g")
+    with pytest.raises(DatasetLayoutError, match=r"missing split folder: .*gallery"):
+        read_dataset(tmp_path / "f")
+    with pytest.raises(DatasetLayoutError, match="not a folder"):
+        read_dataset(tmp_path / "ids" / "7" / "cam_0_00007_00000.jpg")
 
 
 def test_fedreid_pytorch_layout_with_small_dataset_names(tmp_path):
@@ -182,7 +235,24 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, caplog):
     assert [len(b) for b in batches] == [3, 1]
     assert sum(b.skipped for b in batches) == 2
     assert torch.cat([b.labels for b in batches]).tolist() == [0, 1, 3, 4]
-    assert "corrupt image" in caplog.text and "2.jpg" in caplog.text
+    assert "unreadable image" in caplog.text and "2.jpg" in caplog.text
+    caplog.clear()
+    list(make_loader(ds, batch_size=4, train=False))  # read again (every epoch): not warned again
+    assert "unreadable image" not in caplog.text
+
+
+def test_sixteen_bit_and_bomb_headers(tmp_path, caplog):
+    """A 16-bit greyscale PNG keeps its tones (PIL's own RGB conversion makes it white); a header
+    claiming 200 M pixels is skipped like any unreadable image (it raised DecompressionBombError)."""
+    wide = np.linspace(0, 65535, 16 * 8).reshape(16, 8).astype(np.uint16)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    assert Image.open(tmp_path / "wide.png").mode.startswith("I")
+    rgb = np.asarray(open_rgb(tmp_path / "wide.png"))
+    assert rgb.shape == (16, 8, 3) and rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255
+    np.testing.assert_array_equal(rgb[..., 0], wide >> 8)
+    (tmp_path / "bomb.png").write_bytes(png_claiming(20000, 10000))
+    assert open_rgb(tmp_path / "bomb.png") is None
+    assert "bomb.png" in caplog.text and "exceeds limit" in caplog.text
 
 
 def test_eval_transforms_produce_the_configured_size():
