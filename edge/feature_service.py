@@ -20,9 +20,11 @@ import contextlib
 import io
 import json
 import logging
+import os
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -111,7 +113,8 @@ class Metrics:
 
 
 def _undecodable(index: int, err: Exception) -> CropError:
-    return CropError(f"crop {index}: not a decodable image ({type(err).__name__}: {err})")
+    said = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))  # (PIL names its buffer)
+    return CropError(f"crop {index}: not a decodable image ({type(err).__name__}: {said})")
 
 
 def open_crop(data: bytes, index: int, cfg: ServiceConfig) -> Image.Image:
@@ -141,6 +144,23 @@ def load_crop(img: Image.Image, index: int) -> Image.Image:
 
 def decode_crop(data: bytes, index: int, cfg: ServiceConfig) -> Image.Image:
     return load_crop(open_crop(data, index, cfg), index)
+
+
+# Crops decoded at once in this process (each up to `max_crop_pixels`, ~50 MB of RGB and as much again in
+# transient copies at 4096 x 4096): decoding is CPU work, so more at once would only hold more memory.
+# A request is decoded one crop at a time, each made into its (3, H, W) model input before the next
+# (64 crops of 4096 x 4096 in one request took the service to 9.2 GB when all were decoded first).
+DECODERS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
+
+
+def crop_inputs(crops: Sequence[bytes], served: Served, cfg: ServiceConfig, first: int = 0) -> np.ndarray:
+    """The model inputs (N, 3, H, W) of `crops` for `served`; CropError names the first bad one
+    (numbered from `first`). At most one decoded crop of this call exists at a time."""
+    out = []
+    for i, data in enumerate(crops, first):
+        with DECODERS:
+            out.append(served.extractor.preprocess([decode_crop(data, i, cfg)]))
+    return np.concatenate(out)
 
 
 class FeatureService:
@@ -194,16 +214,13 @@ class FeatureService:
         if len(crops) > self.cfg.max_crops_per_request:
             raise CropError(f"{len(crops)} crops in one request, more than {self.cfg.max_crops_per_request}")
         served = self.served
-        opened = [open_crop(data, i, self.cfg) for i, data in enumerate(crops)]
-
-        def prepare() -> tuple[list[Image.Image], np.ndarray]:
-            images = [load_crop(img, i) for i, img in enumerate(opened)]
-            return images, served.extractor.preprocess(images)
-
-        if sum(img.width * img.height for img in opened) <= INLINE_DECODE_PIXELS:
-            images, batch = prepare()
+        pixels = sum(
+            img.width * img.height for img in (open_crop(d, i, self.cfg) for i, d in enumerate(crops))
+        )
+        if pixels <= INLINE_DECODE_PIXELS:  # (every header checked before any crop is decoded)
+            batch = crop_inputs(crops, served, self.cfg)
         else:
-            images, batch = await run_in_threadpool(prepare)
+            batch = await run_in_threadpool(crop_inputs, crops, served, self.cfg)
         while True:
             future = self.batcher.submit(batch)
             self.metrics.queue.set(self.batcher.queued)
@@ -213,7 +230,7 @@ class FeatureService:
             # (the model was swapped between preprocessing and the batch, to one that preprocesses
             # differently: once more with the new one)
             served = self.served
-            batch = await run_in_threadpool(served.extractor.preprocess, images)
+            batch = await run_in_threadpool(crop_inputs, crops, served, self.cfg)
 
     async def with_gallery(
         self, crops: list[bytes], use: Callable[[np.ndarray, Served], T]
@@ -266,7 +283,7 @@ class FeatureService:
             good, damaged = [], []
             for entry_id, crop in rows:
                 try:
-                    good.append((entry_id, decode_crop(crop, entry_id, self.cfg)))
+                    good.append((entry_id, crop_inputs([crop], served, self.cfg, first=entry_id)))
                 except CropError as err:  # decodable when added: the file was damaged since
                     log.warning("gallery entry %d cannot be embedded again, deleted: %s", entry_id, err)
                     damaged.append(entry_id)
@@ -281,7 +298,7 @@ class FeatureService:
                     if time.perf_counter() > gap_deadline:
                         break
                     time.sleep(0.005)
-                batch = served.extractor.preprocess([img for _, img in good])
+                batch = np.concatenate([x for _, x in good])
                 live, clock = self.live_batches, time.perf_counter()
                 with self.compute:
                     feats = served.extractor.run(batch)
@@ -332,9 +349,9 @@ class FeatureService:
     def stage_added(self, green: Served, crops: list[bytes], ids: list[int]) -> None:
         """Entries added while `green` embeds the gallery get its features at once, so that steady
         additions cannot outrun the re-embedding."""
-        images = [decode_crop(data, i, self.cfg) for i, data in enumerate(crops)]
+        batch = crop_inputs(crops, green, self.cfg)
         with self.compute:
-            features = green.extractor(images)
+            features = green.extractor.run(batch)
         self.store.stage(ids, features, green.ref.sha256)
 
     def _retention(self) -> None:

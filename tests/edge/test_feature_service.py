@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -169,6 +170,28 @@ def test_bad_input_is_a_clear_4xx_and_the_service_goes_on(exported, crops, tmp_p
             assert _metric(url, "fedreid_edge_rejected_total") >= 6
     finally:
         service.close()
+
+
+def test_a_request_is_decoded_one_crop_at_a_time(exported, crops, monkeypatch):
+    """Each crop becomes its model input before the next is decoded: a request of 64 crops of 4096 x 4096
+    (all within the limits) held every decoded crop at once and took the service to 9.2 GB."""
+    alive, most = [0], [0]
+    decode = feature_service.decode_crop
+
+    def counted(data, index, cfg):
+        img = decode(data, index, cfg)
+        alive[0] += 1
+        most[0] = max(most[0], alive[0])
+        weakref.finalize(img, lambda: alive.__setitem__(0, alive[0] - 1))
+        return img
+
+    monkeypatch.setattr(feature_service, "decode_crop", counted)
+    served = feature_service.Served(FeatureExtractor(exported[1]))
+    batch = feature_service.crop_inputs(crops[:6], served, ServiceConfig())
+    assert batch.shape == (6, 3, 64, 32) and most[0] == 1
+    np.testing.assert_array_equal(
+        batch, served.extractor.preprocess([decode(c, 0, ServiceConfig()) for c in crops[:6]])
+    )
 
 
 def test_a_full_queue_answers_503_with_retry_after(exported, crops, tmp_path):
