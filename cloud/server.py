@@ -83,6 +83,7 @@ from protocol.mqtt import Endpoint
 from protocol.resend import ChunkResender
 from protocol.topics import Topics
 from reid.data import ImageDataset, eval_transform, make_loader, read_image_folder
+from reid.files import hold_lock
 from reid.logs import log_context
 from reid.model import build_model, load_shared_state, shared_state
 from reid.train import TrainConfig, on_device, resolve_device
@@ -122,6 +123,12 @@ class Aggregator:
         self.trim_heap = _libc_malloc_tuning()
         self.topics = Topics(cfg.federation)
         self.journal = Journal(cfg.state_dir / cfg.federation)
+        self.owner = hold_lock(self.journal.root / "aggregator.lock")  # held for the life of the process
+        if self.owner is None:  # two aggregators would both journal, announce and close every round
+            raise StateDirError(
+                f"{self.journal.root} is in use by another cloud-aggregator serve of federation "
+                f"{cfg.federation}: one aggregator per federation and state folder"
+            )
         self.journal.check_identity(cfg.identity(), ServeConfig.stored_identity)
         self.lock = threading.RLock()
         self.online: dict[str, tuple[str, int | None]] = {}  # site -> (state, round) of its status

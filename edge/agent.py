@@ -73,7 +73,7 @@ from protocol.messages import (
 from protocol.mqtt import Endpoint, IdentityDir
 from protocol.topics import Topics, check_name
 from reid.data import DatasetLayoutError, InputSpec, read_dataset
-from reid.files import atomic_write
+from reid.files import atomic_write, hold_lock
 from reid.logs import bound, log_context
 from reid.model import (
     ModelSpec,
@@ -233,6 +233,10 @@ class Fetch:
     began: float = field(default_factory=time.monotonic)
 
 
+class StateDirInUse(RuntimeError):
+    """Another agent process holds this site's state folder."""
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         check_name(cfg.site, "site")
@@ -240,6 +244,12 @@ class Agent:
         self.topics = Topics(cfg.federation)
         self.dir = cfg.state_dir / cfg.site
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.owner = hold_lock(self.dir / "agent.lock")  # held for the life of the process
+        if self.owner is None:  # two agents on one folder both trained, and broke each other's installs
+            raise StateDirInUse(
+                f"{self.dir} is in use by another edge-agent of site {cfg.site}: one agent per site and "
+                "state folder"
+            )
         self.classifier_file = self.dir / "classifier.safetensors"  # the site's own, never sent
         self.private_bn_file = self.dir / "private_bn.safetensors"  # its BN layers when kept local
         self.device = resolve_device(cfg.device)

@@ -243,7 +243,7 @@ def start(
     ),
 ) -> None:
     """Join the federation: train on local data when a round selects this site, upload deltas."""
-    from edge.agent import Agent, AgentConfig
+    from edge.agent import Agent, AgentConfig, StateDirInUse
     from edge.agent_metrics import MetricsPortError
     from reid.train import DeviceError
 
@@ -273,6 +273,8 @@ def start(
             agent = Agent(cfg)
         except DeviceError as err:
             raise typer.BadParameter(str(err), param_hint="device") from None
+        except StateDirInUse as err:
+            raise typer.BadParameter(str(err), param_hint="--state-dir") from None
         signal.signal(signal.SIGTERM, lambda *_: agent.stop())
         try:
             agent.run()

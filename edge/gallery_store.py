@@ -16,7 +16,6 @@ blocks of `BLOCK` rows with a running top-k, so its temporary memory does not gr
 
 from __future__ import annotations
 
-import fcntl
 import json
 import sqlite3
 import threading
@@ -24,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from reid.files import hold_lock
 
 BLOCK = 65536  # gallery rows per block of the similarity product
 
@@ -91,15 +92,13 @@ class GalleryStore:
         self.lock = threading.RLock()
         # one process per gallery: each keeps the features in memory, so a second process would answer
         # from an index that misses the first one's additions and deletions
-        self._owner = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 (closed in close())
-        try:
-            fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._owner.close()
+        owner = hold_lock(path.with_name(path.name + ".lock"))
+        if owner is None:
             raise GalleryStoreError(
                 f"{path} is in use by another process (a running agent's service, or another "
                 "serve-features): give this one its own --gallery, or query that one"
-            ) from None
+            )
+        self._owner = owner  # (closed in close())
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")

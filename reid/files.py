@@ -1,13 +1,35 @@
 """Crash-safe files: `atomic_write` (temporary file, fsync, rename) for every state file a process must
-find whole after a kill at any moment (journals, progress, pending uploads, privacy ledgers)."""
+find whole after a kill at any moment (journals, progress, pending uploads, privacy ledgers), and
+`hold_lock`, which keeps a second process off state that one process owns (a gallery, a site's folder)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 from pathlib import Path
+from typing import IO
 
 _swept: set[Path] = set()  # folders whose temporaries left by killed processes are gone
+_held: dict[str, IO[str]] = {}  # lock files this process holds
+
+
+def hold_lock(path: Path) -> IO[str] | None:
+    """An exclusive lock on `path` (created if missing), held until the returned file is closed or the
+    process ends (a killed process leaves no stale lock); None while another process holds it. It keeps
+    other processes out: in this process the held lock is handed out again (a restart in-process)."""
+    key = os.path.realpath(path)
+    held = _held.get(key)
+    if held is not None and not held.closed:
+        return held
+    f = open(path, "a")  # noqa: SIM115 (the caller keeps it open: that is the lock)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    _held[key] = f
+    return f
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -82,3 +82,20 @@ def test_status_names_why_it_cannot_reach_the_broker(tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code != 0
     assert "could not connect to mqtt://127.0.0.1:1" in result.output and "--identity-dir" in result.output
+
+
+def test_a_second_aggregator_on_one_state_folder_is_refused(tmp_path):
+    """Two `serve` processes on one federation's folder would both journal, announce and close every round:
+    while one holds it (here: this test process), another stops at once with one line."""
+    import subprocess
+    import sys
+
+    from reid.files import hold_lock
+
+    (tmp_path / "f").mkdir()
+    assert hold_lock(tmp_path / "f" / "aggregator.lock") is not None
+    command = [sys.executable, "-m", "cloud.cli", "serve", "--state-dir", str(tmp_path), "--federation", "f"]
+    result = subprocess.run([*command, "--broker", "mqtt://127.0.0.1:1"], capture_output=True, text=True)
+    assert result.returncode == 1
+    said = " ".join(result.stdout.split())
+    assert f"{tmp_path / 'f'} is in use by another cloud-aggregator serve of federation f" in said

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
+import sys
+import time
 
 from typer.testing import CliRunner
 
 from edge.cli import app
+from reid.files import hold_lock
 
 runner = CliRunner()
 
@@ -132,3 +136,26 @@ def test_a_site_id_that_cannot_go_on_the_wire_is_refused_at_start(tiny_federatio
     )
     assert result.exit_code == 2, result.output  # (was a traceback from the topic builder)
     assert "site: String should match pattern" in " ".join(result.output.replace("│", " ").split())
+
+
+def test_a_second_agent_on_one_state_folder_is_refused(tiny_federation, tmp_path):
+    """Two agents on one site's folder both trained and uploaded each round and broke each other's model
+    installs: the second process now stops at once with one line (the lock dies with its holder)."""
+    site = str(tiny_federation / "sites" / "site00")
+    command = [sys.executable, "-m", "edge.cli", "start", "--site", "s1", "--data", site]
+    command += ["--state-dir", str(tmp_path), "--broker", "mqtt://127.0.0.1:1"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        while not (tmp_path / "s1" / "agent.lock").exists():  # (it is held before the agent connects)
+            assert first.poll() is None, first.stdout.read() if first.stdout else ""
+            time.sleep(0.1)
+        time.sleep(0.5)
+        second = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert "is in use by another edge-agent of site s1" in " ".join(
+            second.stderr.replace("│", " ").split()
+        )
+    finally:
+        first.terminate()
+        first.wait(timeout=30)
+    assert hold_lock(tmp_path / "s1" / "agent.lock") is not None  # the first one's lock went with it
