@@ -27,15 +27,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
 
 from edge.batcher import DynamicBatcher, QueueFull
 from edge.feature_api import (
@@ -405,6 +408,11 @@ def _problem(status: int, detail: str, headers: dict[str, str] | None = None) ->
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
+def _said(errors: Sequence[Any]) -> str:
+    """Validation errors in one line: `where: what` for the first three."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors[:3])
+
+
 class _Observe:
     """Requests and latency per endpoint and status, as plain ASGI middleware (Starlette's
     BaseHTTPMiddleware costs a task and a memory stream per request). A request that raises gets a 500
@@ -456,6 +464,10 @@ def create_app(service: FeatureService) -> FastAPI:
         retry = max(1, round(err.retry_after + 0.5))
         return _problem(503, str(err), {"Retry-After": str(retry)})
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        return _problem(422, _said(err.errors()))  # (one line, as every other error: not FastAPI's list)
+
     @app.exception_handler(GalleryStoreError)
     async def gallery_error(request: Request, err: GalleryStoreError) -> JSONResponse:
         return _problem(409, str(err))
@@ -470,7 +482,9 @@ def create_app(service: FeatureService) -> FastAPI:
     async def add(
         request: Request,
         camera: str = Query("", max_length=200),
-        capture_time: float | None = Query(None, alias="time", description="Unix seconds (default: now)"),
+        capture_time: float | None = Query(
+            None, alias="time", ge=0, le=1e11, allow_inf_nan=False, description="Unix seconds (default: now)"
+        ),
         track: str = Query("", max_length=200),
         labels: str = Query("{}", max_length=4000, description="a JSON object of string labels"),
     ) -> AddResponse:
@@ -503,7 +517,7 @@ def create_app(service: FeatureService) -> FastAPI:
         )
 
     @app.delete("/v1/gallery/{entry_id}", response_model=DeleteResponse)
-    async def delete_one(entry_id: int) -> DeleteResponse:
+    async def delete_one(entry_id: int = PathParam(..., ge=0, le=2**63 - 1)) -> DeleteResponse:
         deleted = await run_in_threadpool(service.store.delete, [entry_id])
         m.gallery.set(len(service.store))
         if not deleted:
@@ -512,7 +526,9 @@ def create_app(service: FeatureService) -> FastAPI:
 
     @app.delete("/v1/gallery", response_model=DeleteResponse)
     async def delete_old(
-        older_than_s: float = Query(..., ge=0, description="delete entries captured more than this ago"),
+        older_than_s: float = Query(
+            ..., ge=0, allow_inf_nan=False, description="delete entries captured more than this ago"
+        ),
     ) -> DeleteResponse:
         return DeleteResponse(
             deleted=await run_in_threadpool(service.delete_older_than, time.time() - older_than_s)
@@ -523,8 +539,8 @@ def create_app(service: FeatureService) -> FastAPI:
         request: Request,
         top_k: int = Query(10, ge=1, le=1000),
         camera: list[str] = Query([], description="only these cameras (repeat the parameter)"),
-        since: float | None = Query(None),
-        until: float | None = Query(None),
+        since: float | None = Query(None, allow_inf_nan=False),
+        until: float | None = Query(None, allow_inf_nan=False),
     ) -> SearchResponse:
         """Top-k gallery entries for a crop (raw image body) or a feature (JSON SearchRequest)."""
         ok, why = service.ready()
@@ -533,14 +549,18 @@ def create_app(service: FeatureService) -> FastAPI:
         if request.headers.get("content-type", "").startswith("application/json"):
             try:
                 query = SearchRequest.model_validate_json(await request.body())
-            except ValueError as err:
-                raise HTTPException(422, f"search request: {str(err).splitlines()[0]}") from None
-            feature = np.asarray(query.feature, np.float32)
+            except ValidationError as err:
+                raise HTTPException(422, f"search request: {_said(err.errors())}") from None
+            with np.errstate(over="ignore"):
+                feature = np.asarray(query.feature, np.float64)
+                norm = float(np.linalg.norm(feature))
             if feature.shape != (service.store.dim,):
                 raise HTTPException(
                     422, f"feature of {feature.size} values; the model gives {service.store.dim}"
                 )
-            feature = feature / max(float(np.linalg.norm(feature)), 1e-12)
+            if not 0 < norm < float("inf"):
+                raise HTTPException(422, "feature: all zeros, or values too large to compare")
+            feature = (feature / norm).astype(np.float32)
             version, sha = service.store.model
             if query.model_sha256 is not None:
                 version, sha = "", query.model_sha256

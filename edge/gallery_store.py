@@ -16,9 +16,12 @@ blocks of `BLOCK` rows with a running top-k, so its temporary memory does not gr
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sqlite3
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,7 @@ def _blob(feature: np.ndarray) -> bytes:
     return np.ascontiguousarray(feature, np.float32).tobytes()
 
 
+log = logging.getLogger(__name__)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS entries (
@@ -84,6 +88,18 @@ class NewEntry:
     labels: dict[str, str] | None = None
 
 
+def _labels(entry_id: int, text: str) -> dict[str, str]:
+    """An entry's stored labels; {} (and one line) when the file was damaged there."""
+    try:
+        labels = json.loads(text)
+        if isinstance(labels, dict):
+            return {str(k): str(v) for k, v in labels.items()}
+    except ValueError:
+        pass
+    log.warning("gallery entry %d: its labels are damaged, shown as none", entry_id)
+    return {}
+
+
 class GalleryStore:
     def __init__(self, path: Path, dim: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,15 +115,27 @@ class GalleryStore:
                 "serve-features): give this one its own --gallery, or query that one"
             )
         self._owner = owner  # (closed in close())
-        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(_SCHEMA)
-        if "feature" in {row[1] for row in self.db.execute("PRAGMA table_info(entries)")}:
-            raise GalleryStoreError(f"{path}: a gallery file of a development version before 0.x; remove it")
-        self.model = self._stored_model()  # (version, sha256) of the features; ("", "") when none yet
-        self._load()
+        try:
+            self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.executescript(_SCHEMA)
+            if "feature" in {row[1] for row in self.db.execute("PRAGMA table_info(entries)")}:
+                raise GalleryStoreError(
+                    f"{path}: a gallery file of a development version before 0.x; remove it"
+                )
+            self.model = self._stored_model()  # (version, sha256) of the features; ("", "") when none yet
+            self._load()
+        except sqlite3.DatabaseError as err:  # a damaged file: say which, and what to do
+            owner.close()
+            raise GalleryStoreError(
+                f"{path} is not a readable gallery ({err}): move it aside to start an empty one, or restore "
+                "it from a backup"
+            ) from None
+        except GalleryStoreError:
+            owner.close()
+            raise
 
     def _stored_model(self) -> tuple[str, str]:
         rows = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
@@ -152,8 +180,7 @@ class GalleryStore:
                     f"not of {version} ({sha[:12]})"
                 )
             ids = []
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 self._set_model(version, sha)
                 for e, f in zip(entries, features, strict=True):
                     cur = self.db.execute(
@@ -161,16 +188,25 @@ class GalleryStore:
                     )
                     ids.append(int(cur.lastrowid))
                     self.db.execute(_FEATURE, (sha, ids[-1], _blob(f)))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
             self.model = (version, sha)
             self.ids = np.concatenate([self.ids, np.array(ids, np.int64)])
             self.cameras = np.concatenate([self.cameras, np.array([e.camera for e in entries], dtype=object)])
             self.times = np.concatenate([self.times, np.array([e.time for e in entries], np.float64)])
             self.features = np.concatenate([self.features, features.astype(np.float32)])
             return ids
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction (under `self.lock`); the error that ends it is the one raised (SQLite
+        rolls back by itself on a full disk: our own rollback would fail and hide why)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            raise
 
     def _set_model(self, version: str, sha: str) -> None:
         """(inside a transaction; `self.model` follows once it is committed)"""
@@ -202,7 +238,7 @@ class GalleryStore:
             rows = self.db.execute(
                 f"SELECT id, camera, time, track, labels FROM entries WHERE id IN ({marks})", ids
             ).fetchall()
-        return {r[0]: Entry(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows}
+        return {r[0]: Entry(r[0], r[1], r[2], r[3], _labels(r[0], r[4])) for r in rows}
 
     def search(
         self,
@@ -270,18 +306,12 @@ class GalleryStore:
         """Keep features of model `sha` (not searched until `activate`), one transaction per call."""
         if features.shape != (len(ids), self.dim):
             raise GalleryStoreError(f"{features.shape} features for {len(ids)} entries of {self.dim}-d")
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:  # (an entry deleted meanwhile is skipped: its id no longer exists)
-                self.db.executemany(
-                    "INSERT OR REPLACE INTO features (model, id, feature) "
-                    "SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM entries WHERE id = ?)",
-                    [(sha, int(i), _blob(f), int(i)) for i, f in zip(ids, features, strict=True)],
-                )
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self.lock, self._transaction():  # (an entry deleted meanwhile is skipped: its id is gone)
+            self.db.executemany(
+                "INSERT OR REPLACE INTO features (model, id, feature) "
+                "SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM entries WHERE id = ?)",
+                [(sha, int(i), _blob(f), int(i)) for i, f in zip(ids, features, strict=True)],
+            )
 
     def activate(self, model: tuple[str, str]) -> None:
         """Search with model `model` = (version, sha256) from now on, and drop every other model's
@@ -290,14 +320,9 @@ class GalleryStore:
         with self.lock:
             if self.unembedded(sha, limit=1):
                 raise GalleryStoreError(f"not every gallery entry has a feature of model {version}")
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 self._set_model(version, sha)
                 self.db.execute("DELETE FROM features WHERE model != ?", (sha,))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
             self.model = (version, sha)
             self._load()
 

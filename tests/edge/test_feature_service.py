@@ -28,7 +28,7 @@ from edge import feature_service
 from edge.client import FeatureClient, ServiceError
 from edge.feature_api import ServiceConfig
 from edge.feature_service import FeatureService, running
-from edge.gallery_store import GalleryStore, NewEntry
+from edge.gallery_store import GalleryStore, GalleryStoreError, NewEntry
 from export.onnx_export import export_onnx
 from export.runtime import FeatureExtractor
 from reid.data import ImageDataset, InputSpec, eval_transform
@@ -161,6 +161,13 @@ def test_bad_input_is_a_clear_4xx_and_the_service_goes_on(exported, crops, tmp_p
                 (post("/v1/search", json={"feature": [0.1] * 7}), 422, "feature of 7 values"),
                 (post("/v1/search", content=b'{"feature": [NaN]}', headers=JSON), 422, "search request"),
                 (post("/v1/gallery", params={"labels": "[1]"}, content=crops[0]), 422, "labels"),
+                (post("/v1/gallery", params={"time": "nan"}, content=crops[0]), 422, "time"),  # (was a 500)
+                (post("/v1/gallery", params={"time": "inf"}, content=crops[0]), 422, "time"),  # (stayed)
+                (post("/v1/search", params={"since": "nan"}, content=crops[0]), 422, "since"),
+                (post("/v1/search", json={"feature": [1e308] * 512}), 422, "too large"),
+                (post("/v1/search", json={"feature": [0.0] * 512}), 422, "all zeros"),
+                (post("/v1/search", json={"feature": [0.1] * 512, "top_k": 0}), 422, "top_k: Input"),
+                (httpx.delete(f"{url}/v1/gallery/{2**70}"), 422, "entry_id"),  # (was a 500)
             ]  # fmt: skip
             for response, status, words in cases:
                 assert response.status_code == status and words in response.json()["detail"], response.text
@@ -351,6 +358,24 @@ def test_a_gallery_serves_one_process_at_a_time(exported, crops, tmp_path):
         [sys.executable, "-c", code + "; print('ok')"], capture_output=True, text=True, timeout=120
     )
     assert other.returncode == 0 and "ok" in other.stdout, other.stderr
+
+
+def test_a_damaged_gallery_is_named_and_damaged_labels_do_not_fail_searches(
+    exported, crops, tmp_path, caplog
+):
+    db, contract = tmp_path / "gallery.db", exported[2]
+    store = GalleryStore(db, contract.output_dim)
+    feats = FeatureExtractor(exported[1])([Image.open(io.BytesIO(crops[0]))])
+    (entry,) = store.add(
+        [NewEntry(crop=crops[0], labels={"a": "b"})], feats, (contract.version, contract.sha256)
+    )
+    store.db.execute("UPDATE entries SET labels = '{not json' WHERE id = ?", (entry,))
+    assert store.entries([entry])[entry].labels == {}  # (was a JSONDecodeError: a 500 on every search)
+    assert f"gallery entry {entry}: its labels are damaged" in caplog.text
+    store.close()
+    (tmp_path / "junk.db").write_bytes(b"not a database" * 100)
+    with pytest.raises(GalleryStoreError, match=r"junk\.db is not a readable gallery .*move it aside"):
+        GalleryStore(tmp_path / "junk.db", contract.output_dim)  # (was a traceback naming no file)
 
 
 def _staged(db: Path, sha: str) -> int:
