@@ -528,6 +528,9 @@ class Agent:
                 self.cfg.data, spec, start.training.batch_size, self.workers, self.cfg.seed
             )
         self.site_data.batch_size = start.training.batch_size
+        first = self.site_data.splits.train[0].path
+        if not first.exists():  # a folder unmounted or moved: one line, not one per image
+            raise RoundFailed(f"the site's training images are gone ({first} not found)")
         return self.site_data
 
     def _received_model(self, start: RoundStart, blob: bytes) -> Received:

@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 #: Modes of 16- and 32-bit greyscale images (16-bit PNGs): `convert("RGB")` clips them to white.
 _WIDE_GREY = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 _warned: set[Path] = set()  # one warning per unreadable file and process (they are read every epoch)
+NAMED_MAX = 20  # unreadable files named per process; the rest are counted (a vanished folder: thousands)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -26,13 +27,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def open_rgb(path: Path) -> Image.Image | None:
-    """Decode an image as 8-bit RGB (`to_rgb`), or None, with one warning line per file and process,
-    when it is missing, corrupt or unreadable (also a header claiming more pixels than PIL's bomb limit)."""
+    """Decode an image as 8-bit RGB (`to_rgb`), or None when it is missing, corrupt or unreadable (also
+    a header claiming more pixels than PIL's bomb limit): one warning line per file for the first
+    `NAMED_MAX` files of the process, then one line saying the rest are only counted."""
     try:
         with Image.open(path) as img:
             return to_rgb(img)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
-        if path not in _warned:
+        if path not in _warned and len(_warned) <= NAMED_MAX:
             _warned.add(path)
-            log.warning("skipping unreadable image %s: %s", path, err)
+            if len(_warned) <= NAMED_MAX:
+                log.warning("skipping unreadable image %s: %s", path, err)
+            else:
+                log.warning("more unreadable images: skipped and counted, no longer named one by one")
         return None

@@ -612,6 +612,8 @@ def test_a_site_whose_round_failed_trains_when_the_restarted_round_selects_it(
     summary = next(r for r in rounds if r.get("kind") == "round")
     assert summary["accepted"] == ["a", "b"] and summary["restarts"] == 1
     assert summary["round_seconds"] < cfg.deadline_s  # a trained at once, not after the deadline
+    said = logs["a"].read_text()  # one line for the vanished folder, not one per image
+    assert "missing split folder" in said and "unreadable image" not in said
 
 
 def test_broker_restart_mid_transfer_completes_after_reconnect(tmp_path):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
+
+import pytest
 
 from edge.agent import Agent, AgentConfig, RoundFailed
 from protocol.messages import BlobRef, ModelInfo, RoundStart, TrainingInfo
@@ -91,3 +94,17 @@ def test_the_main_loop_survives_an_error_in_its_periodic_work_and_says_it_once(
             agent._tick()  # (it used to end the agent's main loop, at every start)
     said = [r for r in caplog.records if "periodic work failed" in r.getMessage()]
     assert len(said) == 1 and "10^12" in said[0].getMessage()
+
+
+def test_training_images_that_vanish_between_rounds_fail_the_round_in_one_line(tiny_federation, tmp_path):
+    """The site's file list is read once: when its folder is unmounted or moved later, the round fails
+    with one line instead of a warning for each of its (thousands of) images."""
+    shutil.copytree(tiny_federation / "sites" / "site01", tmp_path / "data")
+    cfg = AgentConfig(site="s", data=tmp_path / "data", state_dir=tmp_path / "state")
+    agent = Agent(cfg)
+    assert agent._site(_start(0)).num_train_images > 0
+    (tmp_path / "data").rename(tmp_path / "away")
+    with pytest.raises(RoundFailed, match=r"the site's training images are gone \(.*data.* not found\)"):
+        agent._site(_start(1))
+    (tmp_path / "away").rename(tmp_path / "data")
+    assert agent._site(_start(2)).num_train_images > 0  # back: the next round trains

@@ -273,3 +273,15 @@ def test_training_loader_drops_the_last_partial_batch_unless_the_set_is_one_batc
         _img(paths[-1])
     ds = ImageDataset(paths, eval_transform(InputSpec(height=32, width=16)), labels=[0] * n)
     assert [len(b) for b in make_loader(ds, batch_size=8, train=True, seed=0)] == sizes
+
+
+def test_only_the_first_unreadable_files_are_named(tmp_path, caplog, monkeypatch):
+    from reid.data import images
+
+    monkeypatch.setattr(images, "NAMED_MAX", 2)
+    monkeypatch.setattr(images, "_warned", set())
+    for i in range(5):
+        assert open_rgb(tmp_path / f"gone{i}.jpg") is None
+    named = [r.getMessage() for r in caplog.records if "skipping unreadable image" in r.getMessage()]
+    assert len(named) == 2 and "gone0.jpg" in named[0]
+    assert sum("no longer named one by one" in r.getMessage() for r in caplog.records) == 1
