@@ -490,6 +490,13 @@ class Agent:
         with log_context(site=self.cfg.site, round=ack.round):
             if ack.accepted:
                 log.info("update for round %d acknowledged by the aggregator", ack.round)
+            elif ack.reason.startswith("stale round"):  # (it may be in that round's model: an ack was lost)
+                log.warning(
+                    "update for round %d not taken again: %s; if the aggregator received it before this "
+                    "site stopped, it is in that round's model",
+                    ack.round,
+                    ack.reason,
+                )
             else:
                 log.warning("update for round %d rejected by the aggregator: %s", ack.round, ack.reason)
             if ours:  # settled either way: a rejected update is never accepted later
