@@ -185,7 +185,7 @@ class FeatureService:
         self.live_batches = 0  # model runs for requests so far
         self.stopping = threading.Event()
         self.rejected_sha = ""  # a deployed model that could not be adopted (not tried again)
-        if len(self.store) and self.store.model_sha256 != self.served.ref.sha256:
+        if self.store.unembedded(self.served.ref.sha256, limit=1):  # another model's, or rows lost
             self.reindexing.set()  # (no model of the gallery's is loaded: searches wait for this)
             threading.Thread(target=self._adopt, args=(self.served,), name="reindex", daemon=True).start()
         if follow is not None:
@@ -325,7 +325,7 @@ class FeatureService:
             self.green = green
             log.info(
                 "embedding %d gallery entries with model %s%s",
-                len(self.store) - staged,
+                self.store.stored() - staged,
                 green.ref.version,
                 f" ({staged} were embedded before an interruption)" if staged else "",
             )

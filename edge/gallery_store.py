@@ -165,7 +165,13 @@ class GalleryStore:
         return self.model[0]
 
     def __len__(self) -> int:
+        """Entries searchable now (with a feature of the gallery's model)."""
         return len(self.ids)
+
+    def stored(self) -> int:
+        """Entries in the file, searchable or not (yet)."""
+        with self.lock:
+            return int(self.db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
 
     # -- changes (each one transaction) ----------------------------------------------------------------
     def add(self, entries: list[NewEntry], features: np.ndarray, model: tuple[str, str]) -> list[int]:

@@ -251,6 +251,30 @@ def test_a_restart_with_a_new_model_embeds_the_gallery_again(exported, crops, ne
         second.close()
 
 
+def test_entries_whose_features_were_lost_are_embedded_again_at_start(exported, crops, tmp_path):
+    """A gallery file that lost feature rows (a damaged page, a copy cut short): those entries were
+    silently left out of every search; the next start embeds them first (searches wait, as for a new
+    model)."""
+    first = FeatureService(exported[1], tmp_path / "gallery.db", ServiceConfig())
+    try:
+        with running(first) as url, FeatureClient(url) as client:
+            ids = client.add(crops[:6], camera="cam-a")
+        first.store.db.execute("DELETE FROM features WHERE id IN (?, ?)", (ids[1], ids[4]))
+    finally:
+        first.close()
+    second = FeatureService(exported[1], tmp_path / "gallery.db", ServiceConfig())
+    try:
+        with running(second) as url, FeatureClient(url) as client:
+            deadline = time.monotonic() + 60
+            while not client.ready():
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert client.gallery().entries == 6
+            assert client.search(crop=crops[4], top_k=1).hits[0].id == ids[4]
+    finally:
+        second.close()
+
+
 def test_one_failing_batch_fails_its_requests_only(exported, crops, tmp_path):
     service = FeatureService(exported[1], tmp_path / "gallery.db", ServiceConfig(max_delay_ms=0))
     real = service.batcher.run
