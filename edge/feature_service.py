@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -467,6 +468,12 @@ def create_app(service: FeatureService) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         return _problem(422, _said(err.errors()))  # (one line, as every other error: not FastAPI's list)
+
+    @app.exception_handler(sqlite3.OperationalError)
+    async def storage_error(request: Request, err: sqlite3.OperationalError) -> JSONResponse:
+        log.error("gallery write failed: %s", err)  # nothing of the request was kept
+        full = "full" in str(err)
+        return _problem(507 if full else 503, f"gallery: {err}", None if full else {"Retry-After": "5"})
 
     @app.exception_handler(GalleryStoreError)
     async def gallery_error(request: Request, err: GalleryStoreError) -> JSONResponse:

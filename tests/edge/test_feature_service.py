@@ -275,6 +275,22 @@ def test_entries_whose_features_were_lost_are_embedded_again_at_start(exported, 
         second.close()
 
 
+def test_a_full_disk_is_a_507_that_names_it_and_keeps_nothing_half_added(exported, crops, tmp_path):
+    service = FeatureService(exported[1], tmp_path / "gallery.db", ServiceConfig())
+    try:
+        with running(service) as url, FeatureClient(url) as client:
+            client.add(crops[:1], camera="cam-a")
+            pages = service.store.db.execute("PRAGMA page_count").fetchone()[0]
+            service.store.db.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own "disk is full"
+            full = httpx.post(f"{url}/v1/gallery", files=[("c", c) for c in crops[1:9]])
+            assert full.status_code == 507 and "database or disk is full" in full.json()["detail"]
+            assert client.gallery().entries == 1 and service.store.stored() == 1
+            service.store.db.execute("PRAGMA max_page_count = 1073741823")  # room again
+            assert len(client.add(crops[1:9], camera="cam-a")) == 8 and client.gallery().entries == 9
+    finally:
+        service.close()
+
+
 def test_one_failing_batch_fails_its_requests_only(exported, crops, tmp_path):
     service = FeatureService(exported[1], tmp_path / "gallery.db", ServiceConfig(max_delay_ms=0))
     real = service.batcher.run
