@@ -717,7 +717,7 @@ class Agent:
             return
         self.metrics.upload_bytes.inc(len(upload))
         log.info(
-            "round %d: trained %.1f s (%.1f img/s, loss %.3f, CDW %.4f), uploaded %.2f MB (%s)",
+            "round %d: trained %.1f s (%.1f img/s, loss %.3f, CDW %.4f), uploaded %.2f MB (%s)%s",
             start.round,
             result.seconds,
             result.images_per_s,
@@ -725,6 +725,7 @@ class Agent:
             manifest.cdw,
             len(upload) / 1e6,
             manifest.blob.encoding,
+            f"; {result.skipped_images} unreadable images skipped" if result.skipped_images else "",
         )
 
     def _next_job(self) -> tuple[RoundStart, bytes, float] | None:
