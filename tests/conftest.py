@@ -35,6 +35,14 @@ def tiny_federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def _unreadable_images_named_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no unreadable image named yet (a process names only the first 20)."""
+    from reid.data import images
+
+    monkeypatch.setattr(images, "_warned", set())
+
+
 def png_claiming(width: int, height: int) -> bytes:
     """A 1x1 PNG whose header claims `width` x `height` pixels (a decompression bomb's header)."""
     out = io.BytesIO()

@@ -782,8 +782,9 @@ def test_a_finite_but_huge_delta_spoils_neither_kd_nor_a_restart(tiny_federation
     assert raw.round.run_id == first_id  # nothing acknowledged was lost
     summaries = _summaries(cfg)
     assert [s["accepted"] for s in summaries] == [["a", "b", "x"]] * 2
-    for s in summaries:
-        assert s["clipped"] == ["x"] and s["kd"]["batches"] == 2, s
+    for s in summaries:  # KD ran, or made the model worse and was refused: the handler never failed
+        assert s["clipped"] == ["x"], s
+        assert s["kd"].get("batches") == 2 or "KD loss is" in s["kd"].get("diverged", ""), s
     final = load_file(str(tmp_path / "kdx" / "rounds" / "00001" / "global.safetensors"))
     assert all(torch.isfinite(v).all() for v in final.values() if v.dtype.is_floating_point)
 
