@@ -291,7 +291,8 @@ def simulate(
 ) -> None:
     """Run a whole federation in one process, or its sites on Ray (resumes an interrupted run in --out)."""
     from cloud.executors import ExecutorConfig, ExecutorUnavailable
-    from cloud.plots import plot_rounds, read_metrics
+    from cloud.metrics_log import read_metrics
+    from cloud.plots import plot_rounds
     from cloud.simulate import CHECKPOINT, METRICS, MODEL, RoundFailed, SimulationConfig, Simulator
     from cloud.strategy import KDConfig, StrategyConfig
     from cloud.strategy.clustering import ClusterConfig
@@ -605,7 +606,8 @@ def report(
     out_dir: Path = typer.Option(Path("report"), "--out", help="where to write report.md and rounds.png"),
 ) -> None:
     """Per-site rank-1/mAP per round and round timings, as a markdown table and a PNG plot."""
-    from cloud.plots import markdown_report, plot_rounds, read_metrics
+    from cloud.metrics_log import read_metrics
+    from cloud.plots import markdown_report, plot_rounds
 
     root = _run_dir(state_dir, federation)
     metrics = root / "metrics.jsonl"

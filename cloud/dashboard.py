@@ -12,6 +12,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from cloud.metrics_log import strict_json
 from cloud.monitoring import View
 
 PAGE = Path(__file__).with_name("dashboard.html")
@@ -27,7 +28,7 @@ def create_app(view: Callable[[], View], registry: CollectorRegistry) -> FastAPI
 
     @app.get("/api/v1/federation")
     def federation() -> JSONResponse:
-        return JSONResponse(view())
+        return JSONResponse(strict_json(view()))  # (a NaN anywhere made every later answer a 500)
 
     @app.get("/metrics")
     def metrics() -> Response:

@@ -38,6 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
+from cloud.metrics_log import records as metrics_records
 from reid.data import InputSpec
 from reid.files import atomic_write
 from reid.model import ModelSpec
@@ -241,38 +242,29 @@ class Journal:
 
     def has_summary(self, kind: str, r: int) -> bool:
         """Whether metrics.jsonl holds the summary record of `kind` ("round", "evaluation") for round r."""
-        path = self.root / "metrics.jsonl"
-        if not path.is_file():
-            return False
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and rec.get("kind") == kind and rec.get("round") == r:
-                return True
-        return False
+        return any(
+            rec is not None and rec.get("kind") == kind and rec.get("round") == r
+            for _, rec in metrics_records(self.root / "metrics.jsonl")
+        )
 
     def forget_metrics_after(self, r: int) -> int:
         """Drop the records of rounds after r (the state went back to round r: they will be made again):
         summaries of later rounds and the sites' scores recorded when they closed (a close of round q
         records the scores of model q-1). Returns how many were dropped."""
         path = self.root / "metrics.jsonl"
-        if not path.is_file():
-            return 0
         kept, dropped = [], 0
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-                later = rec["round"] > r or ("kind" not in rec and rec["round"] == r)
-            except (ValueError, KeyError, TypeError):
-                later = False
+        for line, rec in metrics_records(path):
+            later = (
+                rec is not None
+                and "round" in rec
+                and (rec["round"] > r or ("kind" not in rec and rec["round"] == r))
+            )
             if later:
                 dropped += 1
             else:
                 kept.append(line)
         if dropped:
-            atomic_write(path, "".join(line + "\n" for line in kept).encode())
+            atomic_write(path, b"".join(line + b"\n" for line in kept))
         return dropped
 
     def append_metrics(self, records: list[dict]) -> None:

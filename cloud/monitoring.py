@@ -11,7 +11,6 @@ set of kinds, so label cardinality stays bounded.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections import deque
@@ -23,6 +22,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from cloud.metrics_log import read_metrics
 
 PHASES = ("starting", "collecting", "aggregating", "evaluating", "waiting", "done")
 SITE_STATES = ("online", "training", "uploading", "idle", "failed", "offline")
@@ -180,14 +181,7 @@ class RunHistory:
         self.rounds: list[dict] = []  # {"round", "bytes", "seconds", "accepted", "rejected"}
         self.rejections: deque[dict] = deque(maxlen=RECENT_REJECTIONS)  # {"round", "site", "reason", "time"}
         self._median_norms: dict[int, float] = {}  # round -> lower median of its (normalised) delta norms
-        if metrics_file.is_file():
-            records = []
-            for line in metrics_file.read_text().splitlines():
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    continue
-            self.add([r for r in records if isinstance(r, dict)], live=False)
+        self.add(read_metrics(metrics_file), live=False)
 
     def add(self, records: list[dict], live: bool = True) -> None:
         for rec in records:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -11,29 +10,6 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl. A line that is not a JSON object, and a site's record whose keys
-    have the wrong types (an earlier version let a site's metrics overwrite them), are left out."""
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and ("site" not in rec or _a_sites_record(rec)):
-            records.append(rec)
-    return records
-
-
-def _a_sites_record(rec: dict) -> bool:
-    scores = [rec[k] for k in ("rank1", "mAP") if k in rec]
-    return (
-        isinstance(rec["site"], str)
-        and type(rec.get("round")) is int
-        and all(type(v) in (int, float) for v in scores)
-    )
 
 
 def site_curves(records: list[dict], model: str) -> dict[str, dict[str, list[tuple[int, float]]]]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from cloud.plots import markdown_report, plot_rounds, read_metrics
+from cloud.metrics_log import read_metrics
+from cloud.plots import markdown_report, plot_rounds
 
 
 def test_a_report_leaves_out_records_whose_keys_a_site_overwrote(tmp_path):
@@ -43,3 +44,40 @@ def test_the_round_table_shows_failures_and_restarts():
     assert "| 0 | 2 | - | - | 0 | - |" in table
     failed = "b (DatasetLayoutError: missing split folder)"
     assert f"| 1 | 1 | c (wrong base hash) | {failed} | 1 | 12.5 |" in table
+
+
+def test_damaged_lines_are_left_out_wherever_the_file_is_read(tmp_path, caplog):
+    """The 2026-12-04 operator audit: one damaged line of metrics.jsonl stopped `serve` from resuming
+    (its history is read at start), failed `report` and `status`, or made the dashboard's JSON a 500 for
+    the life of the process. Each kind is now one left-out line, said once."""
+    from cloud.journal import Journal
+    from cloud.metrics_log import strict_json
+    from cloud.monitoring import RunHistory
+
+    root = tmp_path / "f"
+    root.mkdir()
+    good = [
+        {"round": 0, "site": "a", "model": "global", "rank1": 50.0, "mAP": 40.0},
+        {"round": 0, "kind": "round", "accepted": ["a"], "rejected": [], "upload_bytes": {"a": 10}},
+    ]
+    damaged = [
+        b'{"round": null, "site": "a", "model": "global", "rank1": 1.0, "mAP": 1.0}',
+        b'{"round": 1, "kind": "round", "upload_bytes": [1, 2]}',
+        b'{"round": 1, "kind": "round", "rejected": ["x"]}',
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"round": 1, "site": "\xff\xfe"}',
+        b'{"round": 2, "site": "a", "model": "global", "rank1": NaN, "mAP": Infinity}',
+    ]
+    lines = [json.dumps(good[0]).encode(), *damaged, json.dumps(good[1]).encode()]
+    (root / "metrics.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    records = read_metrics(root / "metrics.jsonl")
+    assert records[:1] + records[-1:] == good and len(records) == 3  # (the NaN record, made strict)
+    assert records[1] == {"round": 2, "site": "a", "model": "global", "rank1": None, "mAP": None}
+    assert "5 damaged or unreadable lines left out" in caplog.text
+    history = RunHistory(root / "metrics.jsonl")  # what a restarted `serve` reads for its dashboard
+    assert [r["round"] for r in history.rounds] == [0]
+    json.dumps(strict_json(history.metrics), allow_nan=False)  # servable
+    journal = Journal(root)
+    assert journal.has_summary("round", 0) and not journal.has_summary("round", 1)
+    assert journal.forget_metrics_after(-1) == 3  # damaged lines are kept as they are, never rewritten
+    assert len((root / "metrics.jsonl").read_bytes().splitlines()) == 5  # (the NaN record was readable)
