@@ -553,9 +553,9 @@ def status(
     from protocol.broker import BrokerError
 
     root = _run_dir(state_dir, federation)
-    journal = Journal(root)
-    last = journal.last_global()
-    done = last[0] if last else -1
+    journal = Journal(root, read_only=True)  # (a watcher: it must not move a damaged checkpoint aside)
+    newest = journal.newest_round()
+    done = newest if newest is not None else -1
     open_round = journal.open_round()
     evaluation = open_round is not None and not open_round.get("train", True)  # after the last round
     finished = evaluation and journal.has_summary("evaluation", done)

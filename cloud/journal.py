@@ -52,14 +52,22 @@ class StateDirError(OSError):
 
 
 class Journal:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, read_only: bool = False) -> None:
+        """`read_only`: for watchers (`status`), which never write, move or create anything here."""
         self.root = root
         self.went_back = False  # `last_global` skipped a damaged checkpoint
+        if read_only:
+            return
         try:
             root.mkdir(parents=True, exist_ok=True)
             atomic_write(root / ".writable", b"ok")  # fail now, not at the first acknowledged update
         except OSError as err:
             raise StateDirError(f"state dir {root} is not writable: {err}") from None
+
+    def newest_round(self) -> int | None:
+        """The round of the newest checkpoint on disk (-1: the initial model), without reading it."""
+        found = round_checkpoints(self.root)
+        return found[-1][0] if found else None
 
     def check_identity(self, identity: dict, normalise: Callable[[dict], dict] | None = None) -> None:
         """Refuse to resume a run that was started with another model or federation settings. `normalise`

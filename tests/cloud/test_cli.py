@@ -84,6 +84,21 @@ def test_status_names_why_it_cannot_reach_the_broker(tmp_path):
     assert "could not connect to mqtt://127.0.0.1:1" in result.output and "--identity-dir" in result.output
 
 
+def test_status_is_a_watcher_that_changes_nothing(tmp_path):
+    """`status` moved a damaged newest checkpoint aside (and wrote into the state dir) while `serve` may
+    be running: it now reads the round numbers only, and leaves every file as it was."""
+    root = tmp_path / "fed"
+    for r in ("-0001", "00000", "00001"):
+        (root / "rounds" / r).mkdir(parents=True)
+        (root / "rounds" / r / "global.safetensors").write_bytes(b"cut short")
+    (root / "run.json").write_text("{}")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = runner.invoke(app, ["status", "--state-dir", str(tmp_path), "--federation", "fed"])
+    assert result.exit_code == 0, result.output
+    assert "fed: 2 rounds done" in result.output
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 def test_a_second_aggregator_on_one_state_folder_is_refused(tmp_path):
     """Two `serve` processes on one federation's folder would both journal, announce and close every round:
     while one holds it (here: this test process), another stops at once with one line."""
