@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cloud.strategy import AdmissionConfig, KDConfig, StrategyConfig
 from cloud.strategy.clustering import ClusterConfig
 from protocol.chunks import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from protocol.codec import Encoding
-from protocol.messages import ModelInfo
+from protocol.messages import ModelInfo, TrainingInfo
 from protocol.mqtt import IdentityDir
 from reid.data import InputSpec
 from reid.model import ModelSpec
@@ -44,7 +44,9 @@ class ServeConfig(BaseModel):
     )
     min_sites: int = Field(1, ge=1, description="sites needed online to start a round")
     fraction: float = Field(1.0, gt=0, le=1, description="fraction of online sites selected per round")
-    deadline_s: float = Field(600.0, gt=0, description="collection time per round")
+    deadline_s: float = Field(
+        600.0, gt=0, le=1e7, allow_inf_nan=False, description="collection time per round"
+    )
     quorum: int = Field(1, ge=1, description="accepted updates needed to close a round at its deadline")
     max_extensions: int = Field(3, ge=0, description="deadline extensions without quorum before a restart")
     transfer_idle_s: float = Field(5.0, gt=0, description="re-request missing chunks after this idle time")
@@ -133,6 +135,24 @@ class ServeConfig(BaseModel):
         if isinstance(value, dict):
             return {**SERVE_STRATEGY.model_dump(), **value}
         return value
+
+    @model_validator(mode="after")
+    def _fits_the_round_announcement(self) -> ServeConfig:
+        """Every setting the round announcement carries must fit its schema now, not when round 0 opens
+        (`local_epochs = 2000` or `lr_backbone = inf` used to stop `serve` there, sites waiting)."""
+        model_info(self)
+        self.training_info()
+        return self
+
+    def training_info(self) -> TrainingInfo:
+        """How the sites train, as the round announcement says it."""
+        return TrainingInfo(
+            local_epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            lr_head=self.lr_head,
+            lr_backbone=self.lr_backbone,
+            keep_local_bn=self.strategy.bn == "local",
+        )
 
     def identity(self) -> dict:
         """What must not change when a run is resumed."""

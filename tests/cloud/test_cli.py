@@ -114,3 +114,17 @@ def test_a_second_aggregator_on_one_state_folder_is_refused(tmp_path):
     assert result.returncode == 1
     said = " ".join(result.stdout.split())
     assert f"{tmp_path / 'f'} is in use by another cloud-aggregator serve of federation f" in said
+
+
+def test_settings_the_round_announcement_cannot_carry_are_refused_at_start(tmp_path):
+    """`local_epochs = 2000`, `lr_backbone = inf`, `deadline_s = inf` passed the config and stopped
+    `serve` when round 0 opened (the announcement's schema refused them), its sites left waiting."""
+    for line, key in (("local_epochs = 2000", "local_epochs"), ("lr_backbone = inf", "lr_backbone"),
+                      ("deadline_s = inf", "deadline_s"), ("batch_size = 5000", "batch_size")):  # fmt: skip
+        (tmp_path / "cloud.toml").write_text(f'federation = "f"\n{line}\n')
+        args = ["serve", "--config", str(tmp_path / "cloud.toml"), "--state-dir", str(tmp_path / "s")]
+        result = runner.invoke(app, [*args, "--broker", "mqtt://127.0.0.1:1"])
+        assert result.exit_code == 2, result.output
+        said = "".join(result.output.replace("│", " ").split())
+        assert f"cloud.toml:{key}:" in said, said
+    assert not (tmp_path / "s").exists()  # nothing written
