@@ -83,12 +83,18 @@ def scheduled_round(run_dir: Path) -> int:
     """The round up to which `serve`'s scheduled deployments (`deploy_every`) are settled (-1: none): the
     round of the last one it made, or the newest round when an operator deployed by hand (`deploy
     --round k`, a rollback), so that a restart of `serve` does not undo that. A state dir from before
-    this record: the round of the latest deployment."""
-    try:
-        return int(json.loads((run_dir / "deployments" / "scheduled.json").read_text())["round"])
-    except (OSError, ValueError, KeyError, TypeError):
+    this record: the round of the latest deployment. A record that cannot be read counts as settled up
+    to the newest round (as after a deployment by hand), with one line: a restart never undoes one."""
+    path = run_dir / "deployments" / "scheduled.json"
+    if not path.exists():
         last = latest_deployment(run_dir)
         return last.round if last is not None else -1
+    try:
+        return int(json.loads(path.read_text())["round"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        newest = round_checkpoints(run_dir)
+        log.warning("%s unreadable (%s): no deployment is made again at this start", path, err)
+        return newest[-1][0] if newest else -1
 
 
 def record_scheduled(run_dir: Path, round_: int) -> None:

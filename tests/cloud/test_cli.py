@@ -128,3 +128,17 @@ def test_settings_the_round_announcement_cannot_carry_are_refused_at_start(tmp_p
         said = "".join(result.output.replace("│", " ").split())
         assert f"cloud.toml:{key}:" in said, said
     assert not (tmp_path / "s").exists()  # nothing written
+
+
+def test_an_unreadable_deployment_schedule_never_undoes_a_rollback(tmp_path, caplog):
+    """With `deployments/scheduled.json` damaged, a restarted `serve` took the latest deployment (a
+    rollback to round 0 by hand) as a scheduled one cut short and deployed round 3 over it."""
+    from cloud.deploy import record_scheduled, scheduled_round
+
+    for r in ("-0001", "00000", "00001", "00002", "00003"):
+        (tmp_path / "rounds" / r).mkdir(parents=True)
+        (tmp_path / "rounds" / r / "global.safetensors").write_bytes(b"x")
+    record_scheduled(tmp_path, 1)
+    assert scheduled_round(tmp_path) == 1
+    (tmp_path / "deployments" / "scheduled.json").write_text("garbage{")
+    assert scheduled_round(tmp_path) == 3 and "no deployment is made again at this start" in caplog.text
