@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import signal
 import threading
@@ -528,6 +529,13 @@ def serve(
         raise typer.Exit(1) from None
 
 
+def _round_option(value: str) -> str:
+    """--round: `latest` or a round number (-1: the initial model)."""
+    if value != "latest" and not re.fullmatch(r"-1|\d{1,9}", value):
+        raise typer.BadParameter(f"{value!r}: a round number or latest")
+    return value
+
+
 def _run_dir(state_dir: Path, federation: str) -> Path:
     root = state_dir / federation
     if not (root / "run.json").is_file():
@@ -626,7 +634,7 @@ def report(
 def export_model(
     state_dir: Path = typer.Option(Path("state/cloud"), help="the aggregator's --state-dir"),
     federation: str = typer.Option("default"),
-    round_: str = typer.Option("latest", "--round", help="a round number or latest"),
+    round_: str = typer.Option("latest", "--round", help="a round number or latest", callback=_round_option),
     model_path: Path = typer.Option(
         None,
         "--model",
@@ -734,7 +742,7 @@ def export_model(
 def deploy(
     state_dir: Path = typer.Option(Path("state/cloud"), help="the aggregator's --state-dir"),
     federation: str = typer.Option("default"),
-    round_: str = typer.Option("latest", "--round", help="a round number or latest"),
+    round_: str = typer.Option("latest", "--round", help="a round number or latest", callback=_round_option),
     broker: str = typer.Option(..., help="the federation's broker (mqtt://host:port or mqtts://...)"),
     images: Path = typer.Option(..., help="a folder of real images for the parity gate (32 are used)"),
     fp16: bool = typer.Option(False, "--fp16", help="deploy the fp16 model (half the bytes)"),
@@ -788,7 +796,7 @@ def deploy(
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
             with contextlib.suppress(KeyboardInterrupt):
                 stop.wait(linger)
-    except (DeployError, DatasetLayoutError) as err:
+    except (DeployError, DatasetLayoutError, OSError) as err:
         fail(out, err)
     finally:
         source.stop()

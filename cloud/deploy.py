@@ -41,25 +41,44 @@ class DeployError(RuntimeError):
     """No such round, no usable parity images, or the export failed its gate."""
 
 
+def _run_identity(run_dir: Path) -> dict:
+    """The run's `run.json`; DeployError naming it when it cannot be read."""
+    path = run_dir / "run.json"
+    try:
+        identity = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DeployError(f"{path} unreadable: {err}") from None
+    if not isinstance(identity, dict):
+        raise DeployError(f"{path} is not a run's record")
+    return identity
+
+
 def load_round(run_dir: Path, round_: int | Literal["latest"] = "latest") -> tuple[int, ReIDModel, InputSpec]:
-    """The global model of a round (or the newest) of the run in `run_dir`, in eval mode."""
-    identity = json.loads((run_dir / "run.json").read_text())
-    spec, input_spec = (
-        ModelSpec.model_validate(identity["model"]),
-        InputSpec.model_validate(identity["input"]),
-    )
+    """The global model of a round (or the newest) of the run in `run_dir`, in eval mode; DeployError,
+    naming the file, for a run record or checkpoint that cannot be read or does not fit."""
+    identity = _run_identity(run_dir)
+    try:
+        spec, input_spec = (
+            ModelSpec.model_validate(identity["model"]),
+            InputSpec.model_validate(identity["input"]),
+        )
+    except (KeyError, ValueError) as err:
+        raise DeployError(f"{run_dir / 'run.json'}: no usable model settings ({err})") from None
     chosen = [(r, p) for r, p in round_checkpoints(run_dir) if round_ == "latest" or r == int(round_)]
     if not chosen:
         raise DeployError(f"no global model for round {round_} in {run_dir / 'rounds'}")
     model = build_model(spec, 1)
-    load_shared_state(model, load_file(str(chosen[-1][1])))
+    try:
+        load_shared_state(model, load_file(str(chosen[-1][1])))
+    except Exception as err:  # safetensors' own error type, an OSError, or a ModelError
+        raise DeployError(f"{chosen[-1][1]}: not a readable checkpoint of this run's model ({err})") from None
     return chosen[-1][0], model.eval(), input_spec
 
 
 def keeps_batchnorm_local(run_dir: Path) -> bool:
     """Whether the run in `run_dir` keeps the BatchNorm layers at the sites (``strategy.bn = "local"``)."""
-    strategy = json.loads((run_dir / "run.json").read_text()).get("strategy") or {}
-    return strategy.get("bn") == "local"
+    strategy = _run_identity(run_dir).get("strategy") or {}
+    return isinstance(strategy, dict) and strategy.get("bn") == "local"
 
 
 def _latest_path(run_dir: Path) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from typer.testing import CliRunner
 
 from cloud.cli import app
@@ -142,3 +144,25 @@ def test_an_unreadable_deployment_schedule_never_undoes_a_rollback(tmp_path, cap
     assert scheduled_round(tmp_path) == 1
     (tmp_path / "deployments" / "scheduled.json").write_text("garbage{")
     assert scheduled_round(tmp_path) == 3 and "no deployment is made again at this start" in caplog.text
+
+
+def test_export_names_what_it_cannot_read(tmp_path):
+    """Tracebacks before (2026-12-04 operator audit): a garbage run.json, a checkpoint cut short, a
+    --round that is no number."""
+    root = tmp_path / "f"
+    (root / "rounds" / "00000").mkdir(parents=True)
+    (root / "rounds" / "00000" / "global.safetensors").write_bytes(b"cut short")
+    args = ["export", "--state-dir", str(tmp_path), "--federation", "f", "--images", str(tmp_path)]
+
+    def said(*extra: str) -> str:
+        result = runner.invoke(app, [*args, *extra])
+        assert result.exit_code == 2, result.output
+        return "".join(result.output.replace("│", " ").split())
+
+    (root / "run.json").write_text("{garbage")
+    assert "run.jsonunreadable" in said()
+    (root / "run.json").write_text(
+        json.dumps({"model": {"arch": "resnet18"}, "input": {"height": 64, "width": 32}})
+    )
+    assert "global.safetensors:notareadablecheckpointofthisrun'smodel" in said()
+    assert "'abc':aroundnumberorlatest" in said("--round", "abc")
