@@ -38,11 +38,13 @@ def load_config(model: type[M], path: Path | None, overrides: dict[str, Any]) ->
     if path is not None:
         source = str(path)
         try:
-            data = tomllib.loads(Path(path).read_text())
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8-sig"))  # (a BOM, as editors write)
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such configuration file") from None
-        except tomllib.TOMLDecodeError as err:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: not valid TOML: {err}") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read it: {err}") from None
     nested: dict[str, Any] = {}
     for key, value in overrides.items():
         if value is None:

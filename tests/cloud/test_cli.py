@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from cloud.cli import app
@@ -166,3 +167,17 @@ def test_export_names_what_it_cannot_read(tmp_path):
     )
     assert "global.safetensors:notareadablecheckpointofthisrun'smodel" in said()
     assert "'abc':aroundnumberorlatest" in said("--round", "abc")
+
+
+def test_a_config_file_that_is_not_text_or_starts_with_a_bom(tmp_path):
+    from cloud.config import ServeConfig
+    from reid.config import ConfigError, load_config
+
+    path = tmp_path / "cloud.toml"
+    path.write_bytes('\ufefffederation = "f"\nrounds = 3\n'.encode())  # as some editors save it
+    assert load_config(ServeConfig, path, {}).rounds == 3
+    path.write_bytes(b"\xd3\x00\xff binary")
+    with pytest.raises(ConfigError, match=r"cloud\.toml: not valid TOML: 'utf-8' codec"):
+        load_config(ServeConfig, path, {})
+    with pytest.raises(ConfigError, match=r"cannot read it"):
+        load_config(ServeConfig, tmp_path, {})  # a folder
