@@ -19,7 +19,16 @@ PAGE = Path(__file__).with_name("dashboard.html")
 
 
 def create_app(view: Callable[[], View], registry: CollectorRegistry) -> FastAPI:
-    app = FastAPI(title="FedReID Edge aggregator", version="1", docs_url=None, redoc_url=None)
+    # only the three documented things: no OpenAPI page, and no redirect of `/metrics/` built from the
+    # request's Host header (it sent browsers to any host a client named)
+    app = FastAPI(
+        title="FedReID Edge aggregator",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        redirect_slashes=False,
+    )
     page = PAGE.read_text()
 
     @app.get("/", response_class=HTMLResponse)

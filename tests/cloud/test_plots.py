@@ -81,3 +81,20 @@ def test_damaged_lines_are_left_out_wherever_the_file_is_read(tmp_path, caplog):
     assert journal.has_summary("round", 0) and not journal.has_summary("round", 1)
     assert journal.forget_metrics_after(-1) == 3  # damaged lines are kept as they are, never rewritten
     assert len((root / "metrics.jsonl").read_bytes().splitlines()) == 5  # (the NaN record was readable)
+
+
+def test_the_dashboard_serves_its_three_things_and_strict_json():
+    from fastapi.testclient import TestClient
+    from prometheus_client import CollectorRegistry
+
+    from cloud.dashboard import create_app
+
+    client = TestClient(
+        create_app(lambda: {"sites": [{"rank1": float("nan"), "mAP": 1.0}]}, CollectorRegistry())
+    )
+    answer = client.get("/api/v1/federation")
+    assert answer.status_code == 200 and answer.json() == {"sites": [{"rank1": None, "mAP": 1.0}]}
+    assert client.get("/metrics").status_code == 200
+    moved = client.get("/metrics/", headers={"host": "evil.example"}, follow_redirects=False)
+    assert moved.status_code == 404  # (was a redirect to http://evil.example/metrics)
+    assert client.get("/openapi.json").status_code == 404
