@@ -13,10 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from protocol.messages import NAME
+
 log = logging.getLogger(__name__)
+_SITE = re.compile(NAME)
 
 MAX_LINE_BYTES = 8 << 20  # a round summary of thousands of sites is well under a megabyte
 # keys of a round or evaluation summary, and the container each must be
@@ -55,6 +59,7 @@ def _well_formed(rec: dict) -> bool:
         scores = [rec[k] for k in ("rank1", "mAP", "mINP") if k in rec]
         return (
             isinstance(rec["site"], str)
+            and _SITE.fullmatch(rec["site"]) is not None  # (a 5 MB name took `report` to 4.4 GB)
             and type(rec.get("round")) is int
             and all(v is None or type(v) in (int, float) for v in scores)
         )

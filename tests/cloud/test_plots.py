@@ -66,6 +66,7 @@ def test_damaged_lines_are_left_out_wherever_the_file_is_read(tmp_path, caplog):
         b'{"round": 1, "kind": "round", "rejected": ["x"]}',
         b"[" * 100_000 + b"]" * 100_000,
         b'{"round": 1, "site": "\xff\xfe"}',
+        json.dumps({"round": 1, "site": "x" * 100_000, "model": "global"}).encode(),
         b'{"round": 2, "site": "a", "model": "global", "rank1": NaN, "mAP": Infinity}',
     ]
     lines = [json.dumps(good[0]).encode(), *damaged, json.dumps(good[1]).encode()]
@@ -73,14 +74,14 @@ def test_damaged_lines_are_left_out_wherever_the_file_is_read(tmp_path, caplog):
     records = read_metrics(root / "metrics.jsonl")
     assert records[:1] + records[-1:] == good and len(records) == 3  # (the NaN record, made strict)
     assert records[1] == {"round": 2, "site": "a", "model": "global", "rank1": None, "mAP": None}
-    assert "5 damaged or unreadable lines left out" in caplog.text
+    assert "6 damaged or unreadable lines left out" in caplog.text
     history = RunHistory(root / "metrics.jsonl")  # what a restarted `serve` reads for its dashboard
     assert [r["round"] for r in history.rounds] == [0]
     json.dumps(strict_json(history.metrics), allow_nan=False)  # servable
     journal = Journal(root)
     assert journal.has_summary("round", 0) and not journal.has_summary("round", 1)
     assert journal.forget_metrics_after(-1) == 3  # damaged lines are kept as they are, never rewritten
-    assert len((root / "metrics.jsonl").read_bytes().splitlines()) == 5  # (the NaN record was readable)
+    assert len((root / "metrics.jsonl").read_bytes().splitlines()) == 6  # (the NaN record was readable)
 
 
 def test_the_dashboard_serves_its_three_things_and_strict_json():
