@@ -602,6 +602,10 @@ class Agent:
         if not start.train:
             self._evaluation_round(start, blob)
             return
+        try:  # before training, not after it: the trained classifier and the update must be kept
+            atomic_write(self.dir / ".writable", b"ok")
+        except OSError as err:
+            raise RoundFailed(f"the state folder cannot be written: {err}") from None
         self.metrics.phase("training")
         self.metrics.progress.set(0)
         timings = {"fetch": round(fetch_seconds, 3)}

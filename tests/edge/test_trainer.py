@@ -108,3 +108,21 @@ def test_training_images_that_vanish_between_rounds_fail_the_round_in_one_line(t
         agent._site(_start(1))
     (tmp_path / "away").rename(tmp_path / "data")
     assert agent._site(_start(2)).num_train_images > 0  # back: the next round trains
+
+
+def test_a_state_folder_that_cannot_be_written_fails_the_round_before_training(
+    tiny_federation, tmp_path, monkeypatch
+):
+    """A read-only or full state folder: the site trained the whole round and then failed to keep its
+    classifier, with a traceback, every round. It now fails at once, in one line."""
+    import edge.agent as agent_module
+
+    agent = Agent(AgentConfig(site="s", data=tiny_federation / "sites" / "site01", state_dir=tmp_path))
+
+    def read_only(path, data):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(agent_module, "atomic_write", read_only)
+    monkeypatch.setattr(agent, "_received_model", lambda *a: pytest.fail("trained anyway"))
+    with pytest.raises(RoundFailed, match=r"the state folder cannot be written: .*Read-only file system"):
+        agent._train_round(_start(0), b"", 0.0)
