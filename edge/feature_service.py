@@ -157,12 +157,16 @@ def decode_crop(data: bytes, index: int, cfg: ServiceConfig) -> Image.Image:
 DECODERS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
 
 
-def crop_inputs(crops: Sequence[bytes], served: Served, cfg: ServiceConfig, first: int = 0) -> np.ndarray:
+def crop_inputs(
+    crops: Sequence[bytes], served: Served, cfg: ServiceConfig, first: int = 0, bounded: bool = True
+) -> np.ndarray:
     """The model inputs (N, 3, H, W) of `crops` for `served`; CropError names the first bad one
-    (numbered from `first`). At most one decoded crop of this call exists at a time."""
+    (numbered from `first`). At most one decoded crop of this call exists at a time; with `bounded`, it
+    also waits for one of the process's `DECODERS` (not on the event loop: its crops are small, and it
+    must not wait behind a large decode in a worker thread)."""
     out = []
     for i, data in enumerate(crops, first):
-        with DECODERS:
+        with DECODERS if bounded else contextlib.nullcontext():
             out.append(served.extractor.preprocess([decode_crop(data, i, cfg)]))
     return np.concatenate(out)
 
@@ -222,7 +226,7 @@ class FeatureService:
             img.width * img.height for img in (open_crop(d, i, self.cfg) for i, d in enumerate(crops))
         )
         if pixels <= INLINE_DECODE_PIXELS:  # (every header checked before any crop is decoded)
-            batch = crop_inputs(crops, served, self.cfg)
+            batch = crop_inputs(crops, served, self.cfg, bounded=False)
         else:
             batch = await run_in_threadpool(crop_inputs, crops, served, self.cfg)
         while True:

@@ -225,6 +225,14 @@ def test_a_full_queue_answers_503_with_retry_after(exported, crops, tmp_path):
         service.close()
 
 
+def _wait_ready(client: FeatureClient, timeout: float = 60) -> None:
+    """Until the service answers searches (a gallery being embedded again makes them wait)."""
+    deadline = time.monotonic() + timeout
+    while not client.ready():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
 def test_a_restart_with_a_new_model_embeds_the_gallery_again(exported, crops, new_model, tmp_path):
     first = FeatureService(exported[1], tmp_path / "gallery.db", ServiceConfig())
     try:
@@ -236,10 +244,7 @@ def test_a_restart_with_a_new_model_embeds_the_gallery_again(exported, crops, ne
     second = FeatureService(new_path, tmp_path / "gallery.db", ServiceConfig())
     try:
         with running(second) as url, FeatureClient(url) as client:
-            deadline = time.monotonic() + 60
-            while not client.ready():
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+            _wait_ready(client)
             info = client.gallery()
             assert info.model.sha256 == new_contract.sha256 and info.entries == 8 and not info.reindexing
             found = client.search(crop=crops[3], top_k=1)
@@ -265,10 +270,7 @@ def test_entries_whose_features_were_lost_are_embedded_again_at_start(exported, 
     second = FeatureService(exported[1], tmp_path / "gallery.db", ServiceConfig())
     try:
         with running(second) as url, FeatureClient(url) as client:
-            deadline = time.monotonic() + 60
-            while not client.ready():
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+            _wait_ready(client)
             assert client.gallery().entries == 6
             assert client.search(crop=crops[4], top_k=1).hits[0].id == ids[4]
     finally:
