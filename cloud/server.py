@@ -252,7 +252,9 @@ class Aggregator:
             self.online[status.node] = (status.state, status.round)
             self.heard_on[status.node] = self.connection
             facts = self.facts.setdefault(status.node, SiteFacts())
-            facts.last_seen, facts.deployed = time.time(), status.deployed
+            facts.deployed = status.deployed
+            if status.state != "offline":  # (its will, or a retained one: the broker speaks, not the site)
+                facts.last_seen = time.time()
             cur = self.current
             # only failures in the open round count: a retained "failed" of an earlier run's round 0 must
             # not keep a site out of this run's round 0

@@ -36,12 +36,14 @@ def main(log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERR
     configure_logging(log_level)
 
 
-def _site(data: Path, spec: InputSpec, batch_size: int, workers: int = 0, seed: int = 0) -> SiteData:
+def _site(
+    data: Path, spec: InputSpec, batch_size: int, workers: int = 0, seed: int = 0, need_train: bool = True
+) -> SiteData:
     from reid.data import DatasetLayoutError
     from reid.site import SiteData
 
     try:
-        return SiteData(data, spec, batch_size, workers, seed)
+        return SiteData(data, spec, batch_size, workers, seed, need_train)
     except DatasetLayoutError as err:
         raise typer.BadParameter(str(err), param_hint="--data") from None
 
@@ -204,9 +206,9 @@ def evaluate(
     except ModelError as err:
         raise typer.BadParameter(str(err)) from None
     dev = _device(device)
-    site = _site(data, spec, batch_size)
+    site = _site(data, spec, batch_size, need_train=bn_local)  # (statistics: training images)
     with log_context(site=site.name):
-        if model_path is not None and bn_local:  # the model this site serves (as its deployments)
+        if bn_local:  # the model this site serves (as its deployments)
             try:
                 seen = adapt_to_site(model, site_bn, site.statistics_loader(), dev)
             except ModelError as err:

@@ -44,9 +44,10 @@ class SiteData:
         batch_size: int = 32,
         num_workers: int = 0,
         seed: int | None = 0,
+        need_train: bool = True,
     ) -> None:
         self.input_spec = input_spec or InputSpec()
-        self.splits: ReIDSplits = read_dataset(root)
+        self.splits: ReIDSplits = read_dataset(root, need_train=need_train)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed

@@ -878,6 +878,10 @@ def test_after_a_reconnect_only_sites_that_speak_again_are_selected(tmp_path, mo
     cfg = ServeConfig(federation="ghost", state_dir=tmp_path, rounds=1, min_sites=2, deadline_s=60, **TINY)
     agg, raw, thread = _start(cfg, mosquitto_url, ["a", "b"])
     try:
+        raw.status("gone", state="offline")  # a site that died before the aggregator started
+        assert _wait(lambda: "gone" in agg.online, 10)
+        seen = {s["site"]: s["last_seen"] for s in agg.view()["sites"]}
+        assert seen["gone"] is None and seen["a"] is not None  # (it showed the aggregator's start time)
         assert agg._eligible() == ["a", "b"]
         agg._republish_round()  # what the endpoint runs after every (re)connect
         assert agg._eligible() == []

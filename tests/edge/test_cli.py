@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -52,6 +53,13 @@ def test_train_then_evaluate_reports_the_same_model(tiny_federation, tmp_path):
     assert len(trained) == 3  # init + 2 epochs
     ckpt = tmp_path / "model.safetensors"
     result = runner.invoke(app, ["evaluate", "--data", str(site), "--model", str(ckpt)])
+    assert result.exit_code == 0, result.output
+    assert _map_values(result.output) == trained[-1:]
+    # a camera site's evaluation set without training images (it was: "train split not found")
+    held_out = tmp_path / "held_out"
+    for split in ("query", "bounding_box_test"):
+        shutil.copytree(site / split, held_out / split)
+    result = runner.invoke(app, ["evaluate", "--data", str(held_out), "--model", str(ckpt)])
     assert result.exit_code == 0, result.output
     assert _map_values(result.output) == trained[-1:]
 
