@@ -60,6 +60,7 @@ from reid.data.images import to_rgb
 log = logging.getLogger(__name__)
 GAP_WAIT_S = 1.0  # how long a re-embedding batch waits for the live queue to empty
 REEMBED_RUN_S = 0.1  # a re-embedding batch holds the model about this long: a live batch waits for it
+RETRY_S = 30.0  # the agent's service that could not start (port taken, gallery in use) is tried this often
 # A request of at most this many pixels (about 4 crops of 256x128, 1-2 ms of decoding) is decoded on the
 # event loop itself; larger ones in a worker thread. Handing a single crop to a worker thread costs more
 # than it saves on two cores: one more runnable thread preempts the model's, and the model's parallel
@@ -630,23 +631,32 @@ def running(
 def serve_deployed(state_dir: Path, cfg: ServiceConfig, stop: threading.Event) -> None:
     """The service beside an agent (`edge-agent start` with `[serve_features]`): it waits for the first
     model deployed in the agent's `state_dir`, serves it with the gallery `state_dir/gallery.db`, and
-    adopts each later deployment, until `stop` is set. A failure (the port taken, say) is one log line:
-    training goes on without the service."""
+    adopts each later deployment, until `stop` is set. A failure to start (the port taken, the gallery
+    in use) is one log line, and the service is tried again every RETRY_S seconds (one more line only
+    when the reason changes): training goes on without it meanwhile."""
     from edge.deployment import current_model
 
-    while (model := current_model(state_dir)) is None:
-        if stop.wait(cfg.follow_every_s):
+    said = ""
+    while True:
+        while (model := current_model(state_dir)) is None:
+            if stop.wait(cfg.follow_every_s):
+                return
+        try:
+            _serve_until(stop, model, state_dir, cfg)
             return
-    try:
-        service = FeatureService(model, state_dir / "gallery.db", cfg, follow=state_dir)
-    except Exception as err:
-        log.error("feature service not started: %s", err)
-        return
+        except Exception as err:
+            if str(err) != said:
+                said = str(err)
+                log.error("feature service not running: %s (trying again every %.0f s)", err, RETRY_S)
+        if stop.wait(RETRY_S):
+            return
+
+
+def _serve_until(stop: threading.Event, model: Path, state_dir: Path, cfg: ServiceConfig) -> None:
+    service = FeatureService(model, state_dir / "gallery.db", cfg, follow=state_dir)
     try:
         with running(service, cfg.host, cfg.port) as url:
             log.info("feature service on %s, model %s", url, service.served.ref.version)
             stop.wait()
-    except Exception as err:
-        log.error("feature service stopped: %s", err)
     finally:
         service.close()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -11,29 +12,47 @@ from typing import Any
 
 
 class BackgroundServer:
-    """`start()` binds and returns the base URL once the server accepts connections; `stop()` ends it."""
+    """`start()` binds and returns the base URL once the server accepts connections (OSError naming the
+    address when it cannot bind, as uvicorn's own error line is not ours); `stop()` ends it."""
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
         import uvicorn
 
-        self.host = host
+        self.host, self.port = host, port
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name=f"http-{port}", daemon=True)
+        self.thread: threading.Thread | None = None
 
     def start(self, timeout: float = 30.0) -> str:
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            sock = socket.socket(family, kind, proto)
+        except OSError as err:
+            raise OSError(f"cannot serve on {self.host}:{self.port}: {err.strerror or err}") from None
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds)
+            sock.bind(address)
+        except OSError as err:
+            sock.close()
+            raise OSError(f"cannot serve on {self.host}:{self.port}: {err.strerror or err}") from None
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, name=f"http-{self.port}", daemon=True
+        )
         self.thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise OSError(f"could not serve on {self.host}:{self.server.config.port} (in use?)")
+                sock.close()
+                raise OSError(f"cannot serve on {self.host}:{self.port}")
             time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://{self.host}:{port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # (an IPv6 address)
+        return f"http://{host}:{sock.getsockname()[1]}"
 
     def stop(self) -> None:
         self.server.should_exit = True
-        if self.thread.is_alive():
+        if self.thread is not None and self.thread.is_alive():
             self.thread.join(timeout=30)
 
 

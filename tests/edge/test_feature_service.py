@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -506,3 +507,40 @@ def test_the_command_prints_the_port_it_got_and_names_a_missing_model(exported, 
     finally:
         proc.kill()
         proc.wait(30)
+
+
+def test_the_agents_service_that_could_not_start_is_tried_again(exported, tmp_path, monkeypatch, caplog):
+    """The port taken when the first deployment came: the service beside the agent logged one line and
+    was never tried again until the agent restarted. It starts once the port is free, with one line
+    however many tries failed before."""
+    monkeypatch.setattr(feature_service, "RETRY_S", 0.2)
+    state = tmp_path / "site"
+    _deploy(state, exported[1], "a")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=feature_service.serve_deployed, args=(state, ServiceConfig(port=port), stop), daemon=True
+    )
+    with caplog.at_level(logging.INFO, logger="edge.feature_service"):
+        thread.start()
+        try:
+            time.sleep(1.5)  # several tries (one each 0.2 s)
+            failed = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+            assert len(failed) == 1 and "Address already in use" in failed[0], failed
+            taken.close()
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "the service did not start once the port was free"
+                    time.sleep(0.1)
+        finally:
+            taken.close()
+            stop.set()
+            thread.join(timeout=30)
+    assert not thread.is_alive()
