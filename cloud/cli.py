@@ -298,7 +298,7 @@ def simulate(
     from cloud.strategy import KDConfig, StrategyConfig
     from cloud.strategy.clustering import ClusterConfig
     from protocol.broker import BrokerError
-    from reid.data import DatasetLayoutError, InputSpec
+    from reid.data import DatasetLayoutError, InputSpec, read_dataset
     from reid.model import ModelError, ModelSpec
     from reid.privacy import DPConfig
     from reid.synthetic import SyntheticConfig, cached_federation
@@ -367,6 +367,9 @@ def simulate(
         if transport == "mqtt":
             metrics_path = _simulate_mqtt(config, sites, public_dir, out_dir, fresh)
         else:
+            if placement.kind == "local" or ray_address is None:  # (the sites' folders are here to read)
+                for site in sites:  # a broken one is said now, not dropped at its first job of every round
+                    read_dataset(site)
             with progress_bar(transient=False) as bar:
                 task = bar.add_task(f"{algorithm}: rounds", total=rounds)
                 sim = Simulator(

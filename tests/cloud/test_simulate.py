@@ -246,6 +246,13 @@ def test_cli_simulate_writes_metrics_plot_and_table(tiny_federation, tmp_path):
         ],
     )
     assert missing.exit_code != 0 and "public" in missing.output
+    # a site that cannot be read is said before any training (it was dropped at every round, exit 0)
+    sites = tmp_path / "sites"
+    shutil.copytree(tiny_federation / "sites", sites)
+    shutil.rmtree(sites / "site02" / "query")
+    broken = CliRunner().invoke(app, [*args[:4], str(sites), "--out", str(tmp_path / "broken")])
+    assert broken.exit_code == 2 and "site02" in broken.output, broken.output
+    assert not (tmp_path / "broken" / METRICS).exists()
 
 
 def test_differential_privacy_reports_epsilon_per_site_and_round(tiny_federation, tmp_path):
