@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import socket
 import threading
 import time
@@ -19,7 +20,11 @@ class BackgroundServer:
         import uvicorn
 
         self.host, self.port = host, port
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        # uvicorn's own lines (a malformed request, say) go through this process's logging: one line each,
+        # with the site and round of the thread that started the server
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", log_config=None, access_log=False, lifespan="off"
+        )
         self.server = uvicorn.Server(config)
         self.thread: threading.Thread | None = None
 
@@ -37,8 +42,9 @@ class BackgroundServer:
         except OSError as err:
             sock.close()
             raise OSError(f"cannot serve on {self.host}:{self.port}: {err.strerror or err}") from None
+        run = contextvars.copy_context().run  # (the site and round of log lines)
         self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [sock]}, name=f"http-{self.port}", daemon=True
+            target=run, args=(self.server.run, [sock]), name=f"http-{self.port}", daemon=True
         )
         self.thread.start()
         deadline = time.monotonic() + timeout

@@ -58,3 +58,35 @@ def test_a_flood_of_one_line_costs_a_count_and_a_huge_text_is_cut(monkeypatch):
         log.warning("dropped evaluation report from %s: %s", "evil", "bad")
     last = out.getvalue().splitlines()[-1]
     assert last.endswith(f"bad ({1000 - logs.REPEATS_SHOWN} more like this held back)")
+
+
+def test_the_http_servers_own_lines_are_ours(monkeypatch):
+    """A malformed HTTP request to a site's feature service (or the dashboard) was logged by uvicorn in
+    its own format, without site or round; it is one of our lines now, with the site that started it.
+    A port in use is one line naming the address (uvicorn printed its own error first)."""
+    import socket
+
+    from fastapi import FastAPI
+
+    from reid.http_server import BackgroundServer
+
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    configure_logging("INFO")
+    with log_context(site="site01"):
+        server = BackgroundServer(FastAPI())
+        url = server.start()
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(b"GARBAGE \x00 HTTP/9\r\n\r\n")
+            assert conn.recv(100).startswith(b"HTTP/1.1 400")
+        try:
+            BackgroundServer(FastAPI(), port=port).start()
+            raise AssertionError("a second server on a port in use")
+        except OSError as err:
+            assert str(err) == f"cannot serve on 127.0.0.1:{port}: Address already in use"
+    finally:
+        server.stop()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and "[site=site01 round=-] uvicorn.error: Invalid HTTP request" in lines[0], lines
