@@ -6,7 +6,9 @@ requester) and only queued there; a separate thread publishes. Per requester, at
 `min_interval_s` is taken; requests are coalesced (one publish of the union of the wanted chunks serves
 every requester), and one blob is published at most once per `min_interval_s` whatever the number of
 requesters: a flood, even with forged requester names, costs at most one blob per interval and never
-blocks the message thread.
+blocks the message thread. Each requester may ask for COPIES whole copies of one blob, then for one more
+per REFILL_S: the chunks go to every site on the shared topic, so a site that asked for the whole global
+model every interval (within the rate limit) made every site download it every 2 s.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from protocol.mqtt import Endpoint
 log = logging.getLogger(__name__)
 
 _MAX_TRACKED = 4096  # requesters remembered for the rate limit (older entries are forgotten first)
+COPIES = 4.0  # whole copies of one blob a requester may ask for at once ...
+REFILL_S = 3600.0  # ... and one more copy per this many seconds
 
 
 class ChunkResender:
@@ -50,6 +54,8 @@ class ChunkResender:
         self.wanted: dict[str, set[int]] = {}
         self.last_request: dict[str, float] = {}
         self.last_sent: dict[str, float] = {}
+        # (requester, blob) -> [chunks it may still ask for, when counted, told it is over budget]
+        self.budget: dict[tuple[str, str], list] = {}
         self.ready = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"resend-{what}", daemon=True)
@@ -92,17 +98,40 @@ class ChunkResender:
                 outside,
                 count - 1,
             )
+        indices = {i for i in req.indices if 0 <= i < count}
         now = time.monotonic()
         with self.lock:
             if now - self.last_request.get(req.requester, -math.inf) < self.min_interval_s:
                 log.debug("%s chunk request of %s dropped (rate limit)", self.what, req.requester)
                 return
-            if len(self.last_request) >= _MAX_TRACKED:
-                for name, _ in sorted(self.last_request.items(), key=lambda kv: kv[1])[: _MAX_TRACKED // 2]:
-                    del self.last_request[name]
+            _forget_oldest(self.last_request, lambda when: when)
             self.last_request[req.requester] = now
-            self.wanted.setdefault(req.blob_id, set()).update(i for i in req.indices if 0 <= i < count)
+            if not self._within_budget(req.requester, req.blob_id, count, len(indices), now):
+                return
+            self.wanted.setdefault(req.blob_id, set()).update(indices)
         self.ready.set()
+
+    def _within_budget(self, requester: str, blob_id: str, count: int, asked: int, now: float) -> bool:
+        """(under the lock) Whether `requester` may have `asked` more chunks of a blob of `count`."""
+        _forget_oldest(self.budget, lambda entry: entry[1])
+        entry = self.budget.setdefault((requester, blob_id), [COPIES * count, now, False])
+        entry[0] = min(COPIES * count, entry[0] + count * (now - entry[1]) / REFILL_S)
+        entry[1] = now
+        if asked <= entry[0]:
+            entry[0] -= asked
+            entry[2] = False
+            return True
+        if not entry[2]:
+            entry[2] = True
+            log.warning(
+                "%s asked for more than %.0f copies of the %s: its requests wait for its budget (one copy "
+                "per %.0f s)",
+                requester,
+                COPIES,
+                self.what,
+                REFILL_S,
+            )
+        return False
 
     def _run(self) -> None:
         while not self.stopping.is_set():
@@ -128,3 +157,10 @@ class ChunkResender:
                 except TimeoutError as err:
                     log.warning("resend of the %s interrupted: %s", self.what, err)
                 self.last_sent[blob_id] = time.monotonic()
+
+
+def _forget_oldest(table: dict, when: Callable) -> None:
+    """Keep `table` within _MAX_TRACKED entries: the older half (by `when(value)`) goes."""
+    if len(table) >= _MAX_TRACKED:
+        for key, _ in sorted(table.items(), key=lambda kv: when(kv[1]))[: _MAX_TRACKED // 2]:
+            del table[key]

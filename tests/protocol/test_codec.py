@@ -141,3 +141,22 @@ def test_a_zstd_bomb_costs_at_most_the_limit():
     with pytest.raises(CodecError, match="exceeds the limit"):
         decode_state(hidden, max_bytes=1 << 20)
     assert decode_state(hidden, max_bytes=8 << 20)["w"].shape == (1 << 20,)
+
+
+@pytest.mark.parametrize(
+    "header", [b"{" + b",".join(b'"%d":{}' % i for i in range(300_000)) + b"}", b'{"a":' + b"[" * 200_000]
+)
+def test_a_header_bomb_is_refused_before_it_is_parsed(header):
+    """A zstd frame of 0.8 MB holding a 96 MB safetensors header of 8 M tiny entries held the aggregator
+    (under its lock) for 9 s and 1.6 GB per upload (2026-12-04 insider audit); a deeply nested one raised
+    RecursionError, not CodecError. The header is bounded before it is parsed."""
+    import zstandard
+
+    payload = len(header).to_bytes(8, "little") + header + b"\0" * 8
+    blob = zstandard.ZstdCompressor().compress(payload)
+    assert len(blob) < len(header) // 10  # (small on the wire)
+    with pytest.raises(CodecError, match="not a safetensors payload"):
+        decode_state(blob)
+    if len(header) > (1 << 20):
+        with pytest.raises(CodecError, match="over the limit"):
+            decode_state(blob)

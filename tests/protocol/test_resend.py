@@ -78,3 +78,40 @@ def test_requests_are_answered_coalesced_and_bounded_under_a_forged_flood(mosqui
         resender.stop()
         client.stop()
         server.stop()
+
+
+def test_a_requester_gets_a_few_copies_of_a_blob_then_one_per_refill(mosquitto_url, caplog, monkeypatch):
+    """An insider that held the round open and asked for the whole global model every 2 s (within the
+    rate limit) made the broker push it to every site every 2 s: 31 copies in a 62 s round (2026-12-04
+    audit). A requester gets COPIES copies of one blob, then one per REFILL_S; others are still served."""
+    from protocol import resend
+
+    monkeypatch.setattr(resend, "REFILL_S", 10.0)  # (one more chunk a second for this 10-chunk blob)
+    topics = Topics("budget")
+    got: list[int] = []
+    server = Endpoint(mosquitto_url, topics, "srv", "aggregator", announce=False)
+    resender = ChunkResender(server, topics.global_chunks, CHUNK, lambda r: 10, lambda b: BLOB, 0.05, "blob")
+    server.handlers[topics.global_resend] = resender.on_request
+    on_chunk = {topics.global_chunks: lambda t, p: got.append(parse_chunk(p)[0].index)}
+    client = Endpoint(mosquitto_url, topics, "cli", "site", on_chunk, announce=False)
+    server.start()
+    client.start()
+    resender.start()
+    try:
+        assert _wait(lambda: server.connected.is_set() and client.connected.is_set())
+        for _ in range(8):
+            client.publish(topics.global_resend, _request("insider", list(range(10))))
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert len(got) == resend.COPIES * 10  # four copies, not eight
+        client.publish(topics.global_resend, _request("honest", [0, 1]))
+        assert _wait(lambda: len(got) == resend.COPIES * 10 + 2)
+        warned = [r for r in caplog.records if "copies of the blob" in r.getMessage()]
+        assert len(warned) == 1 and warned[0].getMessage().startswith("insider asked for more than 4 copies")
+        time.sleep(1.5)  # over 2 chunks of budget back since the 4th copy: a request for 2 is served
+        client.publish(topics.global_resend, _request("insider", [5, 6]))
+        assert _wait(lambda: len(got) == resend.COPIES * 10 + 4)
+    finally:
+        resender.stop()
+        client.stop()
+        server.stop()
