@@ -44,6 +44,7 @@ from cloud.strategy import (
     TeacherMean,
     distill,
     embed_public,
+    kd_summary,
     raw_weight,
 )
 from cloud.strategy.caps import (
@@ -945,7 +946,7 @@ class Aggregator:
                     kd = distill(self.model, loader, target, self.cfg.kd, self.device, statistics=local_bn)
             except KDDiverged as err:  # the aggregate stands
                 log.warning("round %d: KD diverged, the aggregated model is kept: %s", cur.number, err)
-                summary["kd"] = {"diverged": str(err)}
+                summary["kd"] = kd_summary(err)
             else:
                 new_flat = self.layout.flatten(shared_state(self.model))
                 log.info(
@@ -956,12 +957,7 @@ class Aggregator:
                     kd.loss_last,
                     kd.seconds,
                 )
-                summary["kd"] = {
-                    "batches": kd.batches,
-                    "mse_first": kd.loss_first,
-                    "mse_last": kd.loss_last,
-                    "seconds": round(kd.seconds, 3),
-                }
+                summary["kd"] = kd_summary(kd)
         del result
         self.global_flat = new_flat
         self.global_state = self.layout.unflatten(*new_flat)

@@ -47,6 +47,7 @@ from cloud.strategy import (
     StreamingAggregator,
     TeacherMean,
     distill,
+    kd_summary,
 )
 from cloud.strategy.clustering import ClusterConfig, Clustering
 from cloud.strategy.selection import sample_sites, sites_per_round
@@ -518,15 +519,10 @@ class Simulator:
             result = distill(self.model, loader, target, self.cfg.kd, self.device, statistics=local_bn)
         except KDDiverged as err:  # the aggregate stands
             log.warning("KD diverged, the aggregated model is kept: %s", err)
-            return {"diverged": str(err)}
+            return kd_summary(err)
         self.global_state = shared_state(self.model)
         log.info("KD: %d batches, MSE %.5f -> %.5f", result.batches, result.loss_first, result.loss_last)
-        return {
-            "batches": result.batches,
-            "mse_first": round(result.loss_first, 6),
-            "mse_last": round(result.loss_last, 6),
-            "seconds": round(result.seconds, 3),
-        }
+        return kd_summary(result)
 
     def _pooled_labels(self) -> dict[tuple[str, int], int]:
         """One class per identity of each site: the per-camera clients of one site pool their images of

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import json
 import logging
 import os
 import re
@@ -55,6 +54,7 @@ from edge.feature_api import (
 )
 from edge.gallery_store import GalleryStore, GalleryStoreError, NewEntry, OtherModel
 from export.runtime import FeatureExtractor
+from protocol.messages import untrusted_json
 from reid.data.images import to_rgb
 
 log = logging.getLogger(__name__)
@@ -502,7 +502,7 @@ def create_app(service: FeatureService) -> FastAPI:
     ) -> AddResponse:
         """Add crops (raw body or multipart) with their metadata; the ids, in order."""
         try:
-            tags = json.loads(labels)
+            tags = untrusted_json(labels)
             if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
                 raise ValueError
         except ValueError:

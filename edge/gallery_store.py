@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from protocol.messages import untrusted_json
 from reid.files import hold_lock
 
 BLOCK = 65536  # gallery rows per block of the similarity product
@@ -91,7 +92,7 @@ class NewEntry:
 def _labels(entry_id: int, text: str) -> dict[str, str]:
     """An entry's stored labels; {} (and one line) when the file was damaged there."""
     try:
-        labels = json.loads(text)
+        labels = untrusted_json(text)
         if isinstance(labels, dict):
             return {str(k): str(v) for k, v in labels.items()}
     except ValueError:

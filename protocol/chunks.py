@@ -22,7 +22,6 @@ started by the first chunk that agrees; it says which chunks are missing and for
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import struct
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from protocol.messages import BlobRef, Encoding
+from protocol.messages import BlobRef, Encoding, untrusted_json
 
 MAGIC = b"FRC1"
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -122,7 +121,7 @@ def parse_chunk(payload: bytes) -> tuple[ChunkHeader, memoryview]:
     if head_len > MAX_HEADER_BYTES or 8 + head_len > len(view):
         raise ChunkError(f"bad chunk header length {head_len}")
     try:
-        header = ChunkHeader.model_validate(json.loads(bytes(view[8 : 8 + head_len])), strict=True)
+        header = ChunkHeader.model_validate(untrusted_json(bytes(view[8 : 8 + head_len])), strict=True)
     except (ValueError, ValidationError) as err:
         raise ChunkError(f"bad chunk header: {str(err).splitlines()[0]}") from None
     if header.index >= header.count:

@@ -168,25 +168,33 @@ class Endpoint:
             if item is None:
                 return
             topic, payload, retained = item
-            if retained and payload and not self.topics.may_be_retained(topic):
-                log.warning("dropped a retained message on %s (this topic is never retained)", topic)
-                if self.role == "aggregator":  # clear it on the broker, so it is not delivered again
-                    self.client.publish(topic, b"", qos=1, retain=True)
+            if not payload:  # a retained message being cleared (docs/protocol.md, Transport): nothing said
                 continue
-            self.signer_of_message = None
-            if self.keyring is not None and payload and not is_chunk_topic(topic):
-                self._reload_keyring()
+            try:
+                self._handle(topic, payload, retained)
+            except Exception as err:  # no message, whatever it holds, may stop this thread: the node's ears
+                log.warning("dropped message on %s: %s: %s", topic, type(err).__name__, err)
+
+    def _handle(self, topic: str, payload: bytes, retained: bool) -> None:
+        if retained and not self.topics.may_be_retained(topic):
+            log.warning("dropped a retained message on %s (this topic is never retained)", topic)
+            if self.role == "aggregator":  # clear it on the broker, so it is not delivered again
+                self.client.publish(topic, b"", qos=1, retain=True)
+            return
+        self.signer_of_message = None
+        if self.keyring is not None and not is_chunk_topic(topic):
+            self._reload_keyring()
+            try:
+                self.signer_of_message, payload = self.keyring.open(payload, topic)
+            except SignatureError as err:
+                log.warning("dropped message on %s: %s", topic, err)
+                return
+        for topic_filter, handler in list(self.handlers.items()):
+            if paho.topic_matches_sub(topic_filter, topic):
                 try:
-                    self.signer_of_message, payload = self.keyring.open(payload, topic)
-                except SignatureError as err:
-                    log.warning("dropped message on %s: %s", topic, err)
-                    continue
-            for topic_filter, handler in list(self.handlers.items()):
-                if paho.topic_matches_sub(topic_filter, topic):
-                    try:
-                        handler(topic, payload)
-                    except Exception as err:  # a bad message must never stop the node
-                        log.warning("handler for %s failed: %s: %s", topic, type(err).__name__, err)
+                    handler(topic, payload)
+                except Exception as err:  # a bad message must never stop the node
+                    log.warning("handler for %s failed: %s: %s", topic, type(err).__name__, err)
 
     @staticmethod
     def _keyring_stamp(identity_dir: Path | None) -> float:

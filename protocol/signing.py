@@ -26,10 +26,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from protocol.messages import MAX_MESSAGE_BYTES, SCHEMA_VERSION
+from protocol.messages import MAX_MESSAGE_BYTES, SCHEMA_VERSION, untrusted_json
 from protocol.topics import Topics
 
 SITE_REQUEST_LEAVES = ("global/resend", "deploy/resend")
+ENVELOPE_FIELDS = {"schema_version", "kind", "signer", "payload", "signature"}
 
 
 class SignatureError(ValueError):
@@ -106,11 +107,17 @@ class Keyring:
         if len(payload) > MAX_MESSAGE_BYTES * 2:
             raise SignatureError(f"signed message of {len(payload)} bytes is too large")
         try:
-            envelope = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
-            raise SignatureError("not a signed message (not JSON)") from None
+            envelope = untrusted_json(payload)
+        except ValueError as err:
+            raise SignatureError(f"not a signed message (not JSON: {err})") from None
         if not isinstance(envelope, dict) or envelope.get("kind") != "signed":
             raise SignatureError("unsigned message")
+        version = envelope.get("schema_version")
+        if type(version) is not int or version != SCHEMA_VERSION:
+            raise SignatureError(f"signed envelope: unsupported schema_version {version!r}")
+        if set(envelope) != ENVELOPE_FIELDS:  # (as every message: unknown fields are an error)
+            odd = sorted(set(envelope) ^ ENVELOPE_FIELDS)
+            raise SignatureError(f"signed envelope: missing or unknown field {odd[0][:64]!r}")
         signer = envelope.get("signer")
         if not isinstance(signer, str) or signer not in self.identities:
             raise SignatureError(f"signed by an unknown identity {signer!r}")

@@ -18,7 +18,16 @@ from cloud.strategy.aggregate import (
 )
 from cloud.strategy.caps import AdmissionConfig
 from cloud.strategy.flat import FlatLayout, LayoutError
-from cloud.strategy.kd import KDConfig, KDDiverged, KDResult, TeacherMean, distill, embed_public, kd_target
+from cloud.strategy.kd import (
+    KDConfig,
+    KDDiverged,
+    KDResult,
+    TeacherMean,
+    distill,
+    embed_public,
+    kd_summary,
+    kd_target,
+)
 
 __all__ = [
     "AdmissionConfig",
@@ -37,6 +46,7 @@ __all__ = [
     "bn_policy_keys",
     "distill",
     "embed_public",
+    "kd_summary",
     "kd_target",
     "raw_weight",
     "weighted_average",

@@ -123,7 +123,12 @@ DIVERGED_LOSS_RATIO = 10.0
 
 
 class KDDiverged(RuntimeError):
-    """KD's loss or the student's weights stopped being finite: keep the model from before KD."""
+    """KD's loss grew out of bounds or the student stopped being finite: keep the model from before KD.
+    `seconds`: the time KD ran before it was stopped."""
+
+    def __init__(self, why: str, seconds: float) -> None:
+        super().__init__(why)
+        self.seconds = seconds
 
 
 @dataclass
@@ -172,7 +177,8 @@ def distill(
                 value = float(loss.detach())
                 if not torch.isfinite(loss) or (losses and value > DIVERGED_LOSS_RATIO * losses[0]):
                     first = f" (first batch: {losses[0]:.4g})" if losses else ""
-                    raise KDDiverged(f"KD loss is {value:.4g} at batch {len(losses) + 1}{first}")
+                    why = f"KD loss is {value:.4g} at batch {len(losses) + 1}{first}"
+                    raise KDDiverged(why, time.perf_counter() - start)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -188,11 +194,25 @@ def distill(
     if not losses:
         raise ValueError("no public image could be used for KD")
     if not all(bool(torch.isfinite(p).all()) for p in params):
-        raise KDDiverged(f"the student's weights are not finite after {len(losses)} KD batches")
+        why = f"the student's weights are not finite after {len(losses)} KD batches"
+        raise KDDiverged(why, time.perf_counter() - start)
     student.eval()
     with torch.no_grad():
         finite = bool(torch.isfinite(student.embed(x)).all())
     student.train()
     if not finite:
-        raise KDDiverged(f"the student's embeddings are not finite after {len(losses)} KD batches")
+        why = f"the student's embeddings are not finite after {len(losses)} KD batches"
+        raise KDDiverged(why, time.perf_counter() - start)
     return KDResult(losses[0], losses[-1], len(losses), time.perf_counter() - start, stopped)
+
+
+def kd_summary(outcome: KDResult | KDDiverged) -> dict[str, float | str]:
+    """The round summary's `kd` entry (serve and simulate alike; its `seconds` feed fedreid_kd_seconds)."""
+    if isinstance(outcome, KDDiverged):
+        return {"diverged": str(outcome), "seconds": round(outcome.seconds, 3)}
+    return {
+        "batches": outcome.batches,
+        "mse_first": round(outcome.loss_first, 6),
+        "mse_last": round(outcome.loss_last, 6),
+        "seconds": round(outcome.seconds, 3),
+    }

@@ -395,3 +395,27 @@ def test_the_provisioned_broker_refuses_a_message_larger_than_any_chunk(provisio
     ]
     for node in (cloud, site_b):
         node.stop()
+
+
+def test_one_deeply_nested_message_does_not_deafen_a_signing_node(provisioned, caplog):
+    """300 KB of '[' on a site's own topic (within the ACL, no key needed) raised RecursionError in the
+    envelope check, outside every handler's guard: the aggregator's message thread died and it heard
+    nothing more (2026-12-05). It is one dropped message now, and the next one is handled."""
+    out, broker = provisioned
+    t = Topics(FED)
+    inbox = Inbox()
+    cloud = _node(broker, out, AGGREGATOR, {t.any_site("update"): inbox})
+    site_a = _node(broker, out, "site-a")
+    try:
+        assert cloud.connected.wait(10) and site_a.connected.wait(10)
+        for nested in (b"[" * 300_000, b'{"kind": "signed", "signer": ' + b"[" * 100_000):
+            site_a.client.publish(t.site("site-a", "update"), nested, qos=1).wait_for_publish(5)
+        site_a.publish(t.site("site-a", "update"), b"after").wait_for_publish(5)
+        deadline = time.monotonic() + 10
+        while not inbox.messages and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert inbox.messages == [(t.site("site-a", "update"), b"after")]
+        assert "not a signed message (not JSON" in caplog.text
+    finally:
+        cloud.stop()
+        site_a.stop()

@@ -358,7 +358,13 @@ def test_round_restart_keeps_accepted_work(tmp_path, mosquitto_url):
     agg, raw, thread = _start(cfg, mosquitto_url, ["a", "b", "c"])
     try:
         d = _deltas(agg, 1)
-        raw.update("a", d)  # a only; b and c silent -> no quorum at the deadline -> restart
+        # a only; b and c silent -> no quorum at the deadline -> restart. (The chunks once overtook the
+        # manifest in the aggregator's queues and were dropped: 3 s is less than the resend's idle time)
+        blob = encode_state(d, "fp16")
+        blob_id = raw.manifest_only("a", blob)
+        assert _wait(lambda: "a" in agg.current.manifests, 10)
+        for chunk in split_blob(blob, blob_id, 65536):
+            raw.publish(Topics(cfg.federation).site("a", "chunks"), chunk)
         assert _wait(lambda: agg.current is not None and agg.current.restarts >= 1, timeout=60)
         assert "a" in agg.current.accepted  # kept across the restart
         raw.update("b", d)

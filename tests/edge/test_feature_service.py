@@ -162,6 +162,7 @@ def test_bad_input_is_a_clear_4xx_and_the_service_goes_on(exported, crops, tmp_p
                 (post("/v1/search", json={"feature": [0.1] * 7}), 422, "feature of 7 values"),
                 (post("/v1/search", content=b'{"feature": [NaN]}', headers=JSON), 422, "search request"),
                 (post("/v1/gallery", params={"labels": "[1]"}, content=crops[0]), 422, "labels"),
+                (post("/v1/gallery", params={"labels": "[" * 3000}, content=crops[0]), 422, "labels"),
                 (post("/v1/gallery", params={"time": "nan"}, content=crops[0]), 422, "time"),  # (was a 500)
                 (post("/v1/gallery", params={"time": "inf"}, content=crops[0]), 422, "time"),  # (stayed)
                 (post("/v1/search", params={"since": "nan"}, content=crops[0]), 422, "since"),

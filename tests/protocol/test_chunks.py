@@ -65,6 +65,8 @@ def test_corrupt_foreign_and_malformed_chunks_are_rejected():
         parse_chunk(b"FRC1\xff\xff\xff\xff")
     with pytest.raises(ChunkError, match="bad chunk header"):
         parse_chunk(b"FRC1\x00\x00\x00\x02{}")
+    with pytest.raises(ChunkError, match="nested too deeply"):  # (was a RecursionError)
+        parse_chunk(b"FRC1\x00\x00\x0f\xa0" + b"[" * 4000)
     for index in ('"0"', "0.0", "true"):  # "a JSON integer": nothing is coerced
         head_len = int.from_bytes(messages[0][4:8], "big")
         header = messages[0][8 : 8 + head_len].replace(b'"index":0', b'"index":' + index.encode())

@@ -77,6 +77,7 @@ def test_round_trip_and_expected_kind():
         (json.dumps(_update(extra=1)).encode(), "extra"),
         (json.dumps(_update(base_hash="xyz")).encode(), "base_hash"),
         (b"{" + b" " * 300_000 + b"}", "exceeds"),
+        (b"[" * 200_000, "nested too deeply"),  # (json's RecursionError escaped every ValueError guard)
         # JSON types as they are (a strict receiver would refuse what a lax one coerced; 2026-12-04 audit)
         (json.dumps(_update(schema_version=1.0)).encode(), "schema_version"),
         (json.dumps(_update(schema_version=True)).encode(), "schema_version"),

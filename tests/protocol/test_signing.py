@@ -58,6 +58,10 @@ def test_valid_envelopes_open_to_the_exact_inner_bytes(identities):
     [
         ("unsigned", "unsigned message"),
         ("not_json", "not JSON"),
+        ("nested_too_deeply", "nested too deeply"),
+        ("schema_version_2", "unsupported schema_version 2"),
+        ("no_schema_version", "unsupported schema_version None"),
+        ("unknown_field", "unknown field 'via'"),
         ("tampered_payload", "invalid signature"),
         ("tampered_signature", "invalid signature"),
         ("bad_base64", "invalid signature"),
@@ -78,6 +82,14 @@ def test_bad_envelopes_are_refused(identities, case, reason):
         payload = inner
     elif case == "not_json":
         payload = b"\xff\x00garbage"
+    elif case == "nested_too_deeply":  # (json raised RecursionError: it stopped a node's message thread)
+        payload = b"[" * 300_000
+    elif case == "schema_version_2":
+        payload = json.dumps({**good, "schema_version": 2}).encode()
+    elif case == "no_schema_version":
+        payload = json.dumps({k: v for k, v in good.items() if k != "schema_version"}).encode()
+    elif case == "unknown_field":  # (every message refuses unknown fields, the envelope too)
+        payload = json.dumps({**good, "via": "relay"}).encode()
     elif case == "tampered_payload":
         payload = json.dumps(
             {**good, "payload": base64.b64encode(inner.replace(b"3", b"4")).decode()}
