@@ -306,9 +306,9 @@ class Aggregator:
                 return
             assert cur is not None
             pending = cur.manifests.get(site)
-            if pending is not None and pending.blob.blob_id == m.blob.blob_id:
+            cur.manifests[site] = m  # (the newest manifest counts)
+            if pending is not None and pending.blob == m.blob:
                 return  # announced again (a site answering a request): keep the chunks received so far
-            cur.manifests[site] = m
             cur.last_resend.pop(site, None)
             old = cur.transfers.pop(site, None)
             if old is not None:
@@ -1156,7 +1156,7 @@ class Aggregator:
                     self._run_round(r)
             with log_context(round=self.cfg.rounds):
                 self._final_evaluation()
-            end = RunEnd(federation=self.cfg.federation, rounds=self.cfg.rounds)
+            end = RunEnd(federation=self.cfg.federation, rounds=self.cfg.rounds, run_id=self.run_id)
             self.round_payload = encode_message(end)
             self.endpoint.send(self.topics.round, self.round_payload, retain=True, timeout=30)
             self.endpoint.set_state("idle", self.completed)

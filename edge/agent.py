@@ -55,6 +55,7 @@ from protocol.chunks import (
     InboundBlob,
     blob_ref,
     check_ref,
+    chunk_size_for,
     parse_chunk,
 )
 from protocol.codec import CodecError, Encoding, decode_state, encode_state
@@ -266,6 +267,7 @@ class Agent:
         self.republished = 0.0  # when the pending update was last announced again
         self.started = time.monotonic()  # (a pending update found at start waits for the round first)
         self.tick_error = ("", 0.0)  # the last error of the periodic work, and when it was logged
+        self.said_ended: set[str] = set()  # runs this site was not part of, said to have ended
         t = self.topics
         self.endpoint = Endpoint(
             cfg.broker,
@@ -377,6 +379,11 @@ class Agent:
             log.warning("dropped round message: %s", err)
             return
         if isinstance(msg, RunEnd) and msg.federation == self.cfg.federation:
+            if self.endpoint.retained_message and msg.run_id != self.progress.run_id:
+                if msg.run_id not in self.said_ended:  # (once: it comes again at every reconnect)
+                    self.said_ended.add(msg.run_id)
+                    log.info("a run this site was not part of ended before it came: waiting for the next run")
+                return
             log.info("the aggregator finished the run (%d rounds)", msg.rounds)
             if self.cfg.exit_when_done:
                 self.done.set()
@@ -426,10 +433,15 @@ class Agent:
         manifest, blob = upload
         log.info("round %d announced again: publishing the unacknowledged update again", manifest.round)
         self.endpoint.publish(self.topics.site(self.cfg.site, "update"), encode_message(manifest))
-        self.endpoint.publish_blob(
-            self.topics.site(self.cfg.site, "chunks"), blob, manifest.blob.blob_id, self.cfg.chunk_bytes
-        )
+        self._send_chunks(manifest, blob)
         self.metrics.upload_bytes.inc(len(blob))
+
+    def _send_chunks(self, manifest: UpdateManifest, blob: bytes, indices: set[int] | None = None) -> None:
+        """The update's chunks (all, or `indices`), cut as its manifest announced (it may predate a
+        restart with another `chunk_bytes`)."""
+        size = chunk_size_for(manifest.blob, self.cfg.chunk_bytes)
+        topic = self.topics.site(self.cfg.site, "chunks")
+        self.endpoint.publish_blob(topic, blob, manifest.blob.blob_id, size, indices)
 
     def _announce_unacknowledged(self) -> None:
         """An update still without an acknowledgement `ack_wait_s` after it was last announced: announce
@@ -517,13 +529,7 @@ class Agent:
             return
         manifest, blob = upload
         self.endpoint.publish(self.topics.site(self.cfg.site, "update"), encode_message(manifest))
-        self.endpoint.publish_blob(
-            self.topics.site(self.cfg.site, "chunks"),
-            blob,
-            req.blob_id,
-            self.cfg.chunk_bytes,
-            indices=set(req.indices),
-        )
+        self._send_chunks(manifest, blob, set(req.indices))
         self.metrics.resent_chunks.inc(len(set(req.indices)))
         self.metrics.upload_bytes.inc(min(len(blob), len(set(req.indices)) * self.cfg.chunk_bytes))
 
@@ -713,9 +719,7 @@ class Agent:
         self.metrics.rounds.inc()
         self.metrics.last_round.set(start.round)
         try:
-            self.endpoint.publish_blob(
-                self.topics.site(self.cfg.site, "chunks"), upload, manifest.blob.blob_id, self.cfg.chunk_bytes
-            )
+            self._send_chunks(manifest, upload)
         except TimeoutError as err:  # the update stays pending on disk; the aggregator asks for it again
             log.warning("upload of round %d interrupted (%s); it is sent again when asked", start.round, err)
             return

@@ -102,6 +102,15 @@ def blob_ref(blob: bytes, chunk_size: int, encoding: Encoding = "fp32", compress
     )
 
 
+def chunk_size_for(ref: BlobRef, preferred: int) -> int:
+    """The chunk size to send the blob of `ref` in: `preferred` when it gives the announced `chunks`, else
+    one that does (an update announced before a restart with another chunk size: chunks of another count
+    than its manifest says are dropped by the receiver)."""
+    if max(1, -(-ref.size // preferred)) == ref.chunks:
+        return preferred
+    return max(MIN_CHUNK_BYTES, -(-ref.size // ref.chunks))
+
+
 def check_ref(ref: BlobRef, max_bytes: int) -> str | None:
     """Why a receiver must refuse to collect the announced blob (before keeping any state), or None."""
     if ref.size > max_bytes:

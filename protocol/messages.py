@@ -176,6 +176,7 @@ class RunEnd(_Message):
     kind: Literal["run_end"] = "run_end"
     federation: Name
     rounds: int = Field(ge=0)
+    run_id: str = Field("", pattern=r"^[0-9a-f]{0,32}$")  # the run that ended (RoundStart's run_id)
 
 
 class UpdateManifest(_Message):

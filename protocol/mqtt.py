@@ -117,6 +117,7 @@ class Endpoint:
         self.on_connected: Callable[[], None] | None = None  # after every (re)connect; must not block
         self.inbox = Inbox(topics)
         self.signer_of_message: str | None = None  # who signed the message being handled (worker thread)
+        self.retained_message = False  # whether it is a retained one, delivered on subscribing (ditto)
         self._keyring_mtime = self._keyring_stamp(identity_dir)
         self._identity_dir = identity_dir
         self.worker = threading.Thread(target=self._work, name=f"mqtt-{node}", daemon=True)
@@ -181,7 +182,7 @@ class Endpoint:
             if self.role == "aggregator":  # clear it on the broker, so it is not delivered again
                 self.client.publish(topic, b"", qos=1, retain=True)
             return
-        self.signer_of_message = None
+        self.signer_of_message, self.retained_message = None, retained
         if self.keyring is not None and not is_chunk_topic(topic):
             self._reload_keyring()
             try:

@@ -26,14 +26,14 @@ ROOT = f"fedreid/v1/{FED}"
 CHUNK = 65536
 
 
-def frame(blob_id: str, index: int, blob: bytes) -> bytes:
+def frame(blob_id: str, index: int, blob: bytes, chunk: int = CHUNK) -> bytes:
     """docs/protocol.md, Chunks: b"FRC1" | uint32 BE header length | header JSON | data."""
-    data = blob[index * CHUNK : (index + 1) * CHUNK]
+    data = blob[index * chunk : (index + 1) * chunk]
     header = {
         "blob_id": blob_id,
         "index": index,
-        "count": max(1, -(-len(blob) // CHUNK)),
-        "chunk_size": CHUNK,
+        "count": max(1, -(-len(blob) // chunk)),
+        "chunk_size": chunk,
         "blob_size": len(blob),
         "blob_sha256": hashlib.sha256(blob).hexdigest(),
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -83,9 +83,11 @@ class SpecSite:
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         self.client.publish(f"{ROOT}/{topic}", payload, qos=1, retain=retain).wait_for_publish(10)
 
-    def publish_chunks(self, site: str, blob_id: str, delta: bytes, indices: range) -> None:
+    def publish_chunks(
+        self, site: str, blob_id: str, delta: bytes, indices: range, chunk: int = CHUNK
+    ) -> None:
         sent = [
-            self.client.publish(f"{ROOT}/sites/{site}/chunks", frame(blob_id, i, delta), qos=1)
+            self.client.publish(f"{ROOT}/sites/{site}/chunks", frame(blob_id, i, delta, chunk), qos=1)
             for i in indices
         ]
         for info in sent:
@@ -120,13 +122,13 @@ class SpecSite:
         delta = save(tensors, metadata={"format": "fedreid-blob/1;encoding=fp16"})
         return delta, hashlib.sha256(delta).hexdigest()[:32]
 
-    def manifest(self, site: str, delta: bytes, blob_id: str, **fields) -> bytes:
+    def manifest(self, site: str, delta: bytes, blob_id: str, chunk: int = CHUNK, **fields) -> bytes:
         assert self.round is not None
         blob = {
             "blob_id": blob_id,
             "size": len(delta),
             "sha256": hashlib.sha256(delta).hexdigest(),
-            "chunks": max(1, -(-len(delta) // CHUNK)),
+            "chunks": max(1, -(-len(delta) // chunk)),
             "encoding": "fp16",
             "compressed": False,
         }
@@ -224,6 +226,28 @@ def test_a_site_written_from_the_spec_takes_part_in_a_round(tmp_path, mosquitto_
     assert final == [{"round": 0, "site": "a", "model": "global", **scores}]
     evaluation = next(r for r in records if r.get("kind") == "evaluation")
     assert evaluation["reported"] == ["a", "b"] and evaluation["missing"] == []
+
+
+def test_the_same_blob_cut_again_with_another_chunk_size_is_collected(tmp_path, mosquitto_url):
+    """Chunks: "a receiver holding chunks of one chunk_size that gets a chunk of another (the sender
+    restarted with another chunk size) starts the transfer again with the new one (the newest cut wins)".
+    The restarted sender announces the new cut (same blob_id, another `chunks`): that manifest was
+    ignored, as "the same blob_id", and the upload could never finish (2026-12-05 audit)."""
+    agg, site, thread = _start(tmp_path, mosquitto_url, sites=("a",), final_eval=False)
+    try:
+        delta, blob_id = site.delta()
+        site.publish("sites/a/update", site.manifest("a", delta, blob_id))
+        site.publish_chunks("a", blob_id, delta, range(2))  # two chunks of the first cut, then a restart
+        half = CHUNK // 2
+        assert len(delta) > 4 * CHUNK  # (the two cuts differ in their count)
+        site.publish("sites/a/update", site.manifest("a", delta, blob_id, chunk=half))
+        site.publish_chunks("a", blob_id, delta, range(-(-len(delta) // half)), chunk=half)
+        assert _wait(lambda: any(a["site"] == "a" and a["accepted"] for a in site.acks), timeout=30)
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    finally:
+        agg.stop()
+        site.stop()
 
 
 def test_a_site_in_a_group_trains_from_its_groups_model(tmp_path, mosquitto_url):

@@ -27,14 +27,18 @@ def test_agent_survives_hostile_input_then_trains_a_round(tiny_federation, tmp_p
     site = sorted((tiny_federation / "sites").iterdir())[2]
     t = Topics(FED)
     log_path = tmp_path / "agent.log"
-    with open(log_path, "wb") as out:
-        agent = subprocess.Popen(
-            agent_command(site, mosquitto_url, FED, tmp_path / "edge"), stdout=out, stderr=subprocess.STDOUT
-        )
     host, port, _ = parse_url(mosquitto_url)
     evil = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"evil-{time.time_ns()}")
     evil.connect(host, port)
     evil.loop_start()
+    # an earlier run's RunEnd, retained: this agent (exit_when_done) left at once, before the next run's
+    # aggregator started and cleared it, and that run waited for it (2026-12-05 audit)
+    earlier = RunEnd(federation=FED, rounds=3, run_id="ab" * 16)
+    evil.publish(t.round, encode_message(earlier), qos=1, retain=True).wait_for_publish(10)
+    with open(log_path, "wb") as out:
+        agent = subprocess.Popen(
+            agent_command(site, mosquitto_url, FED, tmp_path / "edge"), stdout=out, stderr=subprocess.STDOUT
+        )
 
     def send(topic: str, payload: bytes) -> None:
         evil.publish(topic, payload, qos=1).wait_for_publish(10)
@@ -47,6 +51,9 @@ def test_agent_survives_hostile_input_then_trains_a_round(tiny_federation, tmp_p
         while "up:" not in text() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert "up:" in text(), text()
+        while "a run this site was not part of ended" not in text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "a run this site was not part of ended" in text() and agent.poll() is None, text()
         ref = BlobRef(blob_id="ee" * 16, size=10, sha256="e" * 64, chunks=1)
         other_fed = RoundStart(
             federation="elsewhere",

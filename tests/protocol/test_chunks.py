@@ -150,3 +150,24 @@ def test_fuzz_chunk_parser_raises_only_chunk_errors(data):
     for payload in (data, b"FRC1" + data):
         with contextlib.suppress(ChunkError):
             parse_chunk(payload)
+
+
+def test_a_pending_update_is_cut_as_its_manifest_announced_whatever_the_chunk_size_now():
+    """An agent restarted with another chunk_bytes while an update was pending sent chunks of another
+    count than its manifest: every one was dropped, and the update never arrived. It is cut to the
+    announced count (the configured size when that gives it), and those chunks reassemble it."""
+    from protocol.chunks import chunk_size_for
+
+    for size in (0, 1, 1023, 1024, 1025, 2000, 65536, 100_000, 1_000_003):
+        blob = os.urandom(size)
+        for announced in (1024, 1500, 4096, 65536, 1 << 20):
+            ref = blob_ref(blob, announced)
+            for now in (1024, 3000, 65536, 1 << 20, 8 << 20):
+                cut = chunk_size_for(ref, now)
+                assert cut >= 1024 and (cut == now or max(1, -(-size // now)) != ref.chunks)
+                chunks = [parse_chunk(c) for c in split_blob(blob, ref.blob_id, cut)]
+                assert len(chunks) == ref.chunks, (size, announced, now)
+                r = Reassembler(chunks[0][0])
+                for header, data in chunks:
+                    r.add(header, data)
+                assert r.result() == blob
