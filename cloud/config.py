@@ -110,6 +110,13 @@ class ServeConfig(BaseModel):
         "fp32", description="precision of deployed ONNX models: fp32 or fp16"
     )
     deploy_images: Path | None = Field(None, description="parity-gate images to deploy (default: public)")
+    final_deploy_wait_s: float = Field(
+        600.0,
+        ge=0,
+        le=1e7,
+        description="after the run, keep sending the last deployment to online sites that do not serve it "
+        "yet while they ask for it (a site killed during its transfer), at most this long; 0: exit at once",
+    )
     metrics_port: int | None = Field(
         None,
         ge=0,

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from cloud.config import ServeConfig, model_info
-from cloud.deploy import DeploymentSource, deploy_round, record_scheduled, scheduled_round
+from cloud.deploy import DeploymentSource, deploy_round, latest_deployment, record_scheduled, scheduled_round
 from cloud.journal import Journal, StateDirError
 from cloud.monitoring import AggregatorMetrics, RunHistory, SiteFacts, View
 from cloud.round import GroupBlob, OpenRound, admit, short_reason, update_limit
@@ -94,6 +94,9 @@ FAILED_RETRIES = 2  # a restarted round selects a site that failed in it again a
 # the retained statuses reach a process that has just (re)connected over a slow link after a moment:
 # "no site is online" is concluded only after waiting this long for them
 STATUS_SETTLE_S = 10.0
+# after the run, the last deployment is served while online sites that do not serve it yet ask for it: a
+# site stops asking (its requests back off to one a minute) after this long without a request
+FINAL_DEPLOY_QUIET_S = 90.0
 
 
 class Stopped(Exception):
@@ -301,6 +304,8 @@ class Aggregator:
                     with log_context(site=site, round=m.round):
                         log.info("update manifest while no round is open: judged when it is announced again")
                 return
+            if refusal is not None and refusal[0] == "no_round" and cur is None:  # (between rounds)
+                refusal = ("no_round", f"stale round {m.round} (round {self.completed} closed)")
             if refusal is not None:
                 self._reject(cur, site, m, refusal[1], refusal[0])
                 return
@@ -1049,6 +1054,48 @@ class Aggregator:
             f" (no report from: {', '.join(summary['missing'])})" if summary["missing"] else "",
         )
 
+    def _serve_final_deployment(self) -> None:
+        """After the run: online sites that do not serve the last deployment yet (one killed during its
+        transfer, or whose disk was full) may still ask for it, and nobody else sends the file once
+        `serve` exits. It is sent while they ask (FINAL_DEPLOY_QUIET_S at most between requests, counted
+        from now), for at most `final_deploy_wait_s`."""
+        manifest = latest_deployment(self.journal.root)
+        if manifest is None or self.cfg.final_deploy_wait_s <= 0:
+            return
+        start = time.monotonic()
+        said = False
+        while True:
+            with self.lock:
+                behind = sorted(
+                    s
+                    for s, facts in self.facts.items()
+                    if self.online.get(s, ("offline", None))[0] != "offline"
+                    and facts.deployed != manifest.version
+                )
+            if not behind:
+                return
+            now = time.monotonic()
+            quiet = now - max(start, self.deployments.last_asked)
+            if now - start >= self.cfg.final_deploy_wait_s or quiet >= FINAL_DEPLOY_QUIET_S:
+                log.warning(
+                    "%s do not serve the last deployment %s (`cloud-aggregator deploy --round %d --linger S` "
+                    "sends it to them)",
+                    ", ".join(behind),
+                    manifest.version,
+                    manifest.round,
+                )
+                return
+            if not said:
+                said = True
+                log.info(
+                    "sending the last deployment %s while %s may still ask for it (at most %.0f s)",
+                    manifest.version,
+                    ", ".join(behind),
+                    self.cfg.final_deploy_wait_s,
+                )
+            if self.stopping.wait(0.5):
+                return
+
     def _finish_close(self) -> None:
         """What the last committed round's close did not get to before a kill: its records into
         metrics.jsonl, its journaled updates deleted."""
@@ -1163,6 +1210,7 @@ class Aggregator:
             self.phase = "done"
             self.journal.mark_complete(self.cfg.rounds)
             log.info("run complete: %d rounds", self.cfg.rounds)
+            self._serve_final_deployment()
         except Stopped:
             done = f"after round {self.completed}" if self.completed >= 0 else "before the first round closed"
             log.info("stopped %s; start again on the same state dir to resume", done)

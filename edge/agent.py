@@ -210,6 +210,7 @@ class Progress:
     base_hash: str = ""
     acked: bool = False
     run_id: str = ""
+    settled: bool = True  # its update acknowledged or rejected (False: pending, or lost before either)
 
     def same(self, start: RoundStart) -> bool:
         return (self.last_round, self.base_hash) == (start.round, start.base_hash)
@@ -306,6 +307,7 @@ class Agent:
                 str(doc.get("base_hash", "")),
                 bool(doc.get("acked")),
                 str(doc.get("run_id", "")),
+                bool(doc.get("settled", True)),
             )
         except (ValueError, TypeError, AttributeError) as err:
             log.warning("%s unreadable (%s): starting from no progress", path, err)
@@ -390,7 +392,14 @@ class Agent:
             return
         if not isinstance(msg, RoundStart) or msg.federation != self.cfg.federation:
             return
-        msg = msg.for_site(self.cfg.site)  # client clustering: this site's group model is its base
+        try:
+            self._on_round_start(msg.for_site(self.cfg.site))  # (clustering: its group model is its base)
+        except OSError as err:  # the state folder (a full disk): this site cannot take part, and says so
+            with log_context(site=self.cfg.site, round=msg.round):
+                log.warning("cannot take part in round %d: %s", msg.round, err)
+            self.endpoint.set_state("failed", msg.round, f"{type(err).__name__}: {err}")
+
+    def _on_round_start(self, msg: RoundStart) -> None:
         if why := check_ref(msg.blob, MAX_MODEL_BYTES):
             log.warning("dropped round %d announcement: %s", msg.round, why)
             return
@@ -412,7 +421,10 @@ class Agent:
         if not msg.train and self._report_again(msg):
             return  # evaluated already: the report was sent again
         if self.progress.same(msg) and upload is None:
-            return  # trained and settled (acknowledged or rejected): nothing to do for this round
+            if self.progress.settled:
+                return  # trained and settled (acknowledged or rejected): nothing to do for this round
+            with log_context(site=self.cfg.site, round=msg.round):
+                log.warning("this round's update was lost before it was acknowledged: training again")
         with self.lock:
             if self.fetch:
                 self.fetch.transfer.close()
@@ -648,7 +660,7 @@ class Agent:
         )
         self._keep_local_layers(got.model, trained, start)
         self._keep_pending(manifest, upload)
-        self._save_progress(Progress(start.round, start.base_hash, False, start.run_id))
+        self._save_progress(Progress(start.round, start.base_hash, False, start.run_id, settled=False))
         self._upload(start, manifest, upload, result)
 
     def _train_config(self, start: RoundStart) -> TrainConfig:
@@ -712,7 +724,7 @@ class Agent:
         self, start: RoundStart, manifest: UpdateManifest, upload: bytes, result: TrainResult
     ) -> None:
         if time.time() > start.deadline:
-            log.warning("training finished after the round's deadline; uploading anyway")
+            log.warning("training finished after the round's deadline by this site's clock; uploading anyway")
         self.endpoint.send(self.topics.site(self.cfg.site, "update"), encode_message(manifest))
         self.republished = time.monotonic()
         self.metrics.phase("uploading")
@@ -763,7 +775,7 @@ class Agent:
                     state, reason = "online", ""
                 except Exception as err:  # the agent keeps running for the next round
                     reason = f"{type(err).__name__}: {err}"
-                    if isinstance(err, (RoundFailed, DatasetLayoutError)):  # one line says it all
+                    if isinstance(err, (RoundFailed, DatasetLayoutError, OSError)):  # one line says it all
                         log.warning("cannot take part in round %d: %s", start.round, err)
                     else:
                         log.exception("round %d failed at this site: %s", start.round, err)

@@ -61,6 +61,7 @@ from reid.logs import bound, log_context
 log = logging.getLogger(__name__)
 POINTER = "current.json"
 UNANSWERED_WAIT_S = 60.0  # the longest wait between requests for a deployment nobody answers
+INSTALL_RETRY_S = 60.0  # a deployment this site's disk could not take (full) is installed again after this
 
 
 def current_model(state_dir: Path) -> Path | None:
@@ -176,6 +177,9 @@ class Deployments:
         self.pending_since = 0.0  # when the pending transfer last made progress (or was announced)
         self.unanswered = 0  # requests for the pending transfer since a chunk last came
         self.queued_sha: str | None = None  # fetched, waiting for or in the installer
+        # fetched, but this site's disk failed its install: (manifest, model file, when to try again)
+        self.retry: tuple[Deployment, bytes, float] | None = None
+        self.retry_said = ("", "")  # (sha256, error) last logged as a warning
         self.jobs: queue.Queue[tuple[Deployment, bytes] | None] = queue.Queue()
         self.installed_sha: str | None = None
         self.installed_created = 0.0  # the served manifest's creation time: older manifests are replays
@@ -275,6 +279,8 @@ class Deployments:
         with self.lock:
             if msg.blob.sha256 in (self.installed_sha, self.queued_sha):
                 return  # already serving or installing it (the retained manifest comes at every reconnect)
+            if self.retry is not None and self.retry[0].blob.sha256 == msg.blob.sha256:
+                return  # held, to be installed again
             if self.pending and self.pending[0].blob.sha256 == msg.blob.sha256:
                 return
             if msg.created <= self.installed_created:  # only the verified, served model counts here
@@ -286,6 +292,7 @@ class Deployments:
                 return
             if self.pending:
                 self.pending[1].close()
+            self.retry = None  # (a newer deployment supersedes one held for another try)
             self.pending = (msg, InboundBlob(msg.blob, max_bytes=self.max_bytes))
             self.pending_since = time.monotonic()
             self.unanswered = 0
@@ -330,8 +337,13 @@ class Deployments:
     def poll(self, idle_s: float) -> None:
         """Called periodically: a transfer without progress for `idle_s` asks for its missing chunks.
         Unanswered requests double the wait (up to a minute): nobody may be there to answer (a retained
-        deployment outlives the `serve` that made it), which one line says after the third."""
+        deployment outlives the `serve` that made it), which one line says after the third. A deployment
+        whose install this site's disk failed is installed again when its time comes."""
         with self.lock:
+            if self.retry is not None and time.monotonic() >= self.retry[2]:
+                manifest, blob, _ = self.retry
+                self.retry, self.queued_sha = None, manifest.blob.sha256
+                self.jobs.put((manifest, blob))
             wait = min(idle_s * 2**self.unanswered, max(idle_s, UNANSWERED_WAIT_S))
             if self.pending is None or time.monotonic() - self.pending_since < wait:
                 return
@@ -362,6 +374,20 @@ class Deployments:
             with log_context(site=self.endpoint.node):
                 try:
                     self._install(manifest, blob)
+                except OSError as err:  # this site's disk (full, say): the same file is installed again
+                    with self.lock:
+                        first = self.retry_said != (manifest.blob.sha256, str(err))
+                        self.retry_said = (manifest.blob.sha256, str(err))
+                        self.retry = (manifest, blob, time.monotonic() + INSTALL_RETRY_S)
+                    log.log(
+                        logging.WARNING if first else logging.DEBUG,
+                        "deployment %s could not be installed here: %s; still serving %s, trying again "
+                        "every %.0f s",
+                        manifest.version,
+                        err,
+                        self.version or "nothing",
+                        INSTALL_RETRY_S,
+                    )
                 except Exception as err:  # never replace a working model with a broken one
                     log.warning(
                         "deployment %s rejected: %s; still serving %s",

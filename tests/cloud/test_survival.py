@@ -551,10 +551,57 @@ def test_a_kill_between_the_commit_and_the_metrics_keeps_the_rounds_summary(tmp_
     assert len(_summaries(cfg)) == 1
 
 
-def test_a_deployment_cut_short_by_a_kill_is_made_at_the_restart(
-    tiny_federation, tmp_path, mosquitto_url, monkeypatch
+def test_after_the_run_the_last_deployment_is_sent_while_a_site_without_it_asks(
+    tiny_federation, tmp_path, mosquitto_url, monkeypatch, caplog
 ):
+    """A site killed as the last deployment went out restarts after `serve` has exited: nobody sent the
+    file any more, and it served an older model for good (2026-12-05 chaos audit). `serve` keeps sending
+    it while an online site that lacks it asks for it, and exits once that site serves it."""
+    import cloud.server
     from cloud.deploy import latest_deployment
+    from protocol.messages import ChunkRequest
+
+    monkeypatch.setattr(cloud.server, "FINAL_DEPLOY_QUIET_S", 2.0)
+    caplog.set_level(logging.INFO, logger="cloud.server")
+    cfg = ServeConfig(
+        federation="fd",
+        state_dir=tmp_path,
+        rounds=1,
+        min_sites=1,
+        deadline_s=60,
+        final_eval=False,
+        deploy_every=1,
+        deploy_images=tiny_federation / "sites" / "site00" / "query",
+        **TINY,
+    )
+    agg, raw, thread = _start(cfg, mosquitto_url, ["a"])
+    try:
+        raw.update("a", _deltas(agg, 1))
+        assert _wait(lambda: agg.phase == "done", 120)
+        manifest = latest_deployment(tmp_path / "fd")
+        assert manifest is not None and manifest.version == "fd/round-0"
+        request = encode_message(ChunkRequest(requester="a", blob_id=manifest.blob.blob_id, indices=[0]))
+        for _ in range(4):  # 4 s of a site asking, twice the quiet time
+            raw.publish(Topics("fd").deploy_resend, request)
+            time.sleep(1.0)
+        assert thread.is_alive()  # still sending it
+        raw.status("a", deployed=manifest.version)
+        thread.join(timeout=30)
+        assert not thread.is_alive() and not thread.errors
+    finally:
+        agg.stop()
+        raw.stop()
+    assert "sending the last deployment fd/round-0 while a may still ask for it" in caplog.text
+    assert "do not serve the last deployment" not in caplog.text
+
+
+def test_a_deployment_cut_short_by_a_kill_is_made_at_the_restart(
+    tiny_federation, tmp_path, mosquitto_url, monkeypatch, caplog
+):
+    import cloud.server
+    from cloud.deploy import latest_deployment
+
+    monkeypatch.setattr(cloud.server, "FINAL_DEPLOY_QUIET_S", 0.5)  # ("a" never asks for the deployment)
 
     cfg = ServeConfig(
         federation="dk",
@@ -587,6 +634,7 @@ def test_a_deployment_cut_short_by_a_kill_is_made_at_the_restart(
         raw.stop()
     deployed = latest_deployment(tmp_path / "dk")
     assert deployed is not None and deployed.round == 0 and deployed.version == "dk/round-0"
+    assert "a do not serve the last deployment dk/round-0" in caplog.text  # (online, and never asked)
 
     # a rollback by hand to the initial model, with the aggregator's clock stepped back a day: the
     # manifest is still newer than the one the sites serve, and a restart of `serve` does not undo it

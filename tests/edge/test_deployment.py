@@ -339,19 +339,63 @@ def test_a_site_that_keeps_its_batchnorm_serves_the_deployment_with_it(
         _clear_retained(mosquitto_url, topics.deploy)
 
 
-def test_a_deployment_nobody_sends_is_asked_for_less_often_and_said_once(tmp_path, mosquitto_url, caplog):
-    """A retained deployment outlives the `serve` that made it: a site that joins later asked for it every
-    5 s forever, silently (2026-12-04 audit). Unanswered requests now double the wait (to a minute),
-    and after the third one line says that nobody may be sending it."""
+def _manifest(federation: str, blob: bytes, round_: int = 3) -> Deployment:
     from export.contract import Contract
     from protocol.chunks import blob_ref
 
-    topics = Topics("nobody")
-    blob = b"m" * 5000
     contract = Contract(
         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), height=64, width=32, output_dim=512, exporter="test",
         opset=18, model=ModelSpec(arch="resnet18"), sha256=hashlib.sha256(blob).hexdigest(),
     )  # fmt: skip
+    return Deployment(
+        federation=federation, version=f"{federation}/round-{round_}", round=round_,
+        blob=blob_ref(blob, 1024), contract=contract.model_dump(mode="json"), created=time.time(),
+    )  # fmt: skip
+
+
+def test_a_deployment_the_sites_disk_could_not_take_is_installed_again(tmp_path, monkeypatch, caplog):
+    """A full disk when the run's last deployment came: the install failed, and the site served the older
+    model for good (nobody sends the file again after the run; 2026-12-05 chaos audit). The fetched file
+    is installed again every INSTALL_RETRY_S, with one line, and the retained manifest meanwhile starts
+    no new transfer."""
+    from edge import deployment
+
+    monkeypatch.setattr(deployment, "INSTALL_RETRY_S", 0.3)
+    topics = Topics("disk")
+    deployments = Deployments(tmp_path / "s", Endpoint("mqtt://127.0.0.1:1", topics, "s", "site"))
+    tries: list[str] = []
+
+    def install(manifest: Deployment, blob: bytes) -> None:
+        tries.append(manifest.version)
+        if len(tries) < 3:
+            raise OSError(28, "No space left on device")
+
+    deployments._install = install  # type: ignore[method-assign]
+    blob = b"m" * 5000
+    manifest = _manifest("disk", blob)
+    deployments.jobs.put((manifest, blob))
+    try:
+        assert _wait(lambda: deployments.retry is not None, 10)
+        deployments._on_manifest(topics.deploy, encode_message(manifest))  # (at a reconnect)
+        assert deployments.pending is None
+        deadline = time.monotonic() + 10
+        while len(tries) < 3 and time.monotonic() < deadline:
+            deployments.poll(5.0)
+            time.sleep(0.05)
+        deployments.jobs.join()
+    finally:
+        deployments.jobs.put(None)
+    assert tries == ["disk/round-3"] * 3 and deployments.retry is None
+    said = [r.getMessage() for r in caplog.records if "could not be installed here" in r.getMessage()]
+    assert len(said) == 1 and "No space left on device" in said[0], said
+
+
+def test_a_deployment_nobody_sends_is_asked_for_less_often_and_said_once(tmp_path, mosquitto_url, caplog):
+    """A retained deployment outlives the `serve` that made it: a site that joins later asked for it every
+    5 s forever, silently (2026-12-04 audit). Unanswered requests now double the wait (to a minute),
+    and after the third one line says that nobody may be sending it."""
+    topics = Topics("nobody")
+    blob = b"m" * 5000
     host, port, _ = parse_url(mosquitto_url)
     asked: list[float] = []
     listener = paho.Client(CallbackAPIVersion.VERSION2)
@@ -364,10 +408,7 @@ def test_a_deployment_nobody_sends_is_asked_for_less_often_and_said_once(tmp_pat
     endpoint.start()
     try:
         assert endpoint.connected.wait(10)
-        manifest = Deployment(
-            federation="nobody", version="nobody/round-3", round=3, blob=blob_ref(blob, 1024),
-            contract=contract.model_dump(mode="json"), created=time.time(),
-        )  # fmt: skip
+        manifest = _manifest("nobody", blob)
         # retained, as the aggregator publishes it (and so whenever the site's subscription lands)
         listener.publish(topics.deploy, encode_message(manifest), qos=1, retain=True).wait_for_publish(5)
         assert _wait(lambda: deployments.pending is not None, 10)

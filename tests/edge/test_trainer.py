@@ -126,3 +126,44 @@ def test_a_state_folder_that_cannot_be_written_fails_the_round_before_training(
     monkeypatch.setattr(agent, "_received_model", lambda *a: pytest.fail("trained anyway"))
     with pytest.raises(RoundFailed, match=r"the state folder cannot be written: .*Read-only file system"):
         agent._train_round(_start(0), b"", 0.0)
+
+
+def test_an_update_lost_before_its_ack_is_trained_again_not_waited_for(tiny_federation, tmp_path, caplog):
+    """The pending update's files lost (deleted, or a restored backup) after training: the site took the
+    round for settled and stayed silent, and a round with quorum = every site restarted forever
+    (2026-12-05 chaos audit). It trains the round again; a settled round stays settled."""
+    from edge.agent import Progress
+    from protocol.messages import encode_message
+
+    agent, _, _ = _agent(tiny_federation, tmp_path)
+    start = _start(3)
+    agent._save_progress(Progress(3, start.base_hash, False, "", settled=False))
+    again = Agent(agent.cfg)  # (after a restart: the progress as persisted)
+    assert again.progress == agent.progress and again.upload is None
+    again.endpoint.set_state = agent.endpoint.set_state  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING):
+        again._on_round("round", encode_message(start))
+    assert again.fetch is not None and again.working == (3, start.base_hash)
+    assert "this round's update was lost before it was acknowledged: training again" in caplog.text
+    settled = Agent(agent.cfg)
+    settled._save_progress(Progress(3, start.base_hash, True, ""))
+    settled._on_round("round", encode_message(start))
+    assert settled.fetch is None and settled.working is None
+
+
+def test_a_full_disk_when_a_round_is_announced_is_a_failed_status(tiny_federation, tmp_path, caplog):
+    """A new run's round 0 announced while the site's disk was full: the handler raised (one 'handler
+    failed' line), the site said nothing, and the round waited out its deadline for it."""
+    from protocol.messages import encode_message
+
+    agent, states, _ = _agent(tiny_federation, tmp_path)
+
+    def full(progress) -> None:
+        raise OSError(28, "No space left on device")
+
+    agent._save_progress = full  # type: ignore[method-assign]
+    start = _start(0).model_copy(update={"run_id": "ab" * 16})
+    with caplog.at_level(logging.WARNING):
+        agent._on_round("round", encode_message(start))
+    assert states == [("failed", 0, None)]
+    assert "cannot take part in round 0: [Errno 28] No space left on device" in caplog.text
