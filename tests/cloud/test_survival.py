@@ -551,6 +551,21 @@ def test_a_kill_between_the_commit_and_the_metrics_keeps_the_rounds_summary(tmp_
     assert len(_summaries(cfg)) == 1
 
 
+def _deploying(tiny_federation, tmp_path, federation: str) -> ServeConfig:
+    """One round, deployed when it closes, no final evaluation."""
+    return ServeConfig(
+        federation=federation,
+        state_dir=tmp_path,
+        rounds=1,
+        min_sites=1,
+        deadline_s=60,
+        final_eval=False,
+        deploy_every=1,
+        deploy_images=tiny_federation / "sites" / "site00" / "query",
+        **TINY,
+    )
+
+
 def test_after_the_run_the_last_deployment_is_sent_while_a_site_without_it_asks(
     tiny_federation, tmp_path, mosquitto_url, monkeypatch, caplog
 ):
@@ -563,17 +578,7 @@ def test_after_the_run_the_last_deployment_is_sent_while_a_site_without_it_asks(
 
     monkeypatch.setattr(cloud.server, "FINAL_DEPLOY_QUIET_S", 2.0)
     caplog.set_level(logging.INFO, logger="cloud.server")
-    cfg = ServeConfig(
-        federation="fd",
-        state_dir=tmp_path,
-        rounds=1,
-        min_sites=1,
-        deadline_s=60,
-        final_eval=False,
-        deploy_every=1,
-        deploy_images=tiny_federation / "sites" / "site00" / "query",
-        **TINY,
-    )
+    cfg = _deploying(tiny_federation, tmp_path, "fd")
     agg, raw, thread = _start(cfg, mosquitto_url, ["a"])
     try:
         raw.update("a", _deltas(agg, 1))
@@ -602,18 +607,7 @@ def test_a_deployment_cut_short_by_a_kill_is_made_at_the_restart(
     from cloud.deploy import latest_deployment
 
     monkeypatch.setattr(cloud.server, "FINAL_DEPLOY_QUIET_S", 0.5)  # ("a" never asks for the deployment)
-
-    cfg = ServeConfig(
-        federation="dk",
-        state_dir=tmp_path,
-        rounds=1,
-        min_sites=1,
-        deadline_s=60,
-        final_eval=False,
-        deploy_every=1,
-        deploy_images=tiny_federation / "sites" / "site00" / "query",
-        **TINY,
-    )
+    cfg = _deploying(tiny_federation, tmp_path, "dk")
 
     class Killed(BaseException):
         pass
