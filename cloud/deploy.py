@@ -18,7 +18,6 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from time import monotonic  # (a test steps `time.time` back; this clock stays)
 from typing import Literal
 
 from safetensors.torch import load_file
@@ -180,7 +179,6 @@ class DeploymentSource:
     def __init__(self, endpoint: Endpoint, run_dir: Path, min_interval_s: float = 2.0) -> None:
         self.endpoint, self.run_dir = endpoint, run_dir
         self._cache: tuple[Deployment, bytes] | None = None
-        self.last_asked = -math.inf  # (monotonic) when a site last asked for the current deployment
         self.resender = ChunkResender(
             endpoint,
             endpoint.topics.deploy_chunks,
@@ -215,10 +213,7 @@ class DeploymentSource:
         """Any site may fetch the current deployment; an older one is not served (the retained manifest
         tells the site what is current)."""
         manifest = latest_deployment(self.run_dir)
-        if manifest is None or manifest.blob.blob_id != req.blob_id:
-            return None
-        self.last_asked = monotonic()
-        return manifest.blob.chunks
+        return manifest.blob.chunks if manifest is not None and manifest.blob.blob_id == req.blob_id else None
 
     def _blob_of(self, blob_id: str) -> bytes | None:
         latest = self._latest()

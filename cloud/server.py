@@ -1057,8 +1057,9 @@ class Aggregator:
     def _serve_final_deployment(self) -> None:
         """After the run: online sites that do not serve the last deployment yet (one killed during its
         transfer, or whose disk was full) may still ask for it, and nobody else sends the file once
-        `serve` exits. It is sent while they ask (FINAL_DEPLOY_QUIET_S at most between requests, counted
-        from now), for at most `final_deploy_wait_s`."""
+        `serve` exits. It is sent while they ask (each one's requests taken within the rate limit and its
+        copy budget, FINAL_DEPLOY_QUIET_S at most apart, counted from now), for at most
+        `final_deploy_wait_s`."""
         manifest = latest_deployment(self.journal.root)
         if manifest is None or self.cfg.final_deploy_wait_s <= 0:
             return
@@ -1075,8 +1076,9 @@ class Aggregator:
             if not behind:
                 return
             now = time.monotonic()
-            quiet = now - max(start, self.deployments.last_asked)
-            if now - start >= self.cfg.final_deploy_wait_s or quiet >= FINAL_DEPLOY_QUIET_S:
+            taken = self.deployments.resender.last_taken
+            asking = [s for s in behind if now - max(start, taken(s)) < FINAL_DEPLOY_QUIET_S]
+            if now - start >= self.cfg.final_deploy_wait_s or not asking:
                 log.warning(
                     "%s do not serve the last deployment %s (`cloud-aggregator deploy --round %d --linger S` "
                     "sends it to them)",

@@ -56,6 +56,7 @@ class ChunkResender:
         self.last_sent: dict[str, float] = {}
         # (requester, blob) -> [chunks it may still ask for, when counted, told it is over budget]
         self.budget: dict[tuple[str, str], list] = {}
+        self.taken: dict[str, float] = {}  # requester -> when a request of it was last taken (monotonic)
         self.ready = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"resend-{what}", daemon=True)
@@ -108,8 +109,15 @@ class ChunkResender:
             self.last_request[req.requester] = now
             if not self._within_budget(req.requester, req.blob_id, count, len(indices), now):
                 return
+            _forget_oldest(self.taken, lambda when: when)
+            self.taken[req.requester] = now
             self.wanted.setdefault(req.blob_id, set()).update(indices)
         self.ready.set()
+
+    def last_taken(self, requester: str) -> float:
+        """When a request of `requester` was last taken (within the rate limit and its budget)."""
+        with self.lock:
+            return self.taken.get(requester, -math.inf)
 
     def _within_budget(self, requester: str, blob_id: str, count: int, asked: int, now: float) -> bool:
         """(under the lock) Whether `requester` may have `asked` more chunks of a blob of `count`."""

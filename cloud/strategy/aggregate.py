@@ -261,6 +261,7 @@ class StreamingAggregator:
             )
         if n_samples <= 0:
             return self.reject(site, f"n_samples must be positive, got {n_samples}")
+        floats = self._project_variances(site, floats)
         try:
             w = raw_weight(self.config.weighting, n_samples, cdw) if weight is None else float(weight)
         except ValueError as err:
@@ -293,6 +294,22 @@ class StreamingAggregator:
             if len(self.pending) >= self.group:
                 self._fold_pending()
         return None
+
+    def _project_variances(self, site: str, floats: torch.Tensor) -> torch.Tensor:
+        """The delta with every running variance it implies (base + delta) at least 0: no site's BatchNorm
+        layer can have a negative one, and one update's share of an averaged (or copied) variance could
+        take a whole layer's to 0 (2026-12-05 insider audit). A copy only when something is raised."""
+        if not self.var_index.numel():
+            return floats
+        var = floats.index_select(0, self.var_index)
+        floor = self.base_floats.index_select(0, self.var_index).neg_()
+        below = int((var < floor).sum())
+        if not below:
+            return floats
+        log.info("update from %s: %d running variances below 0 raised to 0", site, below)
+        floats = floats.clone()
+        floats.index_copy_(0, self.var_index, torch.maximum(var, floor))
+        return floats
 
     def _sum_block(self, group: list[_Pending], start: int, end: int) -> torch.Tensor:
         out = self.block_sum[: end - start]

@@ -96,6 +96,26 @@ def test_no_update_moves_the_sites_own_batchnorm_layers_or_makes_a_variance_nega
         assert any(bool((state[k] == 0).any()) for k in variances), bn  # (it did push them below 0)
 
 
+def test_one_update_cannot_zero_an_averaged_variance_with_its_share():
+    """An insider's running_var delta of -3 (a variance of -2 at its site, which no BatchNorm layer can
+    have) with a 2/3 share took a whole averaged layer to 0 (clamped from below 0; 2026-12-05 insider
+    audit). Each update's implied variance is raised to 0 first: its share moves the average at most to
+    (1 - share) of the others'."""
+    base = _states(1, seed=7)[0]
+    variances = [k for k in base if k.endswith(".running_var")]
+    hostile = {
+        k: torch.full_like(v, -3.0) if k in variances else torch.zeros_like(v) for k, v in base.items()
+    }
+    honest = {k: torch.zeros_like(v) for k, v in base.items()}
+    agg = StreamingAggregator(base, StrategyConfig(bn="average", fednova=False))
+    assert agg.add(Update("evil", hostile, n_samples=20)) is None
+    assert agg.add(Update("b", honest, n_samples=10)) is None
+    state = agg.finish().state
+    for key in variances:  # (the hostile update alone: 0, as the test above shows)
+        torch.testing.assert_close(state[key], base[key] / 3, msg=key)
+    assert hostile[variances[0]].min() == -3.0  # the caller's buffers are only read
+
+
 @pytest.mark.parametrize("weighting", ["fedpav", "cdw", "cdw_x_size"])
 def test_streaming_deltas_equal_the_batch_result(weighting):
     states = _states(4, seed=3)

@@ -576,7 +576,7 @@ def test_after_the_run_the_last_deployment_is_sent_while_a_site_without_it_asks(
     from cloud.deploy import latest_deployment
     from protocol.messages import ChunkRequest
 
-    monkeypatch.setattr(cloud.server, "FINAL_DEPLOY_QUIET_S", 2.0)
+    monkeypatch.setattr(cloud.server, "FINAL_DEPLOY_QUIET_S", 3.0)
     caplog.set_level(logging.INFO, logger="cloud.server")
     cfg = _deploying(tiny_federation, tmp_path, "fd")
     agg, raw, thread = _start(cfg, mosquitto_url, ["a"])
@@ -586,7 +586,7 @@ def test_after_the_run_the_last_deployment_is_sent_while_a_site_without_it_asks(
         manifest = latest_deployment(tmp_path / "fd")
         assert manifest is not None and manifest.version == "fd/round-0"
         request = encode_message(ChunkRequest(requester="a", blob_id=manifest.blob.blob_id, indices=[0]))
-        for _ in range(4):  # 4 s of a site asking, twice the quiet time
+        for _ in range(6):  # 6 s of a site asking (taken every 2 s: the rate limit), twice the quiet time
             raw.publish(Topics("fd").deploy_resend, request)
             time.sleep(1.0)
         assert thread.is_alive()  # still sending it
