@@ -264,6 +264,7 @@ class Agent:
         self.site_data: SiteData | None = None
         self.progress = self._load_progress()
         self.upload = self._load_pending()
+        self._settle_privacy()
         self.working: tuple[int, str] | None = None  # (round, base hash) being fetched or trained
         self.republished = 0.0  # when the pending update was last announced again
         self.started = time.monotonic()  # (a pending update found at start waits for the round first)
@@ -338,6 +339,7 @@ class Agent:
         atomic_write(self.dir / "pending.json", encode_message(manifest))
         with self.lock:
             self.upload = (manifest, blob)
+        self._settle_privacy()
 
     def _new_run(self, run_id: str) -> None:
         """A round of another run (a new run, or the aggregator went back on work it acknowledged):
@@ -361,15 +363,39 @@ class Agent:
         for name in ("pending.json", "pending.blob"):
             (self.dir / name).unlink(missing_ok=True)
 
-    def _spend_privacy(self) -> float:
-        """One more Gaussian mechanism on this site's data: the ledger is persisted across restarts."""
-        path = self.dir / "privacy.json"
-        spent = json.loads(path.read_text())["rounds"] if path.is_file() else 0
+    def _spend_privacy(self, start: RoundStart) -> float:
+        """One more Gaussian mechanism on this site's data: the ledger is persisted across restarts. The
+        spend is `staged` until its update is kept as pending (`_settle_privacy`): a kill before that
+        released nothing, and the restart takes the spend back instead of counting the round twice."""
+        spent = self._privacy_doc().get("rounds", 0)
         ledger = PrivacyLedger(self.cfg.dp, spent)
         epsilon = ledger.spend()
-        doc = {"rounds": ledger.rounds, "epsilon": epsilon, "delta": self.cfg.dp.delta}
-        atomic_write(path, json.dumps(doc).encode())
+        self._write_privacy(ledger, staged=f"{start.round}:{start.base_hash}")
         return epsilon
+
+    def _privacy_doc(self) -> dict:
+        path = self.dir / "privacy.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _write_privacy(self, ledger: PrivacyLedger, staged: str | None = None) -> None:
+        doc = {"rounds": ledger.rounds, "epsilon": ledger.epsilon(), "delta": self.cfg.dp.delta}
+        atomic_write(
+            self.dir / "privacy.json", json.dumps(doc | ({"staged": staged} if staged else {})).encode()
+        )
+
+    def _settle_privacy(self) -> None:
+        """A staged spend whose update is pending was released (it is sent until acknowledged); one
+        without it never left the site (a kill between the noise and the pending files): not counted."""
+        doc = self._privacy_doc()
+        staged = doc.get("staged")
+        if not staged:
+            return
+        ledger = PrivacyLedger(self.cfg.dp, int(doc.get("rounds", 0)))
+        upload = self.upload
+        if upload is None or f"{upload[0].round}:{upload[0].base_hash}" != staged:
+            ledger.rounds = max(0, ledger.rounds - 1)
+            log.info("DP: the update noised for round %s was never sent: not counted", staged.split(":")[0])
+        self._write_privacy(ledger)
 
     # -- handlers (endpoint worker thread) -------------------------------------------------------------
     def _on_round(self, topic: str, payload: bytes) -> None:
@@ -698,7 +724,7 @@ class Agent:
         delta_t, norm = site_delta(trained, got.shared, start.training.keep_local_bn, self.cfg.dp, seed)
         dp_epsilon = None
         if norm is not None:
-            dp_epsilon = self._spend_privacy()
+            dp_epsilon = self._spend_privacy(start)
             log.info(
                 "DP: delta norm %.4f clipped to %.4f, noise sigma %.2f; epsilon so far %.2f (delta %g)",
                 norm,

@@ -167,3 +167,31 @@ def test_a_full_disk_when_a_round_is_announced_is_a_failed_status(tiny_federatio
         agent._on_round("round", encode_message(start))
     assert states == [("failed", 0, None)]
     assert "cannot take part in round 0: [Errno 28] No space left on device" in caplog.text
+
+
+def test_a_dp_spend_whose_update_never_left_the_site_is_not_counted(tiny_federation, tmp_path):
+    """A kill between the DP noise (the ledger written) and the pending files counted the round twice:
+    once for the update that never left the site, once when the restarted site trained it again. The
+    spend is staged until its update is pending; a restart without that update takes it back."""
+    from protocol.chunks import blob_ref
+    from protocol.messages import UpdateManifest
+    from reid.privacy import DPConfig
+
+    cfg = AgentConfig(
+        site="s", data=tiny_federation / "sites" / "site01", state_dir=tmp_path, dp=DPConfig(enabled=True)
+    )
+    start = _start(3)
+    agent = Agent(cfg)
+    first = agent._spend_privacy(start)
+    assert agent._privacy_doc()["rounds"] == 1 and first > 0
+    assert Agent(cfg)._privacy_doc() == {"rounds": 0, "epsilon": 0.0, "delta": 1e-5}  # killed: never sent
+    agent = Agent(cfg)
+    assert agent._spend_privacy(start) == first  # the round trained again costs what it cost once
+    blob = b"noised delta"
+    manifest = UpdateManifest(
+        site="s", round=3, base_hash=start.base_hash, blob=blob_ref(blob, 1024), n_samples=1, cdw=0,
+        loss=0, train_seconds=0, dp_epsilon=first,
+    )  # fmt: skip
+    agent._keep_pending(manifest, blob)
+    assert "staged" not in agent._privacy_doc() and agent._privacy_doc()["rounds"] == 1
+    assert Agent(cfg)._privacy_doc()["rounds"] == 1  # released: it stays counted after a restart
