@@ -136,13 +136,15 @@ def update_limit(global_blob_bytes: int, tensors: int, max_update_bytes: int) ->
     return min(max_update_bytes, int(global_blob_bytes * 1.01) + 256 * tensors + 65536)
 
 
-def admit(cur: OpenRound | None, site: str, m: UpdateManifest) -> tuple[str, str] | None:
+def admit(cur: OpenRound | None, site: str, m: UpdateManifest, closed: int = -1) -> tuple[str, str] | None:
     """(kind, why) a manifest that came on `site`'s topic cannot be collected, kind one of
-    cloud.monitoring.REJECT_KINDS or "duplicate" (already accepted); None when it can."""
+    cloud.monitoring.REJECT_KINDS or "duplicate" (already accepted); None when it can. `closed`: the
+    last closed round (a manifest of it or earlier, between rounds, is stale)."""
     if m.site != site:
         return "wrong_site", f"the manifest names site {m.site} but came on the topic of site {site}"
     if cur is None:
-        return "no_round", "no round is open"
+        stale = m.round <= closed
+        return "no_round", f"stale round {m.round} (round {closed} closed)" if stale else "no round is open"
     if m.round != cur.number:
         which = "stale" if m.round < cur.number else "future"
         return "no_round", f"{which} round {m.round} (current round {cur.number})"

@@ -286,7 +286,7 @@ class Aggregator:
         with self.lock:
             self._heard(site)
             cur = self.current
-            refusal = admit(cur, site, m)
+            refusal = admit(cur, site, m, self.completed)
             closed_round, closed_accepted = self.closed
             accepted_before = (
                 m.site == site and m.round == closed_round and closed_accepted.get(site) == m.blob.blob_id
@@ -304,8 +304,6 @@ class Aggregator:
                     with log_context(site=site, round=m.round):
                         log.info("update manifest while no round is open: judged when it is announced again")
                 return
-            if refusal is not None and refusal[0] == "no_round" and cur is None:  # (between rounds)
-                refusal = ("no_round", f"stale round {m.round} (round {self.completed} closed)")
             if refusal is not None:
                 self._reject(cur, site, m, refusal[1], refusal[0])
                 return

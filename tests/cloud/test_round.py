@@ -34,6 +34,7 @@ def test_admission_names_every_reason_and_collects_the_rest():
     cur = _round()
     assert admit(cur, "a", _manifest()) is None
     assert admit(None, "a", _manifest())[0] == "no_round"
+    assert admit(None, "a", _manifest(round_=2), closed=2) == ("no_round", "stale round 2 (round 2 closed)")
     assert admit(cur, "b", _manifest("a"))[0] == "wrong_site"
     kind, why = admit(cur, "a", _manifest(round_=2))
     assert (kind, why) == ("no_round", "stale round 2 (current round 3)")
