@@ -30,7 +30,7 @@ from protocol.mqtt import Endpoint
 from protocol.resend import ChunkResender
 from protocol.topics import Topics
 from reid.data import InputSpec
-from reid.files import atomic_write
+from reid.files import atomic_write, one_at_a_time
 from reid.model import ModelSpec, ReIDModel, build_model, load_shared_state
 from reid.weights import round_checkpoints
 
@@ -141,25 +141,29 @@ def publish_model(
         chunks=max(1, math.ceil(len(blob) / DEFAULT_CHUNK_BYTES)),
         encoding=contract.precision,
     )
-    previous = latest_deployment(run_dir)
-    manifest = Deployment(
-        federation=topics.federation,
-        version=contract.version,
-        round=round_,
-        blob=ref,
-        contract=contract.model_dump(mode="json"),
-        # after the one before whatever the clock says: sites refuse a manifest not newer than theirs,
-        # so a clock stepped back must not make every later deployment look like a replay
-        created=max(time.time(), previous.created + 1e-3) if previous is not None else time.time(),
-    )
-    if model_file(run_dir, manifest) != model_path:
-        raise DeployError(f"{model_path}: deployed models live in {model_file(run_dir, manifest)}")
-    payload = encode_message(manifest)
-    atomic_write(_latest_path(run_dir), payload)  # recorded first: resend requests are answered from it
-    info = endpoint.publish(topics.deploy, payload, retain=True)  # first: receivers then expect the chunks
-    info.wait_for_publish(60)
-    if not info.is_published():
-        raise DeployError("the broker did not acknowledge the deployment manifest")
+    # two deployers at once (an operator's `deploy`, `serve`'s schedule) take turns from reading the one
+    # before to the retained manifest: otherwise latest.json, from which resend requests are answered,
+    # could name one model and the retained manifest the sites follow another (they would never get it)
+    with one_at_a_time(run_dir / "deployments" / "publish.lock"):
+        previous = latest_deployment(run_dir)
+        manifest = Deployment(
+            federation=topics.federation,
+            version=contract.version,
+            round=round_,
+            blob=ref,
+            contract=contract.model_dump(mode="json"),
+            # after the one before whatever the clock says: sites refuse a manifest not newer than theirs,
+            # so a clock stepped back must not make every later deployment look like a replay
+            created=max(time.time(), previous.created + 1e-3) if previous is not None else time.time(),
+        )
+        if model_file(run_dir, manifest) != model_path:
+            raise DeployError(f"{model_path}: deployed models live in {model_file(run_dir, manifest)}")
+        payload = encode_message(manifest)
+        atomic_write(_latest_path(run_dir), payload)  # recorded first: resend requests are answered from it
+        info = endpoint.publish(topics.deploy, payload, retain=True)  # first: receivers expect the chunks
+        info.wait_for_publish(60)
+        if not info.is_published():
+            raise DeployError("the broker did not acknowledge the deployment manifest")
     endpoint.publish_blob(topics.deploy_chunks, blob, ref.blob_id, DEFAULT_CHUNK_BYTES)
     log.info(
         "deployed %s (%s, %.1f MB, %d chunks)",

@@ -1,12 +1,15 @@
 """Crash-safe files: `atomic_write` (temporary file, fsync, rename) for every state file a process must
 find whole after a kill at any moment (journals, progress, pending uploads, privacy ledgers), and
-`hold_lock`, which keeps a second process off state that one process owns (a gallery, a site's folder)."""
+`hold_lock`, which keeps a second process off state that one process owns (a gallery, a site's folder),
+and `one_at_a_time`, which makes a short multi-file step one step for every process and thread."""
 
 from __future__ import annotations
 
 import fcntl
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -30,6 +33,16 @@ def hold_lock(path: Path) -> IO[str] | None:
         return None
     _held[key] = f
     return f
+
+
+@contextmanager
+def one_at_a_time(path: Path) -> Iterator[None]:
+    """Wait for, then hold, an exclusive lock on `path` (created if missing) for the block: the blocks of
+    every process and thread that take the same path run one after the other (a kill releases it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def atomic_write(path: Path, data: bytes) -> None:

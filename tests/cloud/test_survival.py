@@ -648,6 +648,61 @@ def test_a_deployment_cut_short_by_a_kill_is_made_at_the_restart(
     assert latest_deployment(tmp_path / "dk") == rollback
 
 
+def test_two_deployers_at_once_leave_the_sites_a_model_they_can_fetch(
+    tiny_federation, tmp_path, mosquitto_url, monkeypatch
+):
+    """Two operators deploy at the same moment (fp32 and fp16 of the initial model) and the first one's
+    disk is slow after it records latest.json: the second waits for the first's manifest to be out, so
+    the retained manifest the sites follow and latest.json, from which their chunk requests are
+    answered, name the same model (they named different ones: no site could fetch the deployment)."""
+    import cloud.deploy
+    from cloud.deploy import latest_deployment
+    from protocol.messages import Deployment, parse_message
+
+    Aggregator(_deploying(tiny_federation, tmp_path, "two"), mosquitto_url)  # the run's record, round -1
+    images = sorted((tiny_federation / "sites" / "site00" / "query").iterdir())
+    done = {p: threading.Event() for p in ("fp32", "fp16")}
+    first: list[str] = []
+    real_write = cloud.deploy.atomic_write
+
+    def slow_disk(path, data) -> None:
+        real_write(path, data)
+        if path.name == "latest.json" and not first:
+            first.append(threading.current_thread().name)
+            other = "fp16" if first[0] == "fp32" else "fp32"
+            done[other].wait(timeout=5)  # without turns, the other deployer finishes meanwhile
+
+    monkeypatch.setattr(cloud.deploy, "atomic_write", slow_disk)
+
+    def operator(precision: str) -> None:
+        ep = Endpoint(mosquitto_url, Topics("two"), f"op-{precision}", "aggregator", announce=False).start()
+        try:
+            cloud.deploy.deploy_round(ep, tmp_path / "two", images, -1, precision)  # type: ignore[arg-type]
+        finally:
+            ep.stop()
+            done[precision].set()
+
+    threads = [threading.Thread(target=operator, args=(p,), name=p) for p in done]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(e.is_set() for e in done.values()) and first
+    host, port, _ = parse_url(mosquitto_url)
+    got: list[bytes] = []
+    site = paho.Client(CallbackAPIVersion.VERSION2, client_id="a-site")
+    site.on_message = lambda c, u, m: got.append(m.payload)
+    site.connect(host, port)
+    site.subscribe(Topics("two").deploy, qos=1)
+    site.loop_start()
+    assert _wait(lambda: got, 10)
+    site.loop_stop()
+    site.disconnect()
+    retained = parse_message(got[0], Deployment)
+    recorded = latest_deployment(tmp_path / "two")
+    assert recorded == retained and retained.blob.encoding != first[0]  # the later deployer's model
+
+
 def test_a_damaged_checkpoint_is_set_aside_and_the_sites_are_told_by_a_new_run_id(tmp_path, mosquitto_url):
     cfg = ServeConfig(
         federation="dmg", state_dir=tmp_path, rounds=2, min_sites=1, deadline_s=60, final_eval=False, **TINY
