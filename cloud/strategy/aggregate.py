@@ -27,7 +27,8 @@ BatchNorm policy: ``first`` (the original code) copies the BN running statistics
 update of the round and averages everything else; ``average`` averages running mean/var too; ``local``
 (FedBN-style) keeps whole BN layers (affine + statistics) at the sites: the global copy is taken from
 the first update, and sites do not overwrite their own BN layers when they load the global model.
-Integer buffers (``num_batches_tracked``) always come from the first accepted update.
+Integer buffers (``num_batches_tracked``, counts of batches) move by the smallest count any update of the
+round reports (never below 0): no site can raise them beyond what every other site trained.
 
 Robust options (off by default): clip each delta to an L2 norm; reject updates whose delta norm or CDW
 is an outlier by the median-absolute-deviation rule; coordinate-wise median or trimmed mean instead of
@@ -50,6 +51,8 @@ from reid.choices import BNPolicy, Estimator, OutlierRule, Weighting
 from reid.model import batchnorm_keys, is_bn_buffer
 
 log = logging.getLogger(__name__)
+
+MAX_COUNT = 2**31 - 1  # a counter moves by at most this per round: no claim can wrap the int64
 
 
 class StrategyConfig(BaseModel):
@@ -196,7 +199,8 @@ class StreamingAggregator:
         self.out = out
         self.total_weight = 0.0
         self.total_steps = 0.0  # sum of weight * path length (fednova)
-        self.first: tuple[torch.Tensor, torch.Tensor] | None = None  # BN-copy values and ints of update 1
+        self.first: torch.Tensor | None = None  # the BN values update 1 sends (copied under bn = first)
+        self.fewest: torch.Tensor | None = None  # the smallest count of batches per counter over the updates
         self.held: list[_Pending] = []
         self.raw_weights: dict[str, float] = {}
         self.norms: dict[str, float] = {}
@@ -371,7 +375,9 @@ class StreamingAggregator:
             self.total_weight += p.weight
             self.total_steps += p.weight * p.steps
             if self.first is None:
-                self.first = (p.floats.index_select(0, self.copy_index) * p.scale, p.ints.clone())
+                self.first = p.floats.index_select(0, self.copy_index) * p.scale
+            counts = p.ints.clamp(0, MAX_COUNT)
+            self.fewest = counts if self.fewest is None else torch.minimum(self.fewest, counts)
         return final
 
     def _divisor(self, total: float, total_steps: float) -> float:
@@ -427,14 +433,14 @@ class StreamingAggregator:
         new_floats = (
             self.acc if finished else torch.add(self.base_floats, self.acc, alpha=1.0 / divisor, out=self.acc)
         )
-        first_floats, first_ints = self.first
+        first_floats, counts = self.first, self.fewest
+        assert counts is not None
         if self.config.bn == "local":  # the sites' own layers: nothing any update sends changes them
-            first_floats, first_ints = first_floats.zero_(), first_ints.zero_()
+            first_floats, counts = first_floats.zero_(), counts.zero_()
         new_floats.index_copy_(
             0, self.copy_index, self.base_floats.index_select(0, self.copy_index) + first_floats
         )
-        # (counters: an update's are counts of batches, never negative; bounded so no claim can wrap them)
-        new_ints = self.base_ints + first_ints.clamp(0, 2**31 - 1)
+        new_ints = self.base_ints + counts
         # a variance is never negative (an update can push an averaged or copied one below 0: NaN features)
         new_floats.index_copy_(0, self.var_index, new_floats.index_select(0, self.var_index).clamp_(min=0))
         state = self.layout.unflatten(new_floats, new_ints, like=self.base)
@@ -456,7 +462,8 @@ class StreamingAggregator:
         else:
             cut = int(self.config.trim_fraction * k)
             self.acc = ordered[cut : k - cut].mean(dim=0)
-        self.first = (self.held[0].floats.index_select(0, self.copy_index), self.held[0].ints.clone())
+        self.first = self.held[0].floats.index_select(0, self.copy_index)
+        self.fewest = torch.stack([p.ints for p in self.held]).amin(dim=0).clamp(0, MAX_COUNT)
 
 
 def raw_weight(weighting: Weighting, n_samples: int, cdw: float | None) -> float:

@@ -422,18 +422,22 @@ def test_a_blob_decodes_straight_into_flat_buffers_or_not_at_all():
 
 
 @pytest.mark.parametrize("bn", ["first", "average"])
-def test_the_first_updates_counters_are_bounded(bn):
-    """num_batches_tracked comes from the first accepted update: a hostile one could make it negative or
-    wrap it (int64). The counter's delta is a count of batches: kept within [0, 2^31 - 1]."""
+@pytest.mark.parametrize("estimator", ["mean", "median"])
+def test_no_update_raises_the_counters_beyond_what_the_others_trained(bn, estimator):
+    """num_batches_tracked counts batches: a hostile update could claim a negative count or 2^62 (it
+    came from the first update: an insider whose name sorts first set it). The counters move by the
+    smallest count of the round, never below 0, whichever update comes first and however it is folded."""
     base = _states(1, seed=5)[0]
     counters = [k for k, v in base.items() if not v.dtype.is_floating_point]
-    for first_delta, want in ((-5, 0), (2**62, 2**31 - 1), (7, 7)):
-        agg = StreamingAggregator(base, StrategyConfig(bn=bn))
-        delta = {
-            k: torch.full_like(v, first_delta) if k in counters else torch.zeros_like(v)
-            for k, v in base.items()
-        }
-        assert agg.add(Update("first", delta, 10)) is None
-        assert agg.add(Update("second", {k: torch.zeros_like(v) for k, v in base.items()}, 10)) is None
-        state = agg.finish().state
-        assert all(torch.equal(state[k], base[k] + want) for k in counters), first_delta
+    cfg = StrategyConfig(bn=bn, estimator=estimator)
+    for hostile, want in ((-5, 0), (2**62, 9), (7, 7)):
+        for order in ((hostile, 9, 12), (12, 9, hostile)):
+            agg = StreamingAggregator(base, cfg)
+            for i, count in enumerate(order):
+                delta = {
+                    k: torch.full_like(v, count) if k in counters else torch.zeros_like(v)
+                    for k, v in base.items()
+                }
+                assert agg.add(Update(f"s{i}", delta, 10)) is None
+            state = agg.finish().state
+            assert all(torch.equal(state[k], base[k] + want) for k in counters), (hostile, order)
