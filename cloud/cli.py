@@ -181,7 +181,7 @@ def split(
 
 def _site_dirs(sites_dir: Path) -> list[Path]:
     """The site folders of a folder of sites; their names are the sites' ids (as on the wire)."""
-    from protocol.topics import check_name
+    from protocol.topics import check_site_name
     from reid.data import DatasetLayoutError, detect_layout
 
     if not sites_dir.is_dir():
@@ -200,7 +200,7 @@ def _site_dirs(sites_dir: Path) -> list[Path]:
         )
     for p in dirs:
         try:
-            check_name(p.name, "site folder name")
+            check_site_name(p.name, "site folder name")
         except ValueError as err:
             raise typer.BadParameter(f"{err} (the site's id): rename {p}", param_hint="--data") from None
     return dirs

@@ -12,7 +12,7 @@ from cloud.strategy import AdmissionConfig, KDConfig, StrategyConfig
 from cloud.strategy.clustering import ClusterConfig
 from protocol.chunks import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from protocol.codec import Encoding
-from protocol.messages import ModelInfo, TrainingInfo
+from protocol.messages import MAX_SELECTED, ModelInfo, TrainingInfo
 from protocol.mqtt import IdentityDir
 from reid.data import InputSpec
 from reid.model import ModelSpec
@@ -42,7 +42,7 @@ class ServeConfig(BaseModel):
     device: DeviceName = Field(
         "auto", description="where KD's teachers and distillation run: auto (CUDA when present), cpu, cuda:N"
     )
-    min_sites: int = Field(1, ge=1, description="sites needed online to start a round")
+    min_sites: int = Field(1, ge=1, le=MAX_SELECTED, description="sites needed online to start a round")
     fraction: float = Field(1.0, gt=0, le=1, description="fraction of online sites selected per round")
     deadline_s: float = Field(
         600.0, gt=0, le=1e7, allow_inf_nan=False, description="collection time per round"
@@ -185,4 +185,7 @@ def model_info(cfg: ServeConfig) -> ModelInfo:
         dropout=m.dropout,
         height=i.height,
         width=i.width,
+        mean=list(i.mean),
+        std=list(i.std),
+        pad=i.pad,
     )

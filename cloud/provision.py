@@ -37,7 +37,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protocol.broker import LocalBroker, auto_broker, free_port
 from protocol.chunks import MAX_CHUNK_BYTES, MAX_HEADER_BYTES
-from protocol.topics import PREFIX, check_name
+from protocol.topics import PREFIX, check_name, check_site_name
 
 AGGREGATOR = "aggregator"
 # Watching a run with the aggregator's certificate would take over the running aggregator's session
@@ -205,6 +205,8 @@ class Provisioning:
         cls, out: Path, federation: str, sites: list[str], broker_host: str = "127.0.0.1", port: int = 8883
     ) -> Provisioning:
         check_name(federation, "federation")
+        for site in sites:  # (all of them before anything is written)
+            check_site_name(site)
         if (out / "federation.json").exists():
             raise ProvisionError(f"{out} is already provisioned: use add-site / revoke-site")
         ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -250,7 +252,7 @@ class Provisioning:
             self.meta["identities"][name]["signing_key"] = base64.b64encode(public).decode()
 
     def add_site(self, site: str) -> None:
-        self._add_identity(site, "site")
+        self._add_identity(check_site_name(site), "site")
         self._write_shared()
 
     def revoke_site(self, site: str) -> None:

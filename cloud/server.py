@@ -68,6 +68,7 @@ from protocol.chunks import (
 )
 from protocol.codec import CodecError, encode_state, iter_state_file
 from protocol.messages import (
+    MAX_SELECTED,
     ChunkRequest,
     EvalReport,
     MessageError,
@@ -81,7 +82,7 @@ from protocol.messages import (
 )
 from protocol.mqtt import Endpoint
 from protocol.resend import ChunkResender
-from protocol.topics import Topics
+from protocol.topics import RESERVED_NODES, Topics
 from reid.data import ImageDataset, eval_transform, make_loader, read_image_folder
 from reid.files import hold_lock
 from reid.logs import log_context
@@ -251,6 +252,9 @@ class Aggregator:
             log.warning("dropped a status on %s that names node %s", topic, status.node)
             return
         if status.role != "site":
+            return
+        if status.node in RESERVED_NODES:  # (a node of another role's name: never a site of this run)
+            log.warning("dropped a site status on %s: %s is a reserved node name", topic, status.node)
             return
         with self.lock:
             self.online[status.node] = (status.state, status.round)
@@ -532,7 +536,10 @@ class Aggregator:
             if self.stopping.wait(0.2):
                 raise Stopped
         k = sites_per_round(len(online), self.cfg.fraction, at_least=self.cfg.min_sites)
-        return sample_sites(online, k, self.cfg.seed, r, draw, keep or ())
+        if k > MAX_SELECTED and draw == 0:
+            with log_context(round=r):
+                log.info("%d sites drawn, not %d: a round names at most that many", MAX_SELECTED, k)
+        return sample_sites(online, min(k, MAX_SELECTED), self.cfg.seed, r, draw, keep or ())
 
     def _publish_round(self, cur: OpenRound, with_blob: bool = True) -> None:
         cfg = self.cfg
@@ -590,7 +597,9 @@ class Aggregator:
                 saved["base_hash"][:12],
                 base_hash[:12],
             )
-        selected = saved["selected"] if resumed else self._select(r) if train else self._eligible()
+        selected = (
+            saved["selected"] if resumed else self._select(r) if train else self._eligible()[:MAX_SELECTED]
+        )
         now = time.time()
         kd_due = train and self.public is not None and self.cfg.kd.due(r)
         cur = OpenRound(

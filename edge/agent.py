@@ -72,7 +72,7 @@ from protocol.messages import (
     parse_message,
 )
 from protocol.mqtt import Endpoint, IdentityDir
-from protocol.topics import Topics, check_name
+from protocol.topics import Topics, check_site_name
 from reid.data import DatasetLayoutError, InputSpec, read_dataset
 from reid.files import atomic_write, hold_lock
 from reid.logs import bound, log_context
@@ -178,6 +178,11 @@ class AgentConfig(BaseModel):
         description="run the feature service (docs/serving.md) on the deployed model, gallery in state_dir",
     )
 
+    @field_validator("site")
+    @classmethod
+    def _site_name(cls, value: str) -> str:
+        return check_site_name(value)
+
     @field_validator("broker")
     @classmethod
     def _broker_url(cls, value: str) -> str:
@@ -213,7 +218,9 @@ class Progress:
     settled: bool = True  # its update acknowledged or rejected (False: pending, or lost before either)
 
     def same(self, start: RoundStart) -> bool:
-        return (self.last_round, self.base_hash) == (start.round, start.base_hash)
+        """Whether `start` is the training round recorded (an evaluation round of the same round and base
+        is another round: docs/protocol.md keys rounds on (round, base_hash, train))."""
+        return start.train and (self.last_round, self.base_hash) == (start.round, start.base_hash)
 
 
 @dataclass
@@ -241,7 +248,7 @@ class StateDirInUse(RuntimeError):
 
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
-        check_name(cfg.site, "site")
+        check_site_name(cfg.site)
         self.cfg = cfg
         self.topics = Topics(cfg.federation)
         self.dir = cfg.state_dir / cfg.site
@@ -265,7 +272,7 @@ class Agent:
         self.progress = self._load_progress()
         self.upload = self._load_pending()
         self._settle_privacy()
-        self.working: tuple[int, str] | None = None  # (round, base hash) being fetched or trained
+        self.working: tuple[int, str, bool] | None = None  # (round, base hash, train) fetched or worked on
         self.republished = 0.0  # when the pending update was last announced again
         self.started = time.monotonic()  # (a pending update found at start waits for the round first)
         self.tick_error = ("", 0.0)  # the last error of the periodic work, and when it was logged
@@ -407,7 +414,8 @@ class Agent:
             log.warning("dropped round message: %s", err)
             return
         if isinstance(msg, RunEnd) and msg.federation == self.cfg.federation:
-            if self.endpoint.retained_message and msg.run_id != self.progress.run_id:
+            # (a retained RunEnd without run_id names no run: it ends none)
+            if self.endpoint.retained_message and (not msg.run_id or msg.run_id != self.progress.run_id):
                 if msg.run_id not in self.said_ended:  # (once: it comes again at every reconnect)
                     self.said_ended.add(msg.run_id)
                     log.info("a run this site was not part of ended before it came: waiting for the next run")
@@ -436,12 +444,16 @@ class Agent:
         if self.cfg.site not in msg.selected or msg.round < self.progress.last_round:
             return
         with self.lock:
-            if self.working == (msg.round, msg.base_hash):
+            if self.working == (msg.round, msg.base_hash, msg.train):
                 if self.fetch is not None:
                     self.fetch.start = msg  # an extension or a reconnect: keep fetching
                 return
             upload = self.upload
-        if upload is not None and (upload[0].round, upload[0].base_hash) == (msg.round, msg.base_hash):
+        if (
+            upload is not None
+            and msg.train
+            and (upload[0].round, upload[0].base_hash) == (msg.round, msg.base_hash)
+        ):
             self._republish(upload)
             return
         if not msg.train and self._report_again(msg):
@@ -455,7 +467,7 @@ class Agent:
             if self.fetch:
                 self.fetch.transfer.close()
             self.fetch = Fetch(msg, InboundBlob(msg.blob, MAX_MODEL_BYTES), requested=time.monotonic())
-            self.working = (msg.round, msg.base_hash)
+            self.working = (msg.round, msg.base_hash, msg.train)
         self.metrics.phase("fetching")
         with log_context(site=self.cfg.site, round=msg.round):
             log.info(
@@ -573,7 +585,9 @@ class Agent:
 
     # -- training (trainer thread) ---------------------------------------------------------------------
     def _site(self, start: RoundStart) -> SiteData:
-        spec = InputSpec(height=start.model.height, width=start.model.width)
+        m = start.model  # (fields the aggregator left out: InputSpec's defaults, as docs/protocol.md says)
+        given = {"mean": m.mean, "std": m.std, "pad": m.pad}
+        spec = InputSpec(height=m.height, width=m.width, **{k: v for k, v in given.items() if v is not None})
         if self.site_data is None or self.site_data.input_spec != spec:
             self.site_data = SiteData(
                 self.cfg.data, spec, start.training.batch_size, self.workers, self.cfg.seed
@@ -807,7 +821,7 @@ class Agent:
                         log.exception("round %d failed at this site: %s", start.round, err)
                     state = "failed"
                 with self.lock:  # before the state goes out: a restart of this round must find the site idle
-                    if self.working == (start.round, start.base_hash):
+                    if self.working == (start.round, start.base_hash, start.train):
                         self.working = None
                 self.endpoint.set_state(state, start.round, reason)
                 self.metrics.phase("waiting" if state == "online" else "failed")

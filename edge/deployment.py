@@ -45,11 +45,11 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from export.contract import (
-    Contract,
     ContractError,
     contract_path,
     file_sha256,
     load_contract,
+    received_contract,
     write_contract,
 )
 from export.runtime import FeatureExtractor
@@ -263,7 +263,7 @@ class Deployments:
         try:
             msg = parse_message(payload, Deployment)
             assert isinstance(msg, Deployment)
-            contract = Contract.model_validate(msg.contract)
+            contract = received_contract(msg.contract)
         except (MessageError, ValueError) as err:
             log.warning("dropped deployment manifest: %s", str(err).splitlines()[0])
             return
@@ -403,7 +403,7 @@ class Deployments:
     def _install(self, manifest: Deployment, blob: bytes) -> None:
         if sha256_hex(blob) != manifest.blob.sha256:
             raise DeploymentRejected("the model file fails its sha256")
-        contract = Contract.model_validate(manifest.contract)
+        contract = received_contract(manifest.contract)
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", manifest.version)
         folder = self.dir / f"{slug}-{manifest.blob.sha256[:12]}"
         tmp = folder.with_name(folder.name + ".partial")
@@ -440,7 +440,7 @@ class Deployments:
             self.installed_created = manifest.created
             self.adopted = "own" if gate.get("adopted") == "own" else "federation"
         self.endpoint.deployed = manifest.version
-        self.endpoint.set_state(self.endpoint.state)
+        self.endpoint.restate()
         log.info(
             "now serving %s%s (%s, %s)",
             manifest.version,

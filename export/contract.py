@@ -11,14 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from reid.model_spec import ModelSpec
 
 CONTRACT_FORMAT = "fedreid-onnx/1"
 Precision = Literal["fp32", "fp16", "int8"]
+
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class ContractError(ValueError):
@@ -36,25 +40,36 @@ class Contract(BaseModel):
     layout: Literal["NCHW"] = "NCHW"
     color: Literal["RGB"] = "RGB"
     dtype: Literal["float32"] = "float32"
-    scale: float = 1 / 255
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    height: int
-    width: int
+    scale: Positive = 1 / 255
+    mean: tuple[Finite, Finite, Finite]
+    std: tuple[Positive, Positive, Positive]
+    height: int = Field(ge=16, le=4096)
+    width: int = Field(ge=16, le=4096)
     resize: Literal["bicubic"] = "bicubic"
     normalization_in_graph: bool = False
-    output_dim: int
+    output_dim: int = Field(ge=1, le=65536)
     l2_normalized: bool = True
     precision: Precision = "fp32"
     exporter: str
     opset: int
     model: ModelSpec
     version: str = ""
-    sha256: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     # how the file was accepted: parity (min cosine, max abs diff) and, for int8, retrieval before/after
     quality: dict[str, float] = {}
     # TensorRT engines only: the GPU and TensorRT version that built it, the source ONNX's sha256
     engine: dict[str, str] = {}
+
+
+def received_contract(doc: object) -> Contract:
+    """The contract of a deployment manifest from the network, held to the wire's rules (JSON types as
+    they are, no NaN or infinities: docs/protocol.md); ValueError saying in one line what is wrong."""
+    try:
+        return Contract.model_validate_json(json.dumps(doc), strict=True)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "contract"
+        raise ValueError(f"invalid contract: {where}: {first['msg']}") from None
 
 
 def file_sha256(path: Path) -> str:

@@ -87,7 +87,7 @@ class Inbox:
 
     def _fits(self, topic: str, size: int) -> bool:
         waiting = self._bytes[topic]
-        limit = self.max_chunk_topic_bytes if topic.endswith("/chunks") else self.max_topic_bytes
+        limit = self.max_chunk_topic_bytes if self.topics.is_chunks(topic) else self.max_topic_bytes
         return (waiting == 0 or waiting + size <= limit) and (
             self._total == 0 or self._total + size <= self.max_bytes
         )
@@ -105,7 +105,7 @@ class Inbox:
             self._last_over = now
 
     def _count(self, topic: str) -> None:
-        if topic.endswith("/chunks"):
+        if self.topics.is_chunks(topic):
             return
         now = time.monotonic()
         if now - self._window > 10:

@@ -21,6 +21,9 @@ from pydantic import (
 
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 256 * 1024
+# sites one RoundStart names: 1,000 of the longest names, listed again in its groups, stay under
+# MAX_MESSAGE_BYTES (10,000 did not fit: a round no site could read)
+MAX_SELECTED = 1000
 NAME = r"^[A-Za-z0-9_.-]{1,64}$"
 SHA256 = r"^[0-9a-f]{64}$"
 
@@ -28,9 +31,10 @@ SHA256 = r"^[0-9a-f]{64}$"
 def untrusted_json(data: bytes | str) -> Any:
     """`json.loads` of a peer's bytes: ValueError for anything that is not JSON, including nesting deeper
     than the parser's recursion limit (json raises RecursionError there, which no ValueError guard
-    catches: 300 KB of '[' once stopped a node's message thread)."""
+    catches: 300 KB of '[' once stopped a node's message thread). UTF-8 only, as docs/protocol.md says
+    (json.loads would also take UTF-16 and UTF-32 bytes, and no other client would)."""
     try:
-        return json.loads(data)
+        return json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 
@@ -39,6 +43,7 @@ Name = Annotated[str, Field(pattern=NAME)]
 Sha256 = Annotated[str, Field(pattern=SHA256)]
 Encoding = Literal["fp32", "fp16", "int8"]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Metric = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Metrics = Annotated[dict[Name, Metric], Field(max_length=32)]
 PERCENTAGES = ("rank1", "rank5", "rank10", "mAP", "mINP")
@@ -93,6 +98,11 @@ class ModelInfo(BaseModel):
     dropout: float = Field(0.5, ge=0, lt=1)
     height: int = Field(256, ge=16, le=4096)
     width: int = Field(128, ge=16, le=4096)
+    # preprocessing: per-channel normalisation of RGB in 0..1 and the training pad/crop jitter in pixels;
+    # null (or absent): the ImageNet statistics, and 10 px at 256 high scaled to `height`
+    mean: list[Finite] | None = Field(None, min_length=3, max_length=3)
+    std: list[PositiveFinite] | None = Field(None, min_length=3, max_length=3)
+    pad: int | None = Field(None, ge=0, le=1024)
 
 
 class TrainingInfo(BaseModel):
@@ -120,6 +130,13 @@ class NodeStatus(_Message):
     reason: str = Field("", max_length=300)  # "failed": why this node cannot take part in `round`
 
 
+def _check_base(m: RoundStart | GroupBase) -> RoundStart | GroupBase:
+    """`base_hash` is the sha256 of the model blob it names (a site could never get the model otherwise)."""
+    if m.base_hash != m.blob.sha256:
+        raise ValueError("base_hash is not blob.sha256")
+    return m
+
+
 class GroupBase(BaseModel):
     """Client clustering: the model the listed selected sites train from in place of the round's base."""
 
@@ -128,7 +145,11 @@ class GroupBase(BaseModel):
     group: int = Field(ge=0, le=63)
     base_hash: Sha256
     blob: BlobRef
-    sites: list[Name] = Field(min_length=1, max_length=10_000)
+    sites: list[Name] = Field(min_length=1, max_length=MAX_SELECTED)
+
+    @model_validator(mode="after")
+    def _base_is_the_blob(self) -> GroupBase:
+        return _check_base(self)
 
 
 class RoundStart(_Message):
@@ -142,7 +163,7 @@ class RoundStart(_Message):
     model: ModelInfo
     training: TrainingInfo
     deadline: Finite
-    selected: list[Name] = Field(max_length=10_000)
+    selected: list[Name] = Field(max_length=MAX_SELECTED)
     evaluate: bool = False
     upload_encoding: Encoding = "fp16"
     upload_compressed: bool = False
@@ -154,6 +175,7 @@ class RoundStart(_Message):
 
     @model_validator(mode="after")
     def _one_group_per_site(self) -> RoundStart:
+        _check_base(self)
         listed = [s for g in self.groups for s in g.sites]
         if len(listed) != len(set(listed)):
             raise ValueError("a site is listed in two groups")

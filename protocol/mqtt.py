@@ -30,7 +30,7 @@ from protocol.broker import parse_url
 from protocol.chunks import DEFAULT_CHUNK_BYTES, split_blob
 from protocol.inbox import Inbox
 from protocol.messages import NodeStatus, encode_message
-from protocol.signing import Keyring, SignatureError, Signer, is_chunk_topic
+from protocol.signing import Keyring, SignatureError, Signer
 from protocol.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -122,9 +122,10 @@ class Endpoint:
         self._identity_dir = identity_dir
         self.worker = threading.Thread(target=self._work, name=f"mqtt-{node}", daemon=True)
         self.state = "online"
+        self._said: tuple[int | None, str] = (None, "")  # the round and reason of the state last published
 
     def _sealed(self, topic: str, payload: bytes) -> bytes:
-        if self.signer is None or not payload or is_chunk_topic(topic):
+        if self.signer is None or not payload or self.topics.is_chunks(topic):
             return payload
         return self.signer.wrap(payload)
 
@@ -148,7 +149,9 @@ class Endpoint:
         for topic_filter in self.handlers:
             client.subscribe(topic_filter, qos=1)
         if self.announce:
-            client.publish(self.topics.status(self.node), self._status(self.state), qos=1, retain=True)
+            client.publish(
+                self.topics.status(self.node), self._status(self.state, *self._said), qos=1, retain=True
+            )
         self.connected.set()
         log.info("connected to %s:%d as %s", self.host, self.port, self.node)
         if self.on_connected is not None:
@@ -160,7 +163,10 @@ class Endpoint:
             log.warning("disconnected from the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, message) -> None:
-        self.inbox.put(message.topic, message.payload, bool(message.retain))
+        # an empty payload is a retained message being cleared (docs/protocol.md, Transport): it says
+        # nothing, and must not take the place of a message still waiting on a state topic (a RunEnd)
+        if message.payload:
+            self.inbox.put(message.topic, message.payload, bool(message.retain))
 
     # -- worker ---------------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -169,8 +175,6 @@ class Endpoint:
             if item is None:
                 return
             topic, payload, retained = item
-            if not payload:  # a retained message being cleared (docs/protocol.md, Transport): nothing said
-                continue
             try:
                 self._handle(topic, payload, retained)
             except Exception as err:  # no message, whatever it holds, may stop this thread: the node's ears
@@ -183,7 +187,7 @@ class Endpoint:
                 self.client.publish(topic, b"", qos=1, retain=True)
             return
         self.signer_of_message, self.retained_message = None, retained
-        if self.keyring is not None and not is_chunk_topic(topic):
+        if self.keyring is not None and not self.topics.is_chunks(topic):
             self._reload_keyring()
             try:
                 self.signer_of_message, payload = self.keyring.open(payload, topic)
@@ -250,9 +254,14 @@ class Endpoint:
         self.worker.join(timeout=10)
 
     def set_state(self, state: str, round_: int | None = None, reason: str = "") -> None:
-        self.state = state
+        self.state, self._said = state, (round_, reason)
+        self.restate()
+
+    def restate(self) -> None:
+        """Publish the status document again as last set (after a change of `deployed`); a reconnect
+        does the same: a failure keeps its round and reason."""
         self.client.publish(
-            self.topics.status(self.node), self._status(state, round_, reason), qos=1, retain=True
+            self.topics.status(self.node), self._status(self.state, *self._said), qos=1, retain=True
         )
 
     def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int = 1) -> paho.MQTTMessageInfo:

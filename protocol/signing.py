@@ -37,10 +37,6 @@ class SignatureError(ValueError):
     """A message is unsigned, badly signed, signed by an unknown identity, or off the signer's topics."""
 
 
-def is_chunk_topic(topic: str) -> bool:
-    return topic.endswith("/chunks")
-
-
 class Signer:
     def __init__(self, identity: str, key: ed25519.Ed25519PrivateKey) -> None:
         self.identity, self.key = identity, key

@@ -25,11 +25,20 @@ from protocol.messages import NAME
 
 PREFIX = "fedreid/v1"
 _NAME = re.compile(NAME)
+# the aggregator's and the read-only operator's node names: no site may take them (their status topics)
+RESERVED_NODES = ("aggregator", "operator")
 
 
 def check_name(value: str, what: str = "name") -> str:
     if not _NAME.match(value):
         raise ValueError(f"invalid {what} {value!r}: 1-64 characters of A-Z a-z 0-9 _ . -")
+    return value
+
+
+def check_site_name(value: str, what: str = "site") -> str:
+    """A site's name: a name that is not one of `RESERVED_NODES`."""
+    if check_name(value, what) in RESERVED_NODES:
+        raise ValueError(f"invalid {what} {value!r}: {' and '.join(RESERVED_NODES)} are reserved node names")
     return value
 
 
@@ -92,7 +101,16 @@ class Topics:
 
     def is_request(self, topic: str) -> bool:
         """The resend topics (ChunkRequest): cheap to drop, the requester asks again."""
-        return topic.startswith(self.root + "/") and topic.endswith("/resend")
+        return topic in (self.global_resend, self.deploy_resend) or self._site_leaf(topic) == "resend"
+
+    def is_chunks(self, topic: str) -> bool:
+        """The chunk topics: binary chunks, never signed (docs/protocol.md). Exact topics, not a suffix: a
+        node may be named ``chunks`` (its ``status/chunks`` is a signed status like any other)."""
+        return topic in (self.global_chunks, self.deploy_chunks) or self._site_leaf(topic) == "chunks"
+
+    def _site_leaf(self, topic: str) -> str | None:
+        """The leaf of a ``sites/<site>/<leaf>`` topic of this federation, else None."""
+        return topic.rsplit("/", 1)[1] if self.site_of(topic) is not None else None
 
     def site(self, site: str, leaf: str) -> str:
         return f"{self.root}/sites/{check_name(site, 'site')}/{leaf}"

@@ -114,14 +114,16 @@ def test_sites_train_from_their_group_model_and_a_restart_keeps_the_groups(
 
 
 def test_the_round_document_names_each_sites_model_and_stays_readable_without_groups():
-    ref = {"blob_id": "ab" * 8, "size": 10, "sha256": "0" * 64, "chunks": 1}
+    ref = {"blob_id": "ab" * 8, "size": 10, "sha256": "1" * 64, "chunks": 1}
     base = {
         "federation": "f", "round": 3, "base_hash": "1" * 64, "blob": ref, "deadline": 1.0,
         "model": {"arch": "resnet18"}, "training": {}, "selected": ["a", "b", "c"],
     }  # fmt: skip
     plain = RoundStart(**base)
     assert b"groups" not in encode_message(plain)  # readers that predate clustering keep working
-    group = GroupBase(group=1, base_hash="2" * 64, blob={**ref, "blob_id": "cd" * 8}, sites=["b"])
+    group = GroupBase(
+        group=1, base_hash="2" * 64, blob={**ref, "blob_id": "cd" * 8, "sha256": "2" * 64}, sites=["b"]
+    )
     start = RoundStart(**base, groups=[group])
     again = parse_message(encode_message(start))
     assert again == start
@@ -131,3 +133,8 @@ def test_the_round_document_names_each_sites_model_and_stays_readable_without_gr
         RoundStart(**base, groups=[group, group.model_copy(update={"group": 0})])
     with pytest.raises(ValueError, match="not selected"):
         RoundStart(**base, groups=[group.model_copy(update={"sites": ["z"]})])
+    # a base hash that is not its blob's: no site could ever get that model (it waited the round out)
+    with pytest.raises(ValueError, match=r"base_hash is not blob\.sha256"):
+        RoundStart(**{**base, "base_hash": "3" * 64})
+    with pytest.raises(ValueError, match=r"base_hash is not blob\.sha256"):
+        GroupBase(group=1, base_hash="2" * 64, blob=ref, sites=["b"])

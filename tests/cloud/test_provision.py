@@ -419,3 +419,20 @@ def test_one_deeply_nested_message_does_not_deafen_a_signing_node(provisioned, c
     finally:
         cloud.stop()
         site_a.stop()
+
+
+@pytest.mark.parametrize("name", [AGGREGATOR, OPERATOR])
+def test_no_site_may_take_a_reserved_node_name(name, tmp_path, tiny_federation):
+    """`aggregator` and `operator` are nodes of their own: a site of either name shared their status
+    topic (on a broker without ACLs the aggregator's own status was taken for a site's)."""
+    from edge.agent import AgentConfig
+
+    with pytest.raises(ValueError, match="reserved node names"):
+        Provisioning.create(tmp_path / "pki", FED, ["site-a", name])
+    assert not (tmp_path / "pki").exists()  # refused before anything was written
+    with pytest.raises(ValueError, match="reserved node names"):
+        AgentConfig(site=name, data=tiny_federation / "sites" / "site00", state_dir=tmp_path)
+    result = CliRunner().invoke(
+        app, ["provision", "--federation", FED, "--sites", name, "--out", str(tmp_path)]
+    )
+    assert result.exit_code != 0 and "reserved node names" in result.output

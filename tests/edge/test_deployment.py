@@ -8,6 +8,7 @@ import copy
 import hashlib
 import itertools
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -427,3 +428,30 @@ def test_a_deployment_nobody_sends_is_asked_for_less_often_and_said_once(tmp_pat
     assert all(later > 1.5 * earlier for earlier, later in itertools.pairwise(gaps)), gaps
     said = [r.getMessage() for r in caplog.records if "nobody may be sending it" in r.getMessage()]
     assert len(said) == 1 and "still serving nothing" in said[0]
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"mean": [float("nan"), 0.5, 0.5]}, "mean"),
+        ({"scale": float("inf")}, "scale"),
+        ({"std": [0.5, 0.0, 0.5]}, "std"),
+        ({"height": "64"}, "height"),
+        ({"height": 64.0}, "height"),
+        ({"output_dim": 0}, "output_dim"),
+    ],
+)
+def test_a_deployment_whose_contract_breaks_the_wire_rules_is_dropped(tmp_path, change, says, caplog):
+    """The contract escaped the rules every message keeps (2026-12-04 spec audit): a NaN mean, an infinite
+    scale, a height as a string were accepted, and the site would have served with them."""
+    topics = Topics("bad")
+    deployments = Deployments(tmp_path / "s", Endpoint("mqtt://127.0.0.1:1", topics, "s", "site"))
+    good = _manifest("bad", b"m" * 5000)
+    bad = good.model_copy(update={"contract": {**good.contract, **change}})
+    with caplog.at_level(logging.WARNING):
+        deployments._on_manifest(topics.deploy, encode_message(bad))
+    assert deployments.pending is None
+    dropped = [r.getMessage() for r in caplog.records if "dropped deployment manifest" in r.getMessage()]
+    assert len(dropped) == 1 and says in dropped[0], dropped
+    deployments._on_manifest(topics.deploy, encode_message(good))
+    assert deployments.pending is not None  # (the same manifest with its contract intact is taken)

@@ -54,7 +54,7 @@ def test_agent_survives_hostile_input_then_trains_a_round(tiny_federation, tmp_p
         while "a run this site was not part of ended" not in text() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert "a run this site was not part of ended" in text() and agent.poll() is None, text()
-        ref = BlobRef(blob_id="ee" * 16, size=10, sha256="e" * 64, chunks=1)
+        ref = BlobRef(blob_id="ee" * 16, size=10, sha256="e" * 64, chunks=1)  # (base_hash: its sha256)
         other_fed = RoundStart(
             federation="elsewhere",
             round=0,

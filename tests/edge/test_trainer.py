@@ -14,7 +14,7 @@ from protocol.messages import BlobRef, ModelInfo, RoundStart, TrainingInfo
 
 
 def _start(round_: int) -> RoundStart:
-    ref = BlobRef(blob_id="ab" * 16, size=10, sha256="e" * 64, chunks=1)
+    ref = BlobRef(blob_id="ab" * 16, size=10, sha256=f"{round_:064x}", chunks=1)
     return RoundStart(
         federation="default",
         round=round_,
@@ -53,7 +53,7 @@ def test_a_site_is_idle_before_it_says_it_failed_a_round(tiny_federation, tmp_pa
     out the deadline)."""
     agent, states, trained = _agent(tiny_federation, tmp_path)
     start = _start(3)
-    agent.working = (start.round, start.base_hash)
+    agent.working = (start.round, start.base_hash, True)
     agent.jobs.put((start, b"", 0.0))
     trainer = threading.Thread(target=agent._trainer, daemon=True)
     trainer.start()
@@ -63,7 +63,7 @@ def test_a_site_is_idle_before_it_says_it_failed_a_round(tiny_federation, tmp_pa
     agent.jobs.put(None)
     trainer.join(timeout=30)
     assert trained == [3] and not trainer.is_alive()
-    assert states == [("training", 3, (3, start.base_hash)), ("failed", 3, None)]
+    assert states == [("training", 3, (3, start.base_hash, True)), ("failed", 3, None)]
 
 
 def test_models_that_queued_while_the_site_trained_leave_only_the_newest(tiny_federation, tmp_path):
@@ -143,7 +143,7 @@ def test_an_update_lost_before_its_ack_is_trained_again_not_waited_for(tiny_fede
     again.endpoint.set_state = agent.endpoint.set_state  # type: ignore[method-assign]
     with caplog.at_level(logging.WARNING):
         again._on_round("round", encode_message(start))
-    assert again.fetch is not None and again.working == (3, start.base_hash)
+    assert again.fetch is not None and again.working == (3, start.base_hash, True)
     assert "this round's update was lost before it was acknowledged: training again" in caplog.text
     settled = Agent(agent.cfg)
     settled._save_progress(Progress(3, start.base_hash, True, ""))
@@ -167,6 +167,55 @@ def test_a_full_disk_when_a_round_is_announced_is_a_failed_status(tiny_federatio
         agent._on_round("round", encode_message(start))
     assert states == [("failed", 0, None)]
     assert "cannot take part in round 0: [Errno 28] No space left on device" in caplog.text
+
+
+def test_an_evaluation_round_and_a_training_round_of_one_round_and_base_are_two_rounds(
+    tiny_federation, tmp_path
+):
+    """A run extended after its evaluation round: training round R has the evaluation round R's number
+    and base. The site keyed its work on (round, base_hash), took the training round for the evaluation
+    round announced again and did not train it (until a deadline extension came): docs/protocol.md keys
+    rounds on (round, base_hash, train)."""
+    agent, _, _ = _agent(tiny_federation, tmp_path)
+    training = _start(5).model_copy(update={"selected": ["s"]})
+    evaluation = training.model_copy(update={"train": False})
+    agent.working = (5, evaluation.base_hash, False)  # fetching the evaluation round's model
+    agent._on_round_start(training)
+    assert agent.working == (5, training.base_hash, True)
+    assert agent.fetch is not None and agent.fetch.start == training
+    agent._on_round_start(training.model_copy(update={"deadline": training.deadline + 60}))  # extension
+    assert agent.fetch.start.deadline == training.deadline + 60 and agent.working[2] is True
+
+
+def test_a_retained_run_end_without_run_id_ends_no_site(tiny_federation, tmp_path):
+    """A retained RunEnd ends only a site of the run it names; one that names none (`run_id` left out,
+    as a third-party aggregator may) ended a site that had not taken part in any run yet."""
+    from protocol.messages import RunEnd, encode_message
+
+    agent, _, _ = _agent(tiny_federation, tmp_path)
+    agent.cfg.exit_when_done = True
+    end = encode_message(RunEnd(federation="default", rounds=3))
+    agent.endpoint.retained_message = True  # (delivered as the site subscribed)
+    agent._on_round("round", end)
+    assert not agent.done.is_set()
+    agent.endpoint.retained_message = False  # sent while the site listens: the run is over
+    agent._on_round("round", end)
+    assert agent.done.is_set()
+
+
+def test_the_rounds_preprocessing_is_what_the_site_trains_with(tiny_federation, tmp_path):
+    """ModelInfo carries the normalisation and the jitter (a config's `input.mean` reached the deployed
+    contract but no site: sites trained with ImageNet's statistics); left out, the defaults hold."""
+    from reid.data import InputSpec
+
+    agent, _, _ = _agent(tiny_federation, tmp_path)
+    start = _start(0)
+    assert agent._site(start).input_spec == InputSpec(height=256, width=128)
+    custom = ModelInfo(
+        arch="resnet18", height=64, width=32, mean=[0.5, 0.5, 0.5], std=[0.25, 0.5, 1.0], pad=3
+    )
+    spec = agent._site(start.model_copy(update={"model": custom})).input_spec
+    assert (spec.mean, spec.std, spec.pad_pixels, spec.height) == ((0.5, 0.5, 0.5), (0.25, 0.5, 1.0), 3, 64)
 
 
 def test_a_dp_spend_whose_update_never_left_the_site_is_not_counted(tiny_federation, tmp_path):

@@ -78,6 +78,10 @@ def test_round_trip_and_expected_kind():
         (json.dumps(_update(base_hash="xyz")).encode(), "base_hash"),
         (b"{" + b" " * 300_000 + b"}", "exceeds"),
         (b"[" * 200_000, "nested too deeply"),  # (json's RecursionError escaped every ValueError guard)
+        # UTF-8 only: json.loads took UTF-16/32 bytes and a BOM too, which a client from the docs would not
+        (json.dumps(_update()).encode("utf-16"), "utf-8"),
+        (json.dumps(_update()).encode("utf-32-le"), "not JSON"),
+        (b"\xef\xbb\xbf" + json.dumps(_update()).encode(), "BOM"),
         # JSON types as they are (a strict receiver would refuse what a lax one coerced; 2026-12-04 audit)
         (json.dumps(_update(schema_version=1.0)).encode(), "schema_version"),
         (json.dumps(_update(schema_version=True)).encode(), "schema_version"),
@@ -162,3 +166,29 @@ def test_the_largest_chunk_request_fits_a_control_message_signed_or_not():
     keyring = Keyring({"aggregator": ("aggregator", key.public_key())}, topics)
     signer, inner = keyring.open(Signer("aggregator", key).wrap(payload), topics.site("s1", "resend"))
     assert signer == "aggregator" and parse_message(inner) == req
+
+
+def test_the_largest_round_start_fits_a_control_message():
+    """`selected` allowed 10,000 names: with long names the RoundStart was 660 KB, refused by every site
+    (a round nobody could read). As many sites as a round names, with the longest names, each listed
+    again in one of 64 groups, fit."""
+    from protocol.messages import (
+        MAX_MESSAGE_BYTES,
+        MAX_SELECTED,
+        GroupBase,
+        ModelInfo,
+        RoundStart,
+        TrainingInfo,
+    )
+
+    names = [f"{i:04d}".ljust(64, "x") for i in range(MAX_SELECTED)]
+    ref = BLOB.model_copy(update={"sha256": "a" * 64})
+    groups = [GroupBase(group=g, base_hash="a" * 64, blob=ref, sites=names[g::64]) for g in range(64)]
+    start = RoundStart(
+        federation="f" * 64, round=10**9, base_hash="a" * 64, blob=ref, model=ModelInfo(arch="resnet50"),
+        training=TrainingInfo(), deadline=1e10, selected=names, run_id="ab" * 16, groups=groups,
+    )  # fmt: skip
+    payload = encode_message(start)
+    assert len(payload) <= MAX_MESSAGE_BYTES and parse_message(payload) == start
+    with pytest.raises(ValueError, match="selected"):
+        RoundStart(**{**start.model_dump(), "groups": [], "selected": [*names, "one-more"]})

@@ -115,6 +115,33 @@ def test_bad_envelopes_are_refused(identities, case, reason):
         keyring.open(payload, topic)
 
 
+def test_a_node_named_chunks_or_resend_is_a_node_like_any_other(identities, tmp_path):
+    """Chunk and request topics are exact topics, not suffixes: the status of a site named `chunks` went
+    out unsigned and was opened unchecked (a docs-only receiver dropped it; a broker could forge it),
+    and `status/resend` counted as a request topic."""
+    from protocol.mqtt import Endpoint
+
+    for name in ("chunks", "resend"):
+        assert not T.is_chunks(T.status(name)) and not T.is_request(T.status(name))
+    assert all(T.is_chunks(t) for t in (T.global_chunks, T.deploy_chunks, T.site("chunks", "chunks")))
+    assert all(T.is_request(t) for t in (T.global_resend, T.deploy_resend, T.site("resend", "resend")))
+    assert not T.is_chunks(T.site("chunks", "update")) and not T.is_chunks("fedreid/v1/other/global/chunks")
+    # a node named chunks signs its status, and a receiver verifies it
+    key = ed25519.Ed25519PrivateKey.generate()
+    public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    ring = {
+        "federation": "fed",
+        "identities": {"chunks": {"role": "site", "signing_key": base64.b64encode(public).decode()}},
+    }
+    (tmp_path / "keys.json").write_text(json.dumps(ring))
+    site = Endpoint("mqtt://127.0.0.1:1", T, "chunks", "site")  # (never connects)
+    site.signer = Signer("chunks", key)
+    sealed = site._status("online")
+    assert json.loads(sealed)["kind"] == "signed"
+    signer, inner = Keyring.load(tmp_path / "keys.json", T).open(sealed, T.status("chunks"))
+    assert signer == "chunks" and parse_message(inner).node == "chunks"
+
+
 def test_a_key_outside_the_keyring_and_another_federation_are_refused(identities, tmp_path_factory):
     keyring, _, folder = identities
     stranger = ed25519.Ed25519PrivateKey.generate()

@@ -80,3 +80,48 @@ def test_retained_status_and_last_will(mosquitto_url):
         latecomer.stop()
     finally:
         watcher.stop()
+
+
+def test_a_reconnect_publishes_the_status_as_last_set(mosquitto_url):
+    """A site that failed round 3 ("disk full") and then reconnected (or installed a deployment) said
+    `failed` with no round and no reason: a receiver lost which round failed and why."""
+    topics = Topics("t3")
+    seen: list[NodeStatus] = []
+    watcher = Endpoint(
+        mosquitto_url,
+        topics,
+        "watcher",
+        "aggregator",
+        {topics.status_all: lambda t, p: seen.append(parse_message(p, NodeStatus))},
+    ).start()
+    site = Endpoint(mosquitto_url, topics, "site-c", "site").start()
+    try:
+        assert site.connected.wait(10)
+        site.set_state("failed", 3, "OSError: disk full")
+        assert _wait(lambda: any(s.state == "failed" for s in seen))
+        site.deployed = "t3/round-2"
+        site.restate()  # (a deployment installed)
+        site.client.reconnect()
+        assert _wait(lambda: sum(s.node == "site-c" and s.state == "failed" for s in seen) >= 3)
+        failed = [s for s in seen if s.node == "site-c" and s.state == "failed"]
+        assert all((s.round, s.reason) == (3, "OSError: disk full") for s in failed)
+        assert failed[-1].deployed == "t3/round-2"
+    finally:
+        site.stop()
+        watcher.stop()
+
+
+def test_clearing_a_retained_message_does_not_take_the_place_of_one_still_waiting(mosquitto_url):
+    """A RunEnd and then the empty payload that clears it (a new run starting) waited in a site's inbox:
+    the round topic keeps only its newest message, and the empty one took the RunEnd's place (a site
+    with exit_when_done never left). An empty payload says nothing and is not queued."""
+    from types import SimpleNamespace
+
+    from protocol.messages import RunEnd, encode_message
+
+    topics = Topics("t4")
+    ep = Endpoint(mosquitto_url, topics, "site-d", "site")  # (not started: the messages wait)
+    end = encode_message(RunEnd(federation="t4", rounds=2))
+    ep._on_message(None, None, SimpleNamespace(topic=topics.round, payload=end, retain=False))
+    ep._on_message(None, None, SimpleNamespace(topic=topics.round, payload=b"", retain=True))
+    assert len(ep.inbox) == 1 and ep.inbox.get() == (topics.round, end, False)
