@@ -217,9 +217,14 @@ def _final_rows(records: list[dict]) -> list[dict[str, object]]:
             row = rows.setdefault(r["site"], {"site": r["site"]})
             row[f"{r['model']} rank-1"] = r["rank1"]
             row[f"{r['model']} mAP"] = r["mAP"]
-    table = list(rows.values())
-    keys = [k for k in table[0] if k != "site"]
-    table.append({"site": "mean", **{k: sum(float(row[k]) for row in table) / len(table) for k in keys}})
+    # a site may lack a column (sampled or failed in the last round: no local score): "-", and each mean is
+    # over the sites that have the score
+    keys = list(dict.fromkeys(k for row in rows.values() for k in row if k != "site"))
+    table: list[dict[str, object]] = [
+        {"site": s, **{k: row.get(k, "-") for k in keys}} for s, row in rows.items()
+    ]
+    means = {k: [float(row[k]) for row in rows.values() if k in row] for k in keys}
+    table.append({"site": "mean", **{k: sum(v) / len(v) for k, v in means.items()}})
     return table
 
 

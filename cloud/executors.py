@@ -18,6 +18,7 @@ unpickles anything).
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Literal
 
@@ -54,7 +55,20 @@ class ExecutorConfig(BaseModel):
 
 
 class ExecutorUnavailable(RuntimeError):
-    """The executor cannot run here (Ray not installed, the cluster cannot fit one site job)."""
+    """The executor cannot run here (Ray not installed, no cluster at the address, the cluster cannot fit
+    one site job)."""
+
+
+def _check_reachable(address: str) -> None:
+    """Ray retries a cluster address that does not answer for many minutes (a run that looks hung): a
+    HOST:PORT (or ray://HOST:PORT) that refuses a TCP connection for 10 s is one line instead."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except (OSError, ValueError) as err:
+        raise ExecutorUnavailable(f"no Ray cluster at {address} ({err})") from None
 
 
 class LocalExecutor:
@@ -113,9 +127,17 @@ class RayExecutor:
 
     def __init__(self, config: ExecutorConfig, sim_config, public_dir: str | None) -> None:
         ray = self.ray = _import_ray()
+        if config.ray_address is not None:
+            _check_reachable(config.ray_address)
         self.owns = not ray.is_initialized()
         if self.owns:
-            ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=True)
+            try:
+                ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=True)
+            except ConnectionError as err:  # (`auto` with no cluster running on this node)
+                said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ExecutorUnavailable(
+                    f"cannot join a Ray cluster at {config.ray_address}: {said}"
+                ) from None
         resources = ray.cluster_resources()
         cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
         if config.site_cpus > cpus or config.site_gpus > gpus:

@@ -67,6 +67,8 @@ RETRY_S = 30.0  # the agent's service that could not start (port taken, gallery 
 # operators wait for the preempted one (int8 ResNet-50 on 2 cores, 16 clients: 176 -> 195 crops/s,
 # docs/benchmarks.md).
 INLINE_DECODE_PIXELS = 4 * 256 * 128
+FORM_PART_BYTES = 4096  # a multipart part's boundary and headers, at most, beside its crop
+MAX_JSON_BYTES = 1 << 20  # a JSON search request (a 65,536-d feature is about 1.3 MB of text: 8,192-d fits)
 T = TypeVar("T")
 
 
@@ -401,13 +403,41 @@ class FeatureService:
         self.store.close()
 
 
-async def _crops_of(request: Request) -> list[bytes]:
-    """The crops of a request: one raw image body, or the file parts of a multipart form."""
-    kind = request.headers.get("content-type", "")
-    if kind.startswith("multipart/form-data"):
-        form = await request.form()
-        return [await part.read() for _, part in form.multi_items() if hasattr(part, "read")]
-    return [await request.body()]
+async def _crops_of(request: Request, cfg: ServiceConfig, one: bool = False) -> list[bytes]:
+    """The crops of a request: one raw image body, or the file parts of a multipart form (`one`: a
+    search, which takes one crop: 422 for more). A body or part over the limits is refused (413) as it
+    arrives: bodies were read whole first, and four 400 MB ones held 2.1 GB of a camera box's memory."""
+    kind = request.headers.get("content-type", "").lower()
+    if not kind.startswith("multipart/form-data"):
+        return [await _body(request, cfg.max_crop_bytes, "crop 0")]
+    crops = 1 if one else cfg.max_crops_per_request
+    _refuse_declared(request, crops * (cfg.max_crop_bytes + FORM_PART_BYTES), f"a form of {crops} crops")
+    # (file parts are spooled to disk past 1 MB by the form parser)
+    form = await request.form(max_files=cfg.max_crops_per_request + 1, max_fields=16)
+    parts = [part for _, part in form.multi_items() if hasattr(part, "read")]
+    for i, part in enumerate(parts):
+        if part.size is not None and part.size > cfg.max_crop_bytes:
+            raise CropError(f"crop {i}: {part.size} bytes, more than {cfg.max_crop_bytes}")
+    if one and len(parts) > 1:
+        raise HTTPException(422, f"a search takes one crop; this request has {len(parts)}")
+    return [await part.read() for part in parts]
+
+
+def _refuse_declared(request: Request, limit: int, what: str) -> None:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise CropError(f"{what}: {declared} bytes, more than {limit}")
+
+
+async def _body(request: Request, limit: int, what: str) -> bytes:
+    """The request's body, refused (413) past `limit` bytes as it arrives, not after it was read whole."""
+    _refuse_declared(request, limit, what)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:  # (sent without Content-Length, or longer than it said)
+            raise CropError(f"{what}: more than {limit} bytes")
+    return bytes(body)
 
 
 def _problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -487,7 +517,7 @@ def create_app(service: FeatureService) -> FastAPI:
     @app.post("/v1/embed", response_model=EmbedResponse)
     async def embed(request: Request) -> EmbedResponse:
         """L2-normalised features of one crop (raw JPEG/PNG body) or many (multipart file parts)."""
-        features, served = await service.embed(await _crops_of(request))
+        features, served = await service.embed(await _crops_of(request, service.cfg))
         return EmbedResponse(model=served.ref, features=features.tolist())
 
     @app.post("/v1/gallery", response_model=AddResponse)
@@ -510,7 +540,7 @@ def create_app(service: FeatureService) -> FastAPI:
         ok, why = service.ready()
         if not ok:
             raise HTTPException(503, why, {"Retry-After": "5"})
-        crops = await _crops_of(request)
+        crops = await _crops_of(request, service.cfg)
         when = time.time() if capture_time is None else capture_time
         entries = [NewEntry(c, camera, when, track, tags) for c in crops]
         ids, served = await service.with_gallery(
@@ -558,9 +588,11 @@ def create_app(service: FeatureService) -> FastAPI:
         ok, why = service.ready()
         if not ok:
             raise HTTPException(503, why, {"Retry-After": "5"})
-        if request.headers.get("content-type", "").startswith("application/json"):
+        if request.headers.get("content-type", "").lower().startswith("application/json"):
             try:
-                query = SearchRequest.model_validate_json(await request.body())
+                query = SearchRequest.model_validate_json(
+                    await _body(request, MAX_JSON_BYTES, "search request")
+                )
             except ValidationError as err:
                 raise HTTPException(422, f"search request: {_said(err.errors())}") from None
             with np.errstate(over="ignore"):
@@ -590,7 +622,7 @@ def create_app(service: FeatureService) -> FastAPI:
                 raise HTTPException(409, "the feature was made by another model than the gallery's") from None
             model = ModelRef(version=version or service.store.model_version, sha256=sha)
         else:
-            crops = await _crops_of(request)
+            crops = await _crops_of(request, service.cfg, one=True)
             found, served = await service.with_gallery(
                 crops, lambda f, s: service.store.search(f[:1], top_k, camera, since, until, s.ref.sha256)
             )

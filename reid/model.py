@@ -238,6 +238,9 @@ def _check_state(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch
             raise ModelError(
                 f"{what}: {key} has shape {tuple(state[key].shape)}, expected {tuple(ref.shape)}"
             )
+        if state[key].is_floating_point() and not bool(torch.isfinite(state[key]).all()):
+            # (a model of NaN scored rank-1 0.0, trained at loss nan and was written again, all "fine")
+            raise ModelError(f"{what}: {key} holds NaN or infinite values")
 
 
 def load_shared_state(model: ReIDModel, state: Mapping[str, torch.Tensor]) -> None:

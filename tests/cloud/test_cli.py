@@ -181,3 +181,24 @@ def test_a_config_file_that_is_not_text_or_starts_with_a_bom(tmp_path):
         load_config(ServeConfig, path, {})
     with pytest.raises(ConfigError, match=r"cannot read it"):
         load_config(ServeConfig, tmp_path, {})  # a folder
+
+
+def test_the_final_table_takes_sites_without_a_local_score():
+    """With client sampling (or a failed site) some sites have only a global score in the last round:
+    the table took its columns from the first row and `simulate` ended in KeyError after every run and
+    every resume (2026-12-04 new-user audit)."""
+    from cloud.cli import _final_rows
+
+    records = [
+        {"round": 0, "site": "a", "model": "global", "rank1": 10.0, "mAP": 5.0},
+        {"round": 1, "site": "a", "model": "global", "rank1": 40.0, "mAP": 20.0},
+        {"round": 1, "site": "b", "model": "global", "rank1": 60.0, "mAP": 30.0},
+        {"round": 1, "site": "b", "model": "local", "rank1": 50.0, "mAP": 25.0},
+        {"round": 1, "kind": "round_summary"},
+    ]
+    rows = _final_rows(records)
+    assert [r["site"] for r in rows] == ["a", "b", "mean"]
+    assert all(list(r) == ["site", "global rank-1", "global mAP", "local rank-1", "local mAP"] for r in rows)
+    assert (
+        rows[0]["local rank-1"] == "-" and rows[2]["global rank-1"] == 50.0 and rows[2]["local mAP"] == 25.0
+    )

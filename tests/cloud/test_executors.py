@@ -187,3 +187,30 @@ def test_without_ray_the_executor_says_how_to_install_it(tiny_federation, tmp_pa
     )
     assert result.exit_code != 0
     assert INSTALL_HINT in " ".join(result.output.split())
+
+
+def test_a_cluster_address_nobody_answers_is_one_line_not_a_hang(tiny_federation, tmp_path):
+    """`--ray-address 127.0.0.1:1` retried for 7.5 minutes and more before this (2026-12-04 new-user
+    audit): a HOST:PORT that refuses a connection stops the run with one line."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        missing("Ray is not installed (pip install -e '.[cluster]'; `make setup` does it)")
+    from protocol.broker import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(ExecutorUnavailable, match=f"no Ray cluster at {address}"):
+        make_executor(
+            RAY.model_copy(update={"ray_address": address}),
+            _config(),
+            None,
+            build_model(ModelSpec(arch="resnet18")),
+        )
+    assert time.monotonic() - started < 30
+    result = CliRunner().invoke(
+        app,
+        ["simulate", "--data", str(tiny_federation / "sites"), "--out", str(tmp_path), "--executor", "ray",
+         "--ray-address", address],
+    )  # fmt: skip
+    assert result.exit_code != 0 and f"no Ray cluster at {address}" in " ".join(result.output.split())

@@ -159,6 +159,9 @@ def test_bad_input_is_a_clear_4xx_and_the_service_goes_on(exported, crops, tmp_p
                 (post("/v1/embed", content=png_claiming(20000, 10000)), 413, "more than 10000 pixels"),
                 (post("/v1/embed", content=b"x" * 300_000), 413, "300000 bytes"),
                 (post("/v1/embed", files=[("c", c) for c in crops[:5]]), 413, "5 crops in one request"),
+                (post("/v1/embed", files=[("c", b"x" * 300_000)]), 413, "crop 0: 300000 bytes"),
+                (post("/v1/search", files=[("c", c) for c in crops[:2]]), 422, "a search takes one crop"),
+                (post("/v1/search", content=b" " * (2 << 20), headers=JSON), 413, "search request"),
                 (post("/v1/search", json={"feature": [0.1] * 7}), 422, "feature of 7 values"),
                 (post("/v1/search", content=b'{"feature": [NaN]}', headers=JSON), 422, "search request"),
                 (post("/v1/gallery", params={"labels": "[1]"}, content=crops[0]), 422, "labels"),
@@ -179,6 +182,25 @@ def test_bad_input_is_a_clear_4xx_and_the_service_goes_on(exported, crops, tmp_p
             assert _metric(url, "fedreid_edge_rejected_total") >= 6
     finally:
         service.close()
+
+
+def test_a_body_past_the_limit_is_refused_as_it_arrives_not_after():
+    """Bodies were read whole before any limit was applied: four 400 MB bodies held 2.1 GB of the service
+    (2026-12-04 new-user audit). A body without Content-Length is refused once it passes the limit."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    received = [0]
+
+    async def receive() -> dict:
+        received[0] += 1
+        return {"type": "http.request", "body": b"x" * 300, "more_body": received[0] < 1000}
+
+    request = Request({"type": "http", "method": "POST", "headers": []}, receive)
+    with pytest.raises(feature_service.CropError, match="crop 0: more than 1000 bytes"):
+        asyncio.run(feature_service._body(request, 1000, "crop 0"))
+    assert received[0] == 4  # (of 1,000 chunks: 300 KB)
 
 
 def test_a_request_is_decoded_one_crop_at_a_time(exported, crops, monkeypatch):

@@ -140,6 +140,41 @@ def test_what_is_not_a_model_says_so(produced, tmp_path):
         find_model(tmp_path / "missing")
 
 
+def test_a_model_file_of_nan_is_refused_by_every_reader(produced, tiny_federation, tmp_path):
+    """`evaluate` scored a model of NaN (rank-1 0.0, exit 0), `train --pretrained` trained it at loss nan
+    and wrote it again, `export` blamed its parity gate (2026-12-04 new-user audit): one line naming the
+    tensor, wherever the file is read."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    source = produced["train"] / "model.safetensors"
+    with safe_open(str(source), framework="pt") as f:
+        header, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    key = next(k for k, v in tensors.items() if k.startswith("backbone") and v.is_floating_point())
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    bad = tmp_path / "nan.safetensors"
+    save_file(tensors, str(bad), metadata=header)
+    with pytest.raises(ModelError, match=f"{key} holds NaN or infinite values"):
+        load_checkpoint(bad)
+    site = tiny_federation / "sites" / "site01"
+    runner = CliRunner()
+    train = [
+        "train",
+        "--data",
+        str(site),
+        "--arch",
+        "resnet18",
+        "--pretrained",
+        str(bad),
+        "--out",
+        str(tmp_path),
+    ]
+    for command in (["evaluate", "--model", str(bad), "--data", str(site)], train):
+        result = runner.invoke(edge_app, command)
+        said = " ".join(result.output.replace("│", " ").split())
+        assert result.exit_code != 0 and "holds NaN or infinite values" in said, result.output
+
+
 def test_atomic_writes_from_threads_leave_one_whole_version_and_no_leftovers(tmp_path):
     """Two threads writing one state file (the aggregator's open round) each use their own temporary
     file: the result is one whole version, never an error or a mix. A temporary that a killed process
