@@ -183,7 +183,7 @@ def evaluate(
 
     A model of a run with bn local is scored as this site serves it: with its BatchNorm layers
     (--site-batchnorm; else the global ones), their statistics estimated on its training images."""
-    from reid.data import InputSpec
+    from reid.data import DatasetLayoutError, InputSpec
     from reid.model import ModelError, ModelSpec, build_model
     from reid.train import adapt_to_site
     from reid.weights import load_checkpoint, read_site_batchnorm
@@ -218,7 +218,10 @@ def evaluate(
                 "this site's" if site_bn is not None else "no --site-batchnorm: the global",
                 seen,
             )
-        metrics = site.evaluate(model.to(dev), dev, flip=flip)
+        try:
+            metrics = site.evaluate(model.to(dev), dev, flip=flip)
+        except DatasetLayoutError as err:
+            raise typer.BadParameter(str(err), param_hint="--data") from None
         name = model_path.name if model_path else f"{arch} ({'pretrained' if pretrained else 'random init'})"
         out.print(metrics_table(f"{site.name}: {name}", [_metric_row("evaluate", metrics)]))
 

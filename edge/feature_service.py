@@ -335,7 +335,7 @@ class FeatureService:
                 "embedding %d gallery entries with model %s%s",
                 self.store.stored() - staged,
                 green.ref.version,
-                f" ({staged} were embedded before an interruption)" if staged else "",
+                f" ({staged} have their features already)" if staged else "",
             )
             self._embed_gallery(green)
             with self.store.lock:  # additions and searches wait for those added meanwhile and the switch

@@ -127,6 +127,7 @@ class GalleryStore:
                     f"{path}: a gallery file of a development version before 0.x; remove it"
                 )
             self.model = self._stored_model()  # (version, sha256) of the features; ("", "") when none yet
+            self._repair()
             self._load()
         except sqlite3.DatabaseError as err:  # a damaged file: say which, and what to do
             owner.close()
@@ -142,6 +143,35 @@ class GalleryStore:
         rows = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
         return rows.get("model_version", ""), rows.get("model_sha256", "")
 
+    def _repair(self) -> None:
+        """Rows a damaged file (or a hand edit) left unusable, one line each: a feature that is not `dim`
+        float32 values is dropped, and its entry is embedded again at start like one whose feature was
+        lost; a capture time, camera or track of the wrong type becomes 0 / "" (they stopped the service
+        at start with a traceback). A file SQLite cannot read at all is GalleryStoreError, above."""
+        with self.lock, self._transaction():
+            features = self.db.execute(
+                "DELETE FROM features WHERE typeof(feature) != 'blob' OR length(feature) != ?",
+                (4 * self.dim,),
+            ).rowcount
+            fixed = sum(
+                self.db.execute(
+                    f"UPDATE entries SET {column} = ? WHERE typeof({column}) NOT IN ({kinds})", (value,)
+                ).rowcount
+                for column, kinds, value in (
+                    ("time", "'real', 'integer'", 0.0),
+                    ("camera", "'text'", ""),
+                    ("track", "'text'", ""),
+                )
+            )
+        if features:
+            log.warning(
+                "%s: %d damaged features dropped; their entries are embedded again", self.path, features
+            )
+        if fixed:
+            log.warning(
+                "%s: %d entries had a damaged time, camera or track: set to 0 / empty", self.path, fixed
+            )
+
     # -- in-memory index -------------------------------------------------------------------------------
     def _load(self) -> None:
         rows = self.db.execute(
@@ -152,9 +182,7 @@ class GalleryStore:
         self.ids = np.array([r[0] for r in rows], dtype=np.int64)
         self.cameras = np.array([r[1] for r in rows], dtype=object)
         self.times = np.array([r[2] for r in rows], dtype=np.float64)
-        feats = [np.frombuffer(r[3], dtype=np.float32) for r in rows]
-        if any(len(f) != self.dim for f in feats):
-            raise GalleryStoreError(f"{self.path}: features of another size than {self.dim}")
+        feats = [np.frombuffer(r[3], dtype=np.float32) for r in rows]  # (all `dim` long: _repair)
         self.features = np.stack(feats) if feats else np.zeros((0, self.dim), np.float32)
 
     @property

@@ -8,6 +8,7 @@ federation last deployed there.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,12 +66,17 @@ def extract(
     """Extract L2-normalised features of every crop in a folder into an .npz (with names, model version)."""
     from export.gallery import extract_folder
 
+    if not out_path.parent.is_dir():  # (said before the work, not after it)
+        raise typer.BadParameter(f"{out_path.parent} is not a folder", param_hint="--out")
     fx = _extractor(model_path)
     try:
         gallery = extract_folder(fx, images, flip=flip)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--images") from None
-    gallery.save(out_path)
+    try:
+        gallery.save(out_path)
+    except OSError as err:
+        fail(out, f"cannot write {out_path}: {err}")
     out.print(
         f"{len(gallery.names)} features ({gallery.features.shape[1]}-d, model {gallery.version or '-'}) "
         f"written to {out_path}"
@@ -81,7 +87,10 @@ def _load_gallery(fx: FeatureExtractor, path: Path, reindex: bool) -> Gallery:
     from export.gallery import Gallery, GalleryError, extract_folder
 
     if path.suffix != ".npz":
-        return extract_folder(fx, path)
+        try:
+            return extract_folder(fx, path)
+        except ValueError as err:  # (a folder without crops, crops none of which can be read)
+            raise typer.BadParameter(str(err), param_hint="--gallery") from None
     try:
         gallery = Gallery.load(path)
         try:
@@ -239,9 +248,19 @@ def serve_features(
         fail(out, f"cannot listen on {host}:{port}: {err}")
     bound = listener.getsockname()[1]
     out.print(f"serving {ref.version} ({ref.sha256[:12]}) on http://{host}:{bound}, gallery {gallery}")
+    # uvicorn shuts down gracefully on SIGTERM (systemd, docker stop), then raises the signal again with
+    # the handler it found: the default one ended the process there (exit 143) before the gallery was
+    # closed, its data left in the -wal file beside it. This handler makes that a clean exit instead.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
         server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
         server.run(sockets=[listener])
+    except KeyboardInterrupt:  # (Ctrl-C, raised again by uvicorn after its graceful shutdown)
+        pass
     finally:
         listener.close()
         service.close()
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)

@@ -54,8 +54,8 @@ class Gallery:
                     str(data["root"]) if "root" in data else "",
                     bool(data["flip"]) if "flip" in data else False,
                 )
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
-            raise GalleryError(f"{path}: not a features file ({err})") from None
+        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:  # (EOF: an empty file)
+            raise GalleryError(f"{path}: not a features file ({type(err).__name__}: {err})") from None
         if gallery.features.ndim != 2 or len(gallery.features) != len(gallery.names):
             raise GalleryError(f"{path}: {gallery.features.shape} features for {len(gallery.names)} names")
         return gallery

@@ -102,7 +102,11 @@ class OrtBackend:
             isinstance(p, tuple) for p in chosen
         ):  # only the TensorRT EP uses it
             cache_dir.mkdir(parents=True, exist_ok=True)
-        self.session = ort.InferenceSession(str(path), options, providers=chosen)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=chosen)
+        except Exception as err:  # (ONNX Runtime's own error types: a truncated or damaged graph)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ContractError(f"{path}: ONNX Runtime cannot load it: {first[:300]}") from None
         self.providers = self.session.get_providers()
         inputs = self.session.get_inputs()
         if (

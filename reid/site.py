@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from reid.data import (
+    DatasetLayoutError,
     ImageDataset,
     InputSpec,
     ReIDSplits,
@@ -112,7 +113,12 @@ class SiteData:
         if len(keep) < len(records):
             dataset = Subset(dataset, keep)  # (its items keep their index in the whole split)
         loader = make_loader(dataset, self.batch_size * 2, train=False, num_workers=workers)
-        feats, idx = extract_features(model, loader, device, flip=flip)
+        try:
+            feats, idx = extract_features(model, loader, device, flip=flip)
+        except ValueError:  # (each unreadable image had its own line)
+            raise DatasetLayoutError(
+                f"{self.splits.root}: none of the {len(keep)} {split} images can be read"
+            ) from None
         pids = np.array([records[i].pid for i in idx])
         cams = np.array([records[i].camid for i in idx])
         return feats, pids, cams

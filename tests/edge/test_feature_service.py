@@ -301,6 +301,37 @@ def test_entries_whose_features_were_lost_are_embedded_again_at_start(exported, 
         second.close()
 
 
+def test_damaged_rows_are_repaired_at_start_not_a_traceback(exported, crops, tmp_path, caplog):
+    """One feature of 2 bytes, one capture time 'abc', one camera stored as bytes stopped the service
+    at start with a traceback (2026-12-04 new-user audit): the feature is embedded again, the time and
+    camera are set to 0 / empty, one line each, and the gallery serves all its entries."""
+    first = FeatureService(exported[1], tmp_path / "gallery.db", ServiceConfig())
+    try:
+        with running(first) as url, FeatureClient(url) as client:
+            ids = client.add(crops[:4], camera="cam-a")
+        db = first.store.db
+        db.execute("UPDATE features SET feature = x'0102' WHERE id = ?", (ids[1],))
+        db.execute("UPDATE entries SET time = 'abc' WHERE id = ?", (ids[2],))
+        db.execute("UPDATE entries SET camera = x'ff' WHERE id = ?", (ids[3],))
+    finally:
+        first.close()
+    with caplog.at_level(logging.WARNING):
+        second = FeatureService(exported[1], tmp_path / "gallery.db", ServiceConfig())
+    try:
+        with running(second) as url, FeatureClient(url) as client:
+            _wait_ready(client)
+            assert client.gallery().entries == 4
+            assert client.search(crop=crops[1], top_k=1).hits[0].id == ids[1]  # (embedded again)
+            hits = {h.id: h for h in client.search(crop=crops[2], top_k=4).hits}
+            assert hits[ids[2]].time == 0.0 and hits[ids[3]].camera == "" and hits[ids[0]].camera == "cam-a"
+    finally:
+        second.close()
+    said = [r.getMessage() for r in caplog.records if "gallery.db" in r.getMessage()]
+    assert any("1 damaged features dropped" in s for s in said) and any(
+        "2 entries had a damaged" in s for s in said
+    )
+
+
 def test_a_full_disk_is_a_507_that_names_it_and_keeps_nothing_half_added(exported, crops, tmp_path):
     service = FeatureService(exported[1], tmp_path / "gallery.db", ServiceConfig())
     try:
@@ -495,7 +526,10 @@ def test_a_crash_while_embedding_again_resumes_where_it_stopped(exported, crops,
             np.testing.assert_allclose(service.store.features, expected[np.arange(n) % 12], atol=1e-4)
         finally:
             service.close()
-    assert f"embedding {n - before} gallery entries with model round-9 ({before} were embedded" in caplog.text
+    assert (
+        f"embedding {n - before} gallery entries with model round-9 ({before} have their features already)"
+        in caplog.text
+    )
     with sqlite3.connect(db) as con:  # no feature of the old model is left
         assert (
             con.execute("SELECT COUNT(*) FROM features WHERE model != ?", (new_contract.sha256,)).fetchone()[
@@ -505,7 +539,7 @@ def test_a_crash_while_embedding_again_resumes_where_it_stopped(exported, crops,
         )
 
 
-def test_the_command_prints_the_port_it_got_and_names_a_missing_model(exported, tmp_path):
+def test_the_command_prints_the_port_it_got_and_names_a_missing_model(exported, crops, tmp_path):
     command = [sys.executable, "-m", "edge.cli", "serve-features", "--gallery", str(tmp_path / "g.db")]
     missing = subprocess.run(
         [*command, "--model", str(tmp_path / "none.onnx")], capture_output=True, text=True
@@ -527,9 +561,20 @@ def test_the_command_prints_the_port_it_got_and_names_a_missing_model(exported, 
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline
                 time.sleep(0.2)
+        added = httpx.post(f"http://127.0.0.1:{port}/v1/gallery", files=[("c", c) for c in crops[:3]])
+        assert added.status_code == 200, added.text
+        # SIGTERM (systemd, docker stop) ended it at exit 143 with the entries still in g.db-wal: a copy of
+        # g.db alone was an empty gallery (2026-12-04 new-user audit). It stops as Ctrl-C does.
+        proc.terminate()
+        assert proc.wait(60) == 0
     finally:
-        proc.kill()
-        proc.wait(30)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert not (tmp_path / "g.db-wal").exists()
+    shutil.copy(tmp_path / "g.db", tmp_path / "copy.db")
+    with sqlite3.connect(tmp_path / "copy.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM entries").fetchone()[0] == 3
 
 
 def test_the_agents_service_that_could_not_start_is_tried_again(exported, tmp_path, monkeypatch, caplog):

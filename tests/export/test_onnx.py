@@ -258,3 +258,44 @@ def test_an_export_beside_a_training_thread_breaks_neither(exported, tiny_federa
         stop.set()
         trainer.join(timeout=120)
     assert not errors, errors
+
+
+def test_what_a_user_gets_wrong_is_one_line_not_a_traceback(exported, tiny_federation, tmp_path):
+    """2026-12-04 new-user audit: a damaged .onnx whose sidecar names its hash, an empty .npz ("Aborted."),
+    a gallery folder without crops, an --out folder that does not exist (found after the work) and a
+    site whose query crops are all unreadable each ended in a traceback."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from edge.cli import app
+    from export.contract import file_sha256
+
+    _, out, _, _, _ = exported
+    site = tiny_federation / "sites" / "site01"
+    damaged = tmp_path / "damaged.onnx"
+    damaged.write_bytes(out.read_bytes()[: out.stat().st_size // 3])
+    sidecar = json.loads(contract_path(out).read_text())
+    contract_path(damaged).write_text(json.dumps({**sidecar, "sha256": file_sha256(damaged)}))
+    (tmp_path / "empty.npz").write_bytes(b"")
+    (tmp_path / "no-crops").mkdir()
+    unreadable = tmp_path / "site"
+    shutil.copytree(site, unreadable)
+    for crop in (unreadable / "query").iterdir():
+        crop.write_bytes(b"")
+    crops = str(site / "query")
+    cases = [
+        (["extract", "--model", str(damaged), "--images", crops], "ONNX Runtime cannot load it"),
+        (["search", "--model", str(out), "--gallery", str(tmp_path / "empty.npz"), "--query", crops],
+         "not a features file"),
+        (["search", "--model", str(out), "--gallery", str(tmp_path / "no-crops"), "--query", crops],
+         "Invalid value for --gallery: no images in"),
+        (["extract", "--model", str(out), "--images", crops, "--out", str(tmp_path / "missing" / "f.npz")],
+         "is not a folder"),
+        (["evaluate", "--arch", "resnet18", "--height", "64", "--width", "32", "--data", str(unreadable)],
+         "query images can be read"),
+    ]  # fmt: skip
+    for command, says in cases:
+        result = CliRunner().invoke(app, command)
+        said = " ".join(result.output.replace("│", " ").split())
+        assert result.exit_code != 0 and says in said and "Traceback" not in said, (command, result.output)
