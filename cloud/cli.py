@@ -37,7 +37,9 @@ def synthesize(
     out_dir: Path = typer.Option(..., "--out", help="empty folder to write the federation to"),
     sites: int = typer.Option(6, min=1),
     seed: int = typer.Option(0),
-    train_images_max: int = typer.Option(1200, help="training images of the largest site"),
+    train_images_max: int = typer.Option(
+        1200, help="training images of the largest site (at least 2 identities' worth: 32 by default)"
+    ),
     size_ratio: float = typer.Option(20.0, help="largest / smallest site, in training images"),
     public_images: int = typer.Option(400, help="unlabeled images for server-side KD"),
     height: int = typer.Option(256, min=32),
@@ -356,6 +358,8 @@ def simulate(
     )
     if executor not in ("local", "ray"):
         raise typer.BadParameter(f"unknown executor {executor!r}: local or ray", param_hint="--executor")
+    if executor == "local" and (site_cpus != 1.0 or site_gpus or ray_address):  # (they were ignored)
+        raise typer.BadParameter("--site-cpus, --site-gpus and --ray-address go with --executor ray")
     placement = ExecutorConfig(
         kind=executor,  # type: ignore[arg-type]
         ray_address=ray_address,

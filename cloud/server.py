@@ -83,7 +83,7 @@ from protocol.messages import (
 from protocol.mqtt import Endpoint
 from protocol.resend import ChunkResender
 from protocol.topics import RESERVED_NODES, Topics
-from reid.data import ImageDataset, eval_transform, make_loader, read_image_folder
+from reid.data import ImageDataset, make_loader, public_images, read_image_folder
 from reid.files import hold_lock
 from reid.logs import log_context
 from reid.model import build_model, load_shared_state, shared_state
@@ -190,7 +190,7 @@ class Aggregator:
         if cfg.kd_enabled:
             if cfg.public is None:
                 raise ValueError("kd_enabled needs a public image folder (public = ...)")
-            self.public = ImageDataset(read_image_folder(cfg.public), eval_transform(cfg.input))
+            self.public = public_images(cfg.public, cfg.input)
         self.deploy_images: list[Path] = []
         if cfg.deploy_every:
             folder = cfg.deploy_images or cfg.public

@@ -52,7 +52,13 @@ from cloud.strategy import (
 from cloud.strategy.clustering import ClusterConfig, Clustering
 from cloud.strategy.selection import sample_sites, sites_per_round
 from reid.choices import Algorithm
-from reid.data import ImageDataset, InputSpec, eval_transform, make_loader, read_image_folder, train_transform
+from reid.data import (
+    ImageDataset,
+    InputSpec,
+    make_loader,
+    public_images,
+    train_transform,
+)
 from reid.data.camera_split import client_sites
 from reid.files import atomic_write
 from reid.logs import log_context
@@ -231,7 +237,7 @@ class Simulator:
         self.public_dir = str(public_dir) if public_dir is not None and cfg.uses_kd else None
         self.public: ImageDataset | None = None
         if self.public_dir is not None:
-            self.public = ImageDataset(read_image_folder(self.public_dir), eval_transform(cfg.input))
+            self.public = public_images(self.public_dir, cfg.input)
         self.completed = 0
         self.executor: LocalExecutor | RayExecutor | None = None
         self.clustering = (

@@ -67,6 +67,7 @@ RETRY_S = 30.0  # the agent's service that could not start (port taken, gallery 
 # operators wait for the preempted one (int8 ResNet-50 on 2 cores, 16 clients: 176 -> 195 crops/s,
 # docs/benchmarks.md).
 INLINE_DECODE_PIXELS = 4 * 256 * 128
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"  # a camera or track name: no control characters (NUL, newlines)
 FORM_PART_BYTES = 4096  # a multipart part's boundary and headers, at most, beside its crop
 MAX_JSON_BYTES = 1 << 20  # a JSON search request (a 65,536-d feature is about 1.3 MB of text: 8,192-d fits)
 T = TypeVar("T")
@@ -265,8 +266,9 @@ class FeatureService:
         from edge.deployment import current_model
         from export.contract import load_contract
 
+        said = ""  # the last refusal said (a file that stays bad is said once, not every follow_every_s)
         while not self.stopping.wait(self.cfg.follow_every_s):
-            path = current_model(state_dir)
+            path, sha = current_model(state_dir), ""
             try:
                 sha = load_contract(path).sha256 if path is not None else ""
                 if not sha or sha in (self.served.ref.sha256, self.rejected_sha):
@@ -277,7 +279,9 @@ class FeatureService:
                     raise GalleryStoreError(f"{dim}-d features, the gallery's are {self.store.dim}-d")
                 self._adopt(green)
             except Exception as err:  # the current model keeps serving
-                log.warning("deployed model %s not adopted: %s", path, err)
+                if f"{path}: {err}" != said:
+                    said = f"{path}: {err}"
+                    log.warning("deployed model %s not adopted: %s", path, err)
                 self.rejected_sha = sha
 
     def _embed_gallery(self, served: Served) -> int:
@@ -345,8 +349,9 @@ class FeatureService:
                 self._show_model()
             self.metrics.gallery.set(len(self.store))
             log.info(
-                "now serving model %s; gallery of %d entries embedded with it",
+                "now serving model %s (%s); gallery of %d entries embedded with it",
                 green.ref.version,
+                green.ref.sha256[:12],
                 len(self.store),
             )
         except RuntimeError as err:
@@ -523,11 +528,11 @@ def create_app(service: FeatureService) -> FastAPI:
     @app.post("/v1/gallery", response_model=AddResponse)
     async def add(
         request: Request,
-        camera: str = Query("", max_length=200),
+        camera: str = Query("", max_length=200, pattern=PRINTABLE),
         capture_time: float | None = Query(
             None, alias="time", ge=0, le=1e11, allow_inf_nan=False, description="Unix seconds (default: now)"
         ),
-        track: str = Query("", max_length=200),
+        track: str = Query("", max_length=200, pattern=PRINTABLE),
         labels: str = Query("{}", max_length=4000, description="a JSON object of string labels"),
     ) -> AddResponse:
         """Add crops (raw body or multipart) with their metadata; the ids, in order."""

@@ -227,6 +227,11 @@ def serve_features(
     from edge.gallery_store import GalleryStoreError
     from export.contract import ContractError
 
+    if retention_days == 0:  # (it meant "no retention", silently)
+        raise typer.BadParameter(
+            "0 days would delete entries as they come: leave it out to keep them all",
+            param_hint="--retention-days",
+        )
     cfg = ServiceConfig(
         host=host,
         port=port,
@@ -235,17 +240,20 @@ def serve_features(
         max_queue=max_queue,
         retention_s=retention_days * 86400 if retention_days else None,
     )
-    try:
-        follow = model_path if model_path.is_dir() else None  # an agent's folder: adopt its deployments
-        service = FeatureService(resolve_model(model_path), gallery, cfg, follow=follow)
-    except (ContractError, GalleryStoreError, OSError) as err:
-        fail(out, err)
-    ref = service.served.ref
-    try:  # bound here: a taken port is one line, and port 0 is printed as the port it got
+    if not gallery.parent.is_dir():  # (a typo made a new empty gallery in a new folder)
+        raise typer.BadParameter(f"{gallery.parent} is not a folder", param_hint="--gallery")
+    model = resolve_model(model_path)
+    try:  # bound first: a taken port is one line (no gallery made); port 0 is printed as the port it got
         listener = socket.create_server((host, port))
     except OSError as err:
-        service.close()
         fail(out, f"cannot listen on {host}:{port}: {err}")
+    try:
+        follow = model_path if model_path.is_dir() else None  # an agent's folder: adopt its deployments
+        service = FeatureService(model, gallery, cfg, follow=follow)
+    except (ContractError, GalleryStoreError, OSError) as err:
+        listener.close()
+        fail(out, err)
+    ref = service.served.ref
     bound = listener.getsockname()[1]
     out.print(f"serving {ref.version} ({ref.sha256[:12]}) on http://{host}:{bound}, gallery {gallery}")
     # uvicorn shuts down gracefully on SIGTERM (systemd, docker stop), then raises the signal again with

@@ -43,7 +43,10 @@ class SyntheticConfig(BaseModel):
     seed: int = 0
     sites: int = Field(6, ge=1, le=64)
     train_images_max: int = Field(
-        1200, ge=8, description="training images of the largest site (to the nearest whole identity)"
+        1200,
+        ge=8,
+        description="training images of the largest site (to the nearest whole identity; every site has at "
+        "least 2 identities, so at least 2 x images_per_id_max at the largest)",
     )
     size_ratio: float = Field(20.0, ge=1.0, description="largest / smallest site, in training images")
     images_per_id_max: int = Field(16, ge=2, description="training images per identity at the largest site")

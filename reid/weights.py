@@ -136,6 +136,15 @@ def load_checkpoint(path: str | Path, num_classes: int | None = None) -> Checkpo
     Without a classifier in the file, a fresh one with `num_classes` (default 1) is attached.
     """
     path = find_model(path)
+    if path.suffix in (
+        ".onnx",
+        ".engine",
+        ".plan",
+    ):  # (the reverse of `edge-agent extract` given a .safetensors)
+        raise ModelError(
+            f"{path} is an exported model; this command takes the PyTorch model file it was exported from "
+            "(a .safetensors, or the run folder holding it)"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             header = dict(f.metadata() or {})

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         eval_transform,
         first_readable,
         make_loader,
+        public_images,
         statistics_loader,
         train_transform,
     )
@@ -39,6 +40,7 @@ LAZY = (
     "eval_transform",
     "first_readable",
     "make_loader",
+    "public_images",
     "statistics_loader",
     "train_transform",
 )
@@ -62,6 +64,7 @@ __all__ = [
     "first_readable",
     "make_loader",
     "parse_image_name",
+    "public_images",
     "read_dataset",
     "read_image_folder",
     "statistics_loader",

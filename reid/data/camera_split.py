@@ -17,7 +17,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from reid.data.layouts import ImageRecord, read_dataset
+from reid.data.layouts import DatasetLayoutError, ImageRecord, read_dataset
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,8 @@ def split_by_camera(
     is read before anything is written: a site that cannot be read leaves no half-written `out`."""
     if out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty: choose a new folder for the per-camera clients")
-    read = [(site, read_dataset(site)) for site in sites]
-    out.mkdir(parents=True, exist_ok=True)
-    clients, skipped = [], []
-    for site, splits in read:
+    kept, skipped = [], []
+    for site, splits in [(site, read_dataset(site)) for site in sites]:
         for camera in sorted({r.camid for r in splits.train}):
             mine = [r for r in splits.train if r.camid == camera]
             ids = len({r.pid for r in mine})
@@ -59,12 +57,22 @@ def split_by_camera(
                 why = f"{len(mine)} images of {ids} identities (need {min_images} and {min_ids})"
                 skipped.append({"site": site.name, "camera": camera, "reason": why})
                 continue
-            client = CameraClient(f"{site.name}-c{camera}", site.name, camera, len(mine), ids)
-            root = out / client.name
-            write_market_split(mine, root / "bounding_box_train", copy)
-            write_market_split(splits.query, root / "query", copy)
-            write_market_split(splits.gallery, root / "bounding_box_test", copy)
-            clients.append(client)
+            kept.append(
+                (CameraClient(f"{site.name}-c{camera}", site.name, camera, len(mine), ids), mine, splits)
+            )
+    if not kept:  # (a folder of no clients: `simulate` would say "no site folders" next)
+        raise DatasetLayoutError(
+            f"every camera has fewer than {min_images} training images or {min_ids} identities: no client "
+            "to write (lower --min-images)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    clients = []
+    for client, mine, splits in kept:
+        root = out / client.name
+        write_market_split(mine, root / "bounding_box_train", copy)
+        write_market_split(splits.query, root / "query", copy)
+        write_market_split(splits.gallery, root / "bounding_box_test", copy)
+        clients.append(client)
     manifest = {"by": "camera", "clients": [asdict(c) for c in clients], "skipped": skipped}
     (out / "split.json").write_text(json.dumps(manifest, indent=2))
     return clients, skipped

@@ -90,6 +90,20 @@ class ImageDataset(Dataset):
         return self.transform(img), self.labels[index], index
 
 
+def public_images(folder: str | Path, spec: InputSpec) -> ImageDataset:
+    """The public unlabeled set for KD (a folder of crops, eval transform), checked to hold a readable
+    image at start: a folder of unreadable files failed the run only at the first KD, after a round of
+    training ("no teacher embeddings"). DatasetLayoutError naming the folder."""
+    from reid.data.layouts import DatasetLayoutError, read_image_folder
+
+    dataset = ImageDataset(read_image_folder(folder), eval_transform(spec))
+    try:
+        first_readable(dataset, 1)
+    except ValueError:
+        raise DatasetLayoutError(f"{folder}: none of its {len(dataset)} images can be read") from None
+    return dataset
+
+
 def first_readable(dataset: ImageDataset, n: int) -> torch.Tensor:
     """The first `n` readable images of a dataset, stacked (corrupt ones skipped); ValueError if none."""
     images = []

@@ -183,6 +183,14 @@ def test_a_config_file_that_is_not_text_or_starts_with_a_bom(tmp_path):
         load_config(ServeConfig, tmp_path, {})  # a folder
 
 
+def test_ray_placement_flags_without_the_ray_executor_are_refused(tmp_path):
+    """--site-gpus with the local executor was accepted and ignored (2026-12-04 new-user audit)."""
+    for flag, value in (("--site-gpus", "1"), ("--site-cpus", "4"), ("--ray-address", "auto")):
+        result = CliRunner().invoke(app, ["simulate", "--out", str(tmp_path), flag, value])
+        said = " ".join(result.output.replace("│", " ").split())
+        assert result.exit_code == 2 and "go with --executor ray" in said, result.output
+
+
 def test_the_final_table_takes_sites_without_a_local_score():
     """With client sampling (or a failed site) some sites have only a global score in the last round:
     the table took its columns from the first row and `simulate` ended in KeyError after every run and
@@ -202,3 +210,28 @@ def test_the_final_table_takes_sites_without_a_local_score():
     assert (
         rows[0]["local rank-1"] == "-" and rows[2]["global rank-1"] == 50.0 and rows[2]["local mAP"] == 25.0
     )
+
+
+def test_a_public_set_of_unreadable_images_is_refused_before_training(tiny_federation, tmp_path):
+    """KD with a public folder of corrupt files failed only at the first KD, after the sites trained a
+    round ("no teacher embeddings"; 2026-12-04 new-user audit): refused at start, naming the folder."""
+    from cloud.config import ServeConfig
+    from cloud.server import Aggregator
+
+    public = tmp_path / "public"
+    public.mkdir()
+    for i in range(3):
+        (public / f"{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    result = CliRunner().invoke(
+        app,
+        ["simulate", "--data", str(tiny_federation / "sites"), "--public", str(public), "--algorithm", "kd",
+         "--rounds", "1", "--height", "64", "--width", "32", "--out", str(tmp_path / "run")],
+    )  # fmt: skip
+    said = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code != 0 and "none of its 3 images can be read" in said, result.output
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # (no site trained)
+    with pytest.raises(ValueError, match="none of its 3 images can be read"):
+        Aggregator(
+            ServeConfig(federation="pub", state_dir=tmp_path / "s", public=public, kd_enabled=True),
+            "mqtt://127.0.0.1:1",
+        )

@@ -165,6 +165,7 @@ def test_bad_input_is_a_clear_4xx_and_the_service_goes_on(exported, crops, tmp_p
                 (post("/v1/search", json={"feature": [0.1] * 7}), 422, "feature of 7 values"),
                 (post("/v1/search", content=b'{"feature": [NaN]}', headers=JSON), 422, "search request"),
                 (post("/v1/gallery", params={"labels": "[1]"}, content=crops[0]), 422, "labels"),
+                (post("/v1/gallery", params={"camera": "cam\x00"}, content=crops[0]), 422, "camera"),
                 (post("/v1/gallery", params={"labels": "[" * 3000}, content=crops[0]), 422, "labels"),
                 (post("/v1/gallery", params={"time": "nan"}, content=crops[0]), 422, "time"),  # (was a 500)
                 (post("/v1/gallery", params={"time": "inf"}, content=crops[0]), 422, "time"),  # (stayed)
@@ -367,6 +368,34 @@ def test_one_failing_batch_fails_its_requests_only(exported, crops, tmp_path):
             first = httpx.post(f"{url}/v1/embed", content=crops[0])
             assert first.status_code == 500 and "RuntimeError" in first.json()["detail"]
             assert httpx.post(f"{url}/v1/embed", content=crops[0]).status_code == 200
+    finally:
+        service.close()
+
+
+def test_a_deployed_file_that_fails_its_contract_is_said_once_and_the_service_goes_on(
+    exported, new_model, tmp_path, caplog
+):
+    """A deployed model whose file no longer matches its contract's sha256 was refused again and said
+    again every follow_every_s (2026-12-04 new-user audit), and a first refusal raised NameError in the
+    follower (its model's hash was never read): one line, and the current model keeps serving."""
+    state = tmp_path / "site"
+    _deploy(state, exported[1], "a")
+    service = FeatureService(
+        state / "models" / "a" / "model.onnx",
+        tmp_path / "gallery.db",
+        ServiceConfig(follow_every_s=0.05),
+        follow=state,
+    )
+    try:
+        _deploy(state, new_model[0], "b")
+        damaged = state / "models" / "b" / "model.onnx"
+        damaged.write_bytes(damaged.read_bytes() + b"x")  # (its sha256 is no longer the contract's)
+        with caplog.at_level(logging.WARNING):
+            time.sleep(1.0)  # (about 20 follows)
+        said = [r.getMessage() for r in caplog.records if "not adopted" in r.getMessage()]
+        assert len(said) == 1 and "sha256" in said[0], said
+        assert service.served.ref.sha256 == exported[2].sha256
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     finally:
         service.close()
 

@@ -292,6 +292,10 @@ def test_what_a_user_gets_wrong_is_one_line_not_a_traceback(exported, tiny_feder
          "Invalid value for --gallery: no images in"),
         (["extract", "--model", str(out), "--images", crops, "--out", str(tmp_path / "missing" / "f.npz")],
          "is not a folder"),
+        (["evaluate", "--model", str(out), "--data", crops], "is an exported model"),
+        (["serve-features", "--model", str(out), "--retention-days", "0"], "leave it out to keep them all"),
+        (["serve-features", "--model", str(out), "--gallery", str(tmp_path / "typo" / "g.db")],
+         "is not a folder"),
         (["evaluate", "--arch", "resnet18", "--height", "64", "--width", "32", "--data", str(unreadable)],
          "query images can be read"),
     ]  # fmt: skip
@@ -299,3 +303,13 @@ def test_what_a_user_gets_wrong_is_one_line_not_a_traceback(exported, tiny_feder
         result = CliRunner().invoke(app, command)
         said = " ".join(result.output.replace("│", " ").split())
         assert result.exit_code != 0 and says in said and "Traceback" not in said, (command, result.output)
+    assert not (tmp_path / "typo").exists()
+    # a port taken: one line, and no gallery file made by the start that failed
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        command = ["serve-features", "--model", str(out), "--gallery", str(tmp_path / "g.db"), "--port", port]
+        result = CliRunner().invoke(app, command)
+    assert result.exit_code != 0 and "cannot listen on 127.0.0.1" in result.output
+    assert not (tmp_path / "g.db").exists()

@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 from cloud.cli import app
-from reid.data import read_dataset
+from reid.data import DatasetLayoutError, read_dataset
 from reid.data.camera_split import split_by_camera
 
 
@@ -78,8 +79,10 @@ def test_a_list_file_layout_splits_into_market_named_clients(tmp_path):
     assert sorted(r.pid for r in c7.train) == [0, 0, 1, 1, 2, 2]
     assert (c7.query[0].pid, c7.query[0].camid, c7.gallery[0].camid) == (9, 3, 12)
     assert not (tmp_path / "out" / "msmt-c7" / "query").iterdir().__next__().is_symlink()  # --copy
-    clients, skipped = split_by_camera([source], tmp_path / "strict", min_images=7)
-    assert not clients and len(skipped) == 2 and "6 images of 3 identities" in skipped[0]["reason"]
+    # every camera left out (6 images of 3 identities each): an error, and nothing written
+    with pytest.raises(DatasetLayoutError, match="fewer than 7 training images or 2 identities"):
+        split_by_camera([source], tmp_path / "strict7", min_images=7)
+    assert not (tmp_path / "strict7").exists()
 
 
 def test_what_split_refuses_it_refuses_before_writing_anything(tiny_federation, tmp_path):
@@ -88,8 +91,8 @@ def test_what_split_refuses_it_refuses_before_writing_anything(tiny_federation, 
     naming the problem, and the output folder stays empty (a rerun works once the problem is fixed)."""
     site = tiny_federation / "sites" / "site00"
 
-    def split(data, out):
-        result = CliRunner().invoke(app, ["split", "--data", str(data), "--out", str(out)])
+    def split(data, out, *more):
+        result = CliRunner().invoke(app, ["split", "--data", str(data), "--out", str(out), *more])
         assert result.exit_code == 2, result.output
         assert not out.exists() or not any(out.iterdir())
         return " ".join(result.output.replace("│", " ").split())
@@ -102,3 +105,5 @@ def test_what_split_refuses_it_refuses_before_writing_anything(tiny_federation, 
     (tmp_path / "two" / "a").symlink_to(site)
     (tmp_path / "two" / "b").mkdir()  # no known layout
     assert "unknown data set layout" in split(tmp_path / "two", tmp_path / "c")
+    # every camera left out: it wrote a split.json of no clients and exited 0 (2026-12-04 audit)
+    assert "no client to write" in split(tiny_federation / "sites", tmp_path / "d", "--min-images", "100000")
