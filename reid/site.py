@@ -90,7 +90,12 @@ class SiteData:
         rng = np.random.default_rng(0 if self.seed is None else self.seed)
         order = rng.permutation(len(self.splits.train))
         dataset = ImageDataset([self.splits.train[i].path for i in order], eval_transform(self.input_spec))
-        return first_readable(dataset, n)
+        try:
+            return first_readable(dataset, n)
+        except ValueError:  # (it said "no readable image" without saying where)
+            raise DatasetLayoutError(
+                f"{self.splits.root}: none of the {len(dataset)} training images can be read"
+            ) from None
 
     def statistics_loader(self) -> DataLoader:
         """What this site's BatchNorm statistics are estimated on (`reid.data.statistics_loader`)."""

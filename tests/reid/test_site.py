@@ -58,6 +58,9 @@ def test_crops_over_the_memory_budget_are_read_from_disk_every_time(
     site.embed(model)
     assert _batches(site)
     _corrupt_query_and_gallery(site)
-    with pytest.raises(ValueError, match="images can be read"):
+    with pytest.raises(ValueError, match=r"site: none of the .* (query|gallery) images can be read"):
         site.embed(model)
     assert all(len(images) == 0 for images in _batches(site))  # every view unreadable now
+    # a round's failure names the folder ("ValueError: no readable image" did not say where)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'site'}: none of the .* training images can be read"):
+        site.cdw_images()
