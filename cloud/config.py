@@ -177,7 +177,9 @@ class ServeConfig(BaseModel):
 
 
 def model_info(cfg: ServeConfig) -> ModelInfo:
-    m, i = cfg.model, cfg.input
+    """What the sites build and feed the model with; the preprocessing only where it is not the default
+    (so a federation on the defaults is read by sites of earlier versions too)."""
+    m, i, default = cfg.model, cfg.input, InputSpec()
     return ModelInfo(
         arch=m.arch,
         embed_dim=m.embed_dim,
@@ -185,7 +187,7 @@ def model_info(cfg: ServeConfig) -> ModelInfo:
         dropout=m.dropout,
         height=i.height,
         width=i.width,
-        mean=list(i.mean),
-        std=list(i.std),
+        mean=list(i.mean) if i.mean != default.mean else None,
+        std=list(i.std) if i.std != default.std else None,
         pad=i.pad,
     )

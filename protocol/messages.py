@@ -16,6 +16,7 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    model_serializer,
     model_validator,
 )
 
@@ -87,6 +88,9 @@ class BlobRef(BaseModel):
     compressed: bool = False
 
 
+PREPROCESSING = ("mean", "std", "pad")  # ModelInfo's optional preprocessing fields
+
+
 class ModelInfo(BaseModel):
     """The architecture and preprocessing of the federation's model, so a site can build it."""
 
@@ -103,6 +107,16 @@ class ModelInfo(BaseModel):
     mean: list[Finite] | None = Field(None, min_length=3, max_length=3)
     std: list[PositiveFinite] | None = Field(None, min_length=3, max_length=3)
     pad: int | None = Field(None, ge=0, le=1024)
+
+    @model_serializer(mode="wrap")
+    def _defaults_left_out(self, handler: Any) -> dict[str, Any]:
+        """The preprocessing fields go out only when set: a federation on the defaults sends what sites
+        of earlier versions read (they refuse unknown fields)."""
+        data = handler(self)
+        for name in PREPROCESSING:
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
 
 
 class TrainingInfo(BaseModel):

@@ -235,3 +235,21 @@ def test_a_public_set_of_unreadable_images_is_refused_before_training(tiny_feder
             ServeConfig(federation="pub", state_dir=tmp_path / "s", public=public, kd_enabled=True),
             "mqtt://127.0.0.1:1",
         )
+
+
+def test_the_round_carries_preprocessing_only_where_it_is_not_the_default():
+    """ModelInfo gained mean/std/pad: sent always, they made every site of an earlier version (which
+    refuses unknown fields) drop every round. A federation on the defaults sends the RoundStart those
+    sites read; one with its own normalisation sends it, and it reads back the same."""
+    import json
+
+    from cloud.config import ServeConfig, model_info
+    from protocol.messages import ModelInfo
+    from reid.data import InputSpec
+
+    default = json.loads(model_info(ServeConfig()).model_dump_json())
+    assert set(default) == {"arch", "embed_dim", "last_stride", "dropout", "height", "width"}
+    custom = model_info(ServeConfig(input=InputSpec(mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2), pad=4)))
+    sent = json.loads(custom.model_dump_json())
+    assert (sent["mean"], sent["std"], sent["pad"]) == ([0.5] * 3, [0.2] * 3, 4)
+    assert ModelInfo.model_validate_json(custom.model_dump_json()) == custom
