@@ -189,5 +189,5 @@ def model_info(cfg: ServeConfig) -> ModelInfo:
         width=i.width,
         mean=list(i.mean) if i.mean != default.mean else None,
         std=list(i.std) if i.std != default.std else None,
-        pad=i.pad,
+        pad=i.pad if i.pad_pixels != InputSpec(height=i.height, width=i.width).pad_pixels else None,
     )

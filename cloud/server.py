@@ -541,6 +541,20 @@ class Aggregator:
                 log.info("%d sites drawn, not %d: a round names at most that many", MAX_SELECTED, k)
         return sample_sites(online, min(k, MAX_SELECTED), self.cfg.seed, r, draw, keep or ())
 
+    def _evaluators(self, r: int) -> list[str]:
+        """The evaluation round's sites: every eligible one, as many as a round names (a seeded draw past
+        that, said in one line; name order would leave the same sites out of every evaluation)."""
+        eligible = self._eligible()
+        if len(eligible) <= MAX_SELECTED:
+            return eligible
+        with log_context(round=r):
+            log.info(
+                "%d of %d sites drawn to evaluate: a round names at most that many",
+                MAX_SELECTED,
+                len(eligible),
+            )
+        return sample_sites(eligible, MAX_SELECTED, self.cfg.seed, r)
+
     def _publish_round(self, cur: OpenRound, with_blob: bool = True) -> None:
         cfg = self.cfg
         msg = RoundStart(
@@ -597,9 +611,7 @@ class Aggregator:
                 saved["base_hash"][:12],
                 base_hash[:12],
             )
-        selected = (
-            saved["selected"] if resumed else self._select(r) if train else self._eligible()[:MAX_SELECTED]
-        )
+        selected = saved["selected"] if resumed else self._select(r) if train else self._evaluators(r)
         now = time.time()
         kd_due = train and self.public is not None and self.cfg.kd.due(r)
         cur = OpenRound(

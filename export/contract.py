@@ -56,7 +56,7 @@ class Contract(BaseModel):
     version: str = ""
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     # how the file was accepted: parity (min cosine, max abs diff) and, for int8, retrieval before/after
-    quality: dict[str, float] = {}
+    quality: dict[str, Finite] = {}
     # TensorRT engines only: the GPU and TensorRT version that built it, the source ONNX's sha256
     engine: dict[str, str] = {}
 

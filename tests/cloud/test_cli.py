@@ -253,3 +253,5 @@ def test_the_round_carries_preprocessing_only_where_it_is_not_the_default():
     sent = json.loads(custom.model_dump_json())
     assert (sent["mean"], sent["std"], sent["pad"]) == ([0.5] * 3, [0.2] * 3, 4)
     assert ModelInfo.model_validate_json(custom.model_dump_json()) == custom
+    same = model_info(ServeConfig(input=InputSpec(pad=10)))  # (the default at 256 high, given explicitly)
+    assert "pad" not in json.loads(same.model_dump_json())

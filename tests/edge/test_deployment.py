@@ -439,6 +439,8 @@ def test_a_deployment_nobody_sends_is_asked_for_less_often_and_said_once(tmp_pat
         ({"height": "64"}, "height"),
         ({"height": 64.0}, "height"),
         ({"output_dim": 0}, "output_dim"),
+        ({"quality": {"min_cosine": float("nan")}}, "quality"),
+        ({"sha256": "A" * 64}, "sha256"),
     ],
 )
 def test_a_deployment_whose_contract_breaks_the_wire_rules_is_dropped(tmp_path, change, says, caplog):
