@@ -548,7 +548,12 @@ class Agent:
             return
         with self.lock:
             upload = self.upload
-        ours = upload is not None and upload[0].blob.blob_id == ack.blob_id
+        # an ack names (site, round, blob_id): all three must be the pending update's
+        ours = upload is not None and (upload[0].site, upload[0].round, upload[0].blob.blob_id) == (
+            ack.site,
+            ack.round,
+            ack.blob_id,
+        )
         with log_context(site=self.cfg.site, round=ack.round):
             if ack.accepted:
                 log.info("update for round %d acknowledged by the aggregator", ack.round)

@@ -244,3 +244,23 @@ def test_a_dp_spend_whose_update_never_left_the_site_is_not_counted(tiny_federat
     agent._keep_pending(manifest, blob)
     assert "staged" not in agent._privacy_doc() and agent._privacy_doc()["rounds"] == 1
     assert Agent(cfg)._privacy_doc()["rounds"] == 1  # released: it stays counted after a restart
+
+
+def test_an_ack_settles_the_update_it_names_by_site_round_and_blob(tiny_federation, tmp_path):
+    """An ack names (site, round, blob_id); the site matched on blob_id alone, so an ack of another round
+    naming the same blob settled the pending update (2026-12-04 spec re-audit)."""
+    from protocol.chunks import blob_ref
+    from protocol.messages import UpdateAck, UpdateManifest, encode_message
+
+    agent, _, _ = _agent(tiny_federation, tmp_path)
+    blob = b"a delta"
+    manifest = UpdateManifest(
+        site="s", round=3, base_hash="3" * 64, blob=blob_ref(blob, 1024), n_samples=1, cdw=0, loss=0,
+        train_seconds=0,
+    )  # fmt: skip
+    agent._keep_pending(manifest, blob)
+    ack = UpdateAck(site="s", round=2, blob_id=manifest.blob.blob_id, accepted=True)
+    agent._on_ack("ack", encode_message(ack))
+    assert agent.upload is not None  # another round's ack: still pending
+    agent._on_ack("ack", encode_message(ack.model_copy(update={"round": 3})))
+    assert agent.upload is None
