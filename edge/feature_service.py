@@ -60,7 +60,8 @@ from reid.data.images import to_rgb
 log = logging.getLogger(__name__)
 GAP_WAIT_S = 1.0  # how long a re-embedding batch waits for the live queue to empty
 REEMBED_RUN_S = 0.1  # a re-embedding batch holds the model about this long: a live batch waits for it
-RETRY_S = 30.0  # the agent's service that could not start (port taken, gallery in use) is tried this often
+RETRY_S = 30.0  # what failed for a while (a service that could not start, a full disk) is tried this often
+RETENTION_EVERY_S = 60.0  # how often entries past retention_s are deleted
 # A request of at most this many pixels (about 4 crops of 256x128, 1-2 ms of decoding) is decoded on the
 # event loop itself; larger ones in a worker thread. Handing a single crop to a worker thread costs more
 # than it saves on two cores: one more runnable thread preempts the model's, and the model's parallel
@@ -196,7 +197,9 @@ class FeatureService:
         self.rejected_sha = ""  # a deployed model that could not be adopted (not tried again)
         if self.store.unembedded(self.served.ref.sha256, limit=1):  # another model's, or rows lost
             self.reindexing.set()  # (no model of the gallery's is loaded: searches wait for this)
-            threading.Thread(target=self._adopt, args=(self.served,), name="reindex", daemon=True).start()
+            threading.Thread(target=self._embed_until_done, name="reindex", daemon=True).start()
+        elif self.store.model_sha256 == self.served.ref.sha256:
+            self.store.begin_staging(self.served.ref.sha256)  # drops what a superseded model staged
         if follow is not None:
             threading.Thread(target=self._follow, args=(follow,), name="follow", daemon=True).start()
         if cfg.retention_s:
@@ -267,11 +270,16 @@ class FeatureService:
         from export.contract import load_contract
 
         said = ""  # the last refusal said (a file that stays bad is said once, not every follow_every_s)
+        not_before = 0.0  # after a failure that may pass (a full disk), the next try waits RETRY_S
         while not self.stopping.wait(self.cfg.follow_every_s):
             path, sha = current_model(state_dir), ""
             try:
                 sha = load_contract(path).sha256 if path is not None else ""
-                if not sha or sha in (self.served.ref.sha256, self.rejected_sha):
+                if (
+                    not sha
+                    or sha in (self.served.ref.sha256, self.rejected_sha)
+                    or time.monotonic() < not_before
+                ):
                     continue
                 green = Served(FeatureExtractor(path, batch_size=self.cfg.max_batch, spin=False))
                 dim = green.extractor.contract.output_dim
@@ -279,10 +287,19 @@ class FeatureService:
                     raise GalleryStoreError(f"{dim}-d features, the gallery's are {self.store.dim}-d")
                 self._adopt(green)
             except Exception as err:  # the current model keeps serving
+                passing = isinstance(err, (sqlite3.OperationalError, OSError))  # (the file itself is fine)
                 if f"{path}: {err}" != said:
                     said = f"{path}: {err}"
-                    log.warning("deployed model %s not adopted: %s", path, err)
-                self.rejected_sha = sha
+                    log.warning(
+                        "deployed model %s not adopted: %s%s",
+                        path,
+                        err,
+                        f"; trying again in {RETRY_S:.0f} s" if passing else "",
+                    )
+                if passing:
+                    not_before = time.monotonic() + RETRY_S
+                else:
+                    self.rejected_sha = sha
 
     def _embed_gallery(self, served: Served) -> int:
         """Stage `served`'s features of every gallery entry that has none yet, batch by batch (each batch
@@ -362,6 +379,29 @@ class FeatureService:
             self.green = None
             self.reindexing.clear()
 
+    def _embed_until_done(self) -> None:
+        """The gallery embedded with the served model at start (another model's, or rows lost), tried again
+        every RETRY_S after a failure (a full disk, a locked file): the service answers 503 until it is
+        done, so a thread that gave up left it answering 503 for good."""
+        said = ""
+        while not self.stopping.is_set():
+            try:
+                self._adopt(self.served)
+                return
+            except Exception as err:
+                self.reindexing.set()  # (still to do)
+                if str(err) != said:
+                    said = str(err)
+                    log.warning(
+                        "embedding the gallery with model %s failed (%s: %s); trying again every %.0f s",
+                        self.served.ref.version,
+                        type(err).__name__,
+                        err,
+                        RETRY_S,
+                    )
+                if self.stopping.wait(RETRY_S):
+                    return
+
     def stage_added(self, green: Served, crops: list[bytes], ids: list[int]) -> None:
         """Entries added while `green` embeds the gallery get its features at once, so that steady
         additions cannot outrun the re-embedding."""
@@ -371,8 +411,18 @@ class FeatureService:
         self.store.stage(ids, features, green.ref.sha256)
 
     def _retention(self) -> None:
-        while not self.stopping.wait(60.0):
-            self.delete_older_than(time.time() - float(self.cfg.retention_s or 0))
+        """A pass a minute; a pass that fails (a full disk: deleting needs room in the journal too) is one
+        line, and the next one runs (the thread ended there, and retention with it, silently)."""
+        while not self.stopping.wait(RETENTION_EVERY_S):
+            try:
+                self.delete_older_than(time.time() - float(self.cfg.retention_s or 0))
+            except Exception as err:
+                log.warning(
+                    "retention pass failed (%s: %s); the next one is in %.0f s",
+                    type(err).__name__,
+                    err,
+                    RETENTION_EVERY_S,
+                )
 
     def delete_older_than(self, cutoff: float) -> int:
         gone = self.store.delete_older_than(cutoff)
@@ -553,7 +603,12 @@ def create_app(service: FeatureService) -> FastAPI:
         )
         green = service.green
         if green is not None and green.ref.sha256 != served.ref.sha256:
-            await run_in_threadpool(service.stage_added, green, crops, ids)
+            try:
+                await run_in_threadpool(service.stage_added, green, crops, ids)
+            except (sqlite3.OperationalError, OSError) as err:  # the entries are kept: answered 200 below
+                # (an error answer for kept entries made a retrying client add them twice); the
+                # re-embedding's last pass gives them the new model's features
+                log.warning("entries %s: the new model's features wait for the re-embedding (%s)", ids, err)
         m.gallery.set(len(service.store))
         return AddResponse(ids=ids, model=served.ref)
 

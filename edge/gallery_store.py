@@ -1,7 +1,8 @@
 """A camera site's gallery on disk: crops, their metadata and their features, in one SQLite file.
 
-SQLite (stdlib, WAL journal) makes every add and delete one atomic transaction, so a crash loses at most
-the request in flight and never leaves a half-written gallery; nothing is pickled (features are raw
+SQLite (stdlib, WAL journal, every commit synced) makes every add and delete one atomic transaction, so
+a crash (of the process, the OS or the power) loses at most the request in flight and never leaves a
+half-written gallery; nothing is pickled (features are raw
 float32 bytes, labels JSON). Each entry keeps its crop (as sent, JPEG/PNG) so the gallery can be
 embedded again when the model changes. Features are stored per model (`features`, keyed by model
 sha256 and entry id): the gallery's *active* model (`model_sha256`) is the one searched; a new model's
@@ -119,7 +120,9 @@ class GalleryStore:
         try:
             self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
+            # every commit synced: an answered addition or deletion survives a power cut too (NORMAL
+            # survives only the process dying; camera boxes lose power, and a deletion must stay done)
+            self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.executescript(_SCHEMA)
             if "feature" in {row[1] for row in self.db.execute("PRAGMA table_info(entries)")}:

@@ -281,6 +281,91 @@ def test_a_restart_with_a_new_model_embeds_the_gallery_again(exported, crops, ne
         second.close()
 
 
+def _disk_full_once(monkeypatch, cls, name: str) -> list[int]:
+    """`cls.name` raises SQLite's full-disk error on its first call (the 2026-12-04 camera chaos audit's
+    tmpfs, filled), then works; the calls are counted."""
+    real, calls = getattr(cls, name), []
+
+    def once(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, once)
+    return calls
+
+
+def test_background_work_that_fails_on_a_full_disk_is_done_once_there_is_room(
+    exported, crops, new_model, tmp_path, monkeypatch, caplog
+):
+    """A full disk at the first write of each background job ended it for good (camera chaos audit): the
+    start-time re-embedding (the service answered 503 forever), retention (expired crops kept, silently)
+    and following a deployment (the new model skipped until a restart). Each is tried again now."""
+    monkeypatch.setattr(feature_service, "RETRY_S", 0.2)
+    monkeypatch.setattr(feature_service, "RETENTION_EVERY_S", 0.2)
+    first = FeatureService(exported[1], tmp_path / "gallery.db", ServiceConfig())
+    try:
+        with running(first) as url, FeatureClient(url) as client:
+            ids = client.add(crops[:4], camera="cam-a", time=1000.0)
+    finally:
+        first.close()
+    staged = _disk_full_once(monkeypatch, GalleryStore, "stage")
+    deleted = _disk_full_once(monkeypatch, GalleryStore, "delete_older_than")
+    cfg = ServiceConfig(retention_s=3600)
+    second = FeatureService(new_model[0], tmp_path / "gallery.db", cfg)  # re-embedding at start
+    try:
+        with running(second) as url, FeatureClient(url) as client:
+            _wait_ready(client)
+            assert client.gallery().model.sha256 == new_model[1].sha256 and len(staged) >= 2
+            deadline = time.monotonic() + 30
+            while client.gallery().entries and time.monotonic() < deadline:  # (captured at 1000: expired)
+                time.sleep(0.1)
+            assert client.gallery().entries == 0 and len(deleted) >= 2 and ids
+    finally:
+        second.close()
+    said = caplog.text
+    assert "trying again every" in said and "retention pass failed" in said
+    # following a deployment: the first adoption fails on the full disk, the next one is made
+    state = tmp_path / "site"
+    _deploy(state, exported[1], "a")
+    adopted = _disk_full_once(monkeypatch, GalleryStore, "begin_staging")
+    third = FeatureService(
+        state / "models" / "a" / "model.onnx",
+        tmp_path / "g2.db",
+        ServiceConfig(follow_every_s=0.05),
+        follow=state,
+    )
+    try:
+        _deploy(state, new_model[0], "b")
+        deadline = time.monotonic() + 60
+        while third.served.ref.sha256 != new_model[1].sha256 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert third.served.ref.sha256 == new_model[1].sha256 and len(adopted) >= 2
+    finally:
+        third.close()
+
+
+def test_an_addition_kept_while_its_new_model_feature_failed_is_answered_200(
+    exported, crops, new_model, tmp_path, monkeypatch
+):
+    """While a new model is being adopted, an addition is committed, then embedded with the new model too.
+    When that second write failed (a full disk) the client got 507 for an entry that was kept, and a
+    retry added it twice (camera chaos audit): the answer is 200, and the re-embedding gives it its
+    feature."""
+    service = FeatureService(exported[1], tmp_path / "gallery.db", ServiceConfig())
+    try:
+        service.green = feature_service.Served(FeatureExtractor(new_model[0]))  # (a switch in progress)
+        _disk_full_once(monkeypatch, GalleryStore, "stage")
+        with running(service) as url, FeatureClient(url) as client:
+            ids = client.add(crops[:2], camera="cam-a")
+            assert len(ids) == 2 and client.gallery().entries == 2
+        assert len(service.store.unembedded(new_model[1].sha256)) == 2  # (left to the re-embedding)
+    finally:
+        service.green = None
+        service.close()
+
+
 def test_entries_whose_features_were_lost_are_embedded_again_at_start(exported, crops, tmp_path):
     """A gallery file that lost feature rows (a damaged page, a copy cut short): those entries were
     silently left out of every search; the next start embeds them first (searches wait, as for a new
