@@ -281,6 +281,14 @@ def test_a_restart_with_a_new_model_embeds_the_gallery_again(exported, crops, ne
         second.close()
 
 
+def _following(exported, tmp_path: Path, gallery: str) -> tuple[Path, FeatureService]:
+    """A service on model "a" of an agent-like state folder, following its deployments every 0.05 s."""
+    state = tmp_path / "site"
+    _deploy(state, exported[1], "a")
+    model = state / "models" / "a" / "model.onnx"
+    return state, FeatureService(model, tmp_path / gallery, ServiceConfig(follow_every_s=0.05), follow=state)
+
+
 def _disk_full_once(monkeypatch, cls, name: str) -> list[int]:
     """`cls.name` raises SQLite's full-disk error on its first call (the 2026-12-04 camera chaos audit's
     tmpfs, filled), then works; the calls are counted."""
@@ -327,15 +335,8 @@ def test_background_work_that_fails_on_a_full_disk_is_done_once_there_is_room(
     said = caplog.text
     assert "trying again every" in said and "retention pass failed" in said
     # following a deployment: the first adoption fails on the full disk, the next one is made
-    state = tmp_path / "site"
-    _deploy(state, exported[1], "a")
     adopted = _disk_full_once(monkeypatch, GalleryStore, "begin_staging")
-    third = FeatureService(
-        state / "models" / "a" / "model.onnx",
-        tmp_path / "g2.db",
-        ServiceConfig(follow_every_s=0.05),
-        follow=state,
-    )
+    state, third = _following(exported, tmp_path, "g2.db")
     try:
         _deploy(state, new_model[0], "b")
         deadline = time.monotonic() + 60
@@ -463,14 +464,7 @@ def test_a_deployed_file_that_fails_its_contract_is_said_once_and_the_service_go
     """A deployed model whose file no longer matches its contract's sha256 was refused again and said
     again every follow_every_s (2026-12-04 new-user audit), and a first refusal raised NameError in the
     follower (its model's hash was never read): one line, and the current model keeps serving."""
-    state = tmp_path / "site"
-    _deploy(state, exported[1], "a")
-    service = FeatureService(
-        state / "models" / "a" / "model.onnx",
-        tmp_path / "gallery.db",
-        ServiceConfig(follow_every_s=0.05),
-        follow=state,
-    )
+    state, service = _following(exported, tmp_path, "gallery.db")
     try:
         _deploy(state, new_model[0], "b")
         damaged = state / "models" / "b" / "model.onnx"
