@@ -37,8 +37,6 @@ def observe(url: str, federation: str, identity_dir: Path | None = None, seconds
     topics = Topics(federation)
 
     def on_message(topic: str, payload: bytes) -> None:
-        if not payload:
-            return
         msg = parse_message(payload)
         if isinstance(msg, NodeStatus):
             if topic != topics.status(msg.node):  # a node speaks for itself only (as the aggregator checks)

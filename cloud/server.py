@@ -241,8 +241,6 @@ class Aggregator:
         self.deployments.republish()
 
     def _on_status(self, topic: str, payload: bytes) -> None:
-        if not payload:
-            return
         try:
             status = parse_message(payload, NodeStatus)
         except MessageError as err:

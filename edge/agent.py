@@ -406,8 +406,6 @@ class Agent:
 
     # -- handlers (endpoint worker thread) -------------------------------------------------------------
     def _on_round(self, topic: str, payload: bytes) -> None:
-        if not payload:
-            return
         try:
             msg = parse_message(payload)
         except MessageError as err:

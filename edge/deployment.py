@@ -56,7 +56,7 @@ from export.runtime import FeatureExtractor
 from protocol.chunks import ChunkError, ForeignChunk, InboundBlob, check_ref, parse_chunk, sha256_hex
 from protocol.messages import ChunkRequest, Deployment, MessageError, encode_message, parse_message
 from protocol.mqtt import Endpoint
-from reid.logs import bound, log_context
+from reid.logs import SaidOnce, bound, log_context
 
 log = logging.getLogger(__name__)
 POINTER = "current.json"
@@ -179,7 +179,7 @@ class Deployments:
         self.queued_sha: str | None = None  # fetched, waiting for or in the installer
         # fetched, but this site's disk failed its install: (manifest, model file, when to try again)
         self.retry: tuple[Deployment, bytes, float] | None = None
-        self.retry_said = ("", "")  # (sha256, error) last logged as a warning
+        self.retry_said = SaidOnce()  # (the deployment and error of a failed install: a warning once)
         self.jobs: queue.Queue[tuple[Deployment, bytes] | None] = queue.Queue()
         self.installed_sha: str | None = None
         self.installed_created = 0.0  # the served manifest's creation time: older manifests are replays
@@ -258,8 +258,6 @@ class Deployments:
 
     # -- receiving (endpoint worker thread) -----------------------------------------------------------
     def _on_manifest(self, topic: str, payload: bytes) -> None:
-        if not payload:
-            return
         try:
             msg = parse_message(payload, Deployment)
             assert isinstance(msg, Deployment)
@@ -376,8 +374,7 @@ class Deployments:
                     self._install(manifest, blob)
                 except OSError as err:  # this site's disk (full, say): the same file is installed again
                     with self.lock:
-                        first = self.retry_said != (manifest.blob.sha256, str(err))
-                        self.retry_said = (manifest.blob.sha256, str(err))
+                        first = self.retry_said.new(f"{manifest.blob.sha256}: {err}")
                         self.retry = (manifest, blob, time.monotonic() + INSTALL_RETRY_S)
                     log.log(
                         logging.WARNING if first else logging.DEBUG,

@@ -56,6 +56,7 @@ from edge.gallery_store import GalleryStore, GalleryStoreError, NewEntry, OtherM
 from export.runtime import FeatureExtractor
 from protocol.messages import untrusted_json
 from reid.data.images import to_rgb
+from reid.logs import SaidOnce
 
 log = logging.getLogger(__name__)
 GAP_WAIT_S = 1.0  # how long a re-embedding batch waits for the live queue to empty
@@ -199,7 +200,7 @@ class FeatureService:
             self.reindexing.set()  # (no model of the gallery's is loaded: searches wait for this)
             threading.Thread(target=self._embed_until_done, name="reindex", daemon=True).start()
         elif self.store.model_sha256 == self.served.ref.sha256:
-            self.store.begin_staging(self.served.ref.sha256)  # drops what a superseded model staged
+            self.store.drop_staged()
         if follow is not None:
             threading.Thread(target=self._follow, args=(follow,), name="follow", daemon=True).start()
         if cfg.retention_s:
@@ -269,7 +270,7 @@ class FeatureService:
         from edge.deployment import current_model
         from export.contract import load_contract
 
-        said = ""  # the last refusal said (a file that stays bad is said once, not every follow_every_s)
+        refusal = SaidOnce()  # (a file that stays bad is said once, not every follow_every_s)
         not_before = 0.0  # after a failure that may pass (a full disk), the next try waits RETRY_S
         while not self.stopping.wait(self.cfg.follow_every_s):
             path, sha = current_model(state_dir), ""
@@ -288,8 +289,7 @@ class FeatureService:
                 self._adopt(green)
             except Exception as err:  # the current model keeps serving
                 passing = isinstance(err, (sqlite3.OperationalError, OSError))  # (the file itself is fine)
-                if f"{path}: {err}" != said:
-                    said = f"{path}: {err}"
+                if refusal.new(f"{path}: {err}"):
                     log.warning(
                         "deployed model %s not adopted: %s%s",
                         path,
@@ -383,15 +383,14 @@ class FeatureService:
         """The gallery embedded with the served model at start (another model's, or rows lost), tried again
         every RETRY_S after a failure (a full disk, a locked file): the service answers 503 until it is
         done, so a thread that gave up left it answering 503 for good."""
-        said = ""
+        failure = SaidOnce()
         while not self.stopping.is_set():
             try:
                 self._adopt(self.served)
                 return
             except Exception as err:
                 self.reindexing.set()  # (still to do)
-                if str(err) != said:
-                    said = str(err)
+                if failure.new(str(err)):
                     log.warning(
                         "embedding the gallery with model %s failed (%s: %s); trying again every %.0f s",
                         self.served.ref.version,
@@ -728,7 +727,7 @@ def serve_deployed(state_dir: Path, cfg: ServiceConfig, stop: threading.Event) -
     when the reason changes): training goes on without it meanwhile."""
     from edge.deployment import current_model
 
-    said = ""
+    failure = SaidOnce()
     while True:
         while (model := current_model(state_dir)) is None:
             if stop.wait(cfg.follow_every_s):
@@ -737,8 +736,7 @@ def serve_deployed(state_dir: Path, cfg: ServiceConfig, stop: threading.Event) -
             _serve_until(stop, model, state_dir, cfg)
             return
         except Exception as err:
-            if str(err) != said:
-                said = str(err)
+            if failure.new(str(err)):
                 log.error("feature service not running: %s (trying again every %.0f s)", err, RETRY_S)
         if stop.wait(RETRY_S):
             return

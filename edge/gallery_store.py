@@ -331,6 +331,11 @@ class GalleryStore:
             self.db.execute("DELETE FROM features WHERE model NOT IN (?, ?)", (self.model_sha256, sha))
             return int(self.db.execute("SELECT COUNT(*) FROM features WHERE model = ?", (sha,)).fetchone()[0])
 
+    def drop_staged(self) -> None:
+        """Drop the staged features of every other model than the gallery's (a deployment superseded
+        before it was adopted)."""
+        self.begin_staging(self.model_sha256)
+
     def unembedded(self, sha: str, after_id: int = 0, limit: int = 256) -> list[tuple[int, bytes]]:
         """(id, crop) of entries above `after_id` without a feature of model `sha`, in id order."""
         with self.lock:

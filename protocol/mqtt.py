@@ -121,8 +121,7 @@ class Endpoint:
         self._keyring_mtime = self._keyring_stamp(identity_dir)
         self._identity_dir = identity_dir
         self.worker = threading.Thread(target=self._work, name=f"mqtt-{node}", daemon=True)
-        self.state = "online"
-        self._said: tuple[int | None, str] = (None, "")  # the round and reason of the state last published
+        self.status_as_set: tuple[str, int | None, str] = ("online", None, "")  # state, round, reason
 
     def _sealed(self, topic: str, payload: bytes) -> bytes:
         if self.signer is None or not payload or self.topics.is_chunks(topic):
@@ -149,9 +148,7 @@ class Endpoint:
         for topic_filter in self.handlers:
             client.subscribe(topic_filter, qos=1)
         if self.announce:
-            client.publish(
-                self.topics.status(self.node), self._status(self.state, *self._said), qos=1, retain=True
-            )
+            self.restate()
         self.connected.set()
         log.info("connected to %s:%d as %s", self.host, self.port, self.node)
         if self.on_connected is not None:
@@ -254,15 +251,19 @@ class Endpoint:
         self.worker.join(timeout=10)
 
     def set_state(self, state: str, round_: int | None = None, reason: str = "") -> None:
-        self.state, self._said = state, (round_, reason)
+        self.status_as_set = (state, round_, reason)
         self.restate()
+
+    @property
+    def state(self) -> str:
+        """The state last set (`online` until `set_state`)."""
+        return self.status_as_set[0]
 
     def restate(self) -> None:
         """Publish the status document again as last set (after a change of `deployed`); a reconnect
         does the same: a failure keeps its round and reason."""
-        self.client.publish(
-            self.topics.status(self.node), self._status(self.state, *self._said), qos=1, retain=True
-        )
+        status = self._status(*self.status_as_set)
+        self.client.publish(self.topics.status(self.node), status, qos=1, retain=True)
 
     def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int = 1) -> paho.MQTTMessageInfo:
         return self.client.publish(topic, self._sealed(topic, payload), qos=qos, retain=retain)

@@ -79,6 +79,18 @@ class RepeatFilter(logging.Filter):
             return False
 
 
+class SaidOnce:
+    """A lasting failure said once: a loop that tries again asks `new(reason)` before its log line, which
+    is true only when the reason differs from the one asked about last (one line per reason, not per try)."""
+
+    def __init__(self) -> None:
+        self.last = ""
+
+    def new(self, reason: str) -> bool:
+        fresh, self.last = reason != self.last, reason
+        return fresh
+
+
 class ContextFilter(logging.Filter):
     """Adds the current site and round to every record that passes the handler."""
 
