@@ -25,7 +25,7 @@ from cloud.strategy import AdmissionConfig, KDConfig, StrategyConfig
 from protocol.broker import parse_url
 from protocol.chunks import blob_ref, check_ref, parse_chunk, split_blob
 from protocol.codec import encode_state
-from protocol.messages import MAX_SAMPLES, RunEnd, UpdateManifest, encode_message
+from protocol.messages import MAX_SAMPLES, MAX_SELECTED, RunEnd, UpdateManifest, encode_message
 from protocol.mqtt import Endpoint
 from protocol.topics import Topics
 from reid.train import TrainConfig
@@ -990,6 +990,44 @@ def test_after_a_reconnect_only_sites_that_speak_again_are_selected(tmp_path, mo
         assert agg._eligible() == []
         raw.status("a")  # a reconnects; b died while the broker was down
         assert _wait(lambda: agg._eligible() == ["a"], 10)
+    finally:
+        agg.stop()
+        thread.join(timeout=30)
+        raw.stop()
+
+
+def test_a_site_status_under_a_reserved_node_name_is_never_a_site(tmp_path, mosquitto_url):
+    """`aggregator` and `operator` name other roles' nodes (docs/protocol.md): a status that claims one of
+    them as a site is dropped, so it can never be selected."""
+    cfg = ServeConfig(federation="reserved", state_dir=tmp_path, rounds=1, min_sites=2, deadline_s=60, **TINY)
+    agg, raw, thread = _start(cfg, mosquitto_url, ["a", "b"])
+    try:
+        for name in ("aggregator", "operator", "c"):
+            raw.status(name)
+        assert _wait(lambda: "c" in agg.online, 10)
+        assert "aggregator" not in agg.online and "operator" not in agg.online
+        assert agg._eligible() == ["a", "b", "c"]
+    finally:
+        agg.stop()
+        thread.join(timeout=30)
+        raw.stop()
+
+
+def test_an_evaluation_round_past_the_selection_limit_draws_its_sites(tmp_path, mosquitto_url):
+    """A round names at most MAX_SELECTED sites: an evaluation round with more eligible draws that many,
+    seeded by the run's seed and the round (another round leaves out other sites), not by name order."""
+    cfg = ServeConfig(federation="many", state_dir=tmp_path, rounds=1, min_sites=2, deadline_s=60, **TINY)
+    agg, raw, thread = _start(cfg, mosquitto_url, ["a", "b"])
+    try:
+        names = [f"s{i:04d}" for i in range(MAX_SELECTED + 37)]
+        with agg.lock:  # (1,037 live sites, as their statuses would leave them)
+            for s in names:
+                agg.online[s], agg.heard_on[s] = ("online", None), agg.connection
+        eligible = agg._eligible()
+        first, again, other = agg._evaluators(7), agg._evaluators(7), agg._evaluators(8)
+        assert len(first) == MAX_SELECTED == len(set(first)) and set(first) <= set(eligible)
+        assert first == again and set(first) != set(other)  # seeded: reproducible, and round by round
+        assert set(first) != set(sorted(eligible)[:MAX_SELECTED])  # not the first names
     finally:
         agg.stop()
         thread.join(timeout=30)
