@@ -690,10 +690,13 @@ class Aggregator:
         return cur
 
     def _restart(self, cur: OpenRound) -> None:
-        """No quorum: select again, keeping every accepted update and every upload in progress."""
+        """No quorum: select again, keeping every accepted update and every upload in progress (one whose
+        site is online and whose last chunk came within the last `deadline_s`: an upload that stopped, by
+        a site that died or one that only announced, would keep its site in every selection for good)."""
         cur.restarts += 1
         self.metrics.restarts.inc()
         with self.lock:
+            self._drop_stalled_uploads(cur)
             keep = set(cur.accepted) | set(cur.manifests)
             retry = {s for s in cur.failed if cur.retried.get(s, 0) < FAILED_RETRIES}
         selected = self._select(cur.number, cur.restarts, keep, failed=cur.failed_once, retry=retry)
@@ -715,6 +718,23 @@ class Aggregator:
             len(cur.accepted),
         )
         self._publish_round(cur)
+
+    def _drop_stalled_uploads(self, cur: OpenRound) -> None:
+        live = set(self._eligible())
+        for site in list(cur.manifests):
+            transfer = cur.transfers.get(site)
+            idle = transfer.idle_seconds() if transfer is not None else float("inf")
+            if site in live and idle <= self.cfg.deadline_s:
+                continue
+            cur.manifests.pop(site)
+            cur.last_resend.pop(site, None)
+            if transfer is not None:
+                cur.transfers.pop(site).close()
+            with log_context(site=site, round=cur.number):
+                log.warning(
+                    "upload dropped at the restart: %s",
+                    "the site is offline" if site not in live else f"no chunk for {idle:.0f} s",
+                )
 
     def _save_open(self, cur: OpenRound) -> None:
         with self.lock:  # the status thread adds failures: snapshot and write in one step (newest wins)

@@ -377,6 +377,47 @@ def test_round_restart_keeps_accepted_work(tmp_path, mosquitto_url):
     assert sum(1 for a in raw.acks if a["accepted"] and a["site"] == "a") == 1  # never asked again
 
 
+def test_an_upload_that_stopped_does_not_keep_its_site_in_every_restart(tmp_path, mosquitto_url):
+    """An upload in progress is kept at a restart only while its site is online and its chunks still come:
+    a site that announced and died, or that announces and never sends (an insider), was once kept in every
+    restarted selection, and with quorum = the sites drawn the round never closed."""
+    cfg = ServeConfig(
+        federation="pinned",
+        state_dir=tmp_path,
+        rounds=1,
+        min_sites=2,
+        fraction=0.4,
+        quorum=2,
+        deadline_s=4,
+        max_extensions=0,
+        final_eval=False,
+        **TINY,
+    )
+    agg, raw, thread = _start(cfg, mosquitto_url, ["a", "b", "c", "d", "e"])
+    try:
+        gone, silent = agg.current.selected
+        for site in (gone, silent):
+            raw.manifest_only(site, b"an upload whose chunks never come")
+        assert _wait(lambda: {gone, silent} <= set(agg.current.manifests), 10)
+        raw.status(gone, state="offline")  # (its will)
+        assert _wait(lambda: agg.current.restarts >= 2, 30)
+        assert gone not in agg.current.manifests and silent not in agg.current.manifests
+        d, answered = _deltas(agg, 1), set()
+        while thread.is_alive() and agg.current is not None:  # every site selected now answers
+            now = (agg.current.restarts, tuple(agg.current.selected))
+            for site in set(now[1]) - {gone} - answered:
+                raw.update(site, d)
+                answered.add(site)
+            time.sleep(0.1)
+        thread.join(timeout=30)
+        assert not thread.is_alive() and not thread.errors
+    finally:
+        agg.stop()
+        raw.stop()
+    summary = _summaries(cfg)[0]
+    assert len(summary["accepted"]) == 2 and gone not in summary["accepted"]
+
+
 def test_a_failed_site_is_dropped_at_once_and_disk_stays_bounded(tmp_path, mosquitto_url):
     cfg = ServeConfig(
         federation="failed",
