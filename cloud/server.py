@@ -906,7 +906,11 @@ class Aggregator:
             if agg is not None:
                 return agg.finish(), caps
             assert clustering is not None
-            new_global, weights = clustering.finish()
+            # the global model weights each group by its sites' sizes as the caps see them: a size nobody
+            # vouched for at most the lower median of all (one claim once weighted a group 2^31 : 32),
+            # and a revoked site's size no more
+            kept = {s: n for s, n in clustering.samples.items() if self.endpoint.knows(s)}
+            new_global, weights = clustering.finish(path_claims(kept, adm))
         except NoUpdatesError:  # every acknowledged update unreadable: stop; a restart asks for them again
             raise StateDirError(
                 f"no journaled update of round {cur.number} is readable: the state dir was damaged"

@@ -194,13 +194,14 @@ class Clustering:
         decided (`StreamingAggregator.add_flat`); returns the group."""
         layout, index = self._layout(global_state)
         group = self.groups.get(site)
-        if group is None:  # trained from the global model: join the nearest group, re-based onto it
+        if group is None:  # trained from the global model: join the nearest group, re-based onto it (the
+            # clip applied first: dividing the re-basing term by a tiny clip overflowed)
             assert self.centroids is not None
             group = nearest(sketch(floats, index), self.centroids)
             self.groups[site] = group
             base_floats, base_ints = layout.flatten(self.states[group])
             global_floats, global_ints = layout.flatten(global_state)
-            floats = floats + (global_floats - base_floats) / scale
+            floats, scale = floats * scale + (global_floats - base_floats), 1.0
             ints = ints + (global_ints - base_ints)
         self.samples[site] = n_samples
         if group not in self.folds:
@@ -208,9 +209,10 @@ class Clustering:
         self.folds[group].add_flat(site, floats, ints, n_samples, cdw, weight, scale)
         return group
 
-    def finish(self) -> tuple[State, dict[str, float]]:
+    def finish(self, sizes: Mapping[str, int] | None = None) -> tuple[State, dict[str, float]]:
         """The new group models, and the global model: their average weighted by their sites' training
-        images. Returns it with each folded site's weight within its group."""
+        images (`sizes`, site -> images, when the caller bounds what sites claimed; the sizes last
+        reported otherwise). Returns it with each folded site's weight within its group."""
         weights: dict[str, float] = {}
         self.rejected = []
         for group, fold in sorted(self.folds.items()):
@@ -223,10 +225,13 @@ class Clustering:
             self.states[group] = {k: v.clone() for k, v in aggregate.state.items()}
             weights.update(aggregate.weights)
         self.folds.clear()
-        sizes = {g: sum(n for s, n in self.samples.items() if self.groups.get(s) == g) for g in self.states}
-        groups = [g for g in sorted(self.states) if sizes[g] > 0]
+        of_site = self.samples if sizes is None else sizes
+        total = {g: sum(n for s, n in of_site.items() if self.groups.get(s) == g) for g in self.states}
+        groups = [g for g in sorted(self.states) if total[g] > 0]
+        if not groups:  # (every site of every group revoked: the groups alike)
+            groups, total = sorted(self.states), dict.fromkeys(self.states, 1)
         states = [self.states[g] for g in groups]
-        new_global = weighted_average(states, [sizes[g] for g in groups], self.strategy.bn)
+        new_global = weighted_average(states, [total[g] for g in groups], self.strategy.bn)
         return new_global, weights
 
     # -- checkpoints ------------------------------------------------------------------------------------

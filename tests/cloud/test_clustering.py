@@ -78,6 +78,30 @@ def test_groups_fold_their_own_updates_and_the_global_model_is_their_weighted_av
     assert weights == pytest.approx({"s1": 0.25, "s3": 0.75, "s2": 20 / 70, "s5": 50 / 70})
 
 
+def test_a_newcomer_clipped_hard_is_re_based_onto_its_group_without_overflow():
+    """A site placed after the grouping has its delta re-based onto its group's model after the clip the
+    aggregator decided: a delta of 3.4e38 clipped by 1e-38 was once re-based as (global - base) / 1e-38,
+    which overflowed, and an acknowledged update was dropped at the fold (2026-12-05 insider audit)."""
+    base = _state(0)
+    clustering = Clustering(ClusterConfig(groups=2, sketch_size=256), StrategyConfig(), seed=0)
+    up, down = _state(1), {k: -v for k, v in _state(1).items()}
+    for i, (site, direction) in enumerate({"s1": up, "s2": down}.items()):
+        clustering.observe(Update(site, _toward(direction, 10 + i), n_samples=10), base)
+    clustering.group(base)
+    clustering.add(Update("s1", _toward(up, 20), 10), base)
+    elsewhere = _state(5)  # (the global model the newcomer trained from is not the groups' start)
+    huge = {k: torch.full_like(v, 3.4e38) for k, v in up.items()}
+    floats, ints = clustering.layout.flatten(huge)
+    scale = 1e-38
+    group = clustering.add_flat("s3", floats, ints, 10, None, elsewhere, weight=1.0, scale=scale)
+    new_global, _ = clustering.finish()
+    assert not clustering.rejected
+    trained = {k: elsewhere[k] + huge[k] * scale for k in base}
+    for k in base:
+        assert torch.isfinite(new_global[k]).all()
+        assert torch.allclose(clustering.states[group][k], trained[k], atol=1e-4)
+
+
 def test_a_sketch_estimates_the_cosine_of_two_updates():
     a, b = torch.randn(200_000), torch.randn(200_000)
     c = a + 0.5 * b

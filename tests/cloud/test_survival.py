@@ -15,6 +15,7 @@ import pytest
 import torch
 import zstandard
 from paho.mqtt.enums import CallbackAPIVersion
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from cloud.config import ServeConfig
@@ -22,6 +23,7 @@ from cloud.deploy import load_round
 from cloud.journal import StateDirError
 from cloud.server import Aggregator
 from cloud.strategy import AdmissionConfig, KDConfig, StrategyConfig
+from cloud.strategy.clustering import ClusterConfig
 from protocol.broker import parse_url
 from protocol.chunks import blob_ref, check_ref, parse_chunk, split_blob
 from protocol.codec import encode_state
@@ -873,6 +875,52 @@ def test_an_earlier_runs_retained_run_end_is_cleared_when_a_run_starts(tmp_path,
         watcher.loop_stop()
         watcher.disconnect()
     assert not thread.is_alive()
+
+
+def test_under_clustering_a_size_claim_weighs_no_group_beyond_the_median(tmp_path, mosquitto_url):
+    """Client clustering weights the group models by their sites' sizes: an insider's claim of
+    MAX_SAMPLES once gave its group all the weight of the global model, in that round and every later
+    one (2026-12-05 insider audit). A size nobody vouched for counts as at most the lower median of all."""
+    cfg = ServeConfig(
+        federation="claims",
+        state_dir=tmp_path,
+        rounds=2,
+        min_sites=5,
+        quorum=5,
+        deadline_s=60,
+        final_eval=False,
+        cluster=ClusterConfig(groups=2, after=1, sketch_size=4096),
+        **TINY,
+    )
+    sites = ["a", "b", "c", "d", "evil"]
+    agg, raw, thread = _start(cfg, mosquitto_url, sites)
+    try:
+        way = {s: _deltas(agg, 1 if s in ("a", "b") else 2) for s in sites}  # two kinds of data
+        for i, s in enumerate(sites):
+            noise = _deltas(agg, 10 + i, 0.001)
+            raw.update(s, {k: v + noise[k] for k, v in way[s].items()})
+        assert _wait(lambda: raw.round is not None and raw.round.round == 1, 60)
+        for i, s in enumerate(sites):
+            base = raw.round.for_site(s).base_hash
+            claim, scale = (MAX_SAMPLES, 0.05) if s == "evil" else (10, 0.01)
+            raw.update(s, _deltas(agg, 20 + i, scale), n_samples=claim, base_hash=base)
+        thread.join(timeout=60)
+        assert not thread.is_alive() and not thread.errors
+    finally:
+        agg.stop()
+        raw.stop()
+    summary = _summaries(cfg)[1]
+    groups = summary["groups"]
+    assert groups["a"] == groups["b"] != groups["c"] == groups["d"] == groups["evil"]
+    root = cfg.state_dir / cfg.federation / "rounds" / "00001"
+    with safe_open(str(root / "groups.safetensors"), framework="pt") as f:
+        models = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    final = load_file(str(root / "global.safetensors"))
+    size = {groups["a"]: 20, groups["evil"]: 30}  # evil's claim counts as the median, 10
+    for key, value in final.items():
+        if value.dtype.is_floating_point:
+            expected = sum(n * models[f"group/{g}/{key}"].double() for g, n in size.items()) / 50
+            torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_finite_but_huge_delta_spoils_neither_kd_nor_a_restart(tiny_federation, tmp_path, mosquitto_url):
