@@ -87,13 +87,19 @@ class Keyring:
         return cls(identities, topics)
 
     def may_speak(self, signer: str, topic: str) -> bool:
+        """Whether `signer` may publish on `topic`: a site on its own status and `sites/<itself>/...` and
+        the two shared request topics; the aggregator on what it publishes (`round`, `deploy`, its status,
+        any site's `ack` and `resend`), never on what sites publish: the envelope does not name its topic,
+        so a site could replay the aggregator's signed request for its chunks on `deploy/resend` as the
+        aggregator's own (2026-12-05 insider audit)."""
         role, _ = self.identities[signer]
-        if role == "aggregator":
-            return True
         root = self.topics.root + "/"
         if not topic.startswith(root):
             return False
         leaf = topic[len(root) :]
+        if role == "aggregator":
+            site_leaf = topic.rsplit("/", 1)[1] if self.topics.site_of(topic) is not None else None
+            return leaf in ("round", "deploy", f"status/{signer}") or site_leaf in ("ack", "resend")
         return (
             leaf == f"status/{signer}" or leaf.startswith(f"sites/{signer}/") or leaf in SITE_REQUEST_LEAVES
         )

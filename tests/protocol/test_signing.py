@@ -155,3 +155,24 @@ def test_a_key_outside_the_keyring_and_another_federation_are_refused(identities
         Signer.load(path, keyring)
     with pytest.raises(SignatureError, match="keyring of federation"):
         Keyring.load(folder / "keys.json", Topics("other"))
+
+
+def test_the_aggregator_speaks_only_on_its_own_topics(identities):
+    """An envelope does not name its topic: the aggregator's signed request for a site's missing chunks
+    (on `sites/<site>/resend`) replayed by that site on `deploy/resend` must not count as the aggregator's
+    own request there (2026-12-05 insider audit: it drew chunks past the site's own copy budget)."""
+    keyring, signers, _ = identities
+    signed = signers["aggregator"].wrap(b"{}")
+    own = (T.round, T.deploy, T.status("aggregator"), T.site("site-a", "ack"), T.site("site-a", "resend"))
+    for topic in own:
+        assert keyring.open(signed, topic)[0] == "aggregator"
+    for topic in (
+        T.deploy_resend,
+        T.global_resend,
+        T.site("site-a", "update"),
+        T.site("site-a", "eval"),
+        T.status("site-a"),
+        "other/round",
+    ):
+        with pytest.raises(SignatureError, match="may not publish"):
+            keyring.open(signed, topic)
