@@ -438,6 +438,14 @@ class Aggregator:
             transfer = cur.transfers.pop(site, None)
             if transfer is not None:
                 transfer.close()
+        if cur is not None and m.round == cur.number and site in cur.waiting():
+            # a rejection settles the update: the site never sends it again (docs/protocol.md), so the
+            # round does not wait for it, and a restart of this round does not select it again (it once
+            # ignored every re-announcement while the round restarted for good)
+            cur.failed[site] = f"update rejected: {reason}"
+            cur.failed_once.add(site)
+            cur.retried[site] = FAILED_RETRIES
+            self._save_open(cur)
         self._ack(site, m.round, m.blob.blob_id, False, reason)
 
     def _decode(self, cur: OpenRound, site: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -420,6 +420,41 @@ def test_an_upload_that_stopped_does_not_keep_its_site_in_every_restart(tmp_path
     assert len(summary["accepted"]) == 2 and gone not in summary["accepted"]
 
 
+def test_a_site_whose_update_was_rejected_is_out_of_the_round(tmp_path, mosquitto_url):
+    """A rejection settles an update: the site never sends it again (docs/protocol.md, rule 4). So the
+    round does not wait for it, and a restart does not select it again: a docs-faithful site once
+    ignored every re-announcement while the round restarted for good (2026-12-05 client audit)."""
+    cfg = ServeConfig(
+        federation="rejected",
+        state_dir=tmp_path,
+        rounds=1,
+        min_sites=2,
+        quorum=2,
+        deadline_s=3,
+        max_extensions=0,
+        final_eval=False,
+        **TINY,
+    )
+    agg, raw, thread = _start(cfg, mosquitto_url, ["a", "b", "c"])
+    try:
+        d = _deltas(agg, 1)
+        bad = {k: (v[None] if i == 0 else v) for i, (k, v) in enumerate(d.items())}  # one wrong shape
+        raw.update("a", bad)
+        raw.update("b", d)
+        assert _wait(lambda: "a" in agg.current.failed and "b" in agg.current.accepted, 10)
+        assert agg.current.failed["a"].startswith("update rejected: ")
+        assert _wait(lambda: agg.current.restarts >= 1, 30)  # c is silent: no quorum
+        assert "a" not in agg.current.selected and "c" in agg.current.selected
+        raw.update("c", d)
+        thread.join(timeout=30)
+        assert not thread.is_alive() and not thread.errors
+    finally:
+        agg.stop()
+        raw.stop()
+    summary = _summaries(cfg)[0]
+    assert summary["accepted"] == ["b", "c"] and "a" in summary["failed"]
+
+
 def test_a_failed_site_is_dropped_at_once_and_disk_stays_bounded(tmp_path, mosquitto_url):
     cfg = ServeConfig(
         federation="failed",
