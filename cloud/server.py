@@ -320,7 +320,12 @@ class Aggregator:
                 old.close()
             # (spooled to a file beside the journal from the first byte: many uploads in flight hold one
             # chunk each in memory)
-            cur.transfers[site] = InboundBlob(m.blob, cur.limit, spool_bytes=0, spool_dir=self.journal.root)
+            try:
+                spool = self.journal.root
+                cur.transfers[site] = InboundBlob(m.blob, cur.limit, spool_bytes=0, spool_dir=spool)
+            except OSError as err:
+                cur.manifests.pop(site, None)
+                self._fail(StateDirError(f"cannot spool an upload in {self.journal.root}: {err}"))
 
     def _on_chunk(self, topic: str, payload: bytes) -> None:
         site = self.topics.site_of(topic) or "?"
@@ -347,6 +352,9 @@ class Aggregator:
                 return
             except ChunkError as err:
                 self._reject(cur, site, m, str(err), "bad_transfer")
+                return
+            except OSError as err:  # the spool beside the journal: the state dir is full or read-only
+                self._fail(StateDirError(f"cannot spool an upload in {self.journal.root}: {err}"))
                 return
             finally:
                 if transfer.complete and cur.transfers.get(site) is transfer:

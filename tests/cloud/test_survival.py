@@ -3,6 +3,7 @@ restart at any moment, failures that must be visible, and a state dir that canno
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import threading
@@ -25,7 +26,7 @@ from cloud.server import Aggregator
 from cloud.strategy import AdmissionConfig, KDConfig, StrategyConfig
 from cloud.strategy.clustering import ClusterConfig
 from protocol.broker import parse_url
-from protocol.chunks import blob_ref, check_ref, parse_chunk, split_blob
+from protocol.chunks import InboundBlob, blob_ref, check_ref, parse_chunk, split_blob
 from protocol.codec import encode_state
 from protocol.messages import MAX_SAMPLES, MAX_SELECTED, RunEnd, UpdateManifest, encode_message
 from protocol.mqtt import Endpoint
@@ -860,6 +861,32 @@ def test_unwritable_state_dir_stops_cleanly_without_acking(tmp_path, mosquitto_u
     assert len(thread.errors) == 1 and isinstance(thread.errors[0], StateDirError)
     assert not any(a["accepted"] for a in raw.acks)  # never acknowledged what it could not journal
     assert caplog.text.count("cannot journal the update of a") == 1
+
+
+@pytest.mark.parametrize("where", ["add", "__init__"])
+def test_a_full_state_dir_under_an_upload_stops_cleanly(tmp_path, mosquitto_url, caplog, monkeypatch, where):
+    """Uploads are spooled beside the journal: a spool that cannot be written (a full or read-only state
+    dir) stops the aggregator with one error line, as any other write there; it was a warning per chunk,
+    every site sent its whole update again every 2 s, and with a few KB left for the round's own record
+    the round restarted for good (2026-12-05 chaos audit)."""
+    cfg = ServeConfig(
+        federation="full", state_dir=tmp_path, rounds=1, min_sites=1, deadline_s=60, final_eval=False, **TINY
+    )
+    agg, raw, thread = _start(cfg, mosquitto_url, ["a"])
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(InboundBlob, where, full)
+    try:
+        raw.update("a", _deltas(agg, 1))
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    finally:
+        raw.stop()
+    assert len(thread.errors) == 1 and isinstance(thread.errors[0], StateDirError)
+    assert not any(a["accepted"] for a in raw.acks)
+    assert caplog.text.count("cannot spool an upload in") == 1
 
 
 def test_a_chunk_count_or_size_attack_is_a_clear_reason_not_a_crash():
