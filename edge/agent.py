@@ -101,10 +101,17 @@ from reid.train import (
 
 log = logging.getLogger(__name__)
 MAX_MODEL_BYTES = 1 << 30  # the largest global model a site fetches (a ResNet-50 in fp32 is 98 MB)
+STOP_WAIT_S = 30.0  # on a signal, how long the training in progress has to reach its next batch and end
+RETAINED_SETTLE_S = 1.5  # after the run's end, for a deployment manifest retained on its own topic to come
 
 
 class RoundFailed(RuntimeError):
     """This site cannot take part in the round (the reason goes on its status topic)."""
+
+
+class Stopped(Exception):
+    """The agent is stopping (a signal): the training in progress ends at its next batch, so the process
+    never exits with torch still running in the trainer thread (that aborted: SIGABRT, exit 134)."""
 
 
 class AgentConfig(BaseModel):
@@ -725,13 +732,19 @@ class Agent:
             got.model,
             got.site.train_loader(),
             config,
-            progress=lambda done, total: self.metrics.progress.set(done / max(1, total)),
+            progress=self._trained,
             cdw_images=got.site.cdw_images(),
         )
         self.metrics.images_per_s.set(result.images_per_s)
         if not math.isfinite(result.loss):
             raise RoundFailed(f"training diverged (loss {result.loss}): the global model is not usable here")
         return result
+
+    def _trained(self, done: int, total: int) -> None:
+        """After each batch of local training: its progress, or Stopped when the agent is stopping."""
+        self.metrics.progress.set(done / max(1, total))
+        if self.stopping.is_set():
+            raise Stopped
 
     def _delta(
         self, got: Received, trained: dict[str, torch.Tensor], start: RoundStart, seed: int
@@ -816,6 +829,9 @@ class Agent:
                     self.endpoint.set_state("training", start.round)  # seen in `status` and the round's log
                     self._train_round(start, blob, fetch_seconds)
                     state, reason = "online", ""
+                except Stopped:
+                    log.info("training of round %d stopped: it is done again after a restart", start.round)
+                    return
                 except Exception as err:  # the agent keeps running for the next round
                     reason = f"{type(err).__name__}: {err}"
                     if isinstance(err, (RoundFailed, DatasetLayoutError, OSError)):  # one line says it all
@@ -887,8 +903,12 @@ class Agent:
                 log.info("stopping (Ctrl-C); a pending update stays on disk and is sent after a restart")
             finally:
                 self.jobs.put(None)
-                trainer.join(timeout=1 if not self.done.is_set() else 600)
+                trainer.join(timeout=STOP_WAIT_S if not self.done.is_set() else 600)
                 drain = self.cfg.deploy_drain_s if self.done.is_set() else 0.0
+                if drain:  # a site that starts after the run gets the retained RunEnd and the retained
+                    # deployment on two topics: the RunEnd first, the deployment a moment later, and a
+                    # site that looked for a deployment in progress at once left without it
+                    time.sleep(RETAINED_SETTLE_S)
                 self.deployments.stop(drain, self.cfg.transfer_idle_s)
                 service_stop.set()
                 if service is not None:

@@ -7,12 +7,17 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from typer.testing import CliRunner
 
+from cloud.config import ServeConfig
+from cloud.local_federation import agent_command
+from cloud.server import Aggregator
 from edge.cli import app
 from reid.files import hold_lock
+from tests.cloud.test_federation import TINY
 
 runner = CliRunner()
 
@@ -167,3 +172,33 @@ def test_a_second_agent_on_one_state_folder_is_refused(tiny_federation, tmp_path
         first.terminate()
         first.wait(timeout=30)
     assert hold_lock(tmp_path / "s1" / "agent.lock") is not None  # the first one's lock went with it
+
+
+def test_a_sigterm_while_training_ends_the_agent_cleanly(tiny_federation, tmp_path, mosquitto_url):
+    """SIGTERM (systemd, docker stop) while the site trains: the training stops at its next batch and the
+    agent exits 0. It waited 1 s for the trainer and left with torch still running in it: the process
+    aborted ("terminate called without an active exception", exit 134) (2026-12-05 chaos audit)."""
+    cfg = ServeConfig(
+        federation="term", state_dir=tmp_path / "cloud", rounds=1, min_sites=1, deadline_s=600, **TINY
+    )
+    cfg = cfg.model_copy(update={"local_epochs": 200})  # (minutes of training: it is stopped long before)
+    agg = Aggregator(cfg, mosquitto_url)
+    thread = threading.Thread(target=agg.run, daemon=True)
+    site = tiny_federation / "sites" / "site00"
+    command = agent_command(site, mosquitto_url, "term", tmp_path / "edge", "cpu")
+    agent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        thread.start()
+        deadline = time.monotonic() + 120
+        while agg.online.get("site00", ("",))[0] != "training" and time.monotonic() < deadline:
+            assert agent.poll() is None
+            time.sleep(0.2)
+        time.sleep(3)  # (into the epochs)
+        agent.terminate()
+        out, _ = agent.communicate(timeout=60)
+    finally:
+        agent.kill()
+        agg.stop()
+        thread.join(timeout=30)
+    assert agent.returncode == 0, out[-2000:]
+    assert "training of round 0 stopped" in out
