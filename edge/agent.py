@@ -114,6 +114,11 @@ class Stopped(Exception):
     never exits with torch still running in the trainer thread (that aborted: SIGABRT, exit 134)."""
 
 
+class Superseded(Exception):
+    """A new run started (another `run_id`) while this site worked on a round of the old one: the job is
+    abandoned at its next batch, and its update is never sent (docs/protocol.md, rule 0)."""
+
+
 class AgentConfig(BaseModel):
     """Settings of `edge-agent start` (TOML file + flags)."""
 
@@ -205,6 +210,11 @@ class AgentConfig(BaseModel):
         return value
 
 
+def _job_key(start: RoundStart) -> tuple[str, int, str, bool]:
+    """What names a site's job: its run, round, base hash and whether it trains (docs/protocol.md)."""
+    return (start.run_id, start.round, start.base_hash, start.train)
+
+
 @contextlib.contextmanager
 def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
     """The seconds the block takes, to the millisecond, as `timings[name]` (an update's timings)."""
@@ -279,7 +289,7 @@ class Agent:
         self.progress = self._load_progress()
         self.upload = self._load_pending()
         self._settle_privacy()
-        self.working: tuple[int, str, bool] | None = None  # (round, base hash, train) fetched or worked on
+        self.working: tuple[str, int, str, bool] | None = None  # (run, round, base hash, train) in hand
         self.republished = 0.0  # when the pending update was last announced again
         self.started = time.monotonic()  # (a pending update found at start waits for the round first)
         self.tick_error = ("", 0.0)  # the last error of the periodic work, and when it was logged
@@ -357,9 +367,14 @@ class Agent:
 
     def _new_run(self, run_id: str) -> None:
         """A round of another run (a new run, or the aggregator went back on work it acknowledged):
-        what this site settled or holds unacknowledged belongs to the old one and is dropped."""
+        what this site settled or holds unacknowledged belongs to the old one and is dropped, and a fetch
+        or a training of the old run in progress is abandoned (`Superseded`)."""
         with self.lock:
             upload = self.upload
+            self.working = None
+            if self.fetch is not None:
+                self.fetch.transfer.close()
+                self.fetch = None
         if self.progress.last_round >= 0 or upload is not None:
             log.info(
                 "a new run (%s): dropping this site's progress of the previous one (last round %d%s)",
@@ -449,7 +464,7 @@ class Agent:
         if self.cfg.site not in msg.selected or msg.round < self.progress.last_round:
             return
         with self.lock:
-            if self.working == (msg.round, msg.base_hash, msg.train):
+            if self.working == _job_key(msg):
                 if self.fetch is not None:
                     self.fetch.start = msg  # an extension or a reconnect: keep fetching
                 return
@@ -472,7 +487,7 @@ class Agent:
             if self.fetch:
                 self.fetch.transfer.close()
             self.fetch = Fetch(msg, InboundBlob(msg.blob, MAX_MODEL_BYTES), requested=time.monotonic())
-            self.working = (msg.round, msg.base_hash, msg.train)
+            self.working = _job_key(msg)
         self.metrics.phase("fetching")
         with log_context(site=self.cfg.site, round=msg.round):
             log.info(
@@ -667,6 +682,7 @@ class Agent:
     def _train_round(self, start: RoundStart, blob: bytes, fetch_seconds: float) -> None:
         """One training round: load the round's model, evaluate it when asked, train, privatize and
         encode the delta, keep it on disk as pending, then announce and upload it."""
+        self._check_current(start)  # (a job of the old run that waited for the trainer)
         if not start.train:
             self._evaluation_round(start, blob)
             return
@@ -685,7 +701,7 @@ class Agent:
                 metrics = self._evaluate(got, start)
         config = self._train_config(start)
         with _timed(timings, "train"):
-            result = self._train(got, config)
+            result = self._train(got, config, start)
         with _timed(timings, "encode"):
             trained = shared_state(got.model)
             delta, dp_epsilon = self._delta(got, trained, start, config.seed)
@@ -708,6 +724,7 @@ class Agent:
             metrics=metrics,
             dp_epsilon=dp_epsilon,
         )
+        self._check_current(start)
         self._keep_local_layers(got.model, trained, start)
         self._keep_pending(manifest, upload)
         self._save_progress(Progress(start.round, start.base_hash, False, start.run_id, settled=False))
@@ -725,14 +742,14 @@ class Agent:
             seed=self.cfg.seed * 100_003 + start.round,
         )
 
-    def _train(self, got: Received, config: TrainConfig) -> TrainResult:
+    def _train(self, got: Received, config: TrainConfig, start: RoundStart) -> TrainResult:
         """E local epochs on the site's images (the model in `got` is trained in place)."""
         got.site.seed = config.seed
         result = train_local(
             got.model,
             got.site.train_loader(),
             config,
-            progress=self._trained,
+            progress=lambda done, total: self._trained(start, done, total),
             cdw_images=got.site.cdw_images(),
         )
         self.metrics.images_per_s.set(result.images_per_s)
@@ -740,11 +757,18 @@ class Agent:
             raise RoundFailed(f"training diverged (loss {result.loss}): the global model is not usable here")
         return result
 
-    def _trained(self, done: int, total: int) -> None:
-        """After each batch of local training: its progress, or Stopped when the agent is stopping."""
+    def _trained(self, start: RoundStart, done: int, total: int) -> None:
+        """After each batch of local training: its progress; Stopped when the agent is stopping,
+        Superseded when a new run started meanwhile."""
         self.metrics.progress.set(done / max(1, total))
         if self.stopping.is_set():
             raise Stopped
+        self._check_current(start)
+
+    def _check_current(self, start: RoundStart) -> None:
+        """Superseded when `start` belongs to a run other than the one this site now takes part in."""
+        if start.run_id and start.run_id != self.progress.run_id:
+            raise Superseded
 
     def _delta(
         self, got: Received, trained: dict[str, torch.Tensor], start: RoundStart, seed: int
@@ -832,6 +856,9 @@ class Agent:
                 except Stopped:
                     log.info("training of round %d stopped: it is done again after a restart", start.round)
                     return
+                except Superseded:
+                    log.info("round %d of the previous run abandoned: a new run started", start.round)
+                    state, reason = "online", ""
                 except Exception as err:  # the agent keeps running for the next round
                     reason = f"{type(err).__name__}: {err}"
                     if isinstance(err, (RoundFailed, DatasetLayoutError, OSError)):  # one line says it all
@@ -840,7 +867,7 @@ class Agent:
                         log.exception("round %d failed at this site: %s", start.round, err)
                     state = "failed"
                 with self.lock:  # before the state goes out: a restart of this round must find the site idle
-                    if self.working == (start.round, start.base_hash, start.train):
+                    if self.working == _job_key(start):
                         self.working = None
                 self.endpoint.set_state(state, start.round, reason)
                 self.metrics.phase("waiting" if state == "online" else "failed")

@@ -53,7 +53,7 @@ def test_a_site_is_idle_before_it_says_it_failed_a_round(tiny_federation, tmp_pa
     out the deadline)."""
     agent, states, trained = _agent(tiny_federation, tmp_path)
     start = _start(3)
-    agent.working = (start.round, start.base_hash, True)
+    agent.working = ("", start.round, start.base_hash, True)
     agent.jobs.put((start, b"", 0.0))
     trainer = threading.Thread(target=agent._trainer, daemon=True)
     trainer.start()
@@ -63,7 +63,7 @@ def test_a_site_is_idle_before_it_says_it_failed_a_round(tiny_federation, tmp_pa
     agent.jobs.put(None)
     trainer.join(timeout=30)
     assert trained == [3] and not trainer.is_alive()
-    assert states == [("training", 3, (3, start.base_hash, True)), ("failed", 3, None)]
+    assert states == [("training", 3, ("", 3, start.base_hash, True)), ("failed", 3, None)]
 
 
 def test_models_that_queued_while_the_site_trained_leave_only_the_newest(tiny_federation, tmp_path):
@@ -143,7 +143,7 @@ def test_an_update_lost_before_its_ack_is_trained_again_not_waited_for(tiny_fede
     again.endpoint.set_state = agent.endpoint.set_state  # type: ignore[method-assign]
     with caplog.at_level(logging.WARNING):
         again._on_round("round", encode_message(start))
-    assert again.fetch is not None and again.working == (3, start.base_hash, True)
+    assert again.fetch is not None and again.working == ("", 3, start.base_hash, True)
     assert "this round's update was lost before it was acknowledged: training again" in caplog.text
     settled = Agent(agent.cfg)
     settled._save_progress(Progress(3, start.base_hash, True, ""))
@@ -179,12 +179,12 @@ def test_an_evaluation_round_and_a_training_round_of_one_round_and_base_are_two_
     agent, _, _ = _agent(tiny_federation, tmp_path)
     training = _start(5).model_copy(update={"selected": ["s"]})
     evaluation = training.model_copy(update={"train": False})
-    agent.working = (5, evaluation.base_hash, False)  # fetching the evaluation round's model
+    agent.working = ("", 5, evaluation.base_hash, False)  # fetching the evaluation round's model
     agent._on_round_start(training)
-    assert agent.working == (5, training.base_hash, True)
+    assert agent.working == ("", 5, training.base_hash, True)
     assert agent.fetch is not None and agent.fetch.start == training
     agent._on_round_start(training.model_copy(update={"deadline": training.deadline + 60}))  # extension
-    assert agent.fetch.start.deadline == training.deadline + 60 and agent.working[2] is True
+    assert agent.fetch.start.deadline == training.deadline + 60 and agent.working[3] is True
 
 
 def test_a_retained_run_end_without_run_id_ends_no_site(tiny_federation, tmp_path):
@@ -264,3 +264,46 @@ def test_an_ack_settles_the_update_it_names_by_site_round_and_blob(tiny_federati
     assert agent.upload is not None  # another round's ack: still pending
     agent._on_ack("ack", encode_message(ack.model_copy(update={"round": 3})))
     assert agent.upload is None
+
+
+def test_a_new_run_abandons_the_old_runs_fetch_and_training(tiny_federation, tmp_path, caplog):
+    """docs/protocol.md rule 0: a RoundStart of another run drops the old run's work in hand. The site
+    kept training the old run's round (its update answered a run that was over) and took the new run's
+    announcement of the same round and base for that job (rule 2), so the new run's settings never
+    counted; the old job's end then cleared the new job's key."""
+    agent, states, _ = _agent(tiny_federation, tmp_path)
+    old = _start(2).model_copy(update={"run_id": "aa" * 16})
+    new = old.model_copy(update={"run_id": "bb" * 16})
+    agent._on_round_start(old)
+    assert agent.fetch is not None and agent.working == ("aa" * 16, 2, old.base_hash, True)
+    agent._on_round_start(new)  # the old run's fetch is given up for the new run's
+    assert agent.fetch is not None and agent.fetch.start.run_id == "bb" * 16
+    assert agent.working == ("bb" * 16, 2, new.base_hash, True)
+
+    agent._on_round_start(old.model_copy(update={"run_id": "cc" * 16}))  # (a third run: trains)
+    agent.fetch.transfer.close()
+    agent.fetch = None  # its model arrived: the trainer has it
+    training = threading.Event()
+
+    def train_round(start: RoundStart, blob: bytes, fetch_seconds: float) -> None:
+        training.set()
+        for i in range(3000):  # 30 s unless abandoned
+            agent._trained(start, i, 3000)
+            time.sleep(0.01)
+
+    agent._train_round = train_round  # type: ignore[method-assign]
+    job = old.model_copy(update={"run_id": "cc" * 16})
+    agent.jobs.put((job, b"", 0.0))
+    trainer = threading.Thread(target=agent._trainer, daemon=True)
+    with caplog.at_level(logging.INFO, logger="edge.agent"):
+        trainer.start()
+        assert training.wait(10)
+        agent._on_round_start(new.model_copy(update={"run_id": "dd" * 16}))
+        deadline = time.monotonic() + 10
+        while states[-1][0] != "online" and time.monotonic() < deadline:
+            time.sleep(0.01)
+    agent.jobs.put(None)
+    trainer.join(timeout=30)
+    assert "round 2 of the previous run abandoned: a new run started" in caplog.text
+    assert states[-1] == ("online", 2, ("dd" * 16, 2, new.base_hash, True))  # the new job kept its key
+    assert agent.fetch is not None and agent.fetch.start.run_id == "dd" * 16
