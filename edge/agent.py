@@ -115,8 +115,9 @@ class Stopped(Exception):
 
 
 class Superseded(Exception):
-    """A new run started (another `run_id`) while this site worked on a round of the old one: the job is
-    abandoned at its next batch, and its update is never sent (docs/protocol.md, rule 0)."""
+    """The job in hand is of a run that is over (another `run_id` came: docs/protocol.md, rule 0) or of
+    a round the aggregator closed (a newer round is announced: a site stopped or cut off for a while): it
+    is abandoned at its next batch, and its update is never sent (it would be rejected)."""
 
 
 class AgentConfig(BaseModel):
@@ -290,6 +291,7 @@ class Agent:
         self.upload = self._load_pending()
         self._settle_privacy()
         self.working: tuple[str, int, str, bool] | None = None  # (run, round, base hash, train) in hand
+        self.announced: tuple[str, int] | None = None  # (run, round) of the newest RoundStart
         self.republished = 0.0  # when the pending update was last announced again
         self.started = time.monotonic()  # (a pending update found at start waits for the round first)
         self.tick_error = ("", 0.0)  # the last error of the periodic work, and when it was logged
@@ -459,6 +461,12 @@ class Agent:
             return
         if msg.run_id and msg.run_id != self.progress.run_id:
             self._new_run(msg.run_id)
+        with self.lock:
+            self.announced = (msg.run_id, msg.round)
+            if self.fetch is not None and self.fetch.start.round < msg.round:  # that round is closed
+                self.fetch.transfer.close()
+                self.fetch = None
+                self.working = None
         if self.endpoint.state == "failed" and not self.progress.same(msg):
             self.endpoint.set_state("online", msg.round)  # a new round: this site may be selected again
         if self.cfg.site not in msg.selected or msg.round < self.progress.last_round:
@@ -682,7 +690,7 @@ class Agent:
     def _train_round(self, start: RoundStart, blob: bytes, fetch_seconds: float) -> None:
         """One training round: load the round's model, evaluate it when asked, train, privatize and
         encode the delta, keep it on disk as pending, then announce and upload it."""
-        self._check_current(start)  # (a job of the old run that waited for the trainer)
+        self._check_current(start)  # (a job that waited for the trainer while a newer round came)
         if not start.train:
             self._evaluation_round(start, blob)
             return
@@ -759,16 +767,20 @@ class Agent:
 
     def _trained(self, start: RoundStart, done: int, total: int) -> None:
         """After each batch of local training: its progress; Stopped when the agent is stopping,
-        Superseded when a new run started meanwhile."""
+        Superseded when a new run or a newer round was announced meanwhile."""
         self.metrics.progress.set(done / max(1, total))
         if self.stopping.is_set():
             raise Stopped
         self._check_current(start)
 
     def _check_current(self, start: RoundStart) -> None:
-        """Superseded when `start` belongs to a run other than the one this site now takes part in."""
+        """Superseded when `start` belongs to a run other than the one this site now takes part in, or to a
+        round older than the newest one announced in its run (closed: the aggregator moved on)."""
         if start.run_id and start.run_id != self.progress.run_id:
-            raise Superseded
+            raise Superseded(f"round {start.round} of the previous run abandoned: a new run started")
+        announced = self.announced
+        if announced is not None and announced[0] == start.run_id and start.round < announced[1]:
+            raise Superseded(f"round {start.round} abandoned: round {announced[1]} is announced (it closed)")
 
     def _delta(
         self, got: Received, trained: dict[str, torch.Tensor], start: RoundStart, seed: int
@@ -856,8 +868,8 @@ class Agent:
                 except Stopped:
                     log.info("training of round %d stopped: it is done again after a restart", start.round)
                     return
-                except Superseded:
-                    log.info("round %d of the previous run abandoned: a new run started", start.round)
+                except Superseded as err:
+                    log.info("%s", err)
                     state, reason = "online", ""
                 except Exception as err:  # the agent keeps running for the next round
                     reason = f"{type(err).__name__}: {err}"

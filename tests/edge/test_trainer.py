@@ -307,3 +307,42 @@ def test_a_new_run_abandons_the_old_runs_fetch_and_training(tiny_federation, tmp
     assert "round 2 of the previous run abandoned: a new run started" in caplog.text
     assert states[-1] == ("online", 2, ("dd" * 16, 2, new.base_hash, True))  # the new job kept its key
     assert agent.fetch is not None and agent.fetch.start.run_id == "dd" * 16
+
+
+def test_a_round_announced_after_the_one_in_hand_abandons_it(tiny_federation, tmp_path, caplog):
+    """A site stopped (SIGSTOP, a suspended VM) while it held round 2's model: resumed, it trained round
+    2 to the end and uploaded an update the aggregator rejected, though round 3 was already announced
+    (2026-12-05 chaos audit F6). A newer round closes the older one: its fetch and training stop."""
+    agent, states, _ = _agent(tiny_federation, tmp_path)
+    two = _start(2)
+    agent._on_round_start(two)
+    assert agent.fetch is not None
+    three = _start(3).model_copy(update={"selected": ["another"]})
+    agent._on_round_start(three)  # not selected for 3: round 2's transfer is not worth finishing
+    assert agent.fetch is None and agent.working is None
+
+    training = threading.Event()
+
+    def train_round(start: RoundStart, blob: bytes, fetch_seconds: float) -> None:
+        training.set()
+        for i in range(3000):  # 30 s unless abandoned
+            agent._trained(start, i, 3000)
+            time.sleep(0.01)
+
+    agent._train_round = train_round  # type: ignore[method-assign]
+    agent.jobs.put((_start(4), b"", 0.0))
+    trainer = threading.Thread(target=agent._trainer, daemon=True)
+    with caplog.at_level(logging.INFO, logger="edge.agent"):
+        agent._on_round_start(_start(4).model_copy(update={"selected": ["another"]}))
+        trainer.start()
+        assert training.wait(10)
+        time.sleep(0.1)
+        assert trainer.is_alive() and states[-1][0] == "training"  # round 4 is the newest: it trains
+        agent._on_round_start(_start(5).model_copy(update={"selected": ["another"]}))
+        deadline = time.monotonic() + 10
+        while states[-1][0] != "online" and time.monotonic() < deadline:
+            time.sleep(0.01)
+    agent.jobs.put(None)
+    trainer.join(timeout=30)
+    assert "round 4 abandoned: round 5 is announced (it closed)" in caplog.text
+    assert states[-1][:2] == ("online", 4)
