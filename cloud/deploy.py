@@ -41,6 +41,12 @@ class DeployError(RuntimeError):
     """No such round, no usable parity images, or the export failed its gate."""
 
 
+class ManifestUnacknowledged(DeployError):
+    """The deployment is recorded (latest.json) but the broker did not take its manifest: a `serve` that
+    reconnects publishes it again (`DeploymentSource.republish`); a one-shot `deploy` has not reached
+    the sites."""
+
+
 def _run_identity(run_dir: Path) -> dict:
     """The run's `run.json`; DeployError naming it when it cannot be read."""
     path = run_dir / "run.json"
@@ -163,7 +169,7 @@ def publish_model(
         info = endpoint.publish(topics.deploy, payload, retain=True)  # first: receivers expect the chunks
         info.wait_for_publish(60)
         if not info.is_published():
-            raise DeployError("the broker did not acknowledge the deployment manifest")
+            raise ManifestUnacknowledged("the broker did not acknowledge the deployment manifest")
     endpoint.publish_blob(topics.deploy_chunks, blob, ref.blob_id, DEFAULT_CHUNK_BYTES)
     log.info(
         "deployed %s (%s, %.1f MB, %d chunks)",

@@ -30,7 +30,14 @@ from pathlib import Path
 import torch
 
 from cloud.config import ServeConfig, model_info
-from cloud.deploy import DeploymentSource, deploy_round, latest_deployment, record_scheduled, scheduled_round
+from cloud.deploy import (
+    DeploymentSource,
+    ManifestUnacknowledged,
+    deploy_round,
+    latest_deployment,
+    record_scheduled,
+    scheduled_round,
+)
 from cloud.journal import Journal, StateDirError
 from cloud.monitoring import AggregatorMetrics, RunHistory, SiteFacts, View
 from cloud.round import GroupBlob, OpenRound, admit, short_reason, update_limit
@@ -1226,6 +1233,9 @@ class Aggregator:
         try:
             deploy_round(self.endpoint, self.journal.root, self.deploy_images, r, self.cfg.deploy_precision)
             record_scheduled(self.journal.root, r)
+        except ManifestUnacknowledged:  # (recorded: it goes out again with the reconnect, not again later)
+            record_scheduled(self.journal.root, r)
+            log.warning("round %d deployed; the broker is away: its manifest goes out when it is back", r)
         except Exception as err:  # the run goes on; the sites keep their current model
             log.warning("round %d not deployed: %s", r, err)
 

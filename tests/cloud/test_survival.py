@@ -28,7 +28,7 @@ from cloud.strategy.clustering import ClusterConfig
 from protocol.broker import parse_url
 from protocol.chunks import InboundBlob, blob_ref, check_ref, parse_chunk, split_blob
 from protocol.codec import encode_state
-from protocol.messages import MAX_SAMPLES, MAX_SELECTED, RunEnd, UpdateManifest, encode_message
+from protocol.messages import MAX_SAMPLES, MAX_SELECTED, RunEnd, UpdateManifest, encode_message, parse_message
 from protocol.mqtt import Endpoint
 from protocol.topics import Topics
 from reid.train import TrainConfig
@@ -725,6 +725,52 @@ def test_a_deployment_cut_short_by_a_kill_is_made_at_the_restart(
     monkeypatch.undo()
     Aggregator(cfg, mosquitto_url).run()
     assert latest_deployment(tmp_path / "dk") == rollback
+
+
+def test_a_deployment_whose_manifest_the_broker_did_not_take_goes_out_with_the_reconnect(
+    tiny_federation, tmp_path, mosquitto_url, monkeypatch, caplog
+):
+    """The broker went away as a round's deployment was published: the aggregator said "round 0 not
+    deployed" though it had recorded it (latest.json) and published its manifest again at the reconnect,
+    and a restart exported and deployed the round a second time (2026-12-05 chaos audit F4)."""
+    import cloud.server
+    from cloud.deploy import latest_deployment, scheduled_round
+
+    monkeypatch.setattr(cloud.server, "FINAL_DEPLOY_QUIET_S", 0.5)
+    caplog.set_level(logging.INFO)
+    cfg = _deploying(tiny_federation, tmp_path, "ua")
+    agg, raw, thread = _start(cfg, mosquitto_url, ["a"])
+    publish = agg.endpoint.publish
+
+    def broker_away(topic: str, payload: bytes, retain: bool = False):
+        if topic != Topics("ua").deploy:
+            return publish(topic, payload, retain)
+        return SimpleNamespace(wait_for_publish=lambda timeout: None, is_published=lambda: False)
+
+    agg.endpoint.publish = broker_away  # type: ignore[method-assign]
+    try:
+        raw.update("a", _deltas(agg, 1))
+        thread.join(timeout=120)
+        assert not thread.is_alive() and not thread.errors
+        manifest = latest_deployment(tmp_path / "ua")
+        assert manifest is not None and manifest.version == "ua/round-0"
+        assert scheduled_round(tmp_path / "ua") == 0
+        assert "round 0 deployed; the broker is away: its manifest goes out when it is back" in caplog.text
+        assert "not deployed" not in caplog.text
+        caplog.clear()
+        Aggregator(cfg, mosquitto_url).run()  # a restart: a connection, and no second deployment
+        assert "deployment did not finish before a restart" not in caplog.text
+        assert latest_deployment(tmp_path / "ua") == manifest
+        got: list[bytes] = []
+        on_deploy = {Topics("ua").deploy: lambda topic, payload: got.append(payload)}
+        watcher = Endpoint(mosquitto_url, Topics("ua"), "w", "site", on_deploy, announce=False).start()
+        try:
+            assert _wait(lambda: got, 10) and parse_message(got[-1]) == manifest  # retained: it went out
+        finally:
+            watcher.stop()
+    finally:
+        agg.stop()
+        raw.stop()
 
 
 def test_two_deployers_at_once_leave_the_sites_a_model_they_can_fetch(
