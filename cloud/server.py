@@ -532,19 +532,23 @@ class Aggregator:
                 and self.endpoint.knows(s)
             )
 
-    def _select(
-        self,
-        r: int,
-        draw: int = 0,
-        keep: set[str] | None = None,
-        failed: Collection[str] = (),
-        retry: Collection[str] = (),
-    ) -> list[str]:
-        """Sample round r's sites once `min_sites` are eligible, leaving out the sites that `failed` it;
-        those in `retry` count only when the others are too few (a restarted round gives a transient
-        failure one more chance rather than waiting for a site that is not coming)."""
+    def _select(self, r: int, draw: int = 0, cur: OpenRound | None = None) -> list[str]:
+        """Sample round r's sites once `min_sites` are eligible. A restart (`cur`, the open round) keeps
+        the sites with an accepted update or an upload in progress and leaves out those that failed the
+        round; a failed one with retries left counts only when the others are too few (a transient
+        failure gets one more chance rather than waiting for a site that is not coming). Judged afresh
+        while it waits: a site whose update was rejected and that then sent one that counts (a corrected
+        manifest is a new update) failed nothing."""
         waited = time.monotonic()
+        keep: set[str] = set()
         while True:
+            failed: Collection[str] = ()
+            retry: Collection[str] = ()
+            if cur is not None:
+                with self.lock:
+                    keep = set(cur.accepted) | set(cur.manifests)
+                    failed = cur.failed_once - keep
+                    retry = {s for s in cur.failed if cur.retried.get(s, 0) < FAILED_RETRIES} - keep
             online = self._eligible(failed)
             if len(online) < self.cfg.min_sites and retry:
                 online = self._eligible(failed, retry)
@@ -560,7 +564,7 @@ class Aggregator:
         if k > MAX_SELECTED and draw == 0:
             with log_context(round=r):
                 log.info("%d sites drawn, not %d: a round names at most that many", MAX_SELECTED, k)
-        return sample_sites(online, min(k, MAX_SELECTED), self.cfg.seed, r, draw, keep or ())
+        return sample_sites(online, min(k, MAX_SELECTED), self.cfg.seed, r, draw, keep)
 
     def _evaluators(self, r: int) -> list[str]:
         """The evaluation round's sites: every eligible one, as many as a round names (a seeded draw past
@@ -720,10 +724,10 @@ class Aggregator:
         self.metrics.restarts.inc()
         with self.lock:
             self._drop_stalled_uploads(cur)
-            keep = set(cur.accepted) | set(cur.manifests)
-            retry = {s for s in cur.failed if cur.retried.get(s, 0) < FAILED_RETRIES}
-        selected = self._select(cur.number, cur.restarts, keep, failed=cur.failed_once, retry=retry)
+        selected = self._select(cur.number, cur.restarts, cur)
         with self.lock:
+            kept = set(cur.accepted) | set(cur.manifests)
+            retry = {s for s in cur.failed if cur.retried.get(s, 0) < FAILED_RETRIES} - kept
             for site in retry & set(selected):
                 cur.retried[site] = cur.retried.get(site, 0) + 1
                 with log_context(site=site, round=cur.number):

@@ -497,7 +497,7 @@ def test_a_site_that_failed_for_a_moment_is_selected_again_when_the_round_needs_
     """quorum = min_sites = 3: site c fails round 0 (a data folder briefly missing); the round restarts and
     selects c again at once, instead of waiting `wait_for_sites_s` for a third site and giving up."""
     cfg = ServeConfig(
-        federation="again",
+        federation="moment",
         state_dir=tmp_path,
         rounds=1,
         min_sites=3,

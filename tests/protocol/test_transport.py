@@ -102,6 +102,8 @@ def test_a_reconnect_publishes_the_status_as_last_set(mosquitto_url):
         assert _wait(lambda: any(s.state == "failed" for s in seen))
         site.deployed = "t3/round-2"
         site.restate()  # (a deployment installed)
+        # (each seen before the next goes out: a receiver may skip a status superseded by a newer one)
+        assert _wait(lambda: any(s.state == "failed" and s.deployed for s in seen))
         # a reconnect: paho's on-connect callback, called as its network thread calls it (a reconnect
         # forced from this thread raced with that thread: the test's CI run once saw no third status)
         site._on_connect(site.client, None, None, SimpleNamespace(is_failure=False), None)
