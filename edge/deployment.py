@@ -33,6 +33,7 @@ is kept as a fallback; older ones are removed.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import queue
@@ -56,6 +57,7 @@ from export.runtime import FeatureExtractor
 from protocol.chunks import ChunkError, ForeignChunk, InboundBlob, check_ref, parse_chunk, sha256_hex
 from protocol.messages import ChunkRequest, Deployment, MessageError, encode_message, parse_message
 from protocol.mqtt import Endpoint
+from reid.files import disk_full
 from reid.logs import SaidOnce, bound, log_context
 
 log = logging.getLogger(__name__)
@@ -508,6 +510,10 @@ class Deployments:
                 site_bn = read_site_batchnorm(source) if source else None
                 _, check, seen = with_site_batchnorm(model, site_bn, images, out)
             except Exception as err:  # any reason: the deployed model as it is is still a valid one to serve
+                if disk_full(err):  # but not for good: the install is tried again (while the model it
+                    # has, with this site's layers, is served), not served with layers no site trained
+                    why = f"no room to put this site's BatchNorm layers in: {reason(err)}"
+                    raise OSError(errno.ENOSPC, why) from None
                 log.warning(
                     "%s: %s",
                     "this site's own BatchNorm layers not used"

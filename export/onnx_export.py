@@ -17,6 +17,7 @@ passes `onnx.checker` and the parity gate: ONNX Runtime against PyTorch on real 
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from torch import nn
 
 from export.contract import Contract, file_sha256, write_contract
 from reid.data import ImageDataset, InputSpec, eval_transform, first_readable
+from reid.files import disk_full
 from reid.model import ReIDModel
 from reid.tracing import TRACING
 
@@ -76,6 +78,8 @@ def _export_unlocked(
         )
         return "dynamo", 18
     except Exception as err:  # the dynamo exporter is young: fall back to the legacy one
+        if disk_full(err):  # (not the exporter's fault: the other one would fail the same way)
+            raise OSError(errno.ENOSPC, f"no room to export {out.name}: {err}") from None
         if keep_batchnorm:
             raise ExportError(
                 f"the dynamo exporter failed ({type(err).__name__}: {err}); only it can keep "

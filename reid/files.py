@@ -1,10 +1,12 @@
 """Crash-safe files: `atomic_write` (temporary file, fsync, rename) for every state file a process must
 find whole after a kill at any moment (journals, progress, pending uploads, privacy ledgers), and
 `hold_lock`, which keeps a second process off state that one process owns (a gallery, a site's folder),
-and `one_at_a_time`, which makes a short multi-file step one step for every process and thread."""
+and `one_at_a_time`, which makes a short multi-file step one step for every process and thread;
+`disk_full`, which tells a full disk (worth trying again later) from other failures."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import threading
@@ -33,6 +35,17 @@ def hold_lock(path: Path) -> IO[str] | None:
         return None
     _held[key] = f
     return f
+
+
+def disk_full(err: BaseException | None) -> bool:
+    """Whether `err`, or an error that led to it (an exporter may wrap it), is a full disk or quota."""
+    for _ in range(8):
+        if err is None:
+            return False
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 @contextmanager

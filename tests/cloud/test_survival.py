@@ -1235,7 +1235,7 @@ def test_an_aggregated_update_announced_after_its_round_closed_is_acknowledged_a
     """A site that missed the ack of its accepted update announces it again after the round closed: the
     answer must say accepted (it was aggregated), not "stale round" (which settles it as refused)."""
     cfg = ServeConfig(
-        federation="late", state_dir=tmp_path, rounds=2, min_sites=1, deadline_s=60, final_eval=False, **TINY
+        federation="acked", state_dir=tmp_path, rounds=2, min_sites=1, deadline_s=60, final_eval=False, **TINY
     )
     agg, raw, thread = _start(cfg, mosquitto_url, ["a"])
     try:

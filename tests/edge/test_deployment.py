@@ -5,6 +5,7 @@ connects later learns the deployment from the retained manifest and fetches the 
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import itertools
 import json
@@ -389,6 +390,38 @@ def test_a_deployment_the_sites_disk_could_not_take_is_installed_again(tmp_path,
     assert tries == ["disk/round-3"] * 3 and deployments.retry is None
     said = [r.getMessage() for r in caplog.records if "could not be installed here" in r.getMessage()]
     assert len(said) == 1 and "No space left on device" in said[0], said
+
+
+def test_a_full_disk_while_the_sites_batchnorm_goes_in_is_an_install_tried_again(
+    tiny_federation, tmp_path, monkeypatch
+):
+    """Putting this site's BatchNorm layers into a deployment (bn=local) on a full disk: the site served
+    the deployed file as it is, with layers no site trained with, until the next deployment (2026-12-05
+    chaos audit F7). A full disk is now an install that fails and is tried again (the model it has keeps
+    serving); any other reason still serves the deployed file as it is."""
+    import export.site_batchnorm as site_bn
+
+    endpoint = Endpoint("mqtt://127.0.0.1:1", Topics("bn"), "s", "site")
+    deployments = Deployments(tmp_path / "s", endpoint, site_data=tiny_federation / "sites" / "site01")
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"a deployed model")
+    monkeypatch.setattr(site_bn, "keeps_batchnorm", lambda path: True)
+
+    def full(*args) -> None:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as err:
+            raise RuntimeError("export failed") from err  # (as an exporter may wrap it)
+
+    monkeypatch.setattr(site_bn, "with_site_batchnorm", full)
+    with pytest.raises(OSError, match="no room to put this site's BatchNorm layers in: export failed"):
+        deployments._with_site_batchnorm(model)
+
+    def unfit(*args) -> None:
+        raise ValueError("no BatchNorm layers named as the contract says")
+
+    monkeypatch.setattr(site_bn, "with_site_batchnorm", unfit)
+    assert deployments._with_site_batchnorm(model) == model
 
 
 def test_a_deployment_nobody_sends_is_asked_for_less_often_and_said_once(tmp_path, mosquitto_url, caplog):

@@ -313,3 +313,26 @@ def test_what_a_user_gets_wrong_is_one_line_not_a_traceback(exported, tiny_feder
         result = CliRunner().invoke(app, command)
     assert result.exit_code != 0 and "cannot listen on 127.0.0.1" in result.output
     assert not (tmp_path / "g.db").exists()
+
+
+def test_a_full_disk_is_one_error_not_a_second_export(tmp_path, monkeypatch):
+    """The dynamo export failing on a full disk fell back to the TorchScript exporter, which failed the
+    same way (two lines, twice the time; 2026-12-05 chaos audit F7): a full disk is an OSError at once."""
+    import errno
+
+    import export.onnx_export as onnx_export
+
+    calls: list[bool] = []
+
+    def export(*args, dynamo: bool, **kwargs) -> None:
+        calls.append(dynamo)
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as err:
+            raise RuntimeError("serialising the model failed") from err  # (as the exporter wraps it)
+
+    monkeypatch.setattr(onnx_export.torch.onnx, "export", export)
+    net = onnx_export.FeatureNet(build_model(ModelSpec(arch="resnet18"), 4).eval())
+    with pytest.raises(OSError, match="no room to export model.onnx"):
+        onnx_export._export(net, torch.zeros(1, 3, 64, 32), tmp_path / "model.onnx", keep_batchnorm=False)
+    assert calls == [True]
