@@ -38,6 +38,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from protocol.broker import LocalBroker, auto_broker, free_port
 from protocol.chunks import MAX_CHUNK_BYTES, MAX_HEADER_BYTES
 from protocol.topics import PREFIX, check_name, check_site_name
+from reid.files import atomic_write
 
 AGGREGATOR = "aggregator"
 # Watching a run with the aggregator's certificate would take over the running aggregator's session
@@ -309,5 +310,5 @@ class Provisioning:
         keyring = json.dumps({"federation": self.meta["federation"], "identities": self.keyring()}, indent=2)
         for name in self.meta["identities"]:
             shutil.copy(self.out / "ca" / "ca.crt", self.out / name / "ca.crt")
-            (self.out / name / "keys.json").write_text(keyring)
+            atomic_write(self.out / name / "keys.json", keyring.encode())  # (nodes re-read it: whole)
         (self.out / "federation.json").write_text(json.dumps(self.meta, indent=2))

@@ -319,6 +319,8 @@ class Aggregator:
             assert cur is not None
             pending = cur.manifests.get(site)
             cur.manifests[site] = m  # (the newest manifest counts)
+            if cur.failed.pop(site, None) is not None:  # (it failed or was rejected, and sends an update
+                self._save_open(cur)  # after all: the round waits for this upload like any other)
             if pending is not None and pending.blob == m.blob:
                 return  # announced again (a site answering a request): keep the chunks received so far
             cur.last_resend.pop(site, None)
@@ -656,6 +658,9 @@ class Aggregator:
         if resumed:  # failures in this round and its retries, as journaled before the restart
             cur.failed_once = set(saved.get("failed", []))
             cur.retried = dict(saved.get("retried", {}))
+            out = saved.get("out", {})  # the sites it no longer waited for (a journal is input too)
+            if isinstance(out, dict):
+                cur.failed = {s: str(why)[:300] for s, why in out.items() if s in cur.selected}
         if train and self.clustering is not None and self.clustering.active:
             cur.group_of = dict(self.clustering.groups)
             for g, state in sorted(self.clustering.states.items()):
@@ -766,9 +771,10 @@ class Aggregator:
     def _save_open(self, cur: OpenRound) -> None:
         with self.lock:  # the status thread adds failures: snapshot and write in one step (newest wins)
             info = {"round": cur.number, "selected": cur.selected, "base_hash": cur.base_hash}
-            failed, retried = sorted(cur.failed_once), dict(cur.retried)
+            failed, retried, out = sorted(cur.failed_once), dict(cur.retried), dict(cur.failed)
             self.journal.save_open_round(
                 {**info, "restarts": cur.restarts, "train": cur.train, "failed": failed, "retried": retried}
+                | {"out": out}  # (the sites not waited for now, and why)
             )
 
     def _drop_revoked(self, cur: OpenRound) -> None:

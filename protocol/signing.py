@@ -11,8 +11,9 @@ whole blob's sha256 is inside a signed manifest (update, round, deployment), and
 accepts chunks of a blob announced by a verified manifest.
 
 Beyond a valid signature, the signer must be allowed to speak on the topic (the same rule as the broker
-ACL): a site only on ``status/<itself>``, ``sites/<itself>/...`` and the ``.../resend`` request topics;
-the aggregator everywhere. `Keyring.open` returns the inner bytes or raises `SignatureError`.
+ACL): a site only on ``status/<itself>``, ``sites/<itself>/...``, ``global/resend`` and ``deploy/resend``;
+the aggregator only on ``round``, ``deploy``, ``status/<itself>`` and the sites' ``ack`` and ``resend``
+topics (`may_speak`). `Keyring.open` returns the inner bytes or raises `SignatureError`.
 """
 
 from __future__ import annotations

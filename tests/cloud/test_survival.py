@@ -456,6 +456,73 @@ def test_a_site_whose_update_was_rejected_is_out_of_the_round(tmp_path, mosquitt
     assert summary["accepted"] == ["b", "c"] and "a" in summary["failed"]
 
 
+def test_a_rejected_site_that_uploads_another_update_is_waited_for(tmp_path, mosquitto_url):
+    """docs/protocol.md, UpdateAck: a rejected site "may still send another manifest ... one whose upload
+    is under way brings it back into the round". The round closed at its quorum with that upload still
+    arriving, and the update was lost (2026-12-05 spec review)."""
+    cfg = ServeConfig(
+        federation="uploads-again", state_dir=tmp_path, rounds=1, min_sites=2, quorum=1, deadline_s=60,
+        final_eval=False, **TINY,
+    )  # fmt: skip
+    agg, raw, thread = _start(cfg, mosquitto_url, ["a", "b"])
+    try:
+        d = _deltas(agg, 1)
+        raw.update("b", d, base_hash="0" * 64)
+        assert _wait(lambda: any(a["site"] == "b" and not a["accepted"] for a in raw.acks), 10)
+        blob = encode_state(_deltas(agg, 2), "fp16")
+        ref = blob_ref(blob, 65536)
+        manifest = UpdateManifest(
+            site="b", round=0, base_hash=raw.round.base_hash, blob=ref, n_samples=10, cdw=0.5, loss=1.0,
+            train_seconds=1.0,
+        )  # fmt: skip
+        raw.publish(Topics(cfg.federation).site("b", "update"), encode_message(manifest))
+        chunks = list(split_blob(blob, ref.blob_id, 65536))
+        for chunk in chunks[:-1]:
+            raw.publish(Topics(cfg.federation).site("b", "chunks"), chunk)
+        assert _wait(lambda: "b" in agg.current.manifests and "b" not in agg.current.failed, 10)
+        raw.update("a", d)
+        assert _wait(lambda: "a" in agg.current.accepted, 10)
+        time.sleep(1.0)
+        assert thread.is_alive()  # waiting for b's upload, not closed at the quorum
+        raw.publish(Topics(cfg.federation).site("b", "chunks"), chunks[-1])
+        thread.join(timeout=30)
+        assert not thread.is_alive() and not thread.errors
+    finally:
+        agg.stop()
+        raw.stop()
+    assert _summaries(cfg)[0]["accepted"] == ["a", "b"]
+
+
+def test_a_restarted_aggregator_does_not_wait_for_a_site_that_failed_the_round(tmp_path, mosquitto_url):
+    """docs/protocol.md: a failed site is not waited for in that round, "aggregator restarts included".
+    The journal kept only who failed once, for the draw: a resumed round waited out its deadline for a
+    site that had said it cannot take part (2026-12-05 spec review)."""
+    cfg = ServeConfig(
+        federation="failed-resumed", state_dir=tmp_path, rounds=1, min_sites=2, quorum=1, deadline_s=120,
+        final_eval=False, **TINY,
+    )  # fmt: skip
+    agg, raw, thread = _start(cfg, mosquitto_url, ["a", "b"])
+    raw.status("b", state="failed", round=0, reason="OSError: disk full")
+    try:
+        assert _wait(lambda: "b" in agg.current.failed, 10)
+        agg.stop()
+        thread.join(timeout=30)
+        again, raw2, thread2 = _start(cfg, mosquitto_url, [])
+        try:
+            assert again.current.failed == {"b": "OSError: disk full"}
+            raw2.update("a", _deltas(again, 1))
+            thread2.join(timeout=30)  # (the deadline is 120 s: not waited out for b)
+            assert not thread2.is_alive() and not thread2.errors
+        finally:
+            again.stop()
+            raw2.stop()
+    finally:
+        agg.stop()
+        raw.stop()
+    summary = _summaries(cfg)[0]
+    assert summary["accepted"] == ["a"] and "b" in summary["failed"]
+
+
 def test_a_failed_site_is_dropped_at_once_and_disk_stays_bounded(tmp_path, mosquitto_url):
     cfg = ServeConfig(
         federation="failed",

@@ -333,6 +333,6 @@ def test_a_full_disk_is_one_error_not_a_second_export(tmp_path, monkeypatch):
 
     monkeypatch.setattr(onnx_export.torch.onnx, "export", export)
     net = onnx_export.FeatureNet(build_model(ModelSpec(arch="resnet18"), 4).eval())
-    with pytest.raises(OSError, match="no room to export model.onnx"):
+    with pytest.raises(OSError, match=r"no room to export model\.onnx"):
         onnx_export._export(net, torch.zeros(1, 3, 64, 32), tmp_path / "model.onnx", keep_batchnorm=False)
     assert calls == [True]
