@@ -111,18 +111,21 @@ class OpenRound:
         """Selected sites that have neither an accepted update (or evaluation report) nor failed."""
         return set(self.selected) - set(self.accepted) - set(self.reports) - set(self.failed)
 
-    def doing(self, states: dict[str, str]) -> list[str]:
+    def doing(self, states: dict[str, tuple[str, int | None]]) -> list[str]:
         """What each waiting site is doing, for the progress line: its upload's progress, or the state
-        of its last status (`states`: site -> state). A site's status says "training" for any round it
-        works on; in an evaluation round that work is the evaluation."""
+        of its last status (`states`: site -> (state, round)). A site's status says "training" for any
+        round it works on: in an evaluation round that work is the evaluation, and a status of an older
+        round says the site is still on that one (stopped, or slow) and has not begun this one."""
         out = []
         for site in sorted(self.waiting()):
             m, t = self.manifests.get(site), self.transfers.get(site)
             if m is not None:
                 out.append(f"{site} uploading {t.received() if t is not None else 0}/{m.blob.chunks} chunks")
                 continue
-            state = states.get(site, "offline")
-            if state == "training" and not self.train:
+            state, round_ = states.get(site, ("offline", None))
+            if state == "training" and round_ is not None and round_ != self.number:
+                state = f"still on round {round_}"
+            elif state == "training" and not self.train:
                 state = "evaluating"
             elif state == "online":  # connected, work not begun: fetching the model, or idle
                 state = "online, not started yet"

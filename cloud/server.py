@@ -809,7 +809,7 @@ class Aggregator:
         if time.monotonic() - cur.said < PROGRESS_EVERY_S:
             return
         cur.said = time.monotonic()
-        states = {site: state for site, (state, _) in self.online.items()}
+        states = dict(self.online)
         log.info(
             "%s %d: %d/%d in, deadline in %.0f s; waiting for %s",
             "round" if cur.train else "evaluation round",

@@ -87,9 +87,12 @@ def test_a_run_written_before_a_strategy_setting_existed_resumes_at_what_it_ran(
 def test_the_progress_line_says_what_each_waiting_site_does():
     cur = _round()
     cur.manifests["a"] = _manifest()
-    assert cur.doing({"b": "training"}) == ["a uploading 0/1 chunks", "b training"]
+    assert cur.doing({"b": ("training", cur.number)}) == ["a uploading 0/1 chunks", "b training"]
     cur.accepted["a"] = cur.manifests.pop("a")
     assert cur.doing({}) == ["b offline"]  # no status yet
-    assert cur.doing({"b": "online"}) == ["b online, not started yet"]  # fetching the model, or idle
+    assert cur.doing({"b": ("online", None)}) == ["b online, not started yet"]  # fetching, or idle
+    # its last status is about a round that closed without it (a site stopped while training it): it
+    # was said to be training this one (2026-12-05 chaos check)
+    assert cur.doing({"b": ("training", cur.number - 1)}) == [f"b still on round {cur.number - 1}"]
     cur.train = False
-    assert cur.doing({"b": "training"}) == ["b evaluating"]  # the evaluation round's work
+    assert cur.doing({"b": ("training", cur.number)}) == ["b evaluating"]  # the evaluation round's work
