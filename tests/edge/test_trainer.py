@@ -266,6 +266,21 @@ def test_an_ack_settles_the_update_it_names_by_site_round_and_blob(tiny_federati
     assert agent.upload is None
 
 
+def _slow_training(agent: Agent) -> threading.Event:
+    """Make the agent's training a 30 s loop of batches, each checked as a real one is (`_trained`);
+    the event is set once it began."""
+    began = threading.Event()
+
+    def train_round(start: RoundStart, blob: bytes, fetch_seconds: float) -> None:
+        began.set()
+        for i in range(3000):  # 30 s unless stopped or abandoned
+            agent._trained(start, i, 3000)
+            time.sleep(0.01)
+
+    agent._train_round = train_round  # type: ignore[method-assign]
+    return began
+
+
 def test_a_new_run_abandons_the_old_runs_fetch_and_training(tiny_federation, tmp_path, caplog):
     """docs/protocol.md rule 0: a RoundStart of another run drops the old run's work in hand. The site
     kept training the old run's round (its update answered a run that was over) and took the new run's
@@ -283,15 +298,7 @@ def test_a_new_run_abandons_the_old_runs_fetch_and_training(tiny_federation, tmp
     agent._on_round_start(old.model_copy(update={"run_id": "cc" * 16}))  # (a third run: trains)
     agent.fetch.transfer.close()
     agent.fetch = None  # its model arrived: the trainer has it
-    training = threading.Event()
-
-    def train_round(start: RoundStart, blob: bytes, fetch_seconds: float) -> None:
-        training.set()
-        for i in range(3000):  # 30 s unless abandoned
-            agent._trained(start, i, 3000)
-            time.sleep(0.01)
-
-    agent._train_round = train_round  # type: ignore[method-assign]
+    training = _slow_training(agent)
     job = old.model_copy(update={"run_id": "cc" * 16})
     agent.jobs.put((job, b"", 0.0))
     trainer = threading.Thread(target=agent._trainer, daemon=True)
@@ -321,15 +328,7 @@ def test_a_round_announced_after_the_one_in_hand_abandons_it(tiny_federation, tm
     agent._on_round_start(three)  # not selected for 3: round 2's transfer is not worth finishing
     assert agent.fetch is None and agent.working is None
 
-    training = threading.Event()
-
-    def train_round(start: RoundStart, blob: bytes, fetch_seconds: float) -> None:
-        training.set()
-        for i in range(3000):  # 30 s unless abandoned
-            agent._trained(start, i, 3000)
-            time.sleep(0.01)
-
-    agent._train_round = train_round  # type: ignore[method-assign]
+    training = _slow_training(agent)
     agent.jobs.put((_start(4), b"", 0.0))
     trainer = threading.Thread(target=agent._trainer, daemon=True)
     with caplog.at_level(logging.INFO, logger="edge.agent"):
